@@ -1,0 +1,209 @@
+//! Messages between agent and server.
+//!
+//! The agent opens one bidirectional *control stream* per connection and speaks first
+//! (`Hello` or `Enroll`). Results travel on their own unidirectional stream each, since
+//! they may be large ([`crate::codec::RESULT_FRAME_LIMIT`]).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Envelope;
+use crate::Millis;
+
+/// ALPN protocol id.
+pub const ALPN: &[u8] = b"herald/1";
+
+/// Protocol version: a different major is refused with a clear message.
+pub const PROTOCOL_MAJOR: u16 = 1;
+/// Minor protocol version (additions only).
+pub const PROTOCOL_MINOR: u16 = 0;
+
+/// The name the server's certificate is issued for and agents verify, whatever address
+/// they reach it at (addresses change; the pinned CA is what matters).
+pub const SERVER_NAME: &str = "herald-server";
+
+/// Server-assigned job id.
+pub type JobId = i64;
+
+/// Agent → server on the control stream (and, for `Result`, on a uni stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First message on an enrolled agent's connection.
+    Hello(Hello),
+    /// First message on a new agent's connection.
+    Enroll(Enroll),
+    /// Answer to a signal.
+    Ack {
+        /// Job the signal carried.
+        job_id: JobId,
+        /// What the agent did with it.
+        ack: Ack,
+    },
+    /// A job started running.
+    Started {
+        /// Job id.
+        job_id: JobId,
+        /// When.
+        at: Millis,
+    },
+    /// The local addresses changed (or the periodic report).
+    Addresses(Vec<IpAddr>),
+    /// A finished job's result (sent on its own stream).
+    Result(JobResult),
+}
+
+/// Server → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to `Hello`.
+    Welcome(Welcome),
+    /// Answer to `Enroll` when it succeeded.
+    Enrolled {
+        /// The id the server derived from the agent's certificate.
+        agent_id: String,
+    },
+    /// The server will not talk to this agent; the reason is for people.
+    Refused(String),
+    /// Something to do.
+    Signal(Signal),
+    /// A result was stored; the agent may drop it from its outbox.
+    ResultStored {
+        /// Job id.
+        job_id: JobId,
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// A new signed membership for this agent.
+    Membership(Envelope),
+}
+
+/// Sent by the agent when it connects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version (major, minor).
+    pub protocol: (u16, u16),
+    /// Agent software version.
+    pub agent_version: String,
+    /// Host facts.
+    pub facts: Facts,
+    /// Local interface addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// What the agent reports about its machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    /// Host name.
+    pub hostname: String,
+    /// Operating system name and version.
+    pub os: String,
+    /// Kernel version.
+    pub kernel: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory: u64,
+}
+
+/// Enrollment request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// Protocol version (major, minor).
+    pub protocol: (u16, u16),
+    /// The token secret.
+    pub secret: Vec<u8>,
+    /// Name the agent proposes (its host name by default).
+    pub name: String,
+    /// Host facts.
+    pub facts: Facts,
+}
+
+/// Answer to `Hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Server time, for the agent's information (it does not trust it for validity).
+    pub server_time: Millis,
+    /// The agent id as the server knows it (from the certificate).
+    pub agent_id: String,
+    /// Latest signed membership for this agent, if any.
+    pub membership: Option<Envelope>,
+    /// How often the agent checks its local addresses.
+    pub address_check_ms: u64,
+}
+
+/// A job for the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Server job id (the agent deduplicates on it).
+    pub job_id: JobId,
+    /// The operator-signed order.
+    pub envelope: Envelope,
+}
+
+/// The agent's answer to a signal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    /// Persisted; will run.
+    Accepted,
+    /// Will not run; the reason is stored with the job.
+    Refused(String),
+    /// Already known (a redelivery); its result, if any, comes from the outbox.
+    Duplicate,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Exit code 0.
+    Succeeded,
+    /// Nonzero exit, killed by a signal, or could not start.
+    Failed,
+    /// Killed at its timeout.
+    TimedOut,
+    /// The agent stopped while it ran; it is not re-run.
+    Interrupted,
+}
+
+impl Status {
+    /// Name used in storage and output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::TimedOut => "timed_out",
+            Status::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A finished job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Job id.
+    pub job_id: JobId,
+    /// Attempt number (the server stores idempotently by agent, job and attempt).
+    pub attempt: u32,
+    /// How it ended.
+    pub status: Status,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal, if killed.
+    pub signal: Option<i32>,
+    /// Captured stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Captured stderr (capped).
+    pub stderr: Vec<u8>,
+    /// stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Start time (0 if it never started).
+    pub started_at: Millis,
+    /// End time.
+    pub finished_at: Millis,
+    /// Why it failed to start or was interrupted.
+    pub error: Option<String>,
+}
