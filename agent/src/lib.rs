@@ -1,1 +1,25 @@
+//! Herald's resident agent: keeps a QUIC connection to the server, reports its addresses,
+//! and acts on operator-signed orders (running installed programs), keeping every result
+//! until the server has stored it.
 
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod exec;
+pub mod files;
+pub mod host;
+pub mod journal;
+pub mod link;
+pub mod state;
+pub mod tls;
+
+pub use agent::{enroll, run, Agent, AgentError, Options};
+pub use link::backoff;
+
+/// The wall clock in unix milliseconds.
+pub fn now_ms() -> herald_shared::Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as herald_shared::Millis)
+        .unwrap_or(0)
+}

@@ -1,1 +1,138 @@
-fn main() {}
+//! `herald-agent`: parse arguments, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use herald_agent::state::{self, AgentConfig, Status};
+
+/// Exit code for configuration problems (not enrolled, bad state).
+const EXIT_CONFIG: u8 = 64;
+
+/// Herald's resident agent.
+#[derive(Debug, Parser)]
+#[command(name = "herald-agent", version, about)]
+struct Cli {
+    /// State directory (default: /var/lib/herald-agent as root, else the user data dir).
+    #[arg(long, global = true, env = "HERALD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll with the server named in TOKEN.
+    Enroll {
+        /// The enrollment token from `herald-server token create`.
+        token: String,
+        /// Name to register under (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the standby loop (normally started at boot by the service manager).
+    Run,
+    /// Show enrollment and connection state.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,herald_agent=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let dir = state::state_dir(cli.state_dir.as_deref());
+    match cli.command {
+        Command::Enroll { token, name } => {
+            match herald_agent::enroll(&dir, &token, name.as_deref()).await {
+                Ok(id) => {
+                    println!("enrolled as {id}; state in {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Run => {
+            let shutdown = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("installing a SIGTERM handler only fails outside a runtime");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            match herald_agent::run(&dir, herald_agent::Options::default(), shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Status { json } => status(&dir, json),
+    }
+}
+
+fn fail(error: &herald_agent::AgentError) -> ExitCode {
+    eprintln!("herald-agent: {error}");
+    match error {
+        herald_agent::AgentError::State(_)
+        | herald_agent::AgentError::AlreadyEnrolled(_)
+        | herald_agent::AgentError::Token(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn status(dir: &std::path::Path, json: bool) -> ExitCode {
+    let config = match AgentConfig::load(dir) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let status = Status::load(dir);
+    let outbox = herald_agent::journal::Journal::open(dir)
+        .and_then(|j| j.outbox_len())
+        .unwrap_or(0);
+    if json {
+        let value = serde_json::json!({
+            "agent_id": config.agent_id,
+            "server": config.server,
+            "groups": config.token_groups,
+            "connected": status.as_ref().is_some_and(|s| s.connected),
+            "since": status.as_ref().map(|s| s.since),
+            "last_error": status.as_ref().and_then(|s| s.last_error.clone()),
+            "addresses": status.as_ref().map(|s| s.addresses.clone()).unwrap_or_default(),
+            "results_waiting": outbox,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("json value serializes")
+        );
+    } else {
+        println!("agent id:        {}", config.agent_id);
+        println!("server:          {}", config.server);
+        match &status {
+            Some(s) if s.connected => println!("connection:      connected since {}", s.since),
+            Some(s) => println!(
+                "connection:      not connected{}",
+                s.last_error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+            None => println!("connection:      agent has not run yet"),
+        }
+        println!("results waiting: {outbox}");
+    }
+    ExitCode::SUCCESS
+}

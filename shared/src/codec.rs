@@ -45,9 +45,11 @@ pub enum CodecError {
 
 /// bincode configuration with a compile-time limit; fixed-width big-endian integers are not
 /// needed, the standard varint config is compact and canonical enough for us.
-fn config<const LIMIT: usize>(
-) -> bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<LIMIT>>
-{
+fn config<const LIMIT: usize>() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<LIMIT>,
+> {
     bincode::config::standard().with_limit::<LIMIT>()
 }
 

@@ -157,6 +157,27 @@ impl std::fmt::Display for Audience {
     }
 }
 
+impl std::str::FromStr for Audience {
+    type Err = String;
+
+    /// Parses `agent:<id>`, `group:<name>` or `all`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid target {s:?}: use agent:<id or name>, group:<name> or all");
+        if s == "all" {
+            return Ok(Audience::All);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        if !crate::valid_name(name) {
+            return Err(bad());
+        }
+        match kind {
+            "agent" => Ok(Audience::Agent(name.to_string())),
+            "group" => Ok(Audience::Group(name.to_string())),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Whether an order may run once or repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Repeat {
@@ -419,7 +440,10 @@ mod tests {
             Err(Refusal::NotForMe(_))
         ));
         let for_group = order(Audience::Group("web".into()), Repeat::Once);
-        assert_eq!(for_group.check("a", &groups, 2_000, History::Unseen), Ok(()));
+        assert_eq!(
+            for_group.check("a", &groups, 2_000, History::Unseen),
+            Ok(())
+        );
         assert!(for_group.check("a", &[], 2_000, History::Unseen).is_err());
         let once = order(Audience::All, Repeat::Once);
         assert_eq!(

@@ -1,0 +1,370 @@
+//! The agent's local store (SQLite): job journal, replay cache, result outbox and a few
+//! values (signed membership, clock high-water mark).
+//!
+//! Ordering guarantees the delivery semantics: a job is persisted before it is
+//! acknowledged, marked started before anything is spawned, and its result is written to
+//! the outbox in the same transaction that marks it finished. After a crash, a started
+//! job without a result is reported `interrupted`, never re-run.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use herald_shared::codec;
+use herald_shared::envelope::{Envelope, History};
+use herald_shared::protocol::{JobId, JobResult, Status};
+use herald_shared::Millis;
+
+/// Database file inside the state directory.
+pub const DB_FILE: &str = "agent.db";
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY,
+    order_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    envelope BLOB,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    job_id INTEGER PRIMARY KEY,
+    result BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orders_seen (
+    order_id TEXT PRIMARY KEY,
+    last_run_at BIGINT NOT NULL,
+    keep_until BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"#;
+
+/// Errors from the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// SQLite failed.
+    #[error("agent database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A stored value does not decode.
+    #[error("agent database holds a corrupt value: {0}")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, JournalError>;
+
+/// What the journal knows about a job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Known {
+    /// Refused earlier, with this reason.
+    Refused(String),
+    /// Accepted earlier (running or done).
+    Accepted,
+}
+
+/// A job to resume after a restart.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// Job id.
+    pub job_id: JobId,
+    /// Its signed order.
+    pub envelope: Envelope,
+}
+
+/// The local store handle.
+#[derive(Clone)]
+pub struct Journal {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in the state directory.
+    pub fn open(state_dir: &Path) -> Result<Journal> {
+        let conn = Connection::open(state_dir.join(DB_FILE))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Journal {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What is known about a job id.
+    pub fn known(&self, job_id: JobId) -> Result<Option<Known>> {
+        let row: Option<(String, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT state, reason FROM jobs WHERE job_id = ?1",
+                params![job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(state, reason)| {
+            if state == "refused" {
+                Known::Refused(reason.unwrap_or_default())
+            } else {
+                Known::Accepted
+            }
+        }))
+    }
+
+    /// Replay-cache lookup for an order id.
+    pub fn history(&self, order_id: &str) -> Result<History> {
+        let last: Option<Millis> = self
+            .conn()
+            .query_row(
+                "SELECT last_run_at FROM orders_seen WHERE order_id = ?1",
+                params![order_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(last.map_or(History::Unseen, History::LastRun))
+    }
+
+    /// Persists an accepted job and records the order in the replay cache, atomically.
+    pub fn accept(
+        &self,
+        job_id: JobId,
+        order_id: &str,
+        envelope: &Envelope,
+        keep_until: Millis,
+        now: Millis,
+    ) -> Result<()> {
+        let blob = codec::to_bytes(envelope).map_err(|e| JournalError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO jobs (job_id, order_id, state, envelope, updated_at) VALUES (?1, ?2, 'accepted', ?3, ?4)",
+            params![job_id, order_id, blob, now],
+        )?;
+        tx.execute(
+            "INSERT INTO orders_seen (order_id, last_run_at, keep_until) VALUES (?1, ?2, ?3)
+             ON CONFLICT (order_id) DO UPDATE SET last_run_at = excluded.last_run_at,
+                 keep_until = excluded.keep_until",
+            params![order_id, now, keep_until],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Persists a refusal so a redelivery gets the same answer.
+    pub fn refuse(&self, job_id: JobId, order_id: &str, reason: &str, now: Millis) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO jobs (job_id, order_id, state, reason, updated_at) VALUES (?1, ?2, 'refused', ?3, ?4)
+             ON CONFLICT (job_id) DO NOTHING",
+            params![job_id, order_id, reason, now],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a job started; called before anything is spawned.
+    pub fn started(&self, job_id: JobId, now: Millis) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET state = 'started', updated_at = ?2 WHERE job_id = ?1",
+            params![job_id, now],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a job finished and puts its result in the outbox, atomically.
+    pub fn finish(&self, result: &JobResult, now: Millis) -> Result<()> {
+        let blob = codec::to_bytes(result).map_err(|e| JournalError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET state = 'finished', envelope = NULL, updated_at = ?2 WHERE job_id = ?1",
+            params![result.job_id, now],
+        )?;
+        tx.execute(
+            "INSERT INTO outbox (job_id, result) VALUES (?1, ?2) ON CONFLICT (job_id) DO NOTHING",
+            params![result.job_id, blob],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Results not yet acknowledged by the server, oldest first.
+    pub fn outbox(&self) -> Result<Vec<JobResult>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT result FROM outbox ORDER BY job_id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut results = Vec::new();
+        for blob in rows {
+            results.push(
+                codec::from_bytes(&blob?, codec::RESULT_FRAME_LIMIT)
+                    .map_err(|e| JournalError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(results)
+    }
+
+    /// Number of results waiting in the outbox.
+    pub fn outbox_len(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    /// The server stored a result: drop it from the outbox.
+    pub fn result_stored(&self, job_id: JobId) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM outbox WHERE job_id = ?1", params![job_id])?;
+        Ok(())
+    }
+
+    /// After a restart: reports started-but-unfinished jobs as interrupted (into the
+    /// outbox) and returns accepted-but-never-started jobs, which may still run.
+    pub fn recover(&self, now: Millis) -> Result<Vec<Resume>> {
+        let started: Vec<JobId> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT job_id FROM jobs WHERE state = 'started'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        for job_id in started {
+            self.finish(
+                &JobResult {
+                    job_id,
+                    attempt: 1,
+                    status: Status::Interrupted,
+                    exit_code: None,
+                    signal: None,
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                    stdout_truncated: false,
+                    stderr_truncated: false,
+                    started_at: 0,
+                    finished_at: now,
+                    error: Some("the agent stopped while the job ran; it was not re-run".into()),
+                },
+                now,
+            )?;
+        }
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT job_id, envelope FROM jobs WHERE state = 'accepted' AND envelope IS NOT NULL ORDER BY job_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, JobId>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut resume = Vec::new();
+        for row in rows {
+            let (job_id, blob) = row?;
+            resume.push(Resume {
+                job_id,
+                envelope: codec::from_bytes(&blob, codec::DEFAULT_FRAME_LIMIT)
+                    .map_err(|e| JournalError::Corrupt(e.to_string()))?,
+            });
+        }
+        Ok(resume)
+    }
+
+    /// Drops replay entries whose orders can no longer be valid, and old finished jobs.
+    pub fn prune(&self, now: Millis, keep_jobs_ms: i64) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM orders_seen WHERE keep_until < ?1",
+            params![now],
+        )?;
+        conn.execute(
+            "DELETE FROM jobs WHERE state IN ('finished', 'refused') AND updated_at < ?1
+             AND job_id NOT IN (SELECT job_id FROM outbox)",
+            params![now - keep_jobs_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Reads a stored value.
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM kv WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Stores a value.
+    pub fn set_value(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO kv (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::envelope::PublicKey;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            signer: PublicKey([0; 32]),
+            payload: vec![1, 2, 3],
+            signature: vec![0; 64],
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("herald-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn started_job_is_interrupted_after_restart_and_accepted_job_resumes() {
+        let dir = temp_dir("recover");
+        let journal = Journal::open(&dir).unwrap();
+        journal.accept(1, "o1", &envelope(), 10_000, 1).unwrap();
+        journal.started(1, 2).unwrap();
+        journal.accept(2, "o2", &envelope(), 10_000, 3).unwrap();
+        drop(journal);
+
+        let journal = Journal::open(&dir).unwrap();
+        let resume = journal.recover(5).unwrap();
+        assert_eq!(resume.len(), 1);
+        assert_eq!(resume[0].job_id, 2);
+        let outbox = journal.outbox().unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox[0].job_id, 1);
+        assert_eq!(outbox[0].status, Status::Interrupted);
+        // Recovering again does not duplicate the result.
+        journal.recover(6).unwrap();
+        assert_eq!(journal.outbox_len().unwrap(), 1);
+        journal.result_stored(1).unwrap();
+        assert_eq!(journal.outbox_len().unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replay_cache_and_refusals_persist() {
+        let dir = temp_dir("replay");
+        let journal = Journal::open(&dir).unwrap();
+        assert_eq!(journal.history("o1").unwrap(), History::Unseen);
+        journal.accept(1, "o1", &envelope(), 10_000, 7).unwrap();
+        journal.refuse(2, "o2", "expired", 8).unwrap();
+        drop(journal);
+        let journal = Journal::open(&dir).unwrap();
+        assert_eq!(journal.history("o1").unwrap(), History::LastRun(7));
+        assert_eq!(journal.known(1).unwrap(), Some(Known::Accepted));
+        assert_eq!(
+            journal.known(2).unwrap(),
+            Some(Known::Refused("expired".into()))
+        );
+        assert_eq!(journal.known(3).unwrap(), None);
+        journal.prune(20_000, 0).unwrap();
+        assert_eq!(journal.history("o1").unwrap(), History::Unseen);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

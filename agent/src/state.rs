@@ -1,0 +1,254 @@
+//! The agent's state directory: its identity (Ed25519 key and self-signed certificate),
+//! what it pinned at enrollment (`agent.toml`), its local database and status file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use herald_shared::envelope::PublicKey;
+
+use crate::files::{self, FileError};
+
+/// Identity key (PKCS#8 PEM, 0600).
+pub const IDENTITY_KEY: &str = "identity.key";
+/// Identity certificate (PEM).
+pub const IDENTITY_CERT: &str = "identity.pem";
+/// Enrollment record and policy.
+pub const AGENT_CONFIG: &str = "agent.toml";
+/// Status written by the running agent for `herald-agent status`.
+pub const STATUS_FILE: &str = "status.json";
+/// Per-job working directories.
+pub const WORK_DIR: &str = "work";
+/// System-wide state directory when running as root.
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/herald-agent";
+
+/// Errors reading or writing agent state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file operation failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The agent is not enrolled.
+    #[error("this agent is not enrolled (no {0}); run `herald-agent enroll TOKEN` first")]
+    NotEnrolled(PathBuf),
+    /// A stored file does not parse.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Key or certificate generation failed.
+    #[error("cannot create identity: {0}")]
+    Identity(#[from] rcgen::Error),
+}
+
+/// What the agent pinned at enrollment, plus its local policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Server QUIC address (`host:port`).
+    pub server: String,
+    /// SHA-256 of the server CA certificate, hex.
+    pub ca_fingerprint: String,
+    /// Operator public keys, hex.
+    pub operator_keys: Vec<String>,
+    /// This agent's id (derived from its key).
+    pub agent_id: String,
+    /// Groups granted by the enrollment token.
+    pub token_groups: Vec<String>,
+    /// Local policy.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// What this machine's owner allows, whatever the operator signs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Whether `run` actions are allowed at all.
+    #[serde(default = "yes")]
+    pub allow_run: bool,
+    /// If not empty, only these absolute program paths may run.
+    #[serde(default)]
+    pub programs: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow_run: true,
+            programs: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Loads `agent.toml` from the state directory.
+    pub fn load(state_dir: &Path) -> Result<AgentConfig, StateError> {
+        let path = state_dir.join(AGENT_CONFIG);
+        let text = files::read_string(&path).map_err(|e| {
+            if e.is_not_found() {
+                StateError::NotEnrolled(path.clone())
+            } else {
+                StateError::File(e)
+            }
+        })?;
+        let config: AgentConfig = toml::from_str(&text).map_err(|e| StateError::Invalid {
+            path: path.clone(),
+            reason: e.message().to_string(),
+        })?;
+        config.pinned_keys().map_err(|reason| StateError::Invalid {
+            path: path.clone(),
+            reason,
+        })?;
+        config
+            .fingerprint()
+            .map_err(|reason| StateError::Invalid { path, reason })?;
+        Ok(config)
+    }
+
+    /// Writes `agent.toml` atomically.
+    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
+        let path = state_dir.join(AGENT_CONFIG);
+        let text = toml::to_string_pretty(self).map_err(|e| StateError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        files::write_private(&path, text.as_bytes())?;
+        Ok(())
+    }
+
+    /// The pinned operator keys.
+    pub fn pinned_keys(&self) -> Result<Vec<PublicKey>, String> {
+        self.operator_keys
+            .iter()
+            .map(|k| PublicKey::from_hex(k).map_err(|_| format!("operator key {k:?} is not valid")))
+            .collect()
+    }
+
+    /// The pinned CA fingerprint.
+    pub fn fingerprint(&self) -> Result<[u8; 32], String> {
+        hex::decode(&self.ca_fingerprint)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| "ca_fingerprint is not 64 hex digits".to_string())
+    }
+}
+
+/// The agent's TLS identity.
+pub struct Identity {
+    /// Certificate (DER).
+    pub cert: rustls::pki_types::CertificateDer<'static>,
+    /// Private key (PKCS#8 DER).
+    pub key: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+    /// Raw Ed25519 public key.
+    pub public_key: Vec<u8>,
+}
+
+impl Identity {
+    /// The agent id derived from the key.
+    pub fn agent_id(&self) -> String {
+        herald_shared::agent_id(&self.public_key)
+    }
+
+    /// Loads the identity, creating it on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<Identity, StateError> {
+        let key_path = state_dir.join(IDENTITY_KEY);
+        let cert_path = state_dir.join(IDENTITY_CERT);
+        let key = match files::read_string(&key_path) {
+            Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| StateError::Invalid {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.is_not_found() => {
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+                files::write_private(&key_path, key.serialize_pem().as_bytes())?;
+                // A new key invalidates any old certificate.
+                let _ = std::fs::remove_file(&cert_path);
+                key
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let public_key = key.public_key_raw().to_vec();
+        let cert = match files::read_string(&cert_path) {
+            Ok(pem) => {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+                    StateError::Invalid {
+                        path: cert_path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+            Err(e) if e.is_not_found() => {
+                let mut params = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])?;
+                params.distinguished_name.push(
+                    rcgen::DnType::CommonName,
+                    herald_shared::agent_id(&public_key),
+                );
+                let cert = params.self_signed(&key)?;
+                files::write_atomic(&cert_path, cert.pem().as_bytes())?;
+                cert.der().clone()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Identity {
+            cert,
+            key: rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+            public_key,
+        })
+    }
+}
+
+/// What the running agent last wrote about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Agent id.
+    pub agent_id: String,
+    /// Server address.
+    pub server: String,
+    /// Connected right now.
+    pub connected: bool,
+    /// Since when (connected or disconnected), unix ms.
+    pub since: i64,
+    /// Last connection error, if any.
+    pub last_error: Option<String>,
+    /// Local addresses last reported.
+    pub addresses: Vec<String>,
+    /// Agent process id.
+    pub pid: u32,
+}
+
+impl Status {
+    /// Writes the status file.
+    pub fn save(&self, state_dir: &Path) -> Result<(), FileError> {
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        files::write_atomic(&state_dir.join(STATUS_FILE), text.as_bytes())
+    }
+
+    /// Reads the status file, if any.
+    pub fn load(state_dir: &Path) -> Option<Status> {
+        let text = files::read_string(&state_dir.join(STATUS_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// The state directory: the flag or `HERALD_STATE_DIR`, else `/var/lib/herald-agent` for
+/// root, else the user's data directory.
+pub fn state_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir.to_path_buf();
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from(SYSTEM_STATE_DIR);
+    }
+    directories::ProjectDirs::from("org", "herald", "herald-agent")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".herald-agent"))
+}

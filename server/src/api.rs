@@ -1,0 +1,383 @@
+//! The admin API: HTTPS JSON under `/api/v1`, authenticated by a bearer admin token
+//! (stored hashed), plus Prometheus metrics at `/metrics`.
+//!
+//! Orders arrive already signed by the operator key; the server checks them against the
+//! operator keys in its configuration only to refuse junk early. Agents check again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use herald_shared::codec;
+use herald_shared::envelope::{Audience, Envelope, PublicKey, Statement};
+use herald_shared::protocol::JobId;
+use herald_shared::token::secret_hash;
+
+use crate::model::{
+    AgentDetail, AgentInfo, ApiErrorBody, CreateJobs, CreateSchedule, CreateToken, Created,
+    JobInfo, ScheduleInfo, SetMembership,
+};
+use crate::now_ms;
+use crate::relay::Relay;
+use crate::store::{Store, StoreError};
+
+/// Longest `wait_ms` a client may ask for on a job long poll.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Longest TTL for a job.
+const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most jobs a list returns.
+const MAX_LIST: u32 = 1000;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Database.
+    pub store: Store,
+    /// Relay.
+    pub relay: Arc<Relay>,
+    /// Tells the scheduler that deadlines changed.
+    pub scheduler: Arc<Notify>,
+    /// Operator keys from the configuration.
+    pub operator_keys: Arc<Vec<PublicKey>>,
+}
+
+/// An API failure: status and one sentence.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
+            StoreError::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
+            other => {
+                tracing::error!("store: {other}");
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("server error: {other}"),
+                )
+            }
+        }
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/agents/{agent}", get(show_agent))
+        .route("/api/v1/agents/{agent}/revoke", post(revoke_agent))
+        .route("/api/v1/agents/{agent}/membership", post(set_membership))
+        .route("/api/v1/jobs", get(list_jobs).post(create_jobs))
+        .route("/api/v1/jobs/{job}", get(show_job))
+        .route(
+            "/api/v1/schedules",
+            get(list_schedules).post(create_schedule),
+        )
+        .route(
+            "/api/v1/schedules/{id}",
+            axum::routing::delete(remove_schedule),
+        )
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
+        .with_state(state)
+}
+
+async fn authenticate(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/api/v1/health" {
+        return next.run(request).await;
+    }
+    let token = bearer(request.headers());
+    let valid = match token {
+        Some(token) => state
+            .store
+            .admin_token_valid(&secret_hash(token.as_bytes()))
+            .unwrap_or(false),
+        None => false,
+    };
+    if !valid {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (see admin.toml written by `herald-server init`)".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+fn decode_envelope(state: &ApiState, text: &str) -> Result<(Envelope, Statement), ApiError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| bad("envelope is not valid base64"))?;
+    let envelope: Envelope = codec::from_bytes(&bytes, codec::DEFAULT_FRAME_LIMIT)
+        .map_err(|e| bad(format!("envelope does not decode: {e}")))?;
+    let statement = envelope
+        .open(&state.operator_keys)
+        .map_err(|e| bad(format!("envelope refused: {e}")))?;
+    Ok((envelope, statement))
+}
+
+async fn create_token(
+    State(state): State<ApiState>,
+    Json(body): Json<CreateToken>,
+) -> ApiResult<Created> {
+    if body.secret_hash.len() != 64 || hex::decode(&body.secret_hash).is_err() {
+        return Err(bad("secret_hash must be 64 hex digits"));
+    }
+    if body.uses == 0 {
+        return Err(bad("uses must be at least 1"));
+    }
+    if let Some(g) = body.groups.iter().find(|g| !herald_shared::valid_name(g)) {
+        return Err(bad(format!("invalid group name {g:?}")));
+    }
+    let now = now_ms();
+    if body.expires_at <= now {
+        return Err(bad("token would already be expired"));
+    }
+    state.store.add_token(
+        &body.secret_hash,
+        &body.groups,
+        body.uses,
+        body.expires_at,
+        now,
+    )?;
+    Ok(Json(Created { ids: vec![] }))
+}
+
+async fn list_agents(State(state): State<ApiState>) -> ApiResult<Vec<AgentInfo>> {
+    let relay = state.relay.clone();
+    Ok(Json(state.store.agents(&|id| relay.is_online(id))?))
+}
+
+async fn show_agent(
+    State(state): State<ApiState>,
+    Path(agent): Path<String>,
+) -> ApiResult<AgentDetail> {
+    let id = state.store.resolve_agent(&agent)?;
+    let relay = state.relay.clone();
+    Ok(Json(state.store.agent(&id, &|id| relay.is_online(id))?))
+}
+
+async fn revoke_agent(
+    State(state): State<ApiState>,
+    Path(agent): Path<String>,
+) -> ApiResult<Created> {
+    let id = state.store.resolve_agent(&agent)?;
+    let key = state.store.revoke(&id, now_ms())?;
+    state.relay.revoke(&id, key);
+    state.relay.job_changed(0);
+    Ok(Json(Created { ids: vec![] }))
+}
+
+async fn set_membership(
+    State(state): State<ApiState>,
+    Path(agent): Path<String>,
+    Json(body): Json<SetMembership>,
+) -> ApiResult<Created> {
+    let id = state.store.resolve_agent(&agent)?;
+    let (envelope, statement) = decode_envelope(&state, &body.envelope)?;
+    let Statement::Membership(membership) = statement else {
+        return Err(bad("envelope is not a membership"));
+    };
+    if membership.agent_id != id {
+        return Err(bad("membership names another agent"));
+    }
+    if let Some(g) = membership
+        .groups
+        .iter()
+        .find(|g| !herald_shared::valid_name(g))
+    {
+        return Err(bad(format!("invalid group name {g:?}")));
+    }
+    state
+        .store
+        .set_membership(&id, &membership.groups, &envelope)?;
+    state.relay.membership_changed(&id);
+    Ok(Json(Created { ids: vec![] }))
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    agent: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_jobs(
+    State(state): State<ApiState>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Vec<JobInfo>> {
+    let agent = match q.agent {
+        Some(a) => Some(state.store.resolve_agent(&a)?),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    Ok(Json(state.store.jobs(agent.as_deref(), limit)?))
+}
+
+#[derive(Deserialize)]
+struct JobQuery {
+    /// Long poll: wait up to this long for the job to reach a final state.
+    wait_ms: Option<u64>,
+}
+
+async fn show_job(
+    State(state): State<ApiState>,
+    Path(job): Path<JobId>,
+    Query(q): Query<JobQuery>,
+) -> ApiResult<JobInfo> {
+    let mut events = state.relay.subscribe();
+    let mut info = state.store.job(job)?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    while !info.is_final() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => break,
+            Ok(Ok(event)) if event.job_id != job && event.job_id != 0 => continue,
+            Ok(_) => info = state.store.job(job)?,
+        }
+    }
+    Ok(Json(info))
+}
+
+async fn create_jobs(
+    State(state): State<ApiState>,
+    Json(body): Json<CreateJobs>,
+) -> ApiResult<Created> {
+    let (envelope, statement) = decode_envelope(&state, &body.envelope)?;
+    let Statement::Order(order) = statement else {
+        return Err(bad("envelope is not an order"));
+    };
+    if body.ttl_ms == 0 || body.ttl_ms > MAX_TTL_MS {
+        return Err(bad("ttl must be between 1 ms and 30 days"));
+    }
+    let agents = state.store.expand(&order.audience)?;
+    if agents.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no active agent matches {}", order.audience),
+        ));
+    }
+    let now = now_ms();
+    let ids = state.store.create_jobs(
+        &hex::encode(order.id),
+        &envelope,
+        &order.action.describe(),
+        &agents.iter().map(|a| (a.clone(), now)).collect::<Vec<_>>(),
+        None,
+        body.ttl_ms,
+        now,
+    )?;
+    for agent in &agents {
+        state.relay.poke(agent);
+    }
+    state.scheduler.notify_one();
+    Ok(Json(Created { ids }))
+}
+
+async fn create_schedule(
+    State(state): State<ApiState>,
+    Json(body): Json<CreateSchedule>,
+) -> ApiResult<Created> {
+    let (envelope, statement) = decode_envelope(&state, &body.envelope)?;
+    let Statement::Order(order) = statement else {
+        return Err(bad("envelope is not an order"));
+    };
+    body.schedule
+        .validate()
+        .map_err(|e| bad(format!("invalid schedule: {e}")))?;
+    if body.ttl_ms == 0 || body.ttl_ms > MAX_TTL_MS {
+        return Err(bad("ttl must be between 1 ms and 30 days"));
+    }
+    if let Audience::Agent(id) = &order.audience {
+        if !state.store.agent_active(id)? {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no active agent {id}"),
+            ));
+        }
+    }
+    let now = now_ms();
+    let next = body.schedule.next_after(now - 1);
+    let id = state.store.add_schedule(
+        &hex::encode(order.id),
+        &envelope,
+        &order.action.describe(),
+        &order.audience,
+        &body.schedule,
+        body.missed,
+        body.splay_ms,
+        body.ttl_ms,
+        next,
+        now,
+    )?;
+    state.scheduler.notify_one();
+    Ok(Json(Created { ids: vec![id] }))
+}
+
+async fn list_schedules(State(state): State<ApiState>) -> ApiResult<Vec<ScheduleInfo>> {
+    Ok(Json(state.store.schedules()?))
+}
+
+async fn remove_schedule(State(state): State<ApiState>, Path(id): Path<i64>) -> ApiResult<Created> {
+    state.store.remove_schedule(id)?;
+    state.scheduler.notify_one();
+    Ok(Json(Created { ids: vec![id] }))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
+    let agents = state.store.agents(&|_| false)?;
+    let mut text = String::new();
+    text.push_str("# HELP herald_agents_connected Agents connected now.\n# TYPE herald_agents_connected gauge\n");
+    text.push_str(&format!(
+        "herald_agents_connected {}\n",
+        state.relay.online_count()
+    ));
+    text.push_str("# HELP herald_agents_enrolled Agents enrolled and not revoked.\n# TYPE herald_agents_enrolled gauge\n");
+    text.push_str(&format!(
+        "herald_agents_enrolled {}\n",
+        agents.iter().filter(|a| a.revoked_at.is_none()).count()
+    ));
+    Ok(text)
+}

@@ -1,0 +1,951 @@
+//! The `herald-server` command line: one `Args` struct per subcommand and a `run()` that
+//! dispatches. Admin subcommands sign orders locally with the operator key and talk to
+//! the admin API; the server never sees the key.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+
+use herald_shared::codec;
+use herald_shared::envelope::{
+    Action, Audience, Envelope, Membership, OperatorKey, Order, Repeat, RunSpec, Statement,
+};
+use herald_shared::schedule::{self, Missed, Schedule};
+use herald_shared::token::{Token, SECRET_LEN};
+
+use crate::client::{Client, ClientError};
+use crate::config::{self, AdminConfig};
+use crate::model::{
+    AgentDetail, AgentInfo, CreateJobs, CreateSchedule, CreateToken, Created, JobInfo,
+    ScheduleInfo, SetMembership,
+};
+use crate::{now_ms, random_bytes};
+
+/// Exit code for bad configuration or usage (EX_USAGE / EX_CONFIG family).
+const EXIT_CONFIG: u8 = 64;
+/// Default job timeout.
+const DEFAULT_TIMEOUT: &str = "10m";
+/// Default TTL for jobs waiting for offline agents.
+const DEFAULT_TTL: &str = "24h";
+/// How long a schedule's standing order stays valid unless told otherwise.
+const STANDING_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How far a one-off order's validity starts before now, to tolerate agent clock skew.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Herald's control server and admin CLI.
+#[derive(Debug, Parser)]
+#[command(name = "herald-server", version, about)]
+pub struct Cli {
+    /// Data directory (default: /var/lib/herald as root, else the user data directory).
+    #[arg(long, global = true, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Admin configuration file (default: DATA_DIR/admin.toml).
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin API URL (overrides the configuration).
+    #[arg(long, global = true, env = "HERALD_SERVER")]
+    pub server: Option<String>,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the data directory, database, CA, operator key and admin token.
+    Init(InitArgs),
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Throwaway server, one local agent and a schedule; results stream until Ctrl-C.
+    Demo(DemoArgs),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Group membership.
+    #[command(subcommand)]
+    Groups(GroupsCommand),
+    /// Run a program on agents.
+    Run(RunArgs),
+    /// Schedules.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Jobs and their results.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+/// `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Address agents use to reach this server.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub public_addr: String,
+    /// QUIC listen address.
+    #[arg(long, default_value = config::DEFAULT_QUIC_LISTEN)]
+    pub quic_listen: SocketAddr,
+    /// HTTPS admin API listen address.
+    #[arg(long, default_value = config::DEFAULT_HTTP_LISTEN)]
+    pub http_listen: SocketAddr,
+}
+
+/// `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// QUIC listen address (overrides herald.toml).
+    #[arg(long, env = "HERALD_QUIC_LISTEN")]
+    pub quic_listen: Option<SocketAddr>,
+    /// HTTPS listen address (overrides herald.toml).
+    #[arg(long, env = "HERALD_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+}
+
+/// `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Interval of the demo schedule.
+    #[arg(long, default_value = "5s")]
+    pub every: String,
+    /// Stop after this many results (default: run until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u32>,
+}
+
+/// `token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an enrollment token and print it.
+    Create {
+        /// Group the enrolled agent joins (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+}
+
+/// `agents ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// List agents.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one agent with its address history.
+    Show {
+        /// Agent id or name.
+        agent: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its connection is closed and refused from now on.
+    Revoke {
+        /// Agent id or name.
+        agent: String,
+    },
+}
+
+/// `groups ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// Add an agent to a group.
+    Add {
+        /// Agent id or name.
+        agent: String,
+        /// Group.
+        group: String,
+    },
+    /// Remove an agent from a group.
+    Remove {
+        /// Agent id or name.
+        agent: String,
+        /// Group.
+        group: String,
+    },
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// `agent:<id or name>`, `group:<name>` or `all`.
+    #[arg(long)]
+    pub to: String,
+    /// Wall-clock limit for the program.
+    #[arg(long, default_value = DEFAULT_TIMEOUT)]
+    pub timeout: String,
+    /// How long the job waits for an offline agent.
+    #[arg(long, default_value = DEFAULT_TTL)]
+    pub ttl: String,
+    /// User to run as (agent must run as root).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Wait for the results and print them; exit with the program's status.
+    #[arg(long)]
+    pub wait: bool,
+    /// Absolute path of the program, then its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// `schedule ...`.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule.
+    Add(ScheduleAddArgs),
+    /// List schedules.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a schedule.
+    Rm {
+        /// Schedule id.
+        id: i64,
+    },
+}
+
+/// `schedule add`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("when").required(true).args(["cron", "every", "at"])))]
+pub struct ScheduleAddArgs {
+    /// `agent:<id or name>`, `group:<name>` or `all`.
+    #[arg(long)]
+    pub to: String,
+    /// Cron expression (5 fields, or 6 with seconds).
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Time zone for --cron and --at (IANA name).
+    #[arg(long, default_value = "UTC")]
+    pub tz: String,
+    /// Fixed interval, e.g. 10s, 5m, 1h.
+    #[arg(long)]
+    pub every: Option<String>,
+    /// One time: RFC 3339, "YYYY-MM-DD HH:MM" in --tz, or +DUR.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// What to do about occurrences missed while an agent was offline.
+    #[arg(long, default_value = "skip")]
+    pub missed: Missed,
+    /// Spread each firing over up to this long, per agent.
+    #[arg(long)]
+    pub splay: Option<String>,
+    /// Wall-clock limit for each run.
+    #[arg(long, default_value = DEFAULT_TIMEOUT)]
+    pub timeout: String,
+    /// How long each created job waits for an offline agent.
+    #[arg(long, default_value = DEFAULT_TTL)]
+    pub ttl: String,
+    /// User to run as.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Absolute path of the program, then its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// `jobs ...`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only this agent's jobs.
+        #[arg(long)]
+        agent: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job with its output.
+    Show {
+        /// Job id.
+        job: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A CLI failure: printed as one sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Wrong usage or configuration.
+    #[error("{0}")]
+    Usage(String),
+    /// The API call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) | CliError::Config(_) => ExitCode::from(EXIT_CONFIG),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> CliError {
+    CliError::Usage(message.into())
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("herald-server: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    let data_dir = config::data_dir(cli.data_dir.as_deref());
+    let admin = || -> Result<Context, CliError> {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| data_dir.join(config::ADMIN_CONFIG));
+        Context::new(AdminConfig::load(&path)?, cli.server.as_deref())
+    };
+    match cli.command {
+        Command::Init(args) => init(&data_dir, args),
+        Command::Serve(args) => {
+            let overrides = crate::serve::Overrides {
+                quic_listen: args.quic_listen,
+                http_listen: args.http_listen,
+            };
+            crate::serve::run(&data_dir, &overrides)
+                .await
+                .map_err(|e| usage(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => crate::demo::run(args).await.map_err(CliError::Other),
+        Command::Token(TokenCommand::Create { groups, uses, ttl }) => {
+            admin()?.token_create(groups, uses, &ttl).await
+        }
+        Command::Agents(command) => admin()?.agents(command).await,
+        Command::Groups(command) => admin()?.groups(command).await,
+        Command::Run(args) => admin()?.run(args).await,
+        Command::Schedule(command) => admin()?.schedule(command).await,
+        Command::Jobs(command) => admin()?.jobs(command).await,
+    }
+}
+
+fn init(data_dir: &Path, args: InitArgs) -> Result<ExitCode, CliError> {
+    let done = crate::init::init(&crate::init::InitOptions {
+        data_dir: data_dir.to_path_buf(),
+        public_addr: args.public_addr,
+        quic_listen: args.quic_listen,
+        http_listen: args.http_listen,
+    })
+    .map_err(|e| usage(e.to_string()))?;
+    println!("Initialised Herald server in {}", done.data_dir.display());
+    println!("  CA fingerprint:  {}", done.ca_fingerprint);
+    println!("  operator key:    {}", done.operator_key);
+    println!("  admin config:    {}", done.admin_config.display());
+    println!(
+        "The operator private key is in {}; keep it with the administrator, not on the server.",
+        data_dir.join(config::OPERATOR_KEY).display()
+    );
+    println!("Next: herald-server serve");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What admin subcommands need: the admin configuration and an API client.
+pub(crate) struct Context {
+    admin: AdminConfig,
+    client: Client,
+}
+
+impl Context {
+    /// Builds a context from an admin configuration.
+    pub(crate) fn new(admin: AdminConfig, server: Option<&str>) -> Result<Context, CliError> {
+        let client = Client::new(&admin, server)?;
+        Ok(Context { admin, client })
+    }
+
+    /// The API client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn operator_key(&self) -> Result<OperatorKey, CliError> {
+        let text = herald_agent::files::read_string(&self.admin.operator_key)
+            .map_err(|e| usage(format!("{e} (the operator key is needed to sign orders)")))?;
+        OperatorKey::from_hex(&text).map_err(|_| {
+            usage(format!(
+                "{} does not hold a valid operator key",
+                self.admin.operator_key.display()
+            ))
+        })
+    }
+
+    fn sign(&self, statement: &Statement) -> Result<String, CliError> {
+        let envelope: Envelope = self
+            .operator_key()?
+            .sign(statement)
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        let bytes = codec::to_bytes(&envelope).map_err(|e| CliError::Other(e.to_string()))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    /// Parses a target and resolves an agent name to its id (orders name ids).
+    async fn audience(&self, target: &str) -> Result<Audience, CliError> {
+        match target.parse::<Audience>().map_err(usage)? {
+            Audience::Agent(name) => {
+                let detail: AgentDetail =
+                    self.client.get(&format!("/api/v1/agents/{name}")).await?;
+                Ok(Audience::Agent(detail.agent.id))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn token_create(
+        &self,
+        groups: Vec<String>,
+        uses: u32,
+        ttl: &str,
+    ) -> Result<ExitCode, CliError> {
+        println!("{}", self.create_token(groups, uses, ttl).await?);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Registers a new enrollment token with the server and returns its text.
+    pub(crate) async fn create_token(
+        &self,
+        groups: Vec<String>,
+        uses: u32,
+        ttl: &str,
+    ) -> Result<String, CliError> {
+        let ttl = parse_duration("--ttl", ttl)?;
+        if uses == 0 {
+            return Err(usage("--uses must be at least 1"));
+        }
+        if let Some(g) = groups.iter().find(|g| !herald_shared::valid_name(g)) {
+            return Err(usage(format!(
+                "invalid group name {g:?}: use letters, digits, '.', '_' and '-'"
+            )));
+        }
+        let ca = crate::pki::load_cert(&self.admin.ca_cert).map_err(|e| usage(e.to_string()))?;
+        let token = Token {
+            server: self.admin.public_addr.clone(),
+            ca_fingerprint: crate::pki::fingerprint(&ca),
+            operator_keys: vec![self.operator_key()?.public()],
+            groups: groups.clone(),
+            secret: random_bytes::<SECRET_LEN>(),
+        };
+        let _: Created = self
+            .client
+            .post(
+                "/api/v1/tokens",
+                &CreateToken {
+                    secret_hash: token.secret_hash(),
+                    groups,
+                    uses,
+                    expires_at: now_ms() + ttl.as_millis() as i64,
+                },
+            )
+            .await?;
+        Ok(token.encode())
+    }
+
+    async fn agents(&self, command: AgentsCommand) -> Result<ExitCode, CliError> {
+        match command {
+            AgentsCommand::List { json } => {
+                let agents: Vec<AgentInfo> = self.client.get("/api/v1/agents").await?;
+                if json {
+                    print_json(&agents);
+                } else {
+                    print_agents(&agents);
+                }
+            }
+            AgentsCommand::Show { agent, json } => {
+                let detail: AgentDetail =
+                    self.client.get(&format!("/api/v1/agents/{agent}")).await?;
+                if json {
+                    print_json(&detail);
+                } else {
+                    print_agent(&detail);
+                }
+            }
+            AgentsCommand::Revoke { agent } => {
+                let _: Created = self
+                    .client
+                    .post(&format!("/api/v1/agents/{agent}/revoke"), &())
+                    .await?;
+                println!("revoked {agent}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn groups(&self, command: GroupsCommand) -> Result<ExitCode, CliError> {
+        let (agent, group, add) = match command {
+            GroupsCommand::Add { agent, group } => (agent, group, true),
+            GroupsCommand::Remove { agent, group } => (agent, group, false),
+        };
+        if !herald_shared::valid_name(&group) {
+            return Err(usage(format!("invalid group name {group:?}")));
+        }
+        let detail: AgentDetail = self.client.get(&format!("/api/v1/agents/{agent}")).await?;
+        let mut groups = detail.agent.groups.clone();
+        if add {
+            if !groups.contains(&group) {
+                groups.push(group.clone());
+            }
+        } else {
+            groups.retain(|g| g != &group);
+        }
+        groups.sort();
+        let envelope = self.sign(&Statement::Membership(Membership {
+            agent_id: detail.agent.id.clone(),
+            groups: groups.clone(),
+            issued_at: now_ms(),
+        }))?;
+        let _: Created = self
+            .client
+            .post(
+                &format!("/api/v1/agents/{}/membership", detail.agent.id),
+                &SetMembership { envelope },
+            )
+            .await?;
+        println!("{}: groups {}", detail.agent.name, display_list(&groups));
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn run(&self, args: RunArgs) -> Result<ExitCode, CliError> {
+        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let ttl = parse_duration("--ttl", &args.ttl)?;
+        let action = run_action(&args.command, timeout, args.user)?;
+        let audience = self.audience(&args.to).await?;
+        let now = now_ms();
+        let order = Order {
+            id: random_bytes(),
+            audience,
+            issued_at: now,
+            not_before: now - CLOCK_SKEW.as_millis() as i64,
+            not_after: now + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+            repeat: Repeat::Once,
+            action,
+        };
+        let envelope = self.sign(&Statement::Order(order))?;
+        let created: Created = self
+            .client
+            .post(
+                "/api/v1/jobs",
+                &CreateJobs {
+                    envelope,
+                    ttl_ms: ttl.as_millis() as u64,
+                },
+            )
+            .await?;
+        if !args.wait {
+            for id in &created.ids {
+                println!("job {id} queued");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let single = created.ids.len() == 1;
+        let mut all_ok = true;
+        let mut last_code = 0;
+        for id in &created.ids {
+            let job = self.wait_job(*id).await?;
+            if !single {
+                println!("== job {} on {} : {}", job.id, job.agent_name, job.state);
+            }
+            print!("{}", job.stdout);
+            eprint!("{}", job.stderr);
+            if job.stdout_truncated || job.stderr_truncated {
+                eprintln!("(output truncated)");
+            }
+            if job.state != "succeeded" {
+                all_ok = false;
+                let reason = job
+                    .error
+                    .clone()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "job {} on {} ended {}{reason}",
+                    job.id, job.agent_name, job.state
+                );
+            }
+            last_code = job.exit_code.unwrap_or(1);
+        }
+        let _ = std::io::stdout().flush();
+        Ok(if single {
+            ExitCode::from(last_code.clamp(0, 255) as u8)
+        } else if all_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
+    async fn wait_job(&self, id: i64) -> Result<JobInfo, CliError> {
+        loop {
+            let job: JobInfo = self
+                .client
+                .get(&format!("/api/v1/jobs/{id}?wait_ms=300000"))
+                .await?;
+            if job.is_final() {
+                return Ok(job);
+            }
+        }
+    }
+
+    async fn schedule(&self, command: ScheduleCommand) -> Result<ExitCode, CliError> {
+        match command {
+            ScheduleCommand::Add(args) => self.schedule_add(args).await,
+            ScheduleCommand::List { json } => {
+                let schedules: Vec<ScheduleInfo> = self.client.get("/api/v1/schedules").await?;
+                if json {
+                    print_json(&schedules);
+                } else {
+                    print_schedules(&schedules);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ScheduleCommand::Rm { id } => {
+                let _: Created = self
+                    .client
+                    .delete(&format!("/api/v1/schedules/{id}"))
+                    .await?;
+                println!("schedule {id} removed");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+
+    async fn schedule_add(&self, args: ScheduleAddArgs) -> Result<ExitCode, CliError> {
+        let command = args.command.join(" ");
+        let (id, when) = self.add_schedule(args).await?;
+        println!("schedule {id} added: {} {command}", when.describe());
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Signs a standing order and registers the schedule; returns its id.
+    pub(crate) async fn add_schedule(
+        &self,
+        args: ScheduleAddArgs,
+    ) -> Result<(i64, Schedule), CliError> {
+        let now = now_ms();
+        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let ttl = parse_duration("--ttl", &args.ttl)?;
+        let splay = args
+            .splay
+            .as_deref()
+            .map(|s| parse_duration("--splay", s))
+            .transpose()?
+            .unwrap_or_default();
+        let when = if let Some(expr) = &args.cron {
+            Schedule::cron(expr, &args.tz).map_err(|e| usage(e.to_string()))?
+        } else if let Some(every) = &args.every {
+            Schedule::every(parse_duration("--every", every)?, now)
+                .map_err(|e| usage(e.to_string()))?
+        } else if let Some(at) = &args.at {
+            let at = schedule::parse_time(at, &args.tz, now).map_err(|e| usage(e.to_string()))?;
+            if at <= now {
+                return Err(usage("--at is in the past"));
+            }
+            Schedule::at(at)
+        } else {
+            unreachable!("clap requires one of --cron, --every, --at")
+        };
+        let repeat = match &when {
+            Schedule::At { .. } => Repeat::Once,
+            _ => {
+                let gap = min_gap(&when, now);
+                if splay.as_millis() as i64 * 2 > gap {
+                    return Err(usage("--splay must be at most half the time between runs"));
+                }
+                // The agent refuses runs closer than this: half the schedule's shortest
+                // gap, less the splay, so legitimate firings always pass.
+                Repeat::Standing {
+                    min_interval_ms: (gap / 2 - splay.as_millis() as i64).max(0) as u64,
+                }
+            }
+        };
+        let action = run_action(&args.command, timeout, args.user)?;
+        let audience = self.audience(&args.to).await?;
+        let not_after = match &when {
+            Schedule::At { at } => at + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+            _ => now + STANDING_VALIDITY.as_millis() as i64,
+        };
+        let order = Order {
+            id: random_bytes(),
+            audience,
+            issued_at: now,
+            not_before: now - CLOCK_SKEW.as_millis() as i64,
+            not_after,
+            repeat,
+            action,
+        };
+        let envelope = self.sign(&Statement::Order(order))?;
+        let created: Created = self
+            .client
+            .post(
+                "/api/v1/schedules",
+                &CreateSchedule {
+                    envelope,
+                    schedule: when.clone(),
+                    missed: args.missed,
+                    splay_ms: splay.as_millis() as u64,
+                    ttl_ms: ttl.as_millis() as u64,
+                },
+            )
+            .await?;
+        Ok((created.ids.first().copied().unwrap_or_default(), when))
+    }
+
+    async fn jobs(&self, command: JobsCommand) -> Result<ExitCode, CliError> {
+        match command {
+            JobsCommand::List { agent, limit, json } => {
+                let mut path = format!("/api/v1/jobs?limit={limit}");
+                if let Some(agent) = agent {
+                    path.push_str(&format!("&agent={agent}"));
+                }
+                let jobs: Vec<JobInfo> = self.client.get(&path).await?;
+                if json {
+                    print_json(&jobs);
+                } else {
+                    print_jobs(&jobs);
+                }
+            }
+            JobsCommand::Show { job, json } => {
+                let job: JobInfo = self.client.get(&format!("/api/v1/jobs/{job}")).await?;
+                if json {
+                    print_json(&job);
+                } else {
+                    print_job(&job);
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn run_action(
+    command: &[String],
+    timeout: Duration,
+    user: Option<String>,
+) -> Result<Action, CliError> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| usage("give the program after --"))?;
+    if !program.starts_with('/') {
+        return Err(usage(format!(
+            "program {program:?} must be an absolute path (no shell, no PATH lookup), e.g. /usr/bin/{program}"
+        )));
+    }
+    Ok(Action::Run(RunSpec {
+        program: program.clone(),
+        args: args.to_vec(),
+        timeout_ms: timeout.as_millis() as u64,
+        run_as: user,
+    }))
+}
+
+/// Shortest gap between consecutive firings over the next few occurrences.
+fn min_gap(when: &Schedule, now: i64) -> i64 {
+    let mut gap = i64::MAX;
+    let mut t = now;
+    for _ in 0..50 {
+        let Some(next) = when.next_after(t) else {
+            break;
+        };
+        if t != now {
+            gap = gap.min(next - t);
+        }
+        t = next;
+    }
+    if gap == i64::MAX {
+        0
+    } else {
+        gap
+    }
+}
+
+fn parse_duration(flag: &str, text: &str) -> Result<Duration, CliError> {
+    schedule::parse_duration(text).map_err(|e| usage(format!("{flag}: {e}")))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    // Serializing our own plain data types cannot fail.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("plain data serializes")
+    );
+}
+
+fn display_list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
+}
+
+fn time(t: Option<i64>) -> String {
+    t.map(schedule::format_time).unwrap_or_else(|| "-".into())
+}
+
+fn print_agents(agents: &[AgentInfo]) {
+    println!(
+        "{:<22} {:<20} {:<8} {:<22} {:<30} GROUPS",
+        "ID", "NAME", "STATE", "OBSERVED", "LOCAL"
+    );
+    for a in agents {
+        let state = if a.revoked_at.is_some() {
+            "revoked"
+        } else if a.online {
+            "online"
+        } else {
+            "offline"
+        };
+        println!(
+            "{:<22} {:<20} {:<8} {:<22} {:<30} {}",
+            a.id,
+            a.name,
+            state,
+            a.observed_address.as_deref().unwrap_or("-"),
+            display_list(&a.local_addresses),
+            display_list(&a.groups)
+        );
+    }
+}
+
+fn print_agent(detail: &AgentDetail) {
+    let a = &detail.agent;
+    println!("id:          {}", a.id);
+    println!("name:        {}", a.name);
+    println!("online:      {}", a.online);
+    println!("revoked:     {}", time(a.revoked_at));
+    println!("enrolled:    {}", time(Some(a.enrolled_at)));
+    println!("last seen:   {}", time(a.last_seen_at));
+    println!("version:     {}", a.version.as_deref().unwrap_or("-"));
+    println!("groups:      {}", display_list(&a.groups));
+    println!(
+        "observed:    {}",
+        a.observed_address.as_deref().unwrap_or("-")
+    );
+    println!("local:       {}", display_list(&a.local_addresses));
+    println!("facts:       {}", a.facts);
+    println!("address history:");
+    for event in &detail.address_history {
+        println!(
+            "  {}  {:<8} {}",
+            schedule::format_time(event.at),
+            event.kind,
+            event.address
+        );
+    }
+}
+
+fn print_schedules(schedules: &[ScheduleInfo]) {
+    println!(
+        "{:<4} {:<24} {:<34} {:<9} {:<22} ACTION",
+        "ID", "TARGET", "WHEN", "MISSED", "NEXT"
+    );
+    for s in schedules {
+        println!(
+            "{:<4} {:<24} {:<34} {:<9} {:<22} {}",
+            s.id,
+            s.target,
+            s.when,
+            s.missed,
+            time(s.next_fire_at),
+            s.action
+        );
+    }
+}
+
+fn print_jobs(jobs: &[JobInfo]) {
+    println!(
+        "{:<6} {:<20} {:<12} {:<5} {:<22} {:<22} ACTION",
+        "ID", "AGENT", "STATE", "EXIT", "CREATED", "FINISHED"
+    );
+    for j in jobs {
+        println!(
+            "{:<6} {:<20} {:<12} {:<5} {:<22} {:<22} {}",
+            j.id,
+            j.agent_name,
+            j.state,
+            j.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            schedule::format_time(j.created_at),
+            time(j.finished_at),
+            j.action
+        );
+    }
+}
+
+fn print_job(j: &JobInfo) {
+    println!("job:       {}", j.id);
+    println!("agent:     {} ({})", j.agent_name, j.agent_id);
+    println!("action:    {}", j.action);
+    println!("state:     {}", j.state);
+    if let Some(s) = j.schedule_id {
+        println!("schedule:  {s}");
+    }
+    println!("created:   {}", schedule::format_time(j.created_at));
+    println!("delivered: {}", time(j.delivered_at));
+    println!("started:   {}", time(j.started_at));
+    println!("finished:  {}", time(j.finished_at));
+    if let Some(code) = j.exit_code {
+        println!("exit code: {code}");
+    }
+    if let Some(signal) = j.signal {
+        println!("signal:    {signal}");
+    }
+    if let Some(error) = &j.error {
+        println!("error:     {error}");
+    }
+    println!(
+        "--- stdout{}",
+        if j.stdout_truncated {
+            " (truncated)"
+        } else {
+            ""
+        }
+    );
+    print!("{}", j.stdout);
+    println!(
+        "--- stderr{}",
+        if j.stderr_truncated {
+            " (truncated)"
+        } else {
+            ""
+        }
+    );
+    print!("{}", j.stderr);
+}

@@ -1,0 +1,139 @@
+//! The admin CLI's HTTPS client for the admin API. It verifies the server against the CA
+//! from `admin.toml` (not the system roots) and sends the admin token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::AdminConfig;
+use crate::model::ApiErrorBody;
+use crate::pki;
+
+/// Errors talking to the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The CA certificate could not be loaded.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// The HTTP client could not be built.
+    #[error("cannot set up HTTPS: {0}")]
+    Setup(String),
+    /// The server could not be reached.
+    #[error("cannot reach the server at {url}: is `herald-server serve` running? ({reason})")]
+    Unreachable {
+        /// URL.
+        url: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The server answered with an error.
+    #[error("{0}")]
+    Api(String),
+    /// The answer was not what we expected.
+    #[error("unexpected answer from the server: {0}")]
+    Decode(String),
+}
+
+/// An authenticated admin API client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// Overall limit on one API request (long polls ask for less than this).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(330);
+
+impl Client {
+    /// Builds a client from the admin configuration; `server` overrides its URL.
+    pub fn new(admin: &AdminConfig, server: Option<&str>) -> Result<Client, ClientError> {
+        let ca = pki::load_cert(&admin.ca_cert)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca)
+            .map_err(|e| ClientError::Setup(format!("CA certificate: {e}")))?;
+        let tls = rustls::ClientConfig::builder_with_provider(pki::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Client {
+            http,
+            base: server
+                .unwrap_or(&admin.server_url)
+                .trim_end_matches('/')
+                .to_string(),
+            token: admin.admin_token.clone(),
+        })
+    }
+
+    /// GET a JSON resource.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    /// POST a JSON body.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    /// DELETE a resource.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            }
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| format!("server answered {status}"));
+            return Err(ClientError::Api(message));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}
+
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Shares a client between tasks.
+pub type SharedClient = Arc<Client>;

@@ -1,0 +1,191 @@
+//! The records the admin API returns and the CLI prints. Their JSON form is the stable
+//! `--json` output documented in docs/CLI.md.
+
+use serde::{Deserialize, Serialize};
+
+use herald_shared::protocol::JobId;
+use herald_shared::Millis;
+
+/// An enrolled agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Id derived from the agent's key.
+    pub id: String,
+    /// Human name (host name by default).
+    pub name: String,
+    /// Connected right now.
+    pub online: bool,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<Millis>,
+    /// Enrollment time.
+    pub enrolled_at: Millis,
+    /// Last time the agent was seen (connected or sent something).
+    pub last_seen_at: Option<Millis>,
+    /// Agent software version.
+    pub version: Option<String>,
+    /// Groups.
+    pub groups: Vec<String>,
+    /// Addresses the agent reported for its interfaces (latest report).
+    pub local_addresses: Vec<String>,
+    /// Address the server observed the connection coming from (latest).
+    pub observed_address: Option<String>,
+    /// Host facts (JSON object).
+    pub facts: serde_json::Value,
+}
+
+/// One entry of an agent's address history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddressEvent {
+    /// `local` (reported by the agent) or `observed` (seen by the server).
+    pub kind: String,
+    /// The address(es), comma separated for local reports.
+    pub address: String,
+    /// When.
+    pub at: Millis,
+}
+
+/// An agent with its address history, for `agents show`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    /// The agent.
+    #[serde(flatten)]
+    pub agent: AgentInfo,
+    /// Address history, newest first.
+    pub address_history: Vec<AddressEvent>,
+}
+
+/// A job: one order for one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: JobId,
+    /// Agent id.
+    pub agent_id: String,
+    /// Agent name.
+    pub agent_name: String,
+    /// Schedule that created it, if any.
+    pub schedule_id: Option<i64>,
+    /// What it does.
+    pub action: String,
+    /// `queued`, `delivered`, `running`, `succeeded`, `failed`, `timed_out`, `refused`,
+    /// `interrupted`, `expired` or `canceled`.
+    pub state: String,
+    /// Created.
+    pub created_at: Millis,
+    /// Expires if not delivered by then.
+    pub expires_at: Millis,
+    /// Acknowledged by the agent.
+    pub delivered_at: Option<Millis>,
+    /// Started on the agent.
+    pub started_at: Option<Millis>,
+    /// Finished.
+    pub finished_at: Option<Millis>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Terminating signal.
+    pub signal: Option<i32>,
+    /// Captured stdout (lossy UTF-8; full bytes are stored).
+    pub stdout: String,
+    /// Captured stderr.
+    pub stderr: String,
+    /// stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Refusal or failure reason.
+    pub error: Option<String>,
+}
+
+impl JobInfo {
+    /// The job reached a final state.
+    pub fn is_final(&self) -> bool {
+        is_final_state(&self.state)
+    }
+}
+
+/// Whether a job state is final.
+pub fn is_final_state(state: &str) -> bool {
+    matches!(
+        state,
+        "succeeded" | "failed" | "timed_out" | "refused" | "interrupted" | "expired" | "canceled"
+    )
+}
+
+/// A schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleInfo {
+    /// Schedule id.
+    pub id: i64,
+    /// Target as given (`agent:..`, `group:..`, `all`).
+    pub target: String,
+    /// When it fires, in words.
+    pub when: String,
+    /// `skip` or `run-once`.
+    pub missed: String,
+    /// Splay in milliseconds.
+    pub splay_ms: u64,
+    /// What it does.
+    pub action: String,
+    /// Next fire time, if any.
+    pub next_fire_at: Option<Millis>,
+    /// Created.
+    pub created_at: Millis,
+}
+
+/// Request body: create a one-off job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateJobs {
+    /// Signed order, base64 of the bincode envelope.
+    pub envelope: String,
+    /// How long it may wait for an offline agent.
+    pub ttl_ms: u64,
+}
+
+/// Request body: create a schedule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSchedule {
+    /// Signed standing order, base64 of the bincode envelope.
+    pub envelope: String,
+    /// When it fires.
+    pub schedule: herald_shared::schedule::Schedule,
+    /// `skip` or `run-once`.
+    pub missed: herald_shared::schedule::Missed,
+    /// Splay in milliseconds.
+    pub splay_ms: u64,
+    /// TTL of each job it creates.
+    pub ttl_ms: u64,
+}
+
+/// Request body: register an enrollment token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// SHA-256 of the secret, hex.
+    pub secret_hash: String,
+    /// Groups granted.
+    pub groups: Vec<String>,
+    /// Number of enrollments allowed.
+    pub uses: u32,
+    /// Expiry time.
+    pub expires_at: Millis,
+}
+
+/// Request body: set an agent's groups with a signed membership.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetMembership {
+    /// Signed membership, base64 of the bincode envelope.
+    pub envelope: String,
+}
+
+/// Response: ids of what was created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Created {
+    /// Ids.
+    pub ids: Vec<i64>,
+}
+
+/// Error body of every failed API call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// One sentence for a person.
+    pub error: String,
+}

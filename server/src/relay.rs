@@ -1,0 +1,589 @@
+//! The relay: accepts agent connections over QUIC, enrolls new agents, and moves signals,
+//! acknowledgements and results between agents and the store.
+//!
+//! One task per connection. The agent opens a control stream and speaks first. Signals
+//! for an agent are read from the store (so whatever is queued survives restarts) each
+//! time the agent's link is poked; results arrive on unidirectional streams and are
+//! acknowledged after they are committed.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tracing::{debug, info, warn};
+
+use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT, HEADER_LEN, RESULT_FRAME_LIMIT};
+use herald_shared::protocol::{
+    Ack, AgentMsg, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,
+};
+use herald_shared::token::secret_hash;
+
+use crate::now_ms;
+use crate::pki::{self, KeyStatus, Keyring};
+use crate::store::Store;
+
+/// How long an agent has to open its control stream and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the observed address is compared, to notice QUIC path migration.
+const PATH_CHECK: Duration = Duration::from_secs(2);
+/// How often agents check their local addresses (sent in `Welcome`).
+pub const ADDRESS_CHECK_MS: u64 = 5_000;
+/// Failed enrollment attempts allowed per source address per window.
+const ENROLL_FAILURES_ALLOWED: u32 = 5;
+/// Window of the enrollment rate limit.
+const ENROLL_WINDOW: Duration = Duration::from_secs(60);
+/// Outgoing messages buffered per connection before the sender waits.
+const OUTBOX_DEPTH: usize = 256;
+
+/// QUIC application close codes.
+pub mod close {
+    /// Normal close.
+    pub const DONE: u32 = 0;
+    /// The peer violated the protocol (malformed frame, unexpected message).
+    pub const PROTOCOL: u32 = 1;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 2;
+    /// Replaced by a newer connection of the same agent.
+    pub const REPLACED: u32 = 3;
+    /// Refused (not enrolled, version).
+    pub const REFUSED: u32 = 4;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// A job changed state (for long polls and the demo's live output).
+#[derive(Debug, Clone, Copy)]
+pub struct JobEvent {
+    /// Job id.
+    pub job_id: JobId,
+}
+
+struct Link {
+    connection: Connection,
+    poke: Arc<Notify>,
+    generation: u64,
+}
+
+/// Shared relay state.
+pub struct Relay {
+    store: Store,
+    keyring: Arc<Keyring>,
+    links: Mutex<HashMap<String, Link>>,
+    generation: std::sync::atomic::AtomicU64,
+    events: broadcast::Sender<JobEvent>,
+    enroll_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("malformed frame: {0}")]
+    Codec(#[from] codec::CodecError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for the agent")]
+    Timeout,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Relay {
+    /// Builds the relay.
+    pub fn new(store: Store, keyring: Arc<Keyring>) -> Arc<Relay> {
+        let (events, _) = broadcast::channel(4096);
+        Arc::new(Relay {
+            store,
+            keyring,
+            links: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+            events,
+            enroll_failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Subscribes to job state changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    /// Announces a job state change.
+    pub fn job_changed(&self, job_id: JobId) {
+        let _ = self.events.send(JobEvent { job_id });
+    }
+
+    /// Whether an agent is connected.
+    pub fn is_online(&self, agent_id: &str) -> bool {
+        self.lock_links().contains_key(agent_id)
+    }
+
+    /// Number of connected agents.
+    pub fn online_count(&self) -> usize {
+        self.lock_links().len()
+    }
+
+    /// Tells an agent's link to look for pending jobs.
+    pub fn poke(&self, agent_id: &str) {
+        if let Some(link) = self.lock_links().get(agent_id) {
+            link.poke.notify_one();
+        }
+    }
+
+    /// Revokes: closes the live connection; the keyring refuses the next handshake.
+    pub fn revoke(&self, agent_id: &str, key: Vec<u8>) {
+        self.keyring.revoked(key);
+        if let Some(link) = self.lock_links().remove(agent_id) {
+            link.connection
+                .close(close::REVOKED.into(), b"agent revoked");
+        }
+    }
+
+    /// Sends a new membership to the agent, if connected.
+    pub fn membership_changed(&self, agent_id: &str) {
+        // The link reads the membership from the store on poke; simplest is to close
+        // nothing and let the link loop pick it up.
+        self.poke(agent_id);
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts connections until `shutdown` resolves, then closes them all.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let relay = self.clone();
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(connection) => relay.handle(connection).await,
+                            Err(e) => debug!(%remote, "handshake failed: {e}"),
+                        }
+                    });
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+        self.lock_links().clear();
+    }
+
+    async fn handle(self: Arc<Self>, connection: Connection) {
+        let remote = connection.remote_address();
+        let result = self.clone().converse(&connection).await;
+        match result {
+            Ok(()) => debug!(%remote, "connection closed"),
+            Err(LinkError::Connection(e)) => debug!(%remote, "connection ended: {e}"),
+            Err(e @ (LinkError::Codec(_) | LinkError::Protocol(_))) => {
+                warn!(%remote, "closing connection: {e}");
+                connection.close(close::PROTOCOL.into(), e.to_string().as_bytes());
+            }
+            Err(e) => {
+                debug!(%remote, "connection failed: {e}");
+                connection.close(close::PROTOCOL.into(), b"error");
+            }
+        }
+    }
+
+    async fn converse(self: Arc<Self>, connection: &Connection) -> Result<(), LinkError> {
+        let key = peer_key(connection)
+            .ok_or_else(|| LinkError::Protocol("no usable client certificate".into()))?;
+        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+            .await
+            .map_err(|_| LinkError::Timeout)??;
+        let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, DEFAULT_FRAME_LIMIT))
+            .await
+            .map_err(|_| LinkError::Timeout)??;
+        match first {
+            Some(AgentMsg::Enroll(enroll)) => {
+                self.enroll(connection, &key, enroll, &mut send).await
+            }
+            Some(AgentMsg::Hello(hello)) => self.session(connection, &key, hello, send, recv).await,
+            Some(other) => Err(LinkError::Protocol(format!(
+                "expected Hello or Enroll, got {}",
+                msg_name(&other)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn enroll(
+        &self,
+        connection: &Connection,
+        key: &[u8],
+        enroll: Enroll,
+        send: &mut SendStream,
+    ) -> Result<(), LinkError> {
+        let ip = connection.remote_address().ip();
+        if self.enroll_blocked(ip) {
+            return refuse(
+                connection,
+                send,
+                "too many failed enrollment attempts; try again later",
+            )
+            .await;
+        }
+        if enroll.protocol.0 != PROTOCOL_MAJOR {
+            return refuse(connection, send, &version_refusal(enroll.protocol.0)).await;
+        }
+        if self.keyring.status(key) != KeyStatus::Unknown {
+            return refuse(connection, send, "this agent identity is already enrolled").await;
+        }
+        let agent_id = herald_shared::agent_id(key);
+        let name = if herald_shared::valid_name(&enroll.name) {
+            enroll.name.clone()
+        } else {
+            format!("agent-{}", &agent_id[..8])
+        };
+        let facts = serde_json::to_string(&enroll.facts).unwrap_or_else(|_| "{}".into());
+        let granted = self.store.enroll(
+            &secret_hash(&enroll.secret),
+            &agent_id,
+            &name,
+            key,
+            &facts,
+            now_ms(),
+        );
+        match granted {
+            Ok(Some(grant)) => {
+                self.keyring.enrolled(key.to_vec());
+                info!(%agent_id, %name, groups = ?grant.groups, "agent enrolled");
+                write_frame(send, &ServerMsg::Enrolled { agent_id }).await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                connection.close(close::DONE.into(), b"enrolled");
+                Ok(())
+            }
+            Ok(None) => {
+                self.enroll_failed(ip);
+                refuse(
+                    connection,
+                    send,
+                    "enrollment token is invalid, used up or expired",
+                )
+                .await
+            }
+            Err(crate::store::StoreError::Conflict(reason)) => {
+                refuse(connection, send, &reason).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn enroll_blocked(&self, ip: IpAddr) -> bool {
+        let mut failures = self
+            .enroll_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failures.retain(|_, (since, _)| since.elapsed() < ENROLL_WINDOW);
+        failures
+            .get(&ip)
+            .is_some_and(|(_, count)| *count >= ENROLL_FAILURES_ALLOWED)
+    }
+
+    fn enroll_failed(&self, ip: IpAddr) {
+        let mut failures = self
+            .enroll_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = failures.entry(ip).or_insert((Instant::now(), 0));
+        entry.1 += 1;
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        connection: &Connection,
+        key: &[u8],
+        hello: Hello,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), LinkError> {
+        if hello.protocol.0 != PROTOCOL_MAJOR {
+            return refuse(connection, &mut send, &version_refusal(hello.protocol.0)).await;
+        }
+        let agent_id = herald_shared::agent_id(key);
+        if self.keyring.status(key) != KeyStatus::Enrolled || !self.store.agent_active(&agent_id)? {
+            return refuse(
+                connection,
+                &mut send,
+                "this agent is not enrolled; run `herald-agent enroll TOKEN`",
+            )
+            .await;
+        }
+        let now = now_ms();
+        let observed = connection.remote_address();
+        let facts = serde_json::to_string(&hello.facts).unwrap_or_else(|_| "{}".into());
+        self.store.agent_connected(
+            &agent_id,
+            &hello.agent_version,
+            &facts,
+            &observed.to_string(),
+            now,
+        )?;
+        self.store
+            .local_addresses(&agent_id, &join_addresses(&hello.addresses), now)?;
+        let membership = self.store.membership(&agent_id)?;
+        write_frame(
+            &mut send,
+            &ServerMsg::Welcome(Welcome {
+                server_time: now,
+                agent_id: agent_id.clone(),
+                membership: membership.clone(),
+                address_check_ms: ADDRESS_CHECK_MS,
+            }),
+        )
+        .await?;
+
+        let poke = Arc::new(Notify::new());
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(old) = self.lock_links().insert(
+            agent_id.clone(),
+            Link {
+                connection: connection.clone(),
+                poke: poke.clone(),
+                generation,
+            },
+        ) {
+            old.connection
+                .close(close::REPLACED.into(), b"replaced by a newer connection");
+        }
+        info!(%agent_id, %observed, version = %hello.agent_version, "agent connected");
+
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
+        let result = tokio::select! {
+            r = writer(send, outbox_rx) => r,
+            r = self.deliver(&agent_id, poke, outbox.clone(), membership) => r,
+            r = self.read_control(&agent_id, &mut recv) => r,
+            r = self.read_results(connection, &agent_id, outbox) => r,
+            r = self.watch_path(connection, &agent_id, observed) => r,
+        };
+        {
+            let mut links = self.lock_links();
+            if links
+                .get(&agent_id)
+                .is_some_and(|l| l.generation == generation)
+            {
+                links.remove(&agent_id);
+            }
+        }
+        let _ = self.store.touch(&agent_id, now_ms());
+        info!(%agent_id, "agent disconnected");
+        result
+    }
+
+    /// Sends every pending job (once per connection) and new memberships, then waits for
+    /// a poke.
+    async fn deliver(
+        &self,
+        agent_id: &str,
+        poke: Arc<Notify>,
+        outbox: mpsc::Sender<ServerMsg>,
+        mut membership: Option<herald_shared::envelope::Envelope>,
+    ) -> Result<(), LinkError> {
+        let mut sent: HashSet<JobId> = HashSet::new();
+        loop {
+            let pending = self.store.pending(agent_id, now_ms())?;
+            for job in pending {
+                if sent.insert(job.job_id) {
+                    let signal = herald_shared::protocol::Signal {
+                        job_id: job.job_id,
+                        envelope: job.envelope,
+                    };
+                    if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            let current = self.store.membership(agent_id)?;
+            if current != membership {
+                if let Some(envelope) = current.clone() {
+                    if outbox.send(ServerMsg::Membership(envelope)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                membership = current;
+            }
+            poke.notified().await;
+        }
+    }
+
+    async fn read_control(&self, agent_id: &str, recv: &mut RecvStream) -> Result<(), LinkError> {
+        while let Some(msg) = read_frame::<AgentMsg>(recv, DEFAULT_FRAME_LIMIT).await? {
+            let now = now_ms();
+            match msg {
+                AgentMsg::Ack { job_id, ack } => {
+                    let refused = match &ack {
+                        Ack::Refused(reason) => Some(reason.as_str()),
+                        Ack::Accepted | Ack::Duplicate => None,
+                    };
+                    debug!(%agent_id, job_id, ?ack, "ack");
+                    self.store.ack(agent_id, job_id, refused, now)?;
+                    self.job_changed(job_id);
+                }
+                AgentMsg::Started { job_id, at } => {
+                    self.store.started(agent_id, job_id, at, now)?;
+                    self.job_changed(job_id);
+                }
+                AgentMsg::Addresses(addresses) => {
+                    info!(%agent_id, ?addresses, "agent reported addresses");
+                    self.store
+                        .local_addresses(agent_id, &join_addresses(&addresses), now)?;
+                }
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected {} on the control stream",
+                        msg_name(&other)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_results(
+        &self,
+        connection: &Connection,
+        agent_id: &str,
+        outbox: mpsc::Sender<ServerMsg>,
+    ) -> Result<(), LinkError> {
+        loop {
+            let mut recv = connection.accept_uni().await?;
+            let Some(msg) = read_frame::<AgentMsg>(&mut recv, RESULT_FRAME_LIMIT).await? else {
+                continue;
+            };
+            let AgentMsg::Result(result) = msg else {
+                return Err(LinkError::Protocol(format!(
+                    "unexpected {} on a result stream",
+                    msg_name(&msg)
+                )));
+            };
+            let stored = self.store.store_result(agent_id, &result, now_ms())?;
+            debug!(%agent_id, job_id = result.job_id, stored, status = result.status.as_str(), "result");
+            if stored {
+                self.job_changed(result.job_id);
+            }
+            let ack = ServerMsg::ResultStored {
+                job_id: result.job_id,
+                attempt: result.attempt,
+            };
+            if outbox.send(ack).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Records the observed address again when QUIC migrates the path.
+    async fn watch_path(
+        &self,
+        connection: &Connection,
+        agent_id: &str,
+        mut observed: SocketAddr,
+    ) -> Result<(), LinkError> {
+        let mut tick = tokio::time::interval(PATH_CHECK);
+        loop {
+            tick.tick().await;
+            let now_observed = connection.remote_address();
+            if now_observed != observed {
+                info!(%agent_id, from = %observed, to = %now_observed, "connection migrated");
+                self.store
+                    .observed_address(agent_id, &now_observed.to_string(), now_ms())?;
+                observed = now_observed;
+            }
+        }
+    }
+}
+
+async fn writer(
+    mut send: SendStream,
+    mut outbox: mpsc::Receiver<ServerMsg>,
+) -> Result<(), LinkError> {
+    while let Some(msg) = outbox.recv().await {
+        write_frame(&mut send, &msg).await?;
+    }
+    Ok(())
+}
+
+async fn refuse(
+    connection: &Connection,
+    send: &mut SendStream,
+    reason: &str,
+) -> Result<(), LinkError> {
+    info!(remote = %connection.remote_address(), "refusing agent: {reason}");
+    write_frame(send, &ServerMsg::Refused(reason.to_string())).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    connection.close(close::REFUSED.into(), reason.as_bytes());
+    Ok(())
+}
+
+fn version_refusal(major: u16) -> String {
+    format!(
+        "protocol version {major} is not supported by this server (it speaks {PROTOCOL_MAJOR}); upgrade the agent or server so they match"
+    )
+}
+
+fn peer_key(connection: &Connection) -> Option<Vec<u8>> {
+    let identity = connection.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    pki::agent_key(certs.first()?)
+}
+
+fn join_addresses(addresses: &[IpAddr]) -> String {
+    let mut text: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+    text.sort();
+    text.join(",")
+}
+
+fn msg_name(msg: &AgentMsg) -> &'static str {
+    match msg {
+        AgentMsg::Hello(_) => "Hello",
+        AgentMsg::Enroll(_) => "Enroll",
+        AgentMsg::Ack { .. } => "Ack",
+        AgentMsg::Started { .. } => "Started",
+        AgentMsg::Addresses(_) => "Addresses",
+        AgentMsg::Result(_) => "Result",
+    }
+}
+
+/// Reads one frame; `None` on a clean end of stream before a header.
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut RecvStream,
+    limit: usize,
+) -> Result<Option<T>, LinkError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = codec::frame_len(header, limit)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await?;
+    Ok(Some(codec::from_bytes(&payload, limit)?))
+}
+
+async fn write_frame<T: serde::Serialize>(send: &mut SendStream, msg: &T) -> Result<(), LinkError> {
+    let frame = codec::encode_frame(msg, DEFAULT_FRAME_LIMIT)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}

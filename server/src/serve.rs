@@ -1,0 +1,173 @@
+//! `herald-server serve`: opens the store, binds the QUIC and HTTPS ports, and runs the
+//! relay, the scheduler and the admin API until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tracing::info;
+
+use crate::api::{self, ApiState};
+use crate::config::{ConfigError, ServerConfig};
+use crate::pki::{self, Keyring};
+use crate::relay::Relay;
+use crate::store::{Store, StoreError};
+use crate::{https, scheduler};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}; is another server running?")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running server: its bound addresses and a handle to stop it.
+pub struct Running {
+    /// Bound QUIC address.
+    pub quic_addr: SocketAddr,
+    /// Bound HTTPS address.
+    pub http_addr: SocketAddr,
+    /// The relay (for the demo's live output).
+    pub relay: Arc<Relay>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every task and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Overrides from flags and environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// QUIC listen address.
+    pub quic_listen: Option<SocketAddr>,
+    /// HTTPS listen address.
+    pub http_listen: Option<SocketAddr>,
+}
+
+/// Loads everything and starts serving. All configuration is read and validated, and
+/// both ports bound, before this returns.
+pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, ServeError> {
+    let mut config = ServerConfig::load(data_dir)?;
+    if let Some(addr) = overrides.quic_listen {
+        config.quic_listen = addr;
+    }
+    if let Some(addr) = overrides.http_listen {
+        config.http_listen = addr;
+    }
+    let pki = pki::load(data_dir)?;
+    let store = Store::open(data_dir)?;
+    let keyring = Arc::new(Keyring::new(store.agent_keys()?));
+    let quic_config = pki::quic_server_config(&pki, keyring.clone())?;
+    let endpoint = quinn::Endpoint::server(quic_config, config.quic_listen).map_err(|source| {
+        ServeError::Bind {
+            addr: config.quic_listen,
+            what: "QUIC, udp",
+            source,
+        }
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.quic_listen,
+        what: "QUIC, udp",
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.http_listen,
+            what: "admin API, tcp",
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.http_listen,
+        what: "admin API, tcp",
+        source,
+    })?;
+
+    let relay = Relay::new(store.clone(), keyring);
+    let changed = Arc::new(Notify::new());
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let state = ApiState {
+        store: store.clone(),
+        relay: relay.clone(),
+        scheduler: changed.clone(),
+        operator_keys: Arc::new(config.operator_keys()),
+    };
+    let tasks = vec![
+        tokio::spawn(relay.clone().serve(endpoint, until_stopped())),
+        tokio::spawn(scheduler::run(
+            store,
+            relay.clone(),
+            changed,
+            until_stopped(),
+        )),
+        tokio::spawn(https::serve(
+            listener,
+            pki::https_config(&pki)?,
+            api::router(state),
+            until_stopped(),
+        )),
+    ];
+    info!(%quic_addr, %http_addr, "herald-server serving");
+    Ok(Running {
+        quic_addr,
+        http_addr,
+        relay,
+        stop,
+        tasks,
+    })
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(data_dir: &Path, overrides: &Overrides) -> Result<(), ServeError> {
+    let running = start(data_dir, overrides).await?;
+    println!(
+        "herald-server: QUIC on udp/{}, admin API on https://{}",
+        running.quic_addr, running.http_addr
+    );
+    shutdown_signal().await;
+    info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler only fails outside a tokio runtime");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
