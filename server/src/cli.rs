@@ -895,7 +895,7 @@ fn print_jobs(jobs: &[JobInfo]) {
     );
     for j in jobs {
         println!(
-            "{:<6} {:<20} {:<12} {:<5} {:<22} {:<22} {}",
+            "{:<6} {:<20} {:<12} {:<5} {:<24} {:<24} {}",
             j.id,
             j.agent_name,
             j.state,
