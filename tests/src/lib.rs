@@ -1,1 +1,431 @@
-//! Helpers for Herald end-to-end tests: start real servers and agents, await conditions.
+//! Helpers for Herald's end-to-end tests: real `herald-server` and `herald-agent`
+//! processes on loopback, each test in its own temporary directory, and waiting for
+//! conditions with deadlines instead of sleeping.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Default deadline for conditions in tests.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+static BUILD: Once = Once::new();
+
+/// Directory holding the built binaries (`target/debug`), building them once per test
+/// binary so `cargo test` alone is enough.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "--quiet", "--workspace", "--bins"]);
+        // The test runner's CARGO_* variables would make build scripts rerun and
+        // relink the binaries on every test; give the nested build a plain environment.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+                command.env_remove(key.as_ref());
+            }
+        }
+        if dir.file_name().is_some_and(|n| n == "release") {
+            command.arg("--release");
+        }
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "building herald binaries failed");
+    });
+    dir
+}
+
+/// Path of a built binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A temporary directory removed on drop (kept if the test failed, for inspection).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory named after the test.
+    pub fn new(name: &str) -> TempDir {
+        let base = std::env::var_os("HERALD_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "herald-test-{name}-{}-{}",
+            std::process::id(),
+            nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        TempDir(dir)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A free loopback port for UDP and TCP (probed, then released).
+pub fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` naming `what`.
+pub fn wait_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+fn log_file(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .expect("open log file")
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A `herald-server` process with its own data directory.
+pub struct TestServer {
+    /// Test directory (server data under `server/`).
+    pub dir: TempDir,
+    /// QUIC port.
+    pub quic_port: u16,
+    /// HTTPS port.
+    pub http_port: u16,
+    child: Option<Child>,
+}
+
+impl TestServer {
+    /// Initialises and starts a server on free loopback ports.
+    pub fn start(name: &str) -> TestServer {
+        let dir = TempDir::new(name);
+        let quic_port = free_port();
+        let http_port = free_port();
+        let mut server = TestServer {
+            dir,
+            quic_port,
+            http_port,
+            child: None,
+        };
+        let quic = format!("127.0.0.1:{quic_port}");
+        server.cli_ok(&[
+            "init",
+            "--public-addr",
+            &quic,
+            "--quic-listen",
+            &quic,
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+        ]);
+        server.spawn();
+        server
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    /// The server's database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir().join("herald.db")
+    }
+
+    /// The server log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// Starts the `serve` process and waits until the API answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let child = Command::new(bin("herald-server"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("serve")
+            .env("HERALD_LOG", "info,herald_server=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.log_path()))
+            .stderr(log_file(&self.log_path()))
+            .spawn()
+            .expect("spawn herald-server");
+        self.child = Some(child);
+        let log = self.log_path();
+        wait_until("the server to serve", DEADLINE, || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("herald-server serving"))
+                .map(|_| ())
+        });
+    }
+
+    /// Kills the server with SIGKILL (no shutdown at all).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs a CLI command against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("herald-server"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .env("HERALD_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run herald-server CLI")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "herald-server {args:?} failed ({}):\n{}\n--- server log tail:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            tail(&self.log_path(), 30)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs a CLI command with `--json` and parses its output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli_ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
+    }
+
+    /// Creates an enrollment token.
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args).trim().to_string()
+    }
+
+    /// One job as JSON.
+    pub fn job(&self, id: i64) -> Value {
+        self.json(&["jobs", "show", &id.to_string()])
+    }
+
+    /// Waits until a job reaches `state`; returns it.
+    pub fn wait_job_state(&self, id: i64, state: &str, deadline: Duration) -> Value {
+        wait_until(&format!("job {id} to be {state}"), deadline, || {
+            let job = self.job(id);
+            (job["state"] == state).then_some(job)
+        })
+    }
+
+    /// Queues a one-off job (no --wait) and returns its id(s).
+    pub fn run_job(&self, to: &str, extra: &[&str], command: &[&str]) -> Vec<i64> {
+        let mut args = vec!["run", "--to", to];
+        args.extend_from_slice(extra);
+        args.push("--");
+        args.extend_from_slice(command);
+        self.cli_ok(&args)
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("job ")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Whether the agent shows as online.
+    pub fn agent_online(&self, agent: &str) -> bool {
+        let detail = self.json(&["agents", "show", agent]);
+        detail["online"] == true
+    }
+
+    /// Prints the tail of the server log (for failing tests).
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_path(), 40)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- server log tail:\n{}", self.log_tail());
+        }
+        self.kill();
+    }
+}
+
+/// A `herald-agent` process with its own state directory.
+pub struct TestAgent {
+    /// Agent name.
+    pub name: String,
+    /// Agent id.
+    pub id: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestAgent {
+    /// Enrolls a new agent with a fresh token (without starting it).
+    pub fn enroll(server: &TestServer, name: &str, token_args: &[&str]) -> TestAgent {
+        let token = server.token(token_args);
+        let state_dir = server.dir.path().join(format!("agent-{name}"));
+        let output = Self::command(&state_dir)
+            .args(["enroll", &token, "--name", name])
+            .output()
+            .expect("run herald-agent enroll");
+        assert!(
+            output.status.success(),
+            "enroll failed: {}\n--- server log tail:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            server.log_tail()
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let id = stdout
+            .split_whitespace()
+            .nth(2)
+            .expect("enroll prints 'enrolled as ID'")
+            .trim_end_matches(';')
+            .to_string();
+        TestAgent {
+            name: name.to_string(),
+            id,
+            log: server.dir.path().join(format!("agent-{name}.log")),
+            state_dir,
+            child: None,
+        }
+    }
+
+    /// Enrolls and starts an agent, waiting until the server sees it online.
+    pub fn start(server: &TestServer, name: &str) -> TestAgent {
+        let mut agent = Self::enroll(server, name, &[]);
+        agent.spawn();
+        agent.wait_online(server);
+        agent
+    }
+
+    fn command(state_dir: &Path) -> Command {
+        let mut command = Command::new(bin("herald-agent"));
+        command
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("HERALD_LOG", "info,herald_agent=debug")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Starts `herald-agent run`.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let child = Self::command(&self.state_dir)
+            .arg("run")
+            .stdout(log_file(&self.log))
+            .stderr(log_file(&self.log))
+            .spawn()
+            .expect("spawn herald-agent");
+        self.child = Some(child);
+    }
+
+    /// Waits until the server shows this agent online.
+    pub fn wait_online(&self, server: &TestServer) {
+        wait_until(&format!("agent {} online", self.name), DEADLINE, || {
+            server.agent_online(&self.id).then_some(())
+        });
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the agent with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the agent process has exited; returns its status.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The agent log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent {} log tail:\n{}", self.name, tail(&self.log, 40));
+        }
+        self.kill();
+    }
+}
+
+/// Whether this process runs as root (network-namespace tests need it).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
