@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the tests need (when run as root on Debian) and runs every check:
+# formatting, clippy, and the whole test suite, ending with a one-line summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    # iproute2: network-namespace tests (IP change); procps: process inspection.
+    need=()
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
+    command -v pgrep >/dev/null 2>&1 || need+=(procps)
+    if [ ${#need[@]} -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+fi
+
+set -e
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --workspace --bins --quiet
+set +e
+
+log=$(mktemp)
+cargo test --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+passed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1)} END {print s+0}' "$log")
+failed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1)} END {print s+0}' "$log")
+ignored=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^ignored;?$/) s += $(i-1)} END {print s+0}' "$log")
+rm -f "$log"
+echo
+echo "summary: $passed passed, $failed failed, $ignored skipped"
+exit "$status"
