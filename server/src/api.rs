@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
 use herald_shared::codec;
 use herald_shared::envelope::{Audience, Envelope, PublicKey, Statement};
@@ -273,8 +273,10 @@ async fn show_job(
     let deadline = tokio::time::Instant::now() + wait;
     while !info.is_final() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Err(_) => break,
+            // Deadline passed, or the server is shutting down.
+            Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
             Ok(Ok(event)) if event.job_id != job && event.job_id != 0 => continue,
+            // Our job changed, several did, or we lagged behind: read it again.
             Ok(_) => info = state.store.job(job)?,
         }
     }

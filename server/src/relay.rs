@@ -266,7 +266,7 @@ impl Relay {
                 info!(%agent_id, %name, groups = ?grant.groups, "agent enrolled");
                 write_frame(send, &ServerMsg::Enrolled { agent_id }).await?;
                 let _ = send.finish();
-                let _ = send.stopped().await;
+                let _ = tokio::time::timeout(HELLO_TIMEOUT, send.stopped()).await;
                 connection.close(close::DONE.into(), b"enrolled");
                 Ok(())
             }
