@@ -206,7 +206,7 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
     /// Add a schedule.
-    Add(ScheduleAddArgs),
+    Add(Box<ScheduleAddArgs>),
     /// List schedules.
     List {
         /// JSON output.
@@ -624,7 +624,7 @@ impl Context {
 
     async fn schedule(&self, command: ScheduleCommand) -> Result<ExitCode, CliError> {
         match command {
-            ScheduleCommand::Add(args) => self.schedule_add(args).await,
+            ScheduleCommand::Add(args) => self.schedule_add(*args).await,
             ScheduleCommand::List { json } => {
                 let schedules: Vec<ScheduleInfo> = self.client.get("/api/v1/schedules").await?;
                 if json {
