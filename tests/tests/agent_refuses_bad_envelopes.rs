@@ -1,0 +1,328 @@
+//! A compromised server cannot make an agent run anything: orders a hostile server forges
+//! or replays are refused by the agent, with the right reason, and never run.
+//!
+//! The hostile server is simulated by writing `orders` and `jobs` rows straight into the
+//! running server's SQLite database; a normal job created through the CLI then pokes the
+//! relay, which re-reads every queued job and signals the injected ones too.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_shared::codec;
+use herald_shared::envelope::{
+    Action, Audience, Envelope, OperatorKey, Order, Repeat, RunSpec, Statement,
+};
+use herald_shared::Millis;
+use herald_tests::{TestAgent, TestServer, DEADLINE};
+use rusqlite::{params, Connection};
+
+/// The server's direct database, as a hostile server (or whoever owns it) would use it.
+struct HostileDb {
+    conn: Connection,
+}
+
+impl HostileDb {
+    fn open(server: &TestServer) -> HostileDb {
+        let conn = Connection::open(server.db_path()).expect("open the server's database");
+        conn.busy_timeout(Duration::from_secs(10))
+            .expect("set busy timeout");
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .expect("enable foreign keys");
+        HostileDb { conn }
+    }
+
+    /// Stores an order row for `envelope` under `order_id`.
+    fn insert_order(&self, order_id: &str, envelope: &Envelope, action: &str) {
+        let blob = codec::to_bytes(envelope).expect("encode envelope");
+        self.conn
+            .execute(
+                "INSERT INTO orders (id, envelope, action, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![order_id, blob, action, now_ms()],
+            )
+            .expect("insert order");
+    }
+
+    /// Queues a job for `agent_id` carrying the stored order `order_id`, due now and
+    /// expiring in ten minutes. Returns the job id.
+    fn insert_job(&self, agent_id: &str, order_id: &str) -> i64 {
+        let now = now_ms();
+        self.conn
+            .execute(
+                "INSERT INTO jobs (agent_id, order_id, schedule_id, state, created_at,
+                                   deliver_after, expires_at)
+                 VALUES (?1, ?2, NULL, 'queued', ?3, ?3, ?4)",
+                params![agent_id, order_id, now, now + 600_000],
+            )
+            .expect("insert job");
+        self.conn.last_insert_rowid()
+    }
+
+    /// Stores an order and one job for it; returns the job id.
+    fn inject(&self, agent_id: &str, order_id: &str, envelope: &Envelope) -> i64 {
+        self.insert_order(order_id, envelope, "injected");
+        self.insert_job(agent_id, order_id)
+    }
+}
+
+fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as Millis
+}
+
+/// Random bytes from the standard library's randomly seeded hasher (the tests crate has
+/// no RNG dependency; this is for unique ids and a throwaway key, not for secrecy).
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_usize(i);
+        hasher.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        let word = hasher.finish().to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn operator_key(server: &TestServer) -> OperatorKey {
+    let text = std::fs::read_to_string(server.data_dir().join("operator.key"))
+        .expect("read operator.key");
+    OperatorKey::from_hex(&text).expect("operator.key holds a hex seed")
+}
+
+/// A one-off order for `audience`, valid from a minute ago for an hour, running
+/// `/bin/sh -c script`.
+fn order(audience: Audience, script: &str) -> Order {
+    let now = now_ms();
+    Order {
+        id: random_bytes(),
+        audience,
+        issued_at: now - 60_000,
+        not_before: now - 60_000,
+        not_after: now + 3_600_000,
+        repeat: Repeat::Once,
+        action: Action::Run(RunSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            timeout_ms: 30_000,
+            run_as: None,
+        }),
+    }
+}
+
+/// A shell command that creates (or appends a line to) `trace`.
+fn leave_trace(trace: &Path) -> String {
+    format!("echo ran >> '{}'", trace.display())
+}
+
+fn sign(key: &OperatorKey, order: &Order) -> Envelope {
+    key.sign(&Statement::Order(order.clone()))
+        .expect("sign order")
+}
+
+/// Creates a harmless job through the CLI (which pokes the relay, so it re-reads every
+/// queued job for the agent) and waits until it succeeded.
+fn poke_with_marker_job(server: &TestServer, agent: &TestAgent) {
+    let ids = server.run_job(&format!("agent:{}", agent.name), &[], &["/bin/true"]);
+    assert_eq!(ids.len(), 1, "one marker job");
+    server.wait_job_state(ids[0], "succeeded", DEADLINE);
+}
+
+struct Case {
+    name: &'static str,
+    job_id: i64,
+    trace: PathBuf,
+    /// The refusal reason must contain one of these.
+    reason: &'static [&'static str],
+}
+
+#[test]
+fn agent_refuses_bad_envelopes() {
+    let server = TestServer::start("refuses-bad-envelopes");
+    let agent = TestAgent::start(&server, "alpha");
+    let operator = operator_key(&server);
+    let traces = server.dir.path().join("traces");
+    std::fs::create_dir_all(&traces).expect("create trace dir");
+    let trace = |name: &str| traces.join(name);
+    let db = HostileDb::open(&server);
+    let me = Audience::Agent(agent.id.clone());
+
+    // Positive control: a correctly signed order injected the same way runs. This proves
+    // injected rows are delivered and their traces appear, so the refusals below are
+    // caused by what is wrong with each envelope. Its order is replayed later.
+    let replay_trace = trace("replay");
+    let legit = order(me.clone(), &leave_trace(&replay_trace));
+    let legit_order_id = hex(&legit.id);
+    let legit_job = db.inject(&agent.id, &legit_order_id, &sign(&operator, &legit));
+    poke_with_marker_job(&server, &agent);
+    let first = server.wait_job_state(legit_job, "succeeded", DEADLINE);
+    assert_eq!(first["error"], serde_json::Value::Null, "{first}");
+    assert_eq!(
+        std::fs::read_to_string(&replay_trace).expect("the legitimate order left its trace"),
+        "ran\n"
+    );
+
+    let mut cases = Vec::new();
+
+    // (a) A validly signed envelope whose payload was altered after signing: the signed
+    // script exits before touching anything, the tampered one does not.
+    {
+        let path = trace("tampered");
+        let signed_script = format!("exit 7; {}", leave_trace(&path));
+        let tampered_script = format!(":     ; {}", leave_trace(&path));
+        assert_eq!(signed_script.len(), tampered_script.len());
+        let original = order(me.clone(), &signed_script);
+        let mut envelope = sign(&operator, &original);
+        let at = envelope
+            .payload
+            .windows(6)
+            .position(|w| w == b"exit 7")
+            .expect("script bytes in payload");
+        envelope.payload[at..at + 6].copy_from_slice(b":     ");
+        // The tampered payload still decodes to a runnable order: only the signature
+        // stands between it and execution.
+        let Statement::Order(tampered) =
+            codec::from_bytes::<Statement>(&envelope.payload, codec::DEFAULT_FRAME_LIMIT)
+                .expect("tampered payload decodes")
+        else {
+            panic!("tampered payload is not an order");
+        };
+        let Action::Run(run) = &tampered.action;
+        assert_eq!(run.args[1], tampered_script);
+        cases.push(Case {
+            name: "tampered payload",
+            job_id: db.inject(&agent.id, &hex(&original.id), &envelope),
+            trace: path,
+            reason: &["signature"],
+        });
+    }
+
+    // (b) Signed by a key the agent does not pin...
+    let intruder = OperatorKey::from_seed(random_bytes());
+    assert_ne!(intruder.public(), operator.public());
+    {
+        let path = trace("other-key");
+        let forged = order(me.clone(), &leave_trace(&path));
+        cases.push(Case {
+            name: "signed by another key",
+            job_id: db.inject(&agent.id, &hex(&forged.id), &sign(&intruder, &forged)),
+            trace: path,
+            reason: &["not trusted", "signed by"],
+        });
+    }
+    // ...and the same, claiming to be signed by the operator.
+    {
+        let path = trace("other-key-claiming-operator");
+        let forged = order(me.clone(), &leave_trace(&path));
+        let mut envelope = sign(&intruder, &forged);
+        envelope.signer = operator.public();
+        cases.push(Case {
+            name: "signed by another key, naming the operator as signer",
+            job_id: db.inject(&agent.id, &hex(&forged.id), &envelope),
+            trace: path,
+            reason: &["signature"],
+        });
+    }
+
+    // (c) Properly signed, but for another agent.
+    {
+        let path = trace("other-agent");
+        let other = order(Audience::Agent("0".repeat(20)), &leave_trace(&path));
+        cases.push(Case {
+            name: "addressed to another agent",
+            job_id: db.inject(&agent.id, &hex(&other.id), &sign(&operator, &other)),
+            trace: path,
+            reason: &["not addressed"],
+        });
+    }
+
+    // (d) Properly signed, but expired.
+    {
+        let path = trace("expired");
+        let mut old = order(me.clone(), &leave_trace(&path));
+        let now = now_ms();
+        old.issued_at = now - 7_200_000;
+        old.not_before = now - 7_200_000;
+        old.not_after = now - 3_600_000;
+        cases.push(Case {
+            name: "expired",
+            job_id: db.inject(&agent.id, &hex(&old.id), &sign(&operator, &old)),
+            trace: path,
+            reason: &["expired"],
+        });
+    }
+
+    // (e) The legitimate one-off order from above, delivered again under a new job id.
+    let replay_job = db.insert_job(&agent.id, &legit_order_id);
+    assert_ne!(replay_job, legit_job);
+
+    // (f) Properly signed, for a group the agent is not in.
+    {
+        let path = trace("other-group");
+        let group = order(
+            Audience::Group("not-my-group".into()),
+            &leave_trace(&path),
+        );
+        cases.push(Case {
+            name: "group the agent is not in",
+            job_id: db.inject(&agent.id, &hex(&group.id), &sign(&operator, &group)),
+            trace: path,
+            reason: &["not addressed"],
+        });
+    }
+
+    poke_with_marker_job(&server, &agent);
+
+    for case in &cases {
+        let job = server.wait_job_state(case.job_id, "refused", DEADLINE);
+        let error = job["error"].as_str().unwrap_or_default().to_lowercase();
+        assert!(
+            case.reason.iter().any(|r| error.contains(r)),
+            "{}: refusal reason {error:?} should mention one of {:?}",
+            case.name,
+            case.reason
+        );
+        assert_eq!(job["started_at"], serde_json::Value::Null, "{}: {job}", case.name);
+    }
+    let replayed = server.wait_job_state(replay_job, "refused", DEADLINE);
+    let error = replayed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("replayed"),
+        "replayed order: refusal reason {error:?} should mention replay"
+    );
+
+    // Nothing ran: no trace of any refused order, and the replayed order ran only once.
+    // A run would have left its trace before the agent could report anything, but give a
+    // runaway process a moment by checking after one more full round trip.
+    poke_with_marker_job(&server, &agent);
+    for case in &cases {
+        assert!(
+            !case.trace.exists(),
+            "{}: the refused order ran (trace {} exists)",
+            case.name,
+            case.trace.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&replay_trace).expect("replay trace"),
+        "ran\n",
+        "the replayed one-off order ran a second time"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&traces)
+        .expect("list traces")
+        .map(|e| e.expect("dir entry").file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("replay")]);
+}
