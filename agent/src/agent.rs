@@ -28,6 +28,8 @@ const MEMBERSHIP_KEY: &str = "membership";
 const CLOCK_KEY: &str = "clock_high_water";
 /// A clock more than this far behind the high-water mark is treated as stepped back.
 const CLOCK_TOLERANCE_MS: Millis = 5 * 60 * 1000;
+/// How long enrollment waits for the server.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Finished jobs are kept in the journal this long (for deduplication of redeliveries).
 const KEEP_JOBS_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -432,7 +434,18 @@ pub async fn enroll(
         server: token.server.clone(),
         reason: e.to_string(),
     })?;
-    let connection = link::connect(&endpoint, client, &token.server).await?;
+    let connection = tokio::time::timeout(
+        ENROLL_TIMEOUT,
+        link::connect(&endpoint, client, &token.server),
+    )
+    .await
+    .map_err(|_| link::LinkError::Connect {
+        server: token.server.clone(),
+        reason: format!(
+            "no answer within {} s; is the server running and reachable?",
+            ENROLL_TIMEOUT.as_secs()
+        ),
+    })??;
     let (mut send, mut recv) = connection.open_bi().await.map_err(link::LinkError::from)?;
     let name = name.map(str::to_string).unwrap_or_else(host::hostname);
     link::write_frame(

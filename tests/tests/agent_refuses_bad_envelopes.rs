@@ -97,8 +97,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn operator_key(server: &TestServer) -> OperatorKey {
-    let text = std::fs::read_to_string(server.data_dir().join("operator.key"))
-        .expect("read operator.key");
+    let text =
+        std::fs::read_to_string(server.data_dir().join("operator.key")).expect("read operator.key");
     OperatorKey::from_hex(&text).expect("operator.key holds a hex seed")
 }
 
@@ -271,10 +271,7 @@ fn agent_refuses_bad_envelopes() {
     // (f) Properly signed, for a group the agent is not in.
     {
         let path = trace("other-group");
-        let group = order(
-            Audience::Group("not-my-group".into()),
-            &leave_trace(&path),
-        );
+        let group = order(Audience::Group("not-my-group".into()), &leave_trace(&path));
         cases.push(Case {
             name: "group the agent is not in",
             job_id: db.inject(&agent.id, &hex(&group.id), &sign(&operator, &group)),
@@ -294,7 +291,12 @@ fn agent_refuses_bad_envelopes() {
             case.name,
             case.reason
         );
-        assert_eq!(job["started_at"], serde_json::Value::Null, "{}: {job}", case.name);
+        assert_eq!(
+            job["started_at"],
+            serde_json::Value::Null,
+            "{}: {job}",
+            case.name
+        );
     }
     let replayed = server.wait_job_state(replay_job, "refused", DEADLINE);
     let error = replayed["error"].as_str().unwrap_or_default();

@@ -149,7 +149,11 @@ fn timed_out_job_leaves_no_process_behind() {
     wait_until(
         &format!("no process left with HERALD_JOB_ID={job_id}"),
         Duration::from_secs(5),
-        || marked_processes(&job_id, &agent.state_dir).is_empty().then_some(()),
+        || {
+            marked_processes(&job_id, &agent.state_dir)
+                .is_empty()
+                .then_some(())
+        },
     );
     let left = marked_processes(&job_id, &agent.state_dir);
     assert!(left.is_empty(), "left behind: {left:?}");

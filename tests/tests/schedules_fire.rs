@@ -18,18 +18,20 @@ fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
         .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
 }
 
-/// Every job created by schedule `id`, oldest first.
-fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
+/// Every job, oldest first.
+fn all_jobs(server: &TestServer) -> Vec<Value> {
     let jobs = server.json(&["jobs", "list", "--limit", "10000"]);
-    let mut jobs: Vec<Value> = jobs
-        .as_array()
-        .expect("jobs list is an array")
-        .iter()
-        .filter(|j| j["schedule_id"] == id)
-        .cloned()
-        .collect();
+    let mut jobs = jobs.as_array().expect("jobs list is an array").clone();
     jobs.sort_by_key(|j| j["id"].as_i64());
     jobs
+}
+
+/// Every job created by schedule `id`, oldest first.
+fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
+    all_jobs(server)
+        .into_iter()
+        .filter(|j| j["schedule_id"] == id)
+        .collect()
 }
 
 /// Waits until schedule `id` has at least `n` succeeded jobs; returns all its jobs.
@@ -126,12 +128,24 @@ fn at_fires_exactly_once() {
     // (over two seconds) proves several later ticks happened.
     let marker = add_schedule(
         &server,
-        &["--to", &target, "--every", "1s", "--", "/bin/echo", "marker"],
+        &[
+            "--to",
+            &target,
+            "--every",
+            "1s",
+            "--",
+            "/bin/echo",
+            "marker",
+        ],
     );
     wait_succeeded(&server, marker, 3, DEADLINE);
 
     let jobs = schedule_jobs(&server, once);
-    assert_eq!(jobs.len(), 1, "an --at schedule fired more than once: {jobs:#?}");
+    assert_eq!(
+        jobs.len(),
+        1,
+        "an --at schedule fired more than once: {jobs:#?}"
+    );
     let entry = schedule_entry(&server, once);
     if let Some(entry) = entry {
         assert!(
@@ -149,7 +163,15 @@ fn schedule_rm_stops_the_schedule() {
 
     let doomed = add_schedule(
         &server,
-        &["--to", &target, "--every", "1s", "--", "/bin/echo", "doomed"],
+        &[
+            "--to",
+            &target,
+            "--every",
+            "1s",
+            "--",
+            "/bin/echo",
+            "doomed",
+        ],
     );
     wait_succeeded(&server, doomed, 2, DEADLINE);
 
@@ -165,20 +187,50 @@ fn schedule_rm_stops_the_schedule() {
     // more of scheduler ticks in which the removed one would have fired twice).
     let marker = add_schedule(
         &server,
-        &["--to", &target, "--every", "1s", "--", "/bin/echo", "marker"],
+        &[
+            "--to",
+            &target,
+            "--every",
+            "1s",
+            "--",
+            "/bin/echo",
+            "marker",
+        ],
     );
     wait_succeeded(&server, marker, 3, DEADLINE);
 
-    let jobs = schedule_jobs(&server, doomed);
+    // Count by the doomed schedule's own action, so the check does not depend on ids.
+    let doomed_jobs: Vec<Value> = all_jobs(&server)
+        .into_iter()
+        .filter(|j| j["action"] == "/bin/echo doomed")
+        .collect();
     assert_eq!(
-        jobs.len(),
+        doomed_jobs.len(),
         after_rm,
-        "a removed schedule kept creating jobs: {jobs:#?}"
+        "a removed schedule kept creating jobs: {doomed_jobs:#?}"
+    );
+
+    // Schedule ids are never reused: a new schedule must not inherit the removed one's
+    // id (and with it its past jobs, and its queued jobs for `--missed run-once`
+    // coalescing).
+    assert_ne!(
+        marker, doomed,
+        "the schedule added after `schedule rm {doomed}` reused id {doomed}"
+    );
+    let marker_jobs = schedule_jobs(&server, marker);
+    assert!(
+        marker_jobs
+            .iter()
+            .all(|j| j["action"] == "/bin/echo marker"),
+        "jobs of the removed schedule are attributed to schedule {marker}: {marker_jobs:#?}"
     );
 
     // Removing it again is an error, not a silent success.
     let again = server.cli(&["schedule", "rm", &doomed.to_string()]);
-    assert!(!again.status.success(), "removing a removed schedule succeeded");
+    assert!(
+        !again.status.success(),
+        "removing a removed schedule succeeded"
+    );
 }
 
 /// Asserts `schedule add` refused with a non-zero status and one clear sentence on
@@ -199,8 +251,17 @@ fn assert_refused(server: &TestServer, args: &[&str], mentions: &[&str]) {
         "{all:?} died of a signal: {}",
         out.status
     );
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "Error {", "thread '"] {
-        assert!(!stderr.contains(bad), "{all:?} stderr contains {bad:?}:\n{stderr}");
+    for bad in [
+        "panicked",
+        "backtrace",
+        "RUST_BACKTRACE",
+        "Error {",
+        "thread '",
+    ] {
+        assert!(
+            !stderr.contains(bad),
+            "{all:?} stderr contains {bad:?}:\n{stderr}"
+        );
     }
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
@@ -208,10 +269,7 @@ fn assert_refused(server: &TestServer, args: &[&str], mentions: &[&str]) {
         1,
         "{all:?} should print one sentence, got:\n{stderr}"
     );
-    assert!(
-        lines[0].starts_with("herald-server: "),
-        "{all:?}: {stderr}"
-    );
+    assert!(lines[0].starts_with("herald-server: "), "{all:?}: {stderr}");
     for word in mentions {
         assert!(
             lines[0].contains(word),
