@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_shared::codec;
 use herald_shared::envelope::{
-    Action, Audience, Envelope, OperatorKey, Order, Repeat, RunSpec, Statement,
+    Action, Audience, Envelope, Membership, OperatorKey, Order, Repeat, RunSpec, Statement,
 };
 use herald_shared::Millis;
 use herald_tests::{TestAgent, TestServer, DEADLINE};
@@ -280,6 +280,39 @@ fn agent_refuses_bad_envelopes() {
         });
     }
 
+    // (g) Properly signed, but not valid yet.
+    {
+        let path = trace("not-yet-valid");
+        let mut early = order(me.clone(), &leave_trace(&path));
+        let now = now_ms();
+        early.not_before = now + 3_600_000;
+        early.not_after = now + 7_200_000;
+        cases.push(Case {
+            name: "not valid yet",
+            job_id: db.inject(&agent.id, &hex(&early.id), &sign(&operator, &early)),
+            trace: path,
+            reason: &["not valid yet"],
+        });
+    }
+
+    // (h) A genuine operator signature over something that is not an order (a membership)
+    // delivered as a job.
+    {
+        let membership = operator
+            .sign(&Statement::Membership(Membership {
+                agent_id: agent.id.clone(),
+                groups: vec!["ops".into()],
+                issued_at: now_ms(),
+            }))
+            .expect("sign membership");
+        cases.push(Case {
+            name: "membership delivered as a job",
+            job_id: db.inject(&agent.id, &hex(&random_bytes::<16>()), &membership),
+            trace: trace("never-created"),
+            reason: &["not an order"],
+        });
+    }
+
     poke_with_marker_job(&server, &agent);
 
     for case in &cases {
@@ -327,4 +360,117 @@ fn agent_refuses_bad_envelopes() {
         .map(|e| e.expect("dir entry").file_name())
         .collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("replay")]);
+}
+
+/// Sets the agent's stored membership (what the relay sends in `Welcome` and after a
+/// poke) and its group rows, as a hostile server could.
+fn write_membership(db: &HostileDb, agent_id: &str, envelope: &Envelope, groups: &[&str]) {
+    let blob = codec::to_bytes(envelope).expect("encode membership");
+    db.conn
+        .execute(
+            "UPDATE agents SET membership = ?2 WHERE id = ?1",
+            params![agent_id, blob],
+        )
+        .expect("store membership");
+    db.conn
+        .execute(
+            "DELETE FROM agent_groups WHERE agent_id = ?1",
+            params![agent_id],
+        )
+        .expect("clear groups");
+    for group in groups {
+        db.conn
+            .execute(
+                "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2)",
+                params![agent_id, group],
+            )
+            .expect("add group");
+    }
+}
+
+fn membership(key: &OperatorKey, agent_id: &str, groups: &[&str]) -> Envelope {
+    key.sign(&Statement::Membership(Membership {
+        agent_id: agent_id.to_string(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        issued_at: now_ms(),
+    }))
+    .expect("sign membership")
+}
+
+/// A hostile server cannot widen an order's reach by inventing group memberships: a
+/// membership the operator did not sign for this agent is ignored, so group orders for
+/// that group are refused. A genuine membership sent the same way does take effect.
+#[test]
+fn forged_membership_does_not_widen_group_orders() {
+    let server = TestServer::start("forged-membership");
+    let mut agent = TestAgent::enroll(&server, "alpha", &[]);
+    let operator = operator_key(&server);
+    let intruder = OperatorKey::from_seed(random_bytes());
+    let traces = server.dir.path().join("traces");
+    std::fs::create_dir_all(&traces).expect("create trace dir");
+    let db = HostileDb::open(&server);
+
+    // A membership in group "evil" signed by another key but naming the operator as
+    // signer, in place before the agent connects: it arrives in `Welcome`.
+    let mut forged = membership(&intruder, &agent.id, &["evil"]);
+    forged.signer = operator.public();
+    write_membership(&db, &agent.id, &forged, &["evil"]);
+    agent.spawn();
+    agent.wait_online(&server);
+
+    let evil_trace = traces.join("evil");
+    let evil = order(Audience::Group("evil".into()), &leave_trace(&evil_trace));
+    let evil_job = db.inject(&agent.id, &hex(&evil.id), &sign(&operator, &evil));
+    poke_with_marker_job(&server, &agent);
+    let job = server.wait_job_state(evil_job, "refused", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not addressed"),
+        "group order after a forged membership: refusal {error:?}"
+    );
+
+    // A genuine operator-signed membership, but for another agent, sent after a poke.
+    write_membership(
+        &db,
+        &agent.id,
+        &membership(&operator, &"0".repeat(20), &["evil"]),
+        &["evil"],
+    );
+    poke_with_marker_job(&server, &agent);
+    let evil_again = order(Audience::Group("evil".into()), &leave_trace(&evil_trace));
+    let evil_again_job = db.inject(
+        &agent.id,
+        &hex(&evil_again.id),
+        &sign(&operator, &evil_again),
+    );
+    poke_with_marker_job(&server, &agent);
+    let job = server.wait_job_state(evil_again_job, "refused", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not addressed"),
+        "group order after another agent's membership: refusal {error:?}"
+    );
+    assert!(
+        !evil_trace.exists(),
+        "a group order ran through a membership the operator did not sign for this agent"
+    );
+
+    // Control: the operator's own membership for this agent, delivered the same way,
+    // makes a group order for that group run.
+    write_membership(
+        &db,
+        &agent.id,
+        &membership(&operator, &agent.id, &["good"]),
+        &["good"],
+    );
+    poke_with_marker_job(&server, &agent);
+    let good_trace = traces.join("good");
+    let good = order(Audience::Group("good".into()), &leave_trace(&good_trace));
+    let good_job = db.inject(&agent.id, &hex(&good.id), &sign(&operator, &good));
+    poke_with_marker_job(&server, &agent);
+    server.wait_job_state(good_job, "succeeded", DEADLINE);
+    assert_eq!(
+        std::fs::read_to_string(&good_trace).expect("the genuine group order ran"),
+        "ran\n"
+    );
 }
