@@ -328,8 +328,12 @@ impl Agent {
         });
         let result = match action {
             Action::Run(run) => {
+                // The marker that finds the job's processes must be unique on this
+                // machine: job ids are only unique per server, and several agents (or
+                // a restarted one) may share a uid.
+                let nonce: [u8; 4] = crate::random_bytes();
                 let spec = exec::Spec {
-                    job_id: format!("job-{job_id}"),
+                    job_id: format!("job-{job_id}-{}-{}", &self.id[..12], hex::encode(nonce)),
                     program: run.program.into(),
                     args: run.args,
                     timeout: Duration::from_millis(run.timeout_ms),

@@ -23,3 +23,11 @@ pub fn now_ms() -> herald_shared::Millis {
         .map(|d| d.as_millis() as herald_shared::Millis)
         .unwrap_or(0)
 }
+
+/// Random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // Without an OS random source the agent cannot make keys or markers at all.
+    getrandom::fill(&mut bytes).expect("operating system random source");
+    bytes
+}

@@ -341,9 +341,7 @@ pub async fn run_forever(
 }
 
 fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    u64::from_le_bytes(bytes)
+    u64::from_le_bytes(crate::random_bytes())
 }
 
 /// A lock that survives poisoning (the protected data stays consistent).

@@ -19,18 +19,5 @@ pub mod store;
 
 pub use herald_shared::Millis;
 
-/// The wall clock in unix milliseconds.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
-}
-
-/// Random bytes from the operating system.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut bytes = [0u8; N];
-    // The OS random source failing is unrecoverable for a server that mints secrets.
-    getrandom::fill(&mut bytes).expect("operating system random source");
-    bytes
-}
+// One clock and one random source for the whole workspace.
+pub use herald_agent::{now_ms, random_bytes};
