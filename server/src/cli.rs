@@ -666,6 +666,8 @@ impl Context {
             .map(|s| parse_duration("--splay", s))
             .transpose()?
             .unwrap_or_default();
+        // A zone given with --every or --at +DUR is not used, but a typo is still a typo.
+        schedule::check_zone(&args.tz).map_err(|e| usage(e.to_string()))?;
         let when = if let Some(expr) = &args.cron {
             Schedule::cron(expr, &args.tz).map_err(|e| usage(e.to_string()))?
         } else if let Some(every) = &args.every {

@@ -30,6 +30,11 @@ pub const CA_KEY: &str = "ca.key";
 pub const SERVER_CERT: &str = "server.pem";
 /// Server private key (PEM, mode 0600).
 pub const SERVER_KEY: &str = "server.key";
+/// Secret for QUIC stateless resets (mode 0600). It must survive restarts: after a crash
+/// the new process answers agents' packets for the old connection with a stateless
+/// reset, and agents only believe a reset made with the same key, so they reconnect at
+/// once instead of waiting out the idle timeout.
+pub const RESET_KEY: &str = "reset.key";
 
 /// How long the server's idle timeout is; agents keep the link alive more often.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -127,6 +132,42 @@ fn issue_server_cert(
     files::write_private(&data_dir.join(SERVER_KEY), key.serialize_pem().as_bytes())?;
     files::write_atomic(&data_dir.join(SERVER_CERT), cert.pem().as_bytes())?;
     Ok(())
+}
+
+/// The QUIC endpoint configuration with the persistent stateless-reset key, created on
+/// first use.
+pub fn endpoint_config(data_dir: &Path) -> Result<quinn::EndpointConfig, PkiError> {
+    let path = data_dir.join(RESET_KEY);
+    let secret = match std::fs::read(&path) {
+        Ok(secret) if secret.len() == 32 => secret,
+        Ok(_) => {
+            return Err(PkiError::Parse {
+                path,
+                reason: "expected 32 bytes".into(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = crate::random_bytes::<32>().to_vec();
+            files::write_private(&path, &secret)?;
+            secret
+        }
+        Err(e) => {
+            return Err(PkiError::Parse {
+                path,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection ids are hashed with a key too; a restarted server must recognise the
+    // old ids as its own, or it drops their packets before it would send the reset.
+    let digest = sha2::Sha256::digest([&secret[..], b"connection-ids"].concat());
+    let cid_key = u64::from_le_bytes(digest[..8].try_into().expect("8 of 32 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
 }
 
 /// Loads the server's certificates from `data_dir`.

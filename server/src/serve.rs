@@ -84,13 +84,19 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
     let store = Store::open(data_dir)?;
     let keyring = Arc::new(Keyring::new(store.agent_keys()?));
     let quic_config = pki::quic_server_config(&pki, keyring.clone())?;
-    let endpoint = quinn::Endpoint::server(quic_config, config.quic_listen).map_err(|source| {
-        ServeError::Bind {
-            addr: config.quic_listen,
-            what: "QUIC, udp",
-            source,
-        }
-    })?;
+    let bind_err = |source| ServeError::Bind {
+        addr: config.quic_listen,
+        what: "QUIC, udp",
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(config.quic_listen).map_err(bind_err)?;
+    let endpoint = quinn::Endpoint::new(
+        pki::endpoint_config(data_dir)?,
+        Some(quic_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)?;
     let quic_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: config.quic_listen,
         what: "QUIC, udp",

@@ -68,7 +68,7 @@ CREATE TABLE orders (
     created_at BIGINT NOT NULL
 );
 CREATE TABLE schedules (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     order_id TEXT NOT NULL REFERENCES orders(id),
     target TEXT NOT NULL,
     spec TEXT NOT NULL,
@@ -80,7 +80,7 @@ CREATE TABLE schedules (
 );
 CREATE INDEX schedules_by_next_fire ON schedules(next_fire_at);
 CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     agent_id TEXT NOT NULL REFERENCES agents(id),
     order_id TEXT NOT NULL REFERENCES orders(id),
     schedule_id BIGINT,
@@ -856,6 +856,14 @@ impl Store {
     ) -> Result<Vec<JobId>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // Move the schedule first: if it was removed since it was read, fire nothing.
+        let moved = tx.execute(
+            "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1",
+            params![schedule.id, next_fire_at],
+        )?;
+        if moved == 0 {
+            return Ok(Vec::new());
+        }
         let ids = insert_jobs(
             &tx,
             &schedule.order_id,
@@ -863,10 +871,6 @@ impl Store {
             Some(schedule.id),
             schedule.ttl_ms,
             now,
-        )?;
-        tx.execute(
-            "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1",
-            params![schedule.id, next_fire_at],
         )?;
         tx.commit()?;
         Ok(ids)

@@ -482,6 +482,11 @@ fn representable(t: Millis) -> Option<Millis> {
     DateTime::<Utc>::from_timestamp_millis(t).map(|_| t)
 }
 
+/// Checks that `tz` names an IANA time zone.
+pub fn check_zone(tz: &str) -> Result<(), ScheduleError> {
+    parse_zone(tz).map(|_| ())
+}
+
 fn parse_zone(tz: &str) -> Result<Tz, ScheduleError> {
     tz.trim()
         .parse::<Tz>()

@@ -190,6 +190,9 @@ impl TestServer {
     /// Starts the `serve` process and waits until the API answers.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
+        // The log is appended to across restarts: wait for one more "serving" line.
+        let serving = |text: &str| text.matches("herald-server serving").count();
+        let before = serving(&std::fs::read_to_string(self.log_path()).unwrap_or_default());
         let child = Command::new(bin("herald-server"))
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -205,7 +208,7 @@ impl TestServer {
         wait_until("the server to serve", DEADLINE, || {
             std::fs::read_to_string(&log)
                 .ok()
-                .filter(|t| t.contains("herald-server serving"))
+                .filter(|t| serving(t) > before)
                 .map(|_| ())
         });
     }

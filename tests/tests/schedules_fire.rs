@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use herald_tests::{TestAgent, TestServer, DEADLINE};
+use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// Adds a schedule and returns its id (parsed from "schedule N added: ...").
@@ -26,6 +26,14 @@ fn all_jobs(server: &TestServer) -> Vec<Value> {
     jobs
 }
 
+/// Every job whose action is `action`, oldest first.
+fn jobs_with_action(server: &TestServer, action: &str) -> Vec<Value> {
+    all_jobs(server)
+        .into_iter()
+        .filter(|j| j["action"] == action)
+        .collect()
+}
+
 /// Every job created by schedule `id`, oldest first.
 fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
     all_jobs(server)
@@ -36,7 +44,7 @@ fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
 
 /// Waits until schedule `id` has at least `n` succeeded jobs; returns all its jobs.
 fn wait_succeeded(server: &TestServer, id: i64, n: usize, deadline: Duration) -> Vec<Value> {
-    herald_tests::wait_until(
+    wait_until(
         &format!("{n} succeeded jobs from schedule {id}"),
         deadline,
         || {
@@ -177,15 +185,23 @@ fn schedule_rm_stops_the_schedule() {
 
     let out = server.cli_ok(&["schedule", "rm", &doomed.to_string()]);
     assert!(out.contains(&format!("schedule {doomed} removed")), "{out}");
-    let after_rm = schedule_jobs(&server, doomed).len();
+    let after_rm = jobs_with_action(&server, "/bin/echo doomed").len();
     assert!(
         schedule_entry(&server, doomed).is_none(),
         "removed schedule still listed"
     );
 
+    // Removing it again is an error, not a silent success.
+    let again = server.cli(&["schedule", "rm", &doomed.to_string()]);
+    assert!(
+        !again.status.success(),
+        "removing a removed schedule succeeded"
+    );
+
     // A marker schedule created after the removal fires three times (two seconds and
-    // more of scheduler ticks in which the removed one would have fired twice).
-    let marker = add_schedule(
+    // more of scheduler ticks in which the removed one would have fired twice). Its
+    // jobs are counted by action, not by schedule id.
+    add_schedule(
         &server,
         &[
             "--to",
@@ -197,40 +213,50 @@ fn schedule_rm_stops_the_schedule() {
             "marker",
         ],
     );
-    wait_succeeded(&server, marker, 3, DEADLINE);
+    wait_until("3 succeeded marker jobs", DEADLINE, || {
+        let ok = jobs_with_action(&server, "/bin/echo marker")
+            .iter()
+            .filter(|j| j["state"] == "succeeded")
+            .count();
+        (ok >= 3).then_some(())
+    });
 
     // Count by the doomed schedule's own action, so the check does not depend on ids.
-    let doomed_jobs: Vec<Value> = all_jobs(&server)
-        .into_iter()
-        .filter(|j| j["action"] == "/bin/echo doomed")
-        .collect();
+    let doomed_jobs = jobs_with_action(&server, "/bin/echo doomed");
     assert_eq!(
         doomed_jobs.len(),
         after_rm,
         "a removed schedule kept creating jobs: {doomed_jobs:#?}"
     );
+}
 
-    // Schedule ids are never reused: a new schedule must not inherit the removed one's
-    // id (and with it its past jobs, and its queued jobs for `--missed run-once`
-    // coalescing).
-    assert_ne!(
-        marker, doomed,
-        "the schedule added after `schedule rm {doomed}` reused id {doomed}"
-    );
-    let marker_jobs = schedule_jobs(&server, marker);
-    assert!(
-        marker_jobs
-            .iter()
-            .all(|j| j["action"] == "/bin/echo marker"),
-        "jobs of the removed schedule are attributed to schedule {marker}: {marker_jobs:#?}"
-    );
+#[test]
+fn schedule_ids_are_not_reused_after_rm() {
+    let server = TestServer::start("sched-id-reuse");
+    let agent = TestAgent::start(&server, "alpha");
+    let target = format!("agent:{}", agent.name);
 
-    // Removing it again is an error, not a silent success.
-    let again = server.cli(&["schedule", "rm", &doomed.to_string()]);
-    assert!(
-        !again.status.success(),
-        "removing a removed schedule succeeded"
+    let old = add_schedule(
+        &server,
+        &["--to", &target, "--every", "1s", "--", "/bin/echo", "old"],
     );
+    wait_succeeded(&server, old, 1, DEADLINE);
+    server.cli_ok(&["schedule", "rm", &old.to_string()]);
+
+    // A schedule added after the removal must get a fresh id; otherwise it inherits the
+    // removed schedule's past jobs (and, with `--missed run-once`, its queued jobs
+    // suppress the new schedule's firings for offline agents).
+    let new = add_schedule(
+        &server,
+        &["--to", &target, "--at", "+1h", "--", "/bin/echo", "new"],
+    );
+    let inherited = schedule_jobs(&server, new);
+    assert!(
+        inherited.is_empty(),
+        "schedule {new} (added after `schedule rm {old}`) already has jobs of the removed \
+         schedule: {inherited:#?}"
+    );
+    assert_ne!(new, old, "schedule id {old} was reused after `schedule rm`");
 }
 
 /// Asserts `schedule add` refused with a non-zero status and one clear sentence on
