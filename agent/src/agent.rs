@@ -318,7 +318,12 @@ impl Agent {
     /// Runs an accepted job to completion and puts its result in the outbox.
     async fn run_job(self: Arc<Self>, job_id: JobId, action: Action) {
         let started_at = now_ms();
-        if let Err(e) = self.journal.started(job_id, started_at) {
+        // The marker that finds the job's processes must be unique on this machine: job
+        // ids are only unique per server, and several agents (or a restarted one) may
+        // share a uid.
+        let nonce: [u8; 4] = crate::random_bytes();
+        let marker = format!("job-{job_id}-{}-{}", &self.id[..12], hex::encode(nonce));
+        if let Err(e) = self.journal.started(job_id, &marker, started_at) {
             warn!(job_id, "cannot mark job started, not running it: {e}");
             return;
         }
@@ -328,12 +333,8 @@ impl Agent {
         });
         let result = match action {
             Action::Run(run) => {
-                // The marker that finds the job's processes must be unique on this
-                // machine: job ids are only unique per server, and several agents (or
-                // a restarted one) may share a uid.
-                let nonce: [u8; 4] = crate::random_bytes();
                 let spec = exec::Spec {
-                    job_id: format!("job-{job_id}-{}-{}", &self.id[..12], hex::encode(nonce)),
+                    job_id: marker,
                     program: run.program.into(),
                     args: run.args,
                     timeout: Duration::from_millis(run.timeout_ms),
@@ -358,7 +359,12 @@ impl Agent {
     pub fn recover(self: &Arc<Self>) -> Result<(), JournalError> {
         let now = now_ms();
         self.journal.prune(now, KEEP_JOBS_MS)?;
-        for resume in self.journal.recover(now)? {
+        let (orphans, resume) = self.journal.recover(now)?;
+        for marker in orphans {
+            // Interrupted means stopped: what the dead agent left running goes too.
+            exec::kill_orphans(&marker);
+        }
+        for resume in resume {
             match resume.envelope.open(&self.keys) {
                 Ok(Statement::Order(order)) => {
                     let agent = self.clone();

@@ -696,6 +696,32 @@ async fn terminate(job: &Job, grace: Duration, child: &mut Child) {
     }
 }
 
+/// Kills what is left of a job whose runner is gone (the agent was killed while the
+/// job ran): every process carrying the job's marker gets `SIGKILL`. Returns how many
+/// were found. Linux only; elsewhere the process group died with its session, or
+/// nothing can be found, and this returns 0.
+pub fn kill_orphans(job_id: &str) -> usize {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        if validate_job_id(job_id).is_err() {
+            return 0;
+        }
+        let pids = proc_scan::marked(job_id);
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(*pid, Signal::SIGKILL);
+        }
+        if !pids.is_empty() {
+            info!(job_id, pids = ?pids, "killed processes left by an interrupted job");
+        }
+        pids.len()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = job_id;
+        0
+    }
+}
+
 /// On Linux the leader stays an un-reaped zombie until cleanup is done (it is
 /// excluded from the liveness check); elsewhere it must be reaped for the
 /// group to count as empty.
@@ -747,6 +773,20 @@ mod proc_scan {
     /// environment has the job marker and whose real uid is `uid`.
     pub(super) fn job_processes(pgid: Pid, job_id: &str, uid: Uid) -> Vec<Pid> {
         let marker = OsString::from(format!("{JOB_MARKER_ENV}={job_id}")).into_vec();
+        scan(|dir, pgrp| {
+            pgrp == pgid.as_raw()
+                || (real_uid(dir) == Some(uid.as_raw()) && has_marker(dir, &marker))
+        })
+    }
+
+    /// Live processes carrying the job marker, whoever runs them.
+    pub(super) fn marked(job_id: &str) -> Vec<Pid> {
+        let marker = OsString::from(format!("{JOB_MARKER_ENV}={job_id}")).into_vec();
+        scan(|dir, _| has_marker(dir, &marker))
+    }
+
+    /// Live (non-zombie) processes other than ourselves for which `select(dir, pgrp)`.
+    fn scan(select: impl Fn(&std::path::Path, i32) -> bool) -> Vec<Pid> {
         let me = std::process::id();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
@@ -770,9 +810,7 @@ mod proc_scan {
             if matches!(state, b'Z' | b'X' | b'x') {
                 continue;
             }
-            if pgrp == pgid.as_raw()
-                || (real_uid(&dir) == Some(uid.as_raw()) && has_marker(&dir, &marker))
-            {
+            if select(&dir, pgrp) {
                 found.push(Pid::from_raw(raw));
             }
         }

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     reason TEXT,
     envelope BLOB,
+    marker TEXT,
     updated_at BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -165,11 +166,12 @@ impl Journal {
         Ok(())
     }
 
-    /// Marks a job started; called before anything is spawned.
-    pub fn started(&self, job_id: JobId, now: Millis) -> Result<()> {
+    /// Marks a job started, with the marker its processes will carry; called before
+    /// anything is spawned.
+    pub fn started(&self, job_id: JobId, marker: &str, now: Millis) -> Result<()> {
         self.conn().execute(
-            "UPDATE jobs SET state = 'started', updated_at = ?2 WHERE job_id = ?1",
-            params![job_id, now],
+            "UPDATE jobs SET state = 'started', marker = ?2, updated_at = ?3 WHERE job_id = ?1",
+            params![job_id, marker, now],
         )?;
         Ok(())
     }
@@ -221,15 +223,19 @@ impl Journal {
     }
 
     /// After a restart: reports started-but-unfinished jobs as interrupted (into the
-    /// outbox) and returns accepted-but-never-started jobs, which may still run.
-    pub fn recover(&self, now: Millis) -> Result<Vec<Resume>> {
-        let started: Vec<JobId> = {
+    /// outbox), returning their process markers so leftovers can be killed, and returns
+    /// accepted-but-never-started jobs, which may still run.
+    pub fn recover(&self, now: Millis) -> Result<(Vec<String>, Vec<Resume>)> {
+        let started: Vec<(JobId, Option<String>)> = {
             let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT job_id FROM jobs WHERE state = 'started'")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
+            let mut stmt =
+                conn.prepare("SELECT job_id, marker FROM jobs WHERE state = 'started'")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<std::result::Result<_, _>>()?
         };
-        for job_id in started {
+        let mut markers = Vec::new();
+        for (job_id, marker) in started {
+            markers.extend(marker);
             self.finish(
                 &JobResult {
                     job_id,
@@ -262,7 +268,7 @@ impl Journal {
                     .map_err(|e| JournalError::Corrupt(e.to_string()))?,
             });
         }
-        Ok(resume)
+        Ok((markers, resume))
     }
 
     /// Drops replay entries whose orders can no longer be valid, and old finished jobs.
@@ -327,12 +333,13 @@ mod tests {
         let dir = temp_dir("recover");
         let journal = Journal::open(&dir).unwrap();
         journal.accept(1, "o1", &envelope(), 10_000, 1).unwrap();
-        journal.started(1, 2).unwrap();
+        journal.started(1, "job-1-m", 2).unwrap();
         journal.accept(2, "o2", &envelope(), 10_000, 3).unwrap();
         drop(journal);
 
         let journal = Journal::open(&dir).unwrap();
-        let resume = journal.recover(5).unwrap();
+        let (markers, resume) = journal.recover(5).unwrap();
+        assert_eq!(markers, vec!["job-1-m".to_string()]);
         assert_eq!(resume.len(), 1);
         assert_eq!(resume[0].job_id, 2);
         let outbox = journal.outbox().unwrap();

@@ -123,6 +123,20 @@ pub async fn session(
     endpoint: &Endpoint,
     connection: Connection,
 ) -> Result<(), LinkError> {
+    let result = converse(agent, endpoint, &connection).await;
+    match (result, connection.close_reason()) {
+        // A stream error says only "connection lost"; the close says why (revoked,
+        // refused in the handshake, replaced, server shutting down).
+        (Err(_), Some(reason)) => Err(LinkError::Connection(reason)),
+        (result, _) => result,
+    }
+}
+
+async fn converse(
+    agent: Arc<Agent>,
+    endpoint: &Endpoint,
+    connection: &Connection,
+) -> Result<(), LinkError> {
     let (mut send, mut recv) = connection.open_bi().await?;
     let mut addresses = host::addresses();
     write_frame(
@@ -167,7 +181,7 @@ pub async fn session(
     let result = tokio::select! {
         r = writer(send, outgoing) => r,
         r = reader(&agent, &mut recv, &to_server) => r,
-        r = send_results(&agent, &connection) => r,
+        r = send_results(&agent, connection) => r,
         r = watch_addresses(&agent, endpoint, &to_server, check, &mut addresses) => r,
     };
     agent.detach();

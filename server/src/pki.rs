@@ -217,6 +217,10 @@ pub fn quic_server_config(
         .with_single_cert(pki.chain.clone(), pki.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
+    // No session resumption: a resumed session skips the client-certificate check, and
+    // that check is where revoked agents are refused.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
