@@ -385,20 +385,7 @@ fn outcome_to_result(
     started_at: Millis,
     outcome: Result<exec::Outcome, exec::ExecError>,
 ) -> JobResult {
-    let mut result = JobResult {
-        job_id,
-        attempt: 1,
-        status: Status::Failed,
-        exit_code: None,
-        signal: None,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        started_at,
-        finished_at: now_ms(),
-        error: None,
-    };
+    let mut result = JobResult::without_output(job_id, Status::Failed, started_at, now_ms(), None);
     match outcome {
         Ok(outcome) => {
             result.status = match outcome.exit {

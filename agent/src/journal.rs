@@ -237,20 +237,13 @@ impl Journal {
         for (job_id, marker) in started {
             markers.extend(marker);
             self.finish(
-                &JobResult {
+                &JobResult::without_output(
                     job_id,
-                    attempt: 1,
-                    status: Status::Interrupted,
-                    exit_code: None,
-                    signal: None,
-                    stdout: Vec::new(),
-                    stderr: Vec::new(),
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                    started_at: 0,
-                    finished_at: now,
-                    error: Some("the agent stopped while the job ran; it was not re-run".into()),
-                },
+                    Status::Interrupted,
+                    0,
+                    now,
+                    Some("the agent stopped while the job ran; it was not re-run".into()),
+                ),
                 now,
             )?;
         }

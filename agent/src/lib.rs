@@ -12,6 +12,7 @@ pub mod journal;
 pub mod link;
 pub mod state;
 pub mod tls;
+pub mod wire;
 
 pub use agent::{enroll, run, Agent, AgentError, Options};
 pub use link::backoff;

@@ -12,13 +12,14 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT, HEADER_LEN};
+use herald_shared::codec::{DEFAULT_FRAME_LIMIT, RESULT_FRAME_LIMIT};
 use herald_shared::protocol::{
     AgentMsg, Hello, JobId, ServerMsg, Signal, PROTOCOL_MAJOR, PROTOCOL_MINOR, SERVER_NAME,
 };
 
 use crate::agent::Agent;
 use crate::host;
+use crate::wire::{self, WireError};
 
 /// First backoff ceiling.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -43,15 +44,9 @@ pub enum LinkError {
     /// The connection failed or closed.
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    /// Reading a stream failed.
-    #[error("stream read failed: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    /// Writing a stream failed.
-    #[error("stream write failed: {0}")]
-    Write(#[from] quinn::WriteError),
-    /// A frame did not decode.
-    #[error("malformed frame from server: {0}")]
-    Codec(#[from] codec::CodecError),
+    /// Reading or writing a frame failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
     /// The server refused us.
     #[error("server refused: {0}")]
     Refused(String),
@@ -149,7 +144,7 @@ async fn converse(
         }),
     )
     .await?;
-    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, read_frame::<ServerMsg>(&mut recv))
+    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, read_message(&mut recv))
         .await
         .map_err(|_| LinkError::Protocol("no answer to Hello".into()))??;
     let welcome = match welcome {
@@ -203,7 +198,7 @@ async fn reader(
     recv: &mut RecvStream,
     to_server: &mpsc::UnboundedSender<AgentMsg>,
 ) -> Result<(), LinkError> {
-    while let Some(msg) = read_frame::<ServerMsg>(recv).await? {
+    while let Some(msg) = read_message(recv).await? {
         match msg {
             ServerMsg::Signal(Signal { job_id, envelope }) => {
                 let ack = agent.clone().signal(job_id, envelope)?;
@@ -233,10 +228,9 @@ async fn send_results(agent: &Agent, connection: &Connection) -> Result<(), Link
         let notified = notify.notified();
         for result in agent.journal().outbox()? {
             if sent.insert(result.job_id) {
-                let frame =
-                    codec::encode_frame(&AgentMsg::Result(result), codec::RESULT_FRAME_LIMIT)?;
                 let mut stream = connection.open_uni().await?;
-                stream.write_all(&frame).await?;
+                wire::write_frame(&mut stream, &AgentMsg::Result(result), RESULT_FRAME_LIMIT)
+                    .await?;
                 let _ = stream.finish();
             }
         }
@@ -273,34 +267,17 @@ async fn watch_addresses(
     }
 }
 
-async fn read_frame<T: serde::de::DeserializeOwned>(
-    recv: &mut RecvStream,
-) -> Result<Option<T>, LinkError> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = codec::frame_len(header, DEFAULT_FRAME_LIMIT)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await?;
-    Ok(Some(codec::from_bytes(&payload, DEFAULT_FRAME_LIMIT)?))
-}
-
-/// Writes one frame.
+/// Writes one control frame.
 pub async fn write_frame<T: serde::Serialize>(
     send: &mut SendStream,
     msg: &T,
 ) -> Result<(), LinkError> {
-    let frame = codec::encode_frame(msg, DEFAULT_FRAME_LIMIT)?;
-    send.write_all(&frame).await?;
-    Ok(())
+    Ok(wire::write_frame(send, msg, DEFAULT_FRAME_LIMIT).await?)
 }
 
-/// Reads one frame (for enrollment).
+/// Reads one control frame from the server.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Option<ServerMsg>, LinkError> {
-    read_frame(recv).await
+    Ok(wire::read_frame(recv, DEFAULT_FRAME_LIMIT).await?)
 }
 
 /// Runs sessions forever, reconnecting with backoff.

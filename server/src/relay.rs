@@ -15,7 +15,8 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT, HEADER_LEN, RESULT_FRAME_LIMIT};
+use herald_agent::wire::{self, WireError};
+use herald_shared::codec::{DEFAULT_FRAME_LIMIT, RESULT_FRAME_LIMIT};
 use herald_shared::protocol::{
     Ack, AgentMsg, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,
 };
@@ -82,12 +83,8 @@ pub struct Relay {
 enum LinkError {
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("stream read failed: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    #[error("stream write failed: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("malformed frame: {0}")]
-    Codec(#[from] codec::CodecError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("timed out waiting for the agent")]
@@ -190,7 +187,7 @@ impl Relay {
         match result {
             Ok(()) => debug!(%remote, "connection closed"),
             Err(LinkError::Connection(e)) => debug!(%remote, "connection ended: {e}"),
-            Err(e @ (LinkError::Codec(_) | LinkError::Protocol(_))) => {
+            Err(e @ (LinkError::Wire(WireError::Codec(_)) | LinkError::Protocol(_))) => {
                 warn!(%remote, "closing connection: {e}");
                 connection.close(close::PROTOCOL.into(), e.to_string().as_bytes());
             }
@@ -565,25 +562,13 @@ fn msg_name(msg: &AgentMsg) -> &'static str {
     }
 }
 
-/// Reads one frame; `None` on a clean end of stream before a header.
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut RecvStream,
     limit: usize,
 ) -> Result<Option<T>, LinkError> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = codec::frame_len(header, limit)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await?;
-    Ok(Some(codec::from_bytes(&payload, limit)?))
+    Ok(wire::read_frame(recv, limit).await?)
 }
 
 async fn write_frame<T: serde::Serialize>(send: &mut SendStream, msg: &T) -> Result<(), LinkError> {
-    let frame = codec::encode_frame(msg, DEFAULT_FRAME_LIMIT)?;
-    send.write_all(&frame).await?;
-    Ok(())
+    Ok(wire::write_frame(send, msg, DEFAULT_FRAME_LIMIT).await?)
 }

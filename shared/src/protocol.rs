@@ -207,3 +207,29 @@ pub struct JobResult {
     /// Why it failed to start or was interrupted.
     pub error: Option<String>,
 }
+
+impl JobResult {
+    /// A result without output: a job that could not start or was interrupted.
+    pub fn without_output(
+        job_id: JobId,
+        status: Status,
+        started_at: Millis,
+        finished_at: Millis,
+        error: Option<String>,
+    ) -> JobResult {
+        JobResult {
+            job_id,
+            attempt: 1,
+            status,
+            exit_code: None,
+            signal: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            started_at,
+            finished_at,
+            error,
+        }
+    }
+}
