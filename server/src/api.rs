@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, Notify};
 
 use herald_shared::codec;
-use herald_shared::envelope::{Audience, Envelope, PublicKey, Statement};
+use herald_shared::envelope::{Audience, Envelope, PublicKey, Repeat, Statement};
 use herald_shared::protocol::JobId;
 use herald_shared::token::secret_hash;
 
@@ -351,6 +351,10 @@ async fn create_schedule(
         body.missed,
         body.splay_ms,
         body.ttl_ms,
+        match order.repeat {
+            Repeat::Standing { min_interval_ms } => min_interval_ms,
+            Repeat::Once => 0,
+        },
         next,
         now,
     )?;

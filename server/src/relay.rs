@@ -397,6 +397,17 @@ impl Relay {
     ) -> Result<(), LinkError> {
         let mut sent: HashSet<JobId> = HashSet::new();
         loop {
+            // Membership first: a group job sent before the membership that admits the
+            // agent to the group would be refused as not addressed to it.
+            let current = self.store.membership(agent_id)?;
+            if current != membership {
+                if let Some(envelope) = current.clone() {
+                    if outbox.send(ServerMsg::Membership(envelope)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                membership = current;
+            }
             let pending = self.store.pending(agent_id, now_ms())?;
             for job in pending {
                 if sent.insert(job.job_id) {
@@ -408,15 +419,6 @@ impl Relay {
                         return Ok(());
                     }
                 }
-            }
-            let current = self.store.membership(agent_id)?;
-            if current != membership {
-                if let Some(envelope) = current.clone() {
-                    if outbox.send(ServerMsg::Membership(envelope)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                membership = current;
             }
             poke.notified().await;
         }

@@ -17,6 +17,8 @@ use crate::store::{DueSchedule, Store, StoreError};
 
 /// An occurrence is "due" rather than "missed" within this much of its time.
 const GRACE_MS: i64 = 5_000;
+/// Extra spacing beyond a standing order's minimum interval, for delivery jitter.
+const INTERVAL_MARGIN_MS: i64 = 100;
 /// Longest sleep, as a guard against clock jumps (the wall clock may step).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Pause after a store error before trying again.
@@ -92,8 +94,17 @@ fn fire(store: &Store, relay: &Relay, due: &DueSchedule, now: Millis) -> Result<
                 Missed::RunOnce => !store.has_queued_from_schedule(&agent, due.id)?,
             };
             if keep {
-                let delay = splay(&agent, due.id, due.next_fire_at, due.splay_ms);
-                agents.push((agent, now + delay));
+                let mut deliver_after = now + splay(&agent, due.id, due.next_fire_at, due.splay_ms);
+                // A catch-up run delivered on reconnect may sit just before this
+                // occurrence; the agent would refuse a second run inside the signed
+                // minimum interval, so hold this one back until it is allowed.
+                if due.min_interval_ms > 0 {
+                    if let Some(last) = store.last_delivery_from_schedule(&agent, due.id)? {
+                        deliver_after = deliver_after
+                            .max(last + due.min_interval_ms as i64 + INTERVAL_MARGIN_MS);
+                    }
+                }
+                agents.push((agent, deliver_after));
             }
         }
     }

@@ -75,6 +75,7 @@ CREATE TABLE schedules (
     missed TEXT NOT NULL,
     splay_ms BIGINT NOT NULL,
     ttl_ms BIGINT NOT NULL,
+    min_interval_ms BIGINT NOT NULL DEFAULT 0,
     next_fire_at BIGINT,
     created_at BIGINT NOT NULL
 );
@@ -173,6 +174,8 @@ pub struct DueSchedule {
     pub splay_ms: u64,
     /// TTL of created jobs.
     pub ttl_ms: u64,
+    /// The minimum interval the standing order carries (the agent enforces it).
+    pub min_interval_ms: u64,
     /// Stored next fire time.
     pub next_fire_at: Millis,
 }
@@ -737,6 +740,7 @@ impl Store {
         missed: Missed,
         splay_ms: u64,
         ttl_ms: u64,
+        min_interval_ms: u64,
         next_fire_at: Option<Millis>,
         now: Millis,
     ) -> Result<i64> {
@@ -746,8 +750,9 @@ impl Store {
         let tx = conn.transaction()?;
         insert_order(&tx, order_id, envelope, action, now)?;
         tx.execute(
-            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, min_interval_ms,
+                                    next_fire_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 order_id,
                 target.to_string(),
@@ -755,6 +760,7 @@ impl Store {
                 missed.to_string(),
                 splay_ms,
                 ttl_ms,
+                min_interval_ms,
                 next_fire_at,
                 now
             ],
@@ -812,7 +818,7 @@ impl Store {
     pub fn due_schedules(&self, now: Millis) -> Result<Vec<DueSchedule>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at
+            "SELECT id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at, min_interval_ms
              FROM schedules WHERE next_fire_at <= ?1 ORDER BY next_fire_at",
         )?;
         let rows = stmt.query_map(params![now], |r| {
@@ -825,11 +831,22 @@ impl Store {
                 r.get::<_, i64>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, Millis>(7)?,
+                r.get::<_, i64>(8)?,
             ))
         })?;
         let mut due = Vec::new();
         for row in rows {
-            let (id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at) = row?;
+            let (
+                id,
+                order_id,
+                target,
+                spec,
+                missed,
+                splay_ms,
+                ttl_ms,
+                next_fire_at,
+                min_interval_ms,
+            ) = row?;
             let corrupt = |what: &str| StoreError::Corrupt(format!("schedule {id}: {what}"));
             due.push(DueSchedule {
                 id,
@@ -839,6 +856,7 @@ impl Store {
                 missed: missed.parse().map_err(|_| corrupt("missed policy"))?,
                 splay_ms: splay_ms as u64,
                 ttl_ms: ttl_ms as u64,
+                min_interval_ms: min_interval_ms.max(0) as u64,
                 next_fire_at,
             });
         }
@@ -874,6 +892,20 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(ids)
+    }
+
+    /// When this agent last received a job from this schedule (acknowledged or started).
+    pub fn last_delivery_from_schedule(
+        &self,
+        agent_id: &str,
+        schedule_id: i64,
+    ) -> Result<Option<Millis>> {
+        Ok(self.conn().query_row(
+            "SELECT MAX(COALESCE(delivered_at, started_at)) FROM jobs
+             WHERE agent_id = ?1 AND schedule_id = ?2",
+            params![agent_id, schedule_id],
+            |r| r.get(0),
+        )?)
     }
 
     /// Agents among `agents` that already have an undelivered job from this schedule
