@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    # iproute2: network-namespace tests (IP change); procps: process inspection.
+    # iproute2: network-namespace tests (IP change); procps: process inspection;
+    # mosquitto: the peer column of the benchmark smoke test.
     need=()
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v pgrep >/dev/null 2>&1 || need+=(procps)
+    [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
     fi

@@ -89,7 +89,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         what: "QUIC, udp",
         source,
     };
-    let socket = std::net::UdpSocket::bind(config.quic_listen).map_err(bind_err)?;
+    let socket = quic_socket(config.quic_listen).map_err(bind_err)?;
     let endpoint = quinn::Endpoint::new(
         pki::endpoint_config(data_dir)?,
         Some(quic_config),
@@ -153,6 +153,26 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         stop,
         tasks,
     })
+}
+
+/// Socket buffer the QUIC socket asks for. A burst of handshakes (a reconnect storm
+/// after a restart) overflows the kernel's default (~200 KiB) and every dropped Initial
+/// costs a retransmission timeout; the kernel caps the request at `net.core.rmem_max`.
+const QUIC_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds the QUIC UDP socket with large buffers.
+fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too when bound to [::].
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer still works, it only drops more under bursts.
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Runs until SIGINT or SIGTERM.

@@ -180,39 +180,42 @@ pub struct DueSchedule {
     pub next_fire_at: Millis,
 }
 
-/// The database handle. Cloning shares the connection.
+/// The database handle. Cloning shares the connections.
+///
+/// Two connections to the same file. `durable` commits with `synchronous=FULL`: job and
+/// schedule creation, results, enrollment, revocation: everything someone is told
+/// happened. `relaxed` commits with `synchronous=NORMAL` (in WAL mode: no fsync per
+/// commit, still atomic and crash-safe for the process) and serves reads: delivery
+/// acknowledgements, "started", addresses, last-seen. A power loss may roll back the
+/// latest relaxed writes, and the protocol re-derives them: a job whose ack was lost is
+/// `queued` again, is redelivered, and the agent answers `Duplicate`.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    durable: Arc<Mutex<Connection>>,
+    relaxed: Arc<Mutex<Connection>>,
 }
 
 impl Store {
     /// Opens (creating if needed) and migrates the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store> {
         let path = data_dir.join(DB_FILE);
-        let open_err = |source| StoreError::Open {
-            path: path.clone(),
-            source,
-        };
-        let mut conn = Connection::open(&path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        migrate(&mut conn)?;
+        let mut durable = connect(&path, "FULL")?;
+        migrate(&mut durable)?;
+        let relaxed = connect(&path, "NORMAL")?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            durable: Arc::new(Mutex::new(durable)),
+            relaxed: Arc::new(Mutex::new(relaxed)),
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock would poison it; the connection itself stays
         // consistent (SQLite rolls back the open transaction), so keep using it.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.durable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fast(&self) -> MutexGuard<'_, Connection> {
+        self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     // === admin tokens ===
@@ -381,7 +384,7 @@ impl Store {
         observed: &str,
         now: Millis,
     ) -> Result<()> {
-        let mut conn = self.conn();
+        let mut conn = self.fast();
         let tx = conn.transaction()?;
         tx.execute(
             "UPDATE agents SET version = ?2, facts = ?3, last_seen_at = ?4 WHERE id = ?1",
@@ -394,7 +397,7 @@ impl Store {
 
     /// Records the observed remote address if it changed (connect or path migration).
     pub fn observed_address(&self, agent_id: &str, observed: &str, now: Millis) -> Result<()> {
-        let mut conn = self.conn();
+        let mut conn = self.fast();
         let tx = conn.transaction()?;
         record_observed(&tx, agent_id, observed, now)?;
         tx.commit()?;
@@ -403,7 +406,7 @@ impl Store {
 
     /// Records the agent's reported local addresses if they changed.
     pub fn local_addresses(&self, agent_id: &str, addresses: &str, now: Millis) -> Result<()> {
-        let mut conn = self.conn();
+        let mut conn = self.fast();
         let tx = conn.transaction()?;
         let current: Option<String> = tx
             .query_row(
@@ -432,7 +435,7 @@ impl Store {
 
     /// Updates last-seen time.
     pub fn touch(&self, agent_id: &str, now: Millis) -> Result<()> {
-        self.conn().execute(
+        self.fast().execute(
             "UPDATE agents SET last_seen_at = ?2 WHERE id = ?1",
             params![agent_id, now],
         )?;
@@ -441,7 +444,7 @@ impl Store {
 
     /// Finds an agent by id or name.
     pub fn resolve_agent(&self, id_or_name: &str) -> Result<String> {
-        self.conn()
+        self.fast()
             .query_row(
                 "SELECT id FROM agents WHERE id = ?1 OR name = ?1",
                 params![id_or_name],
@@ -455,7 +458,7 @@ impl Store {
 
     /// Lists agents; `online` tells which are connected.
     pub fn agents(&self, online: &dyn Fn(&str) -> bool) -> Result<Vec<AgentInfo>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY name"))?;
         let rows = stmt.query_map([], |r| agent_row(r, online))?;
         let mut agents: Vec<AgentInfo> = rows.collect::<Result<_, _>>()?;
@@ -467,7 +470,7 @@ impl Store {
 
     /// One agent with its address history.
     pub fn agent(&self, id: &str, online: &dyn Fn(&str) -> bool) -> Result<AgentDetail> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut agent = conn
             .query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), params![id], |r| {
                 agent_row(r, online)
@@ -553,7 +556,7 @@ impl Store {
 
     /// Active agents an audience names right now.
     pub fn expand(&self, audience: &Audience) -> Result<Vec<String>> {
-        let conn = self.conn();
+        let conn = self.fast();
         expand(&conn, audience)
     }
 
@@ -581,7 +584,7 @@ impl Store {
 
     /// Jobs waiting to be signalled to an agent (queued, due, not expired).
     pub fn pending(&self, agent_id: &str, now: Millis) -> Result<Vec<Pending>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT j.id, o.envelope FROM jobs j JOIN orders o ON o.id = j.order_id
              WHERE j.agent_id = ?1 AND j.state = 'queued' AND j.deliver_after <= ?2
@@ -610,7 +613,7 @@ impl Store {
         refused: Option<&str>,
         now: Millis,
     ) -> Result<()> {
-        let conn = self.conn();
+        let conn = self.fast();
         match refused {
             None => conn.execute(
                 "UPDATE jobs SET state = 'delivered', delivered_at = ?3
@@ -628,7 +631,7 @@ impl Store {
 
     /// Marks a job running.
     pub fn started(&self, agent_id: &str, job_id: JobId, at: Millis, now: Millis) -> Result<()> {
-        self.conn().execute(
+        self.fast().execute(
             "UPDATE jobs SET state = 'running', started_at = ?3,
                     delivered_at = COALESCE(delivered_at, ?4)
              WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
@@ -679,7 +682,7 @@ impl Store {
     /// Earliest time something job-related falls due: a queued job's expiry or delayed
     /// delivery.
     pub fn next_job_deadline(&self, now: Millis) -> Result<Option<Millis>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let expiry: Option<Millis> = conn.query_row(
             "SELECT MIN(expires_at) FROM jobs WHERE state = 'queued'",
             [],
@@ -695,7 +698,7 @@ impl Store {
 
     /// Agents with queued jobs whose delayed delivery is due.
     pub fn agents_with_due_jobs(&self, now: Millis, since: Millis) -> Result<Vec<String>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT DISTINCT agent_id FROM jobs WHERE state = 'queued'
              AND deliver_after > ?2 AND deliver_after <= ?1",
@@ -706,7 +709,7 @@ impl Store {
 
     /// One job.
     pub fn job(&self, job_id: JobId) -> Result<JobInfo> {
-        self.conn()
+        self.fast()
             .query_row(
                 &format!("{JOB_SELECT} WHERE j.id = ?1"),
                 params![job_id],
@@ -718,7 +721,7 @@ impl Store {
 
     /// Jobs, newest first, optionally for one agent.
     pub fn jobs(&self, agent_id: Option<&str>, limit: u32) -> Result<Vec<JobInfo>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(&format!(
             "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) ORDER BY j.id DESC LIMIT ?2"
         ))?;
@@ -783,7 +786,7 @@ impl Store {
 
     /// All schedules.
     pub fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT s.id, s.target, s.spec, s.missed, s.splay_ms, o.action, s.next_fire_at, s.created_at
              FROM schedules s JOIN orders o ON o.id = s.order_id ORDER BY s.id",
@@ -816,7 +819,7 @@ impl Store {
 
     /// Schedules due at `now`.
     pub fn due_schedules(&self, now: Millis) -> Result<Vec<DueSchedule>> {
-        let conn = self.conn();
+        let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at, min_interval_ms
              FROM schedules WHERE next_fire_at <= ?1 ORDER BY next_fire_at",
@@ -900,7 +903,7 @@ impl Store {
         agent_id: &str,
         schedule_id: i64,
     ) -> Result<Option<Millis>> {
-        Ok(self.conn().query_row(
+        Ok(self.fast().query_row(
             "SELECT MAX(COALESCE(delivered_at, started_at)) FROM jobs
              WHERE agent_id = ?1 AND schedule_id = ?2",
             params![agent_id, schedule_id],
@@ -921,6 +924,23 @@ impl Store {
             .optional()?
             .is_some())
     }
+}
+
+fn connect(path: &Path, synchronous: &str) -> Result<Connection> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(open_err)?;
+    Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {

@@ -1,0 +1,240 @@
+//! A real `herald-server` process for the benchmark: initialised in a scratch directory,
+//! with the swarm's identities enrolled directly in its database (enrolling 100,000
+//! agents one handshake at a time would measure enrollment, not the relay), and an admin
+//! client that signs orders with the operator key like the CLI does.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+
+use herald_server::client::Client;
+use herald_server::config::{self, AdminConfig};
+use herald_server::model::{CreateJobs, Created};
+use herald_shared::codec;
+use herald_shared::envelope::{Action, Audience, OperatorKey, Order, Repeat, RunSpec, Statement};
+use herald_shared::protocol::JobId;
+
+use crate::swarm::SimAgent;
+
+/// The server process and what the benchmark needs to drive it.
+pub struct Cluster {
+    /// Scratch directory.
+    pub dir: PathBuf,
+    /// QUIC address.
+    pub quic: SocketAddr,
+    bin_dir: PathBuf,
+    child: Option<Child>,
+    client: Client,
+    operator: OperatorKey,
+    /// CA fingerprint agents pin.
+    pub fingerprint: [u8; 32],
+}
+
+impl Cluster {
+    /// Initialises a server in `dir` on free loopback ports (not started yet).
+    pub async fn init(dir: &Path, bin_dir: &Path) -> anyhow::Result<Cluster> {
+        let quic_port = free_port()?;
+        let http_port = free_port()?;
+        let data = dir.join("server");
+        let quic = format!("127.0.0.1:{quic_port}");
+        let status = Command::new(bin_dir.join("herald-server"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["init", "--public-addr", &quic, "--quic-listen", &quic])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .stdout(Stdio::null())
+            .status()
+            .context("running herald-server init (build it first: cargo build --release)")?;
+        if !status.success() {
+            bail!("herald-server init failed");
+        }
+        let admin = AdminConfig::load(&data.join(config::ADMIN_CONFIG))?;
+        let operator = OperatorKey::from_hex(&std::fs::read_to_string(&admin.operator_key)?)?;
+        let ca = herald_server::pki::load_cert(&admin.ca_cert)?;
+        let client = Client::new(&admin, None)?;
+        Ok(Cluster {
+            dir: dir.to_path_buf(),
+            quic: quic.parse()?,
+            bin_dir: bin_dir.to_path_buf(),
+            child: None,
+            client,
+            operator,
+            fingerprint: herald_server::pki::fingerprint(&ca),
+        })
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    /// Enrolls identities by writing them into the database (server not running).
+    pub fn enroll(&self, agents: &[SimAgent]) -> anyhow::Result<()> {
+        let mut db = rusqlite::Connection::open(self.data_dir().join("herald.db"))?;
+        let tx = db.transaction()?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO agents (id, name, public_key, enrolled_at) VALUES (?1, ?2, ?3, 0)",
+            )?;
+            for (i, agent) in agents.iter().enumerate() {
+                insert.execute(rusqlite::params![
+                    agent.id,
+                    format!("sim-{i}"),
+                    agent.public_key
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Starts `herald-server serve` and waits until its API answers.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
+        let child = Command::new(self.bin_dir.join("herald-server"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("serve")
+            .env("HERALD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning herald-server")?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self
+                .client
+                .get::<serde_json::Value>("/api/v1/health")
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "server did not start within 30 s; see {}",
+                    self.dir.join("server.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server: SIGTERM (graceful) or SIGKILL.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let signal = if kill {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            };
+            let _ = nix::sys::signal::kill(pid, signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Signs a one-off order like the CLI and creates its jobs; returns their ids.
+    pub async fn post_job(&self, audience: Audience) -> anyhow::Result<Vec<JobId>> {
+        let now = herald_server::now_ms();
+        let order = Order {
+            id: herald_server::random_bytes(),
+            audience,
+            issued_at: now,
+            not_before: now - 60_000,
+            not_after: now + 3_600_000,
+            repeat: Repeat::Once,
+            action: Action::Run(RunSpec {
+                program: "/bin/true".into(),
+                args: Vec::new(),
+                timeout_ms: 10_000,
+                run_as: None,
+            }),
+        };
+        let envelope = self.operator.sign(&Statement::Order(order))?;
+        let envelope =
+            base64::engine::general_purpose::STANDARD.encode(codec::to_bytes(&envelope)?);
+        let created: Created = self
+            .client
+            .post(
+                "/api/v1/jobs",
+                &CreateJobs {
+                    envelope,
+                    ttl_ms: 600_000,
+                },
+            )
+            .await?;
+        Ok(created.ids)
+    }
+
+    /// The admin client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Directory of the Herald binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// A free loopback port for both UDP and TCP.
+pub fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    status_field(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// A `kB` or count field of `/proc/<pid>/status`.
+pub fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// CPU time (user + system) a process has used.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state(0) ... utime(11) stime(12), in clock ticks.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Ok(Duration::from_millis(ticks * 1000 / hz))
+}

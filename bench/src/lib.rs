@@ -1,0 +1,11 @@
+//! Herald's benchmark harness: a swarm of simulated agents speaking the real protocol
+//! over real QUIC/mTLS against a real `herald-server` process, and the same fan-out
+//! against Mosquitto for comparison.
+
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod mosquitto;
+pub mod scenarios;
+pub mod stats;
+pub mod swarm;

@@ -1,0 +1,136 @@
+//! `herald-bench`: parse arguments, run the scenarios, print the figures.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use herald_bench::scenarios::{self, Figures, Plan};
+
+/// Herald's benchmarks: a swarm of simulated agents against a real server, and the same
+/// fan-out through Mosquitto.
+#[derive(Debug, Parser)]
+#[command(name = "herald-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every scenario, for each swarm size.
+    All {
+        /// Small sizes and short windows: a smoke test that finishes in well under two minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Swarm sizes (repeatable), e.g. --agents 1000 --agents 10000.
+        #[arg(long = "agents")]
+        agents: Vec<usize>,
+        /// Broadcast runs per size.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Idle measurement window in seconds.
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::All {
+        quick,
+        agents,
+        runs,
+        idle_seconds,
+    } = Cli::parse().command;
+    let plans: Vec<Plan> = if quick {
+        vec![Plan::quick()]
+    } else {
+        let sizes = if agents.is_empty() {
+            vec![1_000, 10_000]
+        } else {
+            agents
+        };
+        sizes
+            .into_iter()
+            .map(|n| Plan {
+                agents: n,
+                broadcast_runs: runs,
+                unicast_runs: 200,
+                idle_window: Duration::from_secs(idle_seconds.min(10)),
+                deadline: Duration::from_secs(600),
+            })
+            .collect()
+    };
+    match run(plans, quick, idle_seconds).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(plans: Vec<Plan>, quick: bool, idle_seconds: u64) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("cannot find the binaries' directory"))?;
+    let root = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&root)?;
+    println!(
+        "# herald-bench ({} build), {} cores",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    let result = async {
+        for (i, plan) in plans.iter().enumerate() {
+            let mut figures = Figures::default();
+            scenarios::swarm_scenarios(
+                &root.join(format!("swarm-{i}")),
+                &bin_dir,
+                plan,
+                &mut figures,
+            )
+            .await?;
+            scenarios::mosquitto(&root.join(format!("mosquitto-{i}")), plan, &mut figures).await?;
+            if let (Some(herald), Some(peer)) = (figures.broadcast_all, figures.mosquitto_all) {
+                println!(
+                    "ratio: broadcast to {} — Herald/Mosquitto = {:.2}",
+                    plan.agents,
+                    herald.as_secs_f64() / peer.as_secs_f64()
+                );
+            }
+        }
+        let mut idle = plans.first().cloned().unwrap_or_else(Plan::quick);
+        idle.idle_window = Duration::from_secs(if quick { 3 } else { idle_seconds });
+        scenarios::agent_idle(&root.join("agent-idle"), &bin_dir, &idle).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+/// Many connections need many file descriptors for the peer (one TCP socket each); raise
+/// the soft limit to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -1,0 +1,271 @@
+//! The swarm: many simulated agents in one process, each with its own Ed25519 identity
+//! and mutual-TLS QUIC connection, speaking the real protocol (`herald_shared`,
+//! `herald_agent::wire`). Many connections share one UDP socket per endpoint.
+//!
+//! A simulated agent says hello, then acknowledges every signal at once and records when
+//! it arrived; it runs nothing. On a lost connection it reconnects with the real agent's
+//! full-jitter backoff.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use quinn::Endpoint;
+use tokio::sync::Notify;
+
+use herald_agent::state::Identity;
+use herald_agent::wire;
+use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::protocol::{
+    Ack, AgentMsg, Facts, Hello, JobId, ServerMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR, SERVER_NAME,
+};
+
+/// Connections per client UDP socket.
+const AGENTS_PER_ENDPOINT: usize = 2_000;
+/// Handshakes in flight at once while connecting the swarm.
+const CONNECT_CONCURRENCY: usize = 64;
+
+/// A signal arriving at a simulated agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    /// Index of the agent in the swarm.
+    pub agent: usize,
+    /// Job id.
+    pub job_id: JobId,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// Shared counters and the record of arrivals.
+#[derive(Default)]
+pub struct Observed {
+    /// Agents with a live session (Welcome received).
+    pub connected: AtomicUsize,
+    /// Sessions established in total (counts reconnections).
+    pub sessions: AtomicUsize,
+    /// Connection attempts in total (successful or not).
+    pub attempts: AtomicUsize,
+    /// Every signal received.
+    pub arrivals: Mutex<Vec<Arrival>>,
+    /// Notified on every arrival and every new session.
+    pub changed: Notify,
+}
+
+/// One simulated agent's identity.
+pub struct SimAgent {
+    /// Agent id (from the key).
+    pub id: String,
+    /// Raw public key.
+    pub public_key: Vec<u8>,
+    config: quinn::ClientConfig,
+}
+
+impl SimAgent {
+    /// Makes a new identity and its client configuration pinned to the server CA.
+    pub fn generate(ca_fingerprint: [u8; 32], keep_alive: Duration) -> anyhow::Result<SimAgent> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        let public_key = key.public_key_raw().to_vec();
+        let cert =
+            rcgen::CertificateParams::new(vec!["herald-agent".to_string()])?.self_signed(&key)?;
+        let identity = Identity {
+            cert: cert.der().clone(),
+            key: rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+            public_key: public_key.clone(),
+        };
+        let config = herald_agent::tls::client_config(ca_fingerprint, &identity, keep_alive)?;
+        Ok(SimAgent {
+            id: identity.agent_id(),
+            public_key,
+            config,
+        })
+    }
+}
+
+/// The running swarm.
+pub struct Swarm {
+    /// Counters and arrivals.
+    pub observed: Arc<Observed>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Swarm {
+    /// Starts every agent; they connect (with bounded concurrency) and stay connected,
+    /// reconnecting when their connection drops.
+    pub fn start(agents: Vec<SimAgent>, server: SocketAddr) -> anyhow::Result<Swarm> {
+        let observed = Arc::new(Observed::default());
+        let endpoint_count = agents.len().div_ceil(AGENTS_PER_ENDPOINT).max(1);
+        let endpoints = (0..endpoint_count)
+            .map(|_| Endpoint::client("127.0.0.1:0".parse().expect("valid literal")))
+            .collect::<Result<Vec<_>, _>>()
+            .context("binding client UDP sockets")?;
+        let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+        let tasks = agents
+            .into_iter()
+            .enumerate()
+            .map(|(index, agent)| {
+                let endpoint = endpoints[index % endpoint_count].clone();
+                let observed = observed.clone();
+                let gate = gate.clone();
+                tokio::spawn(run_agent(index, agent, endpoint, server, observed, gate))
+            })
+            .collect();
+        Ok(Swarm {
+            observed,
+            tasks,
+            endpoints,
+        })
+    }
+
+    /// Waits until at least `n` agents have a live session, or the deadline passes.
+    pub async fn wait_connected(&self, n: usize, deadline: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let notified = self.observed.changed.notified();
+            if self.observed.connected.load(Ordering::SeqCst) >= n {
+                return Ok(start.elapsed());
+            }
+            let left = deadline.checked_sub(start.elapsed()).with_context(|| {
+                format!(
+                    "only {} of {n} agents connected after {deadline:?}",
+                    self.observed.connected.load(Ordering::SeqCst)
+                )
+            })?;
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    /// Waits until `job_ids` have all arrived (one per agent per job), returning the
+    /// arrivals of those jobs.
+    pub async fn wait_arrivals(
+        &self,
+        job_ids: &[JobId],
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<Arrival>> {
+        let start = Instant::now();
+        let wanted: std::collections::HashSet<JobId> = job_ids.iter().copied().collect();
+        loop {
+            let notified = self.observed.changed.notified();
+            let got: Vec<Arrival> = self
+                .observed
+                .arrivals
+                .lock()
+                .expect("arrivals lock")
+                .iter()
+                .filter(|a| wanted.contains(&a.job_id))
+                .copied()
+                .collect();
+            if got.len() >= wanted.len() {
+                return Ok(got);
+            }
+            let left = deadline.checked_sub(start.elapsed()).with_context(|| {
+                format!(
+                    "only {} of {} signals arrived after {deadline:?}",
+                    got.len(),
+                    wanted.len()
+                )
+            })?;
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    /// Stops every agent.
+    pub async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for endpoint in &self.endpoints {
+            endpoint.close(0u32.into(), b"bench done");
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn run_agent(
+    index: usize,
+    agent: SimAgent,
+    endpoint: Endpoint,
+    server: SocketAddr,
+    observed: Arc<Observed>,
+    gate: Arc<tokio::sync::Semaphore>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        let permit = gate.clone().acquire_owned().await.expect("semaphore open");
+        observed.attempts.fetch_add(1, Ordering::Relaxed);
+        let _ = session(index, &agent, &endpoint, server, &observed, permit).await;
+        if started.elapsed() > herald_agent::link::STABLE_PERIOD {
+            attempt = 0;
+        }
+        let random = u64::from_le_bytes(herald_agent::random_bytes());
+        let delay = herald_agent::backoff(
+            attempt,
+            herald_agent::link::BACKOFF_BASE,
+            herald_agent::link::BACKOFF_CAP,
+            random,
+        );
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    index: usize,
+    agent: &SimAgent,
+    endpoint: &Endpoint,
+    server: SocketAddr,
+    observed: &Observed,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    let connection = endpoint
+        .connect_with(agent.config.clone(), server, SERVER_NAME)?
+        .await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let hello = AgentMsg::Hello(Hello {
+        protocol: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
+        agent_version: "swarm".into(),
+        facts: Facts::default(),
+        addresses: Vec::new(),
+    });
+    wire::write_frame(&mut send, &hello, DEFAULT_FRAME_LIMIT).await?;
+    match wire::read_frame::<ServerMsg>(&mut recv, DEFAULT_FRAME_LIMIT).await? {
+        Some(ServerMsg::Welcome(_)) => {}
+        other => anyhow::bail!("expected Welcome, got {other:?}"),
+    }
+    drop(permit);
+    observed.connected.fetch_add(1, Ordering::SeqCst);
+    observed.sessions.fetch_add(1, Ordering::SeqCst);
+    observed.changed.notify_waiters();
+    let result = async {
+        while let Some(msg) = wire::read_frame::<ServerMsg>(&mut recv, DEFAULT_FRAME_LIMIT).await? {
+            if let ServerMsg::Signal(signal) = msg {
+                let at = Instant::now();
+                let ack = AgentMsg::Ack {
+                    job_id: signal.job_id,
+                    ack: Ack::Accepted,
+                };
+                wire::write_frame(&mut send, &ack, DEFAULT_FRAME_LIMIT).await?;
+                observed
+                    .arrivals
+                    .lock()
+                    .expect("arrivals lock")
+                    .push(Arrival {
+                        agent: index,
+                        job_id: signal.job_id,
+                        at,
+                    });
+                observed.changed.notify_waiters();
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    observed.connected.fetch_sub(1, Ordering::SeqCst);
+    observed.changed.notify_waiters();
+    result
+}
