@@ -428,6 +428,51 @@ impl Drop for TestAgent {
     }
 }
 
+/// Adds a schedule through the CLI and returns its id (from "schedule N added: ...").
+pub fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
+    let mut all = vec!["schedule", "add"];
+    all.extend_from_slice(args);
+    let out = server.cli_ok(&all);
+    out.strip_prefix("schedule ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
+}
+
+/// Every job, oldest first.
+pub fn all_jobs(server: &TestServer) -> Vec<Value> {
+    let jobs = server.json(&["jobs", "list", "--limit", "10000"]);
+    let mut jobs = jobs.as_array().expect("jobs list is an array").clone();
+    jobs.sort_by_key(|j| j["id"].as_i64());
+    jobs
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`) from log text.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The wall clock in unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Whether this process runs as root (network-namespace tests need it).
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herald_tests::{bin, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{bin, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// `herald-agent status --json` for an agent's state directory.
@@ -165,24 +165,6 @@ fn wait_for_api(server: &TestServer) {
             .success()
             .then_some(())
     });
-}
-
-/// Removes terminal colour sequences (`ESC [ ... m`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Lines in the server log recording that a result for `job_id` was stored now.

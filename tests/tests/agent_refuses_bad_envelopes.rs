@@ -14,8 +14,7 @@ use herald_shared::codec;
 use herald_shared::envelope::{
     Action, Audience, Envelope, Membership, OperatorKey, Order, Repeat, RunSpec, Statement,
 };
-use herald_shared::Millis;
-use herald_tests::{TestAgent, TestServer, DEADLINE};
+use herald_tests::{now_ms, TestAgent, TestServer, DEADLINE};
 use rusqlite::{params, Connection};
 
 /// The server's direct database, as a hostile server (or whoever owns it) would use it.
@@ -64,13 +63,6 @@ impl HostileDb {
         self.insert_order(order_id, envelope, "injected");
         self.insert_job(agent_id, order_id)
     }
-}
-
-fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as Millis
 }
 
 /// Random bytes from the standard library's randomly seeded hasher (the tests crate has

@@ -5,16 +5,10 @@
 //! its groups: it learns of additions and removals and a group schedule for a group
 //! that is empty again fires for nobody.
 
-use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{
+    add_schedule, all_jobs, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE,
+};
 use serde_json::Value;
-
-/// Every job, oldest first.
-fn all_jobs(server: &TestServer) -> Vec<Value> {
-    let jobs = server.json(&["jobs", "list", "--limit", "10000"]);
-    let mut jobs = jobs.as_array().expect("jobs list is an array").clone();
-    jobs.sort_by_key(|j| j["id"].as_i64());
-    jobs
-}
 
 /// The groups `agents show --json` lists for an agent.
 fn groups_of(server: &TestServer, agent: &str) -> Vec<String> {
@@ -25,17 +19,6 @@ fn groups_of(server: &TestServer, agent: &str) -> Vec<String> {
         .iter()
         .map(|g| g.as_str().expect("group names are strings").to_string())
         .collect()
-}
-
-/// Adds a schedule and returns its id (parsed from "schedule N added: ...").
-fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
-    let mut all = vec!["schedule", "add"];
-    all.extend_from_slice(args);
-    let out = server.cli_ok(&all);
-    out.strip_prefix("schedule ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
 }
 
 /// `next_fire_at` of schedule `id` as `schedule list --json` reports it.
@@ -51,25 +34,6 @@ fn next_fire_at(server: &TestServer, id: i64) -> i64 {
     entry["next_fire_at"]
         .as_i64()
         .unwrap_or_else(|| panic!("schedule {id} has no next fire time: {entry:#}"))
-}
-
-/// `text` without ANSI escape sequences (the logs may be coloured).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC '[' parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The group lists the agent logged as applied ("groups updated"), in order.

@@ -7,19 +7,8 @@
 
 use std::time::Duration;
 
-use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{add_schedule, now_ms, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
-
-/// Adds a schedule and returns its id (parsed from "schedule N added: ...").
-fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
-    let mut all = vec!["schedule", "add"];
-    all.extend_from_slice(args);
-    let out = server.cli_ok(&all);
-    out.strip_prefix("schedule ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
-}
 
 /// Schedule `id` as `schedule list --json` reports it.
 fn schedule_entry(server: &TestServer, id: i64) -> Value {
@@ -55,14 +44,6 @@ fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
 
 /// States a job of a healthy schedule may be in.
 const HEALTHY: [&str; 4] = ["queued", "delivered", "running", "succeeded"];
-
-/// Milliseconds since the Unix epoch, as the server counts time.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Polls `check` every few milliseconds (for waits whose timing matters) until it
 /// holds, or panics after `deadline`.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herald_tests::{bin, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{bin, now_ms, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// How quickly a revoked agent must show offline and notice it.
@@ -222,29 +222,4 @@ fn revoked_agent_is_cut_off() {
         admitted.join("\n")
     );
     eprintln!("revocation test took {:?}", started.elapsed());
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Removes terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

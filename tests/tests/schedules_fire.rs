@@ -4,27 +4,8 @@
 
 use std::time::Duration;
 
-use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{add_schedule, all_jobs, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
-
-/// Adds a schedule and returns its id (parsed from "schedule N added: ...").
-fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
-    let mut all = vec!["schedule", "add"];
-    all.extend_from_slice(args);
-    let out = server.cli_ok(&all);
-    out.strip_prefix("schedule ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
-}
-
-/// Every job, oldest first.
-fn all_jobs(server: &TestServer) -> Vec<Value> {
-    let jobs = server.json(&["jobs", "list", "--limit", "10000"]);
-    let mut jobs = jobs.as_array().expect("jobs list is an array").clone();
-    jobs.sort_by_key(|j| j["id"].as_i64());
-    jobs
-}
 
 /// Every job whose action is `action`, oldest first.
 fn jobs_with_action(server: &TestServer, action: &str) -> Vec<Value> {

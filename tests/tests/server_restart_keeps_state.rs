@@ -2,7 +2,7 @@
 //! and finished results survive, a running agent reconnects by itself, and new work
 //! goes through.
 
-use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{now_ms, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// How many times the server log says it started serving.
@@ -23,13 +23,6 @@ fn kill_and_restart(server: &mut TestServer) {
     wait_until("the restarted server to serve", DEADLINE, || {
         (serving_count(server) > before).then_some(())
     });
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .expect("clock after 1970")
 }
 
 fn schedule_id(out: &str) -> i64 {

@@ -6,22 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use herald_tests::{wait_until, TestAgent, TestServer};
+use herald_tests::{add_schedule, wait_until, TestAgent, TestServer};
 use serde_json::Value;
 
 const AGENTS: usize = 4;
 const SPLAY_MS: i64 = 4_000;
-
-/// Adds a schedule and returns its id (parsed from "schedule N added: ...").
-fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
-    let mut all = vec!["schedule", "add"];
-    all.extend_from_slice(args);
-    let out = server.cli_ok(&all);
-    out.strip_prefix("schedule ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
-}
 
 /// Schedule `id` as `schedule list --json` reports it.
 fn schedule_entry(server: &TestServer, id: i64) -> Value {
