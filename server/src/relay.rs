@@ -36,6 +36,8 @@ pub const ADDRESS_CHECK_MS: u64 = 5_000;
 const ENROLL_FAILURES_ALLOWED: u32 = 5;
 /// Window of the enrollment rate limit.
 const ENROLL_WINDOW: Duration = Duration::from_secs(60);
+/// How long shutdown waits for connection-close frames to be sent.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 /// Outgoing messages buffered per connection before the sender waits.
 const OUTBOX_DEPTH: usize = 256;
 
@@ -179,6 +181,9 @@ impl Relay {
         }
         endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
         self.lock_links().clear();
+        // Let the close frames go out: without them agents only notice at their idle
+        // timeout (a minute), since a stopped server cannot answer with resets.
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, endpoint.wait_idle()).await;
     }
 
     async fn handle(self: Arc<Self>, connection: Connection) {
