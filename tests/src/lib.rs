@@ -413,6 +413,26 @@ impl TestAgent {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// `herald-agent status --json` for this agent.
+    pub fn status(&self) -> Value {
+        let output = Self::command(&self.state_dir)
+            .args(["status", "--json"])
+            .env("HERALD_LOG", "warn")
+            .output()
+            .expect("run herald-agent status");
+        assert!(
+            output.status.success(),
+            "herald-agent status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad status JSON: {e}: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
     /// The agent log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -437,6 +457,17 @@ pub fn add_schedule(server: &TestServer, args: &[&str]) -> i64 {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("unexpected `schedule add` output: {out:?}"))
+}
+
+/// Schedule `id` as `schedule list --json` reports it (panics if it is not listed).
+pub fn schedule_entry(server: &TestServer, id: i64) -> Value {
+    let list = server.json(&["schedule", "list"]);
+    list.as_array()
+        .expect("schedule list is an array")
+        .iter()
+        .find(|s| s["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("schedule {id} not listed: {list:#}"))
 }
 
 /// Every job, oldest first.

@@ -6,37 +6,14 @@
 //!   arrives exactly once after the server is back.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herald_tests::{bin, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
-
-/// `herald-agent status --json` for an agent's state directory.
-fn agent_status(agent: &TestAgent) -> Value {
-    let output = Command::new(bin("herald-agent"))
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .args(["status", "--json"])
-        .env("HERALD_LOG", "warn")
-        .output()
-        .expect("run herald-agent status");
-    assert!(
-        output.status.success(),
-        "herald-agent status failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON from herald-agent status: {e}\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
 
 /// Number of results in the agent's local outbox.
 fn results_waiting(agent: &TestAgent) -> u64 {
-    agent_status(agent)["results_waiting"]
+    agent.status()["results_waiting"]
         .as_u64()
         .expect("status --json has results_waiting")
 }

@@ -7,19 +7,10 @@
 
 use std::time::Duration;
 
-use herald_tests::{add_schedule, now_ms, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{
+    add_schedule, now_ms, schedule_entry, wait_until, TestAgent, TestServer, DEADLINE,
+};
 use serde_json::Value;
-
-/// Schedule `id` as `schedule list --json` reports it.
-fn schedule_entry(server: &TestServer, id: i64) -> Value {
-    let list = server.json(&["schedule", "list"]);
-    list.as_array()
-        .expect("schedule list is an array")
-        .iter()
-        .find(|s| s["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("schedule {id} not listed: {list:#}"))
-}
 
 fn next_fire_at(server: &TestServer, id: i64) -> i64 {
     let entry = schedule_entry(server, id);

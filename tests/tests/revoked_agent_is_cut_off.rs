@@ -4,10 +4,9 @@
 //! agents are not affected.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use herald_tests::{bin, now_ms, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{now_ms, strip_ansi, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// How quickly a revoked agent must show offline and notice it.
@@ -27,30 +26,13 @@ fn file_len(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `herald-agent status --json`.
-fn agent_status(agent: &TestAgent) -> Value {
-    let output = Command::new(bin("herald-agent"))
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .args(["status", "--json"])
-        .env("HERALD_LOG", "warn")
-        .output()
-        .expect("run herald-agent status");
-    assert!(
-        output.status.success(),
-        "herald-agent status failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("status --json is JSON")
-}
-
 /// Fails the test if the server or the agent itself ever shows the agent connected.
 fn assert_still_out(server: &TestServer, agent: &TestAgent, when: &str) {
     assert!(
         !server.agent_online(&agent.id),
         "revoked agent is online again ({when})"
     );
-    let status = agent_status(agent);
+    let status = agent.status();
     assert_eq!(
         status["connected"], false,
         "revoked agent believes it is connected ({when}): {status}"

@@ -6,22 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use herald_tests::{add_schedule, wait_until, TestAgent, TestServer};
+use herald_tests::{add_schedule, schedule_entry, wait_until, TestAgent, TestServer};
 use serde_json::Value;
 
 const AGENTS: usize = 4;
 const SPLAY_MS: i64 = 4_000;
-
-/// Schedule `id` as `schedule list --json` reports it.
-fn schedule_entry(server: &TestServer, id: i64) -> Value {
-    let list = server.json(&["schedule", "list"]);
-    list.as_array()
-        .expect("schedule list is an array")
-        .iter()
-        .find(|s| s["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("schedule {id} not listed: {list:#}"))
-}
 
 /// Every job created by schedule `id`, oldest first.
 fn schedule_jobs(server: &TestServer, id: i64) -> Vec<Value> {
