@@ -242,7 +242,12 @@ impl Agent {
     }
 
     /// Handles a signal: deduplicate, verify, persist, then start. Returns the ack.
-    pub fn signal(self: Arc<Self>, job_id: JobId, envelope: Envelope) -> Result<Ack, JournalError> {
+    pub fn signal(
+        self: Arc<Self>,
+        job_id: JobId,
+        envelope: Envelope,
+        _bundle: Option<herald_shared::protocol::Bundle>,
+    ) -> Result<Ack, JournalError> {
         match self.journal.known(job_id)? {
             Some(Known::Refused(reason)) => return Ok(Ack::Refused(reason)),
             Some(Known::Accepted) => return Ok(Ack::Duplicate),
@@ -312,6 +317,9 @@ impl Agent {
                 }
                 Ok(())
             }
+            Action::Install(_) | Action::Revert { .. } => {
+                Err(Refusal::Policy("installing packages is not supported yet".into()))
+            }
         }
     }
 
@@ -346,6 +354,13 @@ impl Agent {
                 let _ = files::create_private_dir(&spec.work_root);
                 outcome_to_result(job_id, started_at, exec::run(&spec).await)
             }
+            Action::Install(_) | Action::Revert { .. } => JobResult::without_output(
+                job_id,
+                Status::Failed,
+                started_at,
+                now_ms(),
+                Some("not supported".into()),
+            ),
         };
         info!(job_id, status = result.status.as_str(), exit = ?result.exit_code, "job finished");
         if let Err(e) = self.journal.finish(&result, now_ms()) {

@@ -13,6 +13,7 @@ pub fn facts() -> Facts {
         os: sysinfo::System::long_os_version().unwrap_or_default(),
         kernel: sysinfo::System::kernel_version().unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
+        platform: herald_shared::release::this_platform(),
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1),

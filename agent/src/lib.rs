@@ -5,11 +5,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod download;
 pub mod exec;
 pub mod files;
 pub mod host;
+pub mod install;
 pub mod journal;
 pub mod link;
+pub mod selfupdate;
 pub mod state;
 pub mod tls;
 pub mod wire;

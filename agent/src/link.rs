@@ -200,8 +200,12 @@ async fn reader(
 ) -> Result<(), LinkError> {
     while let Some(msg) = read_message(recv).await? {
         match msg {
-            ServerMsg::Signal(Signal { job_id, envelope }) => {
-                let ack = agent.clone().signal(job_id, envelope)?;
+            ServerMsg::Signal(Signal {
+                job_id,
+                envelope,
+                bundle,
+            }) => {
+                let ack = agent.clone().signal(job_id, envelope, bundle)?;
                 let _ = to_server.send(AgentMsg::Ack { job_id, ack });
             }
             ServerMsg::ResultStored { job_id, .. } => {

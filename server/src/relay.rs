@@ -419,6 +419,7 @@ impl Relay {
                     let signal = herald_shared::protocol::Signal {
                         job_id: job.job_id,
                         envelope: job.envelope,
+                        bundle: None,
                     };
                     if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
                         return Ok(());
@@ -566,6 +567,7 @@ fn msg_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::Started { .. } => "Started",
         AgentMsg::Addresses(_) => "Addresses",
         AgentMsg::Result(_) => "Result",
+        AgentMsg::Progress { .. } => "Progress",
     }
 }
 

@@ -47,6 +47,10 @@ impl std::fmt::Debug for PublicKey {
 /// server process.
 pub struct OperatorKey(SigningKey);
 
+/// A vendor's signing key: the same kind of key, delegated by the operator for named
+/// packages.
+pub type VendorKey = OperatorKey;
+
 impl OperatorKey {
     /// Builds the key from its 32-byte seed.
     pub fn from_seed(seed: [u8; 32]) -> Self {
@@ -134,6 +138,10 @@ pub enum Statement {
     Order(Order),
     /// The groups one agent belongs to (replaces earlier memberships).
     Membership(Membership),
+    /// A grant of package names to a vendor key.
+    Delegation(crate::release::Delegation),
+    /// Release metadata (signed by a delegated vendor key, or by the operator).
+    Release(crate::release::Release),
 }
 
 /// Who an order is for.
@@ -216,6 +224,13 @@ pub struct Order {
 pub enum Action {
     /// Run an installed program (the seed's *standalone* service type).
     Run(RunSpec),
+    /// Install a package release (the server attaches the signed metadata).
+    Install(InstallSpec),
+    /// Switch a package back to the version installed before the current one.
+    Revert {
+        /// Package name.
+        package: String,
+    },
 }
 
 impl Action {
@@ -223,6 +238,8 @@ impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Run(_) => "run",
+            Action::Install(_) => "install",
+            Action::Revert { .. } => "revert",
         }
     }
 
@@ -237,8 +254,26 @@ impl Action {
                 }
                 text
             }
+            Action::Install(spec) => match &spec.version {
+                Some(version) => format!("install {} {version}", spec.package),
+                None => format!("install {} (latest)", spec.package),
+            },
+            Action::Revert { package } => format!("revert {package}"),
         }
     }
+}
+
+/// What an install order allows: a package, optionally pinned to one version. Without a
+/// version the order is a standing subscription: any newer release of the package that
+/// verifies may be installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallSpec {
+    /// Package name.
+    pub package: String,
+    /// Exact version, or `None` for the latest published.
+    pub version: Option<String>,
+    /// Limit for download plus install command.
+    pub timeout_ms: u64,
 }
 
 /// A standalone program run.

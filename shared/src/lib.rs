@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod protocol;
+pub mod release;
 pub mod schedule;
 pub mod token;
 

@@ -51,6 +51,37 @@ pub enum AgentMsg {
     Addresses(Vec<IpAddr>),
     /// A finished job's result (sent on its own stream).
     Result(JobResult),
+    /// How a long job (an install) is getting on; the latest one is kept with the job.
+    Progress {
+        /// Job id.
+        job_id: JobId,
+        /// Where it is.
+        progress: Progress,
+    },
+}
+
+/// Stages of an install job, for operators watching a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Progress {
+    /// Fetching the artifact; percent of the declared length.
+    Downloading {
+        /// 0 to 100.
+        percent: u8,
+    },
+    /// Download verified; unpacking and running the install command.
+    Installing,
+    /// The new agent binary is starting; it must come back healthy.
+    Restarting,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Progress::Downloading { percent } => write!(f, "downloading {percent}%"),
+            Progress::Installing => f.write_str("installing"),
+            Progress::Restarting => f.write_str("restarting"),
+        }
+    }
 }
 
 /// Server → agent.
@@ -106,6 +137,8 @@ pub struct Facts {
     pub cpus: u32,
     /// Total memory in bytes.
     pub memory: u64,
+    /// Release platform (`linux-x86_64`), matched against package metadata.
+    pub platform: String,
 }
 
 /// Enrollment request.
@@ -141,6 +174,21 @@ pub struct Signal {
     pub job_id: JobId,
     /// The operator-signed order.
     pub envelope: Envelope,
+    /// For install orders: the release to install (its signatures are checked by the
+    /// agent; the server only attaches it).
+    pub bundle: Option<Bundle>,
+}
+
+/// A release as the server attaches it to an install signal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    /// Release metadata, signed by a vendor key or the operator.
+    pub release: Envelope,
+    /// The operator's delegation to that vendor key, if vendor-signed.
+    pub delegation: Option<Envelope>,
+    /// Where to fetch the artifact when the metadata names no URL (the server's own
+    /// HTTPS endpoint). Unsigned: integrity comes from the signed hash and length.
+    pub url: String,
 }
 
 /// The agent's answer to a signal.
