@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Deserialize;
@@ -26,6 +26,7 @@ use crate::model::{
     JobInfo, ScheduleInfo, SetMembership,
 };
 use crate::now_ms;
+use crate::releases_api;
 use crate::relay::Relay;
 use crate::store::{Store, StoreError};
 
@@ -47,11 +48,24 @@ pub struct ApiState {
     pub scheduler: Arc<Notify>,
     /// Operator keys from the configuration.
     pub operator_keys: Arc<Vec<PublicKey>>,
+    /// Where artifacts are stored.
+    pub artifacts: std::path::PathBuf,
+    /// Tells the rollout driver that something changed.
+    pub rollouts: Arc<Notify>,
+}
+
+/// Who made an API request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The admin token.
+    Admin,
+    /// A vendor's token (may only publish its own releases).
+    Vendor(String),
 }
 
 /// An API failure: status and one sentence.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -75,11 +89,11 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn bad(message: impl Into<String>) -> ApiError {
+pub(crate) fn bad(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
@@ -103,6 +117,38 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/schedules/{id}",
             axum::routing::delete(remove_schedule),
         )
+        .route(
+            "/api/v1/vendors",
+            get(releases_api::list_vendors).post(releases_api::create_vendor),
+        )
+        .route(
+            "/api/v1/releases",
+            get(releases_api::list_releases).post(releases_api::create_release),
+        )
+        .route("/api/v1/releases/{id}", get(releases_api::show_release))
+        .route(
+            "/api/v1/releases/{id}/artifact",
+            put(releases_api::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/api/v1/artifacts/{sha256}",
+            get(releases_api::download_artifact),
+        )
+        .route(
+            "/api/v1/subscriptions",
+            get(releases_api::list_subscriptions).post(releases_api::create_subscription),
+        )
+        .route(
+            "/api/v1/subscriptions/{id}",
+            axum::routing::delete(releases_api::remove_subscription),
+        )
+        .route("/api/v1/installs", post(releases_api::create_installs))
+        .route("/api/v1/rollouts", get(releases_api::list_rollouts))
+        .route("/api/v1/rollouts/{id}", get(releases_api::show_rollout))
+        .route(
+            "/api/v1/rollouts/{id}/{verb}",
+            post(releases_api::control_rollout),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -114,29 +160,44 @@ pub fn router(state: ApiState) -> Router {
 
 async fn authenticate(
     State(state): State<ApiState>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if path == "/api/v1/health" {
+    // Health is public; artifacts are public by hash (agents verify them against signed
+    // metadata; see releases_api).
+    if path == "/api/v1/health" || path.starts_with("/api/v1/artifacts/") {
         return next.run(request).await;
     }
-    let token = bearer(request.headers());
-    let valid = match token {
-        Some(token) => state
+    let hash = bearer(request.headers()).map(|token| secret_hash(token.as_bytes()));
+    let caller = match &hash {
+        Some(hash) if state.store.admin_token_valid(hash).unwrap_or(false) => Some(Caller::Admin),
+        Some(hash) => state
             .store
-            .admin_token_valid(&secret_hash(token.as_bytes()))
-            .unwrap_or(false),
-        None => false,
+            .vendor_by_token(hash)
+            .ok()
+            .flatten()
+            .map(Caller::Vendor),
+        None => None,
     };
-    if !valid {
-        return ApiError(
+    let vendor_may = path == "/api/v1/releases"
+        || (path.starts_with("/api/v1/releases/") && path.ends_with("/artifact"));
+    match caller {
+        None => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token (see admin.toml written by `herald-server init`)".into(),
         )
-        .into_response();
+        .into_response(),
+        Some(Caller::Vendor(_)) if !vendor_may => ApiError(
+            StatusCode::FORBIDDEN,
+            "vendor tokens may only publish releases".into(),
+        )
+        .into_response(),
+        Some(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
     }
-    next.run(request).await
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -291,6 +352,9 @@ async fn create_jobs(
     let Statement::Order(order) = statement else {
         return Err(bad("envelope is not an order"));
     };
+    if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
+        return Err(bad("install orders go to /api/v1/installs or /api/v1/subscriptions"));
+    }
     if body.ttl_ms == 0 || body.ttl_ms > MAX_TTL_MS {
         return Err(bad("ttl must be between 1 ms and 30 days"));
     }
@@ -326,6 +390,9 @@ async fn create_schedule(
     let Statement::Order(order) = statement else {
         return Err(bad("envelope is not an order"));
     };
+    if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
+        return Err(bad("installs are scheduled by publishing releases to subscriptions"));
+    }
     body.schedule
         .validate()
         .map_err(|e| bad(format!("invalid schedule: {e}")))?;

@@ -29,13 +29,13 @@ use crate::{now_ms, random_bytes};
 /// Exit code for bad configuration or usage (EX_USAGE / EX_CONFIG family).
 const EXIT_CONFIG: u8 = 64;
 /// Default job timeout.
-const DEFAULT_TIMEOUT: &str = "10m";
+pub(crate) const DEFAULT_TIMEOUT: &str = "10m";
 /// Default TTL for jobs waiting for offline agents.
-const DEFAULT_TTL: &str = "24h";
+pub(crate) const DEFAULT_TTL: &str = "24h";
 /// How long a schedule's standing order stays valid unless told otherwise.
-const STANDING_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub(crate) const STANDING_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How far a one-off order's validity starts before now, to tolerate agent clock skew.
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Herald's control server and admin CLI.
 #[derive(Debug, Parser)]
@@ -78,6 +78,12 @@ pub enum Command {
     /// Schedules.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Software vendors and their delegated packages.
+    #[command(subcommand)]
+    Vendor(crate::cli_packages::VendorCommand),
+    /// Signed packages: publish, install, subscribe, roll out.
+    #[command(subcommand)]
+    Package(crate::cli_packages::PackageCommand),
     /// Jobs and their results.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -310,7 +316,7 @@ impl CliError {
     }
 }
 
-fn usage(message: impl Into<String>) -> CliError {
+pub(crate) fn usage(message: impl Into<String>) -> CliError {
     CliError::Usage(message.into())
 }
 
@@ -355,6 +361,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Run(args) => admin()?.run(args).await,
         Command::Schedule(command) => admin()?.schedule(command).await,
         Command::Jobs(command) => admin()?.jobs(command).await,
+        Command::Vendor(crate::cli_packages::VendorCommand::Keygen { out }) => {
+            crate::cli_packages::keygen(&out)
+        }
+        Command::Vendor(command) => admin()?.vendor(command).await,
+        Command::Package(command) => admin()?.package(command).await,
     }
 }
 
@@ -380,8 +391,8 @@ fn init(data_dir: &Path, args: InitArgs) -> Result<ExitCode, CliError> {
 
 /// What admin subcommands need: the admin configuration and an API client.
 pub(crate) struct Context {
-    admin: AdminConfig,
-    client: Client,
+    pub(crate) admin: AdminConfig,
+    pub(crate) client: Client,
 }
 
 impl Context {
@@ -396,7 +407,7 @@ impl Context {
         &self.client
     }
 
-    fn operator_key(&self) -> Result<OperatorKey, CliError> {
+    pub(crate) fn operator_key(&self) -> Result<OperatorKey, CliError> {
         let text = herald_agent::files::read_string(&self.admin.operator_key)
             .map_err(|e| usage(format!("{e} (the operator key is needed to sign orders)")))?;
         OperatorKey::from_hex(&text).map_err(|_| {
@@ -407,7 +418,7 @@ impl Context {
         })
     }
 
-    fn sign(&self, statement: &Statement) -> Result<String, CliError> {
+    pub(crate) fn sign(&self, statement: &Statement) -> Result<String, CliError> {
         let envelope: Envelope = self
             .operator_key()?
             .sign(statement)
@@ -417,7 +428,7 @@ impl Context {
     }
 
     /// Parses a target and resolves an agent name to its id (orders name ids).
-    async fn audience(&self, target: &str) -> Result<Audience, CliError> {
+    pub(crate) async fn audience(&self, target: &str) -> Result<Audience, CliError> {
         match target.parse::<Audience>().map_err(usage)? {
             Audience::Agent(name) => {
                 let detail: AgentDetail =
@@ -610,7 +621,7 @@ impl Context {
         })
     }
 
-    async fn wait_job(&self, id: i64) -> Result<JobInfo, CliError> {
+    pub(crate) async fn wait_job(&self, id: i64) -> Result<JobInfo, CliError> {
         loop {
             let job: JobInfo = self
                 .client
@@ -796,11 +807,11 @@ fn min_gap(when: &Schedule, now: i64) -> i64 {
     }
 }
 
-fn parse_duration(flag: &str, text: &str) -> Result<Duration, CliError> {
+pub(crate) fn parse_duration(flag: &str, text: &str) -> Result<Duration, CliError> {
     schedule::parse_duration(text).map_err(|e| usage(format!("{flag}: {e}")))
 }
 
-fn print_json<T: serde::Serialize>(value: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) {
     // Serializing our own plain data types cannot fail.
     println!(
         "{}",
@@ -816,7 +827,7 @@ fn display_list(items: &[String]) -> String {
     }
 }
 
-fn time(t: Option<i64>) -> String {
+pub(crate) fn time(t: Option<i64>) -> String {
     t.map(schedule::format_time).unwrap_or_else(|| "-".into())
 }
 
@@ -931,6 +942,11 @@ fn print_job(j: &JobInfo) {
     }
     if let Some(error) = &j.error {
         println!("error:     {error}");
+    }
+    if let Some(progress) = &j.progress {
+        if !j.is_final() {
+            println!("progress:  {progress}");
+        }
     }
     println!(
         "--- stdout{}",

@@ -90,6 +90,29 @@ impl Client {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    /// PUT a raw body (artifact uploads).
+    pub async fn put_body<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        length: u64,
+    ) -> Result<T, ClientError> {
+        self.send(
+            self.http
+                .put(self.url(path))
+                .header(reqwest::header::CONTENT_LENGTH, length)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
+    /// Uses another bearer token (a vendor's) instead of the admin token.
+    pub fn with_token(mut self, token: String) -> Client {
+        self.token = token;
+        self
+    }
+
     /// DELETE a resource.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.http.delete(self.url(path))).await

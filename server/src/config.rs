@@ -56,6 +56,10 @@ pub struct ServerConfig {
     /// Operator public keys (hex). The server refuses envelopes from other keys early,
     /// though agents check signatures themselves.
     pub operator_keys: Vec<String>,
+    /// HTTPS URL agents use for downloads (default: the host of `public_addr` with the
+    /// HTTPS port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// `admin.toml`: what the admin CLI needs.
@@ -85,6 +89,18 @@ impl ServerConfig {
             })?;
         }
         Ok(config)
+    }
+
+    /// The HTTPS base URL agents reach this server at.
+    pub fn public_url(&self, http_port: u16) -> String {
+        if let Some(url) = &self.public_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        let host = match self.public_addr.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => self.public_addr.as_str(),
+        };
+        format!("https://{host}:{http_port}")
     }
 
     /// Parsed operator keys (validated at load).

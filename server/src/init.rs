@@ -121,6 +121,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             http_listen: options.http_listen,
             public_addr: options.public_addr.clone(),
             operator_keys: vec![operator.public().to_hex()],
+            public_url: None,
         },
     )?;
     Ok(Initialized {

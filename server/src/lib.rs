@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cli_packages;
 pub mod client;
 pub mod config;
 pub mod demo;
@@ -13,6 +14,9 @@ pub mod init;
 pub mod model;
 pub mod pki;
 pub mod relay;
+pub mod releases;
+pub mod releases_api;
+pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod store;

@@ -94,6 +94,9 @@ pub struct JobInfo {
     pub stderr_truncated: bool,
     /// Refusal or failure reason.
     pub error: Option<String>,
+    /// Latest progress report of an install job.
+    #[serde(default)]
+    pub progress: Option<String>,
 }
 
 impl JobInfo {
@@ -188,4 +191,42 @@ pub struct Created {
 pub struct ApiErrorBody {
     /// One sentence for a person.
     pub error: String,
+}
+
+/// Request body: register a vendor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVendor {
+    /// Operator-signed delegation, base64 of the bincode envelope.
+    pub envelope: String,
+    /// SHA-256 (hex) of the vendor's API token.
+    pub token_hash: String,
+}
+
+/// Request body: register release metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRelease {
+    /// Vendor- or operator-signed release metadata, base64 of the bincode envelope.
+    pub envelope: String,
+}
+
+/// Request body: subscribe agents to a package.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSubscription {
+    /// Operator-signed standing install order, base64 of the bincode envelope.
+    pub envelope: String,
+    /// Wave plan, e.g. `1,10%,50%,100%`.
+    pub waves: String,
+    /// Fraction of failed installs (0 to 1) that halts a rollout.
+    pub max_failures: f64,
+    /// How long each install job waits for an offline agent.
+    pub ttl_ms: u64,
+}
+
+/// Response: install jobs created, and agents left out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallsCreated {
+    /// Job ids.
+    pub ids: Vec<i64>,
+    /// Agents with no published release for their platform.
+    pub skipped: Vec<String>,
 }

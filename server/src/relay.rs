@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use herald_agent::wire::{self, WireError};
 use herald_shared::codec::{DEFAULT_FRAME_LIMIT, RESULT_FRAME_LIMIT};
 use herald_shared::protocol::{
-    Ack, AgentMsg, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,
+    Ack, AgentMsg, Bundle, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,
 };
 use herald_shared::token::secret_hash;
 
@@ -78,6 +78,7 @@ pub struct Relay {
     generation: std::sync::atomic::AtomicU64,
     events: broadcast::Sender<JobEvent>,
     enroll_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    artifact_base: String,
 }
 
 /// Why a connection ended abnormally.
@@ -97,7 +98,10 @@ enum LinkError {
 
 impl Relay {
     /// Builds the relay.
-    pub fn new(store: Store, keyring: Arc<Keyring>) -> Arc<Relay> {
+    ///
+    /// `artifact_base` is the HTTPS URL agents download artifacts from
+    /// (`https://host:port/api/v1/artifacts`); the artifact's hash is appended.
+    pub fn new(store: Store, keyring: Arc<Keyring>, artifact_base: String) -> Arc<Relay> {
         let (events, _) = broadcast::channel(4096);
         Arc::new(Relay {
             store,
@@ -106,6 +110,7 @@ impl Relay {
             generation: Default::default(),
             events,
             enroll_failures: Mutex::new(HashMap::new()),
+            artifact_base,
         })
     }
 
@@ -416,10 +421,17 @@ impl Relay {
             let pending = self.store.pending(agent_id, now_ms())?;
             for job in pending {
                 if sent.insert(job.job_id) {
+                    let bundle = job.release.map(|r| Bundle {
+                        url: r
+                            .url
+                            .unwrap_or_else(|| format!("{}/{}", self.artifact_base, r.sha256)),
+                        release: r.metadata,
+                        delegation: r.delegation,
+                    });
                     let signal = herald_shared::protocol::Signal {
                         job_id: job.job_id,
                         envelope: job.envelope,
-                        bundle: None,
+                        bundle,
                     };
                     if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
                         return Ok(());
@@ -445,6 +457,11 @@ impl Relay {
                 }
                 AgentMsg::Started { job_id, at } => {
                     self.store.started(agent_id, job_id, at, now)?;
+                    self.job_changed(job_id);
+                }
+                AgentMsg::Progress { job_id, progress } => {
+                    self.store
+                        .progress(agent_id, job_id, &progress.to_string())?;
                     self.job_changed(job_id);
                 }
                 AgentMsg::Addresses(addresses) => {

@@ -115,7 +115,12 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         source,
     })?;
 
-    let relay = Relay::new(store.clone(), keyring);
+    let relay = Relay::new(
+        store.clone(),
+        keyring,
+        format!("{}/api/v1/artifacts", config.public_url(http_addr.port())),
+    );
+    let rollouts = Arc::new(Notify::new());
     let changed = Arc::new(Notify::new());
     let (stop, stopped) = watch::channel(false);
     let until_stopped = move || {
@@ -129,9 +134,17 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         relay: relay.clone(),
         scheduler: changed.clone(),
         operator_keys: Arc::new(config.operator_keys()),
+        artifacts: data_dir.join(crate::releases_api::ARTIFACT_DIR),
+        rollouts: rollouts.clone(),
     };
     let tasks = vec![
         tokio::spawn(relay.clone().serve(endpoint, until_stopped())),
+        tokio::spawn(crate::rollout::run(
+            store.clone(),
+            relay.clone(),
+            rollouts,
+            until_stopped(),
+        )),
         tokio::spawn(scheduler::run(
             store,
             relay.clone(),

@@ -104,6 +104,62 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_by_agent_state ON jobs(agent_id, state);
 CREATE INDEX jobs_by_state_expiry ON jobs(state, expires_at);
 CREATE INDEX jobs_by_state_deliver ON jobs(state, deliver_after);
+"#, r#"
+CREATE TABLE vendors (
+    name TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    packages TEXT NOT NULL,
+    delegation BLOB NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    package TEXT NOT NULL,
+    version TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    vendor TEXT REFERENCES vendors(name),
+    metadata BLOB NOT NULL,
+    sha256 TEXT NOT NULL,
+    length BIGINT NOT NULL,
+    url TEXT,
+    expires_at BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    published_at BIGINT,
+    UNIQUE (package, version, platform)
+);
+CREATE TABLE package_subscriptions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    package TEXT NOT NULL,
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    target TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    max_failures DOUBLE PRECISION NOT NULL,
+    ttl_ms BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX package_subscriptions_by_package ON package_subscriptions(package);
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    release_id BIGINT NOT NULL REFERENCES releases(id),
+    subscription_id BIGINT NOT NULL REFERENCES package_subscriptions(id),
+    state TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    reason TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX rollouts_by_state ON rollouts(state);
+CREATE TABLE rollout_targets (
+    rollout_id BIGINT NOT NULL REFERENCES rollouts(id),
+    position INTEGER NOT NULL,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    job_id BIGINT REFERENCES jobs(id),
+    PRIMARY KEY (rollout_id, position)
+);
+ALTER TABLE jobs ADD COLUMN release_id BIGINT REFERENCES releases(id);
+ALTER TABLE jobs ADD COLUMN progress TEXT;
 "#];
 
 /// Errors from the store.
@@ -155,6 +211,21 @@ pub struct Pending {
     pub job_id: JobId,
     /// Signed order.
     pub envelope: Envelope,
+    /// For install jobs: the release to attach.
+    pub release: Option<PendingRelease>,
+}
+
+/// The release an install job carries.
+#[derive(Debug, Clone)]
+pub struct PendingRelease {
+    /// Signed metadata.
+    pub metadata: Envelope,
+    /// The vendor's delegation, if vendor-signed.
+    pub delegation: Option<Envelope>,
+    /// The external URL from the metadata, if any.
+    pub url: Option<String>,
+    /// Artifact hash (hex), which names it on the server's download endpoint.
+    pub sha256: String,
 }
 
 /// A schedule as the scheduler needs it.
@@ -208,13 +279,13 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock would poison it; the connection itself stays
         // consistent (SQLite rolls back the open transaction), so keep using it.
         self.durable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fast(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn fast(&self) -> MutexGuard<'_, Connection> {
         self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -586,23 +657,53 @@ impl Store {
     pub fn pending(&self, agent_id: &str, now: Millis) -> Result<Vec<Pending>> {
         let conn = self.fast();
         let mut stmt = conn.prepare(
-            "SELECT j.id, o.envelope FROM jobs j JOIN orders o ON o.id = j.order_id
+            "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256
+             FROM jobs j JOIN orders o ON o.id = j.order_id
+             LEFT JOIN releases r ON r.id = j.release_id
+             LEFT JOIN vendors v ON v.name = r.vendor
              WHERE j.agent_id = ?1 AND j.state = 'queued' AND j.deliver_after <= ?2
                AND j.expires_at > ?2
              ORDER BY j.id",
         )?;
         let rows = stmt.query_map(params![agent_id, now], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
         })?;
         let mut pending = Vec::new();
         for row in rows {
-            let (job_id, blob) = row?;
+            let (job_id, blob, metadata, delegation, url, sha256) = row?;
+            let release = match metadata {
+                Some(metadata) => Some(PendingRelease {
+                    metadata: decode_envelope(&metadata)?,
+                    delegation: delegation.map(|d| decode_envelope(&d)).transpose()?,
+                    url,
+                    sha256: sha256.unwrap_or_default(),
+                }),
+                None => None,
+            };
             pending.push(Pending {
                 job_id,
                 envelope: decode_envelope(&blob)?,
+                release,
             });
         }
         Ok(pending)
+    }
+
+    /// Records an install job's latest progress report.
+    pub fn progress(&self, agent_id: &str, job_id: JobId, progress: &str) -> Result<()> {
+        self.fast().execute(
+            "UPDATE jobs SET progress = ?3
+             WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered', 'running')",
+            params![job_id, agent_id, progress],
+        )?;
+        Ok(())
     }
 
     /// Applies an agent's acknowledgement. Only the job's own agent can move it.
@@ -987,7 +1088,7 @@ fn record_observed(tx: &Connection, agent_id: &str, observed: &str, now: Millis)
     Ok(())
 }
 
-fn insert_order(
+pub(crate) fn insert_order(
     tx: &Connection,
     order_id: &str,
     envelope: &Envelope,
@@ -1036,7 +1137,7 @@ fn insert_jobs(
     Ok(ids)
 }
 
-fn expand(conn: &Connection, audience: &Audience) -> Result<Vec<String>> {
+pub(crate) fn expand(conn: &Connection, audience: &Audience) -> Result<Vec<String>> {
     let (sql, arg) = match audience {
         Audience::Agent(id) => (
             "SELECT id FROM agents WHERE id = ?1 AND revoked_at IS NULL",
@@ -1064,7 +1165,7 @@ fn groups_of(conn: &Connection, agent_id: &str) -> Result<Vec<String>> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn decode_envelope(blob: &[u8]) -> Result<Envelope> {
+pub(crate) fn decode_envelope(blob: &[u8]) -> Result<Envelope> {
     codec::from_bytes(blob, codec::DEFAULT_FRAME_LIMIT)
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -1097,8 +1198,8 @@ fn agent_row(r: &Row<'_>, online: &dyn Fn(&str) -> bool) -> rusqlite::Result<Age
 
 const JOB_SELECT: &str = "SELECT j.id, j.agent_id, a.name, j.schedule_id, o.action, j.state, \
      j.created_at, j.expires_at, j.delivered_at, j.started_at, j.finished_at, j.exit_code, \
-     j.signal, j.stdout, j.stderr, j.stdout_truncated, j.stderr_truncated, j.error \
-     FROM jobs j JOIN orders o ON o.id = j.order_id JOIN agents a ON a.id = j.agent_id";
+     j.signal, j.stdout, j.stderr, j.stdout_truncated, j.stderr_truncated, j.error, \
+     j.progress FROM jobs j JOIN orders o ON o.id = j.order_id JOIN agents a ON a.id = j.agent_id";
 
 fn job_row(r: &Row<'_>) -> rusqlite::Result<JobInfo> {
     let text = |i: usize| -> rusqlite::Result<String> {
@@ -1124,5 +1225,6 @@ fn job_row(r: &Row<'_>) -> rusqlite::Result<JobInfo> {
         stdout_truncated: r.get(15)?,
         stderr_truncated: r.get(16)?,
         error: r.get(17)?,
+        progress: r.get(18)?,
     })
 }

@@ -1,0 +1,900 @@
+//! Software distribution in the store: vendors (operator delegations), releases (vendor-
+//! signed metadata plus the artifact's state), package subscriptions (operator-signed
+//! standing install orders) and rollouts (waves of install jobs with a failure threshold).
+//!
+//! The server never signs anything here; it records what the operator and vendors
+//! signed, decides *when* each agent gets an install job, and halts a rollout whose
+//! failures pass the subscription's threshold.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use herald_shared::codec;
+use herald_shared::envelope::{Audience, Envelope};
+use herald_shared::protocol::JobId;
+use herald_shared::Millis;
+
+use crate::model::is_final_state;
+use crate::store::{decode_envelope, expand, insert_order, Store, StoreError};
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A registered vendor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VendorInfo {
+    /// Vendor name.
+    pub name: String,
+    /// Public key (hex).
+    pub public_key: String,
+    /// Delegated package patterns.
+    pub packages: Vec<String>,
+    /// When added.
+    pub created_at: Millis,
+}
+
+/// A release as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    /// Id.
+    pub id: i64,
+    /// Package name.
+    pub package: String,
+    /// Version.
+    pub version: String,
+    /// Platform.
+    pub platform: String,
+    /// Signing vendor (`None`: the operator).
+    pub vendor: Option<String>,
+    /// Artifact SHA-256 (hex).
+    pub sha256: String,
+    /// Artifact length.
+    pub length: u64,
+    /// External URL, if any.
+    pub url: Option<String>,
+    /// Metadata expiry.
+    pub expires_at: Millis,
+    /// `uploading` or `published`.
+    pub state: String,
+    /// When it was registered.
+    pub created_at: Millis,
+    /// When the artifact became available.
+    pub published_at: Option<Millis>,
+}
+
+/// A package subscription.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    /// Id.
+    pub id: i64,
+    /// Package.
+    pub package: String,
+    /// Target (`agent:`, `group:`, `all`).
+    pub target: String,
+    /// Wave plan.
+    pub waves: String,
+    /// Failure fraction that halts a rollout.
+    pub max_failures: f64,
+    /// TTL of each install job.
+    pub ttl_ms: u64,
+    /// When created.
+    pub created_at: Millis,
+}
+
+/// One agent's part in a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutTarget {
+    /// Agent id.
+    pub agent_id: String,
+    /// Wave it belongs to (0 = canary).
+    pub wave: usize,
+    /// Its job, once its wave started.
+    pub job_id: Option<JobId>,
+    /// The job's state (`waiting` before its wave).
+    pub state: String,
+    /// Latest progress report.
+    pub progress: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A rollout with its counts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutInfo {
+    /// Id.
+    pub id: i64,
+    /// Package.
+    pub package: String,
+    /// Version.
+    pub version: String,
+    /// Platform.
+    pub platform: String,
+    /// Subscription it serves.
+    pub subscription_id: i64,
+    /// `running`, `paused`, `halted`, `completed` or `superseded`.
+    pub state: String,
+    /// Current wave (0 = canary).
+    pub wave: usize,
+    /// Cumulative target counts at the end of each wave.
+    pub wave_ends: Vec<usize>,
+    /// Why it halted.
+    pub reason: Option<String>,
+    /// Targets that succeeded.
+    pub succeeded: usize,
+    /// Targets that failed (any final state but success).
+    pub failed: usize,
+    /// Targets with a job still under way.
+    pub in_progress: usize,
+    /// Targets whose wave has not started.
+    pub waiting: usize,
+    /// Every target.
+    pub targets: Vec<RolloutTarget>,
+    /// When created.
+    pub created_at: Millis,
+    /// Last state change.
+    pub updated_at: Millis,
+}
+
+/// A wave plan: the first entry is usually a canary count, the rest percentages of all
+/// targets, cumulative (`1,10%,50%,100%`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waves(Vec<WaveStep>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaveStep {
+    Count(usize),
+    Percent(u8),
+}
+
+impl std::str::FromStr for Waves {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = |part: &str| {
+            format!(
+                "invalid wave {part:?} in {s:?}: use counts and percentages, e.g. 1,10%,50%,100%"
+            )
+        };
+        let mut steps = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let step = match part.strip_suffix('%') {
+                Some(p) => match p.parse::<u8>() {
+                    Ok(p) if (1..=100).contains(&p) => WaveStep::Percent(p),
+                    _ => return Err(bad(part)),
+                },
+                None => match part.parse::<usize>() {
+                    Ok(n) if n > 0 => WaveStep::Count(n),
+                    _ => return Err(bad(part)),
+                },
+            };
+            steps.push(step);
+        }
+        if steps.is_empty() || steps.len() > 20 {
+            return Err(format!("invalid waves {s:?}: give 1 to 20 steps"));
+        }
+        Ok(Waves(steps))
+    }
+}
+
+impl std::fmt::Display for Waves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|s| match s {
+                WaveStep::Count(n) => n.to_string(),
+                WaveStep::Percent(p) => format!("{p}%"),
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Waves {
+    /// Cumulative target counts at the end of each wave for `total` targets: never
+    /// decreasing, empty waves dropped, and the last one always covers everyone.
+    pub fn ends(&self, total: usize) -> Vec<usize> {
+        let mut ends: Vec<usize> = Vec::new();
+        for step in &self.0 {
+            let end = match *step {
+                WaveStep::Count(n) => n.min(total),
+                WaveStep::Percent(p) => (total * p as usize).div_ceil(100),
+            };
+            if end > ends.last().copied().unwrap_or(0) {
+                ends.push(end);
+            }
+        }
+        if ends.last().copied().unwrap_or(0) < total {
+            ends.push(total);
+        }
+        ends
+    }
+}
+
+/// What a rollout step decided, for logging and poking agents.
+#[derive(Debug, Default)]
+pub struct Advance {
+    /// Agents that got new jobs.
+    pub poke: Vec<String>,
+    /// Rollouts that halted, with the reason.
+    pub halted: Vec<(i64, String)>,
+}
+
+impl Store {
+    // === vendors ===
+
+    /// Registers a vendor with its operator-signed delegation and API token hash.
+    pub fn add_vendor(
+        &self,
+        name: &str,
+        public_key: &str,
+        packages: &[String],
+        delegation: &Envelope,
+        token_hash: &str,
+        now: Millis,
+    ) -> Result<()> {
+        let blob = encode(delegation)?;
+        let conn = self.conn();
+        let exists: Option<String> = conn
+            .query_row(
+                "SELECT name FROM vendors WHERE name = ?1 OR public_key = ?2",
+                params![name, public_key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(existing) = exists {
+            return Err(StoreError::Conflict(format!(
+                "vendor {existing} already exists with that name or key"
+            )));
+        }
+        conn.execute(
+            "INSERT INTO vendors (name, public_key, packages, delegation, token_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![name, public_key, packages.join(","), blob, token_hash, now],
+        )?;
+        Ok(())
+    }
+
+    /// Every vendor.
+    pub fn vendors(&self) -> Result<Vec<VendorInfo>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(
+            "SELECT name, public_key, packages, created_at FROM vendors ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let packages: String = r.get(2)?;
+            Ok(VendorInfo {
+                name: r.get(0)?,
+                public_key: r.get(1)?,
+                packages: packages.split(',').map(str::to_string).collect(),
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The vendor whose API token has this hash.
+    pub fn vendor_by_token(&self, token_hash: &str) -> Result<Option<String>> {
+        Ok(self
+            .fast()
+            .query_row(
+                "SELECT name FROM vendors WHERE token_hash = ?1",
+                params![token_hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The vendor holding a public key, with its delegation.
+    pub fn vendor_by_key(&self, public_key: &str) -> Result<Option<(String, Envelope)>> {
+        let row: Option<(String, Vec<u8>)> = self
+            .fast()
+            .query_row(
+                "SELECT name, delegation FROM vendors WHERE public_key = ?1",
+                params![public_key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
+            .transpose()
+    }
+
+    // === releases ===
+
+    /// Registers release metadata. An identical release still uploading is returned
+    /// again (so an interrupted upload can be retried); anything else that exists is a
+    /// conflict.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_release(
+        &self,
+        release: &herald_shared::release::Release,
+        vendor: Option<&str>,
+        metadata: &Envelope,
+        now: Millis,
+    ) -> Result<ReleaseInfo> {
+        let sha256 = hex::encode(release.sha256);
+        let conn = self.conn();
+        let existing: Option<(i64, String, String)> = conn
+            .query_row(
+                "SELECT id, sha256, state FROM releases
+                 WHERE package = ?1 AND version = ?2 AND platform = ?3",
+                params![release.package, release.version, release.platform],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((id, hash, state)) = existing {
+            if hash == sha256 && state == "uploading" {
+                drop(conn);
+                return self.release(id);
+            }
+            return Err(StoreError::Conflict(format!(
+                "{} {} for {} is already {state}; publish a new version",
+                release.package, release.version, release.platform
+            )));
+        }
+        let state = if release.url.is_some() {
+            "published"
+        } else {
+            "uploading"
+        };
+        conn.execute(
+            "INSERT INTO releases (package, version, platform, vendor, metadata, sha256, length,
+                                   url, expires_at, state, created_at, published_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                release.package,
+                release.version,
+                release.platform,
+                vendor,
+                encode(metadata)?,
+                sha256,
+                release.length as i64,
+                release.url,
+                release.expires_at,
+                state,
+                now,
+                (state == "published").then_some(now),
+            ],
+        )?;
+        let id = conn.last_insert_rowid();
+        drop(conn);
+        self.release(id)
+    }
+
+    /// One release.
+    pub fn release(&self, id: i64) -> Result<ReleaseInfo> {
+        self.fast()
+            .query_row(
+                &format!("{RELEASE_SELECT} WHERE id = ?1"),
+                params![id],
+                release_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no release {id}")))
+    }
+
+    /// Releases, newest first, optionally of one package.
+    pub fn releases(&self, package: Option<&str>) -> Result<Vec<ReleaseInfo>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "{RELEASE_SELECT} WHERE (?1 IS NULL OR package = ?1) ORDER BY id DESC"
+        ))?;
+        let rows = stmt.query_map(params![package], release_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a release's artifact complete.
+    pub fn publish_release(&self, id: i64, now: Millis) -> Result<()> {
+        self.conn().execute(
+            "UPDATE releases SET state = 'published', published_at = ?2
+             WHERE id = ?1 AND state = 'uploading'",
+            params![id, now],
+        )?;
+        Ok(())
+    }
+
+    /// The newest published release of a package for a platform, by semantic version.
+    pub fn latest_release(&self, package: &str, platform: &str) -> Result<Option<ReleaseInfo>> {
+        Ok(self
+            .releases(Some(package))?
+            .into_iter()
+            .filter(|r| r.state == "published" && r.platform == platform)
+            .max_by(|a, b| version_of(&a.version).cmp(&version_of(&b.version))))
+    }
+
+    /// The published release of one exact version for a platform.
+    pub fn release_for(
+        &self,
+        package: &str,
+        version: &str,
+        platform: &str,
+    ) -> Result<Option<ReleaseInfo>> {
+        Ok(self.releases(Some(package))?.into_iter().find(|r| {
+            r.state == "published"
+                && r.platform == platform
+                && version_of(&r.version) == version_of(version)
+        }))
+    }
+
+    /// Each agent's release platform (from the facts it reported).
+    pub fn platforms(&self, agents: &[String]) -> Result<Vec<(String, String)>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare("SELECT facts FROM agents WHERE id = ?1")?;
+        let mut out = Vec::with_capacity(agents.len());
+        for agent in agents {
+            let facts: Option<String> = stmt
+                .query_row(params![agent], |r| r.get(0))
+                .optional()?;
+            let platform = facts
+                .and_then(|f| serde_json::from_str::<serde_json::Value>(&f).ok())
+                .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.push((agent.clone(), platform));
+        }
+        Ok(out)
+    }
+
+    /// Creates one-off install jobs, each carrying the release for its agent's platform.
+    pub fn create_install_jobs(
+        &self,
+        order_id: &str,
+        envelope: &Envelope,
+        action: &str,
+        targets: &[(String, i64)],
+        ttl_ms: u64,
+        now: Millis,
+    ) -> Result<Vec<JobId>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_order(&tx, order_id, envelope, action, now)?;
+        let mut ids = Vec::with_capacity(targets.len());
+        for (agent, release_id) in targets {
+            ids.push(insert_install_job(
+                &tx, agent, order_id, *release_id, ttl_ms, now,
+            )?);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    // === subscriptions ===
+
+    /// Stores a subscription and its standing install order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_subscription(
+        &self,
+        order_id: &str,
+        envelope: &Envelope,
+        action: &str,
+        package: &str,
+        audience: &Audience,
+        waves: &Waves,
+        max_failures: f64,
+        ttl_ms: u64,
+        now: Millis,
+    ) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_order(&tx, order_id, envelope, action, now)?;
+        tx.execute(
+            "INSERT INTO package_subscriptions (package, order_id, target, waves, max_failures,
+                                                ttl_ms, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                package,
+                order_id,
+                audience.to_string(),
+                waves.to_string(),
+                max_failures,
+                ttl_ms as i64,
+                now
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Subscriptions, optionally to one package.
+    pub fn subscriptions(&self, package: Option<&str>) -> Result<Vec<SubscriptionInfo>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(
+            "SELECT id, package, target, waves, max_failures, ttl_ms, created_at
+             FROM package_subscriptions WHERE (?1 IS NULL OR package = ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![package], |r| {
+            Ok(SubscriptionInfo {
+                id: r.get(0)?,
+                package: r.get(1)?,
+                target: r.get(2)?,
+                waves: r.get(3)?,
+                max_failures: r.get(4)?,
+                ttl_ms: r.get::<_, i64>(5)? as u64,
+                created_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a subscription; its running rollouts stop creating jobs.
+    pub fn remove_subscription(&self, id: i64, now: Millis) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE rollouts SET state = 'cancelled', updated_at = ?2
+             WHERE subscription_id = ?1 AND state IN ('running', 'paused')",
+            params![id, now],
+        )?;
+        // Rollouts keep their history; the subscription row stays for them, marked gone
+        // by an empty target.
+        let changed = tx.execute(
+            "UPDATE package_subscriptions SET target = '' WHERE id = ?1 AND target <> ''",
+            params![id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no subscription {id}")));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // === rollouts ===
+
+    /// Starts a rollout of `release_id` for a subscription over `targets` (in order),
+    /// superseding the subscription's unfinished rollouts for the same platform.
+    pub fn start_rollout(
+        &self,
+        subscription_id: i64,
+        release_id: i64,
+        targets: &[String],
+        now: Millis,
+    ) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE rollouts SET state = 'superseded', updated_at = ?3
+             WHERE subscription_id = ?1 AND state IN ('running', 'paused', 'halted')
+               AND release_id IN (SELECT id FROM releases WHERE platform =
+                                  (SELECT platform FROM releases WHERE id = ?2))",
+            params![subscription_id, release_id, now],
+        )?;
+        tx.execute(
+            "INSERT INTO rollouts (release_id, subscription_id, state, wave, created_at, updated_at)
+             VALUES (?1, ?2, 'running', 0, ?3, ?3)",
+            params![release_id, subscription_id, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (position, agent) in targets.iter().enumerate() {
+                stmt.execute(params![id, position as i64, agent])?;
+            }
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Pauses or resumes a rollout.
+    pub fn set_rollout_state(&self, id: i64, pause: bool, now: Millis) -> Result<()> {
+        let (from, to) = if pause {
+            (&["running"][..], "paused")
+        } else {
+            (&["paused", "halted"][..], "running")
+        };
+        let conn = self.conn();
+        let state: Option<String> = conn
+            .query_row(
+                "SELECT state FROM rollouts WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let state = state.ok_or_else(|| StoreError::NotFound(format!("no rollout {id}")))?;
+        if !from.contains(&state.as_str()) {
+            return Err(StoreError::Conflict(format!(
+                "rollout {id} is {state}; cannot {}",
+                if pause { "pause it" } else { "resume it" }
+            )));
+        }
+        conn.execute(
+            "UPDATE rollouts SET state = ?2, reason = NULL, updated_at = ?3 WHERE id = ?1",
+            params![id, to, now],
+        )?;
+        Ok(())
+    }
+
+    /// Rollouts, newest first, optionally of one package.
+    pub fn rollouts(&self, package: Option<&str>) -> Result<Vec<RolloutInfo>> {
+        let ids: Vec<i64> = {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT o.id FROM rollouts o JOIN releases r ON r.id = o.release_id
+                 WHERE (?1 IS NULL OR r.package = ?1) ORDER BY o.id DESC",
+            )?;
+            let rows = stmt.query_map(params![package], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        ids.into_iter().map(|id| self.rollout(id)).collect()
+    }
+
+    /// One rollout with its targets.
+    pub fn rollout(&self, id: i64) -> Result<RolloutInfo> {
+        let conn = self.fast();
+        rollout(&conn, id)
+    }
+
+    /// Moves every running rollout forward: starts the next wave when the current one
+    /// has finished, halts a rollout whose failures pass its threshold, completes one
+    /// whose last wave finished.
+    pub fn advance_rollouts(&self, now: Millis) -> Result<Advance> {
+        let mut advance = Advance::default();
+        let mut conn = self.conn();
+        let running: Vec<i64> = {
+            let mut stmt = conn.prepare("SELECT id FROM rollouts WHERE state = 'running'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for id in running {
+            let tx = conn.transaction()?;
+            let info = rollout(&tx, id)?;
+            let (order_id, max_failures, ttl_ms): (String, f64, i64) = tx.query_row(
+                "SELECT s.order_id, s.max_failures, s.ttl_ms FROM rollouts o
+                 JOIN package_subscriptions s ON s.id = o.subscription_id WHERE o.id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let release_id: i64 = tx.query_row(
+                "SELECT release_id FROM rollouts WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )?;
+            let released = info.targets.iter().filter(|t| t.job_id.is_some()).count();
+            if info.targets.is_empty() {
+                tx.execute(
+                    "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                tx.commit()?;
+                continue;
+            }
+            if info.failed > 0 && info.failed as f64 > max_failures * released.max(1) as f64 {
+                let reason = format!(
+                    "{} of {} installs failed, more than the {}% allowed",
+                    info.failed,
+                    released,
+                    (max_failures * 100.0).round()
+                );
+                tx.execute(
+                    "UPDATE rollouts SET state = 'halted', reason = ?2, updated_at = ?3
+                     WHERE id = ?1",
+                    params![id, reason, now],
+                )?;
+                tx.commit()?;
+                advance.halted.push((id, reason));
+                continue;
+            }
+            let wave_done = info.in_progress == 0
+                && info
+                    .targets
+                    .iter()
+                    .filter(|t| t.wave <= info.wave)
+                    .all(|t| t.job_id.is_some());
+            let mut wave = info.wave;
+            if released == 0 {
+                // Nothing started yet: start the first wave.
+            } else if wave_done && wave + 1 < info.wave_ends.len() {
+                wave += 1;
+            } else if wave_done {
+                tx.execute(
+                    "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                tx.commit()?;
+                continue;
+            } else {
+                tx.commit()?;
+                continue;
+            }
+            for (position, target) in info.targets.iter().enumerate() {
+                if target.wave <= wave && target.job_id.is_none() {
+                    let job = insert_install_job(
+                        &tx,
+                        &target.agent_id,
+                        &order_id,
+                        release_id,
+                        ttl_ms as u64,
+                        now,
+                    )?;
+                    tx.execute(
+                        "UPDATE rollout_targets SET job_id = ?3
+                         WHERE rollout_id = ?1 AND position = ?2",
+                        params![id, position as i64, job],
+                    )?;
+                    advance.poke.push(target.agent_id.clone());
+                }
+            }
+            tx.execute(
+                "UPDATE rollouts SET wave = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, wave as i64, now],
+            )?;
+            tx.commit()?;
+        }
+        Ok(advance)
+    }
+
+    /// Whether a subscription already has a rollout of a release.
+    pub fn has_rollout(&self, subscription_id: i64, release_id: i64) -> Result<bool> {
+        let found: Option<i64> = self
+            .fast()
+            .query_row(
+                "SELECT id FROM rollouts WHERE subscription_id = ?1 AND release_id = ?2",
+                params![subscription_id, release_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// The agents a subscription's audience names now, with their platforms.
+    pub fn subscription_targets(&self, target: &str) -> Result<Vec<(String, String)>> {
+        let audience: Audience = target
+            .parse()
+            .map_err(|e: String| StoreError::Corrupt(e))?;
+        let agents = {
+            let conn = self.fast();
+            expand(&conn, &audience)?
+        };
+        self.platforms(&agents)
+    }
+}
+
+fn insert_install_job(
+    tx: &Connection,
+    agent_id: &str,
+    order_id: &str,
+    release_id: i64,
+    ttl_ms: u64,
+    now: Millis,
+) -> Result<JobId> {
+    tx.execute(
+        "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after, expires_at,
+                           release_id)
+         VALUES (?1, ?2, 'queued', ?3, ?3, ?4, ?5)",
+        params![
+            agent_id,
+            order_id,
+            now,
+            now.saturating_add(ttl_ms as i64),
+            release_id
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn rollout(conn: &Connection, id: i64) -> Result<RolloutInfo> {
+    let head = conn
+        .query_row(
+            "SELECT o.id, r.package, r.version, r.platform, o.subscription_id, o.state, o.wave,
+                    o.reason, o.created_at, o.updated_at, s.waves
+             FROM rollouts o JOIN releases r ON r.id = o.release_id
+             JOIN package_subscriptions s ON s.id = o.subscription_id WHERE o.id = ?1",
+            params![id],
+            |r| {
+                Ok((
+                    RolloutInfo {
+                        id: r.get(0)?,
+                        package: r.get(1)?,
+                        version: r.get(2)?,
+                        platform: r.get(3)?,
+                        subscription_id: r.get(4)?,
+                        state: r.get(5)?,
+                        wave: r.get::<_, i64>(6)? as usize,
+                        wave_ends: Vec::new(),
+                        reason: r.get(7)?,
+                        succeeded: 0,
+                        failed: 0,
+                        in_progress: 0,
+                        waiting: 0,
+                        targets: Vec::new(),
+                        created_at: r.get(8)?,
+                        updated_at: r.get(9)?,
+                    },
+                    r.get::<_, String>(10)?,
+                ))
+            },
+        )
+        .optional()?;
+    let (mut info, waves) = head.ok_or_else(|| StoreError::NotFound(format!("no rollout {id}")))?;
+    let waves: Waves = waves.parse().map_err(StoreError::Corrupt)?;
+    let mut stmt = conn.prepare(
+        "SELECT t.agent_id, t.job_id, j.state, j.progress, j.error FROM rollout_targets t
+         LEFT JOIN jobs j ON j.id = t.job_id WHERE t.rollout_id = ?1 ORDER BY t.position",
+    )?;
+    let rows = stmt.query_map(params![id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, Option<String>>(4)?,
+        ))
+    })?;
+    let rows: Vec<_> = rows.collect::<Result<_, _>>()?;
+    info.wave_ends = waves.ends(rows.len());
+    for (position, (agent_id, job_id, state, progress, error)) in rows.into_iter().enumerate() {
+        let wave = info
+            .wave_ends
+            .iter()
+            .position(|&end| position < end)
+            .unwrap_or(0);
+        let state = state.unwrap_or_else(|| "waiting".into());
+        match state.as_str() {
+            "waiting" => info.waiting += 1,
+            "succeeded" => info.succeeded += 1,
+            s if is_final_state(s) => info.failed += 1,
+            _ => info.in_progress += 1,
+        }
+        info.targets.push(RolloutTarget {
+            agent_id,
+            wave,
+            job_id,
+            state,
+            progress,
+            error,
+        });
+    }
+    Ok(info)
+}
+
+fn version_of(text: &str) -> Option<semver::Version> {
+    semver::Version::parse(text).ok()
+}
+
+fn encode(envelope: &Envelope) -> Result<Vec<u8>> {
+    codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+const RELEASE_SELECT: &str = "SELECT id, package, version, platform, vendor, sha256, length, url, \
+     expires_at, state, created_at, published_at FROM releases";
+
+fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReleaseInfo> {
+    Ok(ReleaseInfo {
+        id: r.get(0)?,
+        package: r.get(1)?,
+        version: r.get(2)?,
+        platform: r.get(3)?,
+        vendor: r.get(4)?,
+        sha256: r.get(5)?,
+        length: r.get::<_, i64>(6)? as u64,
+        url: r.get(7)?,
+        expires_at: r.get(8)?,
+        state: r.get(9)?,
+        created_at: r.get(10)?,
+        published_at: r.get(11)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_are_cumulative_and_cover_everyone() {
+        let waves: Waves = "1,10%,50%,100%".parse().unwrap();
+        assert_eq!(waves.ends(100), vec![1, 10, 50, 100]);
+        assert_eq!(waves.ends(3), vec![1, 2, 3]);
+        assert_eq!(waves.ends(1), vec![1]);
+        assert_eq!(waves.ends(0), Vec::<usize>::new());
+        let partial: Waves = "2,50%".parse().unwrap();
+        assert_eq!(partial.ends(10), vec![2, 5, 10]);
+        assert_eq!(waves.to_string(), "1,10%,50%,100%");
+    }
+
+    #[test]
+    fn bad_waves_are_refused() {
+        for bad in ["", "0", "1,0%", "101%", "x", "1,,2"] {
+            assert!(bad.parse::<Waves>().is_err(), "{bad:?}");
+        }
+    }
+}

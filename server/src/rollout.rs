@@ -1,0 +1,92 @@
+//! The rollout driver: turns a newly published release (or a new subscription) into
+//! rollouts, and moves rollouts wave by wave as install results arrive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Notify};
+use tracing::{info, warn};
+
+use crate::now_ms;
+use crate::relay::Relay;
+use crate::store::{Store, StoreError};
+
+/// How often rollouts are re-checked when nothing happens (job expiry, for one).
+const TICK: Duration = Duration::from_secs(2);
+
+/// Starts a rollout for every subscription to `package` and every platform among its
+/// targets that has a published release it has not rolled out yet. Returns the rollout
+/// ids started.
+pub fn start_for_package(store: &Store, package: &str) -> Result<Vec<i64>, StoreError> {
+    let now = now_ms();
+    let mut started = Vec::new();
+    for subscription in store.subscriptions(Some(package))? {
+        if subscription.target.is_empty() {
+            continue;
+        }
+        let targets = store.subscription_targets(&subscription.target)?;
+        let mut platforms: Vec<&str> = targets.iter().map(|(_, p)| p.as_str()).collect();
+        platforms.sort_unstable();
+        platforms.dedup();
+        for platform in platforms {
+            let Some(release) = store.latest_release(package, platform)? else {
+                continue;
+            };
+            if store.has_rollout(subscription.id, release.id)? {
+                continue;
+            }
+            let agents: Vec<String> = targets
+                .iter()
+                .filter(|(_, p)| p == platform)
+                .map(|(a, _)| a.clone())
+                .collect();
+            let id = store.start_rollout(subscription.id, release.id, &agents, now)?;
+            info!(
+                rollout = id,
+                package,
+                version = %release.version,
+                platform,
+                agents = agents.len(),
+                "rollout started"
+            );
+            started.push(id);
+        }
+    }
+    Ok(started)
+}
+
+/// Advances rollouts whenever a job changes (and every [`TICK`]) until `shutdown`.
+pub async fn run(
+    store: Store,
+    relay: Arc<Relay>,
+    wake: Arc<Notify>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut events = relay.subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        match store.advance_rollouts(now_ms()) {
+            Ok(advance) => {
+                for agent in &advance.poke {
+                    relay.poke(agent);
+                }
+                for (id, reason) in &advance.halted {
+                    warn!(rollout = id, %reason, "rollout halted");
+                }
+            }
+            Err(e) => warn!("advancing rollouts: {e}"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+            event = events.recv() => {
+                if let Err(broadcast::error::RecvError::Closed) = event {
+                    return;
+                }
+                // One pass covers every change that arrived meanwhile.
+                while events.try_recv().is_ok() {}
+            }
+        }
+    }
+}
