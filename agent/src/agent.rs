@@ -11,7 +11,8 @@ use tracing::{info, warn};
 use herald_shared::codec;
 use herald_shared::envelope::{Action, Envelope, PublicKey, Refusal, Statement};
 use herald_shared::protocol::{
-    Ack, AgentMsg, Enroll, JobId, JobResult, ServerMsg, Status, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    Ack, AgentMsg, Bundle, Enroll, JobId, JobResult, ServerMsg, Status, PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
 };
 use herald_shared::token::Token;
 use herald_shared::Millis;
@@ -164,7 +165,41 @@ impl Agent {
         *lock(&self.to_server) = None;
     }
 
-    fn tell_server(&self, msg: AgentMsg) {
+    /// The pinned operator keys.
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The configuration from `agent.toml`.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Grace between SIGTERM and SIGKILL for jobs.
+    pub fn kill_grace(&self) -> Duration {
+        self.kill_grace
+    }
+
+    /// An HTTPS client that trusts only the pinned CA (downloads from the server).
+    pub fn https_client(&self) -> Result<reqwest::Client, crate::tls::TlsError> {
+        let fingerprint = self
+            .config
+            .fingerprint()
+            .map_err(crate::tls::TlsError::from_reason)?;
+        crate::tls::https_client(fingerprint)
+    }
+
+    /// Connected and welcomed: the proof a freshly updated agent is healthy.
+    pub fn connected(&self) {
+        crate::update::report_self_update(self);
+    }
+
+    pub(crate) fn tell_server(&self, msg: AgentMsg) {
         if let Some(sender) = lock(&self.to_server).as_ref() {
             let _ = sender.send(msg);
         }
@@ -246,7 +281,7 @@ impl Agent {
         self: Arc<Self>,
         job_id: JobId,
         envelope: Envelope,
-        _bundle: Option<herald_shared::protocol::Bundle>,
+        bundle: Option<Bundle>,
     ) -> Result<Ack, JournalError> {
         match self.journal.known(job_id)? {
             Some(Known::Refused(reason)) => return Ok(Ack::Refused(reason)),
@@ -271,14 +306,25 @@ impl Agent {
                     .unwrap_or(herald_shared::envelope::History::Unseen),
             )
         });
+        let verdict = verdict.and_then(|()| match &order.action {
+            Action::Install(spec) => {
+                crate::update::check(&self, spec, bundle.as_ref(), now).map(|_| ())
+            }
+            _ => Ok(()),
+        });
         if let Err(refusal) = verdict {
             return self.refuse(job_id, &order_id, refusal, now);
+        }
+        if let Some(bundle) = &bundle {
+            // Kept for a restart before the job starts.
+            let blob = codec::to_bytes(bundle).map_err(|e| JournalError::Corrupt(e.to_string()))?;
+            self.journal.set_value(&bundle_key(job_id), &blob)?;
         }
         self.journal
             .accept(job_id, &order_id, &envelope, order.not_after, now)?;
         info!(job_id, action = %order.action.describe(), "job accepted");
         let agent = self.clone();
-        tokio::spawn(async move { agent.run_job(job_id, order.action).await });
+        tokio::spawn(async move { agent.run_job(job_id, order.action, bundle).await });
         Ok(Ack::Accepted)
     }
 
@@ -318,13 +364,19 @@ impl Agent {
                 Ok(())
             }
             Action::Install(_) | Action::Revert { .. } => {
-                Err(Refusal::Policy("installing packages is not supported yet".into()))
+                if policy.allow_install {
+                    Ok(())
+                } else {
+                    Err(Refusal::Policy(
+                        "installing packages is disabled on this machine".into(),
+                    ))
+                }
             }
         }
     }
 
     /// Runs an accepted job to completion and puts its result in the outbox.
-    async fn run_job(self: Arc<Self>, job_id: JobId, action: Action) {
+    async fn run_job(self: Arc<Self>, job_id: JobId, action: Action, bundle: Option<Bundle>) {
         let started_at = now_ms();
         // The marker that finds the job's processes must be unique on this machine: job
         // ids are only unique per server, and several agents (or a restarted one) may
@@ -354,14 +406,44 @@ impl Agent {
                 let _ = files::create_private_dir(&spec.work_root);
                 outcome_to_result(job_id, started_at, exec::run(&spec).await)
             }
-            Action::Install(_) | Action::Revert { .. } => JobResult::without_output(
-                job_id,
-                Status::Failed,
-                started_at,
-                now_ms(),
-                Some("not supported".into()),
-            ),
+            Action::Install(spec) => {
+                let verified = bundle.as_ref().map(|b| {
+                    herald_shared::release::verify(&b.release, b.delegation.as_ref(), &self.keys)
+                });
+                match (bundle, verified) {
+                    (Some(bundle), Some(Ok(release))) => {
+                        crate::update::install(
+                            self.clone(),
+                            job_id,
+                            marker,
+                            spec,
+                            bundle,
+                            release,
+                            started_at,
+                        )
+                        .await
+                    }
+                    (_, Some(Err(e))) => JobResult::without_output(
+                        job_id,
+                        Status::Failed,
+                        started_at,
+                        now_ms(),
+                        Some(e.to_string()),
+                    ),
+                    _ => JobResult::without_output(
+                        job_id,
+                        Status::Failed,
+                        started_at,
+                        now_ms(),
+                        Some("install job without its release metadata".into()),
+                    ),
+                }
+            }
+            Action::Revert { package } => {
+                crate::update::revert(&self, job_id, &package, started_at)
+            }
         };
+        let _ = self.journal.set_value(&bundle_key(job_id), &[]);
         info!(job_id, status = result.status.as_str(), exit = ?result.exit_code, "job finished");
         if let Err(e) = self.journal.finish(&result, now_ms()) {
             warn!(job_id, "cannot store result: {e}");
@@ -374,7 +456,8 @@ impl Agent {
     pub fn recover(self: &Arc<Self>) -> Result<(), JournalError> {
         let now = now_ms();
         self.journal.prune(now, KEEP_JOBS_MS)?;
-        let (orphans, resume) = self.journal.recover(now)?;
+        let updating = crate::selfupdate::pending(&self.state_dir).map(|p| p.job_id);
+        let (orphans, resume) = self.journal.recover(now, updating)?;
         for marker in orphans {
             // Interrupted means stopped: what the dead agent left running goes too.
             exec::kill_orphans(&marker);
@@ -383,7 +466,13 @@ impl Agent {
             match resume.envelope.open(&self.keys) {
                 Ok(Statement::Order(order)) => {
                     let agent = self.clone();
-                    tokio::spawn(async move { agent.run_job(resume.job_id, order.action).await });
+                    let bundle = self
+                        .journal
+                        .value(&bundle_key(resume.job_id))?
+                        .and_then(|b| codec::from_bytes(&b, codec::DEFAULT_FRAME_LIMIT).ok());
+                    tokio::spawn(async move {
+                        agent.run_job(resume.job_id, order.action, bundle).await
+                    });
                 }
                 _ => warn!(
                     job_id = resume.job_id,
@@ -393,6 +482,10 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+fn bundle_key(job_id: JobId) -> String {
+    format!("bundle:{job_id}")
 }
 
 fn outcome_to_result(
@@ -482,6 +575,7 @@ pub async fn enroll(
                 agent_id: agent_id.clone(),
                 token_groups: token.groups.clone(),
                 policy: Default::default(),
+                update: Default::default(),
             }
             .save(state_dir)?;
             Ok(agent_id)

@@ -225,7 +225,9 @@ impl Journal {
     /// After a restart: reports started-but-unfinished jobs as interrupted (into the
     /// outbox), returning their process markers so leftovers can be killed, and returns
     /// accepted-but-never-started jobs, which may still run.
-    pub fn recover(&self, now: Millis) -> Result<(Vec<String>, Vec<Resume>)> {
+    /// `spare` is a started job that is not interrupted (a self-update whose outcome the
+    /// update record tells).
+    pub fn recover(&self, now: Millis, spare: Option<JobId>) -> Result<(Vec<String>, Vec<Resume>)> {
         let started: Vec<(JobId, Option<String>)> = {
             let conn = self.conn();
             let mut stmt =
@@ -235,6 +237,9 @@ impl Journal {
         };
         let mut markers = Vec::new();
         for (job_id, marker) in started {
+            if spare == Some(job_id) {
+                continue;
+            }
             markers.extend(marker);
             self.finish(
                 &JobResult::without_output(
@@ -331,7 +336,7 @@ mod tests {
         drop(journal);
 
         let journal = Journal::open(&dir).unwrap();
-        let (markers, resume) = journal.recover(5).unwrap();
+        let (markers, resume) = journal.recover(5, None).unwrap();
         assert_eq!(markers, vec!["job-1-m".to_string()]);
         assert_eq!(resume.len(), 1);
         assert_eq!(resume[0].job_id, 2);
@@ -340,7 +345,7 @@ mod tests {
         assert_eq!(outbox[0].job_id, 1);
         assert_eq!(outbox[0].status, Status::Interrupted);
         // Recovering again does not duplicate the result.
-        journal.recover(6).unwrap();
+        journal.recover(6, None).unwrap();
         assert_eq!(journal.outbox_len().unwrap(), 1);
         journal.result_stored(1).unwrap();
         assert_eq!(journal.outbox_len().unwrap(), 0);

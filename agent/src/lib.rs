@@ -15,6 +15,7 @@ pub mod link;
 pub mod selfupdate;
 pub mod state;
 pub mod tls;
+pub mod update;
 pub mod wire;
 
 pub use agent::{enroll, run, Agent, AgentError, Options};

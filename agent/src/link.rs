@@ -169,6 +169,7 @@ async fn converse(
     }
     info!(server = %connection.remote_address(), "connected");
     agent.set_connected(true, None, &addresses);
+    agent.connected();
 
     let (to_server, outgoing) = mpsc::unbounded_channel();
     agent.attach(to_server.clone());

@@ -61,6 +61,38 @@ pub struct AgentConfig {
     /// Local policy.
     #[serde(default)]
     pub policy: Policy,
+    /// Package and self-update settings.
+    #[serde(default)]
+    pub update: UpdateSettings,
+}
+
+/// How the agent downloads and updates itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSettings {
+    /// A download that receives nothing for this long is abandoned.
+    #[serde(default = "default_stall_secs")]
+    pub stall_secs: u64,
+    /// A new agent binary must reconnect within this long, or the previous one returns.
+    #[serde(default = "default_health_secs")]
+    pub health_deadline_secs: u64,
+}
+
+fn default_stall_secs() -> u64 {
+    60
+}
+
+fn default_health_secs() -> u64 {
+    120
+}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        UpdateSettings {
+            stall_secs: default_stall_secs(),
+            health_deadline_secs: default_health_secs(),
+        }
+    }
 }
 
 /// What this machine's owner allows, whatever the operator signs.
@@ -73,6 +105,9 @@ pub struct Policy {
     /// If not empty, only these absolute program paths may run.
     #[serde(default)]
     pub programs: Vec<String>,
+    /// Whether signed packages (and agent updates) may be installed.
+    #[serde(default = "yes")]
+    pub allow_install: bool,
 }
 
 fn yes() -> bool {
@@ -84,6 +119,7 @@ impl Default for Policy {
         Policy {
             allow_run: true,
             programs: Vec::new(),
+            allow_install: true,
         }
     }
 }

@@ -25,6 +25,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[error("TLS configuration: {0}")]
 pub struct TlsError(String);
 
+impl TlsError {
+    /// An error from a reason.
+    pub fn from_reason(reason: String) -> TlsError {
+        TlsError(reason)
+    }
+}
+
 /// Builds the QUIC client configuration.
 pub fn client_config(
     fingerprint: [u8; 32],
@@ -35,6 +42,7 @@ pub fn client_config(
     let verifier = Arc::new(PinnedCa {
         fingerprint,
         provider: provider.clone(),
+        fixed_name: false,
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -59,10 +67,47 @@ pub fn client_config(
 }
 
 /// Verifies the server's chain against the pinned CA, which the server sends along.
+/// An HTTPS client for downloads from the server itself: it trusts only the pinned CA and
+/// checks the certificate's name as `herald-server` (as for QUIC), whatever host the URL
+/// names, since the pinned CA is what matters.
+pub fn https_client(fingerprint: [u8; 32]) -> Result<reqwest::Client, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCa {
+        fingerprint,
+        provider: provider.clone(),
+        fixed_name: true,
+    });
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(15))
+        .no_proxy()
+        .build()
+        .map_err(|e| TlsError(e.to_string()))
+}
+
+/// An HTTPS client for downloads from elsewhere (a vendor's CDN named in signed
+/// metadata): the system's roots. Integrity comes from the signed hash either way.
+pub fn public_client() -> Result<reqwest::Client, TlsError> {
+    // reqwest's rustls needs a process-wide provider; ring, like everything else here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .build()
+        .map_err(|e| TlsError(e.to_string()))
+}
+
 #[derive(Debug)]
 struct PinnedCa {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
+    /// Verify the name `herald-server` instead of the URL's host.
+    fixed_name: bool,
 }
 
 impl ServerCertVerifier for PinnedCa {
@@ -93,7 +138,10 @@ impl ServerCertVerifier for PinnedCa {
             .filter(|c| c.as_ref() != ca.as_ref())
             .cloned()
             .collect();
-        verifier.verify_server_cert(end_entity, &others, server_name, ocsp_response, now)
+        let fixed = ServerName::try_from(herald_shared::protocol::SERVER_NAME)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let name = if self.fixed_name { &fixed } else { server_name };
+        verifier.verify_server_cert(end_entity, &others, name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

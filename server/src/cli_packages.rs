@@ -743,12 +743,12 @@ fn print_releases(releases: &[ReleaseInfo]) {
         return;
     }
     println!(
-        "{:<5} {:<20} {:<12} {:<16} {:<10} {:<12} {:<17} EXPIRES",
+        "{:<5} {:<20} {:<12} {:<16} {:<10} {:<12} {:<25} EXPIRES",
         "ID", "PACKAGE", "VERSION", "PLATFORM", "STATE", "VENDOR", "PUBLISHED"
     );
     for r in releases {
         println!(
-            "{:<5} {:<20} {:<12} {:<16} {:<10} {:<12} {:<17} {}",
+            "{:<5} {:<20} {:<12} {:<16} {:<10} {:<12} {:<25} {}",
             r.id,
             r.package,
             r.version,

@@ -330,6 +330,9 @@ pub enum Refusal {
     /// Envelope invalid (signature, signer, encoding).
     #[error("invalid envelope: {0}")]
     Invalid(String),
+    /// The release an install order carries is refused.
+    #[error("{0}")]
+    Release(String),
 }
 
 /// What the agent knows when checking an order's history.

@@ -191,7 +191,9 @@ fn agent_refuses_bad_envelopes() {
         else {
             panic!("tampered payload is not an order");
         };
-        let Action::Run(run) = &tampered.action;
+        let Action::Run(run) = &tampered.action else {
+            panic!("tampered order is not a run");
+        };
         assert_eq!(run.args[1], tampered_script);
         cases.push(Case {
             name: "tampered payload",
