@@ -323,6 +323,7 @@ pub struct TestAgent {
     pub state_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    binary: PathBuf,
 }
 
 impl TestAgent {
@@ -353,7 +354,19 @@ impl TestAgent {
             log: server.dir.path().join(format!("agent-{name}.log")),
             state_dir,
             child: None,
+            binary: bin("herald-agent"),
         }
+    }
+
+    /// Runs this agent from its own copy of the binary (which a self-update may
+    /// replace) instead of the shared build output. Returns the copy's path.
+    pub fn use_own_binary(&mut self) -> PathBuf {
+        let dir = self.state_dir.with_extension("bin");
+        std::fs::create_dir_all(&dir).expect("create agent binary dir");
+        let copy = dir.join("herald-agent");
+        std::fs::copy(bin("herald-agent"), &copy).expect("copy herald-agent");
+        self.binary = copy.clone();
+        copy
     }
 
     /// Enrolls and starts an agent, waiting until the server sees it online.
@@ -365,7 +378,11 @@ impl TestAgent {
     }
 
     fn command(state_dir: &Path) -> Command {
-        let mut command = Command::new(bin("herald-agent"));
+        Self::command_with(&bin("herald-agent"), state_dir)
+    }
+
+    fn command_with(binary: &Path, state_dir: &Path) -> Command {
+        let mut command = Command::new(binary);
         command
             .arg("--state-dir")
             .arg(state_dir)
@@ -377,7 +394,7 @@ impl TestAgent {
     /// Starts `herald-agent run`.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
-        let child = Self::command(&self.state_dir)
+        let child = Self::command_with(&self.binary, &self.state_dir)
             .arg("run")
             .stdout(log_file(&self.log))
             .stderr(log_file(&self.log))
@@ -398,11 +415,23 @@ impl TestAgent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Kills the agent with SIGKILL.
+    /// Kills the agent with SIGKILL, and the process its status file names if that is
+    /// another (an agent restarted by a self-update watchdog).
     pub fn kill(&mut self) {
+        let recorded = std::fs::read_to_string(self.state_dir.join("status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["pid"].as_u64());
         if let Some(mut child) = self.child.take() {
+            let own = child.id();
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(pid) = recorded.filter(|&p| p as u32 != own) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 
