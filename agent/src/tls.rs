@@ -98,6 +98,8 @@ pub fn public_client() -> Result<reqwest::Client, TlsError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
+        // A redirect could lead to plain http elsewhere; metadata names the real URL.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| TlsError(e.to_string()))
 }

@@ -241,14 +241,26 @@ async fn apply(
         release::Format::File { name } => install::Format::File { name: name.clone() },
     };
     let previous = packages.current(&release.package)?;
-    let dir = packages.unpack(
-        &release.package,
-        &release.version,
-        staged,
-        release.sha256,
-        release.length,
-        &format,
-    )?;
+    let dir = {
+        // Unpacking may take a while (up to gigabytes): off the runtime's threads.
+        let (packages, release, staged) =
+            (packages.clone(), release.clone(), staged.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            packages.unpack(
+                &release.package,
+                &release.version,
+                &staged,
+                release.sha256,
+                release.length,
+                &format,
+            )
+        })
+        .await
+        .map_err(|e| Failure {
+            message: format!("unpacking stopped: {e}"),
+            output: None,
+        })??
+    };
     if let Some(command) = &release.install_command {
         let artifact = match &release.format {
             release::Format::File { name } => dir.join(name),
