@@ -39,6 +39,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watches a self-update on trial and puts the previous binary back if the new one
+    /// fails (started by the agent itself).
+    #[command(hide = true, name = "update-watchdog")]
+    UpdateWatchdog {
+        /// Process id of the agent on trial.
+        #[arg(long)]
+        pid: u32,
+    },
 }
 
 #[tokio::main]
@@ -78,6 +86,18 @@ async fn main() -> ExitCode {
             }
         }
         Command::Status { json } => status(&dir, json),
+        Command::UpdateWatchdog { pid } => {
+            let options = herald_agent::selfupdate::WatchdogOptions {
+                exec_after_revert: true,
+            };
+            match herald_agent::selfupdate::watchdog(&dir, pid, options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald-agent update-watchdog: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
