@@ -185,6 +185,9 @@ pub struct Pending {
     pub from_version: String,
     /// The version being installed.
     pub to_version: String,
+    /// SHA-256 (hex) of the new binary: the agent that confirms must be running it.
+    #[serde(default)]
+    pub to_sha256: String,
     /// The agent's binary (canonical path), replaced by the new version.
     pub exe: PathBuf,
     /// The copy of the binary that ran before the update.
@@ -241,7 +244,11 @@ pub fn begin(
     to_version: &str,
     health_deadline: Duration,
 ) -> SelfUpdateError {
-    match Attempt::prepare(state_dir, job_id, to_version, health_deadline) {
+    let to_sha256 = match file_sha256(new_binary) {
+        Ok(hash) => hash,
+        Err(e) => return e,
+    };
+    match Attempt::prepare(state_dir, job_id, to_version, &to_sha256, health_deadline) {
         Ok(mut attempt) => {
             let error = attempt.swap_and_exec(new_binary);
             attempt.undo(error)
@@ -265,8 +272,9 @@ pub fn pending(state_dir: &Path) -> Option<Pending> {
 ///
 /// If the record is already `reverted` (the watchdog was faster), it is returned
 /// unchanged: the binary on disk is the previous version again and the caller should
-/// exit so that it is restarted. If the running code is not `to_version` (the swap did
-/// not survive a crash), the trial ends as `reverted` instead.
+/// exit so that it is restarted. If the agent binary on disk is not the new one (the
+/// swap did not survive a crash), the trial ends as `reverted` instead. The check is by
+/// hash, not by version: the version is what the operator called the release.
 pub fn confirm_healthy(state_dir: &Path) -> Result<Option<Pending>, SelfUpdateError> {
     let update_dir = state_dir.join(UPDATE_DIR);
     let Some(current) = read_current(&update_dir)? else {
@@ -275,15 +283,22 @@ pub fn confirm_healthy(state_dir: &Path) -> Result<Option<Pending>, SelfUpdateEr
     if current.state != PendingState::Trial {
         return Ok(Some(current));
     }
-    let next = if same_version(&current.to_version, RUNNING_VERSION) {
-        PendingState::Healthy
-    } else {
-        PendingState::Reverted {
-            reason: format!(
-                "the agent came back as version {RUNNING_VERSION}, not {}",
-                current.to_version
-            ),
+    let running = std::env::current_exe()
+        .map_err(SelfUpdateError::CurrentExe)
+        .and_then(|exe| file_sha256(&exe));
+    let next = match running {
+        Ok(hash) if current.to_sha256.is_empty() || hash == current.to_sha256 => {
+            PendingState::Healthy
         }
+        Ok(hash) => PendingState::Reverted {
+            reason: format!(
+                "the agent binary on disk (sha256 {hash}) is not version {} (sha256 {})",
+                current.to_version, current.to_sha256
+            ),
+        },
+        Err(e) => PendingState::Reverted {
+            reason: format!("cannot check the agent binary: {e}"),
+        },
     };
     Ok(end_trial(&update_dir, next)?.record())
 }
@@ -386,6 +401,7 @@ impl Attempt {
         state_dir: &Path,
         job_id: i64,
         to_version: &str,
+        to_sha256: &str,
         health_deadline: Duration,
     ) -> Result<Attempt, SelfUpdateError> {
         let exe = std::env::current_exe()
@@ -420,6 +436,7 @@ impl Attempt {
             job_id,
             from_version: RUNNING_VERSION.to_owned(),
             to_version: to_version.to_owned(),
+            to_sha256: to_sha256.to_owned(),
             exe,
             previous,
             argv,
@@ -876,8 +893,12 @@ fn start_watchdog(
 
 // === helpers ===
 
-fn same_version(a: &str, b: &str) -> bool {
-    a.trim().trim_start_matches('v') == b.trim().trim_start_matches('v')
+fn file_sha256(path: &Path) -> Result<String, SelfUpdateError> {
+    use sha2::Digest;
+    let mut file = File::open(path).map_err(io_error("cannot read", path))?;
+    let mut hasher = sha2::Sha256::new();
+    io::copy(&mut file, &mut hasher).map_err(io_error("cannot read", path))?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -950,6 +971,7 @@ mod tests {
             job_id: 42,
             from_version: "0.0.1".into(),
             to_version: RUNNING_VERSION.into(),
+            to_sha256: String::new(),
             exe,
             previous,
             argv: vec![
@@ -1064,10 +1086,11 @@ mod tests {
     }
 
     #[test]
-    fn confirm_from_another_version_than_the_new_one_reverts() {
+    fn confirm_from_another_binary_than_the_new_one_reverts() {
         let scratch = Scratch::new("confirm-version");
         let mut record = trial(&scratch.0, 1, Duration::from_secs(60));
         record.to_version = "999.0.0".into();
+        record.to_sha256 = "00".repeat(32);
         let update_dir = scratch.0.join(UPDATE_DIR);
         publish(
             &write_temp(&update_dir, &record).unwrap(),
@@ -1076,7 +1099,10 @@ mod tests {
         .unwrap();
         confirm_healthy(&scratch.0).unwrap();
         let reason = reverted_reason(&scratch.0);
-        assert!(reason.contains("999.0.0") && reason.contains(RUNNING_VERSION));
+        assert!(
+            reason.contains("999.0.0") && reason.contains(&"00".repeat(32)),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -45,9 +45,8 @@ pub(crate) fn check(
     now: Millis,
 ) -> Result<(Release, Verdict), Refusal> {
     let refuse = |e: release::ReleaseError| Refusal::Release(e.to_string());
-    let bundle = bundle.ok_or_else(|| {
-        Refusal::Release("install order came without release metadata".into())
-    })?;
+    let bundle = bundle
+        .ok_or_else(|| Refusal::Release("install order came without release metadata".into()))?;
     let release = release::verify(&bundle.release, bundle.delegation.as_ref(), agent.keys())
         .map_err(refuse)?;
     let installed = installed(agent, &spec.package).map_err(Refusal::Invalid)?;
@@ -130,7 +129,10 @@ pub(crate) async fn install(
         Ok(now) if now.current.as_ref() == release.semver().ok().as_ref() => {
             return finish(
                 Status::Succeeded,
-                format!("{} {} is already installed", release.package, release.version),
+                format!(
+                    "{} {} is already installed",
+                    release.package, release.version
+                ),
             )
         }
         _ => {}
@@ -243,8 +245,7 @@ async fn apply(
     let previous = packages.current(&release.package)?;
     let dir = {
         // Unpacking may take a while (up to gigabytes): off the runtime's threads.
-        let (packages, release, staged) =
-            (packages.clone(), release.clone(), staged.to_path_buf());
+        let (packages, release, staged) = (packages.clone(), release.clone(), staged.to_path_buf());
         tokio::task::spawn_blocking(move || {
             packages.unpack(
                 &release.package,
@@ -400,7 +401,11 @@ pub(crate) fn report_self_update(agent: &Agent) -> Option<JobId> {
         }
         selfupdate::PendingState::Trial => return None,
     }
-    info!(job_id = pending.job_id, status = result.status.as_str(), "self-update reported");
+    info!(
+        job_id = pending.job_id,
+        status = result.status.as_str(),
+        "self-update reported"
+    );
     if let Err(e) = agent.journal().finish(&result, now) {
         warn!("cannot store the self-update result: {e}");
         return None;

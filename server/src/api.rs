@@ -26,8 +26,8 @@ use crate::model::{
     JobInfo, ScheduleInfo, SetMembership,
 };
 use crate::now_ms;
-use crate::releases_api;
 use crate::relay::Relay;
+use crate::releases_api;
 use crate::store::{Store, StoreError};
 
 /// Longest `wait_ms` a client may ask for on a job long poll.
@@ -353,7 +353,9 @@ async fn create_jobs(
         return Err(bad("envelope is not an order"));
     };
     if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
-        return Err(bad("install orders go to /api/v1/installs or /api/v1/subscriptions"));
+        return Err(bad(
+            "install orders go to /api/v1/installs or /api/v1/subscriptions",
+        ));
     }
     if body.ttl_ms == 0 || body.ttl_ms > MAX_TTL_MS {
         return Err(bad("ttl must be between 1 ms and 30 days"));
@@ -391,7 +393,9 @@ async fn create_schedule(
         return Err(bad("envelope is not an order"));
     };
     if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
-        return Err(bad("installs are scheduled by publishing releases to subscriptions"));
+        return Err(bad(
+            "installs are scheduled by publishing releases to subscriptions",
+        ));
     }
     body.schedule
         .validate()

@@ -14,9 +14,7 @@ use sha2::Digest;
 use tokio::io::AsyncReadExt;
 
 use herald_shared::codec;
-use herald_shared::envelope::{
-    Action, Audience, InstallSpec, Order, Repeat, Statement, VendorKey,
-};
+use herald_shared::envelope::{Action, Audience, InstallSpec, Order, Repeat, Statement, VendorKey};
 use herald_shared::release::{self, Delegation, Format, Release};
 use herald_shared::schedule;
 
@@ -280,8 +278,9 @@ impl Context {
                         "invalid vendor name {name:?}: use letters, digits, '.', '_' and '-'"
                     )));
                 }
-                let key = herald_shared::envelope::PublicKey::from_hex(&key)
-                    .map_err(|_| usage("--key is not a valid Ed25519 public key (64 hex digits)"))?;
+                let key = herald_shared::envelope::PublicKey::from_hex(&key).map_err(|_| {
+                    usage("--key is not a valid Ed25519 public key (64 hex digits)")
+                })?;
                 for pattern in &packages {
                     release::check_pattern(pattern).map_err(usage)?;
                 }
@@ -447,9 +446,7 @@ impl Context {
             .sign(&Statement::Release(metadata))
             .map_err(|e| CliError::Other(e.to_string()))?;
         let client = match &args.token {
-            Some(token) => {
-                crate::client::Client::new(&self.admin, None)?.with_token(token.clone())
-            }
+            Some(token) => crate::client::Client::new(&self.admin, None)?.with_token(token.clone()),
             None => crate::client::Client::new(&self.admin, None)?,
         };
         let info: ReleaseInfo = client
@@ -568,7 +565,10 @@ impl Context {
                 .or_else(|| Some(job.stdout.trim().to_string()).filter(|s| !s.is_empty()))
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            println!("job {} on {}: {}{detail}", job.id, job.agent_name, job.state);
+            println!(
+                "job {} on {}: {}{detail}",
+                job.id, job.agent_name, job.state
+            );
             all_ok &= job.state == "succeeded";
         }
         Ok(if all_ok {
@@ -785,7 +785,10 @@ fn print_rollout_line(r: &RolloutInfo) {
 fn print_rollout(r: &RolloutInfo) {
     print_rollout_line(r);
     println!("wave ends: {:?}", r.wave_ends);
-    println!("{:<22} {:<5} {:<8} {:<12} DETAIL", "AGENT", "WAVE", "JOB", "STATE");
+    println!(
+        "{:<22} {:<5} {:<8} {:<12} DETAIL",
+        "AGENT", "WAVE", "JOB", "STATE"
+    );
     for t in &r.targets {
         let detail = t
             .error
@@ -796,7 +799,9 @@ fn print_rollout(r: &RolloutInfo) {
             "{:<22} {:<5} {:<8} {:<12} {}",
             t.agent_id,
             t.wave + 1,
-            t.job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
+            t.job_id
+                .map(|j| j.to_string())
+                .unwrap_or_else(|| "-".into()),
             t.state,
             detail
         );
