@@ -63,6 +63,10 @@ const WATCHDOG_UNIT_PREFIX: &str = "herald-agent-update-watchdog-";
 const SYSTEMD_MARKER_ENV: &str = "INVOCATION_ID";
 /// How often the watchdog looks at the record and the agent process.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the agent must look gone before the watchdog believes it. An exec from a
+/// thread other than the main one leaves the old thread-group leader a zombie for a
+/// moment, which `/proc` shows as the process itself.
+const GONE_FOR: Duration = Duration::from_millis(800);
 /// How long a stopped agent gets between `SIGTERM` and `SIGKILL`.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long to wait for a `SIGKILL`ed agent to disappear.
@@ -351,6 +355,7 @@ pub fn watchdog(
     let deadline = now
         .checked_add(Duration::from_millis(remaining))
         .unwrap_or(now + FAR_FUTURE);
+    let mut gone_since: Option<Instant> = None;
     loop {
         let Some(current) = read_current(&update_dir)? else {
             tracing::info!("the self-update record is gone; stopping");
@@ -361,7 +366,12 @@ pub fn watchdog(
             return Ok(());
         }
         let now = Instant::now();
-        let reason = if !agent.is_alive() {
+        if agent.is_alive() {
+            gone_since = None;
+        } else {
+            gone_since.get_or_insert(now);
+        }
+        let reason = if gone_since.is_some_and(|since| now.duration_since(since) >= GONE_FOR) {
             format!(
                 "the new version ({}) exited before reporting healthy",
                 current.to_version
@@ -377,7 +387,12 @@ pub fn watchdog(
                 current.to_version
             )
         } else {
-            std::thread::sleep(POLL_INTERVAL.min(deadline - now));
+            let pause = if gone_since.is_some() {
+                POLL_INTERVAL / 4
+            } else {
+                POLL_INTERVAL
+            };
+            std::thread::sleep(pause.min(deadline.saturating_duration_since(now)));
             continue;
         };
         return revert(&update_dir, &current, reason, &agent, options);
