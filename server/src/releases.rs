@@ -257,9 +257,8 @@ impl Store {
     /// Every vendor.
     pub fn vendors(&self) -> Result<Vec<VendorInfo>> {
         let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT name, public_key, packages, created_at FROM vendors ORDER BY name",
-        )?;
+        let mut stmt = conn
+            .prepare("SELECT name, public_key, packages, created_at FROM vendors ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             let packages: String = r.get(2)?;
             Ok(VendorInfo {
@@ -421,9 +420,7 @@ impl Store {
         let mut stmt = conn.prepare("SELECT facts FROM agents WHERE id = ?1")?;
         let mut out = Vec::with_capacity(agents.len());
         for agent in agents {
-            let facts: Option<String> = stmt
-                .query_row(params![agent], |r| r.get(0))
-                .optional()?;
+            let facts: Option<String> = stmt.query_row(params![agent], |r| r.get(0)).optional()?;
             let platform = facts
                 .and_then(|f| serde_json::from_str::<serde_json::Value>(&f).ok())
                 .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
@@ -449,7 +446,12 @@ impl Store {
         let mut ids = Vec::with_capacity(targets.len());
         for (agent, release_id) in targets {
             ids.push(insert_install_job(
-                &tx, agent, order_id, *release_id, ttl_ms, now,
+                &tx,
+                agent,
+                order_id,
+                *release_id,
+                ttl_ms,
+                now,
             )?);
         }
         tx.commit()?;
@@ -738,9 +740,7 @@ impl Store {
 
     /// The agents a subscription's audience names now, with their platforms.
     pub fn subscription_targets(&self, target: &str) -> Result<Vec<(String, String)>> {
-        let audience: Audience = target
-            .parse()
-            .map_err(|e: String| StoreError::Corrupt(e))?;
+        let audience: Audience = target.parse().map_err(|e: String| StoreError::Corrupt(e))?;
         let agents = {
             let conn = self.fast();
             expand(&conn, &audience)?

@@ -22,7 +22,8 @@ use crate::model::{AddressEvent, AgentDetail, AgentInfo, JobInfo, ScheduleInfo};
 pub const DB_FILE: &str = "herald.db";
 
 /// Migrations, applied in order; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE agents (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -104,7 +105,8 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_by_agent_state ON jobs(agent_id, state);
 CREATE INDEX jobs_by_state_expiry ON jobs(state, expires_at);
 CREATE INDEX jobs_by_state_deliver ON jobs(state, deliver_after);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE vendors (
     name TEXT PRIMARY KEY,
     public_key TEXT NOT NULL UNIQUE,
@@ -160,7 +162,8 @@ CREATE TABLE rollout_targets (
 );
 ALTER TABLE jobs ADD COLUMN release_id BIGINT REFERENCES releases(id);
 ALTER TABLE jobs ADD COLUMN progress TEXT;
-"#];
+"#,
+];
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]

@@ -59,7 +59,8 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
             "invalid package pattern {pattern:?}: use lower-case letters, digits, '-', '_', '.', and '*' or '?'"
         ));
     }
-    let glob = glob::Pattern::new(pattern).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
+    let glob =
+        glob::Pattern::new(pattern).map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
     if glob.matches_with(AGENT_PACKAGE, GLOB_OPTIONS) {
         return Err(format!(
             "pattern {pattern:?} would cover {AGENT_PACKAGE}, which only the operator signs"
@@ -159,8 +160,9 @@ impl Release {
         check_platform(&self.platform).map_err(ReleaseError::Invalid)?;
         self.semver()?;
         if let Some(min) = &self.min_agent_version {
-            semver::Version::parse(min)
-                .map_err(|e| ReleaseError::Invalid(format!("minimum agent version {min:?}: {e}")))?;
+            semver::Version::parse(min).map_err(|e| {
+                ReleaseError::Invalid(format!("minimum agent version {min:?}: {e}"))
+            })?;
         }
         if let Format::File { name } = &self.format {
             if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
@@ -255,11 +257,16 @@ pub fn verify(
         let delegation = delegation.ok_or_else(|| {
             ReleaseError::Untrusted("signed by a vendor key but no delegation came with it".into())
         })?;
-        let grant = match delegation.open(operator_keys).map_err(|e| {
-            ReleaseError::Untrusted(format!("delegation: {e}"))
-        })? {
+        let grant = match delegation
+            .open(operator_keys)
+            .map_err(|e| ReleaseError::Untrusted(format!("delegation: {e}")))?
+        {
             Statement::Delegation(grant) => grant,
-            _ => return Err(ReleaseError::Untrusted("delegation is not a delegation".into())),
+            _ => {
+                return Err(ReleaseError::Untrusted(
+                    "delegation is not a delegation".into(),
+                ))
+            }
         };
         if grant.key != release.signer {
             return Err(ReleaseError::Untrusted(format!(
@@ -365,7 +372,9 @@ mod tests {
             platform: "linux-x86_64".into(),
             sha256: [1; 32],
             length: 10,
-            format: Format::File { name: "tool".into() },
+            format: Format::File {
+                name: "tool".into(),
+            },
             install_command: None,
             min_agent_version: None,
             url: None,
@@ -386,7 +395,10 @@ mod tests {
     }
 
     fn keys() -> (OperatorKey, OperatorKey) {
-        (OperatorKey::from_seed([1; 32]), OperatorKey::from_seed([2; 32]))
+        (
+            OperatorKey::from_seed([1; 32]),
+            OperatorKey::from_seed([2; 32]),
+        )
     }
 
     #[test]
@@ -408,7 +420,10 @@ mod tests {
             .sign(&Statement::Release(release("other-tool", "1.0.0")))
             .unwrap();
         let err = verify(&signed, Some(&grant), &[operator.public()]).unwrap_err();
-        assert!(err.to_string().contains("not delegated package other-tool"), "{err}");
+        assert!(
+            err.to_string().contains("not delegated package other-tool"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -487,7 +502,14 @@ mod tests {
             Err(ReleaseError::Platform { .. })
         ));
         assert!(matches!(
-            r.check("acme-tool", Some("1.1.0"), "linux-x86_64", "0.1.0", &none, 2_000),
+            r.check(
+                "acme-tool",
+                Some("1.1.0"),
+                "linux-x86_64",
+                "0.1.0",
+                &none,
+                2_000
+            ),
             Err(ReleaseError::Mismatch(_))
         ));
         assert!(matches!(
@@ -506,7 +528,9 @@ mod tests {
         let mut r = release("acme-tool", "not-semver");
         assert!(r.validate().is_err());
         r.version = "1.0.0".into();
-        r.format = Format::File { name: "../x".into() };
+        r.format = Format::File {
+            name: "../x".into(),
+        };
         assert!(r.validate().is_err());
         r.format = Format::TarGz;
         r.install_command = Some(vec![]);
