@@ -254,6 +254,38 @@ impl TestServer {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
     }
 
+    /// `vendor keygen --out FILE`; returns the public key (hex).
+    pub fn vendor_keygen(&self, out: &Path) -> String {
+        let text = self.cli_ok(&["vendor", "keygen", "--out", &out.to_string_lossy()]);
+        text.lines()
+            .find_map(|l| l.strip_prefix("public key: "))
+            .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Makes a vendor key in the test directory and delegates `pattern` to it with
+    /// `vendor add`; returns the key file and the vendor's API token.
+    pub fn add_vendor(&self, name: &str, pattern: &str) -> (PathBuf, String) {
+        let key = self.dir.path().join(format!("{name}.key"));
+        let public = self.vendor_keygen(&key);
+        let text = self.cli_ok(&[
+            "vendor",
+            "add",
+            name,
+            "--key",
+            &public,
+            "--packages",
+            pattern,
+        ]);
+        let token = text
+            .split_whitespace()
+            .find(|w| w.starts_with("hrldv_"))
+            .unwrap_or_else(|| panic!("no vendor token in {text}"))
+            .to_string();
+        (key, token)
+    }
+
     /// Creates an enrollment token.
     pub fn token(&self, extra: &[&str]) -> String {
         let mut args = vec!["token", "create"];

@@ -197,13 +197,7 @@ fn a_new_binary_that_never_reconnects_is_replaced_at_the_deadline() {
 fn vendors_cannot_publish_the_agent_itself() {
     let server = TestServer::start("self-update-reserved");
     let key = server.dir.path().join("v.key");
-    let out = server.cli_ok(&["vendor", "keygen", "--out", key.to_str().unwrap()]);
-    let public = out
-        .lines()
-        .find_map(|l| l.strip_prefix("public key: "))
-        .unwrap()
-        .trim()
-        .to_string();
+    let public = server.vendor_keygen(&key);
     let refused = server.cli(&["vendor", "add", "evil", "--key", &public, "--packages", "*"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("herald-agent"));

@@ -286,23 +286,7 @@ impl Setup {
     /// Starts both; `stall_secs` goes into the agent's `[update]` settings.
     fn start(name: &str, stall_secs: Option<u64>) -> Setup {
         let server = TestServer::start(name);
-        let vendor_key = server.dir.path().join("vendor.key");
-        let keygen = server.cli_ok(&["vendor", "keygen", "--out", path_str(&vendor_key)]);
-        let public = keygen
-            .lines()
-            .find_map(|l| l.strip_prefix("public key: "))
-            .unwrap_or_else(|| panic!("unexpected keygen output: {keygen}"))
-            .trim()
-            .to_string();
-        server.cli_ok(&[
-            "vendor",
-            "add",
-            "acme",
-            "--key",
-            &public,
-            "--packages",
-            "acme-*",
-        ]);
+        let (vendor_key, _) = server.add_vendor("acme", "acme-*");
         let mut agent = TestAgent::enroll(&server, "a1", &[]);
         if let Some(secs) = stall_secs {
             set_stall_secs(&agent.state_dir.join("agent.toml"), secs);

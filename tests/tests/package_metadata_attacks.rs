@@ -51,31 +51,9 @@ fn path_str(path: &Path) -> &str {
 
 /// Makes a key pair for vendor `name` and delegates `pattern` to it.
 fn add_vendor(server: &TestServer, name: &str, pattern: &str) -> Vendor {
-    let key_file = server.dir.path().join(format!("{name}.key"));
-    let out = server.cli_ok(&["vendor", "keygen", "--out", path_str(&key_file)]);
-    let public = out
-        .lines()
-        .find_map(|l| l.strip_prefix("public key: "))
-        .expect("keygen prints the public key")
-        .trim()
-        .to_string();
-    let out = server.cli_ok(&[
-        "vendor",
-        "add",
-        name,
-        "--key",
-        &public,
-        "--packages",
-        pattern,
-    ]);
-    let token = out
-        .lines()
-        .find_map(|l| l.split_once("): ").map(|(_, t)| t.trim().to_string()))
-        .filter(|t| t.starts_with("hrldv_"))
-        .unwrap_or_else(|| panic!("`vendor add` prints the vendor token: {out:?}"));
+    let (key_file, token) = server.add_vendor(name, pattern);
     let key = VendorKey::from_hex(&std::fs::read_to_string(&key_file).expect("read key file"))
         .expect("the key file holds a hex seed");
-    assert_eq!(key.public().to_hex(), public);
     Vendor {
         key_file,
         key,

@@ -12,24 +12,7 @@ use serde_json::Value;
 
 /// A server with a vendor `acme` allowed `acme-*`; returns the vendor key file.
 fn with_vendor(server: &TestServer) -> std::path::PathBuf {
-    let key = server.dir.path().join("acme.key");
-    let out = server.cli_ok(&["vendor", "keygen", "--out", key.to_str().unwrap()]);
-    let public = out
-        .lines()
-        .find_map(|l| l.strip_prefix("public key: "))
-        .expect("keygen prints the public key")
-        .trim()
-        .to_string();
-    server.cli_ok(&[
-        "vendor",
-        "add",
-        "acme",
-        "--key",
-        &public,
-        "--packages",
-        "acme-*",
-    ]);
-    key
+    server.add_vendor("acme", "acme-*").0
 }
 
 /// Writes a versioned script artifact and publishes it.
