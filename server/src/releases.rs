@@ -682,24 +682,24 @@ impl Store {
                     .iter()
                     .filter(|t| t.wave <= info.wave)
                     .all(|t| t.job_id.is_some());
-            let mut wave = info.wave;
-            if released == 0 {
-                // Nothing started yet: start the first wave.
-            } else if wave_done && wave + 1 < info.wave_ends.len() {
-                wave += 1;
-            } else if wave_done {
-                tx.execute(
-                    "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
-                    params![id, now],
-                )?;
-                tx.commit()?;
-                continue;
-            } else {
-                tx.commit()?;
-                continue;
+            let mut wave = info.wave.min(info.wave_ends.len() - 1);
+            if released > 0 && wave_done {
+                if wave + 1 < info.wave_ends.len() {
+                    wave += 1;
+                } else {
+                    tx.execute(
+                        "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
+                        params![id, now],
+                    )?;
+                    tx.commit()?;
+                    continue;
+                }
             }
+            // Start the wave's jobs (all of them when it begins; late joiners later).
+            let mut changed = wave != info.wave;
             for (position, target) in info.targets.iter().enumerate() {
                 if target.wave <= wave && target.job_id.is_none() {
+                    changed = true;
                     let job = insert_install_job(
                         &tx,
                         &target.agent_id,
@@ -716,26 +716,65 @@ impl Store {
                     advance.poke.push(target.agent_id.clone());
                 }
             }
-            tx.execute(
-                "UPDATE rollouts SET wave = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, wave as i64, now],
-            )?;
+            if changed {
+                tx.execute(
+                    "UPDATE rollouts SET wave = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![id, wave as i64, now],
+                )?;
+            }
             tx.commit()?;
         }
         Ok(advance)
     }
 
-    /// Whether a subscription already has a rollout of a release.
-    pub fn has_rollout(&self, subscription_id: i64, release_id: i64) -> Result<bool> {
-        let found: Option<i64> = self
-            .fast()
+    /// A subscription's rollout of a release, if any: its id, state and targets.
+    pub fn rollout_for(
+        &self,
+        subscription_id: i64,
+        release_id: i64,
+    ) -> Result<Option<(i64, String, Vec<String>)>> {
+        let conn = self.fast();
+        let found: Option<(i64, String)> = conn
             .query_row(
-                "SELECT id FROM rollouts WHERE subscription_id = ?1 AND release_id = ?2",
+                "SELECT id, state FROM rollouts WHERE subscription_id = ?1 AND release_id = ?2",
                 params![subscription_id, release_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(found.is_some())
+        let Some((id, state)) = found else {
+            return Ok(None);
+        };
+        let mut stmt =
+            conn.prepare("SELECT agent_id FROM rollout_targets WHERE rollout_id = ?1")?;
+        let rows = stmt.query_map(params![id], |r| r.get(0))?;
+        Ok(Some((id, state, rows.collect::<Result<_, _>>()?)))
+    }
+
+    /// Adds agents that joined a subscription's audience after its rollout started; they
+    /// go at the end (the last wave). A completed rollout runs again for them.
+    pub fn extend_rollout(&self, id: i64, agents: &[String], now: Millis) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let next: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(position) + 1, 0) FROM rollout_targets WHERE rollout_id = ?1",
+            params![id],
+            |r| r.get(0),
+        )?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (offset, agent) in agents.iter().enumerate() {
+                stmt.execute(params![id, next + offset as i64, agent])?;
+            }
+        }
+        tx.execute(
+            "UPDATE rollouts SET state = 'running', updated_at = ?2
+             WHERE id = ?1 AND state = 'completed'",
+            params![id, now],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The agents a subscription's audience names now, with their platforms.

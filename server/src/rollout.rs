@@ -32,14 +32,29 @@ pub fn start_for_package(store: &Store, package: &str) -> Result<Vec<i64>, Store
             let Some(release) = store.latest_release(package, platform)? else {
                 continue;
             };
-            if store.has_rollout(subscription.id, release.id)? {
-                continue;
-            }
             let agents: Vec<String> = targets
                 .iter()
                 .filter(|(_, p)| p == platform)
                 .map(|(a, _)| a.clone())
                 .collect();
+            if let Some((id, state, covered)) = store.rollout_for(subscription.id, release.id)? {
+                // Agents that joined the audience since: onto the end of that rollout.
+                let joined: Vec<String> = agents
+                    .into_iter()
+                    .filter(|a| !covered.contains(a))
+                    .collect();
+                let open = ["running", "paused", "halted", "completed"].contains(&state.as_str());
+                if open && !joined.is_empty() {
+                    store.extend_rollout(id, &joined, now)?;
+                    info!(
+                        rollout = id,
+                        package,
+                        agents = joined.len(),
+                        "agents joined a rollout"
+                    );
+                }
+                continue;
+            }
             let id = store.start_rollout(subscription.id, release.id, &agents, now)?;
             info!(
                 rollout = id,
@@ -55,7 +70,24 @@ pub fn start_for_package(store: &Store, package: &str) -> Result<Vec<i64>, Store
     Ok(started)
 }
 
-/// Advances rollouts whenever a job changes (and every [`TICK`]) until `shutdown`.
+/// Every subscribed package, for the periodic check for agents that joined an audience.
+fn catch_up(store: &Store) -> Result<(), StoreError> {
+    let mut packages: Vec<String> = store
+        .subscriptions(None)?
+        .into_iter()
+        .filter(|s| !s.target.is_empty())
+        .map(|s| s.package)
+        .collect();
+    packages.sort();
+    packages.dedup();
+    for package in packages {
+        start_for_package(store, &package)?;
+    }
+    Ok(())
+}
+
+/// Advances rollouts whenever a job changes (and every [`TICK`]) until `shutdown`; on
+/// each tick, agents that joined a subscription's audience are added to its rollout.
 pub async fn run(
     store: Store,
     relay: Arc<Relay>,
@@ -79,7 +111,11 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(TICK) => {
+                if let Err(e) = catch_up(&store) {
+                    warn!("checking subscriptions for new agents: {e}");
+                }
+            }
             event = events.recv() => {
                 if let Err(broadcast::error::RecvError::Closed) = event {
                     return;

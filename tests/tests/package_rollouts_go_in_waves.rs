@@ -350,3 +350,37 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[test]
+fn an_agent_that_joins_a_subscribed_group_later_gets_the_current_release() {
+    let server = TestServer::start("rollout-late-joiner");
+    let mut first = TestAgent::enroll(&server, "a1", &["--group", "fleet"]);
+    first.spawn();
+    first.wait_online(&server);
+    let key = with_vendor(&server);
+    publish(&server, &key, "1.0.0", &[]);
+    server.cli_ok(&["package", "subscribe", "--to", "group:fleet", "acme-tool"]);
+    let done = wait_rollout(&server, "1.0.0", "completed");
+    assert_eq!(done["targets"].as_array().unwrap().len(), 1);
+
+    let mut late = TestAgent::enroll(&server, "late", &["--group", "fleet"]);
+    late.spawn();
+    late.wait_online(&server);
+    wait_until("the late agent to get 1.0.0", DEADLINE, || {
+        (current(&late).as_deref() == Some("1.0.0")).then_some(())
+    });
+    assert_eq!(run_installed(&late), "acme-tool 1.0.0");
+    let again = wait_rollout(&server, "1.0.0", "completed");
+    assert_eq!(again["succeeded"], 2, "{again:#}");
+    assert_eq!(
+        rollouts(&server).len(),
+        1,
+        "a new rollout instead of the same one"
+    );
+    // An agent outside the group gets nothing.
+    let mut outsider = TestAgent::enroll(&server, "outsider", &[]);
+    outsider.spawn();
+    outsider.wait_online(&server);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(current(&outsider), None);
+}
