@@ -58,7 +58,9 @@ fn offline_agent_gets_queued_jobs() {
     let created = millis(&job["created_at"]);
     let delivered = millis(&job["delivered_at"]);
     assert!(delivered >= created, "{job:#}");
-    assert!(millis(&job["started_at"]) >= delivered, "{job:#}");
+    // started_at is the agent's clock and delivered_at the server's when it handled the
+    // ack, which may arrive after the job started: only compare with creation.
+    assert!(millis(&job["started_at"]) >= created, "{job:#}");
 }
 
 #[test]
