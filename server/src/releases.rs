@@ -414,20 +414,31 @@ impl Store {
         }))
     }
 
-    /// Each agent's release platform (from the facts it reported).
+    /// Each agent's release platform (from the facts it reported), in one pass over the
+    /// agents table.
     pub fn platforms(&self, agents: &[String]) -> Result<Vec<(String, String)>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare("SELECT facts FROM agents WHERE id = ?1")?;
-        let mut out = Vec::with_capacity(agents.len());
-        for agent in agents {
-            let facts: Option<String> = stmt.query_row(params![agent], |r| r.get(0)).optional()?;
-            let platform = facts
-                .and_then(|f| serde_json::from_str::<serde_json::Value>(&f).ok())
-                .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
-                .unwrap_or_default();
-            out.push((agent.clone(), platform));
+        let mut known = std::collections::HashMap::with_capacity(agents.len());
+        {
+            let conn = self.fast();
+            let mut stmt = conn.prepare("SELECT id, facts FROM agents WHERE revoked_at IS NULL")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, facts) = row?;
+                known.insert(id, facts);
+            }
         }
-        Ok(out)
+        Ok(agents
+            .iter()
+            .map(|agent| {
+                let platform = known
+                    .get(agent)
+                    .and_then(|f| serde_json::from_str::<serde_json::Value>(f).ok())
+                    .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                (agent.clone(), platform)
+            })
+            .collect())
     }
 
     /// Creates one-off install jobs, each carrying the release for its agent's platform.

@@ -13,6 +13,8 @@ use crate::store::{Store, StoreError};
 
 /// How often rollouts are re-checked when nothing happens (job expiry, for one).
 const TICK: Duration = Duration::from_secs(2);
+/// How often subscriptions are checked for agents that joined their audience.
+const CATCH_UP: Duration = Duration::from_secs(10);
 
 /// Starts a rollout for every subscription to `package` and every platform among its
 /// targets that has a published release it has not rolled out yet. Returns the rollout
@@ -95,8 +97,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut events = relay.subscribe();
+    let mut last_catch_up = tokio::time::Instant::now();
     tokio::pin!(shutdown);
     loop {
+        // Checked on every pass, not only when idle: a busy server has events all the time.
+        if last_catch_up.elapsed() >= CATCH_UP {
+            last_catch_up = tokio::time::Instant::now();
+            if let Err(e) = catch_up(&store) {
+                warn!("checking subscriptions for new agents: {e}");
+            }
+        }
         match store.advance_rollouts(now_ms()) {
             Ok(advance) => {
                 for agent in &advance.poke {
@@ -111,11 +121,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(TICK) => {
-                if let Err(e) = catch_up(&store) {
-                    warn!("checking subscriptions for new agents: {e}");
-                }
-            }
+            _ = tokio::time::sleep(TICK) => {}
             event = events.recv() => {
                 if let Err(broadcast::error::RecvError::Closed) = event {
                     return;
