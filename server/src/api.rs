@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, Notify};
 
 use herald_shared::codec;
-use herald_shared::envelope::{Audience, Envelope, PublicKey, Repeat, Statement};
+use herald_shared::envelope::{Audience, Envelope, Order, PublicKey, Repeat, Statement};
 use herald_shared::protocol::JobId;
 use herald_shared::token::secret_hash;
 
@@ -208,25 +208,49 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-fn decode_envelope(state: &ApiState, text: &str) -> Result<(Envelope, Statement), ApiError> {
+/// Checks a SHA-256 given in hex (token hashes).
+pub(crate) fn check_hash(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(bad(format!("{field} must be 64 hex digits")))
+    }
+}
+
+/// Decodes a base64 bincode envelope without opening it.
+pub(crate) fn decode_raw_envelope(text: &str) -> Result<Envelope, ApiError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|_| bad("envelope is not valid base64"))?;
-    let envelope: Envelope = codec::from_bytes(&bytes, codec::DEFAULT_FRAME_LIMIT)
-        .map_err(|e| bad(format!("envelope does not decode: {e}")))?;
+    codec::from_bytes(&bytes, codec::DEFAULT_FRAME_LIMIT)
+        .map_err(|e| bad(format!("envelope does not decode: {e}")))
+}
+
+/// Decodes an envelope and opens it with the operator keys.
+pub(crate) fn decode_envelope(
+    state: &ApiState,
+    text: &str,
+) -> Result<(Envelope, Statement), ApiError> {
+    let envelope = decode_raw_envelope(text)?;
     let statement = envelope
         .open(&state.operator_keys)
         .map_err(|e| bad(format!("envelope refused: {e}")))?;
     Ok((envelope, statement))
 }
 
+/// Decodes an operator-signed order.
+pub(crate) fn decode_order(state: &ApiState, text: &str) -> Result<(Envelope, Order), ApiError> {
+    match decode_envelope(state, text)? {
+        (envelope, Statement::Order(order)) => Ok((envelope, order)),
+        _ => Err(bad("envelope is not an order")),
+    }
+}
+
 async fn create_token(
     State(state): State<ApiState>,
     Json(body): Json<CreateToken>,
 ) -> ApiResult<Created> {
-    if body.secret_hash.len() != 64 || hex::decode(&body.secret_hash).is_err() {
-        return Err(bad("secret_hash must be 64 hex digits"));
-    }
+    check_hash("secret_hash", &body.secret_hash)?;
     if body.uses == 0 {
         return Err(bad("uses must be at least 1"));
     }
@@ -348,10 +372,7 @@ async fn create_jobs(
     State(state): State<ApiState>,
     Json(body): Json<CreateJobs>,
 ) -> ApiResult<Created> {
-    let (envelope, statement) = decode_envelope(&state, &body.envelope)?;
-    let Statement::Order(order) = statement else {
-        return Err(bad("envelope is not an order"));
-    };
+    let (envelope, order) = decode_order(&state, &body.envelope)?;
     if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
         return Err(bad(
             "install orders go to /api/v1/installs or /api/v1/subscriptions",
@@ -388,10 +409,7 @@ async fn create_schedule(
     State(state): State<ApiState>,
     Json(body): Json<CreateSchedule>,
 ) -> ApiResult<Created> {
-    let (envelope, statement) = decode_envelope(&state, &body.envelope)?;
-    let Statement::Order(order) = statement else {
-        return Err(bad("envelope is not an order"));
-    };
+    let (envelope, order) = decode_order(&state, &body.envelope)?;
     if matches!(order.action, herald_shared::envelope::Action::Install(_)) {
         return Err(bad(
             "installs are scheduled by publishing releases to subscriptions",

@@ -427,6 +427,44 @@ impl Context {
         Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
+    /// Signs an order valid from a little before now (agent clock skew) to `not_after`.
+    pub(crate) fn sign_order(
+        &self,
+        audience: Audience,
+        action: Action,
+        repeat: Repeat,
+        not_after: i64,
+    ) -> Result<String, CliError> {
+        let now = now_ms();
+        self.sign(&Statement::Order(Order {
+            id: random_bytes(),
+            audience,
+            issued_at: now,
+            not_before: now - CLOCK_SKEW.as_millis() as i64,
+            not_after,
+            repeat,
+            action,
+        }))
+    }
+
+    /// Queues one-off jobs for a signed order.
+    pub(crate) async fn queue_jobs(
+        &self,
+        envelope: String,
+        ttl: Duration,
+    ) -> Result<Created, CliError> {
+        Ok(self
+            .client
+            .post(
+                "/api/v1/jobs",
+                &CreateJobs {
+                    envelope,
+                    ttl_ms: ttl.as_millis() as u64,
+                },
+            )
+            .await?)
+    }
+
     /// Parses a target and resolves an agent name to its id (orders name ids).
     pub(crate) async fn audience(&self, target: &str) -> Result<Audience, CliError> {
         match target.parse::<Audience>().map_err(usage)? {
@@ -557,27 +595,13 @@ impl Context {
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = run_action(&args.command, timeout, args.user)?;
         let audience = self.audience(&args.to).await?;
-        let now = now_ms();
-        let order = Order {
-            id: random_bytes(),
+        let envelope = self.sign_order(
             audience,
-            issued_at: now,
-            not_before: now - CLOCK_SKEW.as_millis() as i64,
-            not_after: now + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
-            repeat: Repeat::Once,
             action,
-        };
-        let envelope = self.sign(&Statement::Order(order))?;
-        let created: Created = self
-            .client
-            .post(
-                "/api/v1/jobs",
-                &CreateJobs {
-                    envelope,
-                    ttl_ms: ttl.as_millis() as u64,
-                },
-            )
-            .await?;
+            Repeat::Once,
+            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+        )?;
+        let created = self.queue_jobs(envelope, ttl).await?;
         if !args.wait {
             for id in &created.ids {
                 println!("job {id} queued");
@@ -713,16 +737,7 @@ impl Context {
             Schedule::At { at } => at + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
             _ => now + STANDING_VALIDITY.as_millis() as i64,
         };
-        let order = Order {
-            id: random_bytes(),
-            audience,
-            issued_at: now,
-            not_before: now - CLOCK_SKEW.as_millis() as i64,
-            not_after,
-            repeat,
-            action,
-        };
-        let envelope = self.sign(&Statement::Order(order))?;
+        let envelope = self.sign_order(audience, action, repeat, not_after)?;
         let created: Created = self
             .client
             .post(

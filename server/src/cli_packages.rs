@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -14,7 +13,7 @@ use sha2::Digest;
 use tokio::io::AsyncReadExt;
 
 use herald_shared::codec;
-use herald_shared::envelope::{Action, Audience, InstallSpec, Order, Repeat, Statement, VendorKey};
+use herald_shared::envelope::{Action, InstallSpec, Repeat, Statement, VendorKey};
 use herald_shared::release::{self, Delegation, Format, Release};
 use herald_shared::schedule;
 
@@ -469,25 +468,6 @@ impl Context {
         Ok(ExitCode::SUCCESS)
     }
 
-    fn install_order(
-        &self,
-        audience: Audience,
-        action: Action,
-        repeat: Repeat,
-        valid_for: Duration,
-    ) -> Result<String, CliError> {
-        let now = now_ms();
-        self.sign(&Statement::Order(Order {
-            id: random_bytes(),
-            audience,
-            issued_at: now,
-            not_before: now - CLOCK_SKEW.as_millis() as i64,
-            not_after: now + (valid_for + CLOCK_SKEW).as_millis() as i64,
-            repeat,
-            action,
-        }))
-    }
-
     async fn install(&self, args: InstallArgs) -> Result<ExitCode, CliError> {
         release::check_package_name(&args.name).map_err(usage)?;
         semver::Version::parse(&args.version)
@@ -495,7 +475,7 @@ impl Context {
         let timeout = parse_duration("--timeout", &args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let audience = self.audience(&args.to).await?;
-        let envelope = self.install_order(
+        let envelope = self.sign_order(
             audience,
             Action::Install(InstallSpec {
                 package: args.name.clone(),
@@ -503,7 +483,7 @@ impl Context {
                 timeout_ms: timeout.as_millis() as u64,
             }),
             Repeat::Once,
-            ttl + timeout,
+            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
         )?;
         let created: InstallsCreated = self
             .client
@@ -528,24 +508,15 @@ impl Context {
         release::check_package_name(&args.name).map_err(usage)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let audience = self.audience(&args.to).await?;
-        let envelope = self.install_order(
+        let envelope = self.sign_order(
             audience,
             Action::Revert {
                 package: args.name.clone(),
             },
             Repeat::Once,
-            ttl,
+            now_ms() + (ttl + CLOCK_SKEW).as_millis() as i64,
         )?;
-        let created: Created = self
-            .client
-            .post(
-                "/api/v1/jobs",
-                &CreateJobs {
-                    envelope,
-                    ttl_ms: ttl.as_millis() as u64,
-                },
-            )
-            .await?;
+        let created = self.queue_jobs(envelope, ttl).await?;
         self.report_jobs(&created.ids, args.wait).await
     }
 
@@ -589,7 +560,7 @@ impl Context {
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let audience = self.audience(&args.to).await?;
         let target = audience.to_string();
-        let envelope = self.install_order(
+        let envelope = self.sign_order(
             audience,
             Action::Install(InstallSpec {
                 package: args.name.clone(),
@@ -597,7 +568,7 @@ impl Context {
                 timeout_ms: timeout.as_millis() as u64,
             }),
             Repeat::Standing { min_interval_ms: 0 },
-            STANDING_VALIDITY,
+            now_ms() + STANDING_VALIDITY.as_millis() as i64,
         )?;
         let created: Created = self
             .client

@@ -13,17 +13,18 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use base64::Engine;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
-use herald_shared::codec;
-use herald_shared::envelope::{Action, Envelope, Repeat, Statement};
+use herald_shared::envelope::{Action, Repeat, Statement};
 use herald_shared::release::{self, check_pattern};
 
-use crate::api::{bad, ApiError, ApiResult, ApiState, Caller};
+use crate::api::{
+    bad, check_hash, decode_envelope, decode_order, decode_raw_envelope, ApiError, ApiResult,
+    ApiState, Caller,
+};
 use crate::model::{
     CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated,
 };
@@ -34,14 +35,6 @@ use crate::{now_ms, rollout};
 pub const ARTIFACT_DIR: &str = "artifacts";
 /// Longest TTL for install jobs.
 const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
-
-fn decode(text: &str) -> Result<Envelope, ApiError> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .map_err(|_| bad("envelope is not valid base64"))?;
-    codec::from_bytes(&bytes, codec::DEFAULT_FRAME_LIMIT)
-        .map_err(|e| bad(format!("envelope does not decode: {e}")))
-}
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     match caller {
@@ -58,11 +51,7 @@ pub(crate) async fn create_vendor(
     State(state): State<ApiState>,
     Json(body): Json<CreateVendor>,
 ) -> ApiResult<Created> {
-    let envelope = decode(&body.envelope)?;
-    let Statement::Delegation(grant) = envelope
-        .open(&state.operator_keys)
-        .map_err(|e| bad(format!("delegation refused: {e}")))?
-    else {
+    let (envelope, Statement::Delegation(grant)) = decode_envelope(&state, &body.envelope)? else {
         return Err(bad("envelope is not a delegation"));
     };
     if !herald_shared::valid_name(&grant.vendor) {
@@ -77,9 +66,7 @@ pub(crate) async fn create_vendor(
     if state.operator_keys.contains(&grant.key) {
         return Err(bad("that is an operator key; vendors need their own key"));
     }
-    if body.token_hash.len() != 64 || hex::decode(&body.token_hash).is_err() {
-        return Err(bad("token_hash must be 64 hex digits"));
-    }
+    check_hash("token_hash", &body.token_hash)?;
     state.store.add_vendor(
         &grant.vendor,
         &grant.key.to_hex(),
@@ -103,7 +90,7 @@ pub(crate) async fn create_release(
     Extension(caller): Extension<Caller>,
     Json(body): Json<CreateRelease>,
 ) -> ApiResult<ReleaseInfo> {
-    let envelope = decode(&body.envelope)?;
+    let envelope = decode_raw_envelope(&body.envelope)?;
     let (vendor, delegation) = if state.operator_keys.contains(&envelope.signer) {
         (None, None)
     } else {
@@ -315,13 +302,7 @@ pub(crate) async fn create_subscription(
     Json(body): Json<CreateSubscription>,
 ) -> ApiResult<Created> {
     admin_only(&caller)?;
-    let envelope = decode(&body.envelope)?;
-    let Statement::Order(order) = envelope
-        .open(&state.operator_keys)
-        .map_err(|e| bad(format!("envelope refused: {e}")))?
-    else {
-        return Err(bad("envelope is not an order"));
-    };
+    let (envelope, order) = decode_order(&state, &body.envelope)?;
     let Action::Install(spec) = &order.action else {
         return Err(bad("a subscription's order must be an install"));
     };
@@ -379,13 +360,7 @@ pub(crate) async fn create_installs(
     Json(body): Json<CreateJobs>,
 ) -> ApiResult<InstallsCreated> {
     admin_only(&caller)?;
-    let envelope = decode(&body.envelope)?;
-    let Statement::Order(order) = envelope
-        .open(&state.operator_keys)
-        .map_err(|e| bad(format!("envelope refused: {e}")))?
-    else {
-        return Err(bad("envelope is not an order"));
-    };
+    let (envelope, order) = decode_order(&state, &body.envelope)?;
     let Action::Install(spec) = &order.action else {
         return Err(bad("not an install order"));
     };

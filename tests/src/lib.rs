@@ -11,6 +11,98 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Accepts the server's certificate without checking its chain, for loopback test
+/// clients whose subject is not the certificate (the handshake signature is still
+/// verified, TLS 1.3 only).
+#[derive(Debug)]
+pub struct AcceptAnyServerCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl AcceptAnyServerCert {
+    /// With the ring provider.
+    pub fn new() -> std::sync::Arc<AcceptAnyServerCert> {
+        std::sync::Arc::new(AcceptAnyServerCert(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        )))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The job ids in CLI output lines that start `job N` (`run`, `package install`).
+pub fn job_ids(output: &str) -> Vec<i64> {
+    output
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("job ")?
+                .split_whitespace()
+                .next()?
+                .trim_end_matches(':')
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Random bytes from the standard library's randomly seeded hasher (the tests crate has
+/// no RNG dependency; for unique ids and throwaway keys, not for secrecy).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; N];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_usize(i);
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        let word = hasher.finish().to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    out
+}
+
 /// Default deadline for conditions in tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -254,6 +346,14 @@ impl TestServer {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
     }
 
+    /// The operator key `init` wrote (tests sign what a hostile server cannot).
+    pub fn operator_key(&self) -> herald_shared::envelope::OperatorKey {
+        let text = std::fs::read_to_string(self.data_dir().join("operator.key"))
+            .expect("read operator.key");
+        herald_shared::envelope::OperatorKey::from_hex(&text)
+            .expect("operator.key holds a hex seed")
+    }
+
     /// `vendor keygen --out FILE`; returns the public key (hex).
     pub fn vendor_keygen(&self, out: &Path) -> String {
         let text = self.cli_ok(&["vendor", "keygen", "--out", &out.to_string_lossy()]);
@@ -312,16 +412,7 @@ impl TestServer {
         args.extend_from_slice(extra);
         args.push("--");
         args.extend_from_slice(command);
-        self.cli_ok(&args)
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("job ")?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
+        job_ids(&self.cli_ok(&args))
     }
 
     /// Whether the agent shows as online.

@@ -5,16 +5,14 @@
 //! running server's SQLite database; a normal job created through the CLI then pokes the
 //! relay, which re-reads every queued job and signals the injected ones too.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use herald_shared::codec;
 use herald_shared::envelope::{
     Action, Audience, Envelope, Membership, OperatorKey, Order, Repeat, RunSpec, Statement,
 };
-use herald_tests::{now_ms, TestAgent, TestServer, DEADLINE};
+use herald_tests::{now_ms, random_bytes, TestAgent, TestServer, DEADLINE};
 use rusqlite::{params, Connection};
 
 /// The server's direct database, as a hostile server (or whoever owns it) would use it.
@@ -65,33 +63,8 @@ impl HostileDb {
     }
 }
 
-/// Random bytes from the standard library's randomly seeded hasher (the tests crate has
-/// no RNG dependency; this is for unique ids and a throwaway key, not for secrecy).
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_usize(i);
-        hasher.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        let word = hasher.finish().to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn operator_key(server: &TestServer) -> OperatorKey {
-    let text =
-        std::fs::read_to_string(server.data_dir().join("operator.key")).expect("read operator.key");
-    OperatorKey::from_hex(&text).expect("operator.key holds a hex seed")
 }
 
 /// A one-off order for `audience`, valid from a minute ago for an hour, running
@@ -144,7 +117,7 @@ struct Case {
 fn agent_refuses_bad_envelopes() {
     let server = TestServer::start("refuses-bad-envelopes");
     let agent = TestAgent::start(&server, "alpha");
-    let operator = operator_key(&server);
+    let operator = server.operator_key();
     let traces = server.dir.path().join("traces");
     std::fs::create_dir_all(&traces).expect("create trace dir");
     let trace = |name: &str| traces.join(name);
@@ -398,7 +371,7 @@ fn membership(key: &OperatorKey, agent_id: &str, groups: &[&str]) -> Envelope {
 fn forged_membership_does_not_widen_group_orders() {
     let server = TestServer::start("forged-membership");
     let mut agent = TestAgent::enroll(&server, "alpha", &[]);
-    let operator = operator_key(&server);
+    let operator = server.operator_key();
     let intruder = OperatorKey::from_seed(random_bytes());
     let traces = server.dir.path().join("traces");
     std::fs::create_dir_all(&traces).expect("create trace dir");

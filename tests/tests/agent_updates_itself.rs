@@ -55,14 +55,8 @@ fn push_update(server: &TestServer, agent: &TestAgent, version: &str, artifact: 
         "herald-agent",
         version,
     ]);
-    out.lines()
-        .find_map(|l| {
-            l.strip_prefix("job ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+    *herald_tests::job_ids(&out)
+        .first()
         .unwrap_or_else(|| panic!("no job id in {out:?}"))
 }
 

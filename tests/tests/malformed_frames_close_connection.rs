@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT, HEADER_LEN};
 use herald_shared::protocol::{AgentMsg, Facts, Hello, ServerMsg, ALPN, SERVER_NAME};
-use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{wait_until, AcceptAnyServerCert, TestAgent, TestServer, DEADLINE};
 use quinn::{Connection, ConnectionError};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// Close code for protocol violations (`relay::close::PROTOCOL`).
 const CLOSE_PROTOCOL: u32 = 1;
@@ -26,53 +23,6 @@ const PROMPT_CLOSE: Duration = Duration::from_secs(5);
 /// Deadline for connections the server can only drop by timing them out.
 const TIMEOUT_CLOSE: Duration = Duration::from_secs(25);
 
-/// Accepts the server's certificate without checking its chain (loopback test client;
-/// the handshake signature is still verified).
-#[derive(Debug)]
-struct AcceptServer(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// A QUIC client with a fresh, never enrolled Ed25519 identity (as a new agent would
 /// have before enrolling), speaking ALPN `herald/1`.
 fn raw_client_config() -> quinn::ClientConfig {
@@ -82,11 +32,11 @@ fn raw_client_config() -> quinn::ClientConfig {
         .self_signed(&key)
         .expect("self-sign client certificate");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptServer(provider)))
+        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
         .with_client_auth_cert(
             vec![cert.der().clone()],
             PrivatePkcs8KeyDer::from(key.serialize_der()).into(),

@@ -13,19 +13,17 @@
 //! artifact store, so only the metadata stands between the agent and the bytes), then a
 //! normal job created through the CLI pokes the relay, which signals every queued job.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use herald_shared::codec;
 use herald_shared::envelope::{
     Action, Audience, Envelope, InstallSpec, OperatorKey, Order, Repeat, Statement, VendorKey,
 };
 use herald_shared::release::{this_platform, Format, Release};
-use herald_tests::{now_ms, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
 use rusqlite::{params, Connection};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -135,21 +133,12 @@ fn install(
     args.extend_from_slice(extra);
     let output = server.cli(&args);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let id: i64 = stdout
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("job ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`package install --wait` names no job: {stdout:?} {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
+    let id: i64 = *herald_tests::job_ids(&stdout).first().unwrap_or_else(|| {
+        panic!(
+            "`package install --wait` names no job: {stdout:?} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
     let job = server.job(id);
     assert_eq!(
         output.status.success(),
@@ -363,31 +352,6 @@ impl HostileDb {
     }
 }
 
-/// Random bytes from the standard library's randomly seeded hasher (the tests crate has
-/// no RNG dependency; this is for unique order ids, not for secrecy).
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_usize(i);
-        hasher.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        let word = hasher.finish().to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
-    out
-}
-
-fn operator_key(server: &TestServer) -> OperatorKey {
-    let text =
-        std::fs::read_to_string(server.data_dir().join("operator.key")).expect("read operator.key");
-    OperatorKey::from_hex(&text).expect("operator.key holds a hex seed")
-}
-
 /// Release metadata of [`PACKAGE`] `version` for `artifact`, valid for an hour.
 fn release(version: &str, artifact: &[u8]) -> Release {
     let now = now_ms();
@@ -506,7 +470,7 @@ fn metadata_signed_by_a_vendor_not_delegated_for_that_package_is_refused() {
     assert_eq!(releases(&server), Vec::<Value>::new(), "nothing registered");
 
     let db = HostileDb::open(&server);
-    let operator = operator_key(&server);
+    let operator = server.operator_key();
     injected_control_installs(&server, &agent, &db, &operator, &acme);
 
     // Higher versions than the installed one, so only the delegation can stop them.
@@ -566,7 +530,7 @@ fn unsigned_metadata_is_refused() {
     let agent = TestAgent::start(&server, "a1");
     let acme = add_vendor(&server, "acme", "acme-*");
     let db = HostileDb::open(&server);
-    let operator = operator_key(&server);
+    let operator = server.operator_key();
     injected_control_installs(&server, &agent, &db, &operator, &acme);
 
     let evil = b"#!/bin/sh\necho owned\n".to_vec();
