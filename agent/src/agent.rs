@@ -363,6 +363,9 @@ impl Agent {
                 }
                 Ok(())
             }
+            Action::Open(_) => Err(Refusal::Policy(
+                "browser services are not supported by this agent yet".into(),
+            )),
             Action::Install(_) | Action::Revert { .. } => {
                 if policy.allow_install {
                     Ok(())
@@ -442,6 +445,13 @@ impl Agent {
             Action::Revert { package } => {
                 crate::update::revert(&self, job_id, &package, started_at)
             }
+            Action::Open(_) => JobResult::without_output(
+                job_id,
+                Status::Failed,
+                started_at,
+                now_ms(),
+                Some("browser services are not supported by this agent yet".into()),
+            ),
         };
         let _ = self.journal.set_value(&bundle_key(job_id), &[]);
         info!(job_id, status = result.status.as_str(), exit = ?result.exit_code, "job finished");

@@ -205,6 +205,7 @@ async fn reader(
                 job_id,
                 envelope,
                 bundle,
+                ticket: _,
             }) => {
                 let ack = agent.clone().signal(job_id, envelope, bundle)?;
                 let _ = to_server.send(AgentMsg::Ack { job_id, ack });

@@ -432,6 +432,7 @@ impl Relay {
                         job_id: job.job_id,
                         envelope: job.envelope,
                         bundle,
+                        ticket: None,
                     };
                     if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
                         return Ok(());

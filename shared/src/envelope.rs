@@ -231,6 +231,20 @@ pub enum Action {
         /// Package name.
         package: String,
     },
+    /// Open a service page in the browser of the person at the machine (the seed's
+    /// *browser* service type). The agent hands it to the user-session helper.
+    Open(OpenSpec),
+}
+
+/// A browser service: the page to open. The agent opens only `https:` URLs, or `http:`
+/// to loopback for development ([`check_browser_url`]); it appends a one-time ticket the
+/// server attaches to the signal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenSpec {
+    /// The service page.
+    pub url: String,
+    /// How long the person has to complete the page before the job times out.
+    pub timeout_ms: u64,
 }
 
 impl Action {
@@ -240,6 +254,7 @@ impl Action {
             Action::Run(_) => "run",
             Action::Install(_) => "install",
             Action::Revert { .. } => "revert",
+            Action::Open(_) => "open",
         }
     }
 
@@ -259,6 +274,7 @@ impl Action {
                 None => format!("install {} (latest)", spec.package),
             },
             Action::Revert { package } => format!("revert {package}"),
+            Action::Open(open) => format!("open {}", open.url),
         }
     }
 }
@@ -287,6 +303,57 @@ pub struct RunSpec {
     pub timeout_ms: u64,
     /// User to run as (only honoured when the agent runs as root).
     pub run_as: Option<String>,
+}
+
+/// Whether an agent may open `url` in a browser: `https:` to any host, or `http:` to a
+/// loopback host (`localhost`, `127.0.0.0/8`, `[::1]`) for development. URLs with user
+/// info (`http://127.0.0.1@elsewhere/`), whitespace or control characters are refused,
+/// so what is checked is what the browser will load.
+pub fn check_browser_url(url: &str) -> Result<(), String> {
+    if url.len() > 2048 {
+        return Err("URL longer than 2048 bytes".into());
+    }
+    if url.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'\\') {
+        return Err(format!("URL {url:?} contains whitespace, control characters or backslashes"));
+    }
+    let lower = url.to_ascii_lowercase();
+    let (rest, https) = if let Some(rest) = lower.strip_prefix("https://") {
+        (rest, true)
+    } else if let Some(rest) = lower.strip_prefix("http://") {
+        (rest, false)
+    } else {
+        return Err(format!("URL {url:?} is not https: (or http: to loopback)"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!("URL {url:?} carries user info; refused"));
+    }
+    let host = if let Some(bracketed) = authority.strip_prefix('[') {
+        match bracketed.split_once(']') {
+            Some((host, port)) if port.is_empty() || port.starts_with(':') => host,
+            _ => return Err(format!("URL {url:?} has a malformed host")),
+        }
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    if host.is_empty() {
+        return Err(format!("URL {url:?} has no host"));
+    }
+    if https {
+        return Ok(());
+    }
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "URL {url:?} is plain http: to a host that is not loopback; only https: is allowed"
+        ))
+    }
 }
 
 /// The groups an agent belongs to, signed so a hostile server cannot widen an order's
@@ -425,6 +492,36 @@ mod tests {
                 timeout_ms: 1000,
                 run_as: None,
             }),
+        }
+    }
+
+    #[test]
+    fn browser_urls_must_be_https_or_loopback_http() {
+        for good in [
+            "https://herald.example/service/x?a=b",
+            "https://10.0.0.1:8443/",
+            "http://127.0.0.1:8080/service/checkin",
+            "http://localhost/",
+            "http://[::1]:9/x",
+            "HTTP://127.1.2.3/",
+        ] {
+            assert_eq!(check_browser_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "http://example.com/",
+            "http://10.0.0.1/",
+            "http://127.0.0.1@evil.example/",
+            "https://user:pw@host/",
+            "file:///etc/passwd",
+            "javascript:alert(1)",
+            "ftp://127.0.0.1/",
+            "https:///nohost",
+            "http://[::1/",
+            "https://host/ with space",
+            "http://localhost.evil.example/",
+            "http://127.0.0.1\\@evil.example/",
+        ] {
+            assert!(check_browser_url(bad).is_err(), "{bad} should be refused");
         }
     }
 

@@ -177,6 +177,9 @@ pub struct Signal {
     /// For install orders: the release to install (its signatures are checked by the
     /// agent; the server only attaches it).
     pub bundle: Option<Bundle>,
+    /// For browser services: a one-time, short-lived ticket the agent appends to the
+    /// page URL (`herald_ticket=`), which lets that visit in as this device's user.
+    pub ticket: Option<String>,
 }
 
 /// A release as the server attaches it to an install signal.
