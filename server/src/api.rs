@@ -149,6 +149,14 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/rollouts/{id}/{verb}",
             post(releases_api::control_rollout),
         )
+        .route(
+            "/api/v1/catalog",
+            get(crate::catalog::list_entries).post(crate::catalog::create_entry),
+        )
+        .route(
+            "/api/v1/catalog/{name}",
+            axum::routing::delete(crate::catalog::remove_entry),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -392,7 +400,7 @@ async fn create_jobs(
     let ids = state.store.create_jobs(
         &hex::encode(order.id),
         &envelope,
-        &order.action.describe(),
+        &order.action,
         &agents.iter().map(|a| (a.clone(), now)).collect::<Vec<_>>(),
         None,
         body.ttl_ms,
@@ -434,7 +442,7 @@ async fn create_schedule(
     let id = state.store.add_schedule(
         &hex::encode(order.id),
         &envelope,
-        &order.action.describe(),
+        &order.action,
         &order.audience,
         &body.schedule,
         body.missed,

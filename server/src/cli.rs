@@ -87,6 +87,11 @@ pub enum Command {
     /// Jobs and their results.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Open a browser service page on agents' screens.
+    Open(crate::cli_catalog::OpenArgs),
+    /// The service catalog users subscribe their devices to.
+    #[command(subcommand)]
+    Catalog(crate::cli_catalog::CatalogCommand),
 }
 
 /// `init`.
@@ -260,8 +265,11 @@ pub struct ScheduleAddArgs {
     /// User to run as.
     #[arg(long)]
     pub user: Option<String>,
+    /// Open this browser service page instead of running a program.
+    #[arg(long, conflicts_with_all = ["command", "user"])]
+    pub open: Option<String>,
     /// Absolute path of the program, then its arguments.
-    #[arg(last = true, required = true, num_args = 1..)]
+    #[arg(last = true, num_args = 1..)]
     pub command: Vec<String>,
 }
 
@@ -366,6 +374,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Vendor(command) => admin()?.vendor(command).await,
         Command::Package(command) => admin()?.package(command).await,
+        Command::Open(args) => admin()?.open(args).await,
+        Command::Catalog(command) => admin()?.catalog(command).await,
     }
 }
 
@@ -681,7 +691,10 @@ impl Context {
     }
 
     async fn schedule_add(&self, args: ScheduleAddArgs) -> Result<ExitCode, CliError> {
-        let command = args.command.join(" ");
+        let command = match &args.open {
+            Some(url) => format!("open {url}"),
+            None => args.command.join(" "),
+        };
         let (id, when) = self.add_schedule(args).await?;
         println!("schedule {id} added: {} {command}", when.describe());
         Ok(ExitCode::SUCCESS)
@@ -731,7 +744,10 @@ impl Context {
                 }
             }
         };
-        let action = run_action(&args.command, timeout, args.user)?;
+        let action = match &args.open {
+            Some(url) => crate::cli_catalog::open_action(url, timeout)?,
+            None => run_action(&args.command, timeout, args.user)?,
+        };
         let audience = self.audience(&args.to).await?;
         let not_after = match &when {
             Schedule::At { at } => at + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
@@ -781,7 +797,7 @@ impl Context {
     }
 }
 
-fn run_action(
+pub(crate) fn run_action(
     command: &[String],
     timeout: Duration,
     user: Option<String>,

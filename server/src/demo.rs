@@ -81,6 +81,7 @@ async fn demo(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
             timeout: "30s".into(),
             ttl: "1m".into(),
             user: None,
+            open: None,
             command: vec!["/bin/sh".into(), "-c".into(), DEMO_SCRIPT.into()],
         })
         .await

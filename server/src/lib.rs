@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod catalog;
 pub mod cli;
+pub mod cli_catalog;
 pub mod cli_packages;
 pub mod client;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod store;
+pub mod ticket;
 
 pub use herald_shared::Millis;
 

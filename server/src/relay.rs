@@ -25,6 +25,7 @@ use herald_shared::token::secret_hash;
 use crate::now_ms;
 use crate::pki::{self, KeyStatus, Keyring};
 use crate::store::Store;
+use crate::ticket::Tickets;
 
 /// How long an agent has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +80,8 @@ pub struct Relay {
     events: broadcast::Sender<JobEvent>,
     enroll_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     artifact_base: String,
+    /// Mints the one-time tickets browser signals carry.
+    tickets: Tickets,
 }
 
 /// Why a connection ended abnormally.
@@ -101,7 +104,12 @@ impl Relay {
     ///
     /// `artifact_base` is the HTTPS URL agents download artifacts from
     /// (`https://host:port/api/v1/artifacts`); the artifact's hash is appended.
-    pub fn new(store: Store, keyring: Arc<Keyring>, artifact_base: String) -> Arc<Relay> {
+    pub fn new(
+        store: Store,
+        keyring: Arc<Keyring>,
+        artifact_base: String,
+        tickets: Tickets,
+    ) -> Arc<Relay> {
         let (events, _) = broadcast::channel(4096);
         Arc::new(Relay {
             store,
@@ -111,6 +119,7 @@ impl Relay {
             events,
             enroll_failures: Mutex::new(HashMap::new()),
             artifact_base,
+            tickets,
         })
     }
 
@@ -432,7 +441,10 @@ impl Relay {
                         job_id: job.job_id,
                         envelope: job.envelope,
                         bundle,
-                        ticket: None,
+                        ticket: job.open_timeout_ms.map(|timeout| {
+                            self.tickets
+                                .mint(job.job_id, now_ms().saturating_add(timeout as i64))
+                        }),
                     };
                     if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
                         return Ok(());

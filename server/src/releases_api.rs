@@ -321,7 +321,7 @@ pub(crate) async fn create_subscription(
     let id = state.store.add_subscription(
         &hex::encode(order.id),
         &envelope,
-        &order.action.describe(),
+        &order.action,
         &spec.package,
         &order.audience,
         &waves,
@@ -392,7 +392,7 @@ pub(crate) async fn create_installs(
     let ids = state.store.create_install_jobs(
         &hex::encode(order.id),
         &envelope,
-        &order.action.describe(),
+        &order.action,
         &targets,
         body.ttl_ms,
         now,

@@ -13,6 +13,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::pki::{self, Keyring};
 use crate::relay::Relay;
 use crate::store::{Store, StoreError};
+use crate::ticket::Tickets;
 use crate::{https, scheduler};
 
 /// Errors starting the server.
@@ -27,6 +28,14 @@ pub enum ServeError {
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The console's ticket key cannot be read or created.
+    #[error("cannot read or create {path}: {source}")]
+    Key {
+        /// Key file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A port could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}; is another server running?")]
     Bind {
@@ -115,10 +124,15 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         source,
     })?;
 
+    let tickets = Tickets::load_or_create(data_dir).map_err(|source| ServeError::Key {
+        path: data_dir.join(crate::ticket::KEY_FILE),
+        source,
+    })?;
     let relay = Relay::new(
         store.clone(),
         keyring,
         format!("{}/api/v1/artifacts", config.public_url(http_addr.port())),
+        tickets.clone(),
     );
     let rollouts = Arc::new(Notify::new());
     let changed = Arc::new(Notify::new());

@@ -163,6 +163,97 @@ CREATE TABLE rollout_targets (
 ALTER TABLE jobs ADD COLUMN release_id BIGINT REFERENCES releases(id);
 ALTER TABLE jobs ADD COLUMN progress TEXT;
 "#,
+    // Web console: accounts, sessions, the service catalog, users' subscriptions,
+    // browser-service visits, and forwarding of results.
+    r#"
+CREATE TABLE users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    login TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL DEFAULT '',
+    email TEXT NOT NULL DEFAULT '',
+    phone TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    failed_logins INTEGER NOT NULL DEFAULT 0,
+    locked_until BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE web_sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_seen_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX web_sessions_by_user ON web_sessions(user_id);
+CREATE TABLE visits (
+    token_hash TEXT PRIMARY KEY,
+    job_id BIGINT NOT NULL REFERENCES jobs(id),
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+ALTER TABLE tokens ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+ALTER TABLE agents ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+CREATE INDEX agents_by_owner ON agents(owner_user_id);
+ALTER TABLE orders ADD COLUMN kind TEXT NOT NULL DEFAULT 'run';
+ALTER TABLE orders ADD COLUMN open_timeout_ms BIGINT;
+CREATE TABLE catalog (
+    name TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    description TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    summary TEXT NOT NULL,
+    target TEXT NOT NULL,
+    min_interval_ms BIGINT NOT NULL,
+    not_after BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+ALTER TABLE schedules ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+ALTER TABLE schedules ADD COLUMN catalog_name TEXT;
+CREATE INDEX schedules_by_owner ON schedules(owner_user_id);
+ALTER TABLE jobs ADD COLUMN visit_redeemed_at BIGINT;
+ALTER TABLE jobs ADD COLUMN outcome TEXT;
+ALTER TABLE jobs ADD COLUMN forward_pending INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_by_forward ON jobs(forward_pending, state);
+CREATE TABLE destinations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    schedule_id BIGINT,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    secret TEXT,
+    only_failures INTEGER NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX destinations_by_user ON destinations(user_id);
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination_id BIGINT NOT NULL,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    job_id BIGINT NOT NULL REFERENCES jobs(id),
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    finished_at BIGINT
+);
+CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
+CREATE INDEX deliveries_by_job ON deliveries(job_id);
+CREATE TABLE delivery_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id BIGINT NOT NULL REFERENCES deliveries(id),
+    at BIGINT NOT NULL,
+    ok INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts(delivery_id);
+"#,
 ];
 
 /// Errors from the store.
@@ -216,6 +307,8 @@ pub struct Pending {
     pub envelope: Envelope,
     /// For install jobs: the release to attach.
     pub release: Option<PendingRelease>,
+    /// For browser jobs: how long the visit may take (the ticket's lifetime).
+    pub open_timeout_ms: Option<u64>,
 }
 
 /// The release an install job carries.
@@ -337,6 +430,24 @@ impl Store {
         Ok(())
     }
 
+    /// Registers a personal enrollment token: agents enrolled with it belong to the
+    /// user (the web console's "link a device").
+    pub fn add_user_token(
+        &self,
+        secret_hash: &str,
+        user_id: i64,
+        uses: u32,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO tokens (secret_hash, groups, uses_left, expires_at, created_at, owner_user_id)
+             VALUES (?1, '[]', ?2, ?3, ?4, ?5)",
+            params![secret_hash, uses, expires_at, now, user_id],
+        )?;
+        Ok(())
+    }
+
     /// Enrolls an agent with a token: checks and consumes one use of the token and
     /// records the agent, in one transaction. Returns the groups granted, or `None` if the
     /// token is unknown, used up or expired (one answer for all three, on purpose).
@@ -351,14 +462,14 @@ impl Store {
     ) -> Result<Option<TokenGrant>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let grant: Option<(String, i64, Millis)> = tx
+        let grant: Option<(String, i64, Millis, Option<i64>)> = tx
             .query_row(
-                "SELECT groups, uses_left, expires_at FROM tokens WHERE secret_hash = ?1",
+                "SELECT groups, uses_left, expires_at, owner_user_id FROM tokens WHERE secret_hash = ?1",
                 params![secret_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((groups, uses_left, expires_at)) = grant else {
+        let Some((groups, uses_left, expires_at, owner)) = grant else {
             return Ok(None);
         };
         if uses_left <= 0 || expires_at <= now {
@@ -403,8 +514,9 @@ impl Store {
             params![secret_hash],
         )?;
         tx.execute(
-            "INSERT INTO agents (id, name, public_key, enrolled_at, facts) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![agent_id, name, public_key, now, facts],
+            "INSERT INTO agents (id, name, public_key, enrolled_at, facts, owner_user_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![agent_id, name, public_key, now, facts, owner],
         )?;
         for group in &groups {
             tx.execute(
@@ -441,7 +553,7 @@ impl Store {
         )?;
         conn.execute(
             "UPDATE jobs SET state = 'canceled', finished_at = ?2, error = 'agent revoked'
-             WHERE agent_id = ?1 AND state IN ('queued', 'delivered', 'running')",
+             WHERE agent_id = ?1 AND state IN ('queued', 'delivered', 'running', 'waiting')",
             params![agent_id, now],
         )?;
         Ok(key)
@@ -642,7 +754,7 @@ impl Store {
         &self,
         order_id: &str,
         envelope: &Envelope,
-        action: &str,
+        action: &herald_shared::envelope::Action,
         agents: &[(String, Millis)],
         schedule_id: Option<i64>,
         ttl_ms: u64,
@@ -660,7 +772,7 @@ impl Store {
     pub fn pending(&self, agent_id: &str, now: Millis) -> Result<Vec<Pending>> {
         let conn = self.fast();
         let mut stmt = conn.prepare(
-            "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256
+            "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256, o.open_timeout_ms
              FROM jobs j JOIN orders o ON o.id = j.order_id
              LEFT JOIN releases r ON r.id = j.release_id
              LEFT JOIN vendors v ON v.name = r.vendor
@@ -676,11 +788,12 @@ impl Store {
                 r.get::<_, Option<Vec<u8>>>(3)?,
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
             ))
         })?;
         let mut pending = Vec::new();
         for row in rows {
-            let (job_id, blob, metadata, delegation, url, sha256) = row?;
+            let (job_id, blob, metadata, delegation, url, sha256, open_timeout_ms) = row?;
             let release = match metadata {
                 Some(metadata) => Some(PendingRelease {
                     metadata: decode_envelope(&metadata)?,
@@ -694,6 +807,7 @@ impl Store {
                 job_id,
                 envelope: decode_envelope(&blob)?,
                 release,
+                open_timeout_ms: open_timeout_ms.map(|ms| ms.max(0) as u64),
             });
         }
         Ok(pending)
@@ -747,13 +861,20 @@ impl Store {
     /// Stores a result idempotently: a result for a job already final is ignored.
     /// Returns whether it was stored now.
     pub fn store_result(&self, agent_id: &str, result: &JobResult, now: Millis) -> Result<bool> {
+        // A browser service's agent only opened the page: the job waits for the page's
+        // outcome (posted to the console) until the order's timeout.
         let changed = self.conn().execute(
-            "UPDATE jobs SET state = ?3, attempt = ?4, exit_code = ?5, signal = ?6,
+            "UPDATE jobs SET
+                    state = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open' THEN 'waiting' ELSE ?3 END,
+                    expires_at = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open'
+                                      THEN ?14 + COALESCE(o.open_timeout_ms, 0) ELSE jobs.expires_at END,
+                    attempt = ?4, exit_code = ?5, signal = ?6,
                     stdout = ?7, stderr = ?8, stdout_truncated = ?9, stderr_truncated = ?10,
                     started_at = COALESCE(started_at, ?11), finished_at = ?12, error = ?13,
                     delivered_at = COALESCE(delivered_at, ?14)
-             WHERE id = ?1 AND agent_id = ?2
-               AND state IN ('queued', 'delivered', 'running', 'expired')",
+             FROM orders o
+             WHERE jobs.id = ?1 AND jobs.agent_id = ?2 AND o.id = jobs.order_id
+               AND jobs.state IN ('queued', 'delivered', 'running', 'expired')",
             params![
                 result.job_id,
                 agent_id,
@@ -776,11 +897,19 @@ impl Store {
 
     /// Expires queued jobs whose TTL passed. Returns how many.
     pub fn expire(&self, now: Millis) -> Result<usize> {
-        Ok(self.conn().execute(
+        let conn = self.conn();
+        let expired = conn.execute(
             "UPDATE jobs SET state = 'expired', finished_at = ?1
              WHERE state = 'queued' AND expires_at <= ?1",
             params![now],
-        )?)
+        )?;
+        let unanswered = conn.execute(
+            "UPDATE jobs SET state = 'timed_out', finished_at = ?1,
+                    error = 'the service page was not completed in time'
+             WHERE state = 'waiting' AND expires_at <= ?1",
+            params![now],
+        )?;
+        Ok(expired + unanswered)
     }
 
     /// Earliest time something job-related falls due: a queued job's expiry or delayed
@@ -788,7 +917,7 @@ impl Store {
     pub fn next_job_deadline(&self, now: Millis) -> Result<Option<Millis>> {
         let conn = self.fast();
         let expiry: Option<Millis> = conn.query_row(
-            "SELECT MIN(expires_at) FROM jobs WHERE state = 'queued'",
+            "SELECT MIN(expires_at) FROM jobs WHERE state IN ('queued', 'waiting')",
             [],
             |r| r.get(0),
         )?;
@@ -841,7 +970,7 @@ impl Store {
         &self,
         order_id: &str,
         envelope: &Envelope,
-        action: &str,
+        action: &herald_shared::envelope::Action,
         target: &Audience,
         schedule: &Schedule,
         missed: Missed,
@@ -997,6 +1126,16 @@ impl Store {
             schedule.ttl_ms,
             now,
         )?;
+        // A user's subscription: its results are forwarded by the user's rules.
+        if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+            tx.execute(
+                "UPDATE jobs SET forward_pending = 1
+                 WHERE id BETWEEN ?1 AND ?2 AND schedule_id = ?3
+                   AND EXISTS (SELECT 1 FROM schedules s
+                               WHERE s.id = ?3 AND s.owner_user_id IS NOT NULL)",
+                params![first, last, schedule.id],
+            )?;
+        }
         tx.commit()?;
         Ok(ids)
     }
@@ -1095,14 +1234,26 @@ pub(crate) fn insert_order(
     tx: &Connection,
     order_id: &str,
     envelope: &Envelope,
-    action: &str,
+    action: &herald_shared::envelope::Action,
     now: Millis,
 ) -> Result<()> {
     let blob = codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let open_timeout_ms = match action {
+        herald_shared::envelope::Action::Open(open) => Some(open.timeout_ms as i64),
+        _ => None,
+    };
     let inserted = tx.execute(
-        "INSERT INTO orders (id, envelope, action, created_at) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO orders (id, envelope, action, kind, open_timeout_ms, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (id) DO NOTHING",
-        params![order_id, blob, action, now],
+        params![
+            order_id,
+            blob,
+            action.describe(),
+            action.kind(),
+            open_timeout_ms,
+            now
+        ],
     )?;
     if inserted == 0 {
         return Err(StoreError::Conflict(format!(

@@ -1,0 +1,523 @@
+//! The service catalog and users' subscriptions to it.
+//!
+//! A catalog entry is an operator-signed *standing* order (a program to run, or a
+//! browser service page) published with `herald-server catalog add`. Users subscribe a
+//! device to an entry with their own timing: the subscription is a schedule that points
+//! at the entry's order, so the server can only ever schedule what the operator signed,
+//! never more often than the order's minimum interval (which the agent enforces).
+
+use rusqlite::{params, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+use herald_shared::envelope::{Action, Audience, Envelope, Order, Repeat};
+use herald_shared::schedule::{Missed, Schedule};
+use herald_shared::Millis;
+
+use axum::extract::{Path, State};
+use axum::Json;
+
+use crate::api::{bad, decode_order, ApiResult, ApiState};
+use crate::cli_catalog::CreateCatalogEntry;
+use crate::model::Created;
+use crate::store::{insert_order, Store, StoreError};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A catalog entry as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Short unique name (`[A-Za-z0-9._-]`).
+    pub name: String,
+    /// Title shown to users.
+    pub title: String,
+    /// What it does, for users.
+    pub description: String,
+    /// `run` (standalone program) or `open` (browser service).
+    pub kind: String,
+    /// The signed action in one line (program and arguments, or the page URL).
+    pub summary: String,
+    /// Who the operator signed it for (`all`, `group:<name>`, `agent:<id>`).
+    pub target: String,
+    /// Minimum time between two runs on one device.
+    pub min_interval_ms: u64,
+    /// The signed order's end of validity.
+    pub not_after: Millis,
+    /// When it was published.
+    pub created_at: Millis,
+}
+
+/// A user's (or an admin's) subscription of a device or audience to a catalog entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Schedule id.
+    pub id: i64,
+    /// Owning user.
+    pub owner_user_id: i64,
+    /// Owner's login.
+    pub owner_login: String,
+    /// Catalog entry name.
+    pub entry: String,
+    /// Catalog entry title.
+    pub entry_title: String,
+    /// `run` or `open`.
+    pub kind: String,
+    /// Target (`agent:<id>` for a user's device; admins may use groups or `all`).
+    pub target: String,
+    /// The device's name when the target is one agent.
+    pub agent_name: Option<String>,
+    /// The timing.
+    pub schedule: Schedule,
+    /// The timing in words.
+    pub when: String,
+    /// Missed-run policy.
+    pub missed: Missed,
+    /// Next firing, if any.
+    pub next_fire_at: Option<Millis>,
+    /// Created.
+    pub created_at: Millis,
+}
+
+/// Why an order cannot be a catalog entry.
+pub fn check_entry_order(order: &Order) -> std::result::Result<u64, String> {
+    let Repeat::Standing { min_interval_ms } = order.repeat else {
+        return Err(
+            "a catalog entry must be a standing order (signed with a minimum interval)".into(),
+        );
+    };
+    match &order.action {
+        Action::Run(_) => {}
+        Action::Open(open) => herald_shared::envelope::check_browser_url(&open.url)?,
+        other => {
+            return Err(format!(
+                "a catalog entry runs a program or opens a service page, not {}",
+                other.kind()
+            ))
+        }
+    }
+    Ok(min_interval_ms)
+}
+
+const ENTRY_COLUMNS: &str = "c.name, c.title, c.description, c.kind, c.summary, c.target,
+     c.min_interval_ms, c.not_after, c.created_at";
+
+fn entry_row(r: &Row<'_>) -> rusqlite::Result<CatalogEntry> {
+    Ok(CatalogEntry {
+        name: r.get(0)?,
+        title: r.get(1)?,
+        description: r.get(2)?,
+        kind: r.get(3)?,
+        summary: r.get(4)?,
+        target: r.get(5)?,
+        min_interval_ms: r.get::<_, i64>(6)?.max(0) as u64,
+        not_after: r.get(7)?,
+        created_at: r.get(8)?,
+    })
+}
+
+const SUBSCRIPTION_SELECT: &str =
+    "SELECT s.id, s.owner_user_id, u.login, s.catalog_name, c.title, c.kind,
+            s.target, a.name, s.spec, s.missed, s.next_fire_at, s.created_at
+     FROM schedules s
+     JOIN users u ON u.id = s.owner_user_id
+     JOIN catalog c ON c.name = s.catalog_name
+     LEFT JOIN agents a ON s.target = 'agent:' || a.id";
+
+fn subscription_row(r: &Row<'_>) -> rusqlite::Result<Subscription> {
+    let spec: String = r.get(8)?;
+    let missed: String = r.get(9)?;
+    let corrupt = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, what.into())
+    };
+    let schedule: Schedule = serde_json::from_str(&spec).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Subscription {
+        id: r.get(0)?,
+        owner_user_id: r.get(1)?,
+        owner_login: r.get(2)?,
+        entry: r.get(3)?,
+        entry_title: r.get(4)?,
+        kind: r.get(5)?,
+        target: r.get(6)?,
+        agent_name: r.get(7)?,
+        when: schedule.describe(),
+        schedule,
+        missed: missed
+            .parse()
+            .map_err(|_| corrupt(format!("missed policy {missed:?}")))?,
+        next_fire_at: r.get(10)?,
+        created_at: r.get(11)?,
+    })
+}
+
+impl Store {
+    /// Publishes a catalog entry with its signed standing order. The caller has checked
+    /// the signature and [`check_entry_order`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_catalog_entry(
+        &self,
+        name: &str,
+        title: &str,
+        description: &str,
+        envelope: &Envelope,
+        order: &Order,
+        min_interval_ms: u64,
+        now: Millis,
+    ) -> Result<()> {
+        let order_id = hex::encode(order.id);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM catalog WHERE name = ?1",
+                params![name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if exists {
+            return Err(StoreError::Conflict(format!(
+                "catalog entry {name} exists; remove it first or pick another name"
+            )));
+        }
+        insert_order(&tx, &order_id, envelope, &order.action, now)?;
+        tx.execute(
+            "INSERT INTO catalog (name, title, description, kind, order_id, summary, target,
+                                  min_interval_ms, not_after, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                name,
+                title,
+                description,
+                order.action.kind(),
+                order_id,
+                order.action.describe(),
+                order.audience.to_string(),
+                min_interval_ms as i64,
+                order.not_after,
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// All catalog entries, by name.
+    pub fn catalog(&self) -> Result<Vec<CatalogEntry>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM catalog c ORDER BY c.name"
+        ))?;
+        let rows = stmt.query_map([], entry_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// One catalog entry.
+    pub fn catalog_entry(&self, name: &str) -> Result<CatalogEntry> {
+        self.fast()
+            .query_row(
+                &format!("SELECT {ENTRY_COLUMNS} FROM catalog c WHERE c.name = ?1"),
+                params![name],
+                entry_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {name}")))
+    }
+
+    /// Withdraws a catalog entry and every subscription to it (their past jobs stay).
+    /// Returns how many subscriptions went with it.
+    pub fn remove_catalog_entry(&self, name: &str) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM destinations WHERE schedule_id IN
+                 (SELECT id FROM schedules WHERE catalog_name = ?1)",
+            params![name],
+        )?;
+        let subscriptions = tx.execute(
+            "DELETE FROM schedules WHERE catalog_name = ?1",
+            params![name],
+        )?;
+        let removed = tx.execute("DELETE FROM catalog WHERE name = ?1", params![name])?;
+        if removed == 0 {
+            return Err(StoreError::NotFound(format!("no catalog entry {name}")));
+        }
+        tx.commit()?;
+        Ok(subscriptions)
+    }
+
+    /// Subscribes `target` to a catalog entry on behalf of `user_id`. The caller has
+    /// checked that the user may use the target (their own device, or an admin).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_service_subscription(
+        &self,
+        user_id: i64,
+        entry: &str,
+        target: &Audience,
+        schedule: &Schedule,
+        missed: Missed,
+        ttl_ms: u64,
+        next_fire_at: Option<Millis>,
+        now: Millis,
+    ) -> Result<i64> {
+        let spec =
+            serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let (order_id, min_interval_ms): (String, i64) = tx
+            .query_row(
+                "SELECT order_id, min_interval_ms FROM catalog WHERE name = ?1",
+                params![entry],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {entry}")))?;
+        tx.execute(
+            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms,
+                                    min_interval_ms, next_fire_at, created_at,
+                                    owner_user_id, catalog_name)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                order_id,
+                target.to_string(),
+                spec,
+                missed.to_string(),
+                ttl_ms as i64,
+                min_interval_ms,
+                next_fire_at,
+                now,
+                user_id,
+                entry
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Subscriptions, all (`None`, for admins) or one user's.
+    pub fn service_subscriptions(&self, user_id: Option<i64>) -> Result<Vec<Subscription>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "{SUBSCRIPTION_SELECT} WHERE (?1 IS NULL OR s.owner_user_id = ?1) ORDER BY s.id"
+        ))?;
+        let rows = stmt.query_map(params![user_id], subscription_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// One subscription (the caller checks its owner against the user).
+    pub fn service_subscription(&self, id: i64) -> Result<Subscription> {
+        self.fast()
+            .query_row(
+                &format!("{SUBSCRIPTION_SELECT} WHERE s.id = ?1"),
+                params![id],
+                subscription_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no subscription {id}")))
+    }
+
+    /// Changes a subscription's timing.
+    pub fn update_service_subscription(
+        &self,
+        id: i64,
+        schedule: &Schedule,
+        missed: Missed,
+        next_fire_at: Option<Millis>,
+    ) -> Result<()> {
+        let spec =
+            serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let changed = self.conn().execute(
+            "UPDATE schedules SET spec = ?2, missed = ?3, next_fire_at = ?4
+             WHERE id = ?1 AND catalog_name IS NOT NULL",
+            params![id, spec, missed.to_string(), next_fire_at],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no subscription {id}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes a subscription and the forwarding rules tied to it (its past jobs and
+    /// their delivery log stay).
+    pub fn remove_service_subscription(&self, id: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM destinations WHERE schedule_id = ?1",
+            params![id],
+        )?;
+        let changed = tx.execute(
+            "DELETE FROM schedules WHERE id = ?1 AND catalog_name IS NOT NULL",
+            params![id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no subscription {id}")));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+// === admin API ===
+
+/// `POST /api/v1/catalog`: publishes an operator-signed standing order as an entry.
+pub(crate) async fn create_entry(
+    State(state): State<ApiState>,
+    Json(body): Json<CreateCatalogEntry>,
+) -> ApiResult<Created> {
+    if !herald_shared::valid_name(&body.name) {
+        return Err(bad(format!("invalid entry name {:?}", body.name)));
+    }
+    let title = body.title.trim();
+    if title.is_empty() || title.len() > 200 || body.description.len() > 4000 {
+        return Err(bad(
+            "a title of 1 to 200 characters and a description of at most 4000 are required",
+        ));
+    }
+    let (envelope, order) = decode_order(&state, &body.envelope)?;
+    let min_interval_ms = check_entry_order(&order).map_err(bad)?;
+    let now = crate::now_ms();
+    if order.not_after <= now {
+        return Err(bad("the signed order has already expired"));
+    }
+    state.store.add_catalog_entry(
+        &body.name,
+        title,
+        body.description.trim(),
+        &envelope,
+        &order,
+        min_interval_ms,
+        now,
+    )?;
+    Ok(Json(Created { ids: vec![] }))
+}
+
+/// `GET /api/v1/catalog`.
+pub(crate) async fn list_entries(State(state): State<ApiState>) -> ApiResult<Vec<CatalogEntry>> {
+    Ok(Json(state.store.catalog()?))
+}
+
+/// `DELETE /api/v1/catalog/{name}`: answers with the number of subscriptions removed.
+pub(crate) async fn remove_entry(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Created> {
+    let removed = state.store.remove_catalog_entry(&name)?;
+    state.scheduler.notify_one();
+    Ok(Json(Created {
+        ids: vec![removed as i64],
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::envelope::{OpenSpec, OperatorKey, RunSpec, Statement};
+
+    fn order(repeat: Repeat, action: Action) -> Order {
+        Order {
+            id: [7; 16],
+            audience: Audience::All,
+            issued_at: 0,
+            not_before: 0,
+            not_after: 1_000_000,
+            repeat,
+            action,
+        }
+    }
+
+    fn run() -> Action {
+        Action::Run(RunSpec {
+            program: "/bin/true".into(),
+            args: vec![],
+            timeout_ms: 1_000,
+            run_as: None,
+        })
+    }
+
+    #[test]
+    fn only_standing_run_or_open_orders_are_entries() {
+        let standing = Repeat::Standing {
+            min_interval_ms: 60_000,
+        };
+        assert_eq!(check_entry_order(&order(standing, run())), Ok(60_000));
+        assert!(check_entry_order(&order(Repeat::Once, run())).is_err());
+        let open = |url: &str| {
+            Action::Open(OpenSpec {
+                url: url.into(),
+                timeout_ms: 1_000,
+            })
+        };
+        assert!(check_entry_order(&order(standing, open("https://h/service/x"))).is_ok());
+        assert!(check_entry_order(&order(standing, open("http://example.com/"))).is_err());
+        let revert = Action::Revert {
+            package: "p".into(),
+        };
+        assert!(check_entry_order(&order(standing, revert)).is_err());
+    }
+
+    #[test]
+    fn entries_and_subscriptions_round_trip() {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-catalog-{}",
+            hex::encode(crate::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir).unwrap();
+        let key = OperatorKey::from_seed([1; 32]);
+        let standing = Repeat::Standing {
+            min_interval_ms: 1_000,
+        };
+        let order = order(standing, run());
+        let envelope = key.sign(&Statement::Order(order.clone())).unwrap();
+        store
+            .add_catalog_entry("scan", "Scan", "Runs a scan", &envelope, &order, 1_000, 5)
+            .unwrap();
+        assert!(matches!(
+            store.add_catalog_entry("scan", "Scan", "", &envelope, &order, 1_000, 5),
+            Err(StoreError::Conflict(_))
+        ));
+        let entry = store.catalog_entry("scan").unwrap();
+        assert_eq!(entry.kind, "run");
+        assert_eq!(entry.summary, "/bin/true");
+        store
+            .conn()
+            .execute(
+                "INSERT INTO users (login, password_hash, role, created_at) VALUES ('u', 'x', 'user', 0)",
+                [],
+            )
+            .unwrap();
+        let user: i64 = store.conn().last_insert_rowid();
+        let schedule = Schedule::every(std::time::Duration::from_secs(5), 0).unwrap();
+        let id = store
+            .add_service_subscription(
+                user,
+                "scan",
+                &Audience::All,
+                &schedule,
+                Missed::Skip,
+                60_000,
+                Some(10),
+                5,
+            )
+            .unwrap();
+        let listed = store.service_subscriptions(Some(user)).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+        assert_eq!(listed[0].entry_title, "Scan");
+        assert!(store
+            .service_subscriptions(Some(user + 1))
+            .unwrap()
+            .is_empty());
+        let hourly = Schedule::every(std::time::Duration::from_secs(3600), 0).unwrap();
+        store
+            .update_service_subscription(id, &hourly, Missed::RunOnce, Some(20))
+            .unwrap();
+        assert_eq!(store.service_subscription(id).unwrap().schedule, hourly);
+        assert_eq!(store.remove_catalog_entry("scan").unwrap(), 1);
+        assert!(matches!(
+            store.service_subscription(id),
+            Err(StoreError::NotFound(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
