@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 
 use herald_shared::codec;
-use herald_shared::envelope::{Action, Envelope, PublicKey, Refusal, Statement};
+use herald_shared::envelope::{check_browser_url, Action, Envelope, PublicKey, Refusal, Statement};
 use herald_shared::protocol::{
     Ack, AgentMsg, Bundle, Enroll, JobId, JobResult, ServerMsg, Status, PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -20,6 +20,7 @@ use herald_shared::Millis;
 use crate::exec;
 use crate::journal::{Journal, JournalError, Known};
 use crate::link::{self, lock};
+use crate::session::{self, Sessions};
 use crate::state::{AgentConfig, Identity, StateError, Status as AgentStatus, WORK_DIR};
 use crate::{files, host, now_ms};
 
@@ -45,6 +46,8 @@ pub struct Options {
     pub keep_alive: Duration,
     /// Grace between SIGTERM and SIGKILL for timed-out jobs.
     pub kill_grace: Duration,
+    /// How long a browser service waits for the session helper's answer.
+    pub session_answer: Duration,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             backoff_cap: link::BACKOFF_CAP,
             keep_alive: crate::tls::KEEP_ALIVE,
             kill_grace: exec::KILL_GRACE,
+            session_answer: session::ANSWER_TIMEOUT,
         }
     }
 }
@@ -86,6 +90,9 @@ pub enum AgentError {
     File(#[from] files::FileError),
 }
 
+/// What a browser-service result says about the one-time ticket: nothing.
+const TICKET_REDACTED: &str = "<ticket>";
+
 /// The running agent.
 pub struct Agent {
     state_dir: PathBuf,
@@ -98,6 +105,7 @@ pub struct Agent {
     to_server: Mutex<Option<mpsc::UnboundedSender<AgentMsg>>>,
     kill_grace: Duration,
     high_water: Mutex<Millis>,
+    sessions: Arc<Sessions>,
 }
 
 impl Agent {
@@ -115,6 +123,11 @@ impl Agent {
             .and_then(|v| v.try_into().ok())
             .map(i64::from_be_bytes)
             .unwrap_or(0);
+        let sessions = Arc::new(Sessions::new(
+            &config.session,
+            nix::unistd::Uid::effective().as_raw(),
+            options.session_answer,
+        ));
         let agent = Arc::new(Agent {
             state_dir: state_dir.to_path_buf(),
             id: identity.agent_id(),
@@ -126,6 +139,7 @@ impl Agent {
             to_server: Mutex::new(None),
             kill_grace: options.kill_grace,
             high_water: Mutex::new(high_water),
+            sessions,
         });
         if let Some(blob) = agent.journal.value(MEMBERSHIP_KEY)? {
             if let Ok(envelope) = codec::from_bytes::<Envelope>(&blob, codec::DEFAULT_FRAME_LIMIT) {
@@ -183,6 +197,11 @@ impl Agent {
     /// Grace between SIGTERM and SIGKILL for jobs.
     pub fn kill_grace(&self) -> Duration {
         self.kill_grace
+    }
+
+    /// The connected user-session helpers.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 
     /// An HTTPS client that trusts only the pinned CA (downloads from the server).
@@ -277,11 +296,14 @@ impl Agent {
     }
 
     /// Handles a signal: deduplicate, verify, persist, then start. Returns the ack.
+    /// `ticket` is the server's one-time ticket for a browser service (ignored for other
+    /// actions).
     pub fn signal(
         self: Arc<Self>,
         job_id: JobId,
         envelope: Envelope,
         bundle: Option<Bundle>,
+        ticket: Option<String>,
     ) -> Result<Ack, JournalError> {
         match self.journal.known(job_id)? {
             Some(Known::Refused(reason)) => return Ok(Ack::Refused(reason)),
@@ -320,11 +342,17 @@ impl Agent {
             let blob = codec::to_bytes(bundle).map_err(|e| JournalError::Corrupt(e.to_string()))?;
             self.journal.set_value(&bundle_key(job_id), &blob)?;
         }
+        let ticket = ticket.filter(|_| matches!(order.action, Action::Open(_)));
+        if let Some(ticket) = &ticket {
+            // Kept for a restart before the job starts, like the bundle.
+            self.journal
+                .set_value(&ticket_key(job_id), ticket.as_bytes())?;
+        }
         self.journal
             .accept(job_id, &order_id, &envelope, order.not_after, now)?;
         info!(job_id, action = %order.action.describe(), "job accepted");
         let agent = self.clone();
-        tokio::spawn(async move { agent.run_job(job_id, order.action, bundle).await });
+        tokio::spawn(async move { agent.run_job(job_id, order.action, bundle, ticket).await });
         Ok(Ack::Accepted)
     }
 
@@ -363,9 +391,15 @@ impl Agent {
                 }
                 Ok(())
             }
-            Action::Open(_) => Err(Refusal::Policy(
-                "browser services are not supported by this agent yet".into(),
-            )),
+            Action::Open(open) => {
+                if !policy.allow_browser {
+                    return Err(Refusal::Policy(
+                        "browser services are disabled on this machine (allow_browser = false)"
+                            .into(),
+                    ));
+                }
+                check_browser_url(&open.url).map_err(Refusal::Policy)
+            }
             Action::Install(_) | Action::Revert { .. } => {
                 if policy.allow_install {
                     Ok(())
@@ -379,7 +413,13 @@ impl Agent {
     }
 
     /// Runs an accepted job to completion and puts its result in the outbox.
-    async fn run_job(self: Arc<Self>, job_id: JobId, action: Action, bundle: Option<Bundle>) {
+    async fn run_job(
+        self: Arc<Self>,
+        job_id: JobId,
+        action: Action,
+        bundle: Option<Bundle>,
+        ticket: Option<String>,
+    ) {
         let started_at = now_ms();
         // The marker that finds the job's processes must be unique on this machine: job
         // ids are only unique per server, and several agents (or a restarted one) may
@@ -445,13 +485,14 @@ impl Agent {
             Action::Revert { package } => {
                 crate::update::revert(&self, job_id, &package, started_at)
             }
-            Action::Open(_) => JobResult::without_output(
-                job_id,
-                Status::Failed,
-                started_at,
-                now_ms(),
-                Some("browser services are not supported by this agent yet".into()),
-            ),
+            Action::Open(open) => {
+                let result = self
+                    .open_in_browser(job_id, &open.url, ticket.as_deref(), started_at)
+                    .await;
+                // The ticket is single-use and secret: gone with the job.
+                let _ = self.journal.set_value(&ticket_key(job_id), &[]);
+                result
+            }
         };
         let _ = self.journal.set_value(&bundle_key(job_id), &[]);
         info!(job_id, status = result.status.as_str(), exit = ?result.exit_code, "job finished");
@@ -460,6 +501,59 @@ impl Agent {
             return;
         }
         self.outbox.notify_one();
+    }
+
+    /// A browser service: the signed page, with the server's ticket appended, goes to a
+    /// user-session helper. The ticket never appears in the result or the log.
+    async fn open_in_browser(
+        &self,
+        job_id: JobId,
+        url: &str,
+        ticket: Option<&str>,
+        started_at: Millis,
+    ) -> JobResult {
+        let redact = |text: String| match ticket.filter(|t| !t.is_empty()) {
+            Some(t) => text
+                .replace(&session::encode(t), TICKET_REDACTED)
+                .replace(t, TICKET_REDACTED),
+            None => text,
+        };
+        let failed = |error: String| {
+            JobResult::without_output(
+                job_id,
+                Status::Failed,
+                started_at,
+                now_ms(),
+                Some(redact(error)),
+            )
+        };
+        let page = match ticket {
+            Some(ticket) => session::with_ticket(url, ticket),
+            None => url.to_string(),
+        };
+        // The signed URL passed the policy; the ticket is the server's, so check again
+        // what the browser will really load (its length, mostly).
+        if let Err(reason) = check_browser_url(&page) {
+            return failed(format!(
+                "the page with the server's ticket is refused: {reason}"
+            ));
+        }
+        match self.sessions.open(job_id, &page).await {
+            Ok(user) => {
+                info!(job_id, %user, "browser service opened");
+                let mut result = JobResult::without_output(
+                    job_id,
+                    Status::Succeeded,
+                    started_at,
+                    now_ms(),
+                    None,
+                );
+                result.stdout =
+                    format!("opened {url} in the browser of user {user}\n").into_bytes();
+                result
+            }
+            Err(e) => failed(e.to_string()),
+        }
     }
 
     /// Restart recovery: interrupted jobs to the outbox, never-started jobs resumed.
@@ -480,8 +574,18 @@ impl Agent {
                         .journal
                         .value(&bundle_key(resume.job_id))?
                         .and_then(|b| codec::from_bytes(&b, codec::DEFAULT_FRAME_LIMIT).ok());
+                    let ticket = match order.action {
+                        Action::Open(_) => self
+                            .journal
+                            .value(&ticket_key(resume.job_id))?
+                            .and_then(|b| String::from_utf8(b).ok())
+                            .filter(|t| !t.is_empty()),
+                        _ => None,
+                    };
                     tokio::spawn(async move {
-                        agent.run_job(resume.job_id, order.action, bundle).await
+                        agent
+                            .run_job(resume.job_id, order.action, bundle, ticket)
+                            .await
                     });
                 }
                 _ => warn!(
@@ -496,6 +600,10 @@ impl Agent {
 
 fn bundle_key(job_id: JobId) -> String {
     format!("bundle:{job_id}")
+}
+
+fn ticket_key(job_id: JobId) -> String {
+    format!("ticket:{job_id}")
 }
 
 fn outcome_to_result(
@@ -586,6 +694,7 @@ pub async fn enroll(
                 token_groups: token.groups.clone(),
                 policy: Default::default(),
                 update: Default::default(),
+                session: Default::default(),
             }
             .save(state_dir)?;
             Ok(agent_id)
@@ -614,11 +723,31 @@ pub async fn run(
             reason,
         })?;
     let client = crate::tls::client_config(fingerprint, &identity, options.keep_alive)?;
+    // Listening before recovery, so a resumed browser job finds helpers that reconnect.
+    let socket = session::socket_path(state_dir, &agent.config.session);
+    let helpers = match session::bind(&socket, nix::unistd::Uid::effective().is_root()) {
+        Ok(listener) => {
+            info!(socket = %socket.display(), "listening for session helpers");
+            Some(tokio::spawn(session::serve(
+                listener,
+                agent.sessions.clone(),
+            )))
+        }
+        Err(e) => {
+            warn!("browser services will fail: {e}");
+            agent.sessions.set_unavailable(e.to_string());
+            None
+        }
+    };
     agent.recover()?;
     info!(agent_id = %agent.id(), server = %agent.server(), "herald-agent starting");
     tokio::select! {
         _ = link::run_forever(agent.clone(), client, &options) => {}
         _ = shutdown => info!("shutting down"),
+    }
+    if let Some(helpers) = helpers {
+        helpers.abort();
+        let _ = std::fs::remove_file(&socket);
     }
     agent.set_connected(false, Some("agent stopped".into()), &[]);
     Ok(())

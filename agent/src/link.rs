@@ -205,9 +205,9 @@ async fn reader(
                 job_id,
                 envelope,
                 bundle,
-                ticket: _,
+                ticket,
             }) => {
-                let ack = agent.clone().signal(job_id, envelope, bundle)?;
+                let ack = agent.clone().signal(job_id, envelope, bundle, ticket)?;
                 let _ = to_server.send(AgentMsg::Ack { job_id, ack });
             }
             ServerMsg::ResultStored { job_id, .. } => {

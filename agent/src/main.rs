@@ -33,6 +33,14 @@ enum Command {
     },
     /// Run the standby loop (normally started at boot by the service manager).
     Run,
+    /// Run the user-session helper that opens browser services (normally started at
+    /// login; see installers/).
+    Session {
+        /// The daemon's session socket (default: that of the agent in --state-dir if
+        /// given, else /run/herald-agent/session.sock, else the user's own agent's).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Show enrollment and connection state.
     Status {
         /// JSON output.
@@ -71,19 +79,18 @@ async fn main() -> ExitCode {
             }
         }
         Command::Run => {
-            let shutdown = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("installing a SIGTERM handler only fails outside a runtime");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            };
-            match herald_agent::run(&dir, herald_agent::Options::default(), shutdown).await {
+            match herald_agent::run(&dir, herald_agent::Options::default(), shutdown()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
+        }
+        Command::Session { socket } => {
+            let options = herald_agent::browser::HelperOptions::from_env(
+                socket.as_deref(),
+                cli.state_dir.as_deref(),
+            );
+            herald_agent::browser::run(options, shutdown()).await;
+            ExitCode::SUCCESS
         }
         Command::Status { json } => status(&dir, json),
         Command::UpdateWatchdog { pid } => {
@@ -98,6 +105,16 @@ async fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler only fails outside a runtime");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

@@ -64,6 +64,28 @@ pub struct AgentConfig {
     /// Package and self-update settings.
     #[serde(default)]
     pub update: UpdateSettings,
+    /// The user-session helper (browser services).
+    #[serde(default)]
+    pub session: SessionSettings,
+}
+
+/// Where the daemon listens for user-session helpers and whom it lets in (`[session]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// The helpers' Unix socket. Unset: `/run/herald-agent/session.sock` for the system
+    /// state directory, else `session.sock` in the state directory. A relative path is
+    /// taken relative to the state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// When the daemon runs as root and this is not empty, only helpers of these users
+    /// are accepted. (A daemon that is not root only ever accepts its own user.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// When the daemon runs as root: browser services go to this user's helper instead
+    /// of the most recently connected one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// How the agent downloads and updates itself.
@@ -108,6 +130,9 @@ pub struct Policy {
     /// Whether signed packages (and agent updates) may be installed.
     #[serde(default = "yes")]
     pub allow_install: bool,
+    /// Whether browser services may open pages for the person at the machine.
+    #[serde(default = "yes")]
+    pub allow_browser: bool,
 }
 
 fn yes() -> bool {
@@ -120,6 +145,7 @@ impl Default for Policy {
             allow_run: true,
             programs: Vec::new(),
             allow_install: true,
+            allow_browser: true,
         }
     }
 }

@@ -1,0 +1,958 @@
+//! The daemon side of the user-session helper: a local Unix socket that
+//! `herald-agent session` processes connect to from people's desktop sessions, the check
+//! of who is connecting (the kernel's peer credentials, never anything the peer says),
+//! and the hand-over of browser services to the right helper.
+//!
+//! The daemon usually runs as a system service with no display, so it cannot open a
+//! browser itself; the helper, started at login, can. The wire format is one JSON object
+//! per line, each line at most [`LINE_LIMIT`] bytes:
+//!
+//! - daemon → helper: `{"welcome":{"user":"alice"}}` once accepted,
+//!   `{"rejected":{"reason":"..."}}` before closing a refused peer, and
+//!   `{"open":{"job_id":N,"url":"..."}}`;
+//! - helper → daemon: `{"opened":{"job_id":N}}` or `{"failed":{"job_id":N,"error":"..."}}`.
+//!
+//! A line that is too long or does not parse closes that helper's connection.
+//!
+//! Socket path ([`socket_path`]): `[session] socket` in `agent.toml` if set (relative to
+//! the state directory); else `/run/herald-agent/session.sock` when the state directory is
+//! the system one (`/var/lib/herald-agent`); else `session.sock` inside the state
+//! directory. Two agents with different state directories therefore never share a socket,
+//! even when both run as root (as the end-to-end tests do).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use herald_shared::protocol::JobId;
+
+use crate::link::lock;
+use crate::state::{SessionSettings, SYSTEM_STATE_DIR};
+
+/// The helpers' socket of a system install (state directory [`SYSTEM_STATE_DIR`]).
+pub const SYSTEM_SOCKET: &str = "/run/herald-agent/session.sock";
+/// The helpers' socket inside any other state directory.
+pub const SOCKET_FILE: &str = "session.sock";
+/// Longest line either side accepts, newline included.
+pub const LINE_LIMIT: usize = 16 * 1024;
+/// How long the daemon waits for a helper to say whether the browser opened.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this many helpers are connected at once; more are turned away.
+pub const MAX_HELPERS: usize = 64;
+/// Longest error text kept from a helper.
+const ERROR_LIMIT: usize = 2000;
+
+/// Daemon → helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToHelper {
+    /// The helper was accepted, as this user.
+    Welcome {
+        /// User name the daemon sees for the helper.
+        user: String,
+    },
+    /// The helper is not accepted; the connection closes after this line.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Open this page in the user's browser.
+    Open {
+        /// The job this belongs to (echoed in the answer).
+        job_id: JobId,
+        /// The page, ticket included.
+        url: String,
+    },
+}
+
+/// Helper → daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromHelper {
+    /// The browser was started for this job.
+    Opened {
+        /// Job id from the `open` message.
+        job_id: JobId,
+    },
+    /// The browser could not be started.
+    Failed {
+        /// Job id from the `open` message.
+        job_id: JobId,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Errors setting up the helpers' socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The socket's directory could not be created or inspected.
+    #[error("cannot prepare the session socket directory {path}: {source}")]
+    Dir {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A live process answers on the socket path.
+    #[error(
+        "another herald-agent already serves session helpers at {0}; give this agent its own \
+         `[session] socket` in agent.toml"
+    )]
+    InUse(PathBuf),
+    /// Something that is not a socket sits at the socket path.
+    #[error("{0} exists and is not a socket; remove it or set another `[session] socket`")]
+    NotSocket(PathBuf),
+    /// Binding or setting permissions failed.
+    #[error("cannot listen on {path}: {source}{hint}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+        /// Advice, if any.
+        hint: &'static str,
+    },
+}
+
+/// Why a browser service could not be handed to a helper.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// No (suitable) helper is connected.
+    #[error(
+        "no user-session helper{} is connected, so there is no browser to open the page in: \
+         the person at this machine must be logged in to a desktop session running \
+         `herald-agent session` (installed to start at login from installers/, or started by hand)",
+        .user.as_ref().map(|u| format!(" of user {u}")).unwrap_or_default()
+    )]
+    NoHelper {
+        /// The user `[session] user` asks for, if any.
+        user: Option<String>,
+    },
+    /// The daemon could not open its socket, so no helper can connect.
+    #[error("the session helper socket is not available ({0}); see the agent log")]
+    NoSocket(String),
+    /// The helper tried and failed.
+    #[error("the session helper of user {user} could not open the browser: {error}")]
+    Helper {
+        /// Helper's user.
+        user: String,
+        /// Its report.
+        error: String,
+    },
+    /// The helper did not answer in time.
+    #[error("the session helper of user {user} did not answer within {secs} s")]
+    TimedOut {
+        /// Helper's user.
+        user: String,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The helper went away before answering.
+    #[error("the session helper of user {user} disconnected before answering")]
+    Disconnected {
+        /// Helper's user.
+        user: String,
+    },
+}
+
+/// Errors reading one line.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LineError {
+    /// Longer than [`LINE_LIMIT`].
+    #[error("line longer than {LINE_LIMIT} bytes")]
+    TooLong,
+    /// The stream ended in the middle of a line.
+    #[error("connection closed in the middle of a line")]
+    Truncated,
+    /// Not UTF-8.
+    #[error("line is not UTF-8")]
+    NotUtf8,
+    /// I/O error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+// === socket path and peer check ===
+
+/// The helpers' socket for an agent with this state directory and settings (see the
+/// module documentation).
+pub fn socket_path(state_dir: &Path, settings: &SessionSettings) -> PathBuf {
+    match &settings.socket {
+        Some(socket) => state_dir.join(socket),
+        None if state_dir == Path::new(SYSTEM_STATE_DIR) => PathBuf::from(SYSTEM_SOCKET),
+        None => state_dir.join(SOCKET_FILE),
+    }
+}
+
+/// A connecting process, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Effective uid.
+    pub uid: u32,
+    /// Its user name, if the uid resolves to one.
+    pub user: Option<String>,
+}
+
+impl Peer {
+    fn display_name(&self) -> String {
+        self.user
+            .clone()
+            .unwrap_or_else(|| format!("uid {}", self.uid))
+    }
+}
+
+/// Whether a daemon running as `daemon_uid` accepts a helper from `peer`: a daemon that
+/// is not root accepts only its own uid; a root daemon accepts anyone, unless `users`
+/// (`[session] users`) is not empty, in which case only those users.
+pub fn admit(daemon_uid: u32, peer: &Peer, users: &[String]) -> Result<(), String> {
+    if daemon_uid != 0 {
+        return if peer.uid == daemon_uid {
+            Ok(())
+        } else {
+            Err(format!(
+                "this herald-agent runs as uid {daemon_uid} and accepts only helpers of that \
+                 user, not {}",
+                peer.display_name()
+            ))
+        };
+    }
+    if users.is_empty() || peer.user.as_ref().is_some_and(|u| users.contains(u)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not listed in `[session] users` of this herald-agent",
+            peer.display_name()
+        ))
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// Prepares and binds the helpers' socket: creates a missing directory (0755 when
+/// `shared`, else 0700), removes a stale socket file (refusing if a live process still
+/// answers on it), binds, and sets the socket's mode (0666 when `shared`, because the
+/// peer check is the access control; else 0600). Needs a tokio runtime.
+pub fn bind(path: &Path, shared: bool) -> Result<UnixListener, SessionError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(if shared { 0o755 } else { 0o700 })
+                .create(dir)
+                .map_err(|source| SessionError::Dir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SessionError::InUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => return Err(SessionError::NotSocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    let bind_error = |source: io::Error| SessionError::Bind {
+        path: path.to_path_buf(),
+        hint: if path.as_os_str().len() > 100 {
+            " (the path may be too long for a Unix socket; set a shorter `[session] socket`)"
+        } else {
+            ""
+        },
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(if shared { 0o666 } else { 0o600 }),
+    )
+    .map_err(bind_error)?;
+    Ok(listener)
+}
+
+// === line I/O, shared with the helper side ===
+
+/// Reads one line of at most [`LINE_LIMIT`] bytes (without its newline); `None` at a
+/// clean end of stream.
+pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<String>, LineError> {
+    let mut buf = Vec::new();
+    let n = reader
+        .take(LINE_LIMIT as u64)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.pop() != Some(b'\n') {
+        return Err(if n >= LINE_LIMIT {
+            LineError::TooLong
+        } else {
+            LineError::Truncated
+        });
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| LineError::NotUtf8)
+}
+
+/// Writes one message as a JSON line.
+pub(crate) async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    message: &T,
+) -> io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    writer.flush().await
+}
+
+// === impl Sessions ===
+
+/// The connected helpers, and the browser services waiting for their answer.
+pub struct Sessions {
+    daemon_uid: u32,
+    users: Vec<String>,
+    preferred: Option<String>,
+    answer_timeout: Duration,
+    registry: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    /// Oldest first.
+    helpers: Vec<Helper>,
+    pending: HashMap<JobId, Pending>,
+    unavailable: Option<String>,
+}
+
+struct Helper {
+    id: u64,
+    user: String,
+    sender: mpsc::UnboundedSender<ToHelper>,
+}
+
+struct Pending {
+    helper: u64,
+    answer: oneshot::Sender<Result<(), String>>,
+}
+
+impl Sessions {
+    /// An empty registry for a daemon running as `daemon_uid`, waiting `answer_timeout`
+    /// for each helper answer.
+    pub fn new(settings: &SessionSettings, daemon_uid: u32, answer_timeout: Duration) -> Sessions {
+        Sessions {
+            daemon_uid,
+            users: settings.users.clone(),
+            preferred: settings.user.clone(),
+            answer_timeout,
+            registry: Mutex::new(Registry::default()),
+        }
+    }
+
+    /// Records that the socket could not be opened, so browser jobs say why.
+    pub fn set_unavailable(&self, reason: String) {
+        lock(&self.registry).unavailable = Some(reason);
+    }
+
+    /// The users of the connected helpers, oldest connection first.
+    pub fn helpers(&self) -> Vec<String> {
+        lock(&self.registry)
+            .helpers
+            .iter()
+            .map(|h| h.user.clone())
+            .collect()
+    }
+
+    /// Hands a page to a helper and waits for its answer: the most recently connected
+    /// helper, or (for a root daemon with `[session] user`) that user's. Returns the
+    /// user whose browser opened it.
+    pub async fn open(&self, job_id: JobId, url: &str) -> Result<String, OpenError> {
+        let (answer, answered) = oneshot::channel();
+        let user = {
+            let mut registry = lock(&self.registry);
+            let wanted = self.preferred.as_ref().filter(|_| self.daemon_uid == 0);
+            let Some(helper) = registry
+                .helpers
+                .iter()
+                .rev()
+                .find(|h| wanted.is_none_or(|w| &h.user == w))
+            else {
+                if let Some(reason) = &registry.unavailable {
+                    return Err(OpenError::NoSocket(reason.clone()));
+                }
+                return Err(OpenError::NoHelper {
+                    user: wanted.cloned(),
+                });
+            };
+            let (id, user) = (helper.id, helper.user.clone());
+            let sent = helper.sender.send(ToHelper::Open {
+                job_id,
+                url: url.to_string(),
+            });
+            if sent.is_err() {
+                return Err(OpenError::Disconnected { user });
+            }
+            registry
+                .pending
+                .insert(job_id, Pending { helper: id, answer });
+            user
+        };
+        match tokio::time::timeout(self.answer_timeout, answered).await {
+            Ok(Ok(Ok(()))) => Ok(user),
+            Ok(Ok(Err(error))) => Err(OpenError::Helper { user, error }),
+            Ok(Err(_)) => Err(OpenError::Disconnected { user }),
+            Err(_) => {
+                lock(&self.registry).pending.remove(&job_id);
+                Err(OpenError::TimedOut {
+                    user,
+                    secs: self.answer_timeout.as_secs(),
+                })
+            }
+        }
+    }
+
+    fn register(&self, user: String, sender: mpsc::UnboundedSender<ToHelper>) -> Option<u64> {
+        let mut registry = lock(&self.registry);
+        if registry.helpers.len() >= MAX_HELPERS {
+            return None;
+        }
+        registry.next_id += 1;
+        let id = registry.next_id;
+        registry.helpers.push(Helper { id, user, sender });
+        Some(id)
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut registry = lock(&self.registry);
+        registry.helpers.retain(|h| h.id != id);
+        // Dropping the senders tells the waiting jobs the helper went away.
+        registry.pending.retain(|_, p| p.helper != id);
+    }
+
+    fn answer(&self, helper: u64, message: FromHelper) {
+        let (job_id, outcome) = match message {
+            FromHelper::Opened { job_id } => (job_id, Ok(())),
+            FromHelper::Failed { job_id, mut error } => {
+                if error.len() > ERROR_LIMIT {
+                    let mut cut = ERROR_LIMIT;
+                    while !error.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    error.truncate(cut);
+                    error.push('…');
+                }
+                (job_id, Err(error))
+            }
+        };
+        let mut registry = lock(&self.registry);
+        match registry.pending.get(&job_id) {
+            Some(pending) if pending.helper == helper => {
+                if let Some(pending) = registry.pending.remove(&job_id) {
+                    let _ = pending.answer.send(outcome);
+                }
+            }
+            _ => warn!(job_id, "session helper answered for a job it was not given"),
+        }
+    }
+
+    /// Serves one connection: peer check, registration, messages until it closes.
+    async fn handle(self: Arc<Self>, stream: UnixStream) {
+        let uid = match stream.peer_cred() {
+            Ok(cred) => cred.uid(),
+            Err(e) => {
+                warn!("cannot read a session helper's credentials, closing: {e}");
+                return;
+            }
+        };
+        let peer = Peer {
+            uid,
+            user: user_name(uid),
+        };
+        let (read, mut write) = stream.into_split();
+        if let Err(reason) = admit(self.daemon_uid, &peer, &self.users) {
+            warn!(uid, %reason, "session helper refused");
+            let _ = write_line(&mut write, &ToHelper::Rejected { reason }).await;
+            return;
+        }
+        let user = peer.display_name();
+        let (sender, mut outgoing) = mpsc::unbounded_channel();
+        let _ = sender.send(ToHelper::Welcome { user: user.clone() });
+        let Some(id) = self.register(user.clone(), sender) else {
+            let reason = format!("already {MAX_HELPERS} session helpers connected");
+            warn!(uid, %reason, "session helper refused");
+            let _ = write_line(&mut write, &ToHelper::Rejected { reason }).await;
+            return;
+        };
+        info!(%user, uid, "session helper connected");
+        let writer = async {
+            while let Some(message) = outgoing.recv().await {
+                if let Err(e) = write_line(&mut write, &message).await {
+                    return format!("write failed: {e}");
+                }
+            }
+            "registry dropped".to_string()
+        };
+        let reader = async {
+            let mut reader = tokio::io::BufReader::new(read);
+            loop {
+                match read_line(&mut reader).await {
+                    Ok(Some(line)) => match serde_json::from_str::<FromHelper>(&line) {
+                        Ok(message) => self.answer(id, message),
+                        Err(e) => return format!("bad message, closing: {e}"),
+                    },
+                    Ok(None) => return "closed".to_string(),
+                    Err(e) => return format!("{e}, closing"),
+                }
+            }
+        };
+        let why = tokio::select! {
+            why = writer => why,
+            why = reader => why,
+        };
+        self.unregister(id);
+        info!(%user, uid, %why, "session helper disconnected");
+    }
+}
+
+/// Accepts helpers on `listener` until the future is dropped, which also closes every
+/// helper connection (they reconnect to the next daemon).
+pub async fn serve(listener: UnixListener, sessions: Arc<Sessions>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(sessions.clone().handle(stream));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: do not spin.
+                    warn!("accepting a session helper failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// `url` with the one-time `ticket` added as the query parameter `herald_ticket`:
+/// after an existing query, before any `#fragment`. Characters outside the unreserved
+/// set are percent-encoded, so a ticket cannot add parameters or change the page.
+pub fn with_ticket(url: &str, ticket: &str) -> String {
+    let (base, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let separator = match base.find('?') {
+        None => "?",
+        Some(_) if base.ends_with('?') || base.ends_with('&') => "",
+        Some(_) => "&",
+    };
+    format!(
+        "{base}{separator}herald_ticket={}{fragment}",
+        encode(ticket)
+    )
+}
+
+/// Percent-encodes everything outside RFC 3986's unreserved characters.
+pub fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::BufReader;
+
+    fn peer(uid: u32, user: &str) -> Peer {
+        Peer {
+            uid,
+            user: Some(user.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_user_daemon_accepts_only_its_own_uid() {
+        assert_eq!(admit(1000, &peer(1000, "alice"), &[]), Ok(()));
+        let refused = admit(1000, &peer(1001, "bob"), &[]).unwrap_err();
+        assert!(refused.contains("bob"), "{refused}");
+        // Not even root, and `users` does not widen it.
+        assert!(admit(1000, &peer(0, "root"), &[]).is_err());
+        assert!(admit(1000, &peer(1001, "bob"), &["bob".into()]).is_err());
+    }
+
+    #[test]
+    fn a_root_daemon_accepts_anyone_or_the_listed_users() {
+        assert_eq!(admit(0, &peer(1001, "bob"), &[]), Ok(()));
+        assert_eq!(
+            admit(
+                0,
+                &Peer {
+                    uid: 4242,
+                    user: None
+                },
+                &[]
+            ),
+            Ok(())
+        );
+        let users = vec!["alice".to_string()];
+        assert_eq!(admit(0, &peer(1000, "alice"), &users), Ok(()));
+        let refused = admit(0, &peer(1001, "bob"), &users).unwrap_err();
+        assert!(refused.contains("bob"), "{refused}");
+        let nameless = Peer {
+            uid: 4242,
+            user: None,
+        };
+        assert!(admit(0, &nameless, &users)
+            .unwrap_err()
+            .contains("uid 4242"));
+    }
+
+    #[test]
+    fn socket_path_is_per_state_dir_unless_system_or_configured() {
+        let default = SessionSettings::default();
+        assert_eq!(
+            socket_path(Path::new("/tmp/t1/agent"), &default),
+            Path::new("/tmp/t1/agent/session.sock")
+        );
+        assert_eq!(
+            socket_path(Path::new(SYSTEM_STATE_DIR), &default),
+            Path::new(SYSTEM_SOCKET)
+        );
+        let absolute = SessionSettings {
+            socket: Some("/run/h/s.sock".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            socket_path(Path::new(SYSTEM_STATE_DIR), &absolute),
+            Path::new("/run/h/s.sock")
+        );
+        let relative = SessionSettings {
+            socket: Some("sockets/s.sock".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            socket_path(Path::new("/srv/a"), &relative),
+            Path::new("/srv/a/sockets/s.sock")
+        );
+    }
+
+    #[test]
+    fn ticket_goes_into_the_query_before_the_fragment() {
+        let t = "v1.7.1700000000000.abcdef";
+        assert_eq!(
+            with_ticket("https://h/service/x", t),
+            format!("https://h/service/x?herald_ticket={t}")
+        );
+        assert_eq!(
+            with_ticket("https://h/s?a=1", t),
+            format!("https://h/s?a=1&herald_ticket={t}")
+        );
+        assert_eq!(
+            with_ticket("https://h/s?", t),
+            format!("https://h/s?herald_ticket={t}")
+        );
+        assert_eq!(
+            with_ticket("https://h/s?a=1#part", t),
+            format!("https://h/s?a=1&herald_ticket={t}#part")
+        );
+        assert_eq!(
+            with_ticket("https://h/s#x?y", t),
+            format!("https://h/s?herald_ticket={t}#x?y")
+        );
+        // A hostile ticket cannot add parameters, a fragment or spaces.
+        assert_eq!(
+            with_ticket("https://h/s", "a&b=c#d e"),
+            "https://h/s?herald_ticket=a%26b%3Dc%23d%20e"
+        );
+    }
+
+    #[test]
+    fn messages_have_the_documented_json_form() {
+        let open = ToHelper::Open {
+            job_id: 5,
+            url: "https://h/".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&open).unwrap(),
+            r#"{"open":{"job_id":5,"url":"https://h/"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<FromHelper>(r#"{"opened":{"job_id":5}}"#).unwrap(),
+            FromHelper::Opened { job_id: 5 }
+        );
+        assert_eq!(
+            serde_json::from_str::<FromHelper>(r#"{"failed":{"job_id":5,"error":"x"}}"#).unwrap(),
+            FromHelper::Failed {
+                job_id: 5,
+                error: "x".into()
+            }
+        );
+        assert!(serde_json::from_str::<FromHelper>(r#"{"opened":{"job_id":5,"x":1}}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn lines_are_capped() {
+        let long = vec![b'a'; LINE_LIMIT + 10];
+        let mut input = BufReader::new(&long[..]);
+        assert!(matches!(
+            read_line(&mut input).await,
+            Err(LineError::TooLong)
+        ));
+        let mut exact = vec![b'b'; LINE_LIMIT - 1];
+        exact.push(b'\n');
+        let mut input = BufReader::new(&exact[..]);
+        assert_eq!(
+            read_line(&mut input).await.unwrap().unwrap().len(),
+            LINE_LIMIT - 1
+        );
+        assert!(read_line(&mut input).await.unwrap().is_none());
+        let mut input = BufReader::new(&b"partial"[..]);
+        assert!(matches!(
+            read_line(&mut input).await,
+            Err(LineError::Truncated)
+        ));
+    }
+
+    /// A temporary directory for sockets, removed at the end.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let nonce: [u8; 4] = crate::random_bytes();
+            let dir = std::env::temp_dir().join(format!(
+                "herald-session-{name}-{}-{}",
+                std::process::id(),
+                hex::encode(nonce)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn me() -> u32 {
+        nix::unistd::Uid::effective().as_raw()
+    }
+
+    fn serving(dir: &TempDir, timeout: Duration) -> (Arc<Sessions>, PathBuf) {
+        let path = dir.0.join(SOCKET_FILE);
+        let listener = bind(&path, false).unwrap();
+        let sessions = Arc::new(Sessions::new(&SessionSettings::default(), me(), timeout));
+        tokio::spawn(serve(listener, sessions.clone()));
+        (sessions, path)
+    }
+
+    /// A fake helper: connects and waits for its welcome, so it is registered.
+    async fn fake_helper(
+        path: &Path,
+    ) -> (
+        BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    ) {
+        let stream = UnixStream::connect(path).await.unwrap();
+        let (read, write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let line = read_line(&mut read).await.unwrap().unwrap();
+        assert!(matches!(
+            serde_json::from_str::<ToHelper>(&line).unwrap(),
+            ToHelper::Welcome { .. }
+        ));
+        (read, write)
+    }
+
+    async fn next_open(read: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> (JobId, String) {
+        let line = read_line(read).await.unwrap().unwrap();
+        match serde_json::from_str::<ToHelper>(&line).unwrap() {
+            ToHelper::Open { job_id, url } => (job_id, url),
+            other => panic!("expected open, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connected_helper_opens_and_answers() {
+        let dir = TempDir::new("open");
+        let (sessions, path) = serving(&dir, Duration::from_secs(10));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (mut read, mut write) = fake_helper(&path).await;
+        assert_eq!(sessions.helpers().len(), 1);
+        let helper = tokio::spawn(async move {
+            let (job_id, url) = next_open(&mut read).await;
+            assert_eq!(url, "https://h/s?herald_ticket=t");
+            write_line(&mut write, &FromHelper::Opened { job_id })
+                .await
+                .unwrap();
+            let (job_id, _) = next_open(&mut read).await;
+            write_line(
+                &mut write,
+                &FromHelper::Failed {
+                    job_id,
+                    error: "no display".into(),
+                },
+            )
+            .await
+            .unwrap();
+            (read, write)
+        });
+        let user = sessions
+            .open(3, "https://h/s?herald_ticket=t")
+            .await
+            .unwrap();
+        assert_eq!(
+            user,
+            user_name(me()).unwrap_or_else(|| format!("uid {}", me()))
+        );
+        let failed = sessions.open(4, "https://h/other").await.unwrap_err();
+        assert!(
+            matches!(&failed, OpenError::Helper { error, .. } if error == "no display"),
+            "{failed:?}"
+        );
+        let (read, write) = helper.await.unwrap();
+        // Gone helper: the registry forgets it.
+        drop((read, write));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !sessions.helpers().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "helper not dropped");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(matches!(
+            sessions.open(5, "https://h/").await,
+            Err(OpenError::NoHelper { user: None })
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_a_helper_the_reason_says_how_to_start_one() {
+        let dir = TempDir::new("none");
+        let (sessions, _path) = serving(&dir, Duration::from_secs(10));
+        let error = sessions.open(1, "https://h/").await.unwrap_err();
+        assert_eq!(error, OpenError::NoHelper { user: None });
+        let text = error.to_string();
+        assert!(text.contains("herald-agent session"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_helper_times_out_and_a_leaving_one_disconnects() {
+        let dir = TempDir::new("silent");
+        let (sessions, path) = serving(&dir, Duration::from_millis(200));
+        let (mut read, write) = fake_helper(&path).await;
+        let error = sessions.open(9, "https://h/").await.unwrap_err();
+        assert!(matches!(error, OpenError::TimedOut { .. }), "{error:?}");
+        let (job_id, _) = next_open(&mut read).await;
+        assert_eq!(job_id, 9);
+        // A late answer is ignored rather than crossing into another job.
+        let mut write = write;
+        write_line(&mut write, &FromHelper::Opened { job_id: 9 })
+            .await
+            .unwrap();
+        // A helper that leaves while a job waits: the job learns at once.
+        let open = sessions.open(10, "https://h/");
+        let leave = async {
+            let _ = next_open(&mut read).await;
+            drop(write);
+            drop(read);
+        };
+        let (error, ()) = tokio::join!(open, leave);
+        assert!(
+            matches!(error, Err(OpenError::Disconnected { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_line_closes_that_helper_only() {
+        let dir = TempDir::new("bad");
+        let (sessions, path) = serving(&dir, Duration::from_secs(10));
+        let (_good_read, _good_write) = fake_helper(&path).await;
+        let (mut bad_read, mut bad_write) = fake_helper(&path).await;
+        assert_eq!(sessions.helpers().len(), 2);
+        bad_write.write_all(b"{\"nonsense\":1}\n").await.unwrap();
+        // The daemon closes the bad connection: the read side sees the end.
+        let end = tokio::time::timeout(Duration::from_secs(10), read_line(&mut bad_read))
+            .await
+            .expect("the daemon closes a helper that sent a bad line");
+        assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sessions.helpers().len() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "bad helper kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_preferred_user_gets_the_job_on_a_root_daemon() {
+        let dir = TempDir::new("preferred");
+        let path = dir.0.join(SOCKET_FILE);
+        let listener = bind(&path, false).unwrap();
+        let settings = SessionSettings {
+            user: Some("nobody-here".into()),
+            ..Default::default()
+        };
+        // Pretend to be root for the selection rule; the helper connects as whoever we are.
+        let sessions = Arc::new(Sessions::new(&settings, 0, Duration::from_secs(10)));
+        tokio::spawn(serve(listener, sessions.clone()));
+        let _helper = fake_helper(&path).await;
+        let error = sessions.open(1, "https://h/").await.unwrap_err();
+        assert_eq!(
+            error,
+            OpenError::NoHelper {
+                user: Some("nobody-here".into())
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_but_a_live_one_is_not_taken_over() {
+        let dir = TempDir::new("stale");
+        let path = dir.0.join(SOCKET_FILE);
+        let first = bind(&path, false).unwrap();
+        assert!(matches!(bind(&path, false), Err(SessionError::InUse(_))));
+        drop(first);
+        // The file remains after the listener is gone: stale, so it is replaced.
+        assert!(path.exists());
+        let _second = bind(&path, true).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o666);
+        let plain = dir.0.join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        assert!(matches!(
+            bind(&plain, false),
+            Err(SessionError::NotSocket(_))
+        ));
+    }
+}
