@@ -241,6 +241,12 @@ pub struct TestServer {
 impl TestServer {
     /// Initialises and starts a server on free loopback ports.
     pub fn start(name: &str) -> TestServer {
+        Self::start_with_config(name, "")
+    }
+
+    /// Like [`TestServer::start`], with `extra` TOML appended to the server's
+    /// `herald.toml` before it starts (e.g. `[forwarding]` settings).
+    pub fn start_with_config(name: &str, extra: &str) -> TestServer {
         let dir = TempDir::new(name);
         let quic_port = free_port();
         let http_port = free_port();
@@ -260,8 +266,20 @@ impl TestServer {
             "--http-listen",
             &format!("127.0.0.1:{http_port}"),
         ]);
+        if !extra.is_empty() {
+            let config = server.data_dir().join("herald.toml");
+            let mut text = std::fs::read_to_string(&config).expect("read herald.toml");
+            text.push('\n');
+            text.push_str(extra);
+            std::fs::write(&config, text).expect("write herald.toml");
+        }
         server.spawn();
         server
+    }
+
+    /// The HTTPS base URL (admin API and web console).
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.http_port)
     }
 
     /// The server's data directory.
@@ -452,7 +470,13 @@ pub struct TestAgent {
 impl TestAgent {
     /// Enrolls a new agent with a fresh token (without starting it).
     pub fn enroll(server: &TestServer, name: &str, token_args: &[&str]) -> TestAgent {
-        let token = server.token(token_args);
+        Self::enroll_with_token(server, name, &server.token(token_args))
+    }
+
+    /// Enrolls a new agent with a given token, e.g. a personal one from the console
+    /// (without starting it).
+    pub fn enroll_with_token(server: &TestServer, name: &str, token: &str) -> TestAgent {
+        let token = token.to_string();
         let state_dir = server.dir.path().join(format!("agent-{name}"));
         let output = Self::command(&state_dir)
             .args(["enroll", &token, "--name", name])
