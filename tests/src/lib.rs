@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod session_helper;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;

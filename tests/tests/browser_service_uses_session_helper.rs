@@ -1,0 +1,167 @@
+//! Browser services reach the person at the machine only through the user-session helper
+//! (`herald-agent session`): without one the job fails and says how to start it; with
+//! one, the helper's browser receives the signed page with the server's one-time ticket
+//! appended (and the ticket shows up nowhere else); pages outside the URL rule, and any
+//! page on an agent whose policy disables browser services, are refused at signal time.
+
+use std::collections::HashSet;
+
+use herald_shared::envelope::{Action, Audience, OpenSpec, Order, Repeat};
+use herald_tests::session_helper::{post_order, recording_browser, set_policy, SessionHelper};
+use herald_tests::{now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
+use serde_json::Value;
+
+/// The signed page: a query and a fragment, so the ticket's place is visible. The host is
+/// never contacted (the browser is a script).
+const PAGE: &str = "https://service.example.invalid/service/scan?lang=en#top";
+
+/// A one-off browser order for `agent`, valid from a minute ago for an hour.
+fn open_order(agent: &TestAgent, url: &str) -> Order {
+    let now = now_ms();
+    Order {
+        id: random_bytes(),
+        audience: Audience::Agent(agent.id.clone()),
+        issued_at: now - 60_000,
+        not_before: now - 60_000,
+        not_after: now + 3_600_000,
+        repeat: Repeat::Once,
+        action: Action::Open(OpenSpec {
+            url: url.to_string(),
+            timeout_ms: 600_000,
+        }),
+    }
+}
+
+fn post_one(server: &TestServer, order: &Order) -> i64 {
+    let ids = post_order(server, order);
+    assert_eq!(ids.len(), 1, "one job for one agent: {ids:?}");
+    ids[0]
+}
+
+/// Waits until the job has left the states before and during its run.
+fn wait_settled(server: &TestServer, id: i64) -> Value {
+    let unsettled: HashSet<&str> = ["queued", "delivered", "running"].into();
+    wait_until(&format!("job {id} to settle"), DEADLINE, || {
+        let job = server.job(id);
+        (!unsettled.contains(job["state"].as_str().unwrap_or("queued"))).then_some(job)
+    })
+}
+
+/// Checks a ticket has the server's form `v1.<job id>.<expiry ms>.<hex>`.
+fn assert_ticket_form(ticket: &str, job_id: i64) {
+    let parts: Vec<&str> = ticket.split('.').collect();
+    assert_eq!(parts.len(), 4, "ticket {ticket:?}");
+    assert_eq!(parts[0], "v1", "ticket {ticket:?}");
+    assert_eq!(
+        parts[1],
+        job_id.to_string(),
+        "ticket {ticket:?} is for job {job_id}"
+    );
+    let expiry: i64 = parts[2].parse().expect("ticket expiry is a number");
+    assert!(expiry > now_ms(), "ticket {ticket:?} already expired");
+    assert!(
+        !parts[3].is_empty() && parts[3].bytes().all(|b| b.is_ascii_hexdigit()),
+        "ticket {ticket:?}"
+    );
+}
+
+#[test]
+fn browser_job_fails_without_a_helper_and_opens_the_ticketed_page_with_one() {
+    let server = TestServer::start("browser-helper");
+    let agent = TestAgent::start(&server, "desk");
+
+    // (a) Nobody logged in with a helper: the job fails, saying how to start one.
+    let lonely = post_one(&server, &open_order(&agent, PAGE));
+    let job = server.wait_job_state(lonely, "failed", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("herald-agent session") && error.contains("no user-session helper"),
+        "{job:#}"
+    );
+
+    // (b) With a helper whose $BROWSER records what it is given.
+    let (browser, record) = recording_browser(server.dir.path());
+    let helper = SessionHelper::start(
+        &agent,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("helper.log"),
+    );
+    let id = post_one(&server, &open_order(&agent, PAGE));
+    let job = wait_settled(&server, id);
+    // `waiting` once the server holds a browser job open for the page's outcome.
+    assert!(
+        job["state"] == "waiting" || job["state"] == "succeeded",
+        "{job:#}"
+    );
+    assert_eq!(job["error"], Value::Null, "{job:#}");
+    let opened = std::fs::read_to_string(&record).expect("the browser was started");
+    let lines: Vec<&str> = opened.lines().collect();
+    assert_eq!(lines.len(), 1, "opened once: {opened:?}");
+    let url = lines[0];
+    let (page, fragment) = PAGE.split_once('#').expect("PAGE has a fragment");
+    let ticket = url
+        .strip_prefix(&format!("{page}&herald_ticket="))
+        .and_then(|rest| rest.strip_suffix(&format!("#{fragment}")))
+        .unwrap_or_else(|| panic!("the ticket goes after the query, before the fragment: {url}"));
+    assert_ticket_form(ticket, id);
+
+    // The result names the page and the user, never the ticket; nor do the logs.
+    let stdout = job["stdout"].as_str().unwrap_or_default();
+    assert!(
+        stdout.starts_with(&format!("opened {PAGE} in the browser of user ")),
+        "{job:#}"
+    );
+    assert!(
+        !job.to_string().contains(ticket),
+        "ticket in the job: {job:#}"
+    );
+    assert!(!agent.log().contains(ticket), "ticket in the agent log");
+    assert!(!helper.log().contains(ticket), "ticket in the helper log");
+}
+
+#[test]
+fn pages_outside_the_rule_and_disabled_policy_are_refused_at_signal_time() {
+    let server = TestServer::start("browser-refused");
+    let open = TestAgent::start(&server, "open-desk");
+    let mut closed = TestAgent::enroll(&server, "closed-desk", &[]);
+    set_policy(&closed, "allow_browser", "false");
+    closed.spawn();
+    closed.wait_online(&server);
+    let (browser, record) = recording_browser(server.dir.path());
+    let _helper = SessionHelper::start(
+        &open,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("helper.log"),
+    );
+
+    // (c) Plain http to a host that is not loopback, validly signed: refused.
+    let plain = post_one(&server, &open_order(&open, "http://example.invalid/"));
+    let job = server.wait_job_state(plain, "refused", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("https"), "{job:#}");
+
+    // (d) A good page on an agent whose owner turned browser services off: refused.
+    let off = post_one(&server, &open_order(&closed, PAGE));
+    let job = server.wait_job_state(off, "refused", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("allow_browser"), "{job:#}");
+
+    // Control: the same helper does open a good page, so the refusals above are the
+    // agent's doing, not a broken helper.
+    let good = post_one(&server, &open_order(&open, PAGE));
+    let job = wait_settled(&server, good);
+    assert!(
+        job["state"] == "waiting" || job["state"] == "succeeded",
+        "{job:#}"
+    );
+    let opened = std::fs::read_to_string(&record).expect("the browser was started");
+    assert_eq!(
+        opened.lines().count(),
+        1,
+        "only the good page opened: {opened:?}"
+    );
+    assert!(
+        opened.starts_with("https://service.example.invalid/"),
+        "{opened:?}"
+    );
+}
