@@ -15,10 +15,10 @@
 //! A line that is too long or does not parse closes that helper's connection.
 //!
 //! Socket path ([`socket_path`]): `[session] socket` in `agent.toml` if set (relative to
-//! the state directory); else `/run/herald-agent/session.sock` when the state directory is
-//! the system one (`/var/lib/herald-agent`); else `session.sock` inside the state
-//! directory. Two agents with different state directories therefore never share a socket,
-//! even when both run as root (as the end-to-end tests do).
+//! the state directory); else [`SYSTEM_SOCKET`] (`/run/herald-agent/session.sock`) when
+//! the state directory is the system one (`/var/lib/herald-agent`); else `session.sock`
+//! inside the state directory. Two agents with different state directories therefore
+//! never share a socket, even when both run as root (as the end-to-end tests do).
 
 use std::collections::HashMap;
 use std::io;
@@ -38,7 +38,12 @@ use crate::link::lock;
 use crate::state::{SessionSettings, SYSTEM_STATE_DIR};
 
 /// The helpers' socket of a system install (state directory [`SYSTEM_STATE_DIR`]).
+#[cfg(not(target_os = "macos"))]
 pub const SYSTEM_SOCKET: &str = "/run/herald-agent/session.sock";
+/// The helpers' socket of a system install (state directory [`SYSTEM_STATE_DIR`]); macOS
+/// has no `/run`.
+#[cfg(target_os = "macos")]
+pub const SYSTEM_SOCKET: &str = "/var/run/herald-agent/session.sock";
 /// The helpers' socket inside any other state directory.
 pub const SOCKET_FILE: &str = "session.sock";
 /// Longest line either side accepts, newline included.
