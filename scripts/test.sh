@@ -12,9 +12,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v pgrep >/dev/null 2>&1 || need+=(procps)
     [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+    # chromium, chromium-driver: the console tests drive a real headless browser.
+    { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || need+=(chromium chromium-driver)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
     fi
+    # aiosmtpd: the SMTP receiver of the forwarding tests (for the python3 on PATH).
+    python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd >/dev/null
 fi
 
 set -e

@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod browser;
+
 pub mod session_helper;
 
 use std::path::{Path, PathBuf};
