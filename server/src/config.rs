@@ -60,6 +60,154 @@ pub struct ServerConfig {
     /// HTTPS port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// `[smtp]`: the relay forwarded results are mailed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<SmtpConfig>,
+    /// `[sms]`: the HTTP gateway forwarded results are texted through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms: Option<SmsConfig>,
+    /// `[forwarding]`: retries, timeouts and what destinations may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<ForwardingConfig>,
+}
+
+// === forwarding sections ===
+
+/// Default SMTP submission port (STARTTLS).
+pub const DEFAULT_SMTP_PORT: u16 = 587;
+/// Default SMTP port for implicit TLS (`tls = "tls"`).
+pub const DEFAULT_SMTPS_PORT: u16 = 465;
+
+/// `[smtp]`: where forwarded results are mailed through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Relay host name or address.
+    pub host: String,
+    /// Port (default 587, or 465 with `tls = "tls"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Sender address (`herald@example.org` or `Herald <herald@example.org>`).
+    pub from: String,
+    /// Login, if the relay wants one (requires `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// How the connection is protected.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// PEM file of CA certificates trusted in addition to the built-in web roots
+    /// (relative paths are taken from the data directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl SmtpConfig {
+    /// The port to connect to.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(match self.tls {
+            SmtpTls::Tls => DEFAULT_SMTPS_PORT,
+            SmtpTls::Starttls | SmtpTls::None => DEFAULT_SMTP_PORT,
+        })
+    }
+}
+
+/// How the SMTP connection is protected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS, which the relay must offer.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+    /// No encryption: only allowed to a relay on loopback.
+    None,
+}
+
+/// `[sms]`: an HTTP request template for the SMS gateway. `{to}` and `{text}` in `url`
+/// and `body` are replaced by the phone number and the message, encoded for where they
+/// stand (percent-encoded in the URL and in form bodies, JSON-escaped in JSON bodies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmsConfig {
+    /// Request URL template (https unless `[forwarding] allow_http`).
+    pub url: String,
+    /// HTTP method (default `POST`).
+    #[serde(default = "default_sms_method")]
+    pub method: String,
+    /// Extra request headers, sent as they are (e.g. an API key).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Request body template; none sends an empty body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// How placeholders in `body` are encoded, and the default content type.
+    #[serde(default)]
+    pub body_format: SmsBodyFormat,
+}
+
+fn default_sms_method() -> String {
+    "POST".to_string()
+}
+
+/// Encoding of an SMS request body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmsBodyFormat {
+    /// `application/x-www-form-urlencoded`.
+    #[default]
+    Form,
+    /// `application/json`.
+    Json,
+}
+
+/// `[forwarding]`: delivery of results to users' destinations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingConfig {
+    /// Allow `http:` webhook and SMS gateway URLs (default: https only).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Allow webhooks to loopback, private and link-local addresses (default: refused,
+    /// so that users cannot make the server post into its own network).
+    #[serde(default)]
+    pub allow_private_targets: bool,
+    /// Attempts per delivery before it is given up.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry, in seconds; doubles on every retry, up to an hour.
+    #[serde(default = "default_first_retry_secs")]
+    pub first_retry_secs: u64,
+    /// Limit on one delivery attempt, in seconds.
+    #[serde(default = "default_forward_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_max_attempts() -> u32 {
+    6
+}
+
+fn default_first_retry_secs() -> u64 {
+    5
+}
+
+fn default_forward_timeout_secs() -> u64 {
+    10
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        ForwardingConfig {
+            allow_http: false,
+            allow_private_targets: false,
+            max_attempts: default_max_attempts(),
+            first_retry_secs: default_first_retry_secs(),
+            timeout_secs: default_forward_timeout_secs(),
+        }
+    }
 }
 
 /// `admin.toml`: what the admin CLI needs.
@@ -81,14 +229,28 @@ pub struct AdminConfig {
 impl ServerConfig {
     /// Reads and validates `herald.toml` from a data directory.
     pub fn load(data_dir: &Path) -> Result<ServerConfig, ConfigError> {
-        let config: ServerConfig = load_toml(&data_dir.join(SERVER_CONFIG))?;
+        let mut config: ServerConfig = load_toml(&data_dir.join(SERVER_CONFIG))?;
         for key in &config.operator_keys {
             PublicKey::from_hex(key).map_err(|_| ConfigError::Invalid {
                 path: data_dir.join(SERVER_CONFIG),
                 reason: format!("operator key {key:?} is not a valid Ed25519 public key"),
             })?;
         }
+        if let Some(smtp) = &mut config.smtp {
+            if let Some(ca_file) = &mut smtp.ca_file {
+                *ca_file = data_dir.join(&*ca_file);
+            }
+        }
+        crate::forward::validate_config(&config).map_err(|reason| ConfigError::Invalid {
+            path: data_dir.join(SERVER_CONFIG),
+            reason,
+        })?;
         Ok(config)
+    }
+
+    /// The `[forwarding]` section, or its defaults.
+    pub fn forwarding(&self) -> ForwardingConfig {
+        self.forwarding.clone().unwrap_or_default()
     }
 
     /// The HTTPS base URL agents reach this server at.

@@ -122,6 +122,9 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             public_addr: options.public_addr.clone(),
             operator_keys: vec![operator.public().to_hex()],
             public_url: None,
+            smtp: None,
+            sms: None,
+            forwarding: None,
         },
     )?;
     Ok(Initialized {

@@ -11,6 +11,7 @@ pub mod cli_packages;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod forward;
 pub mod https;
 pub mod init;
 pub mod model;

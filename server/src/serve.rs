@@ -159,6 +159,12 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             rollouts,
             until_stopped(),
         )),
+        tokio::spawn(crate::forward::run(
+            store.clone(),
+            relay.subscribe(),
+            crate::forward::Settings::from_config(&config),
+            until_stopped(),
+        )),
         tokio::spawn(scheduler::run(
             store,
             relay.clone(),

@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
-
+pub mod receivers;
 pub mod session_helper;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,409 @@
+//! Sending one delivery: e-mail through the `[smtp]` relay (lettre, rustls), a signed
+//! webhook POST, or an SMS through the `[sms]` gateway (reqwest, rustls). Every send is
+//! bounded by the attempt timeout and reports an [`Attempt`]; nothing here retries.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::{header::ContentType, Mailbox};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::config::{SmtpConfig, SmtpTls};
+
+use super::message::SmsTemplate;
+use super::queue::{Attempt, Kind, Outgoing};
+use super::Settings;
+
+/// Header carrying the webhook signature: `sha256=<hex HMAC-SHA256 of the body>`.
+pub const SIGNATURE_HEADER: &str = "X-Herald-Signature";
+/// User agent of webhook and gateway requests.
+const USER_AGENT: &str = concat!("herald-server/", env!("CARGO_PKG_VERSION"));
+/// How much of an error response body an attempt's detail quotes.
+const RESPONSE_EXCERPT_BYTES: usize = 200;
+
+/// Signs a webhook body: the value of [`SIGNATURE_HEADER`].
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    )
+}
+
+/// The e-mail relay: a transport and the sender address.
+struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+/// Everything that sends: built once from the settings.
+pub(crate) struct Senders {
+    /// For webhooks: refuses private addresses unless allowed.
+    webhook: Result<reqwest::Client, String>,
+    /// For the operator's SMS gateway.
+    gateway: Result<reqwest::Client, String>,
+    /// `None`: no `[smtp]` section. `Some(Err)`: the section cannot be used (why).
+    mailer: Option<Result<Mailer, String>>,
+    sms: Option<SmsTemplate>,
+    allow_http: bool,
+    allow_private_targets: bool,
+    timeout: Duration,
+}
+
+impl Senders {
+    /// Builds the clients. A part that cannot be built fails its deliveries with the
+    /// reason instead of stopping the forwarder (the configuration was checked at
+    /// start, so this means, e.g., that `ca_file` disappeared since).
+    pub(crate) fn new(settings: &Settings) -> Senders {
+        let webhook = http_client(
+            settings.timeout,
+            (!settings.allow_private_targets).then_some(PublicOnly),
+        );
+        let gateway = http_client(settings.timeout, None);
+        Senders {
+            webhook,
+            gateway,
+            mailer: settings
+                .smtp
+                .as_ref()
+                .map(|smtp| mailer(smtp, settings.timeout)),
+            sms: settings.sms.as_ref().map(SmsTemplate::new),
+            allow_http: settings.allow_http,
+            allow_private_targets: settings.allow_private_targets,
+            timeout: settings.timeout,
+        }
+    }
+
+    /// Makes one attempt, within the timeout.
+    pub(crate) async fn send(&self, out: &Outgoing) -> Attempt {
+        if !out.rule_exists {
+            return Attempt::refused("the forwarding rule was deleted");
+        }
+        let send = async {
+            match out.kind {
+                Some(Kind::Email) => self.email(out).await,
+                Some(Kind::Webhook) => self.webhook(out).await,
+                Some(Kind::Sms) => self.sms(out).await,
+                None => Attempt::refused("unknown destination kind"),
+            }
+        };
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
+        }
+    }
+
+    async fn email(&self, out: &Outgoing) -> Attempt {
+        let mailer = match &self.mailer {
+            None => return Attempt::refused("e-mail is not set up on this server (no [smtp])"),
+            Some(Err(reason)) => return Attempt::refused(reason.clone()),
+            Some(Ok(mailer)) => mailer,
+        };
+        let to: Mailbox = match out.target.parse() {
+            Ok(to) => to,
+            Err(e) => return Attempt::refused(format!("bad address {:?}: {e}", out.target)),
+        };
+        let message = Message::builder()
+            .from(mailer.from.clone())
+            .to(to)
+            .subject(out.facts.email_subject())
+            .header(ContentType::TEXT_PLAIN)
+            .body(out.facts.email_body());
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => return Attempt::refused(format!("cannot build the message: {e}")),
+        };
+        match mailer.transport.send(message).await {
+            Ok(reply) => Attempt::sent(format!(
+                "SMTP {} {}",
+                reply.code(),
+                reply.message().next().unwrap_or_default()
+            )),
+            Err(e) => Attempt::failed(format!("SMTP: {}", error_chain(&e))),
+        }
+    }
+
+    async fn webhook(&self, out: &Outgoing) -> Attempt {
+        let client = match &self.webhook {
+            Ok(client) => client,
+            Err(reason) => return Attempt::refused(reason.clone()),
+        };
+        let Some(secret) = out.secret.as_deref() else {
+            return Attempt::refused("the webhook rule has no secret");
+        };
+        if let Err(reason) = super::check_target("webhook", &out.target, self.allow_http) {
+            return Attempt::refused(reason);
+        }
+        let url = match reqwest::Url::parse(&out.target) {
+            Ok(url) => url,
+            Err(e) => return Attempt::refused(format!("bad URL: {e}")),
+        };
+        // Literal addresses skip the resolver, so they are checked here.
+        if !self.allow_private_targets {
+            if let Some(ip) = literal_ip(&url) {
+                if !is_public(ip) {
+                    return Attempt::refused(format!(
+                        "{ip} is not a public address (set [forwarding] allow_private_targets)"
+                    ));
+                }
+            }
+        }
+        let body = out.facts.webhook_body();
+        let request = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(SIGNATURE_HEADER, signature(secret, &body))
+            .body(body);
+        http_attempt(request).await
+    }
+
+    async fn sms(&self, out: &Outgoing) -> Attempt {
+        let Some(template) = &self.sms else {
+            return Attempt::refused("SMS is not set up on this server (no [sms])");
+        };
+        let client = match &self.gateway {
+            Ok(client) => client,
+            Err(reason) => return Attempt::refused(reason.clone()),
+        };
+        let request = template.render(&out.target, &out.facts.sms_text());
+        let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
+            Ok(method) => method,
+            Err(_) => return Attempt::refused(format!("bad method {:?}", request.method)),
+        };
+        let mut builder = client.request(method, &request.url);
+        for (name, value) in &request.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        http_attempt(builder).await
+    }
+}
+
+/// Sends a request: a 2xx status is delivered, anything else failed.
+async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            if status.is_success() {
+                return Attempt::sent(format!("HTTP {}", status.as_u16()));
+            }
+            let body = response.bytes().await.unwrap_or_default();
+            let excerpt = super::message::excerpt(&body, RESPONSE_EXCERPT_BYTES);
+            let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
+            if excerpt.is_empty() {
+                Attempt::failed(format!("HTTP {}", status.as_u16()))
+            } else {
+                Attempt::failed(format!("HTTP {}: {excerpt}", status.as_u16()))
+            }
+        }
+        Err(e) => Attempt::failed(error_chain(&e)),
+    }
+}
+
+/// An error with its causes ("error sending request: connection refused").
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// An HTTP client: web roots, no redirects (a redirect would re-post the result
+/// somewhere the rule did not name), no proxy, bounded time.
+fn http_client(timeout: Duration, resolver: Option<PublicOnly>) -> Result<reqwest::Client, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::pki::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout);
+    if let Some(resolver) = resolver {
+        builder = builder.dns_resolver(Arc::new(resolver));
+    }
+    builder
+        .build()
+        .map_err(|e| format!("HTTP client setup: {}", error_chain(&e)))
+}
+
+/// The e-mail relay from `[smtp]`.
+fn mailer(smtp: &SmtpConfig, timeout: Duration) -> Result<Mailer, String> {
+    let from: Mailbox = smtp
+        .from
+        .parse()
+        .map_err(|e| format!("[smtp] from {:?}: {e}", smtp.from))?;
+    let tls = match smtp.tls {
+        SmtpTls::None => Tls::None,
+        SmtpTls::Starttls => Tls::Required(tls_parameters(smtp)?),
+        SmtpTls::Tls => Tls::Wrapper(tls_parameters(smtp)?),
+    };
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.as_str())
+        .port(smtp.port())
+        .tls(tls)
+        .timeout(Some(timeout));
+    if let (Some(user), Some(password)) = (&smtp.username, &smtp.password) {
+        builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+    }
+    Ok(Mailer {
+        transport: builder.build(),
+        from,
+    })
+}
+
+/// TLS to the relay: web roots plus the CAs of `ca_file`, host name checked.
+fn tls_parameters(smtp: &SmtpConfig) -> Result<TlsParameters, String> {
+    let mut builder = TlsParameters::builder(smtp.host.clone());
+    if let Some(path) = &smtp.ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("[smtp] ca_file {}: {e}", path.display()))?;
+        let cert = Certificate::from_pem(&pem)
+            .map_err(|e| format!("[smtp] ca_file {}: {e}", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
+        .build_rustls()
+        .map_err(|e| format!("[smtp] TLS setup: {e}"))
+}
+
+/// Checks that a file holds at least one PEM certificate.
+pub(crate) fn check_ca_file(path: &std::path::Path) -> Result<(), String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
+// === impl PublicOnly ===
+
+/// A resolver that drops loopback, private, link-local and other non-public addresses,
+/// so a webhook cannot reach into the server's own network.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "{host} has no public address (set [forwarding] allow_private_targets)"
+                )
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// Whether an address is on the public internet (not loopback, private, link-local,
+/// shared, multicast, documentation or unspecified).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0)
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_hex_over_the_body() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn private_and_special_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

@@ -1,0 +1,838 @@
+//! The forwarder against a real store in a temporary directory and real receivers on
+//! loopback: an HTTP server (webhooks, the SMS gateway) and aiosmtpd with STARTTLS.
+
+use std::time::Duration;
+
+use rusqlite::params;
+use tokio::sync::{broadcast, oneshot};
+
+use herald_tests::receivers::{HttpReceiver, Reply, SmtpReceiver};
+use herald_tests::TempDir;
+
+use super::*;
+use crate::config::{SmsBodyFormat, SmsConfig, SmtpConfig, SmtpTls};
+use crate::relay::JobEvent;
+use crate::store::Store;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+// === fixture ===
+
+struct Fixture {
+    _dir: TempDir,
+    store: Store,
+    user: i64,
+    agent: String,
+    order: String,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = TempDir::new(name);
+        let store = Store::open(dir.path()).expect("open store");
+        let now = crate::now_ms();
+        {
+            let conn = store.conn();
+            conn.execute(
+                "INSERT INTO agents (id, name, public_key, enrolled_at) VALUES ('agent-1', 'laptop', x'01', ?1)",
+                params![now],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO orders (id, envelope, action, created_at) VALUES ('order-1', x'00', 'run /usr/bin/scan', ?1)",
+                params![now],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO catalog (name, title, description, kind, order_id, summary, target,
+                                      min_interval_ms, not_after, created_at)
+                 VALUES ('scan', 'Virus scan', '', 'run', 'order-1', 'run scan', 'all', 0, ?1, ?1)",
+                params![now],
+            )
+            .unwrap();
+        }
+        let mut fixture = Fixture {
+            _dir: dir,
+            store,
+            user: 0,
+            agent: "agent-1".into(),
+            order: "order-1".into(),
+        };
+        fixture.user = fixture.add_user("alice");
+        fixture
+    }
+
+    fn add_user(&self, login: &str) -> i64 {
+        let conn = self.store.conn();
+        conn.execute(
+            "INSERT INTO users (login, password_hash, role, created_at) VALUES (?1, 'x', 'user', 0)",
+            params![login],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    /// A subscription of `owner` to the catalog entry.
+    fn add_subscription(&self, owner: i64) -> i64 {
+        let conn = self.store.conn();
+        conn.execute(
+            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, created_at,
+                                    owner_user_id, catalog_name)
+             VALUES (?1, 'agent:agent-1', '{}', 'skip', 0, 60000, 0, ?2, 'scan')",
+            params![self.order, owner],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    /// A job of a schedule, as the scheduler creates it (`forward_pending = 1`), in
+    /// `state`.
+    fn add_job(&self, schedule: i64, state: &str) -> i64 {
+        let conn = self.store.conn();
+        let final_fields = crate::model::is_final_state(state);
+        conn.execute(
+            "INSERT INTO jobs (agent_id, order_id, schedule_id, state, created_at, deliver_after,
+                               expires_at, forward_pending, exit_code, stdout, error, finished_at)
+             VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, 1, ?6, ?7, ?8, ?9)",
+            params![
+                self.agent,
+                self.order,
+                schedule,
+                state,
+                i64::MAX / 2,
+                final_fields.then_some(if state == "succeeded" { 0 } else { 3 }),
+                final_fields.then_some(b"found 2 threats\n".to_vec()),
+                (final_fields && state != "succeeded").then_some("exited with 3"),
+                final_fields.then_some(1_700_000_000_000i64),
+            ],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    fn set_state(&self, job: i64, state: &str) {
+        self.store
+            .conn()
+            .execute(
+                "UPDATE jobs SET state = ?2 WHERE id = ?1",
+                params![job, state],
+            )
+            .unwrap();
+    }
+
+    fn add_rule(
+        &self,
+        user: i64,
+        subscription: Option<i64>,
+        kind: &str,
+        target: &str,
+        only_failures: bool,
+    ) -> i64 {
+        let conn = self.store.conn();
+        conn.execute(
+            "INSERT INTO destinations (user_id, schedule_id, kind, target, secret, only_failures, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            params![
+                user,
+                subscription,
+                kind,
+                target,
+                (kind == "webhook").then_some(SECRET),
+                only_failures
+            ],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    /// (job, destination) of every delivery, in id order.
+    fn deliveries(&self) -> Vec<(i64, i64)> {
+        let conn = self.store.conn();
+        let mut stmt = conn
+            .prepare("SELECT job_id, destination_id FROM deliveries ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    fn delivery_of(&self, job: i64, destination: i64) -> i64 {
+        self.store
+            .conn()
+            .query_row(
+                "SELECT id FROM deliveries WHERE job_id = ?1 AND destination_id = ?2",
+                params![job, destination],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// (state, attempts, last_error) of a delivery.
+    fn delivery(&self, id: i64) -> (String, i64, Option<String>) {
+        self.store
+            .conn()
+            .query_row(
+                "SELECT state, attempts, last_error FROM deliveries WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    }
+
+    /// (ok, detail) of every attempt of a delivery, in order.
+    fn attempts(&self, id: i64) -> Vec<(bool, String)> {
+        let conn = self.store.conn();
+        let mut stmt = conn
+            .prepare("SELECT ok, detail FROM delivery_attempts WHERE delivery_id = ?1 ORDER BY id")
+            .unwrap();
+        let rows = stmt
+            .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    async fn wait_state(&self, delivery: i64, state: &str) -> (String, i64, Option<String>) {
+        let what = format!("delivery {delivery} to be {state}");
+        poll(&what, || {
+            let row = self.delivery(delivery);
+            (row.0 == state).then_some(row)
+        })
+        .await
+    }
+
+    fn start(&self, settings: Settings) -> Forwarder {
+        Forwarder::start(self.store.clone(), settings)
+    }
+}
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// Polls a database condition (written by another task) until it holds.
+async fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        allow_http: true,
+        allow_private_targets: true,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            first_retry: Duration::from_millis(100),
+        },
+        timeout: Duration::from_secs(5),
+        concurrency: CONCURRENCY,
+        // Long: the tests show that events and retry times wake the forwarder.
+        scan_interval: Duration::from_secs(3600),
+        smtp: None,
+        sms: None,
+    }
+}
+
+/// A running forwarder; stopped on drop.
+struct Forwarder {
+    events: broadcast::Sender<JobEvent>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    fn start(store: Store, settings: Settings) -> Forwarder {
+        let (events, receiver) = broadcast::channel(16);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(store, receiver, settings, async {
+            let _ = stopped.await;
+        }));
+        Forwarder {
+            events,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn job_changed(&self, job_id: i64) {
+        let _ = self.events.send(JobEvent { job_id });
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = &mut self.task;
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("forwarder stops")
+            .expect("forwarder does not panic");
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn hmac_hex(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    hex::encode(ring::hmac::sign(&key, body).as_ref())
+}
+
+// === queueing ===
+
+#[test]
+fn enqueue_follows_only_failures_and_the_rule_scope() {
+    let f = Fixture::new("forward-scope");
+    let bob = f.add_user("bob");
+    let sub1 = f.add_subscription(f.user);
+    let sub2 = f.add_subscription(f.user);
+    let bobs = f.add_subscription(bob);
+    let all_every = f.add_rule(f.user, None, "email", "a@example.org", false);
+    let sub1_failures = f.add_rule(f.user, Some(sub1), "sms", "+15551234567", true);
+    let sub2_every = f.add_rule(f.user, Some(sub2), "webhook", "https://h.example/x", false);
+    let bob_all = f.add_rule(bob, None, "email", "b@example.org", false);
+
+    let ok1 = f.add_job(sub1, "succeeded");
+    let failed1 = f.add_job(sub1, "failed");
+    let failed2 = f.add_job(sub2, "timed_out");
+    let running = f.add_job(sub1, "running");
+    let waiting = f.add_job(sub1, "waiting");
+    let bobs_job = f.add_job(bobs, "succeeded");
+    // A job not of a subscription (forward_pending stays 0) is never forwarded.
+    let plain = f.add_job(sub1, "failed");
+    f.store
+        .conn()
+        .execute(
+            "UPDATE jobs SET forward_pending = 0 WHERE id = ?1",
+            params![plain],
+        )
+        .unwrap();
+
+    let created = enqueue(&f.store, 1).unwrap();
+    let mut expected = vec![
+        (ok1, all_every),
+        (failed1, all_every),
+        (failed1, sub1_failures),
+        (failed2, all_every),
+        (failed2, sub2_every),
+        (bobs_job, bob_all),
+    ];
+    expected.sort_unstable();
+    let mut got = f.deliveries();
+    got.sort_unstable();
+    assert_eq!(got, expected);
+    assert_eq!(created, expected.len());
+
+    // Unfinished jobs wait: a browser job in `waiting` too.
+    f.set_state(running, "succeeded");
+    f.set_state(waiting, "failed");
+    enqueue(&f.store, 2).unwrap();
+    let got = f.deliveries();
+    assert!(got.contains(&(running, all_every)));
+    assert!(!got.contains(&(running, sub1_failures)));
+    assert!(got.contains(&(waiting, all_every)));
+    assert!(got.contains(&(waiting, sub1_failures)));
+    assert_eq!(got.len(), expected.len() + 3);
+}
+
+#[test]
+fn nothing_is_enqueued_twice() {
+    let f = Fixture::new("forward-twice");
+    let sub = f.add_subscription(f.user);
+    f.add_rule(f.user, None, "email", "a@example.org", false);
+    f.add_rule(f.user, Some(sub), "email", "b@example.org", false);
+    for _ in 0..3 {
+        f.add_job(sub, "failed");
+    }
+    assert_eq!(enqueue(&f.store, 1).unwrap(), 6);
+    assert_eq!(enqueue(&f.store, 2).unwrap(), 0);
+    // A store reopened (a restart) does not enqueue them again either.
+    let reopened = Store::open(f._dir.path()).unwrap();
+    assert_eq!(enqueue(&reopened, 3).unwrap(), 0);
+    assert_eq!(f.deliveries().len(), 6);
+}
+
+#[test]
+fn a_job_of_a_deleted_subscription_is_dropped_quietly() {
+    let f = Fixture::new("forward-deleted-sub");
+    let sub = f.add_subscription(f.user);
+    f.add_rule(f.user, None, "email", "a@example.org", false);
+    let job = f.add_job(sub, "failed");
+    f.store
+        .conn()
+        .execute("DELETE FROM schedules WHERE id = ?1", params![sub])
+        .unwrap();
+    assert_eq!(enqueue(&f.store, 1).unwrap(), 0);
+    let pending: i64 = f
+        .store
+        .conn()
+        .query_row(
+            "SELECT forward_pending FROM jobs WHERE id = ?1",
+            params![job],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(pending, 0);
+}
+
+// === webhooks ===
+
+#[tokio::test]
+async fn webhook_gets_the_result_as_signed_json() {
+    let f = Fixture::new("forward-webhook");
+    let receiver = HttpReceiver::answering(200);
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, Some(sub), "webhook", &receiver.url("/hook"), false);
+    let forwarder = f.start(settings());
+    // Finished after the forwarder started: the relay's event wakes it.
+    let job = f.add_job(sub, "failed");
+    forwarder.job_changed(job);
+
+    let requests = receiver.wait_requests(1, WAIT).await;
+    let request = &requests[0];
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, "/hook");
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    let expected = format!("sha256={}", hmac_hex(SECRET, &request.body));
+    assert_eq!(
+        request.header("x-herald-signature"),
+        Some(expected.as_str())
+    );
+    let body = request.json();
+    assert_eq!(body["job_id"], job);
+    assert_eq!(body["agent_id"], "agent-1");
+    assert_eq!(body["agent_name"], "laptop");
+    assert_eq!(body["entry"], "Virus scan");
+    assert_eq!(body["state"], "failed");
+    assert_eq!(body["exit_code"], 3);
+    assert_eq!(body["error"], "exited with 3");
+    assert_eq!(body["outcome"], serde_json::Value::Null);
+    assert_eq!(body["finished_at"], 1_700_000_000_000i64);
+    assert_eq!(body["stdout"], "found 2 threats\n");
+
+    let delivery = f.delivery_of(job, rule);
+    let (_, attempts, last_error) = f.wait_state(delivery, "sent").await;
+    assert_eq!((attempts, last_error), (1, None));
+    assert_eq!(f.attempts(delivery), [(true, "HTTP 200".to_string())]);
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_retried_with_every_attempt_logged_then_given_up() {
+    let f = Fixture::new("forward-give-up");
+    let receiver = HttpReceiver::answering(500);
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "webhook", &receiver.url("/down"), false);
+    let job = f.add_job(sub, "failed");
+    let forwarder = f.start(settings());
+
+    let delivery = poll("the delivery", || f.deliveries().first().copied()).await;
+    assert_eq!(delivery, (job, rule));
+    let delivery = f.delivery_of(job, rule);
+    let (_, attempts, last_error) = f.wait_state(delivery, "given_up").await;
+    assert_eq!(attempts, 3);
+    assert!(
+        last_error.as_deref().unwrap_or("").starts_with("HTTP 500"),
+        "{last_error:?}"
+    );
+    let log = f.attempts(delivery);
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log
+        .iter()
+        .all(|(ok, detail)| !ok && detail.starts_with("HTTP 500")));
+    // Given up means no more tries.
+    assert_eq!(receiver.requests().len(), 3);
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_a_failure_delivers_after_the_backoff() {
+    let f = Fixture::new("forward-retry");
+    let receiver = HttpReceiver::start(vec![Reply::Status(503)], Reply::Status(204));
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "webhook", &receiver.url("/flaky"), false);
+    let job = f.add_job(sub, "succeeded");
+    let forwarder = f.start(settings());
+
+    let requests = receiver.wait_requests(2, WAIT).await;
+    // The same bytes, the same signature: a retry is the same message.
+    assert_eq!(requests[0].body, requests[1].body);
+    let delivery = f.delivery_of(job, rule);
+    let (_, attempts, last_error) = f.wait_state(delivery, "sent").await;
+    assert_eq!((attempts, last_error), (2, None));
+    let log = f.attempts(delivery);
+    assert_eq!(log.len(), 2);
+    assert!(!log[0].0 && log[0].1.starts_with("HTTP 503"));
+    assert_eq!(log[1], (true, "HTTP 204".to_string()));
+    let at: Vec<i64> = {
+        let conn = f.store.conn();
+        let mut stmt = conn
+            .prepare("SELECT at FROM delivery_attempts WHERE delivery_id = ?1 ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map(params![delivery], |r| r.get(0)).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    };
+    assert!(at[1] - at[0] >= 100, "retried {} ms later", at[1] - at[0]);
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_does_not_hold_up_other_deliveries() {
+    let f = Fixture::new("forward-dead");
+    let dead = HttpReceiver::hanging();
+    let healthy = HttpReceiver::answering(200);
+    let sub = f.add_subscription(f.user);
+    // The dead rule comes first, so its deliveries are queued and started first.
+    let dead_rule = f.add_rule(f.user, None, "webhook", &dead.url("/dead"), false);
+    let healthy_rule = f.add_rule(f.user, None, "webhook", &healthy.url("/ok"), false);
+    let jobs: Vec<i64> = (0..3).map(|_| f.add_job(sub, "failed")).collect();
+    let mut slow = settings();
+    slow.timeout = Duration::from_secs(60);
+    let forwarder = f.start(slow);
+
+    dead.wait_requests(3, WAIT).await;
+    healthy.wait_requests(3, WAIT).await;
+    for job in &jobs {
+        let sent = f
+            .wait_state(f.delivery_of(*job, healthy_rule), "sent")
+            .await;
+        assert_eq!(sent.1, 1);
+        // The dead endpoint's deliveries are still waiting for their first answer.
+        let dead = f.delivery(f.delivery_of(*job, dead_rule));
+        assert_eq!(dead, ("pending".to_string(), 0, None));
+    }
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn an_attempt_that_outlasts_the_timeout_fails_and_is_logged() {
+    let f = Fixture::new("forward-timeout");
+    let dead = HttpReceiver::hanging();
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "webhook", &dead.url("/dead"), false);
+    let job = f.add_job(sub, "failed");
+    let mut quick = settings();
+    quick.timeout = Duration::from_millis(300);
+    quick.retry.max_attempts = 1;
+    let forwarder = f.start(quick);
+    let delivery = poll("the delivery", || f.deliveries().first().copied()).await;
+    assert_eq!(delivery, (job, rule));
+    let (_, attempts, last_error) = f.wait_state(f.delivery_of(job, rule), "given_up").await;
+    assert_eq!(attempts, 1);
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("timed out") || last_error.contains("no answer"),
+        "{last_error}"
+    );
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused_unless_allowed() {
+    let f = Fixture::new("forward-private");
+    let receiver = HttpReceiver::answering(200);
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "webhook", &receiver.url("/internal"), false);
+    let job = f.add_job(sub, "failed");
+    let mut strict = settings();
+    strict.allow_private_targets = false;
+    let forwarder = f.start(strict);
+    let delivery = poll("the delivery", || f.deliveries().first().copied()).await;
+    assert_eq!(delivery, (job, rule));
+    let (_, attempts, last_error) = f.wait_state(f.delivery_of(job, rule), "given_up").await;
+    // Refused at once: retrying cannot make the address public.
+    assert_eq!(attempts, 1);
+    assert!(
+        last_error
+            .unwrap_or_default()
+            .contains("not a public address"),
+        "refused for the address"
+    );
+    assert!(receiver.requests().is_empty());
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_rule_stops_its_pending_deliveries() {
+    let f = Fixture::new("forward-rule-deleted");
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "webhook", "http://127.0.0.1:9/never", false);
+    let job = f.add_job(sub, "failed");
+    enqueue(&f.store, 1).unwrap();
+    f.store
+        .conn()
+        .execute("DELETE FROM destinations WHERE id = ?1", params![rule])
+        .unwrap();
+    let forwarder = f.start(settings());
+    let (_, attempts, last_error) = f.wait_state(f.delivery_of(job, rule), "given_up").await;
+    assert_eq!(attempts, 1);
+    assert_eq!(
+        last_error.as_deref(),
+        Some("the forwarding rule was deleted")
+    );
+    forwarder.stop().await;
+}
+
+// === SMS ===
+
+#[tokio::test]
+async fn sms_goes_through_the_gateway_template() {
+    let f = Fixture::new("forward-sms");
+    let gateway = HttpReceiver::answering(200);
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "sms", "+821012345678", true);
+    let job = f.add_job(sub, "failed");
+    let ok_job = f.add_job(sub, "succeeded");
+    let mut with_sms = settings();
+    with_sms.sms = Some(SmsConfig {
+        url: gateway.url("/send?to={to}"),
+        method: "POST".into(),
+        headers: [("X-Api-Key".to_string(), "k-123".to_string())].into(),
+        body: Some(r#"{"to": "{to}", "text": "{text}"}"#.into()),
+        body_format: SmsBodyFormat::Json,
+    });
+    let forwarder = f.start(with_sms);
+    let requests = gateway.wait_requests(1, WAIT).await;
+    let request = &requests[0];
+    assert_eq!(request.path, "/send?to=%2B821012345678");
+    assert_eq!(request.header("x-api-key"), Some("k-123"));
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    let body = request.json();
+    assert_eq!(body["to"], "+821012345678");
+    assert_eq!(
+        body["text"],
+        format!("Herald: Virus scan on laptop: failed, exit 3 (job {job}): exited with 3")
+    );
+    f.wait_state(f.delivery_of(job, rule), "sent").await;
+    // Only failures: the succeeded job was not queued for this rule at all.
+    assert!(!f.deliveries().iter().any(|(j, _)| *j == ok_job));
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn sms_without_a_gateway_is_given_up_with_the_reason() {
+    let f = Fixture::new("forward-no-sms");
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "sms", "+821012345678", false);
+    let job = f.add_job(sub, "failed");
+    let forwarder = f.start(settings());
+    let (_, attempts, last_error) = f
+        .wait_state(f.delivery_of_eventually(job, rule).await, "given_up")
+        .await;
+    assert_eq!(attempts, 1);
+    assert!(last_error.unwrap_or_default().contains("no [sms]"));
+    forwarder.stop().await;
+}
+
+impl Fixture {
+    async fn delivery_of_eventually(&self, job: i64, destination: i64) -> i64 {
+        poll("the delivery", || {
+            self.deliveries()
+                .contains(&(job, destination))
+                .then(|| self.delivery_of(job, destination))
+        })
+        .await
+    }
+}
+
+// === e-mail ===
+
+fn smtp_settings(smtp: &SmtpReceiver, ca_file: Option<std::path::PathBuf>) -> Settings {
+    let mut s = settings();
+    s.smtp = Some(SmtpConfig {
+        host: "127.0.0.1".into(),
+        port: Some(smtp.port()),
+        from: "Herald <herald@example.org>".into(),
+        username: None,
+        password: None,
+        tls: SmtpTls::Starttls,
+        ca_file,
+    });
+    s
+}
+
+#[tokio::test]
+async fn email_is_sent_over_starttls_to_a_real_smtp_server() {
+    let f = Fixture::new("forward-email");
+    let Some(smtp) = SmtpReceiver::start(f._dir.path()) else {
+        return;
+    };
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, Some(sub), "email", "alice@example.org", false);
+    let job = f.add_job(sub, "failed");
+    let forwarder = f.start(smtp_settings(&smtp, Some(smtp.ca_file().to_path_buf())));
+
+    let mails = smtp.wait_mails(1, WAIT).await;
+    let mail = &mails[0];
+    assert!(mail.tls, "the mail was sent after STARTTLS");
+    assert_eq!(mail.mail_from, "herald@example.org");
+    assert_eq!(mail.rcpt_tos, ["alice@example.org"]);
+    assert_eq!(
+        mail.header("Subject").as_deref(),
+        Some("[Herald] Virus scan on laptop: failed")
+    );
+    assert_eq!(mail.header("To").as_deref(), Some("alice@example.org"));
+    let body = mail.body();
+    for fact in [
+        format!("Job:       {job}"),
+        "Device:    laptop (agent-1)".to_string(),
+        "Exit code: 3".to_string(),
+        "Error:     exited with 3".to_string(),
+        "Finished:  2023-11-14T22:13:20Z".to_string(),
+        "found 2 threats".to_string(),
+    ] {
+        assert!(body.contains(&fact), "{fact:?} missing from:\n{body}");
+    }
+    let delivery = f.delivery_of(job, rule);
+    f.wait_state(delivery, "sent").await;
+    let log = f.attempts(delivery);
+    assert_eq!(log.len(), 1);
+    assert!(log[0].0 && log[0].1.starts_with("SMTP 250"), "{log:?}");
+    forwarder.stop().await;
+}
+
+#[tokio::test]
+async fn email_to_a_relay_with_an_untrusted_certificate_is_not_sent() {
+    let f = Fixture::new("forward-email-untrusted");
+    let Some(smtp) = SmtpReceiver::start(f._dir.path()) else {
+        return;
+    };
+    let sub = f.add_subscription(f.user);
+    let rule = f.add_rule(f.user, None, "email", "alice@example.org", false);
+    let job = f.add_job(sub, "failed");
+    let mut untrusted = smtp_settings(&smtp, None);
+    untrusted.retry.max_attempts = 1;
+    let forwarder = f.start(untrusted);
+    let delivery = f.delivery_of_eventually(job, rule).await;
+    let (_, _, last_error) = f.wait_state(delivery, "given_up").await;
+    let last_error = last_error.unwrap_or_default();
+    assert!(last_error.starts_with("SMTP"), "{last_error}");
+    assert!(
+        last_error.to_lowercase().contains("certificate"),
+        "{last_error}"
+    );
+    assert!(smtp.mails().is_empty());
+    forwarder.stop().await;
+}
+
+// === rules and configuration ===
+
+#[test]
+fn targets_are_checked_per_kind() {
+    assert!(check_target("email", "alice@example.org", false).is_ok());
+    assert!(check_target("email", "Alice <alice@example.org>", false).is_err());
+    assert!(check_target("email", "alice", false).is_err());
+    assert!(check_target("email", " alice@example.org", false).is_err());
+    assert!(check_target("email", "a@b.org, c@d.org", false).is_err());
+    assert!(check_target("webhook", "https://hooks.example.org/x?y=1", false).is_ok());
+    assert!(check_target("webhook", "http://127.0.0.1:8080/x", false).is_err());
+    assert!(check_target("webhook", "http://127.0.0.1:8080/x", true).is_ok());
+    assert!(check_target("webhook", "ftp://example.org/x", true).is_err());
+    assert!(check_target("webhook", "not a url", true).is_err());
+    assert!(check_target(
+        "webhook",
+        &format!("https://e.org/{}", "a".repeat(3000)),
+        false
+    )
+    .is_err());
+    assert!(check_target("sms", "+821012345678", false).is_ok());
+    assert!(check_target("sms", "+123456", false).is_ok());
+    assert!(check_target("sms", "+12345", false).is_err());
+    assert!(check_target("sms", "+1234567890123456", false).is_err());
+    assert!(check_target("sms", "821012345678", false).is_err());
+    assert!(check_target("sms", "+82 10 1234 5678", false).is_err());
+    let err = check_target("pager", "x", false).unwrap_err();
+    assert!(err.contains("email, webhook or sms"), "{err}");
+}
+
+fn server_config(extra: &str) -> Result<ServerConfig, String> {
+    let text = format!(
+        "quic_listen = \"127.0.0.1:4433\"\nhttp_listen = \"127.0.0.1:8443\"\n\
+         public_addr = \"127.0.0.1:4433\"\noperator_keys = []\n{extra}"
+    );
+    let config: ServerConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+    validate_config(&config)?;
+    Ok(config)
+}
+
+#[test]
+fn forwarding_sections_parse_with_defaults() {
+    let config = server_config("").unwrap();
+    let s = Settings::from_config(&config);
+    assert!(!s.allow_http && !s.allow_private_targets);
+    assert_eq!(s.retry.max_attempts, 6);
+    assert_eq!(s.retry.first_retry, Duration::from_secs(5));
+    assert_eq!(s.timeout, Duration::from_secs(10));
+    assert!(s.smtp.is_none() && s.sms.is_none());
+
+    let config = server_config(
+        "[smtp]\nhost = \"smtp.example.org\"\nfrom = \"herald@example.org\"\n\
+         [sms]\nurl = \"https://gw.example.org/send\"\nbody = \"to={to}&text={text}\"\n\
+         [forwarding]\nmax_attempts = 3\n",
+    )
+    .unwrap();
+    let smtp = config.smtp.as_ref().unwrap();
+    assert_eq!((smtp.port(), smtp.tls), (587, SmtpTls::Starttls));
+    let sms = config.sms.as_ref().unwrap();
+    assert_eq!(
+        (sms.method.as_str(), sms.body_format),
+        ("POST", SmsBodyFormat::Form)
+    );
+    assert_eq!(config.forwarding().max_attempts, 3);
+    assert_eq!(config.forwarding().timeout_secs, 10);
+    let smtps = server_config(
+        "[smtp]\nhost = \"smtp.example.org\"\nfrom = \"herald@example.org\"\ntls = \"tls\"\n",
+    )
+    .unwrap();
+    assert_eq!(smtps.smtp.unwrap().port(), 465);
+}
+
+#[test]
+fn unsafe_or_broken_forwarding_configuration_is_refused() {
+    let smtp = "[smtp]\nhost = \"smtp.example.org\"\nfrom = \"herald@example.org\"\n";
+    let cases = [
+        (
+            format!("{smtp}tls = \"none\"\n"),
+            "only allowed to a relay on loopback",
+        ),
+        (format!("{smtp}tls = \"plain\"\n"), "unknown variant"),
+        (format!("{smtp}username = \"u\"\n"), "go together"),
+        (
+            format!("{smtp}ca_file = \"/nonexistent/ca.pem\"\n"),
+            "ca_file",
+        ),
+        (format!("{smtp}port = 25\nsurprise = 1\n"), "unknown field"),
+        (
+            "[smtp]\nhost = \"smtp.example.org\"\nfrom = \"not an address\"\n".into(),
+            "[smtp] from",
+        ),
+        (
+            "[sms]\nurl = \"http://gw.example.org/{to}\"\n".into(),
+            "https://",
+        ),
+        (
+            "[sms]\nurl = \"https://gw.example.org/\"\nmethod = \"NOT A METHOD\"\n".into(),
+            "method",
+        ),
+        (
+            "[sms]\nurl = \"https://gw.example.org/\"\nbody_format = \"xml\"\n".into(),
+            "unknown variant",
+        ),
+        ("[forwarding]\nmax_attempts = 0\n".into(), "max_attempts"),
+    ];
+    for (extra, expected) in cases {
+        let err = server_config(&extra).expect_err(&extra);
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+    // Plain SMTP to loopback and http gateways with allow_http are fine.
+    server_config(
+        "[smtp]\nhost = \"127.0.0.1\"\nfrom = \"h@example.org\"\ntls = \"none\"\n\
+         [sms]\nurl = \"http://127.0.0.1:9/{to}\"\n[forwarding]\nallow_http = true\n",
+    )
+    .unwrap();
+}
