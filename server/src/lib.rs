@@ -3,13 +3,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod api;
 pub mod catalog;
 pub mod cli;
 pub mod cli_catalog;
 pub mod cli_packages;
+pub mod cli_users;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod forward;
 pub mod https;

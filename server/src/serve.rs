@@ -174,7 +174,14 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         tokio::spawn(https::serve(
             listener,
             pki::https_config(&pki)?,
-            api::router(state),
+            api::router(state.clone()).merge(crate::console::router(
+                crate::console::ConsoleState::new(
+                    state,
+                    tickets,
+                    crate::console::ConsoleSettings::default(),
+                    crate::console::Enrollment::new(&config, &pki),
+                ),
+            )),
             until_stopped(),
         )),
     ];

@@ -1,0 +1,1010 @@
+//! The web console's records: user accounts, browser sessions, login failure counters,
+//! browser-service visits, and the user-scoped queries behind the console's pages (a
+//! user's devices, the history of runs on them, forwarding rules and their delivery log).
+//!
+//! Ownership is decided here, in SQL, so a page can never show another user's rows by
+//! forgetting a check: every user-scoped query takes the user id.
+
+use rusqlite::{params, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+use herald_shared::protocol::JobId;
+use herald_shared::Millis;
+
+use crate::model::AgentInfo;
+use crate::store::{Store, StoreError};
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// States from which a job can still be canceled or completed by its visit.
+const OPEN_STATES: &str = "'queued', 'delivered', 'running', 'waiting'";
+
+/// What a user may do in the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, for every user's objects.
+    Admin,
+    /// Their own devices, subscriptions, history and forwarding.
+    User,
+}
+
+impl Role {
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            other => Err(format!("unknown role {other:?}: use admin or user")),
+        }
+    }
+}
+
+/// A console account (without its password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Id.
+    pub id: i64,
+    /// Login name (`[a-z0-9._-]`, 3 to 32 characters).
+    pub login: String,
+    /// Name shown in the console.
+    pub display_name: String,
+    /// E-mail address, may be empty.
+    pub email: String,
+    /// Phone number, may be empty.
+    pub phone: String,
+    /// Role.
+    pub role: Role,
+    /// Created.
+    pub created_at: Millis,
+}
+
+impl User {
+    /// Whether the user is an admin.
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// What a login attempt is checked against.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The account.
+    pub user: User,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Locked until then, if locked.
+    pub locked_until: Option<Millis>,
+}
+
+/// A live browser session.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// Whose.
+    pub user: User,
+    /// The session's CSRF token.
+    pub csrf: String,
+}
+
+/// A browser-service visit admitted by a redeemed ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visit {
+    /// The one job this visit may complete.
+    pub job_id: JobId,
+    /// The visit's CSRF token.
+    pub csrf: String,
+}
+
+/// What the person at a browser service answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisitOutcome {
+    /// Did the task: the job succeeds.
+    Done,
+    /// Declined it: the job fails.
+    Declined,
+}
+
+impl std::str::FromStr for VisitOutcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<VisitOutcome, String> {
+        match s {
+            "done" => Ok(VisitOutcome::Done),
+            "declined" => Ok(VisitOutcome::Declined),
+            _ => Err("outcome must be done or declined".into()),
+        }
+    }
+}
+
+/// How completing a visit went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// The job is now in this final state.
+    Completed(String),
+    /// The ticket was spent before (external services post the ticket itself).
+    AlreadyUsed,
+    /// The job cannot be completed from its current state (already final, not yet
+    /// delivered, or not a browser job); the reason in one sentence.
+    Refused(String),
+}
+
+/// A job as the service page needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceJob {
+    /// Job id.
+    pub job_id: JobId,
+    /// Current state.
+    pub state: String,
+    /// The catalog entry whose order this job carries, if any.
+    pub entry: Option<String>,
+    /// Order kind (`open` for browser services).
+    pub kind: String,
+}
+
+/// One run in a user's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Job id.
+    pub id: JobId,
+    /// Device id.
+    pub agent_id: String,
+    /// Device name.
+    pub agent_name: String,
+    /// Owner of the device, if it was linked by a user.
+    pub owner_user_id: Option<i64>,
+    /// Catalog entry name, when the job runs one.
+    pub entry: Option<String>,
+    /// Catalog entry title.
+    pub entry_title: Option<String>,
+    /// What it does, in one line.
+    pub action: String,
+    /// State.
+    pub state: String,
+    /// Created.
+    pub created_at: Millis,
+    /// Started on the device.
+    pub started_at: Option<Millis>,
+    /// Finished.
+    pub finished_at: Option<Millis>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// The note left on a browser service page.
+    pub outcome: Option<String>,
+}
+
+/// A forwarding rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// Id.
+    pub id: i64,
+    /// Owner.
+    pub user_id: i64,
+    /// The subscription whose results it forwards (`None`: all of the user's).
+    pub schedule_id: Option<i64>,
+    /// The subscription's entry title, for display.
+    pub subscription_title: Option<String>,
+    /// `email`, `webhook` or `sms`.
+    pub kind: String,
+    /// Address, URL or phone number.
+    pub target: String,
+    /// Only failed runs are forwarded.
+    pub only_failures: bool,
+    /// Created.
+    pub created_at: Millis,
+}
+
+/// A new forwarding rule.
+#[derive(Debug, Clone)]
+pub struct NewDestination<'a> {
+    /// Owner.
+    pub user_id: i64,
+    /// The subscription, or `None` for all.
+    pub schedule_id: Option<i64>,
+    /// `email`, `webhook` or `sms`.
+    pub kind: &'a str,
+    /// Address, URL or phone number (checked by the caller).
+    pub target: &'a str,
+    /// Webhook signing secret.
+    pub secret: Option<&'a str>,
+    /// Only failed runs.
+    pub only_failures: bool,
+}
+
+/// One forwarding of one job's result, with its attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Id.
+    pub id: i64,
+    /// Whose rule it went out under.
+    pub user_id: i64,
+    /// The job whose result is forwarded.
+    pub job_id: JobId,
+    /// `email`, `webhook` or `sms`.
+    pub kind: String,
+    /// Where to.
+    pub target: String,
+    /// State (set by the forwarding engine).
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// The latest error.
+    pub last_error: Option<String>,
+    /// Created.
+    pub created_at: Millis,
+    /// Finished (delivered or given up).
+    pub finished_at: Option<Millis>,
+    /// Every attempt, oldest first.
+    pub log: Vec<DeliveryAttempt>,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryAttempt {
+    /// When.
+    pub at: Millis,
+    /// Whether it went through.
+    pub ok: bool,
+    /// Status or error text.
+    pub detail: String,
+}
+
+const USER_COLUMNS: &str = "u.id, u.login, u.display_name, u.email, u.phone, u.role, u.created_at";
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
+    let role: String = r.get(5)?;
+    Ok(User {
+        id: r.get(0)?,
+        login: r.get(1)?,
+        display_name: r.get(2)?,
+        email: r.get(3)?,
+        phone: r.get(4)?,
+        role: role.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, e.into())
+        })?,
+        created_at: r.get(6)?,
+    })
+}
+
+const HISTORY_SELECT: &str =
+    "SELECT j.id, j.agent_id, a.name, a.owner_user_id, c.name, c.title, o.action,
+            j.state, j.created_at, j.started_at, j.finished_at, j.exit_code, j.error, j.outcome
+     FROM jobs j
+     JOIN agents a ON a.id = j.agent_id
+     JOIN orders o ON o.id = j.order_id
+     LEFT JOIN catalog c ON c.order_id = j.order_id";
+
+fn history_row(r: &Row<'_>) -> rusqlite::Result<HistoryEntry> {
+    Ok(HistoryEntry {
+        id: r.get(0)?,
+        agent_id: r.get(1)?,
+        agent_name: r.get(2)?,
+        owner_user_id: r.get(3)?,
+        entry: r.get(4)?,
+        entry_title: r.get(5)?,
+        action: r.get(6)?,
+        state: r.get(7)?,
+        created_at: r.get(8)?,
+        started_at: r.get(9)?,
+        finished_at: r.get(10)?,
+        exit_code: r.get(11)?,
+        error: r.get(12)?,
+        outcome: r.get(13)?,
+    })
+}
+
+const DELIVERY_SELECT: &str =
+    "SELECT id, user_id, job_id, kind, target, state, attempts, last_error,
+            created_at, finished_at FROM deliveries";
+
+fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        job_id: r.get(2)?,
+        kind: r.get(3)?,
+        target: r.get(4)?,
+        state: r.get(5)?,
+        attempts: r.get(6)?,
+        last_error: r.get(7)?,
+        created_at: r.get(8)?,
+        finished_at: r.get(9)?,
+        log: Vec::new(),
+    })
+}
+
+// === impl Store: users ===
+
+impl Store {
+    /// Creates an account. Fails with `Conflict` if the login is taken.
+    pub fn add_user(
+        &self,
+        login: &str,
+        password_hash: &str,
+        role: Role,
+        email: &str,
+        phone: &str,
+        now: Millis,
+    ) -> Result<i64> {
+        let conn = self.conn();
+        let inserted = conn.execute(
+            "INSERT INTO users (login, password_hash, role, email, phone, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (login) DO NOTHING",
+            params![login, password_hash, role.as_str(), email, phone, now],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "the login {login} is taken; choose another"
+            )));
+        }
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// One account.
+    pub fn user(&self, id: i64) -> Result<User> {
+        self.fast()
+            .query_row(
+                &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?1"),
+                params![id],
+                user_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no user {id}")))
+    }
+
+    /// One account by login.
+    pub fn user_by_login(&self, login: &str) -> Result<Option<User>> {
+        Ok(self
+            .fast()
+            .query_row(
+                &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.login = ?1"),
+                params![login],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    /// What a login is checked against, if the login exists.
+    pub fn credentials(&self, login: &str) -> Result<Option<Credentials>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {USER_COLUMNS}, u.password_hash, u.locked_until
+                     FROM users u WHERE u.login = ?1"
+                ),
+                params![login],
+                |r| {
+                    Ok(Credentials {
+                        user: user_row(r)?,
+                        password_hash: r.get(7)?,
+                        locked_until: r.get(8)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The password hash of an account.
+    pub fn password_hash(&self, user_id: i64) -> Result<String> {
+        self.conn()
+            .query_row(
+                "SELECT password_hash FROM users WHERE id = ?1",
+                params![user_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no user {user_id}")))
+    }
+
+    /// All accounts, by login.
+    pub fn users(&self) -> Result<Vec<User>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {USER_COLUMNS} FROM users u ORDER BY u.login"
+        ))?;
+        let rows = stmt.query_map([], user_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Changes an account's role.
+    pub fn set_role(&self, user_id: i64, role: Role) -> Result<()> {
+        let changed = self.conn().execute(
+            "UPDATE users SET role = ?2 WHERE id = ?1",
+            params![user_id, role.as_str()],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no user {user_id}")));
+        }
+        Ok(())
+    }
+
+    /// Changes an account's name and contact details.
+    pub fn update_user_details(
+        &self,
+        user_id: i64,
+        display_name: &str,
+        email: &str,
+        phone: &str,
+    ) -> Result<()> {
+        let changed = self.conn().execute(
+            "UPDATE users SET display_name = ?2, email = ?3, phone = ?4 WHERE id = ?1",
+            params![user_id, display_name, email, phone],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no user {user_id}")));
+        }
+        Ok(())
+    }
+
+    /// Replaces a password and ends every session of the account, in one transaction.
+    pub fn set_password(&self, user_id: i64, password_hash: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE users SET password_hash = ?2, failed_logins = 0, locked_until = NULL
+             WHERE id = ?1",
+            params![user_id, password_hash],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no user {user_id}")));
+        }
+        tx.execute(
+            "DELETE FROM web_sessions WHERE user_id = ?1",
+            params![user_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // === login failures ===
+
+    /// Counts a failed login. After `max_failures` consecutive failures the account is
+    /// locked until `now + lock_ms` and the count starts again. Returns whether this
+    /// failure locked it.
+    pub fn login_failed(
+        &self,
+        user_id: i64,
+        max_failures: u32,
+        lock_ms: i64,
+        now: Millis,
+    ) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let failures: i64 = tx.query_row(
+            "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = ?1
+             RETURNING failed_logins",
+            params![user_id],
+            |r| r.get(0),
+        )?;
+        let lock = failures >= i64::from(max_failures);
+        if lock {
+            tx.execute(
+                "UPDATE users SET failed_logins = 0, locked_until = ?2 WHERE id = ?1",
+                params![user_id, now.saturating_add(lock_ms)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(lock)
+    }
+
+    /// Clears the failure count after a successful login.
+    pub fn login_succeeded(&self, user_id: i64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE id = ?1",
+            params![user_id],
+        )?;
+        Ok(())
+    }
+
+    // === sessions ===
+
+    /// Stores a new session by the hash of its cookie value.
+    pub fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        csrf: &str,
+        now: Millis,
+        idle_ms: i64,
+    ) -> Result<()> {
+        let conn = self.conn();
+        // Housekeeping on the rare path (a login), not on every request.
+        conn.execute(
+            "DELETE FROM web_sessions WHERE expires_at <= ?1",
+            params![now],
+        )?;
+        conn.execute(
+            "INSERT INTO web_sessions (token_hash, user_id, csrf, created_at, last_seen_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            params![token_hash, user_id, csrf, now, now.saturating_add(idle_ms)],
+        )?;
+        Ok(())
+    }
+
+    /// The live session with this cookie hash, if any; pushes its idle expiry forward.
+    pub fn session(
+        &self,
+        token_hash: &str,
+        now: Millis,
+        idle_ms: i64,
+    ) -> Result<Option<SessionRecord>> {
+        let conn = self.fast();
+        let found = conn
+            .query_row(
+                &format!(
+                    "SELECT {USER_COLUMNS}, s.csrf, s.last_seen_at
+                     FROM web_sessions s JOIN users u ON u.id = s.user_id
+                     WHERE s.token_hash = ?1 AND s.expires_at > ?2"
+                ),
+                params![token_hash, now],
+                |r| Ok((user_row(r)?, r.get::<_, String>(7)?, r.get::<_, Millis>(8)?)),
+            )
+            .optional()?;
+        let Some((user, csrf, last_seen)) = found else {
+            return Ok(None);
+        };
+        // Writing on every request would serialize page views on the database lock;
+        // a minute of slack in a 12-hour idle timeout does not matter.
+        if now - last_seen > 60_000 {
+            conn.execute(
+                "UPDATE web_sessions SET last_seen_at = ?2, expires_at = ?3 WHERE token_hash = ?1",
+                params![token_hash, now, now.saturating_add(idle_ms)],
+            )?;
+        }
+        Ok(Some(SessionRecord { user, csrf }))
+    }
+
+    /// Ends one session.
+    pub fn end_session(&self, token_hash: &str) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM web_sessions WHERE token_hash = ?1",
+            params![token_hash],
+        )?;
+        Ok(())
+    }
+
+    // === browser-service visits ===
+
+    /// The job behind a service page: its state and the catalog entry it runs.
+    pub fn service_job(&self, job_id: JobId) -> Result<Option<ServiceJob>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT j.id, j.state, c.name, o.kind
+                 FROM jobs j JOIN orders o ON o.id = j.order_id
+                 LEFT JOIN catalog c ON c.order_id = j.order_id
+                 WHERE j.id = ?1",
+                params![job_id],
+                |r| {
+                    Ok(ServiceJob {
+                        job_id: r.get(0)?,
+                        state: r.get(1)?,
+                        entry: r.get(2)?,
+                        kind: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Redeems a job's ticket: true the first time, false ever after.
+    pub fn redeem_ticket(&self, job_id: JobId, now: Millis) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE jobs SET visit_redeemed_at = ?2 WHERE id = ?1 AND visit_redeemed_at IS NULL",
+            params![job_id, now],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Stores a visit admitted by a redeemed ticket.
+    pub fn create_visit(
+        &self,
+        token_hash: &str,
+        job_id: JobId,
+        csrf: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<()> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM visits WHERE expires_at <= ?1", params![now])?;
+        conn.execute(
+            "INSERT INTO visits (token_hash, job_id, csrf, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token_hash, job_id, csrf, now, expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// The live visit with this cookie hash, if any.
+    pub fn visit(&self, token_hash: &str, now: Millis) -> Result<Option<Visit>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT job_id, csrf FROM visits WHERE token_hash = ?1 AND expires_at > ?2",
+                params![token_hash, now],
+                |r| {
+                    Ok(Visit {
+                        job_id: r.get(0)?,
+                        csrf: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Completes a browser job with the visitor's answer: `done` succeeds, `declined`
+    /// fails with the note as the reason; the note is kept as the job's outcome. With
+    /// `redeem`, the ticket is also spent in the same statement (external services post
+    /// the ticket itself), and a ticket already spent is refused.
+    pub fn complete_visit(
+        &self,
+        job_id: JobId,
+        outcome: VisitOutcome,
+        note: &str,
+        redeem: bool,
+        now: Millis,
+    ) -> Result<Completion> {
+        let (state, error) = match outcome {
+            VisitOutcome::Done => ("succeeded", None),
+            VisitOutcome::Declined => ("failed", Some(format!("declined by the user: {note}"))),
+        };
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE jobs SET state = ?2, finished_at = ?3, outcome = ?4, error = ?5,
+                    started_at = COALESCE(started_at, ?3),
+                    delivered_at = COALESCE(delivered_at, ?3),
+                    visit_redeemed_at = COALESCE(visit_redeemed_at, ?3)
+             WHERE id = ?1 AND state IN ('delivered', 'running', 'waiting')
+               AND (?6 = 0 OR visit_redeemed_at IS NULL)
+               AND EXISTS (SELECT 1 FROM orders o WHERE o.id = jobs.order_id
+                           AND o.kind = 'open')",
+            params![job_id, state, now, note, error, redeem],
+        )?;
+        if changed > 0 {
+            return Ok(Completion::Completed(state.to_string()));
+        }
+        let current: Option<(String, Option<Millis>)> = conn
+            .query_row(
+                "SELECT state, visit_redeemed_at FROM jobs WHERE id = ?1",
+                params![job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match current {
+            None => Completion::Refused(format!("no job {job_id}")),
+            Some((_, Some(_))) if redeem => Completion::AlreadyUsed,
+            Some((state, _)) if crate::model::is_final_state(&state) => {
+                Completion::Refused(format!("this task is already closed ({state})"))
+            }
+            Some((state, _)) => {
+                Completion::Refused(format!("this task cannot be completed now ({state})"))
+            }
+        })
+    }
+
+    // === devices ===
+
+    /// A user's devices, by name; `online` tells which are connected.
+    pub fn user_agents(
+        &self,
+        user_id: i64,
+        online: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<AgentInfo>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, revoked_at, enrolled_at, last_seen_at, version,
+                    local_addresses, observed_address
+             FROM agents WHERE owner_user_id = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map(params![user_id], |r| {
+            let id: String = r.get(0)?;
+            let local: String = r.get(6)?;
+            Ok(AgentInfo {
+                online: online(&id),
+                id,
+                name: r.get(1)?,
+                revoked_at: r.get(2)?,
+                enrolled_at: r.get(3)?,
+                last_seen_at: r.get(4)?,
+                version: r.get(5)?,
+                groups: Vec::new(),
+                local_addresses: local
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                observed_address: r.get(7)?,
+                facts: serde_json::Value::Null,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The owner of an agent (`None` if it was enrolled with an operator token).
+    /// `NotFound` if there is no such agent.
+    pub fn agent_owner(&self, agent_id: &str) -> Result<Option<i64>> {
+        self.fast()
+            .query_row(
+                "SELECT owner_user_id FROM agents WHERE id = ?1",
+                params![agent_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))
+    }
+
+    /// Logins of the owners of linked agents, by agent id.
+    pub fn agent_owners(&self) -> Result<std::collections::HashMap<String, String>> {
+        let conn = self.fast();
+        let mut stmt = conn
+            .prepare("SELECT a.id, u.login FROM agents a JOIN users u ON u.id = a.owner_user_id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // === history ===
+
+    /// Runs, newest first: on one user's devices (`Some`), or everywhere (`None`),
+    /// optionally on one device.
+    pub fn history(
+        &self,
+        user_id: Option<i64>,
+        agent_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "{HISTORY_SELECT}
+             WHERE (?1 IS NULL OR a.owner_user_id = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+             ORDER BY j.id DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![user_id, agent_id, limit], history_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One run.
+    pub fn history_entry(&self, job_id: JobId) -> Result<HistoryEntry> {
+        self.fast()
+            .query_row(
+                &format!("{HISTORY_SELECT} WHERE j.id = ?1"),
+                params![job_id],
+                history_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+    }
+
+    /// Cancels a job that has not finished. Returns false if it already had.
+    pub fn cancel_job(&self, job_id: JobId, now: Millis) -> Result<bool> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            &format!(
+                "UPDATE jobs SET state = 'canceled', finished_at = ?2,
+                        error = 'canceled by an administrator'
+                 WHERE id = ?1 AND state IN ({OPEN_STATES})"
+            ),
+            params![job_id, now],
+        )?;
+        if changed == 0 {
+            let exists = conn
+                .query_row("SELECT 1 FROM jobs WHERE id = ?1", params![job_id], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some();
+            if !exists {
+                return Err(StoreError::NotFound(format!("no job {job_id}")));
+            }
+        }
+        Ok(changed > 0)
+    }
+
+    // === forwarding ===
+
+    /// Stores a forwarding rule.
+    pub fn add_destination(&self, new: &NewDestination<'_>, now: Millis) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO destinations (user_id, schedule_id, kind, target, secret, only_failures, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                new.user_id,
+                new.schedule_id,
+                new.kind,
+                new.target,
+                new.secret,
+                new.only_failures,
+                now
+            ],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// A user's forwarding rules, oldest first.
+    pub fn destinations(&self, user_id: i64) -> Result<Vec<Destination>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(
+            "SELECT d.id, d.user_id, d.schedule_id, c.title, d.kind, d.target, d.only_failures,
+                    d.created_at
+             FROM destinations d
+             LEFT JOIN schedules s ON s.id = d.schedule_id
+             LEFT JOIN catalog c ON c.name = s.catalog_name
+             WHERE d.user_id = ?1 ORDER BY d.id",
+        )?;
+        let rows = stmt.query_map(params![user_id], |r| {
+            Ok(Destination {
+                id: r.get(0)?,
+                user_id: r.get(1)?,
+                schedule_id: r.get(2)?,
+                subscription_title: r.get(3)?,
+                kind: r.get(4)?,
+                target: r.get(5)?,
+                only_failures: r.get(6)?,
+                created_at: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a forwarding rule of this user; `NotFound` for anyone else's.
+    pub fn remove_destination(&self, user_id: i64, id: i64) -> Result<()> {
+        let changed = self.conn().execute(
+            "DELETE FROM destinations WHERE id = ?1 AND user_id = ?2",
+            params![id, user_id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no forwarding rule {id}")));
+        }
+        Ok(())
+    }
+
+    /// A user's latest deliveries, newest first, with their attempts.
+    pub fn user_deliveries(&self, user_id: i64, limit: u32) -> Result<Vec<Delivery>> {
+        self.deliveries_where("user_id = ?1", user_id, limit)
+    }
+
+    /// The deliveries of one job's result, newest first, with their attempts.
+    pub fn job_deliveries(&self, job_id: JobId) -> Result<Vec<Delivery>> {
+        self.deliveries_where("job_id = ?1", job_id, 100)
+    }
+
+    fn deliveries_where(&self, filter: &str, key: i64, limit: u32) -> Result<Vec<Delivery>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "{DELIVERY_SELECT} WHERE {filter} ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let mut deliveries: Vec<Delivery> = stmt
+            .query_map(params![key, limit], delivery_row)?
+            .collect::<Result<_, _>>()?;
+        let mut attempts = conn.prepare(
+            "SELECT at, ok, detail FROM delivery_attempts WHERE delivery_id = ?1 ORDER BY id",
+        )?;
+        for delivery in &mut deliveries {
+            delivery.log = attempts
+                .query_map(params![delivery.id], |r| {
+                    Ok(DeliveryAttempt {
+                        at: r.get(0)?,
+                        ok: r.get(1)?,
+                        detail: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(deliveries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-accounts-{}",
+            hex::encode(crate::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn logins_are_unique_and_roles_round_trip() {
+        let (store, dir) = store();
+        let id = store.add_user("ann", "h", Role::User, "", "", 1).unwrap();
+        assert!(matches!(
+            store.add_user("ann", "h2", Role::Admin, "", "", 2),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(store.user(id).unwrap().role, Role::User);
+        store.set_role(id, Role::Admin).unwrap();
+        assert!(store.user(id).unwrap().is_admin());
+        assert!(matches!(
+            store.set_role(id + 1, Role::User),
+            Err(StoreError::NotFound(_))
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_fifth_consecutive_failure_locks_and_success_resets() {
+        let (store, dir) = store();
+        let id = store.add_user("bob", "h", Role::User, "", "", 1).unwrap();
+        for _ in 0..4 {
+            assert!(!store.login_failed(id, 5, 1_000, 10).unwrap());
+        }
+        store.login_succeeded(id).unwrap();
+        for _ in 0..4 {
+            assert!(!store.login_failed(id, 5, 1_000, 10).unwrap());
+        }
+        assert!(store.login_failed(id, 5, 1_000, 10).unwrap());
+        let creds = store.credentials("bob").unwrap().unwrap();
+        assert_eq!(creds.locked_until, Some(1_010));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sessions_expire_when_idle_and_end_with_a_password_change() {
+        let (store, dir) = store();
+        let id = store.add_user("cy", "h", Role::User, "", "", 1).unwrap();
+        store.create_session("s1", id, "c1", 0, 1_000).unwrap();
+        store.create_session("s2", id, "c2", 0, 1_000).unwrap();
+        assert_eq!(store.session("s1", 999, 1_000).unwrap().unwrap().csrf, "c1");
+        assert!(store.session("s1", 1_000, 1_000).unwrap().is_none());
+        // Activity pushes the idle expiry forward.
+        store.create_session("s3", id, "c3", 0, 100_000).unwrap();
+        assert!(store.session("s3", 90_000, 100_000).unwrap().is_some());
+        assert!(store.session("s3", 150_000, 100_000).unwrap().is_some());
+        store.set_password(id, "h2").unwrap();
+        assert!(store.session("s3", 150_001, 100_000).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_owner_removes_a_destination() {
+        let (store, dir) = store();
+        let a = store.add_user("ann", "h", Role::User, "", "", 1).unwrap();
+        let b = store.add_user("bob", "h", Role::User, "", "", 1).unwrap();
+        let id = store
+            .add_destination(
+                &NewDestination {
+                    user_id: a,
+                    schedule_id: None,
+                    kind: "email",
+                    target: "a@example.org",
+                    secret: None,
+                    only_failures: false,
+                },
+                1,
+            )
+            .unwrap();
+        assert!(matches!(
+            store.remove_destination(b, id),
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(store.destinations(a).unwrap().len(), 1);
+        assert!(store.destinations(b).unwrap().is_empty());
+        store.remove_destination(a, id).unwrap();
+        assert!(store.destinations(a).unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,585 @@
+//! A user's pages: devices (and linking one), the catalog, subscriptions, history and
+//! forwarding. Objects of other users answer 404, exactly like objects that do not
+//! exist; admins may see every user's devices, subscriptions and jobs here too.
+
+use std::time::Duration;
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use herald_shared::envelope::Audience;
+use herald_shared::schedule::format_duration;
+use herald_shared::token::{Token, SECRET_LEN};
+
+use super::account::NoFields;
+use super::auth::{Posted, Session};
+use super::forms::{check_target, TimingForm};
+use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
+use crate::accounts::{Delivery, Destination, HistoryEntry, NewDestination};
+use crate::catalog::{CatalogEntry, Subscription};
+use crate::model::{AgentDetail, AgentInfo, JobInfo};
+
+/// How long a subscription's job may wait for an offline device.
+pub(super) const SUBSCRIPTION_TTL_MS: u64 = 3600 * 1000;
+/// How long a "link a device" token stays valid.
+const LINK_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Runs a history page shows.
+const HISTORY_LIMIT: u32 = 200;
+/// Deliveries the forwarding page shows.
+const DELIVERY_LIMIT: u32 = 100;
+
+/// Parses an id from a path; anything else is "not found".
+pub(super) fn path_id(text: &str) -> Result<i64, ConsoleError> {
+    text.parse().map_err(|_| ConsoleError::NotFound)
+}
+
+// === devices ===
+
+#[derive(Template)]
+#[template(path = "devices.html")]
+struct DevicesPage {
+    layout: Layout,
+    devices: Vec<AgentInfo>,
+}
+
+#[derive(Template)]
+#[template(path = "link.html")]
+struct LinkPage {
+    layout: Layout,
+    token: String,
+    valid_for: String,
+}
+
+#[derive(Template)]
+#[template(path = "device.html")]
+struct DevicePage {
+    layout: Layout,
+    detail: AgentDetail,
+    subscriptions: Vec<Subscription>,
+    runs: Vec<HistoryEntry>,
+    job_base: &'static str,
+}
+
+fn online(state: &ConsoleState) -> impl Fn(&str) -> bool + '_ {
+    move |id: &str| state.api.relay.is_online(id)
+}
+
+/// `GET /devices`.
+pub(super) async fn devices(State(state): State<ConsoleState>, session: Session) -> ConsoleResult {
+    let devices = state
+        .store()
+        .user_agents(session.user.id, &online(&state))?;
+    Ok(render(
+        StatusCode::OK,
+        &DevicesPage {
+            layout: Layout::of(&session),
+            devices,
+        },
+    ))
+}
+
+/// `POST /devices/link`: a one-use personal enrollment token, shown once.
+pub(super) async fn link_device(
+    State(state): State<ConsoleState>,
+    Posted(session, NoFields {}): Posted<NoFields>,
+) -> ConsoleResult {
+    let enrollment = &state.enrollment;
+    let token = Token {
+        server: enrollment.server.clone(),
+        ca_fingerprint: enrollment.ca_fingerprint,
+        operator_keys: enrollment.operator_keys.clone(),
+        groups: Vec::new(),
+        secret: crate::random_bytes::<SECRET_LEN>(),
+    };
+    let now = state.now();
+    state.store().add_user_token(
+        &token.secret_hash(),
+        session.user.id,
+        1,
+        now + LINK_TOKEN_TTL.as_millis() as i64,
+        now,
+    )?;
+    Ok(render(
+        StatusCode::OK,
+        &LinkPage {
+            layout: Layout::of(&session),
+            token: token.encode(),
+            valid_for: format_duration(LINK_TOKEN_TTL),
+        },
+    ))
+}
+
+/// `GET /devices/{agent}`.
+pub(super) async fn device(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(agent): Path<String>,
+) -> ConsoleResult {
+    let owner = state.store().agent_owner(&agent)?;
+    if !session.may_see(owner) {
+        return Err(ConsoleError::NotFound);
+    }
+    let detail = state.store().agent(&agent, &online(&state))?;
+    let target = format!("agent:{agent}");
+    let mine = (!session.user.is_admin()).then_some(session.user.id);
+    let subscriptions = state
+        .store()
+        .service_subscriptions(mine)?
+        .into_iter()
+        .filter(|s| s.target == target)
+        .collect();
+    let runs = state.store().history(None, Some(&agent), 20)?;
+    Ok(render(
+        StatusCode::OK,
+        &DevicePage {
+            layout: Layout::of(&session),
+            detail,
+            subscriptions,
+            runs,
+            job_base: "/history",
+        },
+    ))
+}
+
+// === catalog ===
+
+#[derive(Template)]
+#[template(path = "catalog.html")]
+struct CatalogPage {
+    layout: Layout,
+    entries: Vec<CatalogEntry>,
+}
+
+#[derive(Template)]
+#[template(path = "entry.html")]
+struct EntryPage {
+    layout: Layout,
+    entry: CatalogEntry,
+    min_interval: String,
+    devices: Vec<AgentInfo>,
+    device: String,
+    timing: TimingForm,
+    error: Option<String>,
+}
+
+/// `GET /catalog`.
+pub(super) async fn catalog(State(state): State<ConsoleState>, session: Session) -> ConsoleResult {
+    Ok(render(
+        StatusCode::OK,
+        &CatalogPage {
+            layout: Layout::of(&session),
+            entries: state.store().catalog()?,
+        },
+    ))
+}
+
+fn entry_page(
+    state: &ConsoleState,
+    session: &Session,
+    entry: CatalogEntry,
+    device: String,
+    timing: TimingForm,
+    error: Option<String>,
+) -> ConsoleResult<EntryPage> {
+    let devices = state
+        .store()
+        .user_agents(session.user.id, &|_| false)?
+        .into_iter()
+        .filter(|a| a.revoked_at.is_none())
+        .collect();
+    Ok(EntryPage {
+        layout: Layout::of(session),
+        min_interval: format_duration(Duration::from_millis(entry.min_interval_ms)),
+        entry,
+        devices,
+        device,
+        timing,
+        error,
+    })
+}
+
+/// `GET /catalog/{name}`.
+pub(super) async fn entry(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(name): Path<String>,
+) -> ConsoleResult {
+    let entry = state.store().catalog_entry(&name)?;
+    let timing = TimingForm::new_for(entry.min_interval_ms);
+    let page = entry_page(&state, &session, entry, String::new(), timing, None)?;
+    Ok(render(StatusCode::OK, &page))
+}
+
+// === subscriptions ===
+
+#[derive(Template)]
+#[template(path = "subscriptions.html")]
+struct SubscriptionsPage {
+    layout: Layout,
+    subscriptions: Vec<Subscription>,
+}
+
+#[derive(Template)]
+#[template(path = "subscription.html")]
+struct SubscriptionPage {
+    layout: Layout,
+    subscription: Subscription,
+    timing: TimingForm,
+    error: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(super) struct SubscribeForm {
+    entry: String,
+    device: String,
+    #[serde(flatten)]
+    timing: TimingForm,
+}
+
+/// `GET /subscriptions`.
+pub(super) async fn subscriptions(
+    State(state): State<ConsoleState>,
+    session: Session,
+) -> ConsoleResult {
+    Ok(render(
+        StatusCode::OK,
+        &SubscriptionsPage {
+            layout: Layout::of(&session),
+            subscriptions: state.store().service_subscriptions(Some(session.user.id))?,
+        },
+    ))
+}
+
+/// Why `device` may not be subscribed to `entry` by this user, if it may not.
+fn check_device(
+    state: &ConsoleState,
+    session: &Session,
+    entry: &CatalogEntry,
+    device: &str,
+) -> ConsoleResult<Option<String>> {
+    let mine = state
+        .store()
+        .user_agents(session.user.id, &|_| false)?
+        .into_iter()
+        .any(|a| a.id == device && a.revoked_at.is_none());
+    if !mine {
+        return Ok(Some("choose one of your devices".into()));
+    }
+    let offered = match entry.target.parse::<Audience>() {
+        Ok(audience) => state
+            .store()
+            .expand(&audience)?
+            .iter()
+            .any(|id| id == device),
+        Err(_) => false,
+    };
+    if !offered {
+        return Ok(Some(
+            "this service is not offered to that device; ask the operator".into(),
+        ));
+    }
+    Ok(None)
+}
+
+/// `POST /subscriptions`.
+pub(super) async fn subscribe(
+    State(state): State<ConsoleState>,
+    Posted(session, form): Posted<SubscribeForm>,
+) -> ConsoleResult {
+    let entry = state.store().catalog_entry(form.entry.trim())?;
+    let now = state.now();
+    let problem = match check_device(&state, &session, &entry, &form.device)? {
+        Some(problem) => Err(problem),
+        None => form.timing.parse(entry.min_interval_ms, now),
+    };
+    let timing = match problem {
+        Ok(timing) => timing,
+        Err(error) => {
+            let page = entry_page(
+                &state,
+                &session,
+                entry,
+                form.device,
+                form.timing,
+                Some(error),
+            )?;
+            return Ok(render(StatusCode::BAD_REQUEST, &page));
+        }
+    };
+    state.store().add_service_subscription(
+        session.user.id,
+        &entry.name,
+        &Audience::Agent(form.device.clone()),
+        &timing.schedule,
+        timing.missed,
+        SUBSCRIPTION_TTL_MS,
+        timing.next_fire_at,
+        now,
+    )?;
+    state.api.scheduler.notify_one();
+    Ok(see_other("/subscriptions"))
+}
+
+/// A subscription this user may see (their own; any for admins), else 404.
+fn visible_subscription(
+    state: &ConsoleState,
+    session: &Session,
+    id: &str,
+) -> ConsoleResult<Subscription> {
+    let subscription = state.store().service_subscription(path_id(id)?)?;
+    if !session.may_see(Some(subscription.owner_user_id)) {
+        return Err(ConsoleError::NotFound);
+    }
+    Ok(subscription)
+}
+
+/// `GET /subscriptions/{id}`.
+pub(super) async fn subscription(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(id): Path<String>,
+) -> ConsoleResult {
+    let subscription = visible_subscription(&state, &session, &id)?;
+    Ok(render(
+        StatusCode::OK,
+        &SubscriptionPage {
+            layout: Layout::of(&session),
+            timing: TimingForm::of(&subscription),
+            subscription,
+            error: None,
+        },
+    ))
+}
+
+/// `POST /subscriptions/{id}`: changes the timing.
+pub(super) async fn edit_subscription(
+    State(state): State<ConsoleState>,
+    Path(id): Path<String>,
+    Posted(session, timing): Posted<TimingForm>,
+) -> ConsoleResult {
+    let subscription = visible_subscription(&state, &session, &id)?;
+    let entry = state.store().catalog_entry(&subscription.entry)?;
+    let parsed = match timing.parse(entry.min_interval_ms, state.now()) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return Ok(render(
+                StatusCode::BAD_REQUEST,
+                &SubscriptionPage {
+                    layout: Layout::of(&session),
+                    subscription,
+                    timing,
+                    error: Some(error),
+                },
+            ))
+        }
+    };
+    state.store().update_service_subscription(
+        subscription.id,
+        &parsed.schedule,
+        parsed.missed,
+        parsed.next_fire_at,
+    )?;
+    state.api.scheduler.notify_one();
+    Ok(see_other(&format!("/subscriptions/{}", subscription.id)))
+}
+
+/// `POST /subscriptions/{id}/delete`.
+pub(super) async fn delete_subscription(
+    State(state): State<ConsoleState>,
+    Path(id): Path<String>,
+    Posted(session, NoFields {}): Posted<NoFields>,
+) -> ConsoleResult {
+    let subscription = visible_subscription(&state, &session, &id)?;
+    state.store().remove_service_subscription(subscription.id)?;
+    state.api.scheduler.notify_one();
+    Ok(see_other("/subscriptions"))
+}
+
+// === history ===
+
+#[derive(Template)]
+#[template(path = "history.html")]
+struct HistoryPage {
+    layout: Layout,
+    runs: Vec<HistoryEntry>,
+    job_base: &'static str,
+}
+
+/// A job's page (the user's and the admin's).
+#[derive(Template)]
+#[template(path = "job.html")]
+pub(super) struct JobPage {
+    pub(super) layout: Layout,
+    pub(super) page: &'static str,
+    pub(super) admin: bool,
+    pub(super) cancelable: bool,
+    pub(super) job: JobInfo,
+    pub(super) entry: HistoryEntry,
+    pub(super) deliveries: Vec<Delivery>,
+}
+
+/// `GET /history`.
+pub(super) async fn history(State(state): State<ConsoleState>, session: Session) -> ConsoleResult {
+    Ok(render(
+        StatusCode::OK,
+        &HistoryPage {
+            layout: Layout::of(&session),
+            runs: state
+                .store()
+                .history(Some(session.user.id), None, HISTORY_LIMIT)?,
+            job_base: "/history",
+        },
+    ))
+}
+
+/// `GET /history/{job}`.
+pub(super) async fn job(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(id): Path<String>,
+) -> ConsoleResult {
+    let id = path_id(&id)?;
+    let entry = state.store().history_entry(id)?;
+    if !session.may_see(entry.owner_user_id) {
+        return Err(ConsoleError::NotFound);
+    }
+    let job = state.store().job(id)?;
+    let deliveries = state
+        .store()
+        .job_deliveries(id)?
+        .into_iter()
+        .filter(|d| session.user.is_admin() || d.user_id == session.user.id)
+        .collect();
+    Ok(render(
+        StatusCode::OK,
+        &JobPage {
+            layout: Layout::of(&session),
+            page: "job",
+            admin: false,
+            cancelable: false,
+            job,
+            entry,
+            deliveries,
+        },
+    ))
+}
+
+// === forwarding ===
+
+#[derive(Template)]
+#[template(path = "forwarding.html")]
+struct ForwardingPage {
+    layout: Layout,
+    destinations: Vec<Destination>,
+    deliveries: Vec<Delivery>,
+    subscriptions: Vec<Subscription>,
+    form: ForwardForm,
+    secret: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub(super) struct ForwardForm {
+    kind: String,
+    target: String,
+    only_failures: String,
+    subscription: String,
+}
+
+fn forwarding_page(
+    state: &ConsoleState,
+    session: &Session,
+    form: ForwardForm,
+    secret: Option<String>,
+    error: Option<String>,
+) -> ConsoleResult<ForwardingPage> {
+    let user = session.user.id;
+    Ok(ForwardingPage {
+        layout: Layout::of(session),
+        destinations: state.store().destinations(user)?,
+        deliveries: state.store().user_deliveries(user, DELIVERY_LIMIT)?,
+        subscriptions: state.store().service_subscriptions(Some(user))?,
+        form,
+        secret,
+        error,
+    })
+}
+
+/// `GET /forwarding`. A webhook secret made by the previous POST is shown once.
+pub(super) async fn forwarding(
+    State(state): State<ConsoleState>,
+    session: Session,
+) -> ConsoleResult {
+    let secret = state.flash().remove(&session.token_hash);
+    let form = ForwardForm {
+        kind: "email".into(),
+        ..ForwardForm::default()
+    };
+    let page = forwarding_page(&state, &session, form, secret, None)?;
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// `POST /forwarding`.
+pub(super) async fn add_forwarding(
+    State(state): State<ConsoleState>,
+    Posted(session, form): Posted<ForwardForm>,
+) -> ConsoleResult {
+    let kind = form.kind.trim();
+    let target = form.target.trim();
+    let mut problem = check_target(kind, target, state.allow_http_webhooks).err();
+    let schedule_id = match form.subscription.trim() {
+        "" => None,
+        text => {
+            let own = text.parse::<i64>().ok().and_then(|id| {
+                state
+                    .store()
+                    .service_subscription(id)
+                    .ok()
+                    .filter(|s| s.owner_user_id == session.user.id)
+            });
+            match own {
+                Some(s) => Some(s.id),
+                None => {
+                    problem.get_or_insert_with(|| "choose one of your subscriptions".into());
+                    None
+                }
+            }
+        }
+    };
+    if let Some(error) = problem {
+        let page = forwarding_page(&state, &session, form.clone(), None, Some(error))?;
+        return Ok(render(StatusCode::BAD_REQUEST, &page));
+    }
+    let secret = (kind == "webhook").then(super::auth::random_token);
+    state.store().add_destination(
+        &NewDestination {
+            user_id: session.user.id,
+            schedule_id,
+            kind,
+            target,
+            secret: secret.as_deref(),
+            only_failures: form.only_failures == "1",
+        },
+        state.now(),
+    )?;
+    if let Some(secret) = secret {
+        state.flash().insert(session.token_hash.clone(), secret);
+    }
+    Ok(see_other("/forwarding"))
+}
+
+/// `POST /forwarding/{id}/delete`: the owner's only.
+pub(super) async fn delete_forwarding(
+    State(state): State<ConsoleState>,
+    Path(id): Path<String>,
+    Posted(session, NoFields {}): Posted<NoFields>,
+) -> ConsoleResult {
+    state
+        .store()
+        .remove_destination(session.user.id, path_id(&id)?)?;
+    Ok(see_other("/forwarding"))
+}
