@@ -653,7 +653,8 @@ impl Store {
     }
 
     /// Completes a browser job with the visitor's answer: `done` succeeds, `declined`
-    /// fails with the note as the reason; the note is kept as the job's outcome. With
+    /// fails with the note as the reason; the job's outcome is `done` or `declined`,
+    /// followed by `: NOTE` when a note was left. With
     /// `redeem`, the ticket is also spent in the same statement (external services post
     /// the ticket itself), and a ticket already spent is refused.
     pub fn complete_visit(
@@ -664,9 +665,18 @@ impl Store {
         redeem: bool,
         now: Millis,
     ) -> Result<Completion> {
-        let (state, error) = match outcome {
-            VisitOutcome::Done => ("succeeded", None),
-            VisitOutcome::Declined => ("failed", Some(format!("declined by the user: {note}"))),
+        let (state, error, word) = match outcome {
+            VisitOutcome::Done => ("succeeded", None, "done"),
+            VisitOutcome::Declined => (
+                "failed",
+                Some(format!("declined by the user: {note}")),
+                "declined",
+            ),
+        };
+        let answer = if note.is_empty() {
+            word.to_string()
+        } else {
+            format!("{word}: {note}")
         };
         let conn = self.conn();
         let changed = conn.execute(
@@ -678,7 +688,7 @@ impl Store {
                AND (?6 = 0 OR visit_redeemed_at IS NULL)
                AND EXISTS (SELECT 1 FROM orders o WHERE o.id = jobs.order_id
                            AND o.kind = 'open')",
-            params![job_id, state, now, note, error, redeem],
+            params![job_id, state, now, answer, error, redeem],
         )?;
         if changed > 0 {
             return Ok(Completion::Completed(state.to_string()));

@@ -180,7 +180,8 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
                     tickets,
                     crate::console::ConsoleSettings::default(),
                     crate::console::Enrollment::new(&config, &pki),
-                ),
+                )
+                .with_http_webhooks(config.forwarding().allow_http),
             )),
             until_stopped(),
         )),

@@ -8,9 +8,9 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::auth::{self, Posted, PublicPosted, Session};
-use super::forms::{check_email, check_phone};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout, MessagePage};
 use crate::accounts::{Role, User};
+use crate::forward::check_target;
 use crate::store::StoreError;
 
 /// Longest display name.
@@ -276,11 +276,11 @@ pub(super) async fn register(
         .and_then(|()| auth::check_new_password(&form.password, &form.password2))
         .and_then(|()| match email.as_str() {
             "" => Ok(()),
-            e => check_email(e),
+            e => check_target("email", e, false),
         })
         .and_then(|()| match phone.as_str() {
             "" => Ok(()),
-            p => check_phone(p),
+            p => check_target("sms", p, false),
         });
     if let Err(error) = checked {
         return Ok(again(StatusCode::BAD_REQUEST, error));
@@ -355,13 +355,13 @@ pub(super) async fn update(
             "the name must be at most {MAX_NAME} characters, on one line"
         ))
     } else if !email.is_empty() {
-        check_email(&email)
+        check_target("email", &email, false)
     } else {
         Ok(())
     }
     .and_then(|()| match phone.as_str() {
         "" => Ok(()),
-        p => check_phone(p),
+        p => check_target("sms", p, false),
     });
     if let Err(error) = checked {
         let mut page = account_page(&session, session.user.clone(), Some(error), None);

@@ -1,6 +1,7 @@
 //! Reading what people type into the console's forms: the timing of a subscription
-//! (`every`, `cron`, `once`), contact details and forwarding targets. Pure functions,
-//! time passed in, errors as one sentence to show above the form.
+//! (`every`, `cron`, `once`). Pure functions, time passed in, errors as one sentence to
+//! show above the form. Contact details and forwarding targets are checked by
+//! `crate::forward::check_target`, the same rule the forwarding engine applies.
 
 use std::time::Duration;
 
@@ -156,77 +157,6 @@ fn shortest_gap(schedule: &Schedule, now: Millis) -> Option<i64> {
     shortest
 }
 
-/// Checks an e-mail address: one `@`, a dotted domain, no spaces or separators.
-pub(crate) fn check_email(address: &str) -> Result<(), String> {
-    let bad = || format!("{address:?} does not look like an e-mail address");
-    if address.len() > 254
-        || address
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || "<>,;\"()[]\\".contains(c))
-    {
-        return Err(bad());
-    }
-    let (local, domain) = address.split_once('@').ok_or_else(bad)?;
-    if local.is_empty()
-        || domain.contains('@')
-        || !domain.contains('.')
-        || domain.starts_with('.')
-        || domain.ends_with('.')
-        || domain.contains("..")
-    {
-        return Err(bad());
-    }
-    Ok(())
-}
-
-/// Checks a phone number: `+` and 6 to 15 digits.
-pub(crate) fn check_phone(number: &str) -> Result<(), String> {
-    match number.strip_prefix('+') {
-        Some(digits)
-            if (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{number:?} is not a phone number: use + and 6 to 15 digits, e.g. +491701234567"
-        )),
-    }
-}
-
-/// Checks a webhook URL: `https:` (or `http:` when allowed) with a host.
-pub(crate) fn check_webhook(url: &str, allow_http: bool) -> Result<(), String> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
-    match parsed.scheme() {
-        "https" => {}
-        "http" if allow_http => {}
-        _ => {
-            return Err(if allow_http {
-                "a webhook URL must start with https:// or http://".into()
-            } else {
-                "a webhook URL must start with https://".into()
-            })
-        }
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{url:?} has no host"));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err("put no user name or password in the webhook URL".into());
-    }
-    Ok(())
-}
-
-/// Checks a forwarding target for its kind (`email`, `webhook` or `sms`).
-pub(crate) fn check_target(kind: &str, target: &str, allow_http: bool) -> Result<(), String> {
-    match kind {
-        "email" => check_email(target),
-        "webhook" => check_webhook(target, allow_http),
-        "sms" => check_phone(target),
-        _ => Err("choose e-mail, webhook or SMS".into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,35 +271,5 @@ mod tests {
         let again = TimingForm::of(&sub).parse(0, NOW).unwrap();
         assert_eq!(again.schedule, timing.schedule);
         assert_eq!(again.missed, Missed::RunOnce);
-    }
-
-    #[test]
-    fn forwarding_targets_are_checked_by_kind() {
-        assert!(check_target("email", "ann@example.org", false).is_ok());
-        for bad in [
-            "ann",
-            "ann@",
-            "@example.org",
-            "ann@example",
-            "a b@example.org",
-            "a@b@c.org",
-        ] {
-            assert!(check_target("email", bad, false).is_err(), "{bad}");
-        }
-        assert!(check_target("sms", "+491701234567", false).is_ok());
-        for bad in [
-            "491701234567",
-            "+12345",
-            "+1234567890123456",
-            "+49 170 1234567",
-        ] {
-            assert!(check_target("sms", bad, false).is_err(), "{bad}");
-        }
-        assert!(check_target("webhook", "https://hooks.example.org/x", false).is_ok());
-        assert!(check_target("webhook", "http://hooks.example.org/x", false).is_err());
-        assert!(check_target("webhook", "http://hooks.example.org/x", true).is_ok());
-        assert!(check_target("webhook", "ftp://hooks.example.org/x", true).is_err());
-        assert!(check_target("webhook", "https://u:p@hooks.example.org/", false).is_err());
-        assert!(check_target("pager", "123", false).is_err());
     }
 }

@@ -132,6 +132,12 @@ impl ConsoleState {
         self
     }
 
+    /// Lets webhook targets be plain `http:` (`[forwarding] allow_http`).
+    pub fn with_http_webhooks(mut self, allow: bool) -> ConsoleState {
+        self.allow_http_webhooks = allow;
+        self
+    }
+
     pub(crate) fn now(&self) -> Millis {
         (self.clock)()
     }

@@ -15,10 +15,11 @@ use herald_shared::token::{Token, SECRET_LEN};
 
 use super::account::NoFields;
 use super::auth::{Posted, Session};
-use super::forms::{check_target, TimingForm};
+use super::forms::TimingForm;
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
 use crate::accounts::{Delivery, Destination, HistoryEntry, NewDestination};
 use crate::catalog::{CatalogEntry, Subscription};
+use crate::forward::check_target;
 use crate::model::{AgentDetail, AgentInfo, JobInfo};
 
 /// How long a subscription's job may wait for an offline device.

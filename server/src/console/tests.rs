@@ -978,7 +978,7 @@ async fn a_ticket_opens_the_service_page_once() {
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
     assert_eq!(
         h.job_state(job),
-        ("succeeded".into(), None, Some("all good".into()))
+        ("succeeded".into(), None, Some("done: all good".into()))
     );
     let thanks = visitor.get(&next).await;
     assert!(thanks.body.contains("id=\"thanks\""));
@@ -1087,7 +1087,7 @@ async fn external_services_post_the_outcome_once_without_the_admin_token() {
         (
             "failed".into(),
             Some("declined by the user: not now".into()),
-            Some("not now".into())
+            Some("declined: not now".into())
         )
     );
     let again = browser
