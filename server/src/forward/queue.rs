@@ -183,6 +183,21 @@ pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
         .map(|s| format!("'{s}'"))
         .collect::<Vec<_>>()
         .join(", ");
+    // Usually there is nothing to do: find that out with a read (on the index of
+    // `forward_pending`), without taking the write lock.
+    let any: Option<i64> = store
+        .fast()
+        .query_row(
+            &format!(
+                "SELECT id FROM jobs WHERE forward_pending = 1 AND state IN ({states}) LIMIT 1"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if any.is_none() {
+        return Ok(0);
+    }
     let select = format!(
         "SELECT j.id, j.schedule_id, s.owner_user_id, j.state
          FROM jobs j LEFT JOIN schedules s ON s.id = j.schedule_id

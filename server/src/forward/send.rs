@@ -201,7 +201,9 @@ async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
                 Attempt::failed(format!("HTTP {}: {excerpt}", status.as_u16()))
             }
         }
-        Err(e) => Attempt::failed(error_chain(&e)),
+        // Without the URL: a webhook URL may itself be a secret (and the logs are the
+        // operator's).
+        Err(e) => Attempt::failed(error_chain(&e.without_url())),
     }
 }
 
@@ -335,7 +337,7 @@ fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -345,7 +347,8 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0)
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
@@ -384,6 +387,7 @@ mod tests {
             "172.16.0.1",
             "192.168.1.1",
             "169.254.169.254",
+            "198.18.0.1",
             "100.64.0.1",
             "0.0.0.0",
             "255.255.255.255",

@@ -533,6 +533,29 @@ async fn an_attempt_that_outlasts_the_timeout_fails_and_is_logged() {
 }
 
 #[tokio::test]
+async fn a_refused_connection_is_logged_without_the_secret_url() {
+    let f = Fixture::new("forward-refused");
+    // A port nobody listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let sub = f.add_subscription(f.user);
+    let url = format!("http://127.0.0.1:{port}/hooks/T000/B000/s3cr3t-path");
+    let rule = f.add_rule(f.user, None, "webhook", &url, false);
+    let job = f.add_job(sub, "failed");
+    let mut once = settings();
+    once.retry.max_attempts = 1;
+    let forwarder = f.start(once);
+    let delivery = f.delivery_of_eventually(job, rule).await;
+    let (_, _, last_error) = f.wait_state(delivery, "given_up").await;
+    let last_error = last_error.unwrap_or_default();
+    assert!(!last_error.is_empty());
+    assert!(!last_error.contains("s3cr3t"), "{last_error}");
+    forwarder.stop().await;
+}
+
+#[tokio::test]
 async fn webhooks_to_private_addresses_are_refused_unless_allowed() {
     let f = Fixture::new("forward-private");
     let receiver = HttpReceiver::answering(200);
