@@ -43,6 +43,8 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 const STYLESHEET: &str = include_str!("../../templates/console.css");
 /// Path of the stylesheet.
 pub const STYLESHEET_PATH: &str = "/static/console.css";
+/// Most one-time secrets waiting to be shown at once.
+const MAX_FLASH: usize = 10_000;
 /// Content-Security-Policy of every console response.
 const CSP: &str = "default-src 'self'; frame-ancestors 'none'";
 
@@ -147,7 +149,13 @@ impl ConsoleState {
     }
 
     fn flash(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.flash.lock().unwrap_or_else(|e| e.into_inner())
+        let mut flash = self.flash.lock().unwrap_or_else(|e| e.into_inner());
+        // Secrets nobody came back for: the rule exists, its secret was simply not
+        // shown; keep the map from growing without bound.
+        if flash.len() > MAX_FLASH {
+            flash.clear();
+        }
+        flash
     }
 }
 
@@ -256,6 +264,8 @@ pub(crate) struct Layout {
     pub(crate) is_admin: bool,
     /// The session's CSRF token.
     pub(crate) csrf: String,
+    /// No navigation at all (error and service pages, whoever sees them).
+    pub(crate) bare: bool,
 }
 
 impl Layout {
@@ -264,12 +274,21 @@ impl Layout {
         Layout::default()
     }
 
+    /// A layout without navigation.
+    pub(crate) fn bare() -> Layout {
+        Layout {
+            bare: true,
+            ..Layout::default()
+        }
+    }
+
     /// The layout of a signed-in user's pages.
     pub(crate) fn of(session: &auth::Session) -> Layout {
         Layout {
             login: Some(session.user.login.clone()),
             is_admin: session.user.is_admin(),
             csrf: session.csrf.clone(),
+            bare: false,
         }
     }
 }
@@ -382,7 +401,7 @@ fn message(status: StatusCode, page: &str, title: &str, text: String) -> Respons
     render(
         status,
         &MessagePage {
-            layout: Layout::anonymous(),
+            layout: Layout::bare(),
             page: page.to_string(),
             title: title.to_string(),
             message: text,

@@ -186,7 +186,7 @@ fn page(
     Ok(render(
         status,
         &ServicePage {
-            layout: Layout::anonymous(),
+            layout: Layout::bare(),
             entry,
             job_id: visit.job_id,
             csrf: visit.csrf.clone(),
