@@ -92,6 +92,9 @@ pub enum Command {
     /// The service catalog users subscribe their devices to.
     #[command(subcommand)]
     Catalog(crate::cli_catalog::CatalogCommand),
+    /// Web console accounts (works on the data directory, like `init`).
+    #[command(subcommand)]
+    Users(crate::cli_users::UsersCommand),
 }
 
 /// `init`.
@@ -376,6 +379,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Package(command) => admin()?.package(command).await,
         Command::Open(args) => admin()?.open(args).await,
         Command::Catalog(command) => admin()?.catalog(command).await,
+        Command::Users(command) => {
+            crate::cli_users::run(&data_dir, command, &mut std::io::stdin().lock()).map_err(|e| {
+                match e {
+                    crate::cli_users::UsersError::Usage(m) => usage(m),
+                    other => CliError::Other(other.to_string()),
+                }
+            })
+        }
     }
 }
 

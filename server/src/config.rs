@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// `[forwarding]`: retries, timeouts and what destinations may be.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<ForwardingConfig>,
+    /// Web console settings.
+    #[serde(default)]
+    pub console: crate::console::ConsoleSettings,
 }
 
 // === forwarding sections ===

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -45,7 +44,15 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let service = TowerToHyperService::new(router);
+            // The console's per-address login throttle reads the client address.
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(remote));
+                    tower::ServiceExt::oneshot(router.clone(), request)
+                },
+            );
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await

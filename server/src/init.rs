@@ -125,6 +125,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             smtp: None,
             sms: None,
             forwarding: None,
+            console: Default::default(),
         },
     )?;
     Ok(Initialized {

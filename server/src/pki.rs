@@ -84,7 +84,7 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
 /// Creates the CA and the server certificate in `data_dir`. `hosts` are extra names or
 /// addresses the certificate should be valid for (the public address).
 pub fn create(data_dir: &Path, hosts: &[String]) -> Result<[u8; 32], PkiError> {
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params
         .distinguished_name
@@ -126,7 +126,7 @@ fn issue_server_cert(
     params
         .distinguished_name
         .push(DnType::CommonName, "Herald server");
-    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let issuer = rcgen::Issuer::from_params(ca_params, ca_key);
     let cert = params.signed_by(&key, &issuer)?;
     files::write_private(&data_dir.join(SERVER_KEY), key.serialize_pem().as_bytes())?;

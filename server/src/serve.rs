@@ -178,7 +178,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
                 crate::console::ConsoleState::new(
                     state,
                     tickets,
-                    crate::console::ConsoleSettings::default(),
+                    config.console.clone(),
                     crate::console::Enrollment::new(&config, &pki),
                 )
                 .with_http_webhooks(config.forwarding().allow_http),
