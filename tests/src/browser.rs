@@ -141,10 +141,26 @@ impl Browser {
         what: &str,
         future: impl std::future::Future<Output = Result<T, E>>,
     ) -> T {
-        match self
-            .runtime
+        let outcome = self.run(future);
+        self.settle(what, outcome)
+    }
+
+    /// Runs one WebDriver future with [`COMMAND_TIMEOUT`].
+    fn run<T>(
+        &self,
+        future: impl std::future::Future<Output = T>,
+    ) -> Result<T, tokio::time::error::Elapsed> {
+        self.runtime
             .block_on(async { tokio::time::timeout(COMMAND_TIMEOUT, future).await })
-        {
+    }
+
+    /// The value of a finished WebDriver command, or a test failure naming `what`.
+    fn settle<T, E: std::fmt::Debug>(
+        &self,
+        what: &str,
+        outcome: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    ) -> T {
+        match outcome {
             Ok(Ok(value)) => value,
             Ok(Err(e)) => panic!(
                 "browser: {what} failed: {e:?}\n--- chromedriver log tail:\n{}",
@@ -180,7 +196,31 @@ impl Browser {
     /// Navigates to a path on the server (or an absolute URL) and waits for the load.
     pub fn goto(&self, path_or_url: &str) {
         let url = self.url(path_or_url);
-        self.block_on(&format!("go to {url}"), self.client().goto(&url));
+        let outcome = self.run(self.client().goto(&url));
+        if let Ok(Err(e)) = &outcome {
+            if format!("{e:?}").contains("ERR_SSL_PROTOCOL_ERROR") {
+                let port = url
+                    .strip_prefix("https://")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|authority| authority.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse().ok());
+                let why = match port {
+                    Some(port) if !browser_like_handshake(port) => {
+                        "A TLS client that offers only the signature schemes browsers offer \
+                         (ECDSA, RSA; no Ed25519) cannot complete a handshake with it either: \
+                         its HTTPS certificate is EdDSA, which Chromium, Firefox and Safari do \
+                         not support in TLS. The console needs an ECDSA P-256 (or RSA) \
+                         certificate."
+                    }
+                    _ => "",
+                };
+                panic!(
+                    "Chromium could not complete a TLS handshake with {url} \
+                     (net::ERR_SSL_PROTOCOL_ERROR). {why}"
+                );
+            }
+        }
+        self.settle(&format!("go to {url}"), outcome);
     }
 
     /// Reloads the page.
@@ -201,10 +241,11 @@ impl Browser {
             .to_string()
     }
 
-    /// The id of the page's `<main>` (`page-...`), or `""` if it has none.
+    /// The id of the page's `<main>` (`page-...`), or `""` if it has none (or the page
+    /// is between two documents).
     pub fn page_id(&self) -> String {
-        self.try_find("main[id]")
-            .and_then(|main| self.block_on("read main[id]", main.attr("id")))
+        self.try_execute("const m = document.querySelector('main[id]'); return m ? m.id : '';")
+            .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default()
     }
 
@@ -301,7 +342,8 @@ impl Browser {
             }
             ("input", "checkbox") => {
                 let checked = self.block_on("read a checkbox", field.is_selected());
-                if checked != !value.is_empty() {
+                let wanted = !value.is_empty();
+                if checked != wanted {
                     self.block_on(&format!("toggle {name}"), field.click());
                 }
             }
@@ -324,24 +366,25 @@ impl Browser {
             "{form} button[type=submit], {form} input[type=submit], {form} button:not([type])"
         );
         match self.try_find(&button) {
-            Some(button) => self.click_element(&button),
+            Some(button) => self.navigate_with(|| self.click_element(&button)),
             None => {
                 let form = self.find(form);
-                self.block_on(
-                    "submit a form",
-                    self.client()
-                        .execute("arguments[0].requestSubmit();", vec![json!(form)]),
-                );
+                self.navigate_with(|| {
+                    self.block_on(
+                        "submit a form",
+                        self.client()
+                            .execute("arguments[0].requestSubmit();", vec![json!(form)]),
+                    );
+                });
             }
         }
-        self.wait_loaded();
     }
 
-    /// Clicks the first element matching `css` and waits for the next page to load.
+    /// Clicks the first element matching `css` (a link or a submit button) and waits for
+    /// the next page to load.
     pub fn click(&self, css: &str) {
         let element = self.find(css);
-        self.click_element(&element);
-        self.wait_loaded();
+        self.navigate_with(|| self.click_element(&element));
     }
 
     fn click_element(&self, element: &Element) {
@@ -356,11 +399,52 @@ impl Browser {
         self.block_on("click", element.click());
     }
 
+    /// Runs `action`, which should make the browser load another document, and waits
+    /// until that document has replaced the current one and finished loading. A click
+    /// returns before the navigation it starts commits, so the old document is marked
+    /// and the wait lasts until the mark is gone.
+    fn navigate_with(&self, action: impl FnOnce()) {
+        self.execute("window.__heraldPrevious = true;");
+        action();
+        let start = Instant::now();
+        loop {
+            let state = self.try_execute(
+                "return window.__heraldPrevious === undefined && \
+                 document.readyState === 'complete';",
+            );
+            if state == Some(Value::Bool(true)) {
+                return;
+            }
+            if start.elapsed() > DEADLINE {
+                // Most likely the browser did not submit: say which fields it refused.
+                let invalid = self.try_execute(
+                    "return Array.from(document.querySelectorAll(':invalid'))\
+                       .filter(e => e.name)\
+                       .map(e => e.name + ': ' + e.validationMessage).join('; ');",
+                );
+                panic!(
+                    "no new page after {DEADLINE:?} at {} (fields the browser refused: {})",
+                    self.current_url(),
+                    invalid.as_ref().and_then(Value::as_str).unwrap_or("none")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the document has loaded (`document.readyState == "complete"`).
     pub fn wait_loaded(&self) {
         wait_until("the page to load", DEADLINE, || {
-            (self.execute("return document.readyState;") == "complete").then_some(())
+            (self.try_execute("return document.readyState;")? == "complete").then_some(())
         });
+    }
+
+    /// Runs `script` in the page; `None` if it could not run (e.g. mid-navigation).
+    pub fn try_execute(&self, script: &str) -> Option<Value> {
+        match self.run(self.client().execute(script, Vec::new())) {
+            Ok(Ok(value)) => Some(value),
+            _ => None,
+        }
     }
 
     /// Runs `script` in the page and returns its value.
@@ -487,4 +571,185 @@ fn driver_ready(port: u16) -> bool {
     serde_json::from_str::<Value>(body)
         .map(|v| v["value"]["ready"] == true)
         .unwrap_or(false)
+}
+
+// === impl TlsFront ===
+
+/// Environment variable that puts a [`TlsFront`] between the browser and the server.
+pub const TLS_FRONT_ENV: &str = "HERALD_BROWSER_TLS_FRONT";
+
+/// A loopback TLS front with an ECDSA P-256 certificate that forwards every connection
+/// to the server's HTTPS port: a stop-gap for servers whose certificate browsers cannot
+/// use (Ed25519: Chromium offers no Ed25519 signature scheme in TLS, so it cannot even
+/// complete a handshake with such a server), so that the console's flows can be tested
+/// while a test that goes straight to the server shows the problem. Used when
+/// [`TlsFront::needed`]; remove once the server's HTTPS certificate is one browsers take.
+pub struct TlsFront {
+    port: u16,
+    // Dropping the runtime ends the listener and every forwarded connection.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TlsFront {
+    /// Whether [`TLS_FRONT_ENV`] asks for a front.
+    pub fn wanted() -> bool {
+        std::env::var_os(TLS_FRONT_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+    }
+
+    /// Whether a front is needed for the server on `port`: asked for, or the server
+    /// cannot complete a TLS handshake with a client that, like browsers, offers no
+    /// Ed25519 or Ed448 signature scheme.
+    pub fn needed(port: u16) -> bool {
+        Self::wanted() || !browser_like_handshake(port)
+    }
+
+    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream` over TLS.
+    pub fn start(upstream: u16) -> TlsFront {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        use std::sync::Arc;
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+            .expect("make an ECDSA certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .expect("front TLS config");
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(crate::AcceptAnyServerCert::new())
+            .with_no_client_auth();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime for the TLS front");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the TLS front");
+        let port = listener.local_addr().expect("front address").port();
+        runtime.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, connector) = (acceptor.clone(), connector.clone());
+                tokio::spawn(async move {
+                    let Ok(mut inbound) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(upstream_tcp) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let name = ServerName::try_from("herald-server").expect("server name");
+                    let Ok(mut outbound) = connector.connect(name, upstream_tcp).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        TlsFront {
+            port,
+            _runtime: runtime,
+        }
+    }
+
+    /// The front's HTTPS base URL.
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Whether a TLS handshake with `127.0.0.1:port` succeeds when the client offers only
+/// the signature schemes browsers offer (ECDSA, RSA-PSS, RSA PKCS#1; no EdDSA). The
+/// certificate chain is not checked, as in the browser sessions.
+pub fn browser_like_handshake(port: u16) -> bool {
+    use std::sync::Arc;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(config) = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoEdDsa(
+                    crate::AcceptAnyServerCert::new(),
+                )))
+                .with_no_client_auth()
+        })
+    else {
+        return false;
+    };
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP address");
+    let Ok(mut connection) = rustls::ClientConnection::new(Arc::new(config), name) else {
+        return false;
+    };
+    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    while connection.is_handshaking() {
+        if connection.complete_io(&mut tcp).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// A certificate verifier that accepts any chain but offers no EdDSA schemes.
+#[derive(Debug)]
+struct NoEdDsa(std::sync::Arc<crate::AcceptAnyServerCert>);
+
+impl rustls::client::danger::ServerCertVerifier for NoEdDsa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0
+            .supported_verify_schemes()
+            .into_iter()
+            .filter(|s| {
+                !matches!(
+                    s,
+                    rustls::SignatureScheme::ED25519 | rustls::SignatureScheme::ED448
+                )
+            })
+            .collect()
+    }
 }

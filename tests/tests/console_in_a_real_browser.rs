@@ -1,0 +1,701 @@
+//! The web console in a real browser: a real `herald-server`, a real `herald-agent` (and
+//! its session helper), and headless Chromium driven over WebDriver, going through the
+//! pages as a person would (docs/CONSOLE.md is the contract: paths, form fields, page
+//! ids and data attributes). Each test prints where its screenshots went; set
+//! `HERALD_SCREENSHOTS=DIR` to keep them after a passing run.
+//!
+//! Tests skip (and say so) when Chromium or chromedriver is not installed.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_tests::browser::{self, Browser, TlsFront};
+use herald_tests::session_helper::{recording_browser, SessionHelper};
+use herald_tests::{bin, wait_until, AcceptAnyServerCert, TestAgent, TestServer};
+
+/// A password the console accepts (at least 10 characters).
+const PASSWORD: &str = "correct horse battery";
+/// How long runs on a seconds timing may take to show up in the history.
+const RUN_DEADLINE: Duration = Duration::from_secs(60);
+/// Screen widths every page must work at: a phone and a laptop.
+const WIDTHS: [u32; 2] = [390, 1280];
+/// Sideways slack allowed at 390 px (sub-pixel rounding), in CSS pixels.
+const OVERFLOW_TOLERANCE: i64 = 2;
+
+// === console helpers ===
+
+/// A server and a browser on it (fields drop in order: the browser ends first).
+struct Console {
+    browser: Browser,
+    /// The ECDSA front the browser goes through, when `HERALD_BROWSER_TLS_FRONT` is set.
+    front: Option<TlsFront>,
+    server: TestServer,
+}
+
+impl Console {
+    /// Starts a server and a browser, or `None` if there is no browser to drive.
+    fn start(name: &str) -> Option<Console> {
+        if !browser::installed() {
+            return None;
+        }
+        let server = TestServer::start(name);
+        let front = TlsFront::needed(server.http_port).then(|| {
+            println!(
+                "note: browsers cannot complete a TLS handshake with this server (see \
+                 the_console_opens_in_chromium_as_it_is); going through an ECDSA front"
+            );
+            TlsFront::start(server.http_port)
+        });
+        let base = front
+            .as_ref()
+            .map_or_else(|| server.https_url(), TlsFront::https_url);
+        let browser = Browser::start(server.dir.path(), name, &base)?;
+        Some(Console {
+            browser,
+            front,
+            server,
+        })
+    }
+
+    /// `url` (from the server, e.g. a service page opened by the agent) as the browser
+    /// reaches it.
+    fn browser_url(&self, url: &str) -> String {
+        match &self.front {
+            Some(front) => url.replace(&self.server.https_url(), &front.https_url()),
+            None => url.to_string(),
+        }
+    }
+}
+
+/// Registers `login` through `/register`, and ends up logged in (logging in if the
+/// registration does not already).
+fn register(b: &Browser, login: &str) {
+    b.goto("/register");
+    b.wait_page("page-register");
+    b.fill("login", login);
+    b.fill("password", PASSWORD);
+    b.fill("password2", PASSWORD);
+    b.fill("email", &format!("{login}@example.test"));
+    b.submit("main form");
+    assert_ne!(
+        b.page_id(),
+        "page-register",
+        "registration refused: {}",
+        b.body_text()
+    );
+    if b.page_id() == "page-login" || b.try_find("form[action=\"/logout\"]").is_none() {
+        log_in(b, login, PASSWORD);
+    }
+}
+
+/// Logs in through `/login`; returns the page the console went to.
+fn try_log_in(b: &Browser, login: &str, password: &str) -> String {
+    b.goto("/login");
+    b.wait_page("page-login");
+    b.fill("login", login);
+    b.fill("password", password);
+    b.submit("main form");
+    b.page_id()
+}
+
+/// Logs in and checks that it worked.
+fn log_in(b: &Browser, login: &str, password: &str) {
+    let page = try_log_in(b, login, password);
+    assert_ne!(
+        page,
+        "page-login",
+        "login as {login} failed: {}",
+        b.body_text()
+    );
+}
+
+/// Links a new machine from `/devices`: asks for a token, enrolls a real agent with
+/// it, starts the agent and waits until the device list shows it.
+fn link_device(console: &Console, name: &str) -> TestAgent {
+    let b = &console.browser;
+    b.goto("/devices");
+    b.wait_page("page-devices");
+    b.submit("form[action=\"/devices/link\"]");
+    b.wait_page("page-link");
+    let token = b.text("code#enroll-token").trim().to_string();
+    assert!(!token.is_empty(), "no enrollment token: {}", b.body_text());
+    assert!(
+        b.body_text()
+            .contains(&format!("herald-agent enroll {token}")),
+        "the link page shows the enroll command: {}",
+        b.body_text()
+    );
+    let mut agent = TestAgent::enroll_with_token(&console.server, name, &token);
+    agent.spawn();
+    agent.wait_online(&console.server);
+    b.goto("/devices");
+    b.wait_page("page-devices");
+    b.find(&format!("#devices tr[data-agent=\"{}\"]", agent.id));
+    agent
+}
+
+/// Subscribes `device` to catalog entry `entry` every `every` from the entry's page;
+/// returns the new subscription's id (the newest `data-subscription` row).
+fn subscribe_every(b: &Browser, entry: &str, device: &str, every: &str) -> String {
+    b.goto("/catalog");
+    b.wait_page("page-catalog");
+    b.find(&format!("li[data-entry=\"{entry}\"]"));
+    b.goto(&format!("/catalog/{entry}"));
+    b.wait_page("page-entry");
+    let form = "main form:has([name=\"kind\"])";
+    b.fill_in(form, "device", device);
+    b.fill_in(form, "kind", "every");
+    b.fill_in(form, "every", every);
+    b.submit(form);
+    assert_ne!(
+        b.page_id(),
+        "page-entry",
+        "subscribing was refused: {}",
+        b.body_text()
+    );
+    b.goto("/subscriptions");
+    b.wait_page("page-subscriptions");
+    let ids: Vec<String> = b
+        .find_all("tr[data-subscription]")
+        .iter()
+        .filter_map(|row| b.attr(row, "data-subscription"))
+        .collect();
+    ids.iter()
+        .max_by_key(|id| id.parse::<i64>().unwrap_or(0))
+        .cloned()
+        .unwrap_or_else(|| panic!("no subscription listed: {}", b.body_text()))
+}
+
+/// Reloads `/history` until at least `count` rows are in `state`; returns their job ids.
+fn wait_history(b: &Browser, state: &str, count: usize) -> Vec<String> {
+    wait_until(
+        &format!("{count} runs {state} in /history"),
+        RUN_DEADLINE,
+        || {
+            b.goto("/history");
+            b.wait_page("page-history");
+            let jobs: Vec<String> = b
+                .find_all(&format!("tr[data-job][data-state=\"{state}\"]"))
+                .iter()
+                .filter_map(|row| b.attr(row, "data-job"))
+                .collect();
+            (jobs.len() >= count).then_some(jobs)
+        },
+    )
+}
+
+/// Takes the page's screenshots at both widths and checks that at 390 px it does not
+/// scroll sideways.
+fn shoot(b: &Browser, name: &str) {
+    for width in WIDTHS {
+        b.screenshot(name, width);
+        if width == 390 {
+            let overflow = b.horizontal_overflow();
+            assert!(
+                overflow <= OVERFLOW_TOLERANCE,
+                "{name} ({}) scrolls sideways by {overflow} px at 390 px (viewport {} px)",
+                b.current_url(),
+                b.viewport_width()
+            );
+        }
+    }
+}
+
+/// Publishes the standalone entry `hello` (runs `/bin/echo hello-from-herald`).
+fn publish_hello(server: &TestServer) {
+    server.cli_ok(&[
+        "catalog",
+        "add",
+        "hello",
+        "--title",
+        "Say hello",
+        "--description",
+        "Prints a greeting on the machine.",
+        "--min-interval",
+        "1s",
+        "--",
+        "/bin/echo",
+        "hello-from-herald",
+    ]);
+}
+
+/// Makes the admin `login` with `herald-server users add LOGIN --admin` (the password
+/// on stdin) and logs the browser in as it. Where the server has no `users` command
+/// yet, registers the account in the browser and makes it an admin in the database.
+fn log_in_as_new_admin(console: &Console, login: &str) {
+    let b = &console.browser;
+    let mut child = Command::new(bin("herald-server"))
+        .arg("--data-dir")
+        .arg(console.server.data_dir())
+        .args(["users", "add", login, "--admin"])
+        .env("HERALD_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run herald-server users add");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = writeln!(stdin, "{PASSWORD}");
+    }
+    let output = child.wait_with_output().expect("wait for users add");
+    b.clear_cookies();
+    if output.status.success() {
+        log_in(b, login, PASSWORD);
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unrecognized subcommand"),
+        "`herald-server users add {login} --admin` failed: {stderr}"
+    );
+    println!("note: no `herald-server users` command yet; making {login} an admin in the database");
+    register(b, login);
+    let db = rusqlite::Connection::open(console.server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let changed = db
+        .execute("UPDATE users SET role = 'admin' WHERE login = ?1", [login])
+        .expect("make an admin");
+    assert_eq!(changed, 1, "no account {login}");
+}
+
+// === reaching the console ===
+
+/// Straight from Chromium to the server, no front: what a person's browser gets.
+#[test]
+fn the_console_opens_in_chromium_as_it_is() {
+    if !browser::installed() {
+        return;
+    }
+    let server = TestServer::start("console-direct");
+    let Some(b) = Browser::start(server.dir.path(), "console-direct", &server.https_url()) else {
+        return;
+    };
+    b.goto("/");
+    b.wait_page("page-login");
+    assert_eq!(b.path(), "/login");
+}
+
+// === standalone services ===
+
+#[test]
+fn standalone_service_runs_on_the_timing_chosen_in_the_console() {
+    let Some(console) = Console::start("console-standalone") else {
+        return;
+    };
+    publish_hello(&console.server);
+    let b = &console.browser;
+
+    register(b, "alice");
+    let agent = link_device(&console, "alice-laptop");
+    subscribe_every(b, "hello", &agent.id, "2s");
+
+    let jobs = wait_history(b, "succeeded", 2);
+    b.goto(&format!("/history/{}", jobs[0]));
+    b.wait_page("page-job");
+    assert_eq!(b.text("#job-state").trim(), "succeeded");
+    let stdout = b.text("pre#stdout");
+    assert!(
+        stdout.contains("hello-from-herald"),
+        "the job page shows the output: {stdout}"
+    );
+
+    // The device page lists the runs too.
+    b.goto(&format!("/devices/{}", agent.id));
+    b.wait_page("page-device");
+}
+
+// === browser services ===
+
+#[test]
+fn browser_service_opens_with_a_one_time_ticket_and_records_the_outcome() {
+    let Some(console) = Console::start("console-checkin") else {
+        return;
+    };
+    console.server.cli_ok(&[
+        "catalog",
+        "add",
+        "checkin",
+        "--title",
+        "Check in",
+        "--description",
+        "Confirm that you are at your desk.",
+        "--page",
+        "--min-interval",
+        "1s",
+    ]);
+    let b = &console.browser;
+    register(b, "bob");
+    let agent = link_device(&console, "bob-desktop");
+    let (script, opened) = recording_browser(console.server.dir.path());
+    let helper = SessionHelper::start(
+        &agent,
+        &script.to_string_lossy(),
+        &console.server.dir.path().join("session-helper.log"),
+    );
+    subscribe_every(b, "checkin", &agent.id, "5s");
+
+    // The helper hands the page to "the browser": this test delivers it to Chromium.
+    let url = wait_until("the helper to open the service page", RUN_DEADLINE, || {
+        std::fs::read_to_string(&opened)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("/service/checkin") && l.contains("herald_ticket="))
+            .map(str::to_string)
+    });
+    drop(helper);
+
+    // A visitor with no console session: only the ticket lets them in.
+    let url = console.browser_url(&url);
+    b.clear_cookies();
+    b.goto(&url);
+    b.wait_page("page-service");
+    let job = b
+        .current_url()
+        .split_once("job=")
+        .map(|(_, rest)| rest.split('&').next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| {
+            panic!(
+                "redeeming the ticket redirects to ?job=ID: {}",
+                b.current_url()
+            )
+        });
+    assert!(
+        !b.current_url().contains("herald_ticket="),
+        "the ticket leaves the address bar"
+    );
+    assert!(b.body_text().contains("Check in"), "{}", b.body_text());
+    shoot(b, "service");
+    // The task waits for the person: the page offers the answer form.
+    let done = "main form button[name=\"outcome\"][value=\"done\"]";
+    b.find(done);
+    b.fill("note", "at my desk");
+    b.click(done);
+    b.wait_page("page-service");
+    assert!(
+        b.try_find("p.error").is_none(),
+        "answering Done was refused: {}",
+        b.body_text()
+    );
+    b.find("#thanks");
+    assert!(b.try_find(done).is_none(), "the form is gone once answered");
+
+    // The same ticket a second time is refused.
+    b.goto(&url);
+    let again = b.body_text();
+    assert!(
+        b.try_find("main#page-service form").is_none()
+            || again.to_lowercase().contains("already used"),
+        "a used ticket opened the service page again: {again}"
+    );
+    assert!(
+        again.to_lowercase().contains("already used") || again.contains("403"),
+        "a used ticket is refused with 'already used' or 403: {again}"
+    );
+    let (status, _) = b.fetch("GET", &url);
+    assert_eq!(status, 403, "a used ticket answers 403");
+
+    // The owner sees the outcome in the history.
+    log_in(b, "bob", PASSWORD);
+    wait_until(
+        &format!("job {job} succeeded in /history"),
+        RUN_DEADLINE,
+        || {
+            b.goto("/history");
+            b.wait_page("page-history");
+            b.try_find(&format!("tr[data-job=\"{job}\"][data-state=\"succeeded\"]"))
+        },
+    );
+    b.goto(&format!("/history/{job}"));
+    b.wait_page("page-job");
+    assert_eq!(b.text("#job-state").trim(), "succeeded");
+    assert_eq!(
+        b.text("#outcome").trim(),
+        "done: at my desk",
+        "the job page shows the outcome and the note"
+    );
+}
+
+// === every page on a phone and a laptop ===
+
+#[test]
+fn every_page_works_on_a_phone_screen() {
+    let Some(console) = Console::start("console-screens") else {
+        return;
+    };
+    publish_hello(&console.server);
+    let b = &console.browser;
+
+    b.goto("/login");
+    b.wait_page("page-login");
+    shoot(b, "login");
+    b.goto("/register");
+    b.wait_page("page-register");
+    shoot(b, "register");
+
+    register(b, "carol");
+    b.goto("/devices");
+    b.wait_page("page-devices");
+    shoot(b, "devices-empty");
+    b.submit("form[action=\"/devices/link\"]");
+    b.wait_page("page-link");
+    shoot(b, "link");
+    let token = b.text("code#enroll-token").trim().to_string();
+    let mut agent = TestAgent::enroll_with_token(&console.server, "carol-phone", &token);
+    agent.spawn();
+    agent.wait_online(&console.server);
+    b.goto("/devices");
+    b.find(&format!("tr[data-agent=\"{}\"]", agent.id));
+    shoot(b, "devices");
+
+    b.goto("/catalog");
+    b.wait_page("page-catalog");
+    shoot(b, "catalog");
+    b.goto("/catalog/hello");
+    b.wait_page("page-entry");
+    shoot(b, "entry");
+    let subscription = subscribe_every(b, "hello", &agent.id, "2s");
+    shoot(b, "subscriptions");
+    b.goto(&format!("/subscriptions/{subscription}"));
+    b.wait_page("page-subscription");
+    shoot(b, "subscription");
+
+    let jobs = wait_history(b, "succeeded", 1);
+    shoot(b, "history");
+    b.goto(&format!("/history/{}", jobs[0]));
+    b.wait_page("page-job");
+    shoot(b, "job");
+    b.goto(&format!("/devices/{}", agent.id));
+    b.wait_page("page-device");
+    shoot(b, "device");
+
+    b.goto("/forwarding");
+    b.wait_page("page-forwarding");
+    b.fill("kind", "webhook");
+    b.fill("target", "https://127.0.0.1:9/hook");
+    b.submit("main form:has([name=\"target\"])");
+    b.goto("/forwarding");
+    b.wait_page("page-forwarding");
+    b.find("tr[data-destination]");
+    shoot(b, "forwarding");
+
+    b.goto("/account");
+    b.wait_page("page-account");
+    shoot(b, "account");
+
+    // An admin sees every agent, job, schedule and user.
+    log_in_as_new_admin(&console, "root");
+    for (path, page, name) in [
+        (
+            "/admin/agents".to_string(),
+            "page-admin-agents",
+            "admin-agents",
+        ),
+        (
+            format!("/admin/agents/{}", agent.id),
+            "page-admin-agent",
+            "admin-agent",
+        ),
+        ("/admin/jobs".to_string(), "page-admin-jobs", "admin-jobs"),
+        (
+            format!("/admin/jobs/{}", jobs[0]),
+            "page-admin-job",
+            "admin-job",
+        ),
+        (
+            "/admin/schedules".to_string(),
+            "page-admin-schedules",
+            "admin-schedules",
+        ),
+        (
+            "/admin/users".to_string(),
+            "page-admin-users",
+            "admin-users",
+        ),
+    ] {
+        b.goto(&path);
+        b.wait_page(page);
+        shoot(b, name);
+    }
+    agent.kill();
+    println!("screenshots in {}", b.screenshot_dir().display());
+}
+
+// === security, from a real browser and real HTTP ===
+
+/// A plain HTTPS client for the console (no redirects followed, any certificate: the
+/// test server's CA is its own).
+fn http_client() -> reqwest::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client")
+}
+
+/// POSTs a form with the browser's session cookie; returns the status and body.
+fn post_form(base: &str, path: &str, session: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let response = http_client()
+            .post(format!("{base}{path}"))
+            .header("Cookie", format!("herald_session={session}"))
+            .form(form)
+            .send()
+            .await
+            .expect("POST to the console");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    })
+}
+
+#[test]
+fn forms_without_the_csrf_token_are_refused() {
+    let Some(console) = Console::start("console-csrf") else {
+        return;
+    };
+    let b = &console.browser;
+    register(b, "dave");
+    b.goto("/account");
+    b.wait_page("page-account");
+    let session = b
+        .cookie("herald_session")
+        .expect("the console sets herald_session");
+    let csrf_field = b.find("form[action=\"/account\"] input[name=\"csrf\"]");
+    let csrf = b
+        .attr(&csrf_field, "value")
+        .expect("the account form carries its csrf token");
+    let base = console.server.https_url();
+
+    let (status, body) = post_form(
+        &base,
+        "/account",
+        &session,
+        &[("display_name", "Mallory was here")],
+    );
+    assert_eq!(status, 403, "no csrf field: {body}");
+    assert!(body.contains("CSRF token missing or wrong"), "{body}");
+    let (status, body) = post_form(
+        &base,
+        "/account",
+        &session,
+        &[("display_name", "Mallory was here"), ("csrf", "0000")],
+    );
+    assert_eq!(status, 403, "a wrong csrf token: {body}");
+
+    // Control: the same request with the page's token is accepted, so the refusals
+    // above were about the token and not about the cookie.
+    let (status, body) = post_form(
+        &base,
+        "/account",
+        &session,
+        &[("display_name", "Dave"), ("csrf", &csrf)],
+    );
+    assert_eq!(status, 303, "the page's own token: {body}");
+    b.goto("/account");
+    let shown = b.find("main [name=\"display_name\"]");
+    assert_eq!(b.attr(&shown, "value").as_deref(), Some("Dave"));
+}
+
+#[test]
+fn one_user_cannot_open_another_users_runs_or_subscriptions() {
+    let Some(console) = Console::start("console-isolation") else {
+        return;
+    };
+    publish_hello(&console.server);
+    let b = &console.browser;
+    register(b, "erin");
+    let agent = link_device(&console, "erin-laptop");
+    let subscription = subscribe_every(b, "hello", &agent.id, "2s");
+    let jobs = wait_history(b, "succeeded", 1);
+    let forwarding_id = {
+        b.goto("/forwarding");
+        b.wait_page("page-forwarding");
+        b.fill("kind", "webhook");
+        b.fill("target", "https://127.0.0.1:9/erin");
+        b.submit("main form:has([name=\"target\"])");
+        b.goto("/forwarding");
+        let row = b.find("tr[data-destination]");
+        b.attr(&row, "data-destination").expect("destination id")
+    };
+
+    b.clear_cookies();
+    register(b, "frank");
+    for path in [
+        format!("/history/{}", jobs[0]),
+        format!("/subscriptions/{subscription}"),
+        format!("/devices/{}", agent.id),
+    ] {
+        let (status, body) = b.fetch("GET", &path);
+        assert_eq!(status, 404, "frank opening erin's {path}: {body}");
+        b.goto(&path);
+        let text = b.body_text();
+        assert!(
+            !text.contains("hello-from-herald") && !text.contains("erin"),
+            "{path} shows erin's data to frank: {text}"
+        );
+    }
+    // Nor change or delete them: a POST with frank's own valid csrf token.
+    b.goto("/account");
+    let csrf_field = b.find("form[action=\"/account\"] input[name=\"csrf\"]");
+    let csrf = b.attr(&csrf_field, "value").expect("csrf token");
+    let session = b.cookie("herald_session").expect("frank's session");
+    let base = console.server.https_url();
+    for path in [
+        format!("/subscriptions/{subscription}/delete"),
+        format!("/forwarding/{forwarding_id}/delete"),
+    ] {
+        let (status, body) = post_form(&base, &path, &session, &[("csrf", &csrf)]);
+        assert_eq!(status, 404, "frank posting {path}: {body}");
+    }
+    // Erin's subscription and rule are still there.
+    b.clear_cookies();
+    log_in(b, "erin", PASSWORD);
+    b.goto("/subscriptions");
+    b.find(&format!("tr[data-subscription=\"{subscription}\"]"));
+    b.goto("/forwarding");
+    b.find(&format!("tr[data-destination=\"{forwarding_id}\"]"));
+}
+
+#[test]
+fn repeated_wrong_passwords_lock_the_login() {
+    let Some(console) = Console::start("console-lockout") else {
+        return;
+    };
+    let b = &console.browser;
+    register(b, "grace");
+    b.clear_cookies();
+    for attempt in 1..=6 {
+        let page = try_log_in(b, "grace", "wrong password!");
+        assert_eq!(page, "page-login", "wrong password {attempt} was accepted");
+    }
+    let page = try_log_in(b, "grace", PASSWORD);
+    let text = b.body_text();
+    assert_eq!(page, "page-login", "the right password got in: {text}");
+    assert!(
+        text.to_lowercase().contains("too many failed logins"),
+        "locked out with 'too many failed logins': {text}"
+    );
+    shoot(b, "login-locked");
+    // The same answer for a login that does not exist (no hint which ones do).
+    for _ in 1..=6 {
+        try_log_in(b, "nobody-here", "wrong password!");
+    }
+    try_log_in(b, "nobody-here", PASSWORD);
+    assert!(b
+        .body_text()
+        .to_lowercase()
+        .contains("too many failed logins"));
+}
