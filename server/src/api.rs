@@ -406,8 +406,22 @@ async fn create_jobs(
         body.ttl_ms,
         now,
     )?;
-    for agent in &agents {
-        state.relay.poke(agent);
+    match order.audience {
+        // A group job must follow the membership that admits the agent: the link reads
+        // both from the store, in that order.
+        Audience::Group(_) => {
+            for agent in &agents {
+                state.relay.poke(agent);
+            }
+        }
+        Audience::All | Audience::Agent(_) => {
+            let open_timeout_ms = match &order.action {
+                herald_shared::envelope::Action::Open(open) => Some(open.timeout_ms),
+                _ => None,
+            };
+            let jobs: Vec<(String, i64)> = agents.into_iter().zip(ids.iter().copied()).collect();
+            state.relay.push(&envelope, open_timeout_ms, &jobs);
+        }
     }
     state.scheduler.notify_one();
     Ok(Json(Created { ids }))

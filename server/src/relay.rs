@@ -67,9 +67,26 @@ pub struct JobEvent {
 
 struct Link {
     connection: Connection,
-    poke: Arc<Notify>,
+    wake: Arc<Wake>,
     generation: u64,
 }
+
+/// What wakes a link's delivery loop, and why.
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    /// The store may hold jobs or a membership this link has not sent yet.
+    query: std::sync::atomic::AtomicBool,
+    /// Signals for jobs already committed, handed over without a query (a broadcast
+    /// reaches every connected agent without one database read per agent).
+    direct: Mutex<Vec<herald_shared::protocol::Signal>>,
+}
+
+/// An acknowledgement on its way to the store: (agent, job, refusal reason).
+type AckRecord = (String, JobId, Option<String>);
+
+/// Most acknowledgements committed in one transaction.
+const ACK_BATCH: usize = 4096;
 
 /// Shared relay state.
 pub struct Relay {
@@ -82,6 +99,8 @@ pub struct Relay {
     artifact_base: String,
     /// Mints the one-time tickets browser signals carry.
     tickets: Tickets,
+    /// Acknowledgements to commit, in batches, by [`Relay::write_acks`].
+    acks: mpsc::UnboundedSender<AckRecord>,
 }
 
 /// Why a connection ended abnormally.
@@ -111,7 +130,9 @@ impl Relay {
         tickets: Tickets,
     ) -> Arc<Relay> {
         let (events, _) = broadcast::channel(4096);
-        Arc::new(Relay {
+        let (acks, ack_queue) = mpsc::unbounded_channel();
+        let ack_store = store.clone();
+        let relay = Arc::new(Relay {
             store,
             keyring,
             links: Mutex::new(HashMap::new()),
@@ -120,7 +141,11 @@ impl Relay {
             enroll_failures: Mutex::new(HashMap::new()),
             artifact_base,
             tickets,
-        })
+            acks,
+        });
+        // Needs a runtime: the relay is built inside `serve`.
+        tokio::spawn(write_acks(ack_store, Arc::downgrade(&relay), ack_queue));
+        relay
     }
 
     /// Subscribes to job state changes.
@@ -146,8 +171,47 @@ impl Relay {
     /// Tells an agent's link to look for pending jobs.
     pub fn poke(&self, agent_id: &str) {
         if let Some(link) = self.lock_links().get(agent_id) {
-            link.poke.notify_one();
+            link.wake
+                .query
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            link.wake.notify.notify_one();
         }
+    }
+
+    /// Hands committed one-off jobs of one signed order straight to the links of the
+    /// connected agents among them, with no store read; agents not connected get them
+    /// from the store when they connect. Only for orders whose audience does not depend
+    /// on group membership (a group job must follow the membership that admits the
+    /// agent; those go through [`Relay::poke`]).
+    pub fn push(
+        &self,
+        envelope: &herald_shared::envelope::Envelope,
+        open_timeout_ms: Option<u64>,
+        jobs: &[(String, JobId)],
+    ) {
+        let links = self.lock_links();
+        for (agent_id, job_id) in jobs {
+            let Some(link) = links.get(agent_id) else {
+                continue;
+            };
+            let signal = herald_shared::protocol::Signal {
+                job_id: *job_id,
+                envelope: envelope.clone(),
+                bundle: None,
+                ticket: open_timeout_ms.map(|timeout| self.ticket(*job_id, timeout)),
+            };
+            link.wake
+                .direct
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(signal);
+            link.wake.notify.notify_one();
+        }
+    }
+
+    fn ticket(&self, job_id: JobId, timeout_ms: u64) -> String {
+        self.tickets
+            .mint(job_id, now_ms().saturating_add(timeout_ms as i64))
     }
 
     /// Revokes: closes the live connection; the keyring refuses the next handshake.
@@ -366,7 +430,8 @@ impl Relay {
         )
         .await?;
 
-        let poke = Arc::new(Notify::new());
+        let wake = Arc::new(Wake::default());
+        wake.query.store(true, std::sync::atomic::Ordering::SeqCst);
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -374,7 +439,7 @@ impl Relay {
             agent_id.clone(),
             Link {
                 connection: connection.clone(),
-                poke: poke.clone(),
+                wake: wake.clone(),
                 generation,
             },
         ) {
@@ -386,7 +451,7 @@ impl Relay {
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
         let result = tokio::select! {
             r = writer(send, outbox_rx) => r,
-            r = self.deliver(&agent_id, poke, outbox.clone(), membership) => r,
+            r = self.deliver(&agent_id, wake, outbox.clone(), membership) => r,
             r = self.read_control(&agent_id, &mut recv) => r,
             r = self.read_results(connection, &agent_id, outbox) => r,
             r = self.watch_path(connection, &agent_id, observed) => r,
@@ -405,31 +470,42 @@ impl Relay {
         result
     }
 
-    /// Sends every pending job (once per connection) and new memberships, then waits for
-    /// a poke.
+    /// Sends every pending job (once per connection) and new memberships, then waits to
+    /// be woken: by a poke (read the store again) or by signals pushed directly.
     async fn deliver(
         &self,
         agent_id: &str,
-        poke: Arc<Notify>,
+        wake: Arc<Wake>,
         outbox: mpsc::Sender<ServerMsg>,
         mut membership: Option<herald_shared::envelope::Envelope>,
     ) -> Result<(), LinkError> {
         let mut sent: HashSet<JobId> = HashSet::new();
         loop {
-            // Membership first: a group job sent before the membership that admits the
-            // agent to the group would be refused as not addressed to it.
-            let current = self.store.membership(agent_id)?;
-            if current != membership {
-                if let Some(envelope) = current.clone() {
-                    if outbox.send(ServerMsg::Membership(envelope)).await.is_err() {
-                        return Ok(());
-                    }
+            let direct =
+                std::mem::take(&mut *wake.direct.lock().unwrap_or_else(|e| e.into_inner()));
+            for signal in direct {
+                if sent.insert(signal.job_id)
+                    && outbox.send(ServerMsg::Signal(signal)).await.is_err()
+                {
+                    return Ok(());
                 }
-                membership = current;
             }
-            let pending = self.store.pending(agent_id, now_ms())?;
-            for job in pending {
-                if sent.insert(job.job_id) {
+            if wake.query.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                // Membership first: a group job sent before the membership that admits
+                // the agent to the group would be refused as not addressed to it.
+                let current = self.store.membership(agent_id)?;
+                if current != membership {
+                    if let Some(envelope) = current.clone() {
+                        if outbox.send(ServerMsg::Membership(envelope)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    membership = current;
+                }
+                for job in self.store.pending(agent_id, now_ms())? {
+                    if !sent.insert(job.job_id) {
+                        continue;
+                    }
                     let bundle = job.release.map(|r| Bundle {
                         url: r
                             .url
@@ -441,17 +517,16 @@ impl Relay {
                         job_id: job.job_id,
                         envelope: job.envelope,
                         bundle,
-                        ticket: job.open_timeout_ms.map(|timeout| {
-                            self.tickets
-                                .mint(job.job_id, now_ms().saturating_add(timeout as i64))
-                        }),
+                        ticket: job
+                            .open_timeout_ms
+                            .map(|timeout| self.ticket(job.job_id, timeout)),
                     };
                     if outbox.send(ServerMsg::Signal(signal)).await.is_err() {
                         return Ok(());
                     }
                 }
             }
-            poke.notified().await;
+            wake.notify.notified().await;
         }
     }
 
@@ -465,8 +540,10 @@ impl Relay {
                         Ack::Accepted | Ack::Duplicate => None,
                     };
                     debug!(%agent_id, job_id, ?ack, "ack");
-                    self.store.ack(agent_id, job_id, refused, now)?;
-                    self.job_changed(job_id);
+                    // Committed by write_acks, batched with other agents' acks.
+                    let _ =
+                        self.acks
+                            .send((agent_id.to_string(), job_id, refused.map(str::to_string)));
                 }
                 AgentMsg::Started { job_id, at } => {
                     self.store.started(agent_id, job_id, at, now)?;
@@ -542,6 +619,41 @@ impl Relay {
                     .observed_address(agent_id, &now_observed.to_string(), now_ms())?;
                 observed = now_observed;
             }
+        }
+    }
+}
+
+/// Commits acknowledgements in batches: whatever has queued up while the previous
+/// batch was written goes in the next transaction, so a broadcast's thousands of acks
+/// cost a few commits, not thousands. Ends when the relay is gone.
+async fn write_acks(
+    store: Store,
+    relay: std::sync::Weak<Relay>,
+    mut queue: mpsc::UnboundedReceiver<AckRecord>,
+) {
+    let mut batch = Vec::with_capacity(64);
+    while queue.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let records = std::mem::take(&mut batch);
+        let store = store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = store.ack_batch(&records, now_ms());
+            (records, result)
+        })
+        .await;
+        let Ok((records, result)) = written else {
+            continue;
+        };
+        if let Err(e) = result {
+            // The jobs stay queued and are signalled again on the next connection; the
+            // agent answers duplicates from its journal.
+            warn!(acks = records.len(), "cannot store acknowledgements: {e}");
+            continue;
+        }
+        let Some(relay) = relay.upgrade() else {
+            return;
+        };
+        for (_, job_id, _) in &records {
+            relay.job_changed(*job_id);
         }
     }
 }

@@ -831,19 +831,35 @@ impl Store {
         refused: Option<&str>,
         now: Millis,
     ) -> Result<()> {
-        let conn = self.fast();
-        match refused {
-            None => conn.execute(
+        self.ack_batch(
+            &[(agent_id.to_string(), job_id, refused.map(str::to_string))],
+            now,
+        )
+    }
+
+    /// Applies many acknowledgements in one transaction (the relay batches them: one
+    /// commit for a whole broadcast's acks instead of one each). `refused` as in
+    /// [`Store::ack`].
+    pub fn ack_batch(&self, acks: &[(String, JobId, Option<String>)], now: Millis) -> Result<()> {
+        let mut conn = self.fast();
+        let tx = conn.transaction()?;
+        {
+            let mut accepted = tx.prepare_cached(
                 "UPDATE jobs SET state = 'delivered', delivered_at = ?3
                  WHERE id = ?1 AND agent_id = ?2 AND state = 'queued'",
-                params![job_id, agent_id, now],
-            )?,
-            Some(reason) => conn.execute(
+            )?;
+            let mut refused = tx.prepare_cached(
                 "UPDATE jobs SET state = 'refused', delivered_at = ?3, finished_at = ?3, error = ?4
                  WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
-                params![job_id, agent_id, now, reason],
-            )?,
-        };
+            )?;
+            for (agent_id, job_id, reason) in acks {
+                match reason {
+                    None => accepted.execute(params![job_id, agent_id, now])?,
+                    Some(reason) => refused.execute(params![job_id, agent_id, now, reason])?,
+                };
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
