@@ -3,9 +3,11 @@
 //! `fantoccini`. The helpers block (the tests and the rest of the harness are
 //! synchronous) and panic with context, like the rest of the harness.
 //!
-//! The test server has its own CA, which this Chromium does not trust: the session
-//! accepts any certificate (`--ignore-certificate-errors`, `acceptInsecureCerts`), which
-//! is acceptable for a browser that only ever talks to loopback.
+//! The test server has its own CA, which this Chromium does not trust. For a server
+//! ([`Browser::for_server`]) Chromium accepts exactly that server's key, by the SHA-256
+//! of its SubjectPublicKeyInfo (`--ignore-certificate-errors-spki-list`): any other
+//! certificate is still refused. [`Trust::Any`] accepts every certificate
+//! (`--ignore-certificate-errors`), for other loopback servers.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,6 +34,9 @@ pub const SCREENSHOTS_ENV: &str = "HERALD_SCREENSHOTS";
 pub const SKIPPED: &str =
     "skipped: chromium/chromedriver not installed (apt-get install chromium chromium-driver)";
 
+/// A test server's certificate file in its data directory.
+const SERVER_CERT: &str = "server.pem";
+
 /// How long one WebDriver command may take before the test fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `chromedriver` gets to end after SIGTERM before it is killed.
@@ -47,9 +52,17 @@ const CHROMIUM_ARGS: &[&str] = &[
     "--disable-extensions",
     "--disable-sync",
     "--no-first-run",
-    "--ignore-certificate-errors",
     "--window-size=1280,900",
 ];
+
+/// Which certificates the browser accepts besides those of the system's CAs.
+#[derive(Debug, Clone, Copy)]
+pub enum Trust<'a> {
+    /// Only the key of this PEM certificate (a test server's `server.pem`).
+    Key(&'a Path),
+    /// Any certificate.
+    Any,
+}
 
 /// Whether Chromium and chromedriver are installed; prints [`SKIPPED`] if not.
 pub fn installed() -> bool {
@@ -71,12 +84,25 @@ pub struct Browser {
 }
 
 impl Browser {
+    /// Starts a browser for `server`'s console, trusting the server's own key, with
+    /// its profile and logs in the server's test directory; `name` tells browsers on
+    /// one server apart. Returns `None` (after printing [`SKIPPED`]) when the browser
+    /// is not installed.
+    pub fn for_server(server: &crate::TestServer, name: &str) -> Option<Browser> {
+        let cert = server.data_dir().join(SERVER_CERT);
+        Browser::start(
+            server.dir.path(),
+            name,
+            &server.https_url(),
+            Trust::Key(&cert),
+        )
+    }
+
     /// Starts chromedriver and Chromium with a profile and logs under `dir`; relative
-    /// paths given to [`Browser::goto`] are resolved against `base` (the server's HTTPS
-    /// URL). Screenshots go to `dir/screenshots`, or to `$HERALD_SCREENSHOTS/NAME` when
-    /// that is set. Returns `None` (after printing [`SKIPPED`]) when the browser is not
-    /// installed.
-    pub fn start(dir: &Path, name: &str, base: &str) -> Option<Browser> {
+    /// paths given to [`Browser::goto`] are resolved against `base`. Screenshots go to
+    /// `dir/screenshots`, or to `$HERALD_SCREENSHOTS/NAME` when that is set. Returns
+    /// `None` (after printing [`SKIPPED`]) when the browser is not installed.
+    pub fn start(dir: &Path, name: &str, base: &str, trust: Trust<'_>) -> Option<Browser> {
         if !installed() {
             return None;
         }
@@ -112,10 +138,18 @@ impl Browser {
         });
         let profile = dir.join(format!("chromium-profile-{name}"));
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+        // The SPKI list only takes effect with a --user-data-dir of the test's own.
         args.push(format!("--user-data-dir={}", profile.display()));
+        match trust {
+            Trust::Key(cert) => args.push(format!(
+                "--ignore-certificate-errors-spki-list={}",
+                spki_sha256_base64(cert)
+            )),
+            Trust::Any => args.push("--ignore-certificate-errors".into()),
+        }
         let capabilities = json!({
             "browserName": "chrome",
-            "acceptInsecureCerts": true,
+            "acceptInsecureCerts": matches!(trust, Trust::Any),
             "pageLoadStrategy": "normal",
             "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
         });
@@ -195,32 +229,37 @@ impl Browser {
 
     /// Navigates to a path on the server (or an absolute URL) and waits for the load.
     pub fn goto(&self, path_or_url: &str) {
+        if let Err(e) = self.try_goto(path_or_url) {
+            panic!(
+                "{e}\n--- chromedriver log tail:\n{}",
+                self.driver_log_tail()
+            );
+        }
+    }
+
+    /// Like [`Browser::goto`], but returns why the page could not be loaded (a TLS or
+    /// certificate error, for instance) instead of failing the test.
+    pub fn try_goto(&self, path_or_url: &str) -> Result<(), String> {
         let url = self.url(path_or_url);
-        let outcome = self.run(self.client().goto(&url));
-        if let Ok(Err(e)) = &outcome {
-            if format!("{e:?}").contains("ERR_SSL_PROTOCOL_ERROR") {
-                let port = url
-                    .strip_prefix("https://")
-                    .and_then(|rest| rest.split('/').next())
-                    .and_then(|authority| authority.rsplit_once(':'))
-                    .and_then(|(_, port)| port.parse().ok());
-                let why = match port {
-                    Some(port) if !browser_like_handshake(port) => {
-                        "A TLS client that offers only the signature schemes browsers offer \
-                         (ECDSA, RSA; no Ed25519) cannot complete a handshake with it either: \
-                         its HTTPS certificate is EdDSA, which Chromium, Firefox and Safari do \
-                         not support in TLS. The console needs an ECDSA P-256 (or RSA) \
-                         certificate."
-                    }
-                    _ => "",
-                };
-                panic!(
-                    "Chromium could not complete a TLS handshake with {url} \
-                     (net::ERR_SSL_PROTOCOL_ERROR). {why}"
-                );
+        match self.run(self.client().goto(&url)) {
+            Ok(Ok(())) => Ok(()),
+            Err(_) => Err(format!(
+                "browser: go to {url} took longer than {COMMAND_TIMEOUT:?}"
+            )),
+            Ok(Err(e)) => {
+                let error = format!("{e:?}");
+                let mut why = String::new();
+                if error.contains("ERR_SSL_PROTOCOL_ERROR") && !browser_like_handshake_url(&url) {
+                    why = "\nA TLS client that offers only the signature schemes browsers \
+                           offer (ECDSA, RSA; no Ed25519) cannot complete a handshake with \
+                           it either: its HTTPS certificate is EdDSA, which Chromium, Firefox \
+                           and Safari do not support in TLS. The console needs an ECDSA \
+                           P-256 (or RSA) certificate."
+                        .to_string();
+                }
+                Err(format!("browser: go to {url} failed: {error}{why}"))
             }
         }
-        self.settle(&format!("go to {url}"), outcome);
     }
 
     /// Reloads the page.
@@ -573,101 +612,14 @@ fn driver_ready(port: u16) -> bool {
         .unwrap_or(false)
 }
 
-// === impl TlsFront ===
-
-/// Environment variable that puts a [`TlsFront`] between the browser and the server.
-pub const TLS_FRONT_ENV: &str = "HERALD_BROWSER_TLS_FRONT";
-
-/// A loopback TLS front with an ECDSA P-256 certificate that forwards every connection
-/// to the server's HTTPS port: a stop-gap for servers whose certificate browsers cannot
-/// use (Ed25519: Chromium offers no Ed25519 signature scheme in TLS, so it cannot even
-/// complete a handshake with such a server), so that the console's flows can be tested
-/// while a test that goes straight to the server shows the problem. Used when
-/// [`TlsFront::needed`]; remove once the server's HTTPS certificate is one browsers take.
-pub struct TlsFront {
-    port: u16,
-    // Dropping the runtime ends the listener and every forwarded connection.
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl TlsFront {
-    /// Whether [`TLS_FRONT_ENV`] asks for a front.
-    pub fn wanted() -> bool {
-        std::env::var_os(TLS_FRONT_ENV).is_some_and(|v| !v.is_empty() && v != "0")
-    }
-
-    /// Whether a front is needed for the server on `port`: asked for, or the server
-    /// cannot complete a TLS handshake with a client that, like browsers, offers no
-    /// Ed25519 or Ed448 signature scheme.
-    pub fn needed(port: u16) -> bool {
-        Self::wanted() || !browser_like_handshake(port)
-    }
-
-    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream` over TLS.
-    pub fn start(upstream: u16) -> TlsFront {
-        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-        use std::sync::Arc;
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
-            .expect("make an ECDSA certificate");
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            certified.signing_key.serialize_der(),
-        ));
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .expect("front TLS config");
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .dangerous()
-            .with_custom_certificate_verifier(crate::AcceptAnyServerCert::new())
-            .with_no_client_auth();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime for the TLS front");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind the TLS front");
-        let port = listener.local_addr().expect("front address").port();
-        runtime.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, connector) = (acceptor.clone(), connector.clone());
-                tokio::spawn(async move {
-                    let Ok(mut inbound) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(upstream_tcp) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        return;
-                    };
-                    let name = ServerName::try_from("herald-server").expect("server name");
-                    let Ok(mut outbound) = connector.connect(name, upstream_tcp).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-            }
-        });
-        TlsFront {
-            port,
-            _runtime: runtime,
-        }
-    }
-
-    /// The front's HTTPS base URL.
-    pub fn https_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
+/// [`browser_like_handshake`] with the port of an `https://127.0.0.1:PORT/...` URL
+/// (`true` for any other URL).
+fn browser_like_handshake_url(url: &str) -> bool {
+    let port = url
+        .strip_prefix("https://127.0.0.1:")
+        .and_then(|rest| rest.split(['/', '?', '#']).next())
+        .and_then(|port| port.parse().ok());
+    port.is_none_or(browser_like_handshake)
 }
 
 /// Whether a TLS handshake with `127.0.0.1:port` succeeds when the client offers only
@@ -752,4 +704,21 @@ impl rustls::client::danger::ServerCertVerifier for NoEdDsa {
             })
             .collect()
     }
+}
+
+/// The base64 SHA-256 of the SubjectPublicKeyInfo of the PEM certificate at `path`, as
+/// Chromium's `--ignore-certificate-errors-spki-list` wants it.
+pub fn spki_sha256_base64(path: &Path) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+
+    let pem =
+        std::fs::read(path).unwrap_or_else(|e| panic!("read certificate {}: {e}", path.display()));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+        .unwrap_or_else(|e| panic!("no PEM certificate in {}: {e}", path.display()));
+    let cert = pem
+        .parse_x509()
+        .unwrap_or_else(|e| panic!("bad certificate in {}: {e}", path.display()));
+    let digest = sha2::Sha256::digest(cert.public_key().raw);
+    base64::engine::general_purpose::STANDARD.encode(digest)
 }

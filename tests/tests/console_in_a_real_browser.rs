@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_tests::browser::{self, Browser, TlsFront};
+use herald_tests::browser::{self, Browser};
 use herald_tests::session_helper::{recording_browser, SessionHelper};
 use herald_tests::{bin, wait_until, AcceptAnyServerCert, TestAgent, TestServer};
 
@@ -29,8 +29,6 @@ const OVERFLOW_TOLERANCE: i64 = 2;
 /// A server and a browser on it (fields drop in order: the browser ends first).
 struct Console {
     browser: Browser,
-    /// The ECDSA front the browser goes through, when `HERALD_BROWSER_TLS_FRONT` is set.
-    front: Option<TlsFront>,
     server: TestServer,
 }
 
@@ -41,31 +39,8 @@ impl Console {
             return None;
         }
         let server = TestServer::start(name);
-        let front = TlsFront::needed(server.http_port).then(|| {
-            println!(
-                "note: browsers cannot complete a TLS handshake with this server (see \
-                 the_console_opens_in_chromium_as_it_is); going through an ECDSA front"
-            );
-            TlsFront::start(server.http_port)
-        });
-        let base = front
-            .as_ref()
-            .map_or_else(|| server.https_url(), TlsFront::https_url);
-        let browser = Browser::start(server.dir.path(), name, &base)?;
-        Some(Console {
-            browser,
-            front,
-            server,
-        })
-    }
-
-    /// `url` (from the server, e.g. a service page opened by the agent) as the browser
-    /// reaches it.
-    fn browser_url(&self, url: &str) -> String {
-        match &self.front {
-            Some(front) => url.replace(&self.server.https_url(), &front.https_url()),
-            None => url.to_string(),
-        }
+        let browser = Browser::for_server(&server, name)?;
+        Some(Console { browser, server })
     }
 }
 
@@ -222,10 +197,8 @@ fn publish_hello(server: &TestServer) {
 }
 
 /// Makes the admin `login` with `herald-server users add LOGIN --admin` (the password
-/// on stdin) and logs the browser in as it. Where the server has no `users` command
-/// yet, registers the account in the browser and makes it an admin in the database.
+/// on stdin) and logs the browser in as it, in a fresh browser session.
 fn log_in_as_new_admin(console: &Console, login: &str) {
-    let b = &console.browser;
     let mut child = Command::new(bin("herald-server"))
         .arg("--data-dir")
         .arg(console.server.data_dir())
@@ -240,42 +213,57 @@ fn log_in_as_new_admin(console: &Console, login: &str) {
         let _ = writeln!(stdin, "{PASSWORD}");
     }
     let output = child.wait_with_output().expect("wait for users add");
-    b.clear_cookies();
-    if output.status.success() {
-        log_in(b, login, PASSWORD);
-        return;
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("unrecognized subcommand"),
-        "`herald-server users add {login} --admin` failed: {stderr}"
+        output.status.success(),
+        "`herald-server users add {login} --admin` failed: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
-    println!("note: no `herald-server users` command yet; making {login} an admin in the database");
-    register(b, login);
-    let db = rusqlite::Connection::open(console.server.db_path()).expect("open the database");
-    db.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    let changed = db
-        .execute("UPDATE users SET role = 'admin' WHERE login = ?1", [login])
-        .expect("make an admin");
-    assert_eq!(changed, 1, "no account {login}");
+    console.browser.clear_cookies();
+    log_in(&console.browser, login, PASSWORD);
 }
 
 // === reaching the console ===
 
-/// Straight from Chromium to the server, no front: what a person's browser gets.
+/// Chromium completes a TLS handshake with the server (whose certificate must be one
+/// browsers take: not Ed25519) and `/` sends a visitor to the login page.
 #[test]
-fn the_console_opens_in_chromium_as_it_is() {
+fn the_console_opens_in_chromium() {
     if !browser::installed() {
         return;
     }
-    let server = TestServer::start("console-direct");
-    let Some(b) = Browser::start(server.dir.path(), "console-direct", &server.https_url()) else {
+    let server = TestServer::start("console-opens");
+    let Some(b) = Browser::for_server(&server, "console-opens") else {
         return;
     };
     b.goto("/");
     b.wait_page("page-login");
     assert_eq!(b.path(), "/login");
+
+    // Control: the tests' browsers trust the server's key and nothing else, so a
+    // browser that pins another key refuses the same server.
+    let other = server.dir.path().join("other.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("make a certificate");
+    std::fs::write(&other, cert.cert.pem()).expect("write other.pem");
+    let Some(stranger) = Browser::start(
+        server.dir.path(),
+        "stranger",
+        &server.https_url(),
+        browser::Trust::Key(&other),
+    ) else {
+        return;
+    };
+    // Chromium shows its certificate warning page instead of the console (or, in
+    // some versions, fails the navigation).
+    let refused = match stranger.try_goto("/login") {
+        Ok(()) => stranger.page_id().is_empty() && stranger.source().contains("ERR_CERT"),
+        Err(e) => e.contains("ERR_CERT"),
+    };
+    assert!(
+        refused,
+        "a browser that does not trust the server's key got in: {}",
+        stranger.body_text()
+    );
 }
 
 // === standalone services ===
@@ -348,7 +336,6 @@ fn browser_service_opens_with_a_one_time_ticket_and_records_the_outcome() {
     drop(helper);
 
     // A visitor with no console session: only the ticket lets them in.
-    let url = console.browser_url(&url);
     b.clear_cookies();
     b.goto(&url);
     b.wait_page("page-service");
