@@ -44,8 +44,8 @@ impl Console {
     }
 }
 
-/// Registers `login` through `/register`, and ends up logged in (logging in if the
-/// registration does not already).
+/// Registers `login` through `/register`, which logs the new account in and goes to
+/// `/devices`.
 fn register(b: &Browser, login: &str) {
     b.goto("/register");
     b.wait_page("page-register");
@@ -54,15 +54,13 @@ fn register(b: &Browser, login: &str) {
     b.fill("password2", PASSWORD);
     b.fill("email", &format!("{login}@example.test"));
     b.submit("main form");
-    assert_ne!(
+    assert_eq!(
         b.page_id(),
-        "page-register",
-        "registration refused: {}",
+        "page-devices",
+        "registering {login}: {}",
         b.body_text()
     );
-    if b.page_id() == "page-login" || b.try_find("form[action=\"/logout\"]").is_none() {
-        log_in(b, login, PASSWORD);
-    }
+    b.find("form[action=\"/logout\"]");
 }
 
 /// Logs in through `/login`; returns the page the console went to.
@@ -75,15 +73,10 @@ fn try_log_in(b: &Browser, login: &str, password: &str) -> String {
     b.page_id()
 }
 
-/// Logs in and checks that it worked.
+/// Logs in and checks that it worked (the console goes to `/devices`).
 fn log_in(b: &Browser, login: &str, password: &str) {
     let page = try_log_in(b, login, password);
-    assert_ne!(
-        page,
-        "page-login",
-        "login as {login} failed: {}",
-        b.body_text()
-    );
+    assert_eq!(page, "page-devices", "login as {login}: {}", b.body_text());
 }
 
 /// Links a new machine from `/devices`: asks for a token, enrolls a real agent with
@@ -116,8 +109,9 @@ fn link_device(console: &Console, name: &str) -> TestAgent {
 fn subscribe_every(b: &Browser, entry: &str, device: &str, every: &str) -> String {
     b.goto("/catalog");
     b.wait_page("page-catalog");
-    b.find(&format!("li[data-entry=\"{entry}\"]"));
-    b.goto(&format!("/catalog/{entry}"));
+    b.click(&format!(
+        "li[data-entry=\"{entry}\"] a[href=\"/catalog/{entry}\"]"
+    ));
     b.wait_page("page-entry");
     let form = "main form:has([name=\"kind\"])";
     b.fill_in(form, "device", device);
@@ -281,6 +275,11 @@ fn standalone_service_runs_on_the_timing_chosen_in_the_console() {
     subscribe_every(b, "hello", &agent.id, "2s");
 
     let jobs = wait_history(b, "succeeded", 2);
+    let ids: Vec<i64> = jobs.iter().filter_map(|j| j.parse().ok()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "history is newest first: {ids:?}"
+    );
     b.goto(&format!("/history/{}", jobs[0]));
     b.wait_page("page-job");
     assert_eq!(b.text("#job-state").trim(), "succeeded");
@@ -293,6 +292,7 @@ fn standalone_service_runs_on_the_timing_chosen_in_the_console() {
     // The device page lists the runs too.
     b.goto(&format!("/devices/{}", agent.id));
     b.wait_page("page-device");
+    assert!(b.body_text().contains("Say hello"), "{}", b.body_text());
 }
 
 // === browser services ===
@@ -369,20 +369,21 @@ fn browser_service_opens_with_a_one_time_ticket_and_records_the_outcome() {
     b.find("#thanks");
     assert!(b.try_find(done).is_none(), "the form is gone once answered");
 
-    // The same ticket a second time is refused.
+    // The same ticket a second time is refused, and the visit admits only its own job.
     b.goto(&url);
     let again = b.body_text();
     assert!(
-        b.try_find("main#page-service form").is_none()
-            || again.to_lowercase().contains("already used"),
-        "a used ticket opened the service page again: {again}"
-    );
-    assert!(
-        again.to_lowercase().contains("already used") || again.contains("403"),
-        "a used ticket is refused with 'already used' or 403: {again}"
+        again.contains("already used") && b.try_find(done).is_none(),
+        "a used ticket is refused with 'this link was already used': {again}"
     );
     let (status, _) = b.fetch("GET", &url);
     assert_eq!(status, 403, "a used ticket answers 403");
+    let other_job = job.parse::<i64>().expect("numeric job id") + 1;
+    let (status, _) = b.fetch("GET", &format!("/service/checkin?job={other_job}"));
+    assert_eq!(status, 403, "the visit cookie admits only its own job");
+    // Nor is the visit a console session.
+    b.goto("/history");
+    b.wait_page("page-login");
 
     // The owner sees the outcome in the history.
     log_in(b, "bob", PASSWORD);
@@ -506,7 +507,6 @@ fn every_page_works_on_a_phone_screen() {
         b.wait_page(page);
         shoot(b, name);
     }
-    agent.kill();
     println!("screenshots in {}", b.screenshot_dir().display());
 }
 
@@ -634,6 +634,9 @@ fn one_user_cannot_open_another_users_runs_or_subscriptions() {
             "{path} shows erin's data to frank: {text}"
         );
     }
+    // Admin pages are not for plain users.
+    let (status, _) = b.fetch("GET", "/admin/users");
+    assert_eq!(status, 403, "a plain user asking for /admin/users");
     // Nor change or delete them: a POST with frank's own valid csrf token.
     b.goto("/account");
     let csrf_field = b.find("form[action=\"/account\"] input[name=\"csrf\"]");
