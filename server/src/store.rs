@@ -495,7 +495,8 @@ impl Store {
             )));
         }
         // Names are unique; on a clash, suffix with the id so enrollment never fails
-        // because two machines share a host name.
+        // because two machines share a host name. A name shaped like an agent id is
+        // suffixed too, so it can never be mistaken for another agent's id.
         let taken: bool = tx
             .query_row(
                 "SELECT 1 FROM agents WHERE name = ?1",
@@ -504,7 +505,8 @@ impl Store {
             )
             .optional()?
             .is_some();
-        let name = if taken {
+        let id_shaped = name.len() == agent_id.len() && name.bytes().all(|b| b.is_ascii_hexdigit());
+        let name = if taken || id_shaped {
             format!("{name}-{}", &agent_id[..6])
         } else {
             name.to_string()
@@ -630,9 +632,12 @@ impl Store {
 
     /// Finds an agent by id or name.
     pub fn resolve_agent(&self, id_or_name: &str) -> Result<String> {
+        // An exact id wins over a name, so nobody can shadow an agent by enrolling a
+        // machine named like its id.
         self.fast()
             .query_row(
-                "SELECT id FROM agents WHERE id = ?1 OR name = ?1",
+                "SELECT id FROM agents WHERE id = ?1 OR name = ?1
+                 ORDER BY CASE WHEN id = ?1 THEN 0 ELSE 1 END LIMIT 1",
                 params![id_or_name],
                 |r| r.get(0),
             )
