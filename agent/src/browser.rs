@@ -7,6 +7,11 @@
 //! colon-separated list of commands tried in order, where `%s` stands for the URL (else
 //! the URL is the last argument); otherwise `xdg-open` (`open` on macOS). No shell is
 //! involved: commands are split with shell-like quoting rules and run directly.
+//!
+//! The helper serves only a daemon running as root or as its own user ([`check_daemon`],
+//! from the kernel's peer credentials): whoever else answers on the socket path (a
+//! squatter on a `[session] socket` in a directory others can write to) could otherwise
+//! make it open any page in the user's browser.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -97,6 +102,27 @@ pub enum LaunchError {
     /// Every command failed.
     #[error("{}", join_attempts(.0))]
     Failed(Vec<AttemptError>),
+}
+
+/// Why the helper will not serve what answers on the socket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DaemonError {
+    /// The kernel did not say who serves the socket.
+    #[error("cannot tell who serves the session socket: {0}")]
+    Credentials(String),
+    /// The socket is served by another ordinary user.
+    #[error(
+        "the session socket is served by uid {daemon}, which is neither root nor this user \
+         (uid {own}), so it is not a herald-agent to take pages from; another user may have \
+         taken the socket path: use a `[session] socket` in a directory only root (or this \
+         user) can write to"
+    )]
+    Foreign {
+        /// Uid of the process that serves the socket.
+        daemon: u32,
+        /// This helper's uid.
+        own: u32,
+    },
 }
 
 fn join_attempts(attempts: &[AttemptError]) -> String {
@@ -227,6 +253,25 @@ async fn keep_tail(mut stream: impl AsyncRead + Unpin, tail: Arc<Mutex<Vec<u8>>>
 
 // === the helper ===
 
+/// Whether a helper running as `own` may serve a daemon whose socket is held by
+/// `daemon`: only root's (a system agent) or its own user's.
+pub fn check_daemon(daemon: u32, own: u32) -> Result<(), DaemonError> {
+    if daemon == 0 || daemon == own {
+        Ok(())
+    } else {
+        Err(DaemonError::Foreign { daemon, own })
+    }
+}
+
+/// [`check_daemon`] for a connected socket, from the kernel's peer credentials.
+fn check_stream(stream: &UnixStream) -> Result<(), DaemonError> {
+    let daemon = stream
+        .peer_cred()
+        .map_err(|e| DaemonError::Credentials(e.to_string()))?
+        .uid();
+    check_daemon(daemon, nix::unistd::Uid::effective().as_raw())
+}
+
 /// Where the helper looks for the daemon: `socket` if given; else the socket of the
 /// agent with state directory `state_dir` (its `[session] socket` if its agent.toml is
 /// readable); else the system agent's socket, then the user's own agent's.
@@ -303,13 +348,19 @@ async fn connect_forever(options: &HelperOptions) {
             .unwrap_or_else(|| PathBuf::from(session::SYSTEM_SOCKET));
         match UnixStream::connect(&path).await {
             Ok(stream) => {
-                let (welcomed, why) = serve_daemon(stream, &path, options).await;
-                if welcomed {
-                    attempt = 0;
+                if let Err(e) = check_stream(&stream) {
+                    // Closed unread; said at every attempt, backing off as after a refusal.
+                    warn!(socket = %path.display(), "refusing to serve this socket: {e}");
                     quiet = false;
-                    info!(socket = %path.display(), %why, "lost the connection to herald-agent; reconnecting");
                 } else {
-                    warn!(socket = %path.display(), %why, "herald-agent did not accept this helper");
+                    let (welcomed, why) = serve_daemon(stream, &path, options).await;
+                    if welcomed {
+                        attempt = 0;
+                        quiet = false;
+                        info!(socket = %path.display(), %why, "lost the connection to herald-agent; reconnecting");
+                    } else {
+                        warn!(socket = %path.display(), %why, "herald-agent did not accept this helper");
+                    }
                 }
             }
             Err(e) if quiet => debug!(socket = %path.display(), "cannot reach herald-agent: {e}"),
@@ -486,6 +537,46 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, LaunchError::Url(_)), "{error:?}");
+    }
+
+    #[test]
+    fn only_a_root_or_own_daemon_is_served() {
+        assert_eq!(check_daemon(0, 1000), Ok(()));
+        assert_eq!(check_daemon(1000, 1000), Ok(()));
+        assert_eq!(check_daemon(0, 0), Ok(()));
+        // A squatter on the socket path: another ordinary user.
+        let refused = check_daemon(1001, 1000).unwrap_err();
+        assert_eq!(
+            refused,
+            DaemonError::Foreign {
+                daemon: 1001,
+                own: 1000
+            }
+        );
+        let text = refused.to_string();
+        assert!(
+            text.contains("uid 1001") && text.contains("[session] socket"),
+            "{text}"
+        );
+        // Root's helper does not serve an ordinary user's daemon either.
+        assert!(check_daemon(1000, 0).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_daemon_side_is_checked_by_its_peer_credentials() {
+        let nonce: [u8; 4] = crate::random_bytes();
+        let dir = std::env::temp_dir().join(format!(
+            "herald-browser-cred-{}-{}",
+            std::process::id(),
+            hex::encode(nonce)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join(session::SOCKET_FILE);
+        let _listener = session::bind(&socket, false).unwrap();
+        // Served by this process, so by this user (or root): trusted.
+        let stream = UnixStream::connect(&socket).await.unwrap();
+        assert_eq!(check_stream(&stream), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

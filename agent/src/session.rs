@@ -14,6 +14,14 @@
 //!
 //! A line that is too long or does not parse closes that helper's connection.
 //!
+//! Who may connect ([`admit`]): a daemon that is not root, only its own uid; a root
+//! daemon with `[session] users`, only those users; a root daemon without it, root and
+//! the person at the machine ([`seat_user`]: the active user of logind's `seat0` on
+//! Linux, the owner of `/dev/console` on macOS), and nobody else when that cannot be
+//! told. Otherwise any local account could connect a helper and receive the browser
+//! jobs with their one-time tickets. Each uid has at most [`MAX_HELPERS_PER_UID`]
+//! connections, so no user can fill the table ([`MAX_HELPERS`]) and lock the others out.
+//!
 //! Socket path ([`socket_path`]): `[session] socket` in `agent.toml` if set (relative to
 //! the state directory); else [`SYSTEM_SOCKET`] (`/run/herald-agent/session.sock`) when
 //! the state directory is the system one (`/var/lib/herald-agent`); else `session.sock`
@@ -52,6 +60,17 @@ pub const LINE_LIMIT: usize = 16 * 1024;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many helpers are connected at once; more are turned away.
 pub const MAX_HELPERS: usize = 64;
+/// At most this many helpers of one uid are connected at once (a login session runs
+/// one; a few more allow for reconnects racing the old connection's end).
+pub const MAX_HELPERS_PER_UID: usize = 4;
+/// Where the daemon learns who sits at the machine: logind's record of `seat0`, whose
+/// `ACTIVE_UID=` line names the user of the session in the foreground.
+#[cfg(not(target_os = "macos"))]
+pub const SEAT_FILE: &str = "/run/systemd/seats/seat0";
+/// Where the daemon learns who sits at the machine: the owner of the console device is
+/// the user logged in at the screen (root at the login window).
+#[cfg(target_os = "macos")]
+pub const SEAT_FILE: &str = "/dev/console";
 /// Longest error text kept from a helper.
 const ERROR_LIMIT: usize = 2000;
 
@@ -215,10 +234,20 @@ impl Peer {
     }
 }
 
-/// Whether a daemon running as `daemon_uid` accepts a helper from `peer`: a daemon that
-/// is not root accepts only its own uid; a root daemon accepts anyone, unless `users`
-/// (`[session] users`) is not empty, in which case only those users.
-pub fn admit(daemon_uid: u32, peer: &Peer, users: &[String]) -> Result<(), String> {
+/// Whether a daemon running as `daemon_uid` accepts a helper from `peer`, given
+/// `[session] users` and the uid of the person at the machine (`seat`, see
+/// [`seat_user`]; `None` when it cannot be told):
+///
+/// - a daemon that is not root accepts only its own uid;
+/// - a root daemon with `users` accepts only those users;
+/// - a root daemon without `users` accepts root and the seat's user, and when the seat's
+///   user cannot be told, root only (the reason then tells the admin to set `users`).
+pub fn admit(
+    daemon_uid: u32,
+    peer: &Peer,
+    users: &[String],
+    seat: Option<u32>,
+) -> Result<(), String> {
     if daemon_uid != 0 {
         return if peer.uid == daemon_uid {
             Ok(())
@@ -230,14 +259,58 @@ pub fn admit(daemon_uid: u32, peer: &Peer, users: &[String]) -> Result<(), Strin
             ))
         };
     }
-    if users.is_empty() || peer.user.as_ref().is_some_and(|u| users.contains(u)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is not listed in `[session] users` of this herald-agent",
-            peer.display_name()
-        ))
+    if !users.is_empty() {
+        return if peer.user.as_ref().is_some_and(|u| users.contains(u)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} is not listed in `[session] users` of this herald-agent",
+                peer.display_name()
+            ))
+        };
     }
+    match seat {
+        _ if peer.uid == 0 => Ok(()),
+        Some(uid) if uid == peer.uid => Ok(()),
+        Some(uid) => Err(format!(
+            "{} is not the user at this machine's screen (uid {uid}); this herald-agent \
+             accepts only that user's helper, unless `[session] users` in its agent.toml \
+             lists others",
+            peer.display_name()
+        )),
+        None => Err(format!(
+            "this herald-agent cannot tell who is at this machine's screen (no logind seat \
+             with an active user), so it accepts no helper of {}; the admin must list the \
+             users whose helpers may connect as `[session] users = [\"name\", ...]` in \
+             agent.toml",
+            peer.display_name()
+        )),
+    }
+}
+
+/// The uid of the person at the machine, read from `seat_file` ([`SEAT_FILE`]): on
+/// Linux its `ACTIVE_UID=` line, on macOS its owner. `None` when there is no such file
+/// (no logind, as in containers) or no active user.
+pub fn seat_user(seat_file: &Path) -> Option<u32> {
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(seat_file).ok().map(|m| m.uid())
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        std::fs::read_to_string(seat_file)
+            .ok()
+            .and_then(|text| active_uid(&text))
+    }
+}
+
+/// The `ACTIVE_UID=` value of a logind seat file (plain `KEY=value` lines).
+pub fn active_uid(seat_file: &str) -> Option<u32> {
+    seat_file
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("ACTIVE_UID="))
+        .and_then(|uid| uid.trim().parse().ok())
 }
 
 fn user_name(uid: u32) -> Option<String> {
@@ -338,6 +411,7 @@ pub struct Sessions {
     daemon_uid: u32,
     users: Vec<String>,
     preferred: Option<String>,
+    seat_file: PathBuf,
     answer_timeout: Duration,
     registry: Mutex<Registry>,
 }
@@ -353,8 +427,23 @@ struct Registry {
 
 struct Helper {
     id: u64,
+    uid: u32,
     user: String,
     sender: mpsc::UnboundedSender<ToHelper>,
+}
+
+/// Why a helper that passed [`admit`] is still turned away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum RegisterError {
+    /// Its uid already has [`MAX_HELPERS_PER_UID`] connections.
+    #[error("{user} already has {MAX_HELPERS_PER_UID} session helpers connected")]
+    UidFull {
+        /// The helper's user.
+        user: String,
+    },
+    /// [`MAX_HELPERS`] are connected.
+    #[error("already {MAX_HELPERS} session helpers connected")]
+    Full,
 }
 
 struct Pending {
@@ -364,15 +453,30 @@ struct Pending {
 
 impl Sessions {
     /// An empty registry for a daemon running as `daemon_uid`, waiting `answer_timeout`
-    /// for each helper answer.
+    /// for each helper answer, learning who is at the machine from [`SEAT_FILE`].
     pub fn new(settings: &SessionSettings, daemon_uid: u32, answer_timeout: Duration) -> Sessions {
         Sessions {
             daemon_uid,
             users: settings.users.clone(),
             preferred: settings.user.clone(),
+            seat_file: PathBuf::from(SEAT_FILE),
             answer_timeout,
             registry: Mutex::new(Registry::default()),
         }
+    }
+
+    /// The same, learning who is at the machine from `seat_file` instead (see
+    /// [`seat_user`]).
+    pub fn with_seat_file(self, seat_file: PathBuf) -> Sessions {
+        Sessions { seat_file, ..self }
+    }
+
+    /// The uid of the person at the machine, read now; only a root daemon asks (any
+    /// other accepts only its own uid anyway).
+    fn seat(&self) -> Option<u32> {
+        (self.daemon_uid == 0)
+            .then(|| seat_user(&self.seat_file))
+            .flatten()
     }
 
     /// Records that the socket could not be opened, so browser jobs say why.
@@ -389,20 +493,25 @@ impl Sessions {
             .collect()
     }
 
-    /// Hands a page to a helper and waits for its answer: the most recently connected
-    /// helper, or (for a root daemon with `[session] user`) that user's. Returns the
-    /// user whose browser opened it.
+    /// Hands a page to a helper and waits for its answer. The helper is, most recent
+    /// connection first: one of the user at the machine's screen (read now, since people
+    /// switch); else, for a root daemon with `[session] user`, that user's (and none
+    /// other); else any. Returns the user whose browser opened it.
     pub async fn open(&self, job_id: JobId, url: &str) -> Result<String, OpenError> {
+        let seat = self.seat();
         let (answer, answered) = oneshot::channel();
         let user = {
             let mut registry = lock(&self.registry);
             let wanted = self.preferred.as_ref().filter(|_| self.daemon_uid == 0);
-            let Some(helper) = registry
-                .helpers
-                .iter()
-                .rev()
-                .find(|h| wanted.is_none_or(|w| &h.user == w))
-            else {
+            let helpers = &registry.helpers;
+            let at_screen = seat.and_then(|seat| helpers.iter().rev().find(|h| h.uid == seat));
+            let chosen = at_screen.or_else(|| {
+                helpers
+                    .iter()
+                    .rev()
+                    .find(|h| wanted.is_none_or(|w| &h.user == w))
+            });
+            let Some(helper) = chosen else {
                 if let Some(reason) = &registry.unavailable {
                     return Err(OpenError::NoSocket(reason.clone()));
                 }
@@ -437,15 +546,34 @@ impl Sessions {
         }
     }
 
-    fn register(&self, user: String, sender: mpsc::UnboundedSender<ToHelper>) -> Option<u64> {
+    /// Adds an admitted helper, unless its uid or the whole table is full.
+    fn register(
+        &self,
+        peer: &Peer,
+        sender: mpsc::UnboundedSender<ToHelper>,
+    ) -> Result<u64, RegisterError> {
+        let user = peer.display_name();
         let mut registry = lock(&self.registry);
+        let of_uid = registry
+            .helpers
+            .iter()
+            .filter(|h| h.uid == peer.uid)
+            .count();
+        if of_uid >= MAX_HELPERS_PER_UID {
+            return Err(RegisterError::UidFull { user });
+        }
         if registry.helpers.len() >= MAX_HELPERS {
-            return None;
+            return Err(RegisterError::Full);
         }
         registry.next_id += 1;
         let id = registry.next_id;
-        registry.helpers.push(Helper { id, user, sender });
-        Some(id)
+        registry.helpers.push(Helper {
+            id,
+            uid: peer.uid,
+            user,
+            sender,
+        });
+        Ok(id)
     }
 
     fn unregister(&self, id: u64) {
@@ -495,7 +623,7 @@ impl Sessions {
             user: user_name(uid),
         };
         let (read, mut write) = stream.into_split();
-        if let Err(reason) = admit(self.daemon_uid, &peer, &self.users) {
+        if let Err(reason) = admit(self.daemon_uid, &peer, &self.users, self.seat()) {
             warn!(uid, %reason, "session helper refused");
             let _ = write_line(&mut write, &ToHelper::Rejected { reason }).await;
             return;
@@ -503,11 +631,14 @@ impl Sessions {
         let user = peer.display_name();
         let (sender, mut outgoing) = mpsc::unbounded_channel();
         let _ = sender.send(ToHelper::Welcome { user: user.clone() });
-        let Some(id) = self.register(user.clone(), sender) else {
-            let reason = format!("already {MAX_HELPERS} session helpers connected");
-            warn!(uid, %reason, "session helper refused");
-            let _ = write_line(&mut write, &ToHelper::Rejected { reason }).await;
-            return;
+        let id = match self.register(&peer, sender) {
+            Ok(id) => id,
+            Err(e) => {
+                let reason = e.to_string();
+                warn!(uid, %reason, "session helper refused");
+                let _ = write_line(&mut write, &ToHelper::Rejected { reason }).await;
+                return;
+            }
         };
         info!(%user, uid, "session helper connected");
         let writer = async {
@@ -604,39 +735,78 @@ mod tests {
 
     #[test]
     fn a_user_daemon_accepts_only_its_own_uid() {
-        assert_eq!(admit(1000, &peer(1000, "alice"), &[]), Ok(()));
-        let refused = admit(1000, &peer(1001, "bob"), &[]).unwrap_err();
-        assert!(refused.contains("bob"), "{refused}");
-        // Not even root, and `users` does not widen it.
-        assert!(admit(1000, &peer(0, "root"), &[]).is_err());
-        assert!(admit(1000, &peer(1001, "bob"), &["bob".into()]).is_err());
+        for seat in [None, Some(1000), Some(1001)] {
+            assert_eq!(admit(1000, &peer(1000, "alice"), &[], seat), Ok(()));
+            let refused = admit(1000, &peer(1001, "bob"), &[], seat).unwrap_err();
+            assert!(refused.contains("bob"), "{refused}");
+            // Not even root, and `users` does not widen it.
+            assert!(admit(1000, &peer(0, "root"), &[], seat).is_err());
+            assert!(admit(1000, &peer(1001, "bob"), &["bob".into()], seat).is_err());
+        }
     }
 
     #[test]
-    fn a_root_daemon_accepts_anyone_or_the_listed_users() {
-        assert_eq!(admit(0, &peer(1001, "bob"), &[]), Ok(()));
-        assert_eq!(
-            admit(
-                0,
-                &Peer {
-                    uid: 4242,
-                    user: None
-                },
-                &[]
-            ),
-            Ok(())
-        );
-        let users = vec!["alice".to_string()];
-        assert_eq!(admit(0, &peer(1000, "alice"), &users), Ok(()));
-        let refused = admit(0, &peer(1001, "bob"), &users).unwrap_err();
-        assert!(refused.contains("bob"), "{refused}");
+    fn a_root_daemon_without_users_admits_root_and_the_seat_user_only() {
+        let seat = Some(1000);
+        assert_eq!(admit(0, &peer(1000, "alice"), &[], seat), Ok(()));
+        assert_eq!(admit(0, &peer(0, "root"), &[], seat), Ok(()));
+        // An SSH user or a service account is not the person at the machine.
+        let refused = admit(0, &peer(33, "www-data"), &[], seat).unwrap_err();
+        assert!(refused.contains("www-data"), "{refused}");
+        assert!(refused.contains("[session] users"), "{refused}");
         let nameless = Peer {
             uid: 4242,
             user: None,
         };
-        assert!(admit(0, &nameless, &users)
+        assert!(admit(0, &nameless, &[], seat)
             .unwrap_err()
             .contains("uid 4242"));
+    }
+
+    #[test]
+    fn a_root_daemon_that_cannot_tell_the_seat_user_admits_root_only_and_says_to_set_users() {
+        assert_eq!(admit(0, &peer(0, "root"), &[], None), Ok(()));
+        let refused = admit(0, &peer(1000, "alice"), &[], None).unwrap_err();
+        assert!(refused.contains("alice"), "{refused}");
+        assert!(refused.contains("`[session] users = ["), "{refused}");
+    }
+
+    #[test]
+    fn a_root_daemon_with_users_admits_only_those() {
+        let users = vec!["alice".to_string()];
+        for seat in [None, Some(1000), Some(1001)] {
+            assert_eq!(admit(0, &peer(1000, "alice"), &users, seat), Ok(()));
+            let refused = admit(0, &peer(1001, "bob"), &users, seat).unwrap_err();
+            assert!(refused.contains("bob"), "{refused}");
+            let nameless = Peer {
+                uid: 4242,
+                user: None,
+            };
+            assert!(admit(0, &nameless, &users, seat)
+                .unwrap_err()
+                .contains("uid 4242"));
+        }
+    }
+
+    #[test]
+    fn the_seat_user_is_the_active_uid_logind_records() {
+        let seat0 = "IS_SEAT0=1\nCAN_MULTI_SESSION=1\nACTIVE=c2\nACTIVE_UID=1000\n\
+                     SESSIONS=c2 c1\nUIDS=1000 1001\n";
+        assert_eq!(active_uid(seat0), Some(1000));
+        // Nobody in the foreground (the greeter gone, a text console): no ACTIVE_UID.
+        assert_eq!(active_uid("IS_SEAT0=1\nSESSIONS=\n"), None);
+        assert_eq!(active_uid("ACTIVE_UID=\n"), None);
+        assert_eq!(active_uid("ACTIVE_UID=-1\n"), None);
+        assert_eq!(active_uid("UIDS=1000\n"), None);
+        #[cfg(not(target_os = "macos"))]
+        {
+            let dir = TempDir::new("seat");
+            let file = dir.0.join("seat0");
+            std::fs::write(&file, seat0).unwrap();
+            assert_eq!(seat_user(&file), Some(1000));
+            // No logind (a container): unknown.
+            assert_eq!(seat_user(&dir.0.join("missing")), None);
+        }
     }
 
     #[test]
@@ -922,15 +1092,22 @@ mod tests {
     async fn the_preferred_user_gets_the_job_on_a_root_daemon() {
         let dir = TempDir::new("preferred");
         let path = dir.0.join(SOCKET_FILE);
+        let seat0 = dir.0.join("seat0");
         let listener = bind(&path, false).unwrap();
         let settings = SessionSettings {
             user: Some("nobody-here".into()),
             ..Default::default()
         };
-        // Pretend to be root for the selection rule; the helper connects as whoever we are.
-        let sessions = Arc::new(Sessions::new(&settings, 0, Duration::from_secs(10)));
+        // Pretend to be root for the selection rule; the helper connects as whoever we
+        // are, and is admitted as the person at the machine.
+        std::fs::write(&seat0, format!("ACTIVE_UID={}\n", me())).unwrap();
+        let sessions = Arc::new(
+            Sessions::new(&settings, 0, Duration::from_secs(10)).with_seat_file(seat0.clone()),
+        );
         tokio::spawn(serve(listener, sessions.clone()));
         let _helper = fake_helper(&path).await;
+        // Someone else is at the machine now, without a helper: `[session] user` decides.
+        std::fs::write(&seat0, "ACTIVE_UID=4242\n").unwrap();
         let error = sessions.open(1, "https://h/").await.unwrap_err();
         assert_eq!(
             error,
@@ -938,6 +1115,165 @@ mod tests {
                 user: Some("nobody-here".into())
             }
         );
+    }
+
+    /// A registered stand-in helper: its receiving end and its registry id.
+    struct FakeHelper {
+        id: u64,
+        inbox: mpsc::UnboundedReceiver<ToHelper>,
+    }
+
+    fn register_fake(sessions: &Sessions, uid: u32, user: &str) -> FakeHelper {
+        let (sender, inbox) = mpsc::unbounded_channel();
+        let id = sessions.register(&peer(uid, user), sender).unwrap();
+        FakeHelper { id, inbox }
+    }
+
+    /// Opens a page and answers it from whichever fake helper received it; returns that
+    /// helper's index and the user `open` reports.
+    async fn open_and_answer(
+        sessions: &Arc<Sessions>,
+        job_id: JobId,
+        helpers: &mut [FakeHelper],
+    ) -> (usize, String) {
+        let open = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.open(job_id, "https://h/").await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let index = 'found: loop {
+            for (i, helper) in helpers.iter_mut().enumerate() {
+                if let Ok(ToHelper::Open { job_id: got, .. }) = helper.inbox.try_recv() {
+                    assert_eq!(got, job_id);
+                    break 'found i;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no helper got job {job_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        sessions.answer(helpers[index].id, FromHelper::Opened { job_id });
+        (index, open.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn jobs_go_to_the_user_at_the_screen_as_read_at_open_time() {
+        let dir = TempDir::new("route");
+        let seat0 = dir.0.join("seat0");
+        let settings = SessionSettings {
+            user: Some("carol".into()),
+            ..Default::default()
+        };
+        let sessions = Arc::new(
+            Sessions::new(&settings, 0, Duration::from_secs(10)).with_seat_file(seat0.clone()),
+        );
+        let mut helpers = vec![
+            register_fake(&sessions, 1000, "alice"),
+            register_fake(&sessions, 1001, "bob"),
+            register_fake(&sessions, 1002, "carol"),
+            register_fake(&sessions, 0, "root"),
+        ];
+        // Alice at the screen: hers, though others connected later.
+        std::fs::write(&seat0, "ACTIVE=c1\nACTIVE_UID=1000\n").unwrap();
+        assert_eq!(
+            open_and_answer(&sessions, 1, &mut helpers).await,
+            (0, "alice".to_string())
+        );
+        // Bob switched in: the next job is his.
+        std::fs::write(&seat0, "ACTIVE=c2\nACTIVE_UID=1001\n").unwrap();
+        assert_eq!(
+            open_and_answer(&sessions, 2, &mut helpers).await,
+            (1, "bob".to_string())
+        );
+        // Nobody (known) at the screen: `[session] user`.
+        std::fs::remove_file(&seat0).unwrap();
+        assert_eq!(
+            open_and_answer(&sessions, 3, &mut helpers).await,
+            (2, "carol".to_string())
+        );
+        // Without `[session] user`: the most recent helper.
+        let plain = Arc::new(
+            Sessions::new(&SessionSettings::default(), 0, Duration::from_secs(10))
+                .with_seat_file(seat0.clone()),
+        );
+        let mut helpers = vec![
+            register_fake(&plain, 1000, "alice"),
+            register_fake(&plain, 1001, "bob"),
+        ];
+        assert_eq!(
+            open_and_answer(&plain, 4, &mut helpers).await,
+            (1, "bob".to_string())
+        );
+        std::fs::write(&seat0, "ACTIVE_UID=1000\n").unwrap();
+        assert_eq!(
+            open_and_answer(&plain, 5, &mut helpers).await,
+            (0, "alice".to_string())
+        );
+    }
+
+    #[test]
+    fn one_uid_cannot_fill_the_helper_table() {
+        let sessions = Sessions::new(&SessionSettings::default(), 0, Duration::from_secs(1));
+        let mut kept = Vec::new();
+        for _ in 0..MAX_HELPERS_PER_UID {
+            kept.push(register_fake(&sessions, 33, "www-data"));
+        }
+        let (sender, _inbox) = mpsc::unbounded_channel();
+        let refused = sessions
+            .register(&peer(33, "www-data"), sender)
+            .unwrap_err();
+        assert_eq!(
+            refused,
+            RegisterError::UidFull {
+                user: "www-data".into()
+            }
+        );
+        assert!(refused.to_string().contains("www-data"), "{refused}");
+        // Others still get in, up to the global cap.
+        for uid in 1000.. {
+            if sessions.helpers().len() == MAX_HELPERS {
+                break;
+            }
+            kept.push(register_fake(&sessions, uid, "other"));
+        }
+        let (sender, _inbox) = mpsc::unbounded_channel();
+        assert_eq!(
+            sessions.register(&peer(7, "fresh"), sender).unwrap_err(),
+            RegisterError::Full
+        );
+    }
+
+    #[tokio::test]
+    async fn a_helper_over_its_uids_cap_is_turned_away() {
+        let dir = TempDir::new("cap");
+        let (sessions, path) = serving(&dir, Duration::from_secs(10));
+        let mut kept = Vec::new();
+        for _ in 0..MAX_HELPERS_PER_UID {
+            kept.push(fake_helper(&path).await);
+        }
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let mut read = BufReader::new(stream);
+        let line = read_line(&mut read).await.unwrap().unwrap();
+        match serde_json::from_str::<ToHelper>(&line).unwrap() {
+            ToHelper::Rejected { reason } => {
+                assert!(
+                    reason.contains(&format!("{MAX_HELPERS_PER_UID} session helpers")),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert_eq!(sessions.helpers().len(), MAX_HELPERS_PER_UID);
+        // One leaves: there is room again.
+        drop(kept.pop());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sessions.helpers().len() == MAX_HELPERS_PER_UID {
+            assert!(tokio::time::Instant::now() < deadline, "helper not dropped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        kept.push(fake_helper(&path).await);
     }
 
     #[tokio::test]

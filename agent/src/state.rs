@@ -79,11 +79,16 @@ pub struct SessionSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     /// When the daemon runs as root and this is not empty, only helpers of these users
-    /// are accepted. (A daemon that is not root only ever accepts its own user.)
+    /// are accepted. When it is empty, a root daemon accepts root's helper and that of
+    /// the user at the machine's screen (logind's active user of `seat0`, the owner of
+    /// `/dev/console` on macOS), and no other when that cannot be told: set this on
+    /// multi-user hosts and where there is no logind. (A daemon that is not root only
+    /// ever accepts its own user.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<String>,
-    /// When the daemon runs as root: browser services go to this user's helper instead
-    /// of the most recently connected one.
+    /// When the daemon runs as root: browser services go to this user's helper when the
+    /// user at the screen has none connected (or cannot be told), instead of the most
+    /// recently connected one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }

@@ -1,7 +1,7 @@
 //! Harness support for browser services: the user-session helper
 //! (`herald-agent session`) as a process with its own `BROWSER`, a stand-in browser that
 //! records the URLs it is given, operator-signed orders posted straight to the admin API,
-//! and agent policy edits.
+//! agent settings edits, and (as root) a helper running as another local account.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -21,18 +21,29 @@ pub struct SessionHelper {
     child: Option<Child>,
 }
 
+/// The uid and gid of `nobody`, standing in for another local account (an SSH user,
+/// a service account) in tests that run as root.
+pub const NOBODY: u32 = 65534;
+
+/// Whether the tests run as root (as in CI), which running a process as another user
+/// needs.
+pub fn running_as_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn append_to(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .expect("open helper log")
+}
+
 impl SessionHelper {
     /// Starts the helper for `agent` with `BROWSER` set to `browser`, logging to `log`,
     /// and waits until the agent has accepted it.
     pub fn start(agent: &TestAgent, browser: &str, log: &Path) -> SessionHelper {
-        let file = |path: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map(Stdio::from)
-                .expect("open helper log")
-        };
         let child = Command::new(bin("herald-agent"))
             .arg("--state-dir")
             .arg(&agent.state_dir)
@@ -40,8 +51,8 @@ impl SessionHelper {
             .env("BROWSER", browser)
             .env("HERALD_LOG", "info,herald_agent=debug")
             .stdin(Stdio::null())
-            .stdout(file(log))
-            .stderr(file(log))
+            .stdout(append_to(log))
+            .stderr(append_to(log))
             .spawn()
             .expect("spawn herald-agent session");
         let helper = SessionHelper {
@@ -50,13 +61,53 @@ impl SessionHelper {
         };
         // The daemon registers a helper before it welcomes it, so once the helper logs
         // the welcome, browser jobs find it.
-        wait_until("the session helper to connect", DEADLINE, || {
-            helper
-                .log()
-                .contains("connected to herald-agent")
-                .then_some(())
-        });
+        helper.wait_log("connected to herald-agent");
         helper
+    }
+
+    /// Starts `binary session --socket SOCKET` as uid and gid `uid` (the tests must run
+    /// as root), with `BROWSER` set to `browser`, logging to `log` (opened here, so
+    /// `uid` need not be able to write it). Does not wait for the daemon's answer.
+    /// `binary`, `browser` and the socket's directory must be reachable by `uid`.
+    pub fn start_as(
+        uid: u32,
+        binary: &Path,
+        socket: &Path,
+        browser: &str,
+        log: &Path,
+    ) -> SessionHelper {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(binary)
+            .arg("session")
+            .arg("--socket")
+            .arg(socket)
+            .env("BROWSER", browser)
+            .env("HERALD_LOG", "info,herald_agent=debug")
+            .env("HOME", "/")
+            .current_dir("/")
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stdout(append_to(log))
+            .stderr(append_to(log))
+            .spawn()
+            .expect("spawn herald-agent session as another user");
+        SessionHelper {
+            log: log.to_path_buf(),
+            child: Some(child),
+        }
+    }
+
+    /// Waits until the helper's log contains `text`; returns the log.
+    pub fn wait_log(&self, text: &str) -> String {
+        wait_until(
+            &format!("the session helper to log {text:?}"),
+            DEADLINE,
+            || {
+                let log = self.log();
+                log.contains(text).then_some(log)
+            },
+        )
     }
 
     /// The helper's log, without colour codes.
@@ -99,27 +150,34 @@ pub fn recording_browser(dir: &Path) -> (PathBuf, PathBuf) {
 /// Sets `key = value` (TOML) in the `[policy]` table of an agent's `agent.toml`, for an
 /// agent that is not running.
 pub fn set_policy(agent: &TestAgent, key: &str, value: &str) {
+    set_setting(agent, "policy", key, value);
+}
+
+/// Sets `key = value` (TOML) in the `[table]` table of an agent's `agent.toml`, adding
+/// the table if missing, for an agent that is not running.
+pub fn set_setting(agent: &TestAgent, table: &str, key: &str, value: &str) {
     let path = agent.state_dir.join("agent.toml");
     let text = std::fs::read_to_string(&path).expect("read agent.toml");
+    let header = format!("[{table}]");
     let mut lines: Vec<String> = Vec::new();
-    let mut table = String::new();
+    let mut current = String::new();
     let mut done = false;
     for line in text.lines() {
         let trimmed = line.trim();
         if trimmed.starts_with('[') {
-            if table == "[policy]" && !done {
+            if current == header && !done {
                 lines.push(format!("{key} = {value}"));
                 done = true;
             }
-            table = trimmed.to_string();
-        } else if table == "[policy]" && trimmed.split('=').next().map(str::trim) == Some(key) {
+            current = trimmed.to_string();
+        } else if current == header && trimmed.split('=').next().map(str::trim) == Some(key) {
             continue;
         }
         lines.push(line.to_string());
     }
     if !done {
-        if table != "[policy]" {
-            lines.push("[policy]".into());
+        if current != header {
+            lines.push(header);
         }
         lines.push(format!("{key} = {value}"));
     }

@@ -3,11 +3,16 @@
 //! one, the helper's browser receives the signed page with the server's one-time ticket
 //! appended (and the ticket shows up nowhere else); pages outside the URL rule, and any
 //! page on an agent whose policy disables browser services, are refused at signal time.
+//! A root agent does not let another local account's helper take its browser jobs (run
+//! as root only: the helper of another account needs root to start).
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use herald_shared::envelope::{Action, Audience, OpenSpec, Order, Repeat};
-use herald_tests::session_helper::{post_order, recording_browser, set_policy, SessionHelper};
+use herald_tests::session_helper::{
+    post_order, recording_browser, running_as_root, set_policy, set_setting, SessionHelper, NOBODY,
+};
 use herald_tests::{now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
@@ -163,5 +168,111 @@ fn pages_outside_the_rule_and_disabled_policy_are_refused_at_signal_time() {
     assert!(
         opened.starts_with("https://service.example.invalid/"),
         "{opened:?}"
+    );
+}
+
+/// A directory every local account can traverse and read, outside the test tree (whose
+/// parents may be private); removed at the end unless the test failed.
+struct OpenDir(PathBuf);
+
+impl OpenDir {
+    fn new(name: &str) -> OpenDir {
+        use std::os::unix::fs::PermissionsExt;
+        let nonce: [u8; 8] = random_bytes();
+        let dir = std::env::temp_dir().join(format!("herald-{name}-{}", hex::encode(nonce)));
+        std::fs::create_dir_all(&dir).expect("create open dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("open the dir to every account");
+        OpenDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for OpenDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("shared test files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn another_local_account_cannot_take_the_browser_jobs_of_a_root_agent() {
+    if !running_as_root() {
+        // An agent not running as root admits only its own uid: the first test's helper
+        // (same uid) shows that side; the unit tests cover the rule itself.
+        eprintln!("skipped: starting a helper as another account needs root");
+        return;
+    }
+    let server = TestServer::start("browser-foreign");
+    // Everything the other account must reach: the socket, the binary, the browser.
+    let open = OpenDir::new("browser-foreign");
+    let socket = open.path().join("sock").join("session.sock");
+    let binary = open.path().join("herald-agent");
+    std::fs::copy(herald_tests::bin("herald-agent"), &binary).expect("copy herald-agent");
+    let (browser, record) = recording_browser(open.path());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Writable by all, so that a wrongly admitted helper visibly opens the page.
+        std::fs::write(&record, "").expect("create the record");
+        std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666))
+            .expect("open the record");
+    }
+    let mut agent = TestAgent::enroll(&server, "desk", &[]);
+    let socket_toml = serde_json::to_string(&socket.to_string_lossy()).expect("quote path");
+    set_setting(&agent, "session", "socket", &socket_toml);
+    agent.spawn();
+    agent.wait_online(&server);
+
+    // Another account (an SSH user, a service account) connects a helper: refused, with
+    // the advice for the admin, and it receives no job.
+    let foreign = SessionHelper::start_as(
+        NOBODY,
+        &binary,
+        &socket,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("foreign-helper.log"),
+    );
+    let log = foreign.wait_log("did not accept this helper");
+    assert!(log.contains("[session] users"), "{log}");
+    assert!(agent.log().contains("session helper refused"), "agent log");
+    let id = post_one(&server, &open_order(&agent, PAGE));
+    let job = server.wait_job_state(id, "failed", DEADLINE);
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no user-session helper"), "{job:#}");
+    assert_eq!(
+        std::fs::read_to_string(&record).expect("read the record"),
+        "",
+        "the other account's browser opened the page"
+    );
+
+    // Root's own helper is admitted and gets the job.
+    let _own = SessionHelper::start(
+        &agent,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("helper.log"),
+    );
+    let id = post_one(&server, &open_order(&agent, PAGE));
+    let job = wait_settled(&server, id);
+    assert!(
+        job["state"] == "waiting" || job["state"] == "succeeded",
+        "{job:#}"
+    );
+    let stdout = job["stdout"].as_str().unwrap_or_default();
+    assert!(
+        stdout.trim_end().ends_with("in the browser of user root"),
+        "{job:#}"
+    );
+    let opened = std::fs::read_to_string(&record).expect("read the record");
+    assert_eq!(opened.lines().count(), 1, "{opened:?}");
+    assert!(
+        !foreign.log().contains("connected to herald-agent"),
+        "{}",
+        foreign.log()
     );
 }
