@@ -9,9 +9,11 @@ use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 use herald_shared::protocol::JobId;
+use herald_shared::schedule::Schedule;
 use herald_shared::Millis;
 
-use crate::model::AgentInfo;
+use crate::catalog::Subscription;
+use crate::model::{AgentInfo, ScheduleInfo};
 use crate::store::{Store, StoreError};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -92,6 +94,29 @@ pub struct Credentials {
     pub password_hash: String,
     /// Locked until then, if locked.
     pub locked_until: Option<Millis>,
+}
+
+/// How counting a login attempt went, before its password is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginAttempt {
+    /// The account is locked: refuse without checking the password.
+    Locked,
+    /// Counted as a failure until the password proves right; `locks` when this
+    /// attempt reached the limit and locked the account (a right password still
+    /// unlocks it).
+    Counted {
+        /// This attempt set the lock.
+        locks: bool,
+    },
+}
+
+/// An agent with the login of the user who linked it.
+#[derive(Debug, Clone)]
+pub struct OwnedAgent {
+    /// The agent.
+    pub agent: AgentInfo,
+    /// Its owner's login (`None`: enrolled with an operator token).
+    pub owner: Option<String>,
 }
 
 /// A live browser session.
@@ -478,47 +503,77 @@ impl Store {
 
     // === login failures ===
 
-    /// Counts a failed login. After `max_failures` consecutive failures the account is
-    /// locked until `now + lock_ms` and the count starts again. Returns whether this
-    /// failure locked it.
-    pub fn login_failed(
+    /// Counts a login attempt as a failure *before* its password is checked, so that
+    /// attempts sent in parallel cannot all pass a check made before any of them
+    /// failed. The attempt that makes `max_failures` consecutive ones locks the
+    /// account until `now + lock_ms` (and the count starts again); while locked,
+    /// attempts are refused uncounted. A right password undoes the count with
+    /// [`Store::login_succeeded`].
+    ///
+    /// Written on the relaxed connection: a failure costs no fsync, so a wrong
+    /// password for a real account takes no longer than one for a login that does not
+    /// exist (counted in memory); a power cut may forget the latest counts.
+    pub fn begin_login(
         &self,
         user_id: i64,
         max_failures: u32,
         lock_ms: i64,
         now: Millis,
-    ) -> Result<bool> {
-        let mut conn = self.conn();
+    ) -> Result<LoginAttempt> {
+        let mut conn = self.fast();
         let tx = conn.transaction()?;
-        let failures: i64 = tx.query_row(
-            "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = ?1
-             RETURNING failed_logins",
-            params![user_id],
-            |r| r.get(0),
-        )?;
-        let lock = failures >= i64::from(max_failures);
-        if lock {
+        let failures: Option<i64> = tx
+            .query_row(
+                "UPDATE users SET failed_logins = failed_logins + 1
+                 WHERE id = ?1 AND (locked_until IS NULL OR locked_until <= ?2)
+                 RETURNING failed_logins",
+                params![user_id, now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(failures) = failures else {
+            return Ok(LoginAttempt::Locked);
+        };
+        let locks = failures >= i64::from(max_failures);
+        if locks {
             tx.execute(
                 "UPDATE users SET failed_logins = 0, locked_until = ?2 WHERE id = ?1",
                 params![user_id, now.saturating_add(lock_ms)],
             )?;
         }
         tx.commit()?;
-        Ok(lock)
+        Ok(LoginAttempt::Counted { locks })
     }
 
-    /// Clears the failure count after a successful login.
-    pub fn login_succeeded(&self, user_id: i64) -> Result<()> {
-        self.conn().execute(
-            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE id = ?1",
-            params![user_id],
+    /// Whether an account is locked at `now`.
+    pub fn login_locked(&self, user_id: i64, now: Millis) -> Result<bool> {
+        let until: Option<Option<Millis>> = self
+            .fast()
+            .query_row(
+                "SELECT locked_until FROM users WHERE id = ?1",
+                params![user_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(until.flatten().is_some_and(|until| until > now))
+    }
+
+    /// The password of a counted attempt proved right: clears the count, and the lock
+    /// if this attempt set it (`locked_by_this`). Returns false, clearing nothing, if
+    /// another attempt locked the account meanwhile: the caller refuses the login.
+    pub fn login_succeeded(&self, user_id: i64, locked_by_this: bool, now: Millis) -> Result<bool> {
+        let changed = self.fast().execute(
+            "UPDATE users SET failed_logins = 0, locked_until = NULL
+             WHERE id = ?1 AND (?3 OR locked_until IS NULL OR locked_until <= ?2)",
+            params![user_id, now, locked_by_this],
         )?;
-        Ok(())
+        Ok(changed > 0)
     }
 
     // === sessions ===
 
-    /// Stores a new session by the hash of its cookie value.
+    /// Stores a new session by the hash of its cookie value. It ends after `idle_ms`
+    /// without use, and `max_age_ms` after now however much it is used.
     pub fn create_session(
         &self,
         token_hash: &str,
@@ -526,6 +581,7 @@ impl Store {
         csrf: &str,
         now: Millis,
         idle_ms: i64,
+        max_age_ms: i64,
     ) -> Result<()> {
         let conn = self.conn();
         // Housekeeping on the rare path (a login), not on every request.
@@ -536,17 +592,25 @@ impl Store {
         conn.execute(
             "INSERT INTO web_sessions (token_hash, user_id, csrf, created_at, last_seen_at, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            params![token_hash, user_id, csrf, now, now.saturating_add(idle_ms)],
+            params![
+                token_hash,
+                user_id,
+                csrf,
+                now,
+                now.saturating_add(idle_ms.min(max_age_ms))
+            ],
         )?;
         Ok(())
     }
 
-    /// The live session with this cookie hash, if any; pushes its idle expiry forward.
+    /// The live session with this cookie hash, if any; pushes its idle expiry forward,
+    /// never past `max_age_ms` after the session began.
     pub fn session(
         &self,
         token_hash: &str,
         now: Millis,
         idle_ms: i64,
+        max_age_ms: i64,
     ) -> Result<Option<SessionRecord>> {
         let conn = self.fast();
         let found = conn
@@ -554,9 +618,10 @@ impl Store {
                 &format!(
                     "SELECT {USER_COLUMNS}, s.csrf, s.last_seen_at
                      FROM web_sessions s JOIN users u ON u.id = s.user_id
-                     WHERE s.token_hash = ?1 AND s.expires_at > ?2"
+                     WHERE s.token_hash = ?1 AND s.expires_at > ?2
+                       AND s.created_at > ?2 - ?3"
                 ),
-                params![token_hash, now],
+                params![token_hash, now, max_age_ms],
                 |r| Ok((user_row(r)?, r.get::<_, String>(7)?, r.get::<_, Millis>(8)?)),
             )
             .optional()?;
@@ -567,8 +632,10 @@ impl Store {
         // a minute of slack in a 12-hour idle timeout does not matter.
         if now - last_seen > 60_000 {
             conn.execute(
-                "UPDATE web_sessions SET last_seen_at = ?2, expires_at = ?3 WHERE token_hash = ?1",
-                params![token_hash, now, now.saturating_add(idle_ms)],
+                "UPDATE web_sessions SET last_seen_at = ?2,
+                        expires_at = MIN(?3, created_at + ?4)
+                 WHERE token_hash = ?1",
+                params![token_hash, now, now.saturating_add(idle_ms), max_age_ms],
             )?;
         }
         Ok(Some(SessionRecord { user, csrf }))
@@ -763,12 +830,155 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))
     }
 
-    /// Logins of the owners of linked agents, by agent id.
-    pub fn agent_owners(&self) -> Result<std::collections::HashMap<String, String>> {
+    // === quotas and bounded lists ===
+
+    /// How many catalog subscriptions a user owns.
+    pub fn subscription_count(&self, user_id: i64) -> Result<u32> {
+        Ok(self.fast().query_row(
+            "SELECT COUNT(*) FROM schedules WHERE owner_user_id = ?1 AND catalog_name IS NOT NULL",
+            params![user_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How many devices (not revoked) a user has linked.
+    pub fn device_count(&self, user_id: i64) -> Result<u32> {
+        Ok(self.fast().query_row(
+            "SELECT COUNT(*) FROM agents WHERE owner_user_id = ?1 AND revoked_at IS NULL",
+            params![user_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How many of a user's "link a device" tokens are neither used up nor expired.
+    pub fn unused_link_tokens(&self, user_id: i64, now: Millis) -> Result<u32> {
+        Ok(self.fast().query_row(
+            "SELECT COUNT(*) FROM tokens
+             WHERE owner_user_id = ?1 AND uses_left > 0 AND expires_at > ?2",
+            params![user_id, now],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Catalog subscriptions, newest first, at most `limit`: one user's (`Some`) or
+    /// everyone's, optionally only those on one target (`agent:ID`, ...).
+    pub fn subscriptions_page(
+        &self,
+        owner: Option<i64>,
+        target: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Subscription>> {
+        let ids: Vec<i64> = {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT id FROM schedules
+                 WHERE catalog_name IS NOT NULL
+                   AND (?1 IS NULL OR owner_user_id = ?1) AND (?2 IS NULL OR target = ?2)
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![owner, target, limit], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        // The subscription's own query, row by row (at most `limit` indexed look-ups),
+        // keeps one definition of what a subscription reads.
+        let mut subscriptions = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.service_subscription(id) {
+                Ok(s) => subscriptions.push(s),
+                // Withdrawn between the two reads.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(subscriptions)
+    }
+
+    /// Operator schedules (not catalog subscriptions), newest first, at most `limit`.
+    pub fn operator_schedules(&self, limit: u32) -> Result<Vec<ScheduleInfo>> {
         let conn = self.fast();
-        let mut stmt = conn
-            .prepare("SELECT a.id, u.login FROM agents a JOIN users u ON u.id = a.owner_user_id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = conn.prepare(
+            "SELECT s.id, s.target, s.spec, s.missed, s.splay_ms, o.action, s.next_fire_at,
+                    s.created_at
+             FROM schedules s JOIN orders o ON o.id = s.order_id
+             WHERE s.catalog_name IS NULL ORDER BY s.id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            let spec: String = r.get(2)?;
+            let when = serde_json::from_str::<Schedule>(&spec)
+                .map(|s| s.describe())
+                .unwrap_or_else(|_| format!("unreadable schedule {spec}"));
+            Ok(ScheduleInfo {
+                id: r.get(0)?,
+                target: r.get(1)?,
+                when,
+                missed: r.get(3)?,
+                splay_ms: r.get::<_, i64>(4)?.max(0) as u64,
+                action: r.get(5)?,
+                next_fire_at: r.get(6)?,
+                created_at: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Agents, newest first, at most `limit`, with their groups and their owner's
+    /// login; `online` tells which are connected.
+    pub fn agents_page(
+        &self,
+        limit: u32,
+        online: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<OwnedAgent>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(
+            "SELECT a.id, a.name, a.revoked_at, a.enrolled_at, a.last_seen_at, a.version,
+                    a.local_addresses, a.observed_address, u.login,
+                    (SELECT group_concat(g.group_name, char(10)) FROM agent_groups g
+                     WHERE g.agent_id = a.id)
+             FROM agents a LEFT JOIN users u ON u.id = a.owner_user_id
+             ORDER BY a.enrolled_at DESC, a.id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            let id: String = r.get(0)?;
+            let local: String = r.get(6)?;
+            let groups: Option<String> = r.get(9)?;
+            let mut groups: Vec<String> = groups
+                .unwrap_or_default()
+                .split('\n')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            groups.sort();
+            Ok(OwnedAgent {
+                agent: AgentInfo {
+                    online: online(&id),
+                    id,
+                    name: r.get(1)?,
+                    revoked_at: r.get(2)?,
+                    enrolled_at: r.get(3)?,
+                    last_seen_at: r.get(4)?,
+                    version: r.get(5)?,
+                    groups,
+                    local_addresses: local
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    observed_address: r.get(7)?,
+                    facts: serde_json::Value::Null,
+                },
+                owner: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Accounts, newest first, at most `limit`.
+    pub fn users_page(&self, limit: u32) -> Result<Vec<User>> {
+        let conn = self.fast();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {USER_COLUMNS} FROM users u ORDER BY u.id DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map(params![limit], user_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -956,19 +1166,47 @@ mod tests {
     }
 
     #[test]
-    fn the_fifth_consecutive_failure_locks_and_success_resets() {
+    fn attempts_count_before_the_check_lock_at_the_fifth_and_a_right_password_resets() {
         let (store, dir) = store();
         let id = store.add_user("bob", "h", Role::User, "", "", 1).unwrap();
+        let counted = LoginAttempt::Counted { locks: false };
         for _ in 0..4 {
-            assert!(!store.login_failed(id, 5, 1_000, 10).unwrap());
+            assert_eq!(store.begin_login(id, 5, 1_000, 10).unwrap(), counted);
         }
-        store.login_succeeded(id).unwrap();
+        assert!(store.login_succeeded(id, false, 10).unwrap());
         for _ in 0..4 {
-            assert!(!store.login_failed(id, 5, 1_000, 10).unwrap());
+            assert_eq!(store.begin_login(id, 5, 1_000, 10).unwrap(), counted);
         }
-        assert!(store.login_failed(id, 5, 1_000, 10).unwrap());
+        assert!(!store.login_locked(id, 10).unwrap());
+        assert_eq!(
+            store.begin_login(id, 5, 1_000, 10).unwrap(),
+            LoginAttempt::Counted { locks: true }
+        );
         let creds = store.credentials("bob").unwrap().unwrap();
         assert_eq!(creds.locked_until, Some(1_010));
+        assert!(store.login_locked(id, 1_009).unwrap());
+        // Locked: refused uncounted, and an attempt counted before the lock that
+        // proves right does not unlock it; the one that set the lock does.
+        assert_eq!(
+            store.begin_login(id, 5, 1_000, 20).unwrap(),
+            LoginAttempt::Locked
+        );
+        assert!(!store.login_succeeded(id, false, 20).unwrap());
+        assert!(store.login_locked(id, 20).unwrap());
+        assert!(store.login_succeeded(id, true, 20).unwrap());
+        assert!(!store.login_locked(id, 20).unwrap());
+        // After a lock runs out, the count starts again.
+        for _ in 0..4 {
+            store.begin_login(id, 5, 1_000, 30).unwrap();
+        }
+        assert_eq!(
+            store.begin_login(id, 5, 1_000, 30).unwrap(),
+            LoginAttempt::Counted { locks: true }
+        );
+        assert_eq!(
+            store.begin_login(id, 5, 1_000, 1_030).unwrap(),
+            LoginAttempt::Counted { locks: false }
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -976,16 +1214,52 @@ mod tests {
     fn sessions_expire_when_idle_and_end_with_a_password_change() {
         let (store, dir) = store();
         let id = store.add_user("cy", "h", Role::User, "", "", 1).unwrap();
-        store.create_session("s1", id, "c1", 0, 1_000).unwrap();
-        store.create_session("s2", id, "c2", 0, 1_000).unwrap();
-        assert_eq!(store.session("s1", 999, 1_000).unwrap().unwrap().csrf, "c1");
-        assert!(store.session("s1", 1_000, 1_000).unwrap().is_none());
+        let long = i64::MAX / 4;
+        store
+            .create_session("s1", id, "c1", 0, 1_000, long)
+            .unwrap();
+        store
+            .create_session("s2", id, "c2", 0, 1_000, long)
+            .unwrap();
+        assert_eq!(
+            store.session("s1", 999, 1_000, long).unwrap().unwrap().csrf,
+            "c1"
+        );
+        assert!(store.session("s1", 1_000, 1_000, long).unwrap().is_none());
         // Activity pushes the idle expiry forward.
-        store.create_session("s3", id, "c3", 0, 100_000).unwrap();
-        assert!(store.session("s3", 90_000, 100_000).unwrap().is_some());
-        assert!(store.session("s3", 150_000, 100_000).unwrap().is_some());
+        store
+            .create_session("s3", id, "c3", 0, 100_000, long)
+            .unwrap();
+        assert!(store
+            .session("s3", 90_000, 100_000, long)
+            .unwrap()
+            .is_some());
+        assert!(store
+            .session("s3", 150_000, 100_000, long)
+            .unwrap()
+            .is_some());
         store.set_password(id, "h2").unwrap();
-        assert!(store.session("s3", 150_001, 100_000).unwrap().is_none());
+        assert!(store
+            .session("s3", 150_001, 100_000, long)
+            .unwrap()
+            .is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sessions_end_at_their_maximum_age_however_active() {
+        let (store, dir) = store();
+        let id = store.add_user("dee", "h", Role::User, "", "", 1).unwrap();
+        store
+            .create_session("s", id, "c", 0, 100_000, 250_000)
+            .unwrap();
+        for now in [90_000, 180_000, 249_999] {
+            assert!(store.session("s", now, 100_000, 250_000).unwrap().is_some());
+        }
+        assert!(store
+            .session("s", 250_000, 100_000, 250_000)
+            .unwrap()
+            .is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

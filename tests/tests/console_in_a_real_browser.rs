@@ -538,7 +538,7 @@ fn post_form(base: &str, path: &str, session: &str, form: &[(&str, &str)]) -> (u
     runtime.block_on(async {
         let response = http_client()
             .post(format!("{base}{path}"))
-            .header("Cookie", format!("herald_session={session}"))
+            .header("Cookie", format!("__Host-herald_session={session}"))
             .form(form)
             .send()
             .await
@@ -558,8 +558,8 @@ fn forms_without_the_csrf_token_are_refused() {
     b.goto("/account");
     b.wait_page("page-account");
     let session = b
-        .cookie("herald_session")
-        .expect("the console sets herald_session");
+        .cookie("__Host-herald_session")
+        .expect("the console sets __Host-herald_session");
     let csrf_field = b.find("form[action=\"/account\"] input[name=\"csrf\"]");
     let csrf = b
         .attr(&csrf_field, "value")
@@ -641,7 +641,7 @@ fn one_user_cannot_open_another_users_runs_or_subscriptions() {
     b.goto("/account");
     let csrf_field = b.find("form[action=\"/account\"] input[name=\"csrf\"]");
     let csrf = b.attr(&csrf_field, "value").expect("csrf token");
-    let session = b.cookie("herald_session").expect("frank's session");
+    let session = b.cookie("__Host-herald_session").expect("frank's session");
     let base = console.server.https_url();
     for path in [
         format!("/subscriptions/{subscription}/delete"),

@@ -7,14 +7,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::auth::{self, Posted, PublicPosted, Session};
+use super::auth::{self, ConnectInfoIp, Flight, Posted, PublicPosted, Session};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout, MessagePage};
-use crate::accounts::{Role, User};
+use crate::accounts::{LoginAttempt, Role, User};
 use crate::forward::check_target;
 use crate::store::StoreError;
 
 /// Longest display name.
 const MAX_NAME: usize = 100;
+/// The answer to a wrong login or password (the same for both).
+const WRONG_LOGIN: &str = "wrong login or password";
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -109,6 +111,7 @@ async fn start_session(state: &ConsoleState, user_id: i64) -> ConsoleResult<Head
         &auth::random_token(),
         state.now(),
         auth::SESSION_IDLE_MS,
+        auth::SESSION_MAX_AGE_MS,
     )?;
     Ok(auth::session_cookie(Some(&token)).1)
 }
@@ -137,6 +140,11 @@ pub(super) async fn login_form(State(state): State<ConsoleState>, headers: Heade
 }
 
 /// `POST /login`.
+///
+/// Every attempt is counted as a failure, for its login and its address, before its
+/// password is checked, and taken back only when the password proves right; at most
+/// one attempt per login and per address is checked at a time. So attempts sent in
+/// parallel get no more password checks than attempts sent one after another.
 pub(super) async fn login(
     State(state): State<ConsoleState>,
     posted: PublicPosted<LoginForm>,
@@ -154,47 +162,63 @@ pub(super) async fn login(
             },
         )
     };
+    let wrong = || again(StatusCode::UNAUTHORIZED, WRONG_LOGIN);
+    let too_many = || Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::TOO_MANY));
+    // A login that no account can have is wrong without touching any throttling
+    // state, so junk cannot fill the guard's memory.
+    if auth::check_login(&login).is_err() {
+        return Ok(wrong());
+    }
+    let guard = &state.guard;
     let now = state.now();
-    if state.guard.address_blocked(posted.ip, now) {
-        return Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::TOO_MANY));
+    let Some(_in_flight) = guard.claim(&[Flight::Login(login.clone())], posted.ip) else {
+        return Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::IN_PROGRESS));
+    };
+    let queued = match guard.queue() {
+        Ok(queued) => queued,
+        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, &busy.to_string())),
+    };
+    if !guard.begin_address(posted.ip, now) {
+        return too_many();
     }
     let credentials = state.store().credentials(&login)?;
-    let locked = match &credentials {
-        Some(c) => c.locked_until.is_some_and(|until| until > now),
-        None => state.guard.unknown_locked(&login, now),
+    let attempt = match &credentials {
+        Some(c) => {
+            state
+                .store()
+                .begin_login(c.user.id, auth::MAX_ACCOUNT_FAILURES, auth::LOCK_MS, now)?
+        }
+        None => guard.begin_unknown(&login, now),
     };
-    if locked {
-        return Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::TOO_MANY));
+    let LoginAttempt::Counted { locks } = attempt else {
+        guard.address_succeeded(posted.ip, now);
+        return too_many();
+    };
+    let turn = queued.turn().await?;
+    // Locked by another attempt while this one waited for its turn: refuse unchecked.
+    let locked_meanwhile = !locks
+        && match &credentials {
+            Some(c) => state.store().login_locked(c.user.id, state.now())?,
+            None => guard.unknown_locked(&login, state.now()),
+        };
+    if locked_meanwhile {
+        return too_many();
     }
-    let password = posted.form.password.clone();
-    let ok = state
-        .guard
-        .verify(
-            password,
-            credentials.as_ref().map(|c| c.password_hash.clone()),
-        )
-        .await;
+    let phc = credentials.as_ref().map(|c| c.password_hash.clone());
+    let (ok, _turn) = turn.verify(posted.form.password.clone(), phc).await?;
     match credentials {
         Some(c) if ok => {
-            state.store().login_succeeded(c.user.id)?;
+            if !state
+                .store()
+                .login_succeeded(c.user.id, locks, state.now())?
+            {
+                return too_many();
+            }
+            guard.address_succeeded(posted.ip, now);
             let cookie = start_session(&state, c.user.id).await?;
             Ok(with_cookie(see_other("/devices"), Some(cookie)))
         }
-        Some(c) => {
-            state.store().login_failed(
-                c.user.id,
-                auth::MAX_ACCOUNT_FAILURES,
-                auth::LOCK_MS,
-                now,
-            )?;
-            state.guard.address_failed(posted.ip, now);
-            Ok(again(StatusCode::UNAUTHORIZED, "wrong login or password"))
-        }
-        None => {
-            state.guard.unknown_failed(&login, now);
-            state.guard.address_failed(posted.ip, now);
-            Ok(again(StatusCode::UNAUTHORIZED, "wrong login or password"))
-        }
+        _ => Ok(wrong()),
     }
 }
 
@@ -286,13 +310,24 @@ pub(super) async fn register(
         return Ok(again(StatusCode::BAD_REQUEST, error));
     }
     let now = state.now();
-    if !state.guard.may_register(posted.ip, now) {
+    let guard = &state.guard;
+    let Some(_in_flight) = guard.claim(&[], posted.ip) else {
+        return Ok(again(
+            StatusCode::TOO_MANY_REQUESTS,
+            auth::IN_PROGRESS.into(),
+        ));
+    };
+    let queued = match guard.queue() {
+        Ok(queued) => queued,
+        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, busy.to_string())),
+    };
+    if !guard.may_register(posted.ip, now) {
         return Ok(again(
             StatusCode::TOO_MANY_REQUESTS,
             "too many registrations from your address; try again later".into(),
         ));
     }
-    let hash = state.guard.hash(form.password.clone()).await?;
+    let hash = queued.turn().await?.hash(form.password.clone()).await?;
     let id = match state
         .store()
         .add_user(&login, &hash, Role::User, &email, &phone, now)
@@ -377,26 +412,70 @@ pub(super) async fn update(
 }
 
 /// `POST /account/password`: ends every session of the account, then starts a new
-/// one for this browser.
+/// one for this browser. A wrong current password counts as a failed login (for the
+/// account and the address) and can lock the account.
 pub(super) async fn change_password(
     State(state): State<ConsoleState>,
+    ConnectInfoIp(ip): ConnectInfoIp,
     Posted(session, form): Posted<PasswordForm>,
 ) -> ConsoleResult {
-    let again = |error: String| {
+    let again = |status: StatusCode, error: String| {
         render(
-            StatusCode::BAD_REQUEST,
+            status,
             &account_page(&session, session.user.clone(), Some(error), None),
         )
     };
-    let stored = state.store().password_hash(session.user.id)?;
-    if !state.guard.verify(form.current.clone(), Some(stored)).await {
-        return Ok(again("the current password is wrong".into()));
-    }
+    let too_many = || Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::TOO_MANY.into()));
+    // Checked first: a new password that would be refused costs no hashing.
     if let Err(error) = auth::check_new_password(&form.password, &form.password2) {
-        return Ok(again(error));
+        return Ok(again(StatusCode::BAD_REQUEST, error));
     }
-    let hash = state.guard.hash(form.password.clone()).await?;
-    state.store().set_password(session.user.id, &hash)?;
-    let cookie = start_session(&state, session.user.id).await?;
+    let guard = &state.guard;
+    let user = session.user.id;
+    let now = state.now();
+    let keys = [
+        Flight::Session(session.token_hash.clone()),
+        Flight::Login(session.user.login.clone()),
+    ];
+    let Some(_in_flight) = guard.claim(&keys, ip) else {
+        return Ok(again(
+            StatusCode::TOO_MANY_REQUESTS,
+            auth::IN_PROGRESS.into(),
+        ));
+    };
+    let queued = match guard.queue() {
+        Ok(queued) => queued,
+        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, busy.to_string())),
+    };
+    if !guard.begin_address(ip, now) {
+        return too_many();
+    }
+    let LoginAttempt::Counted { locks } =
+        state
+            .store()
+            .begin_login(user, auth::MAX_ACCOUNT_FAILURES, auth::LOCK_MS, now)?
+    else {
+        guard.address_succeeded(ip, now);
+        return too_many();
+    };
+    let turn = queued.turn().await?;
+    if !locks && state.store().login_locked(user, state.now())? {
+        return too_many();
+    }
+    let stored = state.store().password_hash(user)?;
+    let (ok, turn) = turn.verify(form.current.clone(), Some(stored)).await?;
+    if !ok {
+        return Ok(again(
+            StatusCode::BAD_REQUEST,
+            "the current password is wrong".into(),
+        ));
+    }
+    if !state.store().login_succeeded(user, locks, state.now())? {
+        return too_many();
+    }
+    guard.address_succeeded(ip, now);
+    let hash = turn.hash(form.password.clone()).await?;
+    state.store().set_password(user, &hash)?;
+    let cookie = start_session(&state, user).await?;
     Ok(with_cookie(see_other("/account?password=1"), Some(cookie)))
 }

@@ -11,15 +11,15 @@ use herald_shared::envelope::Audience;
 use super::account::NoFields;
 use super::auth::{Admin, Posted, Session};
 use super::forms::TimingForm;
-use super::pages::{path_id, JobPage, SUBSCRIPTION_TTL_MS};
+use super::pages::{path_id, JobPage, LIST_LIMIT, SUBSCRIPTION_TTL_MS};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::{HistoryEntry, Role, User};
+use crate::accounts::{HistoryEntry, OwnedAgent, Role, User};
 use crate::catalog::{CatalogEntry, Subscription};
-use crate::model::{AgentDetail, AgentInfo, ScheduleInfo};
+use crate::model::{AgentDetail, ScheduleInfo};
 use crate::store::StoreError;
 
-/// Jobs the admin job list shows.
-const JOBS_LIMIT: u32 = 500;
+/// Runs an agent's admin page shows.
+const AGENT_RUNS: u32 = 50;
 
 fn require_admin(session: &Session) -> ConsoleResult<()> {
     if session.user.is_admin() {
@@ -33,16 +33,11 @@ fn require_admin(session: &Session) -> ConsoleResult<()> {
 
 // === agents ===
 
-struct AgentRow {
-    agent: AgentInfo,
-    owner: Option<String>,
-}
-
 #[derive(Template)]
 #[template(path = "admin_agents.html")]
 struct AgentsPage {
     layout: Layout,
-    agents: Vec<AgentRow>,
+    agents: Vec<OwnedAgent>,
 }
 
 #[derive(Template)]
@@ -61,16 +56,9 @@ pub(super) async fn agents(
     Admin(session): Admin,
 ) -> ConsoleResult {
     let relay = state.api.relay.clone();
-    let mut owners = state.store().agent_owners()?;
     let agents = state
         .store()
-        .agents(&|id| relay.is_online(id))?
-        .into_iter()
-        .map(|agent| AgentRow {
-            owner: owners.remove(&agent.id),
-            agent,
-        })
-        .collect();
+        .agents_page(LIST_LIMIT, &|id| relay.is_online(id))?;
     Ok(render(
         StatusCode::OK,
         &AgentsPage {
@@ -92,7 +80,7 @@ pub(super) async fn agent(
         Some(user) => Some(state.store().user(user)?.login),
         None => None,
     };
-    let runs = state.store().history(None, Some(&id), 50)?;
+    let runs = state.store().history(None, Some(&id), AGENT_RUNS)?;
     Ok(render(
         StatusCode::OK,
         &AgentPage {
@@ -137,7 +125,7 @@ pub(super) async fn jobs(
         StatusCode::OK,
         &JobsPage {
             layout: Layout::of(&session),
-            runs: state.store().history(None, None, JOBS_LIMIT)?,
+            runs: state.store().history(None, None, LIST_LIMIT)?,
             job_base: "/admin/jobs",
         },
     ))
@@ -210,17 +198,12 @@ fn schedules_page(
     form: ScheduleForm,
     error: Option<String>,
 ) -> ConsoleResult<SchedulesPage> {
-    let subscriptions = state.store().service_subscriptions(None)?;
-    let schedules = state
-        .store()
-        .schedules()?
-        .into_iter()
-        .filter(|s| !subscriptions.iter().any(|sub| sub.id == s.id))
-        .collect();
+    // Operator schedules and subscriptions are told apart in SQL, each list newest
+    // first and bounded.
     Ok(SchedulesPage {
         layout: Layout::of(session),
-        schedules,
-        subscriptions,
+        schedules: state.store().operator_schedules(LIST_LIMIT)?,
+        subscriptions: state.store().subscriptions_page(None, None, LIST_LIMIT)?,
         entries: state.store().catalog()?,
         entry: form.entry,
         target: form.target,
@@ -336,7 +319,7 @@ pub(super) async fn users(
         StatusCode::OK,
         &UsersPage {
             layout: Layout::of(&session),
-            users: state.store().users()?,
+            users: state.store().users_page(LIST_LIMIT)?,
         },
     ))
 }

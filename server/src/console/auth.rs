@@ -5,9 +5,10 @@
 //! token checked before the handler runs) or [`PublicPosted`] (login and registration,
 //! checked against the per-browser `herald_csrf` cookie), so no handler can forget it.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, OnceLock};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -19,22 +20,26 @@ use axum::http::{HeaderMap, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use herald_shared::token::secret_hash;
 use herald_shared::Millis;
 
 use super::{ConsoleError, ConsoleState};
-use crate::accounts::User;
+use crate::accounts::{LoginAttempt, User};
 
-/// Session cookie.
-pub(crate) const SESSION_COOKIE: &str = "herald_session";
-/// Per-browser CSRF cookie of the login and registration forms.
-pub(crate) const CSRF_COOKIE: &str = "herald_csrf";
-/// Browser-service visit cookie (path `/service/`).
-pub(crate) const VISIT_COOKIE: &str = "herald_visit";
+/// Session cookie. `__Host-`: browsers accept it only with `Secure`, `Path=/` and no
+/// `Domain`, so neither a sibling host nor plain HTTP can plant or overwrite it.
+pub(crate) const SESSION_COOKIE: &str = "__Host-herald_session";
+/// Per-browser CSRF cookie of the login and registration forms (`__Host-` as above).
+pub(crate) const CSRF_COOKIE: &str = "__Host-herald_csrf";
+/// Browser-service visit cookies are this followed by the job id (path
+/// `/service/NAME`): one per job, so a second ticket does not end the first visit.
+pub(crate) const VISIT_COOKIE_PREFIX: &str = "herald_visit_";
 /// A session ends after this long without a request.
 pub(crate) const SESSION_IDLE_MS: i64 = 12 * 3600 * 1000;
+/// A session ends this long after the login, however active it is.
+pub(crate) const SESSION_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Consecutive failed logins that lock an account.
 pub(crate) const MAX_ACCOUNT_FAILURES: u32 = 5;
 /// How long a locked account stays locked.
@@ -55,8 +60,28 @@ pub(crate) const MAX_PASSWORD: usize = 256;
 const MAX_TRACKED: usize = 100_000;
 /// Password hashes computed at once (each takes ~19 MiB and a core for a while).
 const HASHING_PERMITS: usize = 4;
+/// Requests waiting for or holding a hashing permit, at most; beyond it a request is
+/// answered at once (503) instead of queueing without bound.
+const HASHING_QUEUE: usize = 32;
+/// IPv6 addresses are throttled by their /64 (one customer's network): the bits kept.
+const IPV6_PREFIX_BITS: u32 = 64;
 /// The answer to a throttled login.
 pub(crate) const TOO_MANY: &str = "too many failed logins; wait 15 minutes and try again";
+/// The answer when another password check for the same login, session or address is
+/// still running.
+pub(crate) const IN_PROGRESS: &str =
+    "another login attempt is still being checked; wait a moment and try again";
+/// Longest value, in characters, of form fields that have a limit; a longer one is
+/// refused with 400 before any handler sees it. (The service page's `note` has its
+/// own, stricter limit there.)
+const FIELD_LIMITS: &[(&str, usize)] = &[
+    ("display_name", 100),
+    ("email", 254),
+    ("phone", 20),
+    ("current", 1024),
+    ("password", 1024),
+    ("password2", 1024),
+];
 
 /// Why a password could not be hashed.
 #[derive(Debug, thiserror::Error)]
@@ -196,14 +221,32 @@ pub(crate) fn client_ip(parts: &Parts) -> Option<IpAddr> {
 
 // === throttling ===
 
+/// What throttling counts an address as: an IPv4 address itself (also when mapped
+/// into IPv6), an IPv6 address by its /64, which one customer can rotate through
+/// freely.
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = u128::MAX << (128 - IPV6_PREFIX_BITS);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
+
 /// In-memory throttling state: failures of logins that do not exist (known accounts
-/// keep theirs in the store), failures and registrations per address, and the
-/// hashing permits.
+/// keep theirs in the store), failures and registrations per address, the password
+/// checks in flight, and the hashing permits with their bounded queue.
 pub(crate) struct Guard {
     unknown: Mutex<HashMap<String, Lock>>,
     failures: Mutex<Window>,
     registrations: Mutex<Window>,
-    hashing: Semaphore,
+    in_flight: Mutex<HashSet<Flight>>,
+    hashing: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -251,6 +294,122 @@ impl Window {
             times.pop_front();
         }
     }
+
+    /// Takes back one event recorded at `at`.
+    fn unrecord(&mut self, ip: IpAddr, at: Millis) {
+        if let Some(times) = self.by_address.get_mut(&ip) {
+            if let Some(i) = times.iter().rposition(|t| *t == at) {
+                times.remove(i);
+            }
+            if times.is_empty() {
+                self.by_address.remove(&ip);
+            }
+        }
+    }
+}
+
+/// What a password check in flight holds, so that a second one for the same thing is
+/// refused instead of queued.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Flight {
+    /// A login name (existing or not).
+    Login(String),
+    /// A client address, as [`address_key`] counts it.
+    Address(IpAddr),
+    /// A session (by the hash of its cookie).
+    Session(String),
+}
+
+/// Password checks in flight, released when dropped (also when the client goes away
+/// and the request is dropped half-way).
+pub(crate) struct InFlight<'a> {
+    guard: &'a Guard,
+    keys: Vec<Flight>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.guard.in_flight);
+        for key in &self.keys {
+            in_flight.remove(key);
+        }
+    }
+}
+
+/// The password hasher is busy: too many requests already wait for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the server is busy checking passwords; try again in a moment")]
+pub(crate) struct Busy;
+
+/// A place in the hashing queue, given back when dropped.
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A place in the hashing queue, not yet a turn at the hasher.
+pub(crate) struct Queued {
+    slot: QueueSlot,
+    hashing: Arc<Semaphore>,
+}
+
+impl Queued {
+    /// Waits for a turn at the hasher.
+    pub(crate) async fn turn(self) -> Result<Hashing, PasswordError> {
+        let permit = self
+            .hashing
+            .acquire_owned()
+            .await
+            .map_err(|e| PasswordError::Task(e.to_string()))?;
+        Ok(Hashing {
+            _permit: permit,
+            _slot: self.slot,
+        })
+    }
+}
+
+/// A turn at the password hasher. The hashing itself runs on a blocking thread that
+/// owns the turn, so a request dropped half-way cannot start more hashes than there
+/// are permits.
+pub(crate) struct Hashing {
+    _permit: OwnedSemaphorePermit,
+    _slot: QueueSlot,
+}
+
+impl Hashing {
+    /// Verifies a password; `None` as the hash verifies against a decoy so that
+    /// unknown logins take as long as known ones. Gives the turn back for a second use.
+    pub(crate) async fn verify(
+        self,
+        password: String,
+        phc: Option<String>,
+    ) -> Result<(bool, Hashing), PasswordError> {
+        tokio::task::spawn_blocking(move || {
+            let ok = match phc {
+                Some(phc) => verify_password(&password, &phc),
+                None => {
+                    verify_password(&password, decoy_hash());
+                    false
+                }
+            };
+            (ok, self)
+        })
+        .await
+        .map_err(|e| PasswordError::Task(e.to_string()))
+    }
+
+    /// Hashes a new password.
+    pub(crate) async fn hash(self, password: String) -> Result<String, PasswordError> {
+        tokio::task::spawn_blocking(move || {
+            let _turn = self;
+            hash_password(&password)
+        })
+        .await
+        .map_err(|e| PasswordError::Task(e.to_string()))?
+    }
 }
 
 impl Default for Guard {
@@ -259,7 +418,9 @@ impl Default for Guard {
             unknown: Mutex::new(HashMap::new()),
             failures: Mutex::new(Window::default()),
             registrations: Mutex::new(Window::default()),
-            hashing: Semaphore::new(HASHING_PERMITS),
+            in_flight: Mutex::new(HashSet::new()),
+            hashing: Arc::new(Semaphore::new(HASHING_PERMITS)),
+            queued: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -269,17 +430,62 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Guard {
-    /// Whether an address has failed too often lately.
-    pub(crate) fn address_blocked(&self, ip: Option<IpAddr>, now: Millis) -> bool {
-        ip.is_some_and(|ip| {
-            lock(&self.failures).count(ip, ADDRESS_WINDOW_MS, now) >= MAX_ADDRESS_FAILURES
+    /// Claims `keys` and the client's address for one password check; `None` if any
+    /// of them already has one in flight.
+    pub(crate) fn claim(&self, keys: &[Flight], ip: Option<IpAddr>) -> Option<InFlight<'_>> {
+        let mut keys = keys.to_vec();
+        keys.extend(ip.map(|ip| Flight::Address(address_key(ip))));
+        let mut in_flight = lock(&self.in_flight);
+        if keys.iter().any(|k| in_flight.contains(k)) {
+            return None;
+        }
+        in_flight.extend(keys.iter().cloned());
+        drop(in_flight);
+        Some(InFlight { guard: self, keys })
+    }
+
+    /// A place in the hashing queue, or [`Busy`] at once when it is full.
+    pub(crate) fn queue(&self) -> Result<Queued, Busy> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < HASHING_QUEUE).then_some(n + 1)
+            })
+            .map_err(|_| Busy)?;
+        Ok(Queued {
+            slot: QueueSlot(self.queued.clone()),
+            hashing: self.hashing.clone(),
         })
     }
 
-    /// Counts a failed login from an address.
-    pub(crate) fn address_failed(&self, ip: Option<IpAddr>, now: Millis) {
+    /// Whether an address has failed too often lately.
+    #[cfg(test)]
+    pub(crate) fn address_blocked(&self, ip: Option<IpAddr>, now: Millis) -> bool {
+        ip.is_some_and(|ip| {
+            lock(&self.failures).count(address_key(ip), ADDRESS_WINDOW_MS, now)
+                >= MAX_ADDRESS_FAILURES
+        })
+    }
+
+    /// Counts a login attempt from an address as a failure before its password is
+    /// checked (taken back by [`Guard::address_succeeded`]); false, and nothing
+    /// counted, if the address has failed too often lately.
+    pub(crate) fn begin_address(&self, ip: Option<IpAddr>, now: Millis) -> bool {
+        let Some(ip) = ip.map(address_key) else {
+            return true;
+        };
+        let mut window = lock(&self.failures);
+        if window.count(ip, ADDRESS_WINDOW_MS, now) >= MAX_ADDRESS_FAILURES {
+            return false;
+        }
+        window.record(ip, MAX_ADDRESS_FAILURES, now);
+        true
+    }
+
+    /// Takes back the failure [`Guard::begin_address`] counted at `at`: the password
+    /// was right, or the attempt was refused before any check.
+    pub(crate) fn address_succeeded(&self, ip: Option<IpAddr>, at: Millis) {
         if let Some(ip) = ip {
-            lock(&self.failures).record(ip, MAX_ADDRESS_FAILURES, now);
+            lock(&self.failures).unrecord(address_key(ip), at);
         }
     }
 
@@ -291,8 +497,9 @@ impl Guard {
             .is_some_and(|until| until > now)
     }
 
-    /// Counts a failed login for a login that has no account.
-    pub(crate) fn unknown_failed(&self, login: &str, now: Millis) {
+    /// Counts an attempt on a login that has no account, before its (decoy) check,
+    /// exactly as [`crate::store::Store::begin_login`] counts a real one.
+    pub(crate) fn begin_unknown(&self, login: &str, now: Millis) -> LoginAttempt {
         let mut unknown = lock(&self.unknown);
         if unknown.len() >= MAX_TRACKED && !unknown.contains_key(login) {
             unknown.retain(|_, l| l.locked_until.is_some_and(|u| u > now));
@@ -301,54 +508,36 @@ impl Guard {
             }
         }
         let entry = unknown.entry(login.to_string()).or_default();
-        if entry.locked_until.is_some_and(|u| u <= now) {
-            entry.locked_until = None;
+        if entry.locked_until.is_some_and(|u| u > now) {
+            return LoginAttempt::Locked;
         }
+        entry.locked_until = None;
         entry.failures += 1;
-        if entry.failures >= MAX_ACCOUNT_FAILURES {
+        let locks = entry.failures >= MAX_ACCOUNT_FAILURES;
+        if locks {
             entry.failures = 0;
             entry.locked_until = Some(now + LOCK_MS);
         }
+        LoginAttempt::Counted { locks }
+    }
+
+    /// How many logins without an account are tracked.
+    #[cfg(test)]
+    pub(crate) fn tracked_unknown(&self) -> usize {
+        lock(&self.unknown).len()
     }
 
     /// Counts a registration from an address; false if it made too many lately.
     pub(crate) fn may_register(&self, ip: Option<IpAddr>, now: Millis) -> bool {
-        let Some(ip) = ip else { return true };
+        let Some(ip) = ip.map(address_key) else {
+            return true;
+        };
         let mut window = lock(&self.registrations);
         if window.count(ip, REGISTRATION_WINDOW_MS, now) >= MAX_REGISTRATIONS {
             return false;
         }
         window.record(ip, MAX_REGISTRATIONS, now);
         true
-    }
-
-    /// Hashes a password off the async threads, a few at a time.
-    pub(crate) async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| PasswordError::Task(e.to_string()))?;
-        tokio::task::spawn_blocking(move || hash_password(&password))
-            .await
-            .map_err(|e| PasswordError::Task(e.to_string()))?
-    }
-
-    /// Verifies a password off the async threads; `None` as the hash verifies against
-    /// a decoy so that unknown logins take as long as known ones.
-    pub(crate) async fn verify(&self, password: String, phc: Option<String>) -> bool {
-        let Ok(_permit) = self.hashing.acquire().await else {
-            return false;
-        };
-        tokio::task::spawn_blocking(move || match phc {
-            Some(phc) => verify_password(&password, &phc),
-            None => {
-                verify_password(&password, decoy_hash());
-                false
-            }
-        })
-        .await
-        .unwrap_or(false)
     }
 }
 
@@ -389,13 +578,27 @@ impl FromRequestParts<ConsoleState> for Session {
         let hash = token_hash(token);
         let record = state
             .store()
-            .session(&hash, state.now(), SESSION_IDLE_MS)?
+            .session(&hash, state.now(), SESSION_IDLE_MS, SESSION_MAX_AGE_MS)?
             .ok_or(ConsoleError::SignIn)?;
         Ok(Session {
             user: record.user,
             csrf: record.csrf,
             token_hash: hash,
         })
+    }
+}
+
+/// The client's address, when the HTTPS server recorded it (never rejects).
+pub(crate) struct ConnectInfoIp(pub(crate) Option<IpAddr>);
+
+impl FromRequestParts<ConsoleState> for ConnectInfoIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &ConsoleState,
+    ) -> Result<ConnectInfoIp, Self::Rejection> {
+        Ok(ConnectInfoIp(client_ip(parts)))
     }
 }
 
@@ -434,9 +637,32 @@ async fn form_body<T: DeserializeOwned>(
         .await
         .map_err(|e| ConsoleError::BadRequest(format!("cannot read the form: {e}")))?;
     let csrf: CsrfField = serde_urlencoded::from_bytes(&bytes).map_err(|_| ConsoleError::Csrf)?;
+    let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
+        .map_err(|e| ConsoleError::BadRequest(format!("cannot read the form: {e}")))?;
+    check_field_lengths(&fields).map_err(ConsoleError::BadRequest)?;
     let form = serde_urlencoded::from_bytes(&bytes)
         .map_err(|e| ConsoleError::BadRequest(format!("cannot read the form: {e}")))?;
     Ok((csrf.csrf, form))
+}
+
+/// Refuses a form field longer than its limit in [`FIELD_LIMITS`], with a message
+/// that names the field.
+pub(crate) fn check_field_lengths(fields: &[(String, String)]) -> Result<(), String> {
+    for (name, value) in fields {
+        let limit = FIELD_LIMITS
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, limit)| *limit);
+        if let Some(limit) = limit {
+            // Bytes bound characters from above: count only when it could matter.
+            if value.len() > limit && value.chars().count() > limit {
+                return Err(format!(
+                    "the field {name} is too long: at most {limit} characters"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A signed-in user's form, its CSRF token already checked.
@@ -544,25 +770,40 @@ mod tests {
     #[test]
     fn cookies_are_found_among_several() {
         let mut headers = HeaderMap::new();
-        headers.append(COOKIE, HeaderValue::from_static("a=1; herald_session=abc"));
-        headers.append(COOKIE, HeaderValue::from_static("herald_csrf=def"));
+        headers.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; __Host-herald_session=abc"),
+        );
+        headers.append(COOKIE, HeaderValue::from_static("__Host-herald_csrf=def"));
         assert_eq!(cookie(&headers, SESSION_COOKIE), Some("abc"));
         assert_eq!(cookie(&headers, CSRF_COOKIE), Some("def"));
-        assert_eq!(cookie(&headers, VISIT_COOKIE), None);
+        assert_eq!(cookie(&headers, "herald_session"), None);
     }
 
     #[test]
-    fn unknown_logins_lock_after_five_failures_until_the_window_passes() {
+    fn unknown_logins_lock_at_the_fifth_attempt_until_the_window_passes() {
         let guard = Guard::default();
         for _ in 0..4 {
-            guard.unknown_failed("ghost", 1_000);
+            assert_eq!(
+                guard.begin_unknown("ghost", 1_000),
+                LoginAttempt::Counted { locks: false }
+            );
             assert!(!guard.unknown_locked("ghost", 1_000));
         }
-        guard.unknown_failed("ghost", 1_000);
+        assert_eq!(
+            guard.begin_unknown("ghost", 1_000),
+            LoginAttempt::Counted { locks: true }
+        );
+        assert_eq!(guard.begin_unknown("ghost", 1_000), LoginAttempt::Locked);
         assert!(guard.unknown_locked("ghost", 1_000));
         assert!(guard.unknown_locked("ghost", 1_000 + LOCK_MS - 1));
         assert!(!guard.unknown_locked("ghost", 1_000 + LOCK_MS));
         assert!(!guard.unknown_locked("other", 1_000));
+        // After the lock the count starts again.
+        assert_eq!(
+            guard.begin_unknown("ghost", 1_000 + LOCK_MS),
+            LoginAttempt::Counted { locks: false }
+        );
     }
 
     #[test]
@@ -570,14 +811,99 @@ mod tests {
         let guard = Guard::default();
         let ip: Option<IpAddr> = Some("192.0.2.7".parse().unwrap());
         for i in 0..MAX_ADDRESS_FAILURES as i64 - 1 {
-            guard.address_failed(ip, i);
+            assert!(guard.begin_address(ip, i));
         }
         assert!(!guard.address_blocked(ip, 100));
-        guard.address_failed(ip, 100);
+        // A right password takes its attempt back.
+        assert!(guard.begin_address(ip, 100));
+        guard.address_succeeded(ip, 100);
+        assert!(!guard.address_blocked(ip, 100));
+        assert!(guard.begin_address(ip, 100));
         assert!(guard.address_blocked(ip, 100));
+        assert!(!guard.begin_address(ip, 100), "refused, and not counted");
         // The first failures age out of the window.
         assert!(!guard.address_blocked(ip, ADDRESS_WINDOW_MS + 1));
         // Without a known address there is nothing to count.
         assert!(!guard.address_blocked(None, 100));
+        assert!(guard.begin_address(None, 100));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_slash_64() {
+        let guard = Guard::default();
+        for i in 0..MAX_ADDRESS_FAILURES {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            assert!(guard.begin_address(Some(ip), 10));
+        }
+        let same_64: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(guard.address_blocked(Some(same_64), 10));
+        assert!(!guard.address_blocked(Some(other_64), 10));
+        for i in 0..MAX_REGISTRATIONS {
+            let ip: IpAddr = format!("2001:db8:9:9::{:x}", i + 1).parse().unwrap();
+            assert!(guard.may_register(Some(ip), 10));
+        }
+        let ip: IpAddr = "2001:db8:9:9:abcd::7".parse().unwrap();
+        assert!(!guard.may_register(Some(ip), 10));
+        // IPv4, also mapped into IPv6, counts by the address itself.
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(address_key(mapped), v4);
+        assert_eq!(address_key(v4), v4);
+    }
+
+    #[test]
+    fn one_check_in_flight_per_login_and_address() {
+        let guard = Guard::default();
+        let ip: Option<IpAddr> = Some("2001:db8::1".parse().unwrap());
+        let neighbour: Option<IpAddr> = Some("2001:db8::2".parse().unwrap());
+        let ann = Flight::Login("ann".into());
+        let first = guard.claim(std::slice::from_ref(&ann), ip).unwrap();
+        assert!(guard.claim(std::slice::from_ref(&ann), None).is_none());
+        assert!(guard
+            .claim(&[Flight::Login("bob".into())], neighbour)
+            .is_none());
+        let bob = guard.claim(&[Flight::Login("bob".into())], None).unwrap();
+        drop(first);
+        assert!(guard.claim(&[ann], neighbour).is_some());
+        drop(bob);
+    }
+
+    #[tokio::test]
+    async fn the_hashing_queue_is_bounded() {
+        let guard = Guard::default();
+        let places: Vec<Queued> = (0..HASHING_QUEUE).map(|_| guard.queue().unwrap()).collect();
+        assert!(guard.queue().is_err());
+        drop(places);
+        let turn = guard.queue().unwrap().turn().await.unwrap();
+        let (ok, turn) = turn
+            .verify(
+                "x".repeat(12),
+                Some(hash_password("x".repeat(12).as_str()).unwrap()),
+            )
+            .await
+            .unwrap();
+        assert!(ok);
+        assert!(turn.hash("another password".into()).await.is_ok());
+        assert_eq!(guard.queued.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn overlong_fields_are_refused_by_name() {
+        let field = |name: &str, n: usize| vec![(name.to_string(), "é".repeat(n))];
+        assert!(check_field_lengths(&field("display_name", 100)).is_ok());
+        let error = check_field_lengths(&field("display_name", 101)).unwrap_err();
+        assert!(
+            error.contains("display_name") && error.contains("100"),
+            "{error}"
+        );
+        assert!(check_field_lengths(&field("email", 255)).is_err());
+        assert!(check_field_lengths(&field("phone", 21)).is_err());
+        for password in ["current", "password", "password2"] {
+            assert!(check_field_lengths(&field(password, 1024)).is_ok());
+            assert!(check_field_lengths(&field(password, 1025)).is_err());
+        }
+        // Fields without a limit are bounded by the body limit only.
+        assert!(check_field_lengths(&field("target", 5000)).is_ok());
     }
 }

@@ -20,7 +20,7 @@ mod pages;
 mod tests;
 mod visit;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use askama::Template;
@@ -43,10 +43,14 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 const STYLESHEET: &str = include_str!("../../templates/console.css");
 /// Path of the stylesheet.
 pub const STYLESHEET_PATH: &str = "/static/console.css";
-/// Most one-time secrets waiting to be shown at once.
+/// Most one-time secrets waiting to be shown at once; beyond it the oldest goes.
 const MAX_FLASH: usize = 10_000;
-/// Content-Security-Policy of every console response.
-const CSP: &str = "default-src 'self'; frame-ancestors 'none'";
+/// Content-Security-Policy of every console response. `form-action` and `base-uri`
+/// do not fall back to `default-src`, so they are named: forms post only here, and
+/// no injected `<base>` can redirect relative links.
+const CSP: &str = "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+/// Strict-Transport-Security of every console response: the console is HTTPS only.
+const HSTS: &str = "max-age=31536000";
 
 /// The `[console]` section of `herald.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -105,7 +109,10 @@ pub struct ConsoleState {
     guard: Arc<auth::Guard>,
     clock: Clock,
     /// Secrets to show once on the next page view, by session.
-    flash: Arc<Mutex<HashMap<String, String>>>,
+    flash: Arc<Mutex<Flash>>,
+    /// Held from counting a user's objects against a quota to storing the new one, so
+    /// parallel requests cannot all pass the count.
+    quota: Arc<Mutex<()>>,
 }
 
 impl ConsoleState {
@@ -124,7 +131,8 @@ impl ConsoleState {
             allow_http_webhooks: false,
             guard: Arc::new(auth::Guard::default()),
             clock: Arc::new(crate::now_ms),
-            flash: Arc::new(Mutex::new(HashMap::new())),
+            flash: Arc::new(Mutex::new(Flash::new(MAX_FLASH))),
+            quota: Arc::new(Mutex::new(())),
         }
     }
 
@@ -148,14 +156,57 @@ impl ConsoleState {
         &self.api.store
     }
 
-    fn flash(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        let mut flash = self.flash.lock().unwrap_or_else(|e| e.into_inner());
-        // Secrets nobody came back for: the rule exists, its secret was simply not
-        // shown; keep the map from growing without bound.
-        if flash.len() > MAX_FLASH {
-            flash.clear();
+    fn flash(&self) -> std::sync::MutexGuard<'_, Flash> {
+        self.flash.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serializes quota checks with the inserts they guard (no `.await` while held).
+    pub(crate) fn quota(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.quota.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One-time secrets waiting to be shown, by session, at most `cap`: beyond it the
+/// oldest is forgotten (its rule exists, its secret was simply never shown), so a
+/// flood of new secrets cannot wipe the ones other users are about to see.
+pub(crate) struct Flash {
+    cap: usize,
+    next: u64,
+    by_key: HashMap<String, (u64, String)>,
+    order: BTreeMap<u64, String>,
+}
+
+impl Flash {
+    fn new(cap: usize) -> Flash {
+        Flash {
+            cap,
+            next: 0,
+            by_key: HashMap::new(),
+            order: BTreeMap::new(),
         }
-        flash
+    }
+
+    /// Keeps a secret for `key`, replacing an earlier one.
+    pub(crate) fn insert(&mut self, key: String, secret: String) {
+        let seq = self.next;
+        self.next += 1;
+        if let Some((old, _)) = self.by_key.insert(key.clone(), (seq, secret)) {
+            self.order.remove(&old);
+        }
+        self.order.insert(seq, key);
+        while self.by_key.len() > self.cap {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.by_key.remove(&oldest);
+        }
+    }
+
+    /// Takes the secret kept for `key`, if any.
+    pub(crate) fn remove(&mut self, key: &str) -> Option<String> {
+        let (seq, secret) = self.by_key.remove(key)?;
+        self.order.remove(&seq);
+        Some(secret)
     }
 }
 
@@ -244,6 +295,10 @@ async fn security_headers(mut response: Response) -> Response {
     headers.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(HSTS),
     );
     // Pages show personal data and one-time secrets: never from a cache.
     headers

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use herald_shared::envelope::Audience;
 use herald_shared::schedule::format_duration;
 use herald_shared::token::{Token, SECRET_LEN};
+use herald_shared::Millis;
 
 use super::account::NoFields;
 use super::auth::{Posted, Session};
@@ -30,6 +31,16 @@ const LINK_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const HISTORY_LIMIT: u32 = 200;
 /// Deliveries the forwarding page shows.
 const DELIVERY_LIMIT: u32 = 100;
+/// Rows a list of subscriptions shows (newest first).
+pub(super) const LIST_LIMIT: u32 = 200;
+/// Catalog subscriptions a plain user may have.
+const MAX_SUBSCRIPTIONS: u32 = 20;
+/// Devices a plain user may have linked, counting unused "link a device" tokens.
+const MAX_DEVICES: u32 = 10;
+/// Unused "link a device" tokens a plain user may hold at once.
+const MAX_LINK_TOKENS: u32 = 5;
+/// Runs a device page shows.
+const DEVICE_RUNS: u32 = 20;
 
 /// Parses an id from a path; anything else is "not found".
 pub(super) fn path_id(text: &str) -> Result<i64, ConsoleError> {
@@ -43,6 +54,7 @@ pub(super) fn path_id(text: &str) -> Result<i64, ConsoleError> {
 struct DevicesPage {
     layout: Layout,
     devices: Vec<AgentInfo>,
+    error: Option<String>,
 }
 
 #[derive(Template)]
@@ -67,18 +79,57 @@ fn online(state: &ConsoleState) -> impl Fn(&str) -> bool + '_ {
     move |id: &str| state.api.relay.is_online(id)
 }
 
-/// `GET /devices`.
-pub(super) async fn devices(State(state): State<ConsoleState>, session: Session) -> ConsoleResult {
-    let devices = state
-        .store()
-        .user_agents(session.user.id, &online(&state))?;
+fn devices_page(
+    state: &ConsoleState,
+    session: &Session,
+    status: StatusCode,
+    error: Option<String>,
+) -> ConsoleResult {
+    let devices = state.store().user_agents(session.user.id, &online(state))?;
     Ok(render(
-        StatusCode::OK,
+        status,
         &DevicesPage {
-            layout: Layout::of(&session),
+            layout: Layout::of(session),
             devices,
+            error,
         },
     ))
+}
+
+/// `GET /devices`.
+pub(super) async fn devices(State(state): State<ConsoleState>, session: Session) -> ConsoleResult {
+    devices_page(&state, &session, StatusCode::OK, None)
+}
+
+/// Why this user may not have another "link a device" token, if they may not: at
+/// most [`MAX_LINK_TOKENS`] unused at once, and devices plus unused tokens at most
+/// [`MAX_DEVICES`] (so the tokens out there cannot add more). Admins have no quota.
+fn link_quota(
+    state: &ConsoleState,
+    session: &Session,
+    now: Millis,
+) -> ConsoleResult<Option<String>> {
+    if session.user.is_admin() {
+        return Ok(None);
+    }
+    let user = session.user.id;
+    let tokens = state.store().unused_link_tokens(user, now)?;
+    if tokens >= MAX_LINK_TOKENS {
+        return Ok(Some(format!(
+            "you have {tokens} unused link tokens (at most {MAX_LINK_TOKENS}): use one, \
+             or wait until they expire {} after they were made",
+            format_duration(LINK_TOKEN_TTL)
+        )));
+    }
+    let devices = state.store().device_count(user)?;
+    if devices + tokens >= MAX_DEVICES {
+        return Ok(Some(format!(
+            "an account may link at most {MAX_DEVICES} devices, counting unused link tokens \
+             (you have {devices} devices and {tokens} tokens); ask an administrator to \
+             revoke a device you no longer use"
+        )));
+    }
+    Ok(None)
 }
 
 /// `POST /devices/link`: a one-use personal enrollment token, shown once.
@@ -95,13 +146,19 @@ pub(super) async fn link_device(
         secret: crate::random_bytes::<SECRET_LEN>(),
     };
     let now = state.now();
-    state.store().add_user_token(
-        &token.secret_hash(),
-        session.user.id,
-        1,
-        now + LINK_TOKEN_TTL.as_millis() as i64,
-        now,
-    )?;
+    {
+        let _quota = state.quota();
+        if let Some(error) = link_quota(&state, &session, now)? {
+            return devices_page(&state, &session, StatusCode::BAD_REQUEST, Some(error));
+        }
+        state.store().add_user_token(
+            &token.secret_hash(),
+            session.user.id,
+            1,
+            now + LINK_TOKEN_TTL.as_millis() as i64,
+            now,
+        )?;
+    }
     Ok(render(
         StatusCode::OK,
         &LinkPage {
@@ -127,11 +184,8 @@ pub(super) async fn device(
     let mine = (!session.user.is_admin()).then_some(session.user.id);
     let subscriptions = state
         .store()
-        .service_subscriptions(mine)?
-        .into_iter()
-        .filter(|s| s.target == target)
-        .collect();
-    let runs = state.store().history(None, Some(&agent), 20)?;
+        .subscriptions_page(mine, Some(&target), LIST_LIMIT)?;
+    let runs = state.store().history(None, Some(&agent), DEVICE_RUNS)?;
     Ok(render(
         StatusCode::OK,
         &DevicePage {
@@ -249,7 +303,11 @@ pub(super) async fn subscriptions(
         StatusCode::OK,
         &SubscriptionsPage {
             layout: Layout::of(&session),
-            subscriptions: state.store().service_subscriptions(Some(session.user.id))?,
+            subscriptions: state.store().subscriptions_page(
+                Some(session.user.id),
+                None,
+                LIST_LIMIT,
+            )?,
         },
     ))
 }
@@ -292,13 +350,18 @@ pub(super) async fn subscribe(
 ) -> ConsoleResult {
     let entry = state.store().catalog_entry(form.entry.trim())?;
     let now = state.now();
+    let quota = state.quota();
     let problem = match check_device(&state, &session, &entry, &form.device)? {
         Some(problem) => Err(problem),
-        None => form.timing.parse(entry.min_interval_ms, now),
+        None => match subscription_quota(&state, &session)? {
+            Some(problem) => Err(problem),
+            None => form.timing.parse(entry.min_interval_ms, now),
+        },
     };
     let timing = match problem {
         Ok(timing) => timing,
         Err(error) => {
+            drop(quota);
             let page = entry_page(
                 &state,
                 &session,
@@ -320,8 +383,24 @@ pub(super) async fn subscribe(
         timing.next_fire_at,
         now,
     )?;
+    drop(quota);
     state.api.scheduler.notify_one();
     Ok(see_other("/subscriptions"))
+}
+
+/// Why this user may not subscribe once more, if they may not (at most
+/// [`MAX_SUBSCRIPTIONS`]; admins have no quota).
+fn subscription_quota(state: &ConsoleState, session: &Session) -> ConsoleResult<Option<String>> {
+    if session.user.is_admin() {
+        return Ok(None);
+    }
+    let count = state.store().subscription_count(session.user.id)?;
+    Ok((count >= MAX_SUBSCRIPTIONS).then(|| {
+        format!(
+            "you have {count} subscriptions, the most an account may have; \
+             delete one you no longer need first"
+        )
+    }))
 }
 
 /// A subscription this user may see (their own; any for admins), else 404.

@@ -39,6 +39,7 @@ const PASSWORD: &str = "a good long password";
 
 struct Harness {
     router: Router,
+    console: ConsoleState,
     store: Store,
     tickets: Tickets,
     scheduler: Arc<Notify>,
@@ -91,9 +92,10 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
     )
     .with_clock(Arc::new(move || read.load(Ordering::SeqCst)));
     // Merged exactly as `serve` merges it.
-    let router = crate::api::router(api).merge(super::router(console));
+    let router = crate::api::router(api).merge(super::router(console.clone()));
     Harness {
         router,
+        console,
         store,
         tickets,
         scheduler,
@@ -389,11 +391,21 @@ async fn register_then_log_out_and_in_again() {
     let cookie = right
         .set_cookies
         .iter()
-        .find(|c| c.starts_with("herald_session="))
+        .find(|c| c.starts_with("__Host-herald_session="))
         .unwrap();
+    // `__Host-` cookies need Secure, Path=/ and no Domain, or browsers drop them.
     for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
+    assert!(!cookie.contains("Domain"), "{cookie}");
+    let csrf_cookie = anonymous.get("/login").await.set_cookies.join("\n");
+    assert!(
+        csrf_cookie.starts_with("__Host-herald_csrf=")
+            && csrf_cookie.contains("Secure")
+            && csrf_cookie.ends_with("Path=/")
+            && !csrf_cookie.contains("Domain"),
+        "{csrf_cookie}"
+    );
     assert_eq!(ann.get("/account").await.status, StatusCode::OK);
 }
 
@@ -468,11 +480,13 @@ async fn every_page_sends_the_security_headers() {
         let page = ann.get(path).await;
         let headers = &page.headers;
         assert_eq!(
-            headers["content-security-policy"], "default-src 'self'; frame-ancestors 'none'",
+            headers["content-security-policy"],
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
             "{path}"
         );
         assert_eq!(headers["x-content-type-options"], "nosniff");
         assert_eq!(headers["referrer-policy"], "no-referrer");
+        assert_eq!(headers["strict-transport-security"], "max-age=31536000");
     }
     let page = ann.get("/devices").await;
     assert!(page.body.contains("name=\"viewport\""));
@@ -563,6 +577,25 @@ async fn sessions_end_after_twelve_idle_hours() {
     assert_eq!(ann.get("/devices").await.status, StatusCode::SEE_OTHER);
 }
 
+#[tokio::test]
+async fn sessions_end_seven_days_after_login_however_active() {
+    let h = harness();
+    let (mut ann, _) = h.user("ann").await;
+    let step = 11 * 3600 * 1000;
+    let mut elapsed = 0;
+    while elapsed + step < auth::SESSION_MAX_AGE_MS {
+        h.advance(step);
+        elapsed += step;
+        assert_eq!(
+            ann.get("/devices").await.status,
+            StatusCode::OK,
+            "after {elapsed} ms"
+        );
+    }
+    h.advance(auth::SESSION_MAX_AGE_MS - elapsed);
+    assert_eq!(ann.get("/devices").await.status, StatusCode::SEE_OTHER);
+}
+
 // === throttling ===
 
 #[tokio::test]
@@ -641,6 +674,206 @@ async fn an_address_with_twenty_failures_is_refused() {
         attacker.login("ann", PASSWORD).await.status,
         StatusCode::SEE_OTHER
     );
+}
+
+/// Posts one login form from each of several browsers (one per attempt, all from the
+/// same address) at once.
+async fn parallel_logins(h: &Harness, attempts: &[(&str, &str)]) -> Vec<StatusCode> {
+    let mut browsers = Vec::new();
+    for _ in attempts {
+        let mut browser = h.browser();
+        let csrf = browser.get("/login").await.csrf();
+        browsers.push((browser, csrf));
+    }
+    let posts =
+        browsers
+            .iter_mut()
+            .zip(attempts)
+            .map(|((browser, csrf), (login, password))| async move {
+                browser
+                    .post(
+                        "/login",
+                        &[
+                            ("csrf", csrf.as_str()),
+                            ("login", login),
+                            ("password", password),
+                        ],
+                    )
+                    .await
+            });
+    futures_util::future::join_all(posts)
+        .await
+        .into_iter()
+        .map(|page| page.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn parallel_guesses_get_at_most_five_checks_and_lock_the_login() {
+    let h = harness();
+    h.user("ann").await;
+    for login in ["ann", "ghost"] {
+        // Twelve wrong guesses at once and the right password right behind them, in
+        // rounds: the lock must hold however the attempts overlap.
+        let mut burst = vec![(login, "guess guess guess"); 12];
+        burst.push((login, PASSWORD));
+        let mut checked = 0;
+        for round in 0..8 {
+            let statuses = parallel_logins(&h, &burst).await;
+            for status in &statuses {
+                assert!(
+                    *status == StatusCode::UNAUTHORIZED || *status == StatusCode::TOO_MANY_REQUESTS,
+                    "{login}, round {round}: {statuses:?}"
+                );
+            }
+            checked += statuses
+                .iter()
+                .filter(|s| **s == StatusCode::UNAUTHORIZED)
+                .count();
+        }
+        assert!(checked <= 5, "{checked} guesses on {login} were checked");
+        // Locked: the right password, alone and from elsewhere, is refused.
+        let mut owner = h.browser();
+        owner.address = "203.0.113.9:1".parse().unwrap();
+        assert_eq!(
+            owner.login(login, PASSWORD).await.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{login}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wrong_current_passwords_count_as_failed_logins() {
+    let h = harness();
+    let (mut ann, _) = h.user("ann").await;
+    let change = |current: &'static str| {
+        [
+            ("current", current),
+            ("password", "a new long password"),
+            ("password2", "a new long password"),
+        ]
+    };
+    for _ in 0..auth::MAX_ACCOUNT_FAILURES {
+        let page = ann
+            .submit("/account", "/account/password", &change("not it at all"))
+            .await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST);
+        assert!(page.body.contains("the current password is wrong"));
+    }
+    let locked = ann
+        .submit("/account", "/account/password", &change(PASSWORD))
+        .await;
+    assert_eq!(
+        locked.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        locked.body
+    );
+    let mut elsewhere = h.browser();
+    elsewhere.address = "203.0.113.9:1".parse().unwrap();
+    assert_eq!(
+        elsewhere.login("ann", PASSWORD).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    h.advance(auth::LOCK_MS);
+    let changed = ann
+        .submit("/account", "/account/password", &change(PASSWORD))
+        .await;
+    assert_eq!(changed.status, StatusCode::SEE_OTHER, "{}", changed.body);
+}
+
+#[tokio::test]
+async fn a_full_hashing_queue_answers_at_once() {
+    let h = harness();
+    h.user("ann").await;
+    let mut places = Vec::new();
+    while let Ok(place) = h.console.guard.queue() {
+        places.push(place);
+    }
+    let mut browser = h.browser();
+    let page = browser.login("ann", PASSWORD).await;
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.body.contains("busy"), "{}", page.body);
+    // A refusal for load is no failed login.
+    drop(places);
+    assert_eq!(
+        browser.login("ann", PASSWORD).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn malformed_logins_are_wrong_without_being_tracked() {
+    let h = harness();
+    h.user("ann").await;
+    let mut attacker = h.browser();
+    let huge = "x".repeat(60_000);
+    for _ in 0..(auth::MAX_ADDRESS_FAILURES + 5) {
+        for login in [huge.as_str(), "ann!", "a b", "é-é-é"] {
+            let page = attacker.login(login, "guess guess guess").await;
+            assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+            assert!(page.body.contains("wrong login or password"));
+        }
+    }
+    assert_eq!(h.console.guard.tracked_unknown(), 0);
+    // Nor do they count against the address.
+    assert_eq!(
+        attacker.login("ann", PASSWORD).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn overlong_form_fields_are_refused_with_400() {
+    let h = harness();
+    let (mut ann, ann_id) = h.user("ann").await;
+    let long_name = "n".repeat(101);
+    let long_email = format!("{}@example.org", "a".repeat(250));
+    let long_phone = format!("+{}", "1".repeat(20));
+    for (field, value) in [
+        ("display_name", long_name.as_str()),
+        ("email", long_email.as_str()),
+        ("phone", long_phone.as_str()),
+    ] {
+        let page = ann.submit("/account", "/account", &[(field, value)]).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{field}");
+        assert!(
+            page.body.contains("id=\"error\"") && page.body.contains(field),
+            "{field}: {}",
+            page.body
+        );
+    }
+    assert_eq!(h.store.user(ann_id).unwrap().display_name, "");
+    let long_password = "p".repeat(1025);
+    let page = ann
+        .submit(
+            "/account",
+            "/account/password",
+            &[
+                ("current", long_password.as_str()),
+                ("password", "a new long password"),
+                ("password2", "a new long password"),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("current"));
+    let mut other = h.browser();
+    let csrf = other.get("/register").await.csrf();
+    let page = other
+        .post(
+            "/register",
+            &[
+                ("csrf", csrf.as_str()),
+                ("login", "bob"),
+                ("password", long_password.as_str()),
+                ("password2", long_password.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(h.store.user_by_login("bob").unwrap().is_none());
 }
 
 // === isolation between users ===
@@ -935,12 +1168,13 @@ async fn a_ticket_opens_the_service_page_once() {
     let cookie = redeemed
         .set_cookies
         .iter()
-        .find(|c| c.starts_with("herald_visit="))
+        .find(|c| c.starts_with(&format!("herald_visit_{job}=")))
         .unwrap();
     assert!(
-        cookie.contains("Path=/service/")
+        cookie.ends_with("Path=/service/confirm")
             && cookie.contains("HttpOnly")
-            && cookie.contains("Secure")
+            && cookie.contains("Secure"),
+        "{cookie}"
     );
     let page = visitor.get(&next).await;
     assert_eq!(page.status, StatusCode::OK);
@@ -996,6 +1230,42 @@ async fn a_ticket_opens_the_service_page_once() {
         .await;
     assert_eq!(twice.status, StatusCode::CONFLICT);
     assert_eq!(h.job_state(job).0, "succeeded");
+}
+
+#[tokio::test]
+async fn two_tickets_in_one_browser_keep_both_visits() {
+    let h = harness();
+    let (_, ann_id) = h.user("ann").await;
+    h.entry("confirm", true, 60_000);
+    let device = h.device(ann_id, "ann-laptop");
+    let jobs = [
+        h.job("confirm", &device, "delivered"),
+        h.job("confirm", &device, "delivered"),
+    ];
+    let mut visitor = h.browser();
+    for job in jobs {
+        let ticket = h.tickets.mint(job, h.now() + 600_000);
+        let redeemed = visitor
+            .get(&format!("/service/confirm?herald_ticket={ticket}"))
+            .await;
+        assert_eq!(redeemed.status, StatusCode::SEE_OTHER, "{}", redeemed.body);
+    }
+    for job in jobs {
+        let page = visitor.get(&format!("/service/confirm?job={job}")).await;
+        assert_eq!(page.status, StatusCode::OK, "job {job}: {}", page.body);
+        let done = visitor
+            .post(
+                "/service/confirm",
+                &[
+                    ("csrf", page.csrf().as_str()),
+                    ("job", &job.to_string()),
+                    ("outcome", "done"),
+                ],
+            )
+            .await;
+        assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+        assert_eq!(h.job_state(job).0, "succeeded");
+    }
 }
 
 #[tokio::test]
@@ -1254,6 +1524,136 @@ async fn admins_cancel_jobs_revoke_agents_schedule_entries_and_set_roles() {
         .await;
     assert_eq!(page.status, StatusCode::SEE_OTHER);
     assert!(!h.store.agent_active(&device).unwrap());
+}
+
+#[tokio::test]
+async fn quotas_bound_subscriptions_link_tokens_and_devices() {
+    let h = harness();
+    let (mut ann, ann_id) = h.user("ann").await;
+    h.entry("scan", false, 60_000);
+    let device = h.device(ann_id, "ann-laptop");
+    let subscribe = [
+        ("entry", "scan"),
+        ("device", device.as_str()),
+        ("kind", "every"),
+        ("every", "1h"),
+    ];
+    for _ in 0..20 {
+        let page = ann
+            .submit("/catalog/scan", "/subscriptions", &subscribe)
+            .await;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    }
+    let page = ann
+        .submit("/catalog/scan", "/subscriptions", &subscribe)
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("20 subscriptions"), "{}", page.body);
+    assert_eq!(h.store.subscription_count(ann_id).unwrap(), 20);
+
+    // Five unused link tokens at most.
+    for _ in 0..5 {
+        let page = ann.submit("/devices", "/devices/link", &[]).await;
+        assert_eq!(page.status, StatusCode::OK);
+    }
+    let page = ann.submit("/devices", "/devices/link", &[]).await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.has_page_id("devices"));
+    assert!(
+        page.body.contains("id=\"error\"") && page.body.contains("unused link tokens"),
+        "{}",
+        page.body
+    );
+    assert_eq!(h.store.unused_link_tokens(ann_id, h.now()).unwrap(), 5);
+    // Once they expire (24 hours; the session kept alive meanwhile), new ones can be
+    // made again.
+    for _ in 0..2 {
+        h.advance(11 * 3600 * 1000);
+        assert_eq!(ann.get("/devices").await.status, StatusCode::OK);
+    }
+    h.advance(2 * 3600 * 1000);
+    let page = ann.submit("/devices", "/devices/link", &[]).await;
+    assert_eq!(page.status, StatusCode::OK);
+
+    // Ten devices at most, counting unused tokens.
+    let (mut bob, bob_id) = h.user("bob").await;
+    for i in 0..9 {
+        h.device(bob_id, &format!("bob-{i}"));
+    }
+    let page = bob.submit("/devices", "/devices/link", &[]).await;
+    assert_eq!(page.status, StatusCode::OK, "9 devices and no token");
+    let page = bob.submit("/devices", "/devices/link", &[]).await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("at most 10 devices"), "{}", page.body);
+}
+
+#[tokio::test]
+async fn list_pages_show_the_newest_two_hundred() {
+    let h = harness();
+    let (mut root, root_id) = h.admin("root").await;
+    h.entry("scan", false, 60_000);
+    let device = h.device(root_id, "root-pc");
+    for i in 0..205 {
+        h.store
+            .add_user(&format!("user{i:03}"), "h", Role::User, "", "", h.now())
+            .unwrap();
+        h.store
+            .add_service_subscription(
+                root_id,
+                "scan",
+                &Audience::Agent(device.clone()),
+                &herald_shared::schedule::Schedule::Every {
+                    interval_ms: 3_600_000,
+                    anchor: h.now(),
+                },
+                herald_shared::schedule::Missed::Skip,
+                60_000,
+                Some(h.now() + 3_600_000),
+                h.now(),
+            )
+            .unwrap();
+    }
+    let users = root.get("/admin/users").await;
+    assert_eq!(users.body.matches("<tr data-user=").count(), 200);
+    assert!(users.body.contains(">user204<"), "newest first");
+    assert!(!users.body.contains(&format!("<tr data-user=\"{root_id}\"")));
+    let schedules = root.get("/admin/schedules").await;
+    assert_eq!(schedules.status, StatusCode::OK);
+    assert_eq!(
+        schedules.body.matches("<tr data-subscription=").count(),
+        200
+    );
+    // Subscriptions are not listed as operator schedules too.
+    assert_eq!(schedules.body.matches("<tr data-schedule=").count(), 0);
+    let newest = h.store.subscriptions_page(None, None, 1).unwrap()[0].id;
+    assert!(schedules
+        .body
+        .contains(&format!("<tr data-subscription=\"{newest}\"")));
+    for path in ["/subscriptions".to_string(), format!("/devices/{device}")] {
+        let page = root.get(&path).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        assert_eq!(
+            page.body.matches("<tr data-subscription=").count(),
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn one_time_secrets_beyond_the_cap_evict_only_the_oldest() {
+    let mut flash = super::Flash::new(3);
+    for i in 0..3 {
+        flash.insert(format!("s{i}"), format!("secret {i}"));
+    }
+    // Replacing a secret makes it the newest.
+    flash.insert("s0".into(), "newer".into());
+    flash.insert("s3".into(), "secret 3".into());
+    assert_eq!(flash.remove("s1"), None, "the oldest went");
+    assert_eq!(flash.remove("s2").as_deref(), Some("secret 2"));
+    assert_eq!(flash.remove("s0").as_deref(), Some("newer"));
+    assert_eq!(flash.remove("s3").as_deref(), Some("secret 3"));
+    assert_eq!(flash.remove("s3"), None, "shown once");
 }
 
 #[tokio::test]

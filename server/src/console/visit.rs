@@ -3,7 +3,9 @@
 //!
 //! The agent opens the page with the one-time ticket the relay minted into the
 //! signal. Redeeming it (once: `jobs.visit_redeemed_at`) creates a *visit*: a cookie
-//! scoped to `/service/` that admits that job's page only, with its own CSRF token.
+//! named after the job (`herald_visit_<job>`) and scoped to the entry's page, that
+//! admits that job's page only, with its own CSRF token. One cookie per job, so a
+//! second ticket opened in the same browser does not end the first visit.
 //! The visitor's answer completes the job: `done` succeeds, `declined` fails.
 
 use askama::Template;
@@ -18,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use herald_shared::protocol::JobId;
 use herald_shared::Millis;
 
-use super::auth::{self, VISIT_COOKIE};
+use super::auth::{self, VISIT_COOKIE_PREFIX};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
 use crate::accounts::{Completion, Visit, VisitOutcome};
 use crate::api::ApiError;
@@ -98,9 +100,14 @@ fn browser_entry(state: &ConsoleState, name: &str) -> ConsoleResult<CatalogEntry
     Ok(entry)
 }
 
-/// The visit this browser holds, if it admits `job_id`.
+/// The name of the cookie of a job's visit.
+fn visit_cookie(job_id: JobId) -> String {
+    format!("{VISIT_COOKIE_PREFIX}{job_id}")
+}
+
+/// The visit this browser holds for `job_id`, if any.
 fn visit_for(state: &ConsoleState, headers: &HeaderMap, job_id: JobId) -> ConsoleResult<Visit> {
-    let token = auth::cookie(headers, VISIT_COOKIE)
+    let token = auth::cookie(headers, &visit_cookie(job_id))
         .ok_or_else(|| forbidden("open this page from the link on your device"))?;
     let visit = state
         .store()
@@ -161,9 +168,15 @@ fn redeem(state: &ConsoleState, entry: &CatalogEntry, ticket: &str) -> ConsoleRe
     )?;
     let mut response = see_other(&format!("/service/{}?job={job_id}", entry.name));
     // Lax, not Strict: the page is often reached from a link outside the console.
+    // Scoped to this entry's page: other pages, the console's included, never see it.
     response.headers_mut().append(
         SET_COOKIE,
-        auth::set_cookie(VISIT_COOKIE, Some(&token), "/service/", "Lax"),
+        auth::set_cookie(
+            &visit_cookie(job_id),
+            Some(&token),
+            &format!("/service/{}", entry.name),
+            "Lax",
+        ),
     );
     Ok(response)
 }
