@@ -216,44 +216,6 @@ pub struct HistoryEntry {
     pub outcome: Option<String>,
 }
 
-/// A forwarding rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    /// Id.
-    pub id: i64,
-    /// Owner.
-    pub user_id: i64,
-    /// The subscription whose results it forwards (`None`: all of the user's).
-    pub schedule_id: Option<i64>,
-    /// The subscription's entry title, for display.
-    pub subscription_title: Option<String>,
-    /// `email`, `webhook` or `sms`.
-    pub kind: String,
-    /// Address, URL or phone number.
-    pub target: String,
-    /// Only failed runs are forwarded.
-    pub only_failures: bool,
-    /// Created.
-    pub created_at: Millis,
-}
-
-/// A new forwarding rule.
-#[derive(Debug, Clone)]
-pub struct NewDestination<'a> {
-    /// Owner.
-    pub user_id: i64,
-    /// The subscription, or `None` for all.
-    pub schedule_id: Option<i64>,
-    /// `email`, `webhook` or `sms`.
-    pub kind: &'a str,
-    /// Address, URL or phone number (checked by the caller).
-    pub target: &'a str,
-    /// Webhook signing secret.
-    pub secret: Option<&'a str>,
-    /// Only failed runs.
-    pub only_failures: bool,
-}
-
 /// One forwarding of one job's result, with its attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -1039,64 +1001,7 @@ impl Store {
         Ok(changed > 0)
     }
 
-    // === forwarding ===
-
-    /// Stores a forwarding rule.
-    pub fn add_destination(&self, new: &NewDestination<'_>, now: Millis) -> Result<i64> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO destinations (user_id, schedule_id, kind, target, secret, only_failures, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                new.user_id,
-                new.schedule_id,
-                new.kind,
-                new.target,
-                new.secret,
-                new.only_failures,
-                now
-            ],
-        )?;
-        Ok(conn.last_insert_rowid())
-    }
-
-    /// A user's forwarding rules, oldest first.
-    pub fn destinations(&self, user_id: i64) -> Result<Vec<Destination>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT d.id, d.user_id, d.schedule_id, c.title, d.kind, d.target, d.only_failures,
-                    d.created_at
-             FROM destinations d
-             LEFT JOIN schedules s ON s.id = d.schedule_id
-             LEFT JOIN catalog c ON c.name = s.catalog_name
-             WHERE d.user_id = ?1 ORDER BY d.id",
-        )?;
-        let rows = stmt.query_map(params![user_id], |r| {
-            Ok(Destination {
-                id: r.get(0)?,
-                user_id: r.get(1)?,
-                schedule_id: r.get(2)?,
-                subscription_title: r.get(3)?,
-                kind: r.get(4)?,
-                target: r.get(5)?,
-                only_failures: r.get(6)?,
-                created_at: r.get(7)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Deletes a forwarding rule of this user; `NotFound` for anyone else's.
-    pub fn remove_destination(&self, user_id: i64, id: i64) -> Result<()> {
-        let changed = self.conn().execute(
-            "DELETE FROM destinations WHERE id = ?1 AND user_id = ?2",
-            params![id, user_id],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no forwarding rule {id}")));
-        }
-        Ok(())
-    }
+    // === forwarding (the rules themselves: `crate::forward::rules`) ===
 
     /// A user's latest deliveries, newest first, with their attempts.
     pub fn user_deliveries(&self, user_id: i64, limit: u32) -> Result<Vec<Delivery>> {
@@ -1260,35 +1165,6 @@ mod tests {
             .session("s", 250_000, 100_000, 250_000)
             .unwrap()
             .is_none());
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn only_the_owner_removes_a_destination() {
-        let (store, dir) = store();
-        let a = store.add_user("ann", "h", Role::User, "", "", 1).unwrap();
-        let b = store.add_user("bob", "h", Role::User, "", "", 1).unwrap();
-        let id = store
-            .add_destination(
-                &NewDestination {
-                    user_id: a,
-                    schedule_id: None,
-                    kind: "email",
-                    target: "a@example.org",
-                    secret: None,
-                    only_failures: false,
-                },
-                1,
-            )
-            .unwrap();
-        assert!(matches!(
-            store.remove_destination(b, id),
-            Err(StoreError::NotFound(_))
-        ));
-        assert_eq!(store.destinations(a).unwrap().len(), 1);
-        assert!(store.destinations(b).unwrap().is_empty());
-        store.remove_destination(a, id).unwrap();
-        assert!(store.destinations(a).unwrap().is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

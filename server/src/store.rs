@@ -254,6 +254,31 @@ CREATE TABLE delivery_attempts (
 );
 CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts(delivery_id);
 "#,
+    // Forwarding: e-mail and SMS rules are confirmed with a code sent to the target
+    // (webhooks need none); codes sent and deliveries per user are counted for the
+    // daily limits; deliveries are pruned by age.
+    r#"
+ALTER TABLE destinations ADD COLUMN confirmed_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_code_hash TEXT;
+ALTER TABLE destinations ADD COLUMN confirm_expires_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_tries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE destinations ADD COLUMN confirm_requested_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_note TEXT;
+UPDATE destinations SET confirmed_at = created_at WHERE kind = 'webhook';
+CREATE TABLE confirmation_codes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    sent_at BIGINT NOT NULL
+);
+CREATE INDEX confirmation_codes_by_user ON confirmation_codes(user_id, sent_at);
+CREATE INDEX destinations_code_requested ON destinations(confirm_requested_at)
+    WHERE confirm_requested_at IS NOT NULL;
+ALTER TABLE deliveries ADD COLUMN over_limit INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_by_user ON deliveries(user_id, created_at);
+CREATE INDEX deliveries_by_created ON deliveries(created_at);
+"#,
 ];
 
 /// Errors from the store.

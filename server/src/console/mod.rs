@@ -15,6 +15,7 @@ mod account;
 mod admin;
 pub(crate) mod auth;
 mod forms;
+mod forwarding;
 mod pages;
 #[cfg(test)]
 mod tests;
@@ -245,9 +246,17 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/history/{job}", get(pages::job))
         .route(
             "/forwarding",
-            get(pages::forwarding).post(pages::add_forwarding),
+            get(forwarding::forwarding).post(forwarding::add_forwarding),
         )
-        .route("/forwarding/{id}/delete", post(pages::delete_forwarding))
+        .route(
+            "/forwarding/{id}/confirm",
+            post(forwarding::confirm_forwarding),
+        )
+        .route("/forwarding/{id}/resend", post(forwarding::resend_code))
+        .route(
+            "/forwarding/{id}/delete",
+            post(forwarding::delete_forwarding),
+        )
         .route(
             "/service/{name}",
             get(visit::service_page).post(visit::answer),

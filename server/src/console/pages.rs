@@ -1,6 +1,7 @@
-//! A user's pages: devices (and linking one), the catalog, subscriptions, history and
-//! forwarding. Objects of other users answer 404, exactly like objects that do not
-//! exist; admins may see every user's devices, subscriptions and jobs here too.
+//! A user's pages: devices (and linking one), the catalog, subscriptions and history
+//! (forwarding is in `forwarding`). Objects of other users answer 404, exactly like
+//! objects that do not exist; admins may see every user's devices, subscriptions and
+//! jobs here too.
 
 use std::time::Duration;
 
@@ -18,9 +19,8 @@ use super::account::NoFields;
 use super::auth::{Posted, Session};
 use super::forms::TimingForm;
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::{Delivery, Destination, HistoryEntry, NewDestination};
+use crate::accounts::{Delivery, HistoryEntry};
 use crate::catalog::{CatalogEntry, Subscription};
-use crate::forward::check_target;
 use crate::model::{AgentDetail, AgentInfo, JobInfo};
 
 /// How long a subscription's job may wait for an offline device.
@@ -29,8 +29,6 @@ pub(super) const SUBSCRIPTION_TTL_MS: u64 = 3600 * 1000;
 const LINK_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Runs a history page shows.
 const HISTORY_LIMIT: u32 = 200;
-/// Deliveries the forwarding page shows.
-const DELIVERY_LIMIT: u32 = 100;
 /// Rows a list of subscriptions shows (newest first).
 pub(super) const LIST_LIMIT: u32 = 200;
 /// Catalog subscriptions a plain user may have.
@@ -545,121 +543,4 @@ pub(super) async fn job(
             deliveries,
         },
     ))
-}
-
-// === forwarding ===
-
-#[derive(Template)]
-#[template(path = "forwarding.html")]
-struct ForwardingPage {
-    layout: Layout,
-    destinations: Vec<Destination>,
-    deliveries: Vec<Delivery>,
-    subscriptions: Vec<Subscription>,
-    form: ForwardForm,
-    secret: Option<String>,
-    error: Option<String>,
-}
-
-#[derive(Deserialize, Default, Clone)]
-#[serde(default)]
-pub(super) struct ForwardForm {
-    kind: String,
-    target: String,
-    only_failures: String,
-    subscription: String,
-}
-
-fn forwarding_page(
-    state: &ConsoleState,
-    session: &Session,
-    form: ForwardForm,
-    secret: Option<String>,
-    error: Option<String>,
-) -> ConsoleResult<ForwardingPage> {
-    let user = session.user.id;
-    Ok(ForwardingPage {
-        layout: Layout::of(session),
-        destinations: state.store().destinations(user)?,
-        deliveries: state.store().user_deliveries(user, DELIVERY_LIMIT)?,
-        subscriptions: state.store().service_subscriptions(Some(user))?,
-        form,
-        secret,
-        error,
-    })
-}
-
-/// `GET /forwarding`. A webhook secret made by the previous POST is shown once.
-pub(super) async fn forwarding(
-    State(state): State<ConsoleState>,
-    session: Session,
-) -> ConsoleResult {
-    let secret = state.flash().remove(&session.token_hash);
-    let form = ForwardForm {
-        kind: "email".into(),
-        ..ForwardForm::default()
-    };
-    let page = forwarding_page(&state, &session, form, secret, None)?;
-    Ok(render(StatusCode::OK, &page))
-}
-
-/// `POST /forwarding`.
-pub(super) async fn add_forwarding(
-    State(state): State<ConsoleState>,
-    Posted(session, form): Posted<ForwardForm>,
-) -> ConsoleResult {
-    let kind = form.kind.trim();
-    let target = form.target.trim();
-    let mut problem = check_target(kind, target, state.allow_http_webhooks).err();
-    let schedule_id = match form.subscription.trim() {
-        "" => None,
-        text => {
-            let own = text.parse::<i64>().ok().and_then(|id| {
-                state
-                    .store()
-                    .service_subscription(id)
-                    .ok()
-                    .filter(|s| s.owner_user_id == session.user.id)
-            });
-            match own {
-                Some(s) => Some(s.id),
-                None => {
-                    problem.get_or_insert_with(|| "choose one of your subscriptions".into());
-                    None
-                }
-            }
-        }
-    };
-    if let Some(error) = problem {
-        let page = forwarding_page(&state, &session, form.clone(), None, Some(error))?;
-        return Ok(render(StatusCode::BAD_REQUEST, &page));
-    }
-    let secret = (kind == "webhook").then(super::auth::random_token);
-    state.store().add_destination(
-        &NewDestination {
-            user_id: session.user.id,
-            schedule_id,
-            kind,
-            target,
-            secret: secret.as_deref(),
-            only_failures: form.only_failures == "1",
-        },
-        state.now(),
-    )?;
-    if let Some(secret) = secret {
-        state.flash().insert(session.token_hash.clone(), secret);
-    }
-    Ok(see_other("/forwarding"))
-}
-
-/// `POST /forwarding/{id}/delete`: the owner's only.
-pub(super) async fn delete_forwarding(
-    State(state): State<ConsoleState>,
-    Path(id): Path<String>,
-    Posted(session, NoFields {}): Posted<NoFields>,
-) -> ConsoleResult {
-    state
-        .store()
-        .remove_destination(session.user.id, path_id(&id)?)?;
-    Ok(see_other("/forwarding"))
 }

@@ -1,6 +1,11 @@
 //! What a forwarded result says: the facts about a finished job, rendered for a webhook
-//! (JSON), an e-mail (subject and text) and an SMS (one short line), and the SMS
-//! gateway's request template. Pure functions: no I/O.
+//! (JSON), an e-mail (subject and text) and an SMS (one short line); the confirmation
+//! code messages; and the SMS gateway's request template. Pure functions: no I/O.
+//!
+//! An SMS and an e-mail subject carry only what the operator or the server wrote (the
+//! catalog entry's title, the state, the job id), never text from an agent or a visitor
+//! (device names, errors, output, notes): those go to the e-mail body, which only a
+//! confirmed address receives, and to the owner's own webhook.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +19,10 @@ use crate::config::{SmsBodyFormat, SmsConfig};
 pub const STDOUT_EXCERPT_BYTES: usize = 2048;
 /// Longest SMS text (one classic SMS).
 pub const SMS_MAX_CHARS: usize = 160;
+/// Longest entry title in an e-mail subject.
+const SUBJECT_ENTRY_MAX_CHARS: usize = 100;
+/// Subject of the mail that carries a confirmation code.
+pub(super) const CODE_EMAIL_SUBJECT: &str = "Confirm forwarding to this address";
 
 /// The facts about a finished job that every medium carries.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -47,13 +56,13 @@ impl Facts {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// E-mail subject: what ran where, and how it ended.
+    /// E-mail subject: which entry, how it ended, which job. Fixed form, one line.
     pub fn email_subject(&self) -> String {
         format!(
-            "[Herald] {} on {}: {}",
-            one_line(&self.entry),
-            one_line(&self.agent_name),
-            self.state
+            "[Herald] {}: {} (job {})",
+            truncate_chars(&header_text(&self.entry), SUBJECT_ENTRY_MAX_CHARS),
+            header_text(&self.state),
+            self.job_id
         )
     }
 
@@ -90,28 +99,47 @@ impl Facts {
             ));
         }
         body.push_str(
-            "\n-- \nSent by Herald because of a forwarding rule you set in the console.\n",
+            "\n-- \nSent by Herald because of a forwarding rule confirmed for this address \
+             in the console; delete the rule there to stop these mails.\n",
         );
         body
     }
 
-    /// SMS text: one line of at most [`SMS_MAX_CHARS`] characters.
+    /// SMS text: the entry, the state and the job id, in one line of at most
+    /// [`SMS_MAX_CHARS`] characters (the entry's title is shortened to fit).
     pub fn sms_text(&self) -> String {
-        let mut text = format!(
-            "Herald: {} on {}: {}",
-            one_line(&self.entry),
-            one_line(&self.agent_name),
-            self.state
-        );
-        if let Some(code) = self.exit_code {
-            text.push_str(&format!(", exit {code}"));
-        }
-        text.push_str(&format!(" (job {})", self.job_id));
-        if let Some(error) = &self.error {
-            text.push_str(&format!(": {}", one_line(error)));
-        }
-        truncate_chars(&text, SMS_MAX_CHARS)
+        let tail = format!(": {} (job {})", header_text(&self.state), self.job_id);
+        let head = "Herald: ";
+        let room = SMS_MAX_CHARS.saturating_sub(head.chars().count() + tail.chars().count());
+        let entry = truncate_chars(&header_text(&self.entry), room.max(1));
+        truncate_chars(&format!("{head}{entry}{tail}"), SMS_MAX_CHARS)
     }
+}
+
+/// The mail that carries a confirmation code: fixed text around the code, in lines
+/// short enough to be sent as they are.
+pub(super) fn code_email_body(code: &str) -> String {
+    format!(
+        "Your Herald confirmation code is {code}\n\
+         \n\
+         Someone asked Herald to forward job results to this address.\n\
+         Enter the code on the console's forwarding page within an hour\n\
+         to confirm it.\n\
+         \n\
+         If that was not you, ignore this mail: nothing is forwarded to\n\
+         this address unless the code is entered.\n"
+    )
+}
+
+/// The SMS that carries a confirmation code.
+pub(super) fn code_sms(code: &str) -> String {
+    format!("Herald code: {code}")
+}
+
+/// Text for a header or an SMS: one line, with control characters (CR and LF among
+/// them) dropped and runs of whitespace made one space.
+pub(super) fn header_text(text: &str) -> String {
+    one_line(&text.replace(|c: char| c.is_control() && !c.is_whitespace(), ""))
 }
 
 /// The start of a job's output: at most `limit` bytes, cut at a character boundary.
@@ -306,7 +334,7 @@ mod tests {
     #[test]
     fn email_carries_the_facts() {
         let f = facts();
-        assert_eq!(f.email_subject(), "[Herald] Virus scan on laptop: failed");
+        assert_eq!(f.email_subject(), "[Herald] Virus scan: failed (job 42)");
         let body = f.email_body();
         for needle in [
             "Job:       42",
@@ -320,25 +348,47 @@ mod tests {
     }
 
     #[test]
-    fn subject_cannot_be_split_by_a_newline_in_a_name() {
+    fn subject_and_sms_carry_no_agent_or_visitor_text() {
         let mut f = facts();
-        f.agent_name = "evil\r\nBcc: x@example.org".into();
-        assert!(!f.email_subject().contains('\n'));
-        assert!(!f.email_subject().contains('\r'));
+        f.agent_name = "CALL +1 555 0100 NOW".into();
+        f.error = Some("Your account is locked: visit evil.example".into());
+        f.outcome = Some("declined: click evil.example".into());
+        f.stdout = "evil.example".into();
+        for text in [f.email_subject(), f.sms_text()] {
+            assert!(!text.contains("555") && !text.contains("evil"), "{text}");
+        }
+        assert_eq!(f.sms_text(), "Herald: Virus scan: failed (job 42)");
     }
 
     #[test]
-    fn sms_is_one_short_line() {
+    fn subject_and_sms_are_one_line_without_control_characters() {
         let mut f = facts();
+        f.entry = "Scan\r\nBcc: x@example.org\u{0}\u{1b}[31m".into();
+        for text in [f.email_subject(), f.sms_text()] {
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
         assert_eq!(
-            f.sms_text(),
-            "Herald: Virus scan on laptop: failed, exit 3 (job 42): exited with 3"
+            f.email_subject(),
+            "[Herald] Scan Bcc: x@example.org[31m: failed (job 42)"
         );
-        f.error = Some("x\n".repeat(500));
+    }
+
+    #[test]
+    fn sms_is_one_short_line_and_keeps_the_job_id() {
+        let mut f = facts();
+        f.entry = "Very long title ".repeat(30);
         let text = f.sms_text();
         assert_eq!(text.chars().count(), SMS_MAX_CHARS);
-        assert!(!text.contains('\n'));
-        assert!(text.ends_with('…'));
+        assert!(text.ends_with("…: failed (job 42)"), "{text}");
+    }
+
+    #[test]
+    fn code_messages_are_fixed_text_around_the_code() {
+        assert_eq!(code_sms("123456"), "Herald code: 123456");
+        let body = code_email_body("123456");
+        assert!(body.starts_with("Your Herald confirmation code is 123456\n"));
+        assert!(body.lines().all(|l| l.len() < 76), "{body}");
+        assert_eq!(CODE_EMAIL_SUBJECT, "Confirm forwarding to this address");
     }
 
     #[test]

@@ -2,18 +2,30 @@
 //! result goes to the user's forwarding rules (`destinations`): e-mail through the
 //! `[smtp]` relay, a signed JSON webhook, or an SMS through the `[sms]` gateway.
 //!
+//! Forwarding must not become a relay for spam or SMS pumping through the operator's
+//! relay and gateway: an e-mail or SMS rule forwards nothing until its owner enters the
+//! code sent through it (`confirm`, `rules`); a user has at most five rules and daily
+//! limits per medium; only runs that happened are forwarded; and an SMS or a subject
+//! carries no text an agent or a visitor wrote (`message`).
+//!
 //! The forwarder is one task. It turns finished jobs into `deliveries` rows (one
-//! transaction per batch, so a crash loses nothing and nothing is queued twice), then
-//! sends due deliveries, each in its own task with a timeout and a bound on how many run
-//! at once, so a slow or dead endpoint delays only its own deliveries. Every attempt is
-//! recorded in `delivery_attempts`; a failure is retried with exponential backoff and
-//! given up after `max_attempts`. It wakes on job events from the relay, at the next
-//! retry time, and every few seconds as a safety net (for jobs finished by writers that
-//! announce nothing).
+//! transaction per batch, so a crash loses nothing and nothing is queued twice), makes
+//! and sends the confirmation codes asked for, then sends due deliveries, each in its
+//! own task with a timeout, round-robin by user and with bounds on how many run at once
+//! in all, per user and per destination host (`slots`), so a slow or dead endpoint
+//! delays only its owner's deliveries. Every attempt is recorded in
+//! `delivery_attempts`; a failure is retried with exponential backoff and given up
+//! after `max_attempts`; deliveries older than 30 days are deleted, once an hour. It
+//! wakes on job events from the relay, at the next retry time, and every few seconds
+//! as a safety net (for jobs finished by writers that announce nothing, and for codes
+//! the console asked for).
 
+mod confirm;
 mod message;
 mod queue;
+mod rules;
 mod send;
+mod slots;
 #[cfg(test)]
 mod tests;
 
@@ -33,16 +45,22 @@ use crate::config::{ServerConfig, SmsConfig, SmtpConfig, SmtpTls};
 use crate::relay::JobEvent;
 use crate::store::{Store, StoreError};
 
+pub use confirm::{Verdict, CODE_DIGITS, CODE_TTL, MAX_CODES_PER_WINDOW, MAX_WRONG_TRIES};
 pub use message::{excerpt, Facts, SmsRequest, SmsTemplate, SMS_MAX_CHARS, STDOUT_EXCERPT_BYTES};
 pub use queue::{
-    backoff, enqueue, next_step, Attempt, Kind, Next, RetryPolicy, FORWARDED_STATES, MAX_BACKOFF,
+    backoff, enqueue, next_step, prune, Attempt, DailyLimits, Enqueued, Kind, Next, RetryPolicy,
+    DAILY_LIMIT_REACHED, FORWARDED_STATES, MAX_BACKOFF, RETENTION, UNFORWARDED_STATES,
 };
-pub use send::{is_public, signature, SIGNATURE_HEADER};
+pub use rules::{Destination, NewDestination, RuleError, MAX_RULES};
+pub use send::{is_public, signature, CONNECT_TIMEOUT, SIGNATURE_HEADER};
+pub use slots::Fairness;
 
 /// Deliveries sent at the same time.
-pub const CONCURRENCY: usize = 16;
-/// Scan for finished jobs and due retries at least this often.
+pub const CONCURRENCY: usize = Fairness::DEFAULT.total;
+/// Scan for finished jobs, due retries and code requests at least this often.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often old deliveries are pruned (see [`RETENTION`]).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// On shutdown, how long sends under way may finish before they are abandoned (an
 /// abandoned delivery stays pending and is sent after the restart).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -60,8 +78,10 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// Limit on one attempt.
     pub timeout: Duration,
-    /// Deliveries sent at the same time.
-    pub concurrency: usize,
+    /// Sends under way at once: in all, per user, per destination host.
+    pub fairness: Fairness,
+    /// What one user may have forwarded in a day.
+    pub daily: DailyLimits,
     /// Safety-net scan interval.
     pub scan_interval: Duration,
     /// The e-mail relay, if any.
@@ -82,7 +102,8 @@ impl Settings {
                 first_retry: Duration::from_secs(forwarding.first_retry_secs),
             },
             timeout: Duration::from_secs(forwarding.timeout_secs.max(1)),
-            concurrency: CONCURRENCY,
+            fairness: Fairness::DEFAULT,
+            daily: DailyLimits::DEFAULT,
             scan_interval: SCAN_INTERVAL,
             smtp: config.smtp.clone(),
             sms: config.sms.clone(),
@@ -205,13 +226,16 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) {
     let senders = Arc::new(send::Senders::new(&settings));
-    // Sends under way: task id -> delivery id.
-    let mut in_flight: HashMap<tokio::task::Id, i64> = HashMap::new();
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut state = Sends {
+        in_flight: HashMap::new(),
+        tasks: JoinSet::new(),
+        // Pruning starts with the first scan.
+        next_prune: Instant::now(),
+    };
     let mut events_open = true;
     tokio::pin!(stop);
     loop {
-        let wake = match scan(&store, &senders, &settings, &mut in_flight, &mut tasks) {
+        let wake = match state.scan(&store, &senders, &settings) {
             Ok(wake) => wake,
             Err(e) => {
                 warn!(error = %e, "forwarding: cannot read the delivery queue; retrying");
@@ -220,7 +244,7 @@ pub async fn run(
         };
         tokio::select! {
             _ = &mut stop => break,
-            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+            Some(done) = state.tasks.join_next_with_id(), if !state.tasks.is_empty() => {
                 let id = match done {
                     Ok((id, ())) => id,
                     Err(e) => {
@@ -228,7 +252,7 @@ pub async fn run(
                         e.id()
                     }
                 };
-                in_flight.remove(&id);
+                state.in_flight.remove(&id);
             }
             event = events.recv(), if events_open => match event {
                 // Many events come at once under load: one scan covers them all.
@@ -240,6 +264,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
+    let tasks = &mut state.tasks;
     if !tasks.is_empty() {
         let drain = async { while tasks.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, drain).await;
@@ -247,39 +272,87 @@ pub async fn run(
     }
 }
 
-/// Queues finished jobs, starts due deliveries while there is room, and says when to
-/// look again.
-fn scan(
-    store: &Store,
-    senders: &Arc<send::Senders>,
-    settings: &Settings,
-    in_flight: &mut HashMap<tokio::task::Id, i64>,
-    tasks: &mut JoinSet<()>,
-) -> Result<Instant, StoreError> {
-    let now = crate::now_ms();
-    let queued = queue::enqueue(store, now)?;
-    if queued > 0 {
-        debug!(queued, "forwarding: results queued");
-    }
-    let room = settings.concurrency.saturating_sub(in_flight.len());
-    if room > 0 {
-        let due = queue::due(store, now, room + in_flight.len())?;
-        let busy: Vec<i64> = in_flight.values().copied().collect();
-        for delivery in due.into_iter().filter(|d| !busy.contains(d)).take(room) {
-            let handle = tasks.spawn(deliver(
-                store.clone(),
-                senders.clone(),
-                settings.retry,
-                delivery,
-            ));
-            in_flight.insert(handle.id(), delivery);
+/// The forwarder task's state: the sends under way, and when to prune next.
+struct Sends {
+    /// Sends under way, by task.
+    in_flight: HashMap<tokio::task::Id, slots::Flight>,
+    tasks: JoinSet<()>,
+    next_prune: Instant,
+}
+
+impl Sends {
+    /// Queues finished jobs, sends the codes asked for, starts due deliveries while
+    /// there is room, prunes when it is time, and says when to look again.
+    fn scan(
+        &mut self,
+        store: &Store,
+        senders: &Arc<send::Senders>,
+        settings: &Settings,
+    ) -> Result<Instant, StoreError> {
+        let now = crate::now_ms();
+        if Instant::now() >= self.next_prune {
+            self.next_prune = Instant::now() + PRUNE_INTERVAL;
+            match queue::prune(store, now) {
+                Ok(0) => {}
+                Ok(deleted) => info!(deleted, "forwarding: old deliveries deleted"),
+                Err(e) => warn!(error = %e, "forwarding: cannot delete old deliveries"),
+            }
         }
+        let enqueued = queue::enqueue(store, now, &settings.daily)?;
+        if enqueued.queued > 0 {
+            debug!(queued = enqueued.queued, "forwarding: results queued");
+        }
+        for (delivery, job, kind) in &enqueued.over_limit {
+            warn!(
+                delivery,
+                job,
+                kind,
+                attempts = 1,
+                detail = DAILY_LIMIT_REACHED,
+                "forwarding given up"
+            );
+        }
+        let codes = rules::take_code_requests(
+            store,
+            now,
+            &settings.daily,
+            || confirm::new_code(|| u32::from_le_bytes(crate::random_bytes::<4>())),
+            crate::random_bytes::<16>,
+        )?;
+        for code in codes {
+            let flight = slots::Flight {
+                delivery: None,
+                user: code.user_id,
+                host: slots::host_key(Some(code.kind), &code.target),
+            };
+            let handle = self
+                .tasks
+                .spawn(send_code(store.clone(), senders.clone(), code));
+            self.in_flight.insert(handle.id(), flight);
+        }
+        let fairness = &settings.fairness;
+        if self.in_flight.len() < fairness.total {
+            // Enough turns per user to get past those under way and those whose host is
+            // busy.
+            let turns = fairness.per_user.saturating_mul(4).max(1);
+            let due = queue::due(store, now, turns, fairness.total.saturating_mul(turns))?;
+            let flying: Vec<&slots::Flight> = self.in_flight.values().collect();
+            for (candidate, flight) in slots::pick(due, &flying, fairness) {
+                let handle = self.tasks.spawn(deliver(
+                    store.clone(),
+                    senders.clone(),
+                    settings.retry,
+                    candidate.id,
+                ));
+                self.in_flight.insert(handle.id(), flight);
+            }
+        }
+        let mut wake = (Instant::now() + settings.scan_interval).min(self.next_prune);
+        if let Some(at) = queue::next_due_after(store, now)? {
+            wake = wake.min(Instant::now() + millis_until(now, at));
+        }
+        Ok(wake)
     }
-    let mut wake = Instant::now() + settings.scan_interval;
-    if let Some(at) = queue::next_due_after(store, now)? {
-        wake = wake.min(Instant::now() + millis_until(now, at));
-    }
-    Ok(wake)
 }
 
 fn millis_until(now: Millis, at: Millis) -> Duration {
@@ -318,5 +391,23 @@ async fn deliver(store: Store, senders: Arc<send::Senders>, policy: RetryPolicy,
     }
     if let Err(e) = queue::record(&store, id, &attempt, next, now) {
         warn!(delivery = id, error = %e, "forwarding: cannot record an attempt");
+    }
+}
+
+/// Sends a confirmation code and notes the outcome on the rule. (Neither the code nor
+/// the address goes to the log.)
+async fn send_code(store: Store, senders: Arc<send::Senders>, code: rules::CodeMessage) {
+    let attempt = senders.send_code(&code).await;
+    let destination = code.destination_id;
+    let kind = code.kind.as_str();
+    let note = if attempt.ok {
+        info!(destination, kind, detail = %attempt.detail, "confirmation code sent");
+        "Code sent.".to_string()
+    } else {
+        warn!(destination, kind, detail = %attempt.detail, "confirmation code not sent");
+        format!("The code could not be sent: {}", attempt.detail)
+    };
+    if let Err(e) = rules::note_code_result(&store, destination, &note) {
+        warn!(destination, error = %e, "forwarding: cannot note a code's sending");
     }
 }

@@ -1,11 +1,13 @@
 //! The delivery queue in the database: finished jobs of users' subscriptions become one
-//! `deliveries` row per matching forwarding rule; due deliveries are picked, and every
-//! attempt is recorded in `delivery_attempts`. When to retry is a pure function of the
-//! attempt count and the time passed in.
+//! `deliveries` row per matching confirmed forwarding rule, within the owner's daily
+//! limits; due deliveries are picked round-robin by user, every attempt is recorded in
+//! `delivery_attempts`, and old deliveries are pruned. When to retry is a pure function
+//! of the attempt count and the time passed in.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::time::Duration;
 
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use herald_shared::Millis;
 
@@ -13,17 +15,14 @@ use crate::store::{Store, StoreError};
 
 use super::message::{excerpt, Facts, STDOUT_EXCERPT_BYTES};
 
-/// Job states that are forwarded; every one is final (`crate::model::is_final_state`).
-/// A browser job's `waiting` is not: it is forwarded once the page's outcome is in.
-pub const FORWARDED_STATES: [&str; 7] = [
-    "succeeded",
-    "failed",
-    "timed_out",
-    "refused",
-    "interrupted",
-    "expired",
-    "canceled",
-];
+/// Job states that are forwarded: the ends of runs that happened (a browser service's
+/// outcome makes its job `succeeded` or `failed`). Every one is final
+/// (`crate::model::is_final_state`); a browser job's `waiting` is not, and is forwarded
+/// once the page's outcome is in.
+pub const FORWARDED_STATES: [&str; 4] = ["succeeded", "failed", "timed_out", "interrupted"];
+/// Final states that are not forwarded: nothing ran (`refused`, whose reason the agent
+/// writes; `expired`; `canceled`). Their jobs are only marked handled.
+pub const UNFORWARDED_STATES: [&str; 3] = ["refused", "expired", "canceled"];
 
 /// Jobs turned into deliveries per transaction.
 const ENQUEUE_BATCH: usize = 256;
@@ -31,6 +30,14 @@ const ENQUEUE_BATCH: usize = 256;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Longest attempt detail stored (a status line or an error, not a whole page).
 const DETAIL_MAX_CHARS: usize = 500;
+/// The window of the daily limits.
+pub(super) const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Deliveries (and their attempts) older than this are deleted.
+pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Deliveries deleted per transaction when pruning.
+const PRUNE_BATCH: usize = 500;
+/// Why a delivery over the owner's daily limit is given up.
+pub const DAILY_LIMIT_REACHED: &str = "daily limit reached";
 
 /// A destination medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +69,76 @@ impl Kind {
             Kind::Sms => "sms",
         }
     }
+
+    /// Rules of this kind forward nothing until confirmed with a code sent through
+    /// them. A webhook needs none: its owner controls the endpoint, and every request
+    /// carries a signature under a secret only the owner was shown.
+    pub fn needs_confirmation(self) -> bool {
+        matches!(self, Kind::Email | Kind::Sms)
+    }
+
+    /// The kinds that share this kind's daily limit, as an SQL list.
+    fn limit_class(self) -> &'static str {
+        match self {
+            Kind::Email | Kind::Webhook => "'email', 'webhook'",
+            Kind::Sms => "'sms'",
+        }
+    }
+}
+
+/// How much one user may have forwarded in a day (the last 24 hours, codes included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyLimits {
+    /// E-mails and webhook posts together (deliveries and confirmation codes).
+    pub email_and_webhook: u32,
+    /// SMS (deliveries and confirmation codes).
+    pub sms: u32,
+}
+
+impl DailyLimits {
+    /// The limits of a server that does not say otherwise.
+    pub const DEFAULT: DailyLimits = DailyLimits {
+        email_and_webhook: 200,
+        sms: 20,
+    };
+
+    /// The limit that applies to a kind.
+    pub fn cap(&self, kind: Kind) -> u32 {
+        match kind {
+            Kind::Email | Kind::Webhook => self.email_and_webhook,
+            Kind::Sms => self.sms,
+        }
+    }
+}
+
+impl Default for DailyLimits {
+    fn default() -> Self {
+        DailyLimits::DEFAULT
+    }
+}
+
+/// What a user has used of the daily limit that `kind` falls under, at `now`:
+/// deliveries created within the day (not those given up for the limit) and codes sent.
+pub(super) fn daily_used(
+    conn: &Connection,
+    user_id: i64,
+    kind: Kind,
+    now: Millis,
+) -> Result<u32, StoreError> {
+    let since = now - DAY.as_millis() as Millis;
+    let class = kind.limit_class();
+    let used: i64 = conn.query_row(
+        &format!(
+            "SELECT (SELECT COUNT(*) FROM deliveries
+                     WHERE user_id = ?1 AND created_at > ?2 AND over_limit = 0
+                       AND kind IN ({class}))
+                  + (SELECT COUNT(*) FROM confirmation_codes
+                     WHERE user_id = ?1 AND sent_at > ?2 AND kind IN ({class}))"
+        ),
+        params![user_id, since],
+        |r| r.get(0),
+    )?;
+    Ok(used.clamp(0, u32::MAX as i64) as u32)
 }
 
 /// How often and how patiently a delivery is retried.
@@ -166,20 +243,34 @@ pub(super) struct Outgoing {
     pub secret: Option<String>,
     /// The rule still exists (a user may delete it while deliveries are pending).
     pub rule_exists: bool,
+    /// The rule is confirmed (a rule of a kind that needs it forwards nothing before).
+    pub rule_confirmed: bool,
     /// Attempts made so far.
     pub attempts: u32,
     /// What to say.
     pub facts: Facts,
 }
 
-/// Turns finished jobs marked `forward_pending` into deliveries, one per matching rule
-/// of the subscription's owner (a rule for that subscription or for all of them; for
-/// every result, or only when the job did not succeed), and clears the mark in the
-/// same transaction: nothing is lost in a crash and nothing is enqueued twice.
-/// Returns how many deliveries were created.
-pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
+/// What one [`enqueue`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Deliveries queued to be sent.
+    pub queued: usize,
+    /// Deliveries given up at once because their owner reached a daily limit:
+    /// (delivery, job, kind).
+    pub over_limit: Vec<(i64, i64, String)>,
+}
+
+/// Turns finished jobs marked `forward_pending` into deliveries, one per matching
+/// confirmed rule of the subscription's owner (a rule for that subscription or for all
+/// of them; for every result, or only when the job did not succeed), and clears the
+/// mark in the same transaction: nothing is lost in a crash and nothing is enqueued
+/// twice. Jobs in [`UNFORWARDED_STATES`] are only marked handled. A delivery beyond its
+/// owner's daily limit is given up at once, with an attempt saying so.
+pub fn enqueue(store: &Store, now: Millis, limits: &DailyLimits) -> Result<Enqueued, StoreError> {
     let states = FORWARDED_STATES
         .iter()
+        .chain(UNFORWARDED_STATES.iter())
         .map(|s| format!("'{s}'"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -195,8 +286,9 @@ pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
             |r| r.get(0),
         )
         .optional()?;
+    let mut done = Enqueued::default();
     if any.is_none() {
-        return Ok(0);
+        return Ok(done);
     }
     let select = format!(
         "SELECT j.id, j.schedule_id, s.owner_user_id, j.state
@@ -204,7 +296,6 @@ pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
          WHERE j.forward_pending = 1 AND j.state IN ({states})
          ORDER BY j.id LIMIT {ENQUEUE_BATCH}"
     );
-    let mut created = 0;
     loop {
         let mut conn = store.conn();
         // Immediate: the read and the writes form one snapshot, with no upgrade that a
@@ -222,19 +313,62 @@ pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
             })?;
             rows.collect::<Result<Vec<_>, _>>()?
         };
+        // What each (user, limit) has used, read once per batch and counted on here.
+        let mut used: HashMap<(i64, &'static str), u32> = HashMap::new();
         for (job_id, schedule_id, owner, state) in &jobs {
             // A subscription deleted since it fired has no owner any more: nothing to do.
-            if let (Some(schedule_id), Some(owner)) = (schedule_id, owner) {
-                created += tx.execute(
-                    "INSERT INTO deliveries (destination_id, user_id, job_id, kind, target, state,
-                                             attempts, next_attempt_at, created_at)
-                     SELECT d.id, d.user_id, ?1, d.kind, d.target, 'pending', 0, ?5, ?5
-                     FROM destinations d
-                     WHERE d.user_id = ?2 AND (d.schedule_id IS NULL OR d.schedule_id = ?3)
-                       AND (d.only_failures = 0 OR ?4 <> 'succeeded')
-                     ORDER BY d.id",
-                    params![job_id, owner, schedule_id, state, now],
-                )?;
+            let forwarded = FORWARDED_STATES.contains(&state.as_str());
+            if let (true, Some(schedule_id), Some(owner)) = (forwarded, schedule_id, owner) {
+                let rules = matching_rules(&tx, *owner, *schedule_id, state)?;
+                for (rule_id, kind_text, target) in rules {
+                    let over = match Kind::parse(&kind_text) {
+                        Some(kind) => {
+                            let count = match used.entry((*owner, kind.limit_class())) {
+                                Entry::Occupied(e) => e.into_mut(),
+                                Entry::Vacant(e) => e.insert(daily_used(&tx, *owner, kind, now)?),
+                            };
+                            let over = *count >= limits.cap(kind);
+                            if !over {
+                                *count += 1;
+                            }
+                            over
+                        }
+                        // Unknown kinds are queued, and refused when sent.
+                        None => false,
+                    };
+                    if over {
+                        tx.execute(
+                            "INSERT INTO deliveries (destination_id, user_id, job_id, kind, target,
+                                                     state, attempts, next_attempt_at, last_error,
+                                                     created_at, finished_at, over_limit)
+                             VALUES (?1, ?2, ?3, ?4, ?5, 'given_up', 1, ?6, ?7, ?6, ?6, 1)",
+                            params![
+                                rule_id,
+                                owner,
+                                job_id,
+                                kind_text,
+                                target,
+                                now,
+                                DAILY_LIMIT_REACHED
+                            ],
+                        )?;
+                        let delivery = tx.last_insert_rowid();
+                        tx.execute(
+                            "INSERT INTO delivery_attempts (delivery_id, at, ok, detail)
+                             VALUES (?1, ?2, 0, ?3)",
+                            params![delivery, now, DAILY_LIMIT_REACHED],
+                        )?;
+                        done.over_limit.push((delivery, *job_id, kind_text));
+                    } else {
+                        tx.execute(
+                            "INSERT INTO deliveries (destination_id, user_id, job_id, kind, target,
+                                                     state, attempts, next_attempt_at, created_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
+                            params![rule_id, owner, job_id, kind_text, target, now],
+                        )?;
+                        done.queued += 1;
+                    }
+                }
             }
             tx.execute(
                 "UPDATE jobs SET forward_pending = 0 WHERE id = ?1",
@@ -243,19 +377,71 @@ pub fn enqueue(store: &Store, now: Millis) -> Result<usize, StoreError> {
         }
         tx.commit()?;
         if jobs.len() < ENQUEUE_BATCH {
-            return Ok(created);
+            return Ok(done);
         }
     }
 }
 
-/// Pending deliveries due at `now`, oldest due first.
-pub(super) fn due(store: &Store, now: Millis, limit: usize) -> Result<Vec<i64>, StoreError> {
-    let conn = store.fast();
-    let mut stmt = conn.prepare(
-        "SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1
-         ORDER BY next_attempt_at, id LIMIT ?2",
+/// The confirmed rules of `owner` that take a result of this subscription in `state`:
+/// (id, kind, target), oldest first.
+fn matching_rules(
+    conn: &Connection,
+    owner: i64,
+    schedule_id: i64,
+    state: &str,
+) -> Result<Vec<(i64, String, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d.id, d.kind, d.target FROM destinations d
+         WHERE d.user_id = ?1 AND (d.schedule_id IS NULL OR d.schedule_id = ?2)
+           AND (d.only_failures = 0 OR ?3 <> 'succeeded')
+           AND d.confirmed_at IS NOT NULL
+         ORDER BY d.id",
     )?;
-    let rows = stmt.query_map(params![now, limit as i64], |r| r.get(0))?;
+    let rows = stmt.query_map(params![owner, schedule_id, state], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A due delivery, with what the forwarder's fairness rules look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Candidate {
+    /// Delivery id.
+    pub id: i64,
+    /// Whose rule it goes out under.
+    pub user: i64,
+    /// Medium (`None`: unknown).
+    pub kind: Option<Kind>,
+    /// Address, URL or phone number.
+    pub target: String,
+}
+
+/// Pending deliveries due at `now`, round-robin by user: every user's earliest due,
+/// then every user's second, and so on, at most `per_user` of each user and `limit` in
+/// all.
+pub(super) fn due(
+    store: &Store,
+    now: Millis,
+    per_user: usize,
+    limit: usize,
+) -> Result<Vec<Candidate>, StoreError> {
+    let conn = store.fast();
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, user_id, kind, target FROM (
+             SELECT id, user_id, kind, target, next_attempt_at,
+                    ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY next_attempt_at, id) AS turn
+             FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1)
+         WHERE turn <= ?2
+         ORDER BY turn, next_attempt_at, id LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![now, per_user as i64, limit as i64], |r| {
+        Ok(Candidate {
+            id: r.get(0)?,
+            user: r.get(1)?,
+            kind: Kind::parse(&r.get::<_, String>(2)?),
+            target: r.get(3)?,
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -275,7 +461,8 @@ pub(super) fn load(store: &Store, delivery_id: i64) -> Result<Option<Outgoing>, 
         .query_row(
             "SELECT dl.kind, dl.target, dl.attempts, d.id, d.secret,
                     j.id, j.agent_id, a.name, COALESCE(c.title, s.catalog_name, o.action),
-                    j.state, j.exit_code, j.error, j.outcome, j.finished_at, j.stdout
+                    j.state, j.exit_code, j.error, j.outcome, j.finished_at, j.stdout,
+                    d.confirmed_at
              FROM deliveries dl
              JOIN jobs j ON j.id = dl.job_id
              JOIN agents a ON a.id = j.agent_id
@@ -294,6 +481,7 @@ pub(super) fn load(store: &Store, delivery_id: i64) -> Result<Option<Outgoing>, 
                     attempts: r.get::<_, i64>(2)?.max(0) as u32,
                     rule_exists: r.get::<_, Option<i64>>(3)?.is_some(),
                     secret: r.get(4)?,
+                    rule_confirmed: r.get::<_, Option<Millis>>(15)?.is_some(),
                     facts: Facts {
                         job_id: r.get(5)?,
                         agent_id: r.get(6)?,
@@ -311,6 +499,42 @@ pub(super) fn load(store: &Store, delivery_id: i64) -> Result<Option<Outgoing>, 
         )
         .optional()?;
     Ok(row)
+}
+
+/// Deletes finished deliveries created more than [`RETENTION`] before `now`, with their
+/// attempts, and the counts of codes sent as long ago, a batch per transaction (so
+/// the write lock is never held long). Returns how many deliveries went.
+pub fn prune(store: &Store, now: Millis) -> Result<usize, StoreError> {
+    let cutoff = now - RETENTION.as_millis() as Millis;
+    store.conn().execute(
+        "DELETE FROM confirmation_codes WHERE sent_at < ?1",
+        params![cutoff],
+    )?;
+    let mut deleted = 0;
+    loop {
+        let mut conn = store.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<i64> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id FROM deliveries WHERE created_at < ?1 AND state <> 'pending'
+                 ORDER BY created_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![cutoff, PRUNE_BATCH as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            tx.execute(
+                "DELETE FROM delivery_attempts WHERE delivery_id = ?1",
+                params![id],
+            )?;
+            tx.execute("DELETE FROM deliveries WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        deleted += ids.len();
+        if ids.len() < PRUNE_BATCH {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// Records an attempt and moves the delivery on, in one transaction.
@@ -361,11 +585,26 @@ mod tests {
     };
 
     #[test]
-    fn forwarded_states_are_the_final_ones() {
-        for state in FORWARDED_STATES {
+    fn forwarded_states_are_the_final_ones_of_runs_that_happened() {
+        for state in FORWARDED_STATES.iter().chain(UNFORWARDED_STATES.iter()) {
             assert!(crate::model::is_final_state(state), "{state}");
         }
-        for state in ["queued", "delivered", "running", "waiting"] {
+        // Every final state is one or the other, so every finished job is handled.
+        for state in [
+            "succeeded",
+            "failed",
+            "timed_out",
+            "refused",
+            "interrupted",
+            "expired",
+            "canceled",
+        ] {
+            assert!(
+                FORWARDED_STATES.contains(&state) != UNFORWARDED_STATES.contains(&state),
+                "{state}"
+            );
+        }
+        for state in ["queued", "delivered", "running", "waiting", "refused"] {
             assert!(!FORWARDED_STATES.contains(&state), "{state}");
         }
     }

@@ -1,6 +1,7 @@
-//! Sending one delivery: e-mail through the `[smtp]` relay (lettre, rustls), a signed
-//! webhook POST, or an SMS through the `[sms]` gateway (reqwest, rustls). Every send is
-//! bounded by the attempt timeout and reports an [`Attempt`]; nothing here retries.
+//! Sending one delivery or confirmation code: e-mail through the `[smtp]` relay
+//! (lettre, rustls), a signed webhook POST, or an SMS through the `[sms]` gateway
+//! (reqwest, rustls). Every send is bounded by the attempt timeout and reports an
+//! [`Attempt`]; nothing here retries.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,16 +14,24 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{SmtpConfig, SmtpTls};
 
-use super::message::SmsTemplate;
+use super::message::{self, SmsTemplate};
 use super::queue::{Attempt, Kind, Outgoing};
+use super::rules::CodeMessage;
 use super::Settings;
 
 /// Header carrying the webhook signature: `sha256=<hex HMAC-SHA256 of the body>`.
 pub const SIGNATURE_HEADER: &str = "X-Herald-Signature";
 /// User agent of webhook and gateway requests.
 const USER_AGENT: &str = concat!("herald-server/", env!("CARGO_PKG_VERSION"));
-/// How much of an error response body an attempt's detail quotes.
+/// How much of an error response body an attempt's detail quotes (the rest is not
+/// read).
 const RESPONSE_EXCERPT_BYTES: usize = 200;
+/// How long the excerpt of an error response body is waited for: the status already
+/// says the attempt failed.
+const RESPONSE_EXCERPT_TIME: Duration = Duration::from_secs(2);
+/// Limit on connecting to a webhook or the SMS gateway (within the attempt timeout): a
+/// host that does not even accept the connection gives its slot back soon.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Signs a webhook body: the value of [`SIGNATURE_HEADER`].
 pub fn signature(secret: &str, body: &[u8]) -> String {
@@ -82,39 +91,59 @@ impl Senders {
         if !out.rule_exists {
             return Attempt::refused("the forwarding rule was deleted");
         }
+        if !out.rule_confirmed && out.kind.is_none_or(Kind::needs_confirmation) {
+            return Attempt::refused("the forwarding rule is not confirmed");
+        }
         let send = async {
             match out.kind {
-                Some(Kind::Email) => self.email(out).await,
+                Some(Kind::Email) => {
+                    let subject = out.facts.email_subject();
+                    self.email(&out.target, &subject, out.facts.email_body())
+                        .await
+                }
                 Some(Kind::Webhook) => self.webhook(out).await,
-                Some(Kind::Sms) => self.sms(out).await,
+                Some(Kind::Sms) => self.sms(&out.target, &out.facts.sms_text()).await,
                 None => Attempt::refused("unknown destination kind"),
             }
         };
+        self.bounded(send).await
+    }
+
+    /// Sends a confirmation code, within the timeout.
+    pub(crate) async fn send_code(&self, code: &CodeMessage) -> Attempt {
+        let send = async {
+            match code.kind {
+                Kind::Email => {
+                    self.email(
+                        &code.target,
+                        message::CODE_EMAIL_SUBJECT,
+                        message::code_email_body(&code.code),
+                    )
+                    .await
+                }
+                Kind::Sms => self.sms(&code.target, &message::code_sms(&code.code)).await,
+                Kind::Webhook => Attempt::refused("webhook rules have no code"),
+            }
+        };
+        self.bounded(send).await
+    }
+
+    async fn bounded(&self, send: impl std::future::Future<Output = Attempt>) -> Attempt {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
         }
     }
 
-    async fn email(&self, out: &Outgoing) -> Attempt {
+    async fn email(&self, target: &str, subject: &str, body: String) -> Attempt {
         let mailer = match &self.mailer {
             None => return Attempt::refused("e-mail is not set up on this server (no [smtp])"),
             Some(Err(reason)) => return Attempt::refused(reason.clone()),
             Some(Ok(mailer)) => mailer,
         };
-        let to: Mailbox = match out.target.parse() {
-            Ok(to) => to,
-            Err(e) => return Attempt::refused(format!("bad address {:?}: {e}", out.target)),
-        };
-        let message = Message::builder()
-            .from(mailer.from.clone())
-            .to(to)
-            .subject(out.facts.email_subject())
-            .header(ContentType::TEXT_PLAIN)
-            .body(out.facts.email_body());
-        let message = match message {
+        let message = match build_email(mailer.from.clone(), target, subject, body) {
             Ok(message) => message,
-            Err(e) => return Attempt::refused(format!("cannot build the message: {e}")),
+            Err(reason) => return Attempt::refused(reason),
         };
         match mailer.transport.send(message).await {
             Ok(reply) => Attempt::sent(format!(
@@ -160,7 +189,7 @@ impl Senders {
         http_attempt(request).await
     }
 
-    async fn sms(&self, out: &Outgoing) -> Attempt {
+    async fn sms(&self, target: &str, text: &str) -> Attempt {
         let Some(template) = &self.sms else {
             return Attempt::refused("SMS is not set up on this server (no [sms])");
         };
@@ -168,7 +197,7 @@ impl Senders {
             Ok(client) => client,
             Err(reason) => return Attempt::refused(reason.clone()),
         };
-        let request = template.render(&out.target, &out.facts.sms_text());
+        let request = template.render(target, text);
         let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
             Ok(method) => method,
             Err(_) => return Attempt::refused(format!("bad method {:?}", request.method)),
@@ -184,15 +213,48 @@ impl Senders {
     }
 }
 
+/// A plain-text e-mail. The subject is made one line without control characters
+/// here too (lettre would encode a CR or LF rather than end the header with it, but the
+/// subject is ours to keep to one line); the recipient must parse as one address.
+pub(super) fn build_email(
+    from: Mailbox,
+    target: &str,
+    subject: &str,
+    body: String,
+) -> Result<Message, String> {
+    let to: Mailbox = target
+        .parse()
+        .map_err(|e| format!("bad address {target:?}: {e}"))?;
+    Message::builder()
+        .from(from)
+        .to(to)
+        .subject(message::header_text(subject))
+        .header(ContentType::TEXT_PLAIN)
+        .body(body)
+        .map_err(|e| format!("cannot build the message: {e}"))
+}
+
 /// Sends a request: a 2xx status is delivered, anything else failed.
 async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
     match request.send().await {
-        Ok(response) => {
+        Ok(mut response) => {
             let status = response.status();
             if status.is_success() {
                 return Attempt::sent(format!("HTTP {}", status.as_u16()));
             }
-            let body = response.bytes().await.unwrap_or_default();
+            // Only the start of the body, and only briefly: an endpoint could send an
+            // endless one. Dropping the response drops the rest unread.
+            let mut body = Vec::new();
+            let read = async {
+                while body.len() < RESPONSE_EXCERPT_BYTES {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(RESPONSE_EXCERPT_TIME, read).await;
+            drop(response);
             let excerpt = super::message::excerpt(&body, RESPONSE_EXCERPT_BYTES);
             let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
             if excerpt.is_empty() {
@@ -238,7 +300,7 @@ fn http_client(timeout: Duration, resolver: Option<PublicOnly>) -> Result<reqwes
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .timeout(timeout)
-        .connect_timeout(timeout);
+        .connect_timeout(CONNECT_TIMEOUT.min(timeout));
     if let Some(resolver) = resolver {
         builder = builder.dns_resolver(Arc::new(resolver));
     }
@@ -333,7 +395,11 @@ fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
 }
 
 /// Whether an address is on the public internet (not loopback, private, link-local,
-/// shared, multicast, documentation or unspecified).
+/// shared, multicast, documentation or unspecified). An IPv6 address that carries an
+/// IPv4 address (IPv4-mapped, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) is judged by that
+/// IPv4 address; the IPv6 ranges that embed one less plainly or reach only a local
+/// network (IPv4-compatible `::/96`, IPv4-translated `::ffff:0:0/96`, local-use NAT64
+/// `64:ff9b:1::/48`, Teredo `2001::/32`, site-local `fec0::/10`) are not public.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -352,17 +418,50 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_ipv4(v6) {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+                // ::/96, IPv4-compatible (deprecated; also holds :: and ::1).
+                || s[..6] == [0; 6]
+                // ::ffff:0:0/96, IPv4-translated.
+                || s[..6] == [0, 0, 0, 0, 0xffff, 0]
+                // 64:ff9b:1::/48, local-use NAT64 (the IPv4 address sits where the
+                // local prefix length says).
+                || s[..3] == [0x64, 0xff9b, 1]
+                // 2001::/32, Teredo (the client's IPv4 address is obfuscated inside).
+                || s[..2] == [0x2001, 0]
+                // 2001:db8::/32, documentation.
+                || s[..2] == [0x2001, 0x0db8]
+                // 100::/64, discard-only.
+                || s[..4] == [0x100, 0, 0, 0]
+                // fc00::/7 unique local, fe80::/10 link-local, fec0::/10 site-local.
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0)
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries in a well-known place: IPv4-mapped
+/// `::ffff:a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, and 6to4 `2002:AABB:CCDD::/48`.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let octets = v6.octets();
+    let last = || std::net::Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        Some(v4)
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(last())
+    } else if s[0] == 0x2002 {
+        Some(std::net::Ipv4Addr::new(
+            octets[2], octets[3], octets[4], octets[5],
+        ))
+    } else {
+        None
     }
 }
 
@@ -408,6 +507,95 @@ mod tests {
             "::ffff:8.8.8.8",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_that_embed_a_private_ipv4_address_are_not_public() {
+        for ip in [
+            // NAT64, well-known prefix.
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::192.168.0.1",
+            // 6to4: 2002:AABB:CCDD:: carries AA.BB.CC.DD.
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101:1::1",
+            // IPv4-compatible (deprecated) and IPv4-translated.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            // Local-use NAT64, whatever it carries.
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:a00::1",
+            // Teredo, whatever it carries.
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001::f5ff:fffe",
+            // Site-local, discard-only.
+            "fec0::1",
+            "feff::1",
+            "100::1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_that_embed_a_public_ipv4_address_are_judged_by_it() {
+        for ip in [
+            "64:ff9b::8.8.8.8",
+            "2002:808:808::1",
+            "2001:4860:4860::8888",
+            "2a00:1450::1",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+        assert_eq!(
+            embedded_ipv4("2002:c0a8:101::1".parse().unwrap()),
+            Some("192.168.1.1".parse().unwrap())
+        );
+        assert_eq!(
+            embedded_ipv4("64:ff9b::a00:1".parse().unwrap()),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(embedded_ipv4("2606:4700::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_subject_cannot_add_headers() {
+        let from: Mailbox = "Herald <herald@example.org>".parse().unwrap();
+        let message = build_email(
+            from,
+            "ann@example.org",
+            "[Herald] Scan\r\nBcc: evil@example.org\r\n\r\nbody: failed (job 1)",
+            "text\n".into(),
+        )
+        .unwrap();
+        let formatted = String::from_utf8(message.formatted()).unwrap();
+        let head = formatted.split("\r\n\r\n").next().unwrap();
+        assert!(
+            !head
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("bcc")),
+            "{head}"
+        );
+        assert!(
+            head.contains("Subject: [Herald] Scan Bcc: evil@example.org body: failed (job 1)"),
+            "{head}"
+        );
+        // A recipient is exactly one address.
+        for target in [
+            "a@example.org, b@example.org",
+            "a@example.org\r\nBcc: b@x.org",
+        ] {
+            let from: Mailbox = "herald@example.org".parse().unwrap();
+            assert!(
+                build_email(from, target, "s", String::new()).is_err(),
+                "{target}"
+            );
         }
     }
 }
