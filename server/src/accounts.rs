@@ -181,6 +181,28 @@ pub struct ServiceJob {
     pub entry: Option<String>,
     /// Order kind (`open` for browser services).
     pub kind: String,
+    /// For browser services, the signed page URL (`open URL` in the order's summary).
+    pub page: Option<String>,
+}
+
+impl ServiceJob {
+    /// Whether this job runs the service page of catalog entry `name`: it carries the
+    /// entry's own order, or a one-off `herald-server open` of that entry's page.
+    pub fn is_for(&self, name: &str) -> bool {
+        if self.entry.as_deref() == Some(name) {
+            return true;
+        }
+        let Some(rest) = self.page.as_deref().and_then(|url| url.split_once("://")) else {
+            return false;
+        };
+        let path = rest
+            .1
+            .split(['?', '#'])
+            .next()
+            .and_then(|r| r.find('/').map(|i| &r[i..]))
+            .unwrap_or("/");
+        self.kind == "open" && path == format!("/service/{name}")
+    }
 }
 
 /// One run in a user's history.
@@ -619,17 +641,19 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT j.id, j.state, c.name, o.kind
+                "SELECT j.id, j.state, c.name, o.kind, o.action
                  FROM jobs j JOIN orders o ON o.id = j.order_id
                  LEFT JOIN catalog c ON c.order_id = j.order_id
                  WHERE j.id = ?1",
                 params![job_id],
                 |r| {
+                    let action: String = r.get(4)?;
                     Ok(ServiceJob {
                         job_id: r.get(0)?,
                         state: r.get(1)?,
                         entry: r.get(2)?,
                         kind: r.get(3)?,
+                        page: action.strip_prefix("open ").map(str::to_string),
                     })
                 },
             )
@@ -1041,6 +1065,25 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_service_job_is_for_its_entry_or_a_one_off_open_of_its_page() {
+        let job = |entry: Option<&str>, page: Option<&str>| ServiceJob {
+            job_id: 1,
+            state: "waiting".into(),
+            entry: entry.map(str::to_string),
+            kind: "open".into(),
+            page: page.map(str::to_string),
+        };
+        assert!(job(Some("checkin"), None).is_for("checkin"));
+        assert!(!job(Some("other"), None).is_for("checkin"));
+        let one_off = job(None, Some("https://h:8443/service/checkin?x=1#top"));
+        assert!(one_off.is_for("checkin"));
+        assert!(!one_off.is_for("check"));
+        assert!(!job(None, Some("https://h/service/checkin/more")).is_for("checkin"));
+        assert!(!job(None, Some("https://h/other/service/checkin")).is_for("checkin"));
+        assert!(!job(None, None).is_for("checkin"));
+    }
     use super::*;
 
     fn store() -> (Store, std::path::PathBuf) {

@@ -990,6 +990,9 @@ fn print_job(j: &JobInfo) {
             println!("progress:  {progress}");
         }
     }
+    if let Some(outcome) = &j.outcome {
+        println!("outcome:   {outcome}");
+    }
     println!(
         "--- stdout{}",
         if j.stdout_truncated {

@@ -230,8 +230,9 @@ impl Context {
         for id in &created.ids {
             let job = self.wait_job(*id).await?;
             let detail = job
-                .error
+                .outcome
                 .as_deref()
+                .or(job.error.as_deref())
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
             println!(

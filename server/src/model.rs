@@ -97,6 +97,10 @@ pub struct JobInfo {
     /// Latest progress report of an install job.
     #[serde(default)]
     pub progress: Option<String>,
+    /// A browser service's outcome as the person posted it (`done` or `declined`, with
+    /// their note).
+    #[serde(default)]
+    pub outcome: Option<String>,
 }
 
 impl JobInfo {

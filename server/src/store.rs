@@ -1399,7 +1399,7 @@ fn agent_row(r: &Row<'_>, online: &dyn Fn(&str) -> bool) -> rusqlite::Result<Age
 const JOB_SELECT: &str = "SELECT j.id, j.agent_id, a.name, j.schedule_id, o.action, j.state, \
      j.created_at, j.expires_at, j.delivered_at, j.started_at, j.finished_at, j.exit_code, \
      j.signal, j.stdout, j.stderr, j.stdout_truncated, j.stderr_truncated, j.error, \
-     j.progress FROM jobs j JOIN orders o ON o.id = j.order_id JOIN agents a ON a.id = j.agent_id";
+     j.progress, j.outcome FROM jobs j JOIN orders o ON o.id = j.order_id JOIN agents a ON a.id = j.agent_id";
 
 fn job_row(r: &Row<'_>) -> rusqlite::Result<JobInfo> {
     let text = |i: usize| -> rusqlite::Result<String> {
@@ -1426,5 +1426,6 @@ fn job_row(r: &Row<'_>) -> rusqlite::Result<JobInfo> {
         stderr_truncated: r.get(16)?,
         error: r.get(17)?,
         progress: r.get(18)?,
+        outcome: r.get(19)?,
     })
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod console_client;
 pub mod receivers;
 pub mod session_helper;
 

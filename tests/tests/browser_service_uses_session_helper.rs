@@ -10,10 +10,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use herald_shared::envelope::{Action, Audience, OpenSpec, Order, Repeat};
+use herald_tests::console_client::Console;
 use herald_tests::session_helper::{
     post_order, recording_browser, running_as_root, set_policy, set_setting, SessionHelper, NOBODY,
 };
-use herald_tests::{now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
+use herald_tests::{job_ids, now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 /// The signed page: a query and a fragment, so the ticket's place is visible. The host is
@@ -122,6 +123,70 @@ fn browser_job_fails_without_a_helper_and_opens_the_ticketed_page_with_one() {
     );
     assert!(!agent.log().contains(ticket), "ticket in the agent log");
     assert!(!helper.log().contains(ticket), "ticket in the helper log");
+}
+
+#[test]
+fn a_one_off_open_of_a_catalog_page_is_completed_by_the_person_at_the_machine() {
+    let server = TestServer::start("browser-one-off");
+    let agent = TestAgent::start(&server, "desk");
+    let (browser, record) = recording_browser(server.dir.path());
+    let _helper = SessionHelper::start(
+        &agent,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("helper.log"),
+    );
+    server.cli_ok(&[
+        "catalog",
+        "add",
+        "checkin",
+        "--title",
+        "Check in",
+        "--page",
+        "--min-interval",
+        "1s",
+    ]);
+    let page = format!("{}/service/checkin", server.https_url());
+    let ids = job_ids(&server.cli_ok(&["open", "--to", &format!("agent:{}", agent.id), &page]));
+    assert_eq!(ids.len(), 1, "one job: {ids:?}");
+    let id = ids[0];
+    let url = wait_until("the page to be opened", DEADLINE, || {
+        let opened = std::fs::read_to_string(&record).ok()?;
+        opened.lines().next().map(str::to_string)
+    });
+    let path = url
+        .strip_prefix(&server.https_url())
+        .unwrap_or_else(|| panic!("the signed page on this server: {url}"));
+    assert!(path.starts_with("/service/checkin?herald_ticket="), "{url}");
+
+    // The ticket lets this visit in once, to this job's page.
+    let console = Console::new(&server);
+    let visit = console.get(path);
+    assert_eq!(
+        visit.page_id().as_deref(),
+        Some("service"),
+        "{}",
+        visit.body
+    );
+    assert!(visit.url.ends_with(&format!("?job={id}")), "{}", visit.url);
+    let again = Console::new(&server).get(path);
+    assert_eq!(again.status, 403, "a ticket works once: {}", again.body);
+    assert!(again.body.contains("already used"), "{}", again.body);
+
+    let done = console.post(
+        "/service/checkin",
+        &[
+            ("csrf", &visit.csrf()),
+            ("job", &id.to_string()),
+            ("outcome", "done"),
+            ("note", "at my desk"),
+        ],
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    let job = server.wait_job_state(id, "succeeded", DEADLINE);
+    assert!(
+        job.to_string().contains("done: at my desk"),
+        "the outcome is stored with the job: {job:#}"
+    );
 }
 
 #[test]

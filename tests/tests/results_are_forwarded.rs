@@ -14,117 +14,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rustls::pki_types::{pem::PemObject, CertificateDer};
-
+use herald_tests::console_client::{between, Console, Page};
 use herald_tests::receivers::{HttpReceiver, Mail, SmtpReceiver};
 use herald_tests::{wait_until, TempDir, TestAgent, TestServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse battery";
-
-/// A browser-like client of the console: cookies, the server's CA, forms.
-struct Console {
-    runtime: tokio::runtime::Runtime,
-    client: reqwest::Client,
-    base: String,
-}
-
-/// A page: final status (after redirects), final URL and body.
-struct Page {
-    status: u16,
-    url: String,
-    body: String,
-}
-
-impl Page {
-    /// The value of the first hidden `csrf` field.
-    fn csrf(&self) -> String {
-        between(&self.body, r#"name="csrf" value=""#, "\"")
-            .unwrap_or_else(|| panic!("no csrf field on {}:\n{}", self.url, self.body))
-    }
-
-    fn page_id(&self) -> Option<String> {
-        between(&self.body, r#"<main id="page-"#, "\"")
-    }
-
-    fn error(&self) -> Option<String> {
-        between(&self.body, r#"id="error">"#, "<")
-    }
-}
-
-impl Console {
-    fn new(server: &TestServer) -> Console {
-        let ca = std::fs::read(server.data_dir().join("ca.pem")).expect("read the server CA");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&ca) {
-            roots.add(cert.expect("CA PEM")).expect("add CA");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .cookie_store(true)
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("HTTP client");
-        Console {
-            runtime: tokio::runtime::Runtime::new().expect("runtime"),
-            client,
-            base: server.https_url(),
-        }
-    }
-
-    fn get(&self, path: &str) -> Page {
-        let request = self.client.get(format!("{}{path}", self.base));
-        self.send(request)
-    }
-
-    fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
-        let request = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .form(fields);
-        self.send(request)
-    }
-
-    fn send(&self, request: reqwest::RequestBuilder) -> Page {
-        self.runtime.block_on(async {
-            let response = request.send().await.expect("console request");
-            let status = response.status().as_u16();
-            let url = response.url().to_string();
-            let body = response.text().await.expect("console body");
-            Page { status, url, body }
-        })
-    }
-
-    /// Posts a form from the page at `form_page` (for its csrf token) and expects it to
-    /// be accepted (a redirect to a page without an error).
-    fn submit(&self, form_page: &str, path: &str, fields: &[(&str, &str)]) -> Page {
-        let csrf = self.get(form_page).csrf();
-        let mut all = vec![("csrf", csrf.as_str())];
-        all.extend_from_slice(fields);
-        let page = self.post(path, &all);
-        assert!(
-            page.status == 200 && page.error().is_none(),
-            "POST {path} was refused ({}): {:?}{}\n{}",
-            page.status,
-            page.error(),
-            if page.error().is_some_and(|e| e.contains("https://")) {
-                " (the console must take `http:` webhooks when [forwarding] allow_http is set)"
-            } else {
-                ""
-            },
-            page.body
-        );
-        page
-    }
-}
 
 /// The id and `data-confirmed` of the forwarding rule to `target` on the forwarding
 /// page.
@@ -157,12 +52,6 @@ fn mailed_code(mail: &Mail) -> Option<String> {
 
 fn is_code_mail(mail: &Mail) -> bool {
     mail.header("Subject").as_deref() == Some("Confirm forwarding to this address")
-}
-
-fn between(text: &str, start: &str, end: &str) -> Option<String> {
-    let from = text.find(start)? + start.len();
-    let to = text[from..].find(end)? + from;
-    Some(text[from..to].to_string())
 }
 
 fn hmac_hex(secret: &str, body: &[u8]) -> String {

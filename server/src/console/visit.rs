@@ -151,7 +151,7 @@ fn redeem(state: &ConsoleState, entry: &CatalogEntry, ticket: &str) -> ConsoleRe
         .store()
         .service_job(job_id)?
         .ok_or_else(|| forbidden("this link is not valid"))?;
-    if job.entry.as_deref() != Some(entry.name.as_str()) {
+    if !job.is_for(&entry.name) {
         return Err(forbidden("this link is not for this service"));
     }
     if !state.store().redeem_ticket(job_id, now)? {
@@ -193,7 +193,7 @@ fn page(
         .store()
         .service_job(visit.job_id)?
         .ok_or(ConsoleError::NotFound)?;
-    if job.entry.as_deref() != Some(entry.name.as_str()) {
+    if !job.is_for(&entry.name) {
         return Err(forbidden("this page belongs to another service"));
     }
     Ok(render(
