@@ -314,7 +314,9 @@ pub fn check_browser_url(url: &str) -> Result<(), String> {
         return Err("URL longer than 2048 bytes".into());
     }
     if url.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'\\') {
-        return Err(format!("URL {url:?} contains whitespace, control characters or backslashes"));
+        return Err(format!(
+            "URL {url:?} contains whitespace, control characters or backslashes"
+        ));
     }
     let lower = url.to_ascii_lowercase();
     let (rest, https) = if let Some(rest) = lower.strip_prefix("https://") {
