@@ -975,12 +975,13 @@ impl Store {
         Ok([expiry, deliver].into_iter().flatten().min())
     }
 
-    /// Agents with queued jobs whose delayed delivery is due.
+    /// Agents with queued jobs whose delayed delivery is due. Jobs due at once
+    /// (`deliver_after = created_at`) were handed to their links when they were made.
     pub fn agents_with_due_jobs(&self, now: Millis, since: Millis) -> Result<Vec<String>> {
         let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT DISTINCT agent_id FROM jobs WHERE state = 'queued'
-             AND deliver_after > ?2 AND deliver_after <= ?1",
+             AND deliver_after > ?2 AND deliver_after <= ?1 AND deliver_after > created_at",
         )?;
         let rows = stmt.query_map(params![now, since], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
