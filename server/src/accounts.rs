@@ -343,6 +343,19 @@ fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
 // === impl Store: users ===
 
 impl Store {
+    /// Gives an agent to a user, as if it had been linked with their personal token
+    /// (the demo's agent).
+    pub fn set_agent_owner(&self, agent_id: &str, user_id: i64) -> Result<()> {
+        let changed = self.conn().execute(
+            "UPDATE agents SET owner_user_id = ?2 WHERE id = ?1",
+            params![agent_id, user_id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("no agent {agent_id}")));
+        }
+        Ok(())
+    }
+
     /// Creates an account. Fails with `Conflict` if the login is taken.
     pub fn add_user(
         &self,

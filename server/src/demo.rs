@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use herald_shared::schedule::{self, Missed};
 
+use crate::accounts::Role;
 use crate::cli::{Context, DemoArgs, ScheduleAddArgs};
+use crate::cli_catalog::{CatalogAddArgs, CatalogCommand};
 use crate::config::{self, AdminConfig};
 use crate::model::JobInfo;
 use crate::serve::{self, Overrides};
+use crate::store::Store;
 
 /// The demo's program: prints who and when, through a shell only because the demo wants
 /// a one-liner (orders name an absolute program, here `/bin/sh`).
@@ -86,6 +89,14 @@ async fn demo(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())?;
+    let password = console_account(&context, &data_dir, &agent_id)
+        .await
+        .map_err(|e| format!("setting up the console: {e}"))?;
+    println!(
+        "web console: https://{}/  log in as demo / {password} (an admin; the browser will \
+         warn: the certificate is this demo's own CA)",
+        running.http_addr
+    );
     println!(
         "schedule {id}: {} on group:demo; results follow (Ctrl-C to stop)\n",
         when.describe()
@@ -124,6 +135,41 @@ async fn demo(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
     let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     running.stop().await;
     Ok(())
+}
+
+/// Publishes the demo's program as a catalog entry and makes a console account that
+/// owns the demo agent, so the console shows a device, a service to subscribe it to and
+/// the history. Returns the account's password.
+async fn console_account(
+    context: &Context,
+    data_dir: &std::path::Path,
+    agent_id: &str,
+) -> Result<String, String> {
+    context
+        .catalog(CatalogCommand::Add(Box::new(CatalogAddArgs {
+            name: "hello".into(),
+            title: "Say hello".into(),
+            description: "Prints the machine's name, uptime and the time.".into(),
+            to: "all".into(),
+            min_interval: "1s".into(),
+            valid: "1d".into(),
+            timeout: Some("30s".into()),
+            page: false,
+            open: None,
+            command: vec!["/bin/sh".into(), "-c".into(), DEMO_SCRIPT.into()],
+        })))
+        .await
+        .map_err(|e| e.to_string())?;
+    let password = hex::encode(crate::random_bytes::<8>());
+    let hash = crate::console::auth::hash_password(&password).map_err(|e| e.to_string())?;
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let user = store
+        .add_user("demo", &hash, Role::Admin, "", "", crate::now_ms())
+        .map_err(|e| e.to_string())?;
+    store
+        .set_agent_owner(agent_id, user)
+        .map_err(|e| e.to_string())?;
+    Ok(password)
 }
 
 fn print_result(job: &JobInfo) {
