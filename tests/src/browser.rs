@@ -28,7 +28,7 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The window height for screenshots; widths are the caller's (390 and 1280 px).
 pub const SCREENSHOT_HEIGHT: u32 = 900;
 /// Environment variable naming a directory to keep screenshots in (one folder per
-/// browser) instead of the test directory, which is removed when a test passes.
+/// browser) instead of `target/<profile>/screenshots/`.
 pub const SCREENSHOTS_ENV: &str = "HERALD_SCREENSHOTS";
 /// The message tests print when they cannot run.
 pub const SKIPPED: &str =
@@ -100,7 +100,8 @@ impl Browser {
 
     /// Starts chromedriver and Chromium with a profile and logs under `dir`; relative
     /// paths given to [`Browser::goto`] are resolved against `base`. Screenshots go to
-    /// `dir/screenshots`, or to `$HERALD_SCREENSHOTS/NAME` when that is set. Returns
+    /// `target/<profile>/screenshots/NAME` (kept after the test, for people to look at),
+    /// or to `$HERALD_SCREENSHOTS/NAME` when that is set. Returns
     /// `None` (after printing [`SKIPPED`]) when the browser is not installed.
     pub fn start(dir: &Path, name: &str, base: &str, trust: Trust<'_>) -> Option<Browser> {
         if !installed() {
@@ -118,7 +119,7 @@ impl Browser {
             .expect("spawn chromedriver");
         let screenshots = match std::env::var_os(SCREENSHOTS_ENV) {
             Some(keep) => PathBuf::from(keep).join(name),
-            None => dir.join("screenshots"),
+            None => default_screenshot_dir().join(name),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -721,4 +722,13 @@ pub fn spki_sha256_base64(path: &Path) -> String {
         .unwrap_or_else(|e| panic!("bad certificate in {}: {e}", path.display()));
     let digest = sha2::Sha256::digest(cert.public_key().raw);
     base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+/// `target/<profile>/screenshots`, next to the test binaries' `deps/`.
+fn default_screenshot_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("screenshots")
 }
