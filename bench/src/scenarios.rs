@@ -247,13 +247,18 @@ pub async fn agent_idle(dir: &Path, bin_dir: &Path, plan: &Plan) -> anyhow::Resu
     let wakes = switches(pid)? - wake0;
     let rss = rss(pid)?;
     let hwm = status_field(pid, "VmHWM:")? * 1024;
+    // Private memory against pages of the (shared, evictable) executable and libraries.
+    let anon = status_field(pid, "RssAnon:")? * 1024;
+    let file = status_field(pid, "RssFile:")? * 1024;
     let _ = agent.kill();
     let _ = agent.wait();
     let secs = plan.idle_window.as_secs_f64();
     println!(
-        "agent idle: RSS {:.1} MiB (peak {:.1} MiB); CPU {:.3} % of a core; {:.2} wake-ups/s (over {secs:.0} s)",
+        "agent idle: RSS {:.1} MiB (peak {:.1} MiB; private {:.1} MiB, mapped files {:.1} MiB); CPU {:.3} % of a core; {:.2} wake-ups/s (over {secs:.0} s)",
         rss as f64 / 1048576.0,
         hwm as f64 / 1048576.0,
+        anon as f64 / 1048576.0,
+        file as f64 / 1048576.0,
         100.0 * cpu.as_secs_f64() / secs,
         wakes as f64 / secs
     );
