@@ -408,13 +408,15 @@ async fn create_jobs(
     )?;
     match order.audience {
         // A group job must follow the membership that admits the agent: the link reads
-        // both from the store, in that order.
-        Audience::Group(_) => {
+        // both from the store, in that order. One agent's link reads the store too: one
+        // query, and it sends whatever else is queued for the agent in job order.
+        Audience::Group(_) | Audience::Agent(_) => {
             for agent in &agents {
                 state.relay.poke(agent);
             }
         }
-        Audience::All | Audience::Agent(_) => {
+        // A fan-out to every agent: no store read per agent.
+        Audience::All => {
             let open_timeout_ms = match &order.action {
                 herald_shared::envelope::Action::Open(open) => Some(open.timeout_ms),
                 _ => None,

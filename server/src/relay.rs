@@ -473,7 +473,8 @@ impl Relay {
     }
 
     /// Sends every pending job (once per connection) and new memberships, then waits to
-    /// be woken: by a poke (read the store again) or by signals pushed directly.
+    /// be woken: by a poke (read the store again) or by signals pushed directly. The
+    /// store is read first, so jobs go out in job order when both are due.
     async fn deliver(
         &self,
         agent_id: &str,
@@ -483,18 +484,6 @@ impl Relay {
     ) -> Result<(), LinkError> {
         let mut sent: HashSet<JobId> = HashSet::new();
         loop {
-            let direct =
-                std::mem::take(&mut *wake.direct.lock().unwrap_or_else(|e| e.into_inner()));
-            for signal in direct {
-                if sent.insert(signal.job_id)
-                    && outbox
-                        .send(Box::new(ServerMsg::Signal(signal)))
-                        .await
-                        .is_err()
-                {
-                    return Ok(());
-                }
-            }
             if wake.query.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 // Membership first: a group job sent before the membership that admits
                 // the agent to the group would be refused as not addressed to it.
@@ -537,6 +526,18 @@ impl Relay {
                     {
                         return Ok(());
                     }
+                }
+            }
+            let direct =
+                std::mem::take(&mut *wake.direct.lock().unwrap_or_else(|e| e.into_inner()));
+            for signal in direct {
+                if sent.insert(signal.job_id)
+                    && outbox
+                        .send(Box::new(ServerMsg::Signal(signal)))
+                        .await
+                        .is_err()
+                {
+                    return Ok(());
                 }
             }
             wake.notify.notified().await;
