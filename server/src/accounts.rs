@@ -14,7 +14,7 @@ use herald_shared::Millis;
 
 use crate::catalog::Subscription;
 use crate::model::{AgentInfo, ScheduleInfo};
-use crate::store::{Store, StoreError};
+use crate::store::{agent_row, Store, StoreError, AGENT_SELECT};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -787,32 +787,10 @@ impl Store {
         online: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<AgentInfo>> {
         let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, revoked_at, enrolled_at, last_seen_at, version,
-                    local_addresses, observed_address
-             FROM agents WHERE owner_user_id = ?1 ORDER BY name",
-        )?;
-        let rows = stmt.query_map(params![user_id], |r| {
-            let id: String = r.get(0)?;
-            let local: String = r.get(6)?;
-            Ok(AgentInfo {
-                online: online(&id),
-                id,
-                name: r.get(1)?,
-                revoked_at: r.get(2)?,
-                enrolled_at: r.get(3)?,
-                last_seen_at: r.get(4)?,
-                version: r.get(5)?,
-                groups: Vec::new(),
-                local_addresses: local
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-                observed_address: r.get(7)?,
-                facts: serde_json::Value::Null,
-            })
-        })?;
+        let mut stmt = conn.prepare(&format!(
+            "{AGENT_SELECT} WHERE owner_user_id = ?1 ORDER BY name"
+        ))?;
+        let rows = stmt.query_map(params![user_id], |r| agent_row(r, online))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

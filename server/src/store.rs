@@ -1371,10 +1371,11 @@ pub(crate) fn decode_envelope(blob: &[u8]) -> Result<Envelope> {
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-const AGENT_SELECT: &str = "SELECT id, name, revoked_at, enrolled_at, last_seen_at, version, \
+pub(crate) const AGENT_SELECT: &str =
+    "SELECT id, name, revoked_at, enrolled_at, last_seen_at, version, \
      facts, local_addresses, observed_address FROM agents";
 
-fn agent_row(r: &Row<'_>, online: &dyn Fn(&str) -> bool) -> rusqlite::Result<AgentInfo> {
+pub(crate) fn agent_row(r: &Row<'_>, online: &dyn Fn(&str) -> bool) -> rusqlite::Result<AgentInfo> {
     let id: String = r.get(0)?;
     let facts: String = r.get(6)?;
     let local: String = r.get(7)?;
