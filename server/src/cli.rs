@@ -486,6 +486,58 @@ impl Context {
             .await?)
     }
 
+    /// Signs a one-off order for `target`, valid until its jobs can no longer run, and
+    /// queues its jobs.
+    pub(crate) async fn queue_once(
+        &self,
+        target: &str,
+        action: Action,
+        timeout: Duration,
+        ttl: Duration,
+    ) -> Result<Created, CliError> {
+        let audience = self.audience(target).await?;
+        let envelope = self.sign_order(
+            audience,
+            action,
+            Repeat::Once,
+            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+        )?;
+        self.queue_jobs(envelope, ttl).await
+    }
+
+    /// Prints the queued jobs, or with `wait` waits for each and prints how it ended
+    /// (the outcome of a browser service, else the error, else the output); succeeds
+    /// when every job succeeded.
+    pub(crate) async fn report_jobs(&self, ids: &[i64], wait: bool) -> Result<ExitCode, CliError> {
+        if !wait {
+            for id in ids {
+                println!("job {id} queued");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut all_ok = true;
+        for id in ids {
+            let job: JobInfo = self.wait_job(*id).await?;
+            let detail = job
+                .outcome
+                .clone()
+                .or_else(|| job.error.clone())
+                .or_else(|| Some(job.stdout.trim().to_string()).filter(|s| !s.is_empty()))
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            println!(
+                "job {} on {}: {}{detail}",
+                job.id, job.agent_name, job.state
+            );
+            all_ok &= job.state == "succeeded";
+        }
+        Ok(if all_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
     /// Parses a target and resolves an agent name to its id (orders name ids).
     pub(crate) async fn audience(&self, target: &str) -> Result<Audience, CliError> {
         match target.parse::<Audience>().map_err(usage)? {
@@ -615,14 +667,7 @@ impl Context {
         let timeout = parse_duration("--timeout", &args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = run_action(&args.command, timeout, args.user)?;
-        let audience = self.audience(&args.to).await?;
-        let envelope = self.sign_order(
-            audience,
-            action,
-            Repeat::Once,
-            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
-        )?;
-        let created = self.queue_jobs(envelope, ttl).await?;
+        let created = self.queue_once(&args.to, action, timeout, ttl).await?;
         if !args.wait {
             for id in &created.ids {
                 println!("job {id} queued");

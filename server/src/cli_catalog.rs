@@ -212,39 +212,7 @@ impl Context {
         let timeout = parse_duration("--timeout", &args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = open_action(&args.url, timeout)?;
-        let audience = self.audience(&args.to).await?;
-        let envelope = self.sign_order(
-            audience,
-            action,
-            Repeat::Once,
-            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
-        )?;
-        let created = self.queue_jobs(envelope, ttl).await?;
-        if !args.wait {
-            for id in &created.ids {
-                println!("job {id} queued");
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        let mut all_ok = true;
-        for id in &created.ids {
-            let job = self.wait_job(*id).await?;
-            let detail = job
-                .outcome
-                .as_deref()
-                .or(job.error.as_deref())
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            println!(
-                "job {} on {}: {}{detail}",
-                job.id, job.agent_name, job.state
-            );
-            all_ok &= job.state == "succeeded";
-        }
-        Ok(if all_ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        let created = self.queue_once(&args.to, action, timeout, ttl).await?;
+        self.report_jobs(&created.ids, args.wait).await
     }
 }

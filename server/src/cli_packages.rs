@@ -22,7 +22,7 @@ use crate::cli::{
     STANDING_VALIDITY,
 };
 use crate::model::{
-    CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated, JobInfo,
+    CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated,
 };
 use crate::releases::{ReleaseInfo, RolloutInfo, SubscriptionInfo, VendorInfo, Waves};
 use crate::{now_ms, random_bytes};
@@ -507,46 +507,13 @@ impl Context {
     async fn revert(&self, args: RevertArgs) -> Result<ExitCode, CliError> {
         release::check_package_name(&args.name).map_err(usage)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
-        let audience = self.audience(&args.to).await?;
-        let envelope = self.sign_order(
-            audience,
-            Action::Revert {
-                package: args.name.clone(),
-            },
-            Repeat::Once,
-            now_ms() + (ttl + CLOCK_SKEW).as_millis() as i64,
-        )?;
-        let created = self.queue_jobs(envelope, ttl).await?;
+        let action = Action::Revert {
+            package: args.name.clone(),
+        };
+        let created = self
+            .queue_once(&args.to, action, std::time::Duration::ZERO, ttl)
+            .await?;
         self.report_jobs(&created.ids, args.wait).await
-    }
-
-    async fn report_jobs(&self, ids: &[i64], wait: bool) -> Result<ExitCode, CliError> {
-        if !wait {
-            for id in ids {
-                println!("job {id} queued");
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        let mut all_ok = true;
-        for id in ids {
-            let job: JobInfo = self.wait_job(*id).await?;
-            let detail = job
-                .error
-                .clone()
-                .or_else(|| Some(job.stdout.trim().to_string()).filter(|s| !s.is_empty()))
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            println!(
-                "job {} on {}: {}{detail}",
-                job.id, job.agent_name, job.state
-            );
-            all_ok &= job.state == "succeeded";
-        }
-        Ok(if all_ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
     }
 
     async fn subscribe(&self, args: SubscribeArgs) -> Result<ExitCode, CliError> {
