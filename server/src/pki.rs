@@ -378,3 +378,35 @@ impl ClientCertVerifier for AgentCertVerifier {
         vec![SignatureScheme::ED25519]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Browsers refuse Ed25519 server certificates, and the console is for browsers:
+    /// the CA and the server certificate must both be ECDSA P-256.
+    #[test]
+    fn the_ca_and_server_certificates_are_ecdsa_p256() {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-pki-{}",
+            hex::encode(crate::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        create(&dir, &["herald.example".to_string()]).unwrap();
+        for file in [CA_CERT, SERVER_CERT] {
+            let der = load_cert(&dir.join(file)).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            assert_eq!(
+                cert.signature_algorithm.algorithm,
+                x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256,
+                "{file} is signed with ECDSA-SHA256"
+            );
+            assert_eq!(
+                cert.public_key().algorithm.algorithm,
+                x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY,
+                "{file} has an EC key"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -250,12 +250,9 @@ impl Browser {
             Ok(Err(e)) => {
                 let error = format!("{e:?}");
                 let mut why = String::new();
-                if error.contains("ERR_SSL_PROTOCOL_ERROR") && !browser_like_handshake_url(&url) {
-                    why = "\nA TLS client that offers only the signature schemes browsers \
-                           offer (ECDSA, RSA; no Ed25519) cannot complete a handshake with \
-                           it either: its HTTPS certificate is EdDSA, which Chromium, Firefox \
-                           and Safari do not support in TLS. The console needs an ECDSA \
-                           P-256 (or RSA) certificate."
+                if error.contains("ERR_SSL_PROTOCOL_ERROR") {
+                    why = "\nBrowsers accept only ECDSA or RSA server certificates (not \
+                           Ed25519); see pki.rs, whose tests check the algorithm."
                         .to_string();
                 }
                 Err(format!("browser: go to {url} failed: {error}{why}"))
@@ -611,100 +608,6 @@ fn driver_ready(port: u16) -> bool {
     serde_json::from_str::<Value>(body)
         .map(|v| v["value"]["ready"] == true)
         .unwrap_or(false)
-}
-
-/// [`browser_like_handshake`] with the port of an `https://127.0.0.1:PORT/...` URL
-/// (`true` for any other URL).
-fn browser_like_handshake_url(url: &str) -> bool {
-    let port = url
-        .strip_prefix("https://127.0.0.1:")
-        .and_then(|rest| rest.split(['/', '?', '#']).next())
-        .and_then(|port| port.parse().ok());
-    port.is_none_or(browser_like_handshake)
-}
-
-/// Whether a TLS handshake with `127.0.0.1:port` succeeds when the client offers only
-/// the signature schemes browsers offer (ECDSA, RSA-PSS, RSA PKCS#1; no EdDSA). The
-/// certificate chain is not checked, as in the browser sessions.
-pub fn browser_like_handshake(port: u16) -> bool {
-    use std::sync::Arc;
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let Ok(config) = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoEdDsa(
-                    crate::AcceptAnyServerCert::new(),
-                )))
-                .with_no_client_auth()
-        })
-    else {
-        return false;
-    };
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP address");
-    let Ok(mut connection) = rustls::ClientConnection::new(Arc::new(config), name) else {
-        return false;
-    };
-    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
-    while connection.is_handshaking() {
-        if connection.complete_io(&mut tcp).is_err() {
-            return false;
-        }
-    }
-    true
-}
-
-/// A certificate verifier that accepts any chain but offers no EdDSA schemes.
-#[derive(Debug)]
-struct NoEdDsa(std::sync::Arc<crate::AcceptAnyServerCert>);
-
-impl rustls::client::danger::ServerCertVerifier for NoEdDsa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .supported_verify_schemes()
-            .into_iter()
-            .filter(|s| {
-                !matches!(
-                    s,
-                    rustls::SignatureScheme::ED25519 | rustls::SignatureScheme::ED448
-                )
-            })
-            .collect()
-    }
 }
 
 /// The base64 SHA-256 of the SubjectPublicKeyInfo of the PEM certificate at `path`, as

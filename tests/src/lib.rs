@@ -438,6 +438,15 @@ impl TestServer {
         job_ids(&self.cli_ok(&args))
     }
 
+    /// Runs a harmless job on `agent` through the CLI and waits until it succeeded. A
+    /// job for one agent makes its link re-read the store, so rows a test injected into
+    /// the database are signalled first, in job order.
+    pub fn poke_with_marker_job(&self, agent: &TestAgent) {
+        let ids = self.run_job(&format!("agent:{}", agent.name), &[], &["/bin/true"]);
+        assert_eq!(ids.len(), 1, "one marker job");
+        self.wait_job_state(ids[0], "succeeded", DEADLINE);
+    }
+
     /// Whether the agent shows as online.
     pub fn agent_online(&self, agent: &str) -> bool {
         let detail = self.json(&["agents", "show", agent]);

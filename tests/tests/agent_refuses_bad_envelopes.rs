@@ -97,14 +97,6 @@ fn sign(key: &OperatorKey, order: &Order) -> Envelope {
         .expect("sign order")
 }
 
-/// Creates a harmless job through the CLI (which pokes the relay, so it re-reads every
-/// queued job for the agent) and waits until it succeeded.
-fn poke_with_marker_job(server: &TestServer, agent: &TestAgent) {
-    let ids = server.run_job(&format!("agent:{}", agent.name), &[], &["/bin/true"]);
-    assert_eq!(ids.len(), 1, "one marker job");
-    server.wait_job_state(ids[0], "succeeded", DEADLINE);
-}
-
 struct Case {
     name: &'static str,
     job_id: i64,
@@ -131,7 +123,7 @@ fn agent_refuses_bad_envelopes() {
     let legit = order(me.clone(), &leave_trace(&replay_trace));
     let legit_order_id = hex(&legit.id);
     let legit_job = db.inject(&agent.id, &legit_order_id, &sign(&operator, &legit));
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let first = server.wait_job_state(legit_job, "succeeded", DEADLINE);
     assert_eq!(first["error"], serde_json::Value::Null, "{first}");
     assert_eq!(
@@ -280,7 +272,7 @@ fn agent_refuses_bad_envelopes() {
         });
     }
 
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
 
     for case in &cases {
         let job = server.wait_job_state(case.job_id, "refused", DEADLINE);
@@ -308,7 +300,7 @@ fn agent_refuses_bad_envelopes() {
     // Nothing ran: no trace of any refused order, and the replayed order ran only once.
     // A run would have left its trace before the agent could report anything, but give a
     // runaway process a moment by checking after one more full round trip.
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     for case in &cases {
         assert!(
             !case.trace.exists(),
@@ -388,7 +380,7 @@ fn forged_membership_does_not_widen_group_orders() {
     let evil_trace = traces.join("evil");
     let evil = order(Audience::Group("evil".into()), &leave_trace(&evil_trace));
     let evil_job = db.inject(&agent.id, &hex(&evil.id), &sign(&operator, &evil));
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let job = server.wait_job_state(evil_job, "refused", DEADLINE);
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
@@ -403,14 +395,14 @@ fn forged_membership_does_not_widen_group_orders() {
         &membership(&operator, &"0".repeat(20), &["evil"]),
         &["evil"],
     );
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let evil_again = order(Audience::Group("evil".into()), &leave_trace(&evil_trace));
     let evil_again_job = db.inject(
         &agent.id,
         &hex(&evil_again.id),
         &sign(&operator, &evil_again),
     );
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let job = server.wait_job_state(evil_again_job, "refused", DEADLINE);
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
@@ -430,11 +422,11 @@ fn forged_membership_does_not_widen_group_orders() {
         &membership(&operator, &agent.id, &["good"]),
         &["good"],
     );
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let good_trace = traces.join("good");
     let good = order(Audience::Group("good".into()), &leave_trace(&good_trace));
     let good_job = db.inject(&agent.id, &hex(&good.id), &sign(&operator, &good));
-    poke_with_marker_job(&server, &agent);
+    server.poke_with_marker_job(&agent);
     server.wait_job_state(good_job, "succeeded", DEADLINE);
     assert_eq!(
         std::fs::read_to_string(&good_trace).expect("the genuine group order ran"),

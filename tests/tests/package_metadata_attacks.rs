@@ -400,14 +400,6 @@ fn sign_order(key: &OperatorKey, order: &Order) -> Envelope {
         .expect("sign order")
 }
 
-/// Creates a harmless job through the CLI (which pokes the relay, so it re-reads every
-/// queued job for the agent) and waits until it succeeded.
-fn poke(server: &TestServer, agent: &TestAgent) {
-    let ids = server.run_job(&format!("agent:{}", agent.name), &[], &["/bin/true"]);
-    assert_eq!(ids.len(), 1, "one marker job");
-    server.wait_job_state(ids[0], "succeeded", DEADLINE);
-}
-
 /// Positive control for the injection path: acme's genuine metadata for 1.0.0, injected
 /// exactly like the attacks, installs. So what refuses the attacks is their metadata.
 fn injected_control_installs(
@@ -427,7 +419,7 @@ fn injected_control_installs(
         Some("acme"),
         &bytes,
     );
-    poke(server, agent);
+    server.poke_with_marker_job(agent);
     server.wait_job_state(job, "succeeded", DEADLINE);
     assert_installed(agent, &["1.0.0"], Some("1.0.0"));
     assert_eq!(run_current(agent), "acme-tool 1.0.0");
@@ -515,7 +507,7 @@ fn metadata_signed_by_a_vendor_not_delegated_for_that_package_is_refused() {
         ),
         reason: "no delegation came with it",
     });
-    poke(&server, &agent);
+    server.poke_with_marker_job(&agent);
     assert_attacks_refused(&server, &attacks);
     assert_installed(&agent, &["1.0.0"], Some("1.0.0"));
     assert_eq!(run_current(&agent), "acme-tool 1.0.0");
@@ -574,7 +566,7 @@ fn unsigned_metadata_is_refused() {
         reason: "signature does not verify",
     });
 
-    poke(&server, &agent);
+    server.poke_with_marker_job(&agent);
     assert_attacks_refused(&server, &attacks);
     assert_installed(&agent, &["1.0.0"], Some("1.0.0"));
     assert_eq!(run_current(&agent), "acme-tool 1.0.0");
@@ -672,7 +664,7 @@ fn replayed_old_metadata_after_a_newer_one_is_refused() {
         .as_i64()
         .expect("release id");
     let job_id = db.insert_install_job(&agent.id, &order_id, old);
-    poke(&server, &agent);
+    server.poke_with_marker_job(&agent);
     let job = server.wait_job_state(job_id, "refused", DEADLINE);
     assert_refused(&job, "version 1.0.0 is older than 1.1.0", "replayed 1.0.0");
     assert_installed(&agent, &["1.0.0", "1.1.0"], Some("1.1.0"));
