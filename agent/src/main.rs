@@ -59,13 +59,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,herald_agent=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let dir = state::state_dir(cli.state_dir.as_deref());
     match cli.command {
@@ -172,4 +166,28 @@ fn status(dir: &std::path::Path, json: bool) -> ExitCode {
         println!("results waiting: {outbox}");
     }
     ExitCode::SUCCESS
+}
+
+/// Logs to stderr, filtered by `HERALD_LOG` (`LEVEL` and `TARGET=LEVEL` directives, e.g.
+/// `warn,herald_agent=debug`). A target filter rather than `EnvFilter`: the resident agent
+/// does not need span and field filters, and leaving out their regular expressions keeps
+/// its resident code smaller.
+fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    const DEFAULT: &str = "warn,herald_agent=info";
+    let (filter, bad) = match std::env::var("HERALD_LOG") {
+        Ok(value) => match value.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(e) => (DEFAULT.parse().expect("valid default"), Some((value, e))),
+        },
+        Err(_) => (DEFAULT.parse().expect("valid default"), None),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+    if let Some((value, e)) = bad {
+        tracing::warn!("ignoring HERALD_LOG={value:?} ({e}); using {DEFAULT:?}");
+    }
 }

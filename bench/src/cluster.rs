@@ -180,6 +180,17 @@ impl Cluster {
         Ok(created.ids)
     }
 
+    /// The server's relay round-trip histogram (`herald_signal_ack_seconds`) now.
+    pub async fn signal_rtt(&self) -> anyhow::Result<Vec<(f64, u64)>> {
+        let text = self.client.get_text("/metrics").await?;
+        let buckets = crate::stats::histogram_buckets(&text, "herald_signal_ack_seconds");
+        anyhow::ensure!(
+            !buckets.is_empty(),
+            "no herald_signal_ack_seconds in /metrics"
+        );
+        Ok(buckets)
+    }
+
     /// The admin client.
     pub fn client(&self) -> &Client {
         &self.client

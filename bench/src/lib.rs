@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod floor;
 pub mod mosquitto;
 pub mod scenarios;
 pub mod stats;

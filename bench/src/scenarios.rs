@@ -11,7 +11,7 @@ use anyhow::Context;
 use herald_shared::envelope::Audience;
 
 use crate::cluster::{cpu_time, rss, status_field, Cluster};
-use crate::stats::{median, ms, percentile};
+use crate::stats::{histogram_quantile, median, ms, percentile, us};
 use crate::swarm::{SimAgent, Swarm};
 
 /// How big and how long.
@@ -101,6 +101,7 @@ pub async fn swarm_scenarios(
     );
 
     // === broadcast ===
+    let rtt_before = cluster.signal_rtt().await?;
     let mut totals = Vec::new();
     let mut latencies = Vec::new();
     for _ in 0..plan.broadcast_runs {
@@ -120,9 +121,19 @@ pub async fn swarm_scenarios(
         ms(percentile(&latencies, 50.0)),
         ms(percentile(&latencies, 99.0))
     );
+    let rtt = cluster.signal_rtt().await?;
+    let quantile = |q| {
+        histogram_quantile(&rtt_before, &rtt, q).context("the server recorded no acknowledgements")
+    };
+    println!(
+        "broadcast: relay round trip (signal → ack, server side): p50 {} ms, p99 {} ms",
+        ms(quantile(0.5)?),
+        ms(quantile(0.99)?)
+    );
 
     // === unicast ===
     let target = Audience::Agent(herald_shared::agent_id(&first_key(&cluster)?));
+    let rtt_before = cluster.signal_rtt().await?;
     let mut trips = Vec::new();
     for _ in 0..plan.unicast_runs {
         let t0 = Instant::now();
@@ -135,6 +146,25 @@ pub async fn swarm_scenarios(
         plan.unicast_runs,
         ms(percentile(&trips, 50.0)),
         ms(percentile(&trips, 99.0))
+    );
+    let rtt = cluster.signal_rtt().await?;
+    let quantile = |q| {
+        histogram_quantile(&rtt_before, &rtt, q).context("the server recorded no acknowledgements")
+    };
+    let relay_p50 = quantile(0.5)?;
+    println!(
+        "unicast: relay round trip (signal → ack, server side), {} runs with {n} idle: p50 {} µs, p99 {} µs",
+        plan.unicast_runs,
+        us(relay_p50),
+        us(quantile(0.99)?)
+    );
+    let floor = crate::floor::quinn_round_trips(plan.unicast_runs).await?;
+    println!(
+        "unicast: bare quinn round trip (both ends in this process), {} runs: p50 {} µs, p99 {} µs; ratio relay/quinn p50 = {:.2}",
+        plan.unicast_runs,
+        us(percentile(&floor, 50.0)),
+        us(percentile(&floor, 99.0)),
+        relay_p50.as_secs_f64() / percentile(&floor, 50.0).as_secs_f64()
     );
 
     // === reconnect storm ===
@@ -192,7 +222,18 @@ fn first_key(cluster: &Cluster) -> anyhow::Result<Vec<u8>> {
 
 /// The real `herald-agent`, connected and idle: memory, CPU time and wake-ups.
 pub async fn agent_idle(dir: &Path, bin_dir: &Path, plan: &Plan) -> anyhow::Result<()> {
-    println!("\n## real herald-agent, idle");
+    // The agent as shipped (`cargo build --profile dist -p herald-agent`) if it is built,
+    // else the one beside the benchmark (always for a debug benchmark: the smoke test).
+    let dist = bin_dir.join("../dist/herald-agent");
+    let (agent_bin, build) = if !cfg!(debug_assertions) && dist.is_file() {
+        (dist, "dist profile")
+    } else {
+        (
+            bin_dir.join("herald-agent"),
+            "not the dist profile: build it with `cargo build --profile dist -p herald-agent`",
+        )
+    };
+    println!("\n## real herald-agent, idle ({build})");
     let mut cluster = Cluster::init(dir, bin_dir).await?;
     cluster.start().await?;
     let data = dir.join("server");
@@ -204,7 +245,7 @@ pub async fn agent_idle(dir: &Path, bin_dir: &Path, plan: &Plan) -> anyhow::Resu
     anyhow::ensure!(token.status.success(), "token create failed");
     let token = String::from_utf8(token.stdout)?.trim().to_string();
     let state = dir.join("agent");
-    let enrolled = std::process::Command::new(bin_dir.join("herald-agent"))
+    let enrolled = std::process::Command::new(&agent_bin)
         .arg("--state-dir")
         .arg(&state)
         .args(["enroll", &token, "--name", "idle"])
@@ -214,7 +255,7 @@ pub async fn agent_idle(dir: &Path, bin_dir: &Path, plan: &Plan) -> anyhow::Resu
         "enroll failed: {}",
         String::from_utf8_lossy(&enrolled.stderr)
     );
-    let mut agent = std::process::Command::new(bin_dir.join("herald-agent"))
+    let mut agent = std::process::Command::new(&agent_bin)
         .arg("--state-dir")
         .arg(&state)
         .arg("run")

@@ -21,6 +21,9 @@ fn quick_mode_completes() {
         "KiB per connection",
         "broadcast: 200 agents",
         "unicast: API call",
+        "unicast: relay round trip (signal → ack, server side)",
+        "broadcast: relay round trip",
+        "unicast: bare quinn round trip",
         "reconnect: server restarted with 200 agents: all back in",
         "agent idle: RSS",
     ] {

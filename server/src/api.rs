@@ -498,5 +498,6 @@ async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
         "herald_agents_enrolled {}\n",
         agents.iter().filter(|a| a.revoked_at.is_none()).count()
     ));
+    state.relay.render_metrics(&mut text);
     Ok(text)
 }

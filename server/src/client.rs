@@ -81,6 +81,12 @@ impl Client {
         self.send(self.http.get(self.url(path))).await
     }
 
+    /// GET a text resource (`/metrics`).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let body = self.send_raw(self.http.get(self.url(path))).await?;
+        String::from_utf8(body.as_ref().to_vec()).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// POST a JSON body.
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -126,6 +132,14 @@ impl Client {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
+        let body = self.send_raw(request).await?;
+        serde_json::from_slice(body.as_ref()).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn send_raw(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<impl AsRef<[u8]>, ClientError> {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
             ClientError::Unreachable {
                 url: self.base.clone(),
@@ -146,7 +160,7 @@ impl Client {
                 .unwrap_or_else(|_| format!("server answered {status}"));
             return Err(ClientError::Api(message));
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+        Ok(body)
     }
 }
 

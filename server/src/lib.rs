@@ -17,6 +17,7 @@ pub mod demo;
 pub mod forward;
 pub mod https;
 pub mod init;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod relay;

@@ -22,6 +22,7 @@ use herald_shared::protocol::{
 };
 use herald_shared::token::secret_hash;
 
+use crate::metrics::Histogram;
 use crate::now_ms;
 use crate::pki::{self, KeyStatus, Keyring};
 use crate::store::Store;
@@ -84,6 +85,30 @@ struct Wake {
     direct: Mutex<Vec<herald_shared::protocol::Signal>>,
 }
 
+/// Signals a link has handed to QUIC and not yet seen acknowledged, with when: the
+/// relay's round trip. Bounded; an agent that never acknowledges only loses samples.
+#[derive(Default)]
+struct InFlight(Mutex<Vec<(JobId, Instant)>>);
+
+/// Most unacknowledged signals a link remembers the send time of.
+const IN_FLIGHT_TIMES: usize = 64;
+
+impl InFlight {
+    fn sent(&self, job_id: JobId) {
+        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.len() == IN_FLIGHT_TIMES {
+            sent.remove(0);
+        }
+        sent.push((job_id, Instant::now()));
+    }
+
+    fn acked(&self, job_id: JobId) -> Option<Duration> {
+        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = sent.iter().position(|(id, _)| *id == job_id)?;
+        Some(sent.swap_remove(i).1.elapsed())
+    }
+}
+
 /// An acknowledgement on its way to the store: (agent, job, refusal reason).
 type AckRecord = (String, JobId, Option<String>);
 
@@ -103,6 +128,8 @@ pub struct Relay {
     tickets: Tickets,
     /// Acknowledgements to commit, in batches, by [`Relay::write_acks`].
     acks: mpsc::UnboundedSender<AckRecord>,
+    /// Signal handed to QUIC → acknowledgement read, over every link.
+    signal_rtt: Histogram,
 }
 
 /// Why a connection ended abnormally.
@@ -144,6 +171,7 @@ impl Relay {
             artifact_base,
             tickets,
             acks,
+            signal_rtt: Histogram::default(),
         });
         // Needs a runtime: the relay is built inside `serve`.
         tokio::spawn(write_acks(ack_store, Arc::downgrade(&relay), ack_queue));
@@ -158,6 +186,15 @@ impl Relay {
     /// Announces a job state change.
     pub fn job_changed(&self, job_id: JobId) {
         let _ = self.events.send(JobEvent { job_id });
+    }
+
+    /// Appends the relay's metrics in Prometheus text format.
+    pub fn render_metrics(&self, text: &mut String) {
+        self.signal_rtt.render(
+            text,
+            "herald_signal_ack_seconds",
+            "Relay round trip: a signal handed to QUIC until the agent's acknowledgement is read.",
+        );
     }
 
     /// Whether an agent is connected.
@@ -451,10 +488,11 @@ impl Relay {
         info!(%agent_id, %observed, version = %hello.agent_version, "agent connected");
 
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
+        let in_flight = InFlight::default();
         let result = tokio::select! {
-            r = writer(send, outbox_rx) => r,
+            r = writer(send, outbox_rx, &in_flight) => r,
             r = self.deliver(&agent_id, wake, outbox.clone(), membership) => r,
-            r = self.read_control(&agent_id, &mut recv) => r,
+            r = self.read_control(&agent_id, &mut recv, &in_flight) => r,
             r = self.read_results(connection, &agent_id, outbox) => r,
             r = self.watch_path(connection, &agent_id, observed) => r,
         };
@@ -544,11 +582,19 @@ impl Relay {
         }
     }
 
-    async fn read_control(&self, agent_id: &str, recv: &mut RecvStream) -> Result<(), LinkError> {
+    async fn read_control(
+        &self,
+        agent_id: &str,
+        recv: &mut RecvStream,
+        in_flight: &InFlight,
+    ) -> Result<(), LinkError> {
         while let Some(msg) = read_frame::<AgentMsg>(recv, DEFAULT_FRAME_LIMIT).await? {
             let now = now_ms();
             match msg {
                 AgentMsg::Ack { job_id, ack } => {
+                    if let Some(rtt) = in_flight.acked(job_id) {
+                        self.signal_rtt.observe(rtt);
+                    }
                     let refused = match &ack {
                         Ack::Refused(reason) => Some(reason.as_str()),
                         Ack::Accepted | Ack::Duplicate => None,
@@ -675,8 +721,12 @@ async fn write_acks(
 async fn writer(
     mut send: SendStream,
     mut outbox: mpsc::Receiver<Box<ServerMsg>>,
+    in_flight: &InFlight,
 ) -> Result<(), LinkError> {
     while let Some(msg) = outbox.recv().await {
+        if let ServerMsg::Signal(signal) = &*msg {
+            in_flight.sent(signal.job_id);
+        }
         write_frame(&mut send, &msg).await?;
     }
     Ok(())

@@ -71,6 +71,22 @@ impl Console {
         }
     }
 
+    /// GET an admin API resource with the admin token from the server's `admin.toml`.
+    pub fn admin_get(&self, server: &TestServer, path: &str) -> Page {
+        let admin =
+            std::fs::read_to_string(server.data_dir().join("admin.toml")).expect("read admin.toml");
+        let token = admin
+            .lines()
+            .find_map(|l| l.strip_prefix("admin_token = "))
+            .expect("admin_token in admin.toml")
+            .trim_matches('"');
+        let request = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token);
+        self.send(request)
+    }
+
     /// GET, following redirects.
     pub fn get(&self, path: &str) -> Page {
         let request = self.client.get(format!("{}{path}", self.base));

@@ -1,5 +1,7 @@
-//! Enroll → connect → `run --wait` returns the program's output and exit code.
+//! Enroll → connect → `run --wait` returns the program's output and exit code; the
+//! relay's round trip is on `/metrics`.
 
+use herald_tests::console_client::Console;
 use herald_tests::{TestAgent, TestServer};
 
 #[test]
@@ -48,4 +50,25 @@ fn run_wait_returns_output_and_exit_code() {
     assert_eq!(jobs[1]["state"], "succeeded");
     assert_eq!(jobs[1]["stdout"], "hello world\n");
     assert_eq!(jobs[1]["agent_id"], agent.id.as_str());
+
+    // Both signals were acknowledged: the relay timed both round trips.
+    let metrics = Console::new(&server).admin_get(&server, "/metrics");
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(
+        metrics.body.contains("herald_agents_connected 1\n"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics
+            .body
+            .contains("# TYPE herald_signal_ack_seconds histogram\n"),
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.contains("herald_signal_ack_seconds_count 2\n"),
+        "{}",
+        metrics.body
+    );
 }
