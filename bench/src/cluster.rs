@@ -191,6 +191,30 @@ impl Cluster {
         Ok(buckets)
     }
 
+    /// Waits until the relay round-trip histogram holds `more` samples beyond `before`
+    /// (every acknowledgement of a broadcast read by the server); returns it then.
+    pub async fn signal_rtt_count_reaches(
+        &self,
+        before: &[(f64, u64)],
+        more: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<(f64, u64)>> {
+        let count = |h: &[(f64, u64)]| h.last().map_or(0, |(_, c)| *c);
+        let start = Instant::now();
+        loop {
+            let now = self.signal_rtt().await?;
+            let got = count(&now).saturating_sub(count(before));
+            if got >= more as u64 {
+                return Ok(now);
+            }
+            anyhow::ensure!(
+                start.elapsed() < deadline,
+                "the server read {got} of {more} acknowledgements within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The admin client.
     pub fn client(&self) -> &Client {
         &self.client
@@ -248,4 +272,17 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
         .flatten()
         .unwrap_or(100) as u64;
     Ok(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// UDP datagrams the kernel has dropped for full receive buffers, machine-wide
+/// (`RcvbufErrors` in `/proc/net/snmp`); `None` where that is not readable.
+pub fn udp_receive_drops() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names = udp.next()?.split_whitespace();
+    let values = udp.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
 }

@@ -260,6 +260,18 @@ fn read_tail(path: &Path) -> String {
     text[start..].trim().to_string()
 }
 
+/// Whether `n` subscribers fit under the open-files limit (one TCP socket each, in the
+/// broker and in this process), raising it as far as allowed: `Err((needed, limit))` if not.
+pub fn open_files_for(n: usize) -> anyhow::Result<Result<(), (u64, u64)>> {
+    let need = n as u64 + FD_RESERVE;
+    let have = raise_nofile(need).context("raising the open-files limit")?;
+    Ok(if have < need {
+        Err((need, have))
+    } else {
+        Ok(())
+    })
+}
+
 /// Raises the soft open-files limit towards `want` (at most the hard limit); returns the
 /// soft limit now in force.
 fn raise_nofile(want: u64) -> anyhow::Result<u64> {
@@ -356,9 +368,7 @@ static CALLS: AtomicU64 = AtomicU64::new(0);
 /// one after another (waiting for all n to receive each before the next), returning one
 /// Fanout per run. Latency per subscriber = receive time − publish time.
 pub async fn fanout(broker: &Broker, n: usize, runs: usize) -> anyhow::Result<Vec<Fanout>> {
-    let need = n as u64 + FD_RESERVE;
-    let have = raise_nofile(need).context("raising the open-files limit")?;
-    if have < need {
+    if let Err((need, have)) = open_files_for(n)? {
         bail!("{n} subscribers need about {need} open files; the limit is {have}");
     }
     let tls = broker.client_config()?;

@@ -97,8 +97,21 @@ impl Swarm {
     pub fn start(agents: Vec<SimAgent>, server: SocketAddr) -> anyhow::Result<Swarm> {
         let observed = Arc::new(Observed::default());
         let endpoint_count = agents.len().div_ceil(AGENTS_PER_ENDPOINT).max(1);
+        // Large socket buffers like the server's: a broadcast's thousands of signals
+        // arrive at once, and each packet the kernel drops costs its connection a
+        // retransmission timeout.
         let endpoints = (0..endpoint_count)
-            .map(|_| Endpoint::client("127.0.0.1:0".parse().expect("valid literal")))
+            .map(|_| {
+                let socket = herald_server::serve::quic_socket(
+                    "127.0.0.1:0".parse().expect("valid literal"),
+                )?;
+                Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .context("binding client UDP sockets")?;
         let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
@@ -138,7 +151,8 @@ impl Swarm {
     }
 
     /// Waits until `job_ids` have all arrived (one per agent per job), returning the
-    /// arrivals of those jobs.
+    /// arrivals of those jobs. Each arrival is looked at once (a broadcast to 100,000
+    /// agents must not rescan the whole record on every arrival).
     pub async fn wait_arrivals(
         &self,
         job_ids: &[JobId],
@@ -146,17 +160,20 @@ impl Swarm {
     ) -> anyhow::Result<Vec<Arrival>> {
         let start = Instant::now();
         let wanted: std::collections::HashSet<JobId> = job_ids.iter().copied().collect();
+        let mut got = Vec::with_capacity(wanted.len());
+        let mut scanned = 0;
         loop {
             let notified = self.observed.changed.notified();
-            let got: Vec<Arrival> = self
-                .observed
-                .arrivals
-                .lock()
-                .expect("arrivals lock")
-                .iter()
-                .filter(|a| wanted.contains(&a.job_id))
-                .copied()
-                .collect();
+            {
+                let arrivals = self.observed.arrivals.lock().expect("arrivals lock");
+                got.extend(
+                    arrivals[scanned..]
+                        .iter()
+                        .filter(|a| wanted.contains(&a.job_id))
+                        .copied(),
+                );
+                scanned = arrivals.len();
+            }
             if got.len() >= wanted.len() {
                 return Ok(got);
             }

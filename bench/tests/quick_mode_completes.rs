@@ -23,6 +23,7 @@ fn quick_mode_completes() {
         "unicast: API call",
         "unicast: relay round trip (signal → ack, server side)",
         "broadcast: relay round trip",
+        "broadcast: all acknowledged",
         "unicast: bare quinn round trip",
         "reconnect: server restarted with 200 agents: all back in",
         "agent idle: RSS",

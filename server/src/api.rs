@@ -486,7 +486,7 @@ async fn remove_schedule(State(state): State<ApiState>, Path(id): Path<i64>) -> 
 }
 
 async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
-    let agents = state.store.agents(&|_| false)?;
+    let enrolled = state.store.enrolled_count()?;
     let mut text = String::new();
     text.push_str("# HELP herald_agents_connected Agents connected now.\n# TYPE herald_agents_connected gauge\n");
     text.push_str(&format!(
@@ -494,10 +494,7 @@ async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
         state.relay.online_count()
     ));
     text.push_str("# HELP herald_agents_enrolled Agents enrolled and not revoked.\n# TYPE herald_agents_enrolled gauge\n");
-    text.push_str(&format!(
-        "herald_agents_enrolled {}\n",
-        agents.iter().filter(|a| a.revoked_at.is_none()).count()
-    ));
+    text.push_str(&format!("herald_agents_enrolled {}\n", enrolled));
     state.relay.render_metrics(&mut text);
     Ok(text)
 }

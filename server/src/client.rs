@@ -46,6 +46,11 @@ pub struct Client {
 /// Overall limit on one API request (long polls ask for less than this).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(330);
 
+/// Idle pooled connections are dropped well before the server closes them (its header
+/// read timeout, 10 s, also bounds keep-alive idleness), so a long-lived client never
+/// sends a request down a connection the server is just closing.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
 impl Client {
     /// Builds a client from the admin configuration; `server` overrides its URL.
     pub fn new(admin: &AdminConfig, server: Option<&str>) -> Result<Client, ClientError> {
@@ -63,6 +68,7 @@ impl Client {
             .use_preconfigured_tls(tls)
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(POOL_IDLE)
             .no_proxy()
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))?;

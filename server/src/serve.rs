@@ -197,12 +197,16 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
 }
 
 /// Socket buffer the QUIC socket asks for. A burst of handshakes (a reconnect storm
-/// after a restart) overflows the kernel's default (~200 KiB) and every dropped Initial
-/// costs a retransmission timeout; the kernel caps the request at `net.core.rmem_max`.
-const QUIC_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// after a restart) or of acknowledgements (a broadcast's, one per agent at once)
+/// overflows the kernel's default (~200 KiB), and every dropped datagram costs its
+/// connection a retransmission timeout. The kernel caps the request at
+/// `net.core.rmem_max`, unless the server may override that (`CAP_NET_ADMIN`, as quic-go
+/// does too).
+const QUIC_SOCKET_BUFFER: usize = 16 * 1024 * 1024;
 
-/// Binds the QUIC UDP socket with large buffers.
-fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds a QUIC UDP socket with large buffers (the server's; the benchmark's swarm
+/// binds its client sockets the same way).
+pub fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -212,6 +216,18 @@ fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     // Best effort: a smaller buffer still works, it only drops more under bursts.
     let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::sys::socket::{setsockopt, sockopt};
+        // Past `rmem_max`/`wmem_max` where privileged; the kernel reports double what
+        // was granted, so anything under the request means it was capped.
+        if socket.recv_buffer_size().unwrap_or(0) < QUIC_SOCKET_BUFFER {
+            let _ = setsockopt(&socket, sockopt::RcvBufForce, &QUIC_SOCKET_BUFFER);
+        }
+        if socket.send_buffer_size().unwrap_or(0) < QUIC_SOCKET_BUFFER {
+            let _ = setsockopt(&socket, sockopt::SndBufForce, &QUIC_SOCKET_BUFFER);
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }

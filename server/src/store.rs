@@ -684,6 +684,17 @@ impl Store {
         Ok(agents)
     }
 
+    /// Agents enrolled and not revoked (for `/metrics`: one count, not every row).
+    pub fn enrolled_count(&self) -> Result<u64> {
+        let conn = self.fast();
+        let count: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM agents WHERE revoked_at IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(count as u64)
+    }
+
     /// One agent with its address history.
     pub fn agent(&self, id: &str, online: &dyn Fn(&str) -> bool) -> Result<AgentDetail> {
         let conn = self.fast();

@@ -55,7 +55,8 @@ fn run_wait_returns_output_and_exit_code() {
     let metrics = Console::new(&server).admin_get(&server, "/metrics");
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     assert!(
-        metrics.body.contains("herald_agents_connected 1\n"),
+        metrics.body.contains("herald_agents_connected 1\n")
+            && metrics.body.contains("herald_agents_enrolled 1\n"),
         "{}",
         metrics.body
     );
