@@ -187,9 +187,28 @@ pub async fn swarm_scenarios(
     let drops = udp_receive_drops();
     cluster.stop(false);
     let down = Instant::now();
-    while swarm.observed.connected.load(Ordering::SeqCst) > 0 && down.elapsed() < plan.deadline {
+    let mut report = Instant::now();
+    while swarm.observed.connected.load(Ordering::SeqCst) > 0 {
+        anyhow::ensure!(
+            down.elapsed() < plan.deadline,
+            "reconnect storm: {} agents still saw the stopped server after {:?}",
+            swarm.observed.connected.load(Ordering::SeqCst),
+            plan.deadline
+        );
+        if report.elapsed() >= Duration::from_secs(10) {
+            println!(
+                "reconnect: {} agents have not yet seen the server stop after {:.0} s",
+                swarm.observed.connected.load(Ordering::SeqCst),
+                down.elapsed().as_secs_f64()
+            );
+            report = Instant::now();
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    println!(
+        "reconnect: every agent saw the server stop, {:.2} s after it exited",
+        down.elapsed().as_secs_f64()
+    );
     let sessions_before = swarm.observed.sessions.load(Ordering::SeqCst);
     cluster.start().await?;
     let restarted = Instant::now();

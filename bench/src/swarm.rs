@@ -24,7 +24,9 @@ use herald_shared::protocol::{
 
 /// Connections per client UDP socket.
 const AGENTS_PER_ENDPOINT: usize = 2_000;
-/// Handshakes in flight at once while connecting the swarm.
+/// Handshakes in flight at once while first connecting the swarm. Reconnections are not
+/// gated: real agents come back independently, each on its own backoff, and a gate would
+/// be held by attempts waiting for a server that is still down.
 const CONNECT_CONCURRENCY: usize = 64;
 
 /// A signal arriving at a simulated agent.
@@ -211,9 +213,13 @@ async fn run_agent(
     gate: Arc<tokio::sync::Semaphore>,
 ) {
     let mut attempt = 0u32;
+    let mut gate = Some(gate);
     loop {
         let started = Instant::now();
-        let permit = gate.clone().acquire_owned().await.expect("semaphore open");
+        let permit = match gate.take() {
+            Some(gate) => Some(gate.acquire_owned().await.expect("semaphore open")),
+            None => None,
+        };
         observed.attempts.fetch_add(1, Ordering::Relaxed);
         let _ = session(index, &agent, &endpoint, server, &observed, permit).await;
         if started.elapsed() > herald_agent::link::STABLE_PERIOD {
@@ -237,7 +243,7 @@ async fn session(
     endpoint: &Endpoint,
     server: SocketAddr,
     observed: &Observed,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
     let connection = endpoint
         .connect_with(agent.config.clone(), server, SERVER_NAME)?

@@ -422,7 +422,7 @@ async fn create_jobs(
                 _ => None,
             };
             let jobs: Vec<(String, i64)> = agents.into_iter().zip(ids.iter().copied()).collect();
-            state.relay.push(&envelope, open_timeout_ms, &jobs);
+            state.relay.push(&envelope, open_timeout_ms, jobs);
         }
     }
     state.scheduler.notify_one();

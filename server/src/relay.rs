@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use herald_agent::wire::{self, WireError};
@@ -30,16 +30,22 @@ use crate::ticket::Tickets;
 
 /// How long an agent has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the observed address is compared, to notice QUIC path migration.
-const PATH_CHECK: Duration = Duration::from_secs(2);
+/// How often the observed address is compared, to notice QUIC path migration that the
+/// agent does not report (a NAT rebinding). An agent whose own addresses change reports
+/// them, and the address is compared then; a tighter timer would wake every idle link
+/// (50,000 wake-ups a second at 100,000 agents with 2 s).
+const PATH_CHECK: Duration = Duration::from_secs(30);
 /// How often agents check their local addresses (sent in `Welcome`).
 pub const ADDRESS_CHECK_MS: u64 = 5_000;
 /// Failed enrollment attempts allowed per source address per window.
 const ENROLL_FAILURES_ALLOWED: u32 = 5;
 /// Window of the enrollment rate limit.
 const ENROLL_WINDOW: Duration = Duration::from_secs(60);
-/// How long shutdown waits for connection-close frames to be sent.
+/// How long shutdown waits for connection-close frames to be sent: a base, and more per
+/// open connection (100,000 closes take seconds on two cores; an agent that misses its
+/// close only notices at its idle timeout, a minute later).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+const SHUTDOWN_FLUSH_PER_CONNECTION: Duration = Duration::from_micros(100);
 /// Outgoing messages buffered per connection before the sender waits. They are boxed:
 /// the channel allocates its slots in blocks of 32 up front, and 32 unboxed messages
 /// would cost every idle connection about 9 KiB.
@@ -82,30 +88,36 @@ struct Wake {
     query: std::sync::atomic::AtomicBool,
     /// Signals for jobs already committed, handed over without a query (a broadcast
     /// reaches every connected agent without one database read per agent).
-    direct: Mutex<Vec<herald_shared::protocol::Signal>>,
+    direct: Mutex<Vec<Outgoing>>,
 }
 
 /// Signals a link has handed to QUIC and not yet seen acknowledged, with when: the
 /// relay's round trip. Bounded; an agent that never acknowledges only loses samples.
 #[derive(Default)]
-struct InFlight(Mutex<Vec<(JobId, Instant)>>);
+struct InFlight(Mutex<Vec<(JobId, Instant, Option<OwnedSemaphorePermit>)>>);
 
 /// Most unacknowledged signals a link remembers the send time of.
 const IN_FLIGHT_TIMES: usize = 64;
 
 impl InFlight {
-    fn sent(&self, job_id: JobId) {
+    fn sent(&self, job_id: JobId, window: Option<OwnedSemaphorePermit>) {
         let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if sent.len() == IN_FLIGHT_TIMES {
             sent.remove(0);
         }
-        sent.push((job_id, Instant::now()));
+        sent.push((job_id, Instant::now(), window));
     }
 
+    /// The round trip of an acknowledged signal; its place in the window is freed.
     fn acked(&self, job_id: JobId) -> Option<Duration> {
         let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let i = sent.iter().position(|(id, _)| *id == job_id)?;
-        Some(sent.swap_remove(i).1.elapsed())
+        let i = sent.iter().position(|(id, ..)| *id == job_id)?;
+        let elapsed = sent.swap_remove(i).1.elapsed();
+        if sent.is_empty() {
+            // Idle links keep no allocation.
+            *sent = Vec::new();
+        }
+        Some(elapsed)
     }
 }
 
@@ -114,6 +126,43 @@ type AckRecord = (String, JobId, Option<String>);
 
 /// Most acknowledgements committed in one transaction.
 const ACK_BATCH: usize = 4096;
+
+/// Links a fan-out wakes before it lets everything else run. Waking 100,000 links at once
+/// queues hundreds of thousands of tasks (each link, then its QUIC connection) ahead of
+/// the endpoint task that reads the socket; the acknowledgements that come back
+/// meanwhile overflow the socket buffer and every dropped one costs a retransmission.
+const FAN_OUT_CHUNK: usize = 256;
+
+/// Fan-out signals in flight at once: sent and not yet acknowledged. The agents'
+/// acknowledgements come back about as fast as signals go out, and a whole broadcast's
+/// worth at once overflows the socket buffer before quinn's single reader drains it
+/// (100,000 agents: 1.9 million datagrams dropped, the last ack read after 42 s). A window
+/// keeps the returning acks within what the buffer holds.
+const FAN_OUT_WINDOW: usize = 4096;
+
+/// How long a fan-out waits for room in the window before it sends anyway: agents that
+/// never acknowledge must not hold up every later broadcast.
+const FAN_OUT_WAIT: Duration = Duration::from_secs(1);
+
+/// A message for a link's writer; a fan-out signal holds its place in the window until
+/// the agent acknowledges it (or the link ends).
+struct Outgoing {
+    msg: ServerMsg,
+    window: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn new(msg: ServerMsg) -> Box<Outgoing> {
+        Box::new(Outgoing { msg, window: None })
+    }
+}
+
+/// One signed order's one-off jobs for connected agents, queued for [`fan_out`].
+struct FanOut {
+    envelope: herald_shared::envelope::Envelope,
+    open_timeout_ms: Option<u64>,
+    jobs: Vec<(String, JobId)>,
+}
 
 /// Shared relay state.
 pub struct Relay {
@@ -130,6 +179,11 @@ pub struct Relay {
     acks: mpsc::UnboundedSender<AckRecord>,
     /// Signal handed to QUIC → acknowledgement read, over every link.
     signal_rtt: Histogram,
+    /// Fan-outs waiting for [`fan_out`], in order (a later order's signal never
+    /// overtakes an earlier one's at an agent).
+    fan_outs: mpsc::UnboundedSender<FanOut>,
+    /// Room for fan-out signals in flight ([`FAN_OUT_WINDOW`]).
+    window: Arc<Semaphore>,
 }
 
 /// Why a connection ended abnormally.
@@ -160,6 +214,7 @@ impl Relay {
     ) -> Arc<Relay> {
         let (events, _) = broadcast::channel(4096);
         let (acks, ack_queue) = mpsc::unbounded_channel();
+        let (fan_outs, fan_out_queue) = mpsc::unbounded_channel();
         let ack_store = store.clone();
         let relay = Arc::new(Relay {
             store,
@@ -172,9 +227,12 @@ impl Relay {
             tickets,
             acks,
             signal_rtt: Histogram::default(),
+            fan_outs,
+            window: Arc::new(Semaphore::new(FAN_OUT_WINDOW)),
         });
-        // Needs a runtime: the relay is built inside `serve`.
+        // Need a runtime: the relay is built inside `serve`.
         tokio::spawn(write_acks(ack_store, Arc::downgrade(&relay), ack_queue));
+        tokio::spawn(fan_out(Arc::downgrade(&relay), fan_out_queue));
         relay
     }
 
@@ -221,12 +279,27 @@ impl Relay {
     /// connected agents among them, with no store read; agents not connected get them
     /// from the store when they connect. Only for orders whose audience does not depend
     /// on group membership (a group job must follow the membership that admits the
-    /// agent; those go through [`Relay::poke`]).
+    /// agent; those go through [`Relay::poke`]). Returns at once; [`fan_out`] wakes the
+    /// links a chunk at a time.
     pub fn push(
         &self,
         envelope: &herald_shared::envelope::Envelope,
         open_timeout_ms: Option<u64>,
+        jobs: Vec<(String, JobId)>,
+    ) {
+        let _ = self.fan_outs.send(FanOut {
+            envelope: envelope.clone(),
+            open_timeout_ms,
+            jobs,
+        });
+    }
+
+    /// Queues one chunk of a fan-out's signals on their links and wakes them.
+    fn push_chunk(
+        &self,
+        fan_out: &FanOut,
         jobs: &[(String, JobId)],
+        mut window: Option<OwnedSemaphorePermit>,
     ) {
         let links = self.lock_links();
         for (agent_id, job_id) in jobs {
@@ -235,15 +308,20 @@ impl Relay {
             };
             let signal = herald_shared::protocol::Signal {
                 job_id: *job_id,
-                envelope: envelope.clone(),
+                envelope: fan_out.envelope.clone(),
                 bundle: None,
-                ticket: open_timeout_ms.map(|timeout| self.ticket(*job_id, timeout)),
+                ticket: fan_out
+                    .open_timeout_ms
+                    .map(|timeout| self.ticket(*job_id, timeout)),
             };
             link.wake
                 .direct
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(signal);
+                .push(Outgoing {
+                    msg: ServerMsg::Signal(signal),
+                    window: window.as_mut().and_then(|w| w.split(1)),
+                });
             link.wake.notify.notify_one();
         }
     }
@@ -296,11 +374,13 @@ impl Relay {
                 _ = &mut shutdown => break,
             }
         }
+        let open = u32::try_from(endpoint.open_connections()).unwrap_or(u32::MAX);
         endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
         self.lock_links().clear();
         // Let the close frames go out: without them agents only notice at their idle
         // timeout (a minute), since a stopped server cannot answer with resets.
-        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, endpoint.wait_idle()).await;
+        let flush = SHUTDOWN_FLUSH + SHUTDOWN_FLUSH_PER_CONNECTION * open;
+        let _ = tokio::time::timeout(flush, endpoint.wait_idle()).await;
     }
 
     async fn handle(self: Arc<Self>, connection: Connection) {
@@ -489,12 +569,13 @@ impl Relay {
 
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
         let in_flight = InFlight::default();
+        let observed = Mutex::new(observed);
         let result = tokio::select! {
             r = writer(send, outbox_rx, &in_flight) => r,
             r = self.deliver(&agent_id, wake, outbox.clone(), membership) => r,
-            r = self.read_control(&agent_id, &mut recv, &in_flight) => r,
+            r = self.read_control(&agent_id, &mut recv, &in_flight, connection, &observed) => r,
             r = self.read_results(connection, &agent_id, outbox) => r,
-            r = self.watch_path(connection, &agent_id, observed) => r,
+            r = self.watch_path(connection, &agent_id, &observed) => r,
         };
         {
             let mut links = self.lock_links();
@@ -517,7 +598,7 @@ impl Relay {
         &self,
         agent_id: &str,
         wake: Arc<Wake>,
-        outbox: mpsc::Sender<Box<ServerMsg>>,
+        outbox: mpsc::Sender<Box<Outgoing>>,
         mut membership: Option<herald_shared::envelope::Envelope>,
     ) -> Result<(), LinkError> {
         let mut sent: HashSet<JobId> = HashSet::new();
@@ -529,7 +610,7 @@ impl Relay {
                 if current != membership {
                     if let Some(envelope) = current.clone() {
                         if outbox
-                            .send(Box::new(ServerMsg::Membership(envelope)))
+                            .send(Outgoing::new(ServerMsg::Membership(envelope)))
                             .await
                             .is_err()
                         {
@@ -558,7 +639,7 @@ impl Relay {
                             .map(|timeout| self.ticket(job.job_id, timeout)),
                     };
                     if outbox
-                        .send(Box::new(ServerMsg::Signal(signal)))
+                        .send(Outgoing::new(ServerMsg::Signal(signal)))
                         .await
                         .is_err()
                     {
@@ -568,13 +649,11 @@ impl Relay {
             }
             let direct =
                 std::mem::take(&mut *wake.direct.lock().unwrap_or_else(|e| e.into_inner()));
-            for signal in direct {
-                if sent.insert(signal.job_id)
-                    && outbox
-                        .send(Box::new(ServerMsg::Signal(signal)))
-                        .await
-                        .is_err()
-                {
+            for outgoing in direct {
+                let ServerMsg::Signal(signal) = &outgoing.msg else {
+                    continue;
+                };
+                if sent.insert(signal.job_id) && outbox.send(Box::new(outgoing)).await.is_err() {
                     return Ok(());
                 }
             }
@@ -587,6 +666,8 @@ impl Relay {
         agent_id: &str,
         recv: &mut RecvStream,
         in_flight: &InFlight,
+        connection: &Connection,
+        observed: &Mutex<SocketAddr>,
     ) -> Result<(), LinkError> {
         while let Some(msg) = read_frame::<AgentMsg>(recv, DEFAULT_FRAME_LIMIT).await? {
             let now = now_ms();
@@ -616,6 +697,8 @@ impl Relay {
                 }
                 AgentMsg::Addresses(addresses) => {
                     info!(%agent_id, ?addresses, "agent reported addresses");
+                    // Sent from the new path once the agent has moved its socket.
+                    self.check_path(connection, agent_id, observed)?;
                     self.store
                         .local_addresses(agent_id, &join_addresses(&addresses), now)?;
                 }
@@ -634,7 +717,7 @@ impl Relay {
         &self,
         connection: &Connection,
         agent_id: &str,
-        outbox: mpsc::Sender<Box<ServerMsg>>,
+        outbox: mpsc::Sender<Box<Outgoing>>,
     ) -> Result<(), LinkError> {
         loop {
             let mut recv = connection.accept_uni().await?;
@@ -656,30 +739,42 @@ impl Relay {
                 job_id: result.job_id,
                 attempt: result.attempt,
             };
-            if outbox.send(Box::new(ack)).await.is_err() {
+            if outbox.send(Outgoing::new(ack)).await.is_err() {
                 return Ok(());
             }
         }
     }
 
-    /// Records the observed address again when QUIC migrates the path.
+    /// Checks the path every [`PATH_CHECK`].
     async fn watch_path(
         &self,
         connection: &Connection,
         agent_id: &str,
-        mut observed: SocketAddr,
+        observed: &Mutex<SocketAddr>,
     ) -> Result<(), LinkError> {
         let mut tick = tokio::time::interval(PATH_CHECK);
         loop {
             tick.tick().await;
-            let now_observed = connection.remote_address();
-            if now_observed != observed {
-                info!(%agent_id, from = %observed, to = %now_observed, "connection migrated");
-                self.store
-                    .observed_address(agent_id, &now_observed.to_string(), now_ms())?;
-                observed = now_observed;
-            }
+            self.check_path(connection, agent_id, observed)?;
         }
+    }
+
+    /// Records the observed address again if QUIC has migrated the path.
+    fn check_path(
+        &self,
+        connection: &Connection,
+        agent_id: &str,
+        observed: &Mutex<SocketAddr>,
+    ) -> Result<(), LinkError> {
+        let now_observed = connection.remote_address();
+        let mut observed = observed.lock().unwrap_or_else(|e| e.into_inner());
+        if now_observed != *observed {
+            info!(%agent_id, from = %*observed, to = %now_observed, "connection migrated");
+            self.store
+                .observed_address(agent_id, &now_observed.to_string(), now_ms())?;
+            *observed = now_observed;
+        }
+        Ok(())
     }
 }
 
@@ -718,14 +813,38 @@ async fn write_acks(
     }
 }
 
+/// Wakes the links of each queued fan-out, [`FAN_OUT_CHUNK`] at a time, letting the
+/// woken links, their connections and the socket reader run in between. Ends when the
+/// relay is gone.
+async fn fan_out(relay: std::sync::Weak<Relay>, mut queue: mpsc::UnboundedReceiver<FanOut>) {
+    while let Some(fan_out) = queue.recv().await {
+        for chunk in fan_out.jobs.chunks(FAN_OUT_CHUNK) {
+            let Some(window) = relay.upgrade().map(|r| r.window.clone()) else {
+                return;
+            };
+            let room =
+                tokio::time::timeout(FAN_OUT_WAIT, window.acquire_many_owned(chunk.len() as u32))
+                    .await;
+            let Some(relay) = relay.upgrade() else {
+                return;
+            };
+            // Without room after the wait, send anyway, outside the window.
+            relay.push_chunk(&fan_out, chunk, room.ok().and_then(Result::ok));
+            drop(relay);
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 async fn writer(
     mut send: SendStream,
-    mut outbox: mpsc::Receiver<Box<ServerMsg>>,
+    mut outbox: mpsc::Receiver<Box<Outgoing>>,
     in_flight: &InFlight,
 ) -> Result<(), LinkError> {
-    while let Some(msg) = outbox.recv().await {
-        if let ServerMsg::Signal(signal) = &*msg {
-            in_flight.sent(signal.job_id);
+    while let Some(outgoing) = outbox.recv().await {
+        let Outgoing { msg, window } = *outgoing;
+        if let ServerMsg::Signal(signal) = &msg {
+            in_flight.sent(signal.job_id, window);
         }
         write_frame(&mut send, &msg).await?;
     }
