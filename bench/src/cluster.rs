@@ -215,6 +215,14 @@ impl Cluster {
         }
     }
 
+    /// A counter or gauge from the server's `/metrics`.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self.client.get_text("/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no {name} in /metrics"))
+    }
+
     /// The admin client.
     pub fn client(&self) -> &Client {
         &self.client

@@ -241,6 +241,10 @@ pub async fn swarm_scenarios(
         back.as_secs_f64(),
         attempts as f64 / n as f64
     );
+    println!(
+        "reconnect: {} connection attempts refused by the server's handshake limit",
+        cluster.metric("herald_handshakes_refused_total").await?
+    );
     print_drops("reconnect", drops);
     swarm.stop().await;
     cluster.stop(false);
