@@ -61,6 +61,21 @@ pub enum LinkError {
     Rebind(std::io::Error),
 }
 
+impl LinkError {
+    /// The window a stopping server asked its agents to spread their reconnections
+    /// over, if that is why the connection ended.
+    pub fn reconnect_window(&self) -> Option<std::ops::Range<Duration>> {
+        match self {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == herald_shared::protocol::close::SHUTDOWN.into() =>
+            {
+                herald_shared::protocol::close::reconnect_window(&close.reason)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Full-jitter exponential backoff: a random delay in `[0, min(cap, base * 2^attempt))`.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, random: u64) -> Duration {
     let ceiling = base
@@ -313,7 +328,7 @@ pub async fn run_forever(
             session(agent.clone(), &ep, connection).await
         }
         .await;
-        let error = match outcome {
+        let error = match &outcome {
             Ok(()) => "connection ended".to_string(),
             Err(e) => e.to_string(),
         };
@@ -324,12 +339,21 @@ pub async fn run_forever(
             // A fresh endpoint on the next attempt.
             endpoint = None;
         }
-        let delay = backoff(
-            attempt,
-            options.backoff_base,
-            options.backoff_cap,
-            random_u64(),
-        );
+        let delay = match outcome.as_ref().err().and_then(LinkError::reconnect_window) {
+            // A planned restart: come back at a random point of the window the server
+            // gave, with the backoff started afresh.
+            Some(window) => {
+                attempt = 0;
+                let spread = (window.end - window.start).as_millis() as u64;
+                window.start + Duration::from_millis(random_u64() % spread.max(1))
+            }
+            None => backoff(
+                attempt,
+                options.backoff_base,
+                options.backoff_cap,
+                random_u64(),
+            ),
+        };
         attempt = attempt.saturating_add(1);
         warn!("{error}; reconnecting in {} ms", delay.as_millis());
         agent.set_connected(false, Some(error), &[]);
@@ -349,6 +373,37 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopping_server_s_close_gives_the_reconnect_window() {
+        use herald_shared::protocol::close;
+        let closed = |code: u32, reason: String| {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(
+                quinn::ApplicationClose {
+                    error_code: code.into(),
+                    reason: reason.into_bytes().into(),
+                },
+            ))
+        };
+        let window = Duration::from_millis(3_000)..Duration::from_millis(4_500);
+        assert_eq!(
+            closed(close::SHUTDOWN, close::shutdown_reason(window.clone())).reconnect_window(),
+            Some(window.clone())
+        );
+        // Only a shutdown's reason counts, and only in its own format.
+        assert_eq!(
+            closed(close::REPLACED, close::shutdown_reason(window)).reconnect_window(),
+            None
+        );
+        assert_eq!(
+            closed(close::SHUTDOWN, "server shutting down".into()).reconnect_window(),
+            None
+        );
+        assert_eq!(
+            LinkError::Connection(quinn::ConnectionError::TimedOut).reconnect_window(),
+            None
+        );
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

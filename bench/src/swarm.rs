@@ -221,17 +221,29 @@ async fn run_agent(
             None => None,
         };
         observed.attempts.fetch_add(1, Ordering::Relaxed);
-        let _ = session(index, &agent, &endpoint, server, &observed, permit).await;
+        let ended = session(index, &agent, &endpoint, server, &observed, permit).await;
         if started.elapsed() > herald_agent::link::STABLE_PERIOD {
             attempt = 0;
         }
         let random = u64::from_le_bytes(herald_agent::random_bytes());
-        let delay = herald_agent::backoff(
-            attempt,
-            herald_agent::link::BACKOFF_BASE,
-            herald_agent::link::BACKOFF_CAP,
-            random,
-        );
+        // As the real agent does (`herald_agent::link::run_forever`).
+        let window = ended
+            .err()
+            .and_then(|e| e.downcast::<herald_agent::link::LinkError>().ok())
+            .and_then(|e| e.reconnect_window());
+        let delay = match window {
+            Some(window) => {
+                attempt = 0;
+                let spread = (window.end - window.start).as_millis() as u64;
+                window.start + Duration::from_millis(random % spread.max(1))
+            }
+            None => herald_agent::backoff(
+                attempt,
+                herald_agent::link::BACKOFF_BASE,
+                herald_agent::link::BACKOFF_CAP,
+                random,
+            ),
+        };
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(delay).await;
     }
@@ -290,5 +302,10 @@ async fn session(
     .await;
     observed.connected.fetch_sub(1, Ordering::SeqCst);
     observed.changed.notify_waiters();
-    result
+    // Why the connection ended, as the agent would see it (a stopping server's reason
+    // carries its reconnect window).
+    match connection.close_reason() {
+        Some(reason) => Err(herald_agent::link::LinkError::Connection(reason).into()),
+        None => result,
+    }
 }

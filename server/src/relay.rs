@@ -51,21 +51,8 @@ const SHUTDOWN_FLUSH_PER_CONNECTION: Duration = Duration::from_micros(100);
 /// would cost every idle connection about 9 KiB.
 const OUTBOX_DEPTH: usize = 256;
 
-/// QUIC application close codes.
-pub mod close {
-    /// Normal close.
-    pub const DONE: u32 = 0;
-    /// The peer violated the protocol (malformed frame, unexpected message).
-    pub const PROTOCOL: u32 = 1;
-    /// The agent was revoked.
-    pub const REVOKED: u32 = 2;
-    /// Replaced by a newer connection of the same agent.
-    pub const REPLACED: u32 = 3;
-    /// Refused (not enrolled, version).
-    pub const REFUSED: u32 = 4;
-    /// The server is shutting down.
-    pub const SHUTDOWN: u32 = 5;
-}
+/// QUIC application close codes (shared with the agent).
+pub use herald_shared::protocol::close;
 
 /// A job changed state (for long polls and the demo's live output).
 #[derive(Debug, Clone, Copy)]
@@ -134,12 +121,25 @@ const ACK_BATCH: usize = 4096;
 const FAN_OUT_CHUNK: usize = 256;
 
 /// Handshakes in progress at once, per core; connection attempts beyond that are
-/// refused at once. After a restart every agent comes back within half a second: the
-/// attempts the server cannot serve soon would otherwise sit in the socket buffer or be
-/// dropped there, and their senders wait out retransmission timeouts that double each
-/// time, all in step; refused agents come back spread by their jittered backoff
-/// (10,000 agents on two cores: 38 s to come back without the limit, 21 s with it).
-const HANDSHAKES_PER_CORE: usize = 256;
+/// refused at once and come back on the agent's jittered backoff, instead of sitting in
+/// (or being dropped from) the socket buffer while their senders' retransmission timers
+/// double in step. A guard for storms the reconnect window does not shape (a crash, a
+/// network coming back); the window keeps a planned restart under it.
+const HANDSHAKES_PER_CORE: usize = 1024;
+
+/// Handshakes a second one core is assumed to sustain when agents come back after a
+/// restart, to size the reconnect window a stopping server gives its agents: 100,000
+/// agents on two cores spread over 50 s. Measured with the benchmark's swarm doing the
+/// agents' side of every handshake on the same two cores: 1,000 a second per core came
+/// back without a refusal or a dropped packet, 1,500 overran the handshake limit.
+const RESTART_HANDSHAKES_PER_CORE: u64 = 1_000;
+
+/// Time a stopping server allows itself to be started again, in the reconnect window it
+/// gives its agents.
+const RESTART_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// Longest reconnect window a stopping server asks for.
+const RECONNECT_WINDOW_CAP: Duration = Duration::from_secs(300);
 
 /// Fan-out signals in flight at once: sent and not yet acknowledged. The agents'
 /// acknowledgements come back about as fast as signals go out, and a whole broadcast's
@@ -377,9 +377,8 @@ impl Relay {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let limit = HANDSHAKES_PER_CORE
-            * std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let handshaking = Arc::new(Semaphore::new(limit));
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let handshaking = Arc::new(Semaphore::new(HANDSHAKES_PER_CORE * cores));
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => {
@@ -408,9 +407,20 @@ impl Relay {
         }
         let open = u32::try_from(endpoint.open_connections()).unwrap_or(u32::MAX);
         let links = std::mem::take(&mut *self.lock_links());
+        // Agents spread their reconnections over a window sized so that they arrive at
+        // about the rate this server takes handshakes; all at once, most would be
+        // dropped in the socket buffer and wait out doubling retransmission timers.
+        // They start after the close frames have gone out and the server has had a
+        // second to come back (attempts before that get no answer and are retransmitted).
+        let flush = SHUTDOWN_FLUSH + SHUTDOWN_FLUSH_PER_CONNECTION * open;
+        let rate = RESTART_HANDSHAKES_PER_CORE * cores as u64;
+        let spread =
+            Duration::from_millis(links.len() as u64 * 1000 / rate).min(RECONNECT_WINDOW_CAP);
+        let back = flush + RESTART_ALLOWANCE;
+        let reason = close::shutdown_reason(back..back + spread);
         for link in links.values() {
             link.connection
-                .close(close::SHUTDOWN.into(), b"server shutting down");
+                .close(close::SHUTDOWN.into(), reason.as_bytes());
         }
         drop(links);
         // Let the close frames go out: without them agents only notice at their idle
@@ -418,7 +428,6 @@ impl Relay {
         // that try to come back meanwhile get no answer (a closed endpoint would refuse
         // them, and each refusal doubles their backoff): their handshake packets are
         // retransmitted and reach the restarted server.
-        let flush = SHUTDOWN_FLUSH + SHUTDOWN_FLUSH_PER_CONNECTION * open;
         let deadline = tokio::time::sleep(flush);
         tokio::pin!(deadline);
         loop {
@@ -431,7 +440,7 @@ impl Relay {
                 () = &mut deadline => break,
             }
         }
-        endpoint.close(close::SHUTDOWN.into(), b"server shutting down");
+        endpoint.close(close::SHUTDOWN.into(), reason.as_bytes());
     }
 
     async fn handle(self: Arc<Self>, connection: Connection) {

@@ -23,6 +23,49 @@ pub const PROTOCOL_MINOR: u16 = 0;
 /// they reach it at (addresses change; the pinned CA is what matters).
 pub const SERVER_NAME: &str = "herald-server";
 
+/// QUIC application close codes.
+pub mod close {
+    use std::time::Duration;
+
+    /// Normal close.
+    pub const DONE: u32 = 0;
+    /// The peer violated the protocol (malformed frame, unexpected message).
+    pub const PROTOCOL: u32 = 1;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 2;
+    /// Replaced by a newer connection of the same agent.
+    pub const REPLACED: u32 = 3;
+    /// Refused (not enrolled, version).
+    pub const REFUSED: u32 = 4;
+    /// The server is shutting down; the reason says over how long agents should spread
+    /// their reconnections ([`shutdown_reason`]).
+    pub const SHUTDOWN: u32 = 5;
+
+    const WINDOW_PREFIX: &str = "server shutting down; reconnect between ";
+
+    /// The reason a stopping server closes with: readable, and carrying the window in
+    /// which its agents should spread their reconnections (from when they read it), so
+    /// that they arrive after it is back and at about the rate it can take handshakes.
+    pub fn shutdown_reason(window: std::ops::Range<Duration>) -> String {
+        format!(
+            "{WINDOW_PREFIX}{} and {} ms",
+            window.start.as_millis(),
+            window.end.as_millis()
+        )
+    }
+
+    /// The reconnect window of a [`SHUTDOWN`] close's reason, if it has one.
+    pub fn reconnect_window(reason: &[u8]) -> Option<std::ops::Range<Duration>> {
+        let reason = std::str::from_utf8(reason).ok()?;
+        let (start, end) = reason
+            .strip_prefix(WINDOW_PREFIX)?
+            .strip_suffix(" ms")?
+            .split_once(" and ")?;
+        let (start, end) = (start.parse().ok()?, end.parse().ok()?);
+        (start <= end).then(|| Duration::from_millis(start)..Duration::from_millis(end))
+    }
+}
+
 /// Server-assigned job id.
 pub type JobId = i64;
 
@@ -282,5 +325,37 @@ impl JobResult {
             finished_at,
             error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_reasons_carry_the_reconnect_window() {
+        use std::time::Duration;
+        let window = Duration::from_millis(3_000)..Duration::from_millis(36_333);
+        let reason = close::shutdown_reason(window.clone());
+        assert_eq!(
+            reason,
+            "server shutting down; reconnect between 3000 and 36333 ms"
+        );
+        assert_eq!(close::reconnect_window(reason.as_bytes()), Some(window));
+        assert_eq!(close::reconnect_window(b"server shutting down"), None);
+        assert_eq!(
+            close::reconnect_window(b"server shutting down; reconnect between x and 5 ms"),
+            None
+        );
+        // An empty window is fine (one agent), a reversed one is not.
+        assert_eq!(
+            close::reconnect_window(b"server shutting down; reconnect between 5 and 5 ms"),
+            Some(Duration::from_millis(5)..Duration::from_millis(5))
+        );
+        assert_eq!(
+            close::reconnect_window(b"server shutting down; reconnect between 6 and 5 ms"),
+            None
+        );
+        assert_eq!(close::reconnect_window(&[0xff, 0xfe]), None);
     }
 }
