@@ -136,6 +136,15 @@ pub async fn swarm_scenarios(
         "broadcast: all acknowledged (every ack read by the server, polled every 10 ms) in {} ms (median)",
         ms(median(&acked))
     );
+    println!(
+        "broadcast: each run, all received / all acknowledged: {}",
+        totals
+            .iter()
+            .zip(&acked)
+            .map(|(r, a)| format!("{} / {} ms", ms(*r), ms(*a)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let quantile = |q| {
         histogram_quantile(&rtt_before, &rtt, q).context("the server recorded no acknowledgements")
     };

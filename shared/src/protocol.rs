@@ -54,6 +54,10 @@ pub mod close {
         )
     }
 
+    /// Longest wait a close reason can impose on an agent (a server asks for at most
+    /// five minutes; anything longer is cut to this).
+    const MAX_WINDOW_MS: u64 = 600_000;
+
     /// The reconnect window of a [`SHUTDOWN`] close's reason, if it has one.
     pub fn reconnect_window(reason: &[u8]) -> Option<std::ops::Range<Duration>> {
         let reason = std::str::from_utf8(reason).ok()?;
@@ -61,7 +65,8 @@ pub mod close {
             .strip_prefix(WINDOW_PREFIX)?
             .strip_suffix(" ms")?
             .split_once(" and ")?;
-        let (start, end) = (start.parse().ok()?, end.parse().ok()?);
+        let (start, end): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+        let (start, end) = (start.min(MAX_WINDOW_MS), end.min(MAX_WINDOW_MS));
         (start <= end).then(|| Duration::from_millis(start)..Duration::from_millis(end))
     }
 }
@@ -355,6 +360,13 @@ mod tests {
         assert_eq!(
             close::reconnect_window(b"server shutting down; reconnect between 6 and 5 ms"),
             None
+        );
+        // No server can park its agents for longer than ten minutes.
+        assert_eq!(
+            close::reconnect_window(
+                b"server shutting down; reconnect between 1000 and 99999999999 ms"
+            ),
+            Some(Duration::from_millis(1000)..Duration::from_secs(600))
         );
         assert_eq!(close::reconnect_window(&[0xff, 0xfe]), None);
     }
