@@ -412,13 +412,15 @@ impl Relay {
         // Agents spread their reconnections over a window sized so that they arrive at
         // about the rate this server takes handshakes; all at once, most would be
         // dropped in the socket buffer and wait out doubling retransmission timers.
-        // They start after the close frames have gone out and the server has had a
-        // second to come back (attempts before that get no answer and are retransmitted).
-        let flush = SHUTDOWN_FLUSH + SHUTDOWN_FLUSH_PER_CONNECTION * open;
+        // They start once the close frames have typically gone out (the flush below
+        // also waits for stragglers) and the server has had a second to come back;
+        // attempts before that get no answer and are retransmitted.
+        let closing = SHUTDOWN_FLUSH_PER_CONNECTION * open;
+        let flush = SHUTDOWN_FLUSH + closing;
         let rate = RESTART_HANDSHAKES_PER_CORE * cores as u64;
         let spread =
             Duration::from_millis(links.len() as u64 * 1000 / rate).min(RECONNECT_WINDOW_CAP);
-        let back = flush + RESTART_ALLOWANCE;
+        let back = closing + RESTART_ALLOWANCE;
         let reason = close::shutdown_reason(back..back + spread);
         for link in links.values() {
             link.connection
