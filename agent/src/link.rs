@@ -85,6 +85,28 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, random: u64) -> Dura
     Duration::from_millis(random % ceiling_ms)
 }
 
+/// How long to wait before the next connection attempt, advancing `attempt`: a random
+/// point of the window a stopping server gave (a planned restart; the backoff starts
+/// afresh), else full-jitter backoff.
+pub fn next_delay(
+    window: Option<std::ops::Range<Duration>>,
+    attempt: &mut u32,
+    base: Duration,
+    cap: Duration,
+    random: u64,
+) -> Duration {
+    let delay = match window {
+        Some(window) => {
+            *attempt = 0;
+            let spread = (window.end - window.start).as_millis() as u64;
+            window.start + Duration::from_millis(random % spread.max(1))
+        }
+        None => backoff(*attempt, base, cap, random),
+    };
+    *attempt = attempt.saturating_add(1);
+    delay
+}
+
 /// Resolves the server address.
 pub async fn resolve(server: &str) -> Result<SocketAddr, LinkError> {
     let connect_err = |reason: String| LinkError::Connect {
@@ -339,22 +361,13 @@ pub async fn run_forever(
             // A fresh endpoint on the next attempt.
             endpoint = None;
         }
-        let delay = match outcome.as_ref().err().and_then(LinkError::reconnect_window) {
-            // A planned restart: come back at a random point of the window the server
-            // gave, with the backoff started afresh.
-            Some(window) => {
-                attempt = 0;
-                let spread = (window.end - window.start).as_millis() as u64;
-                window.start + Duration::from_millis(random_u64() % spread.max(1))
-            }
-            None => backoff(
-                attempt,
-                options.backoff_base,
-                options.backoff_cap,
-                random_u64(),
-            ),
-        };
-        attempt = attempt.saturating_add(1);
+        let delay = next_delay(
+            outcome.as_ref().err().and_then(LinkError::reconnect_window),
+            &mut attempt,
+            options.backoff_base,
+            options.backoff_cap,
+            random_u64(),
+        );
         warn!("{error}; reconnecting in {} ms", delay.as_millis());
         agent.set_connected(false, Some(error), &[]);
         tokio::time::sleep(delay).await;
@@ -373,6 +386,31 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reconnect_window_replaces_the_backoff_and_restarts_it() {
+        let base = Duration::from_millis(500);
+        let cap = Duration::from_secs(60);
+        let window = Duration::from_secs(3)..Duration::from_secs(8);
+        let mut attempt = 6;
+        for random in [0, 1, 4_999, 5_000, u64::MAX] {
+            attempt = 6;
+            let delay = next_delay(Some(window.clone()), &mut attempt, base, cap, random);
+            assert!(window.contains(&delay), "{delay:?} outside {window:?}");
+            assert_eq!(attempt, 1, "the backoff starts afresh after a window");
+        }
+        // An empty window (one agent) is its start.
+        let at = Duration::from_secs(2)..Duration::from_secs(2);
+        assert_eq!(
+            next_delay(Some(at), &mut attempt, base, cap, 7),
+            Duration::from_secs(2)
+        );
+        // Without a window: the backoff of the attempt, which then advances.
+        attempt = 3;
+        let delay = next_delay(None, &mut attempt, base, cap, 12_345);
+        assert_eq!(delay, backoff(3, base, cap, 12_345));
+        assert_eq!(attempt, 4);
+    }
 
     #[test]
     fn a_stopping_server_s_close_gives_the_reconnect_window() {

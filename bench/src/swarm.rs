@@ -231,20 +231,13 @@ async fn run_agent(
             .err()
             .and_then(|e| e.downcast::<herald_agent::link::LinkError>().ok())
             .and_then(|e| e.reconnect_window());
-        let delay = match window {
-            Some(window) => {
-                attempt = 0;
-                let spread = (window.end - window.start).as_millis() as u64;
-                window.start + Duration::from_millis(random % spread.max(1))
-            }
-            None => herald_agent::backoff(
-                attempt,
-                herald_agent::link::BACKOFF_BASE,
-                herald_agent::link::BACKOFF_CAP,
-                random,
-            ),
-        };
-        attempt = attempt.saturating_add(1);
+        let delay = herald_agent::link::next_delay(
+            window,
+            &mut attempt,
+            herald_agent::link::BACKOFF_BASE,
+            herald_agent::link::BACKOFF_CAP,
+            random,
+        );
         tokio::time::sleep(delay).await;
     }
 }

@@ -9,12 +9,11 @@ use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 use herald_shared::protocol::JobId;
-use herald_shared::schedule::Schedule;
 use herald_shared::Millis;
 
 use crate::catalog::Subscription;
 use crate::model::{AgentInfo, ScheduleInfo};
-use crate::store::{agent_row, Store, StoreError, AGENT_SELECT};
+use crate::store::{agent_row, schedule_row, Store, StoreError, AGENT_SELECT, SCHEDULE_SELECT};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -873,28 +872,10 @@ impl Store {
     /// Operator schedules (not catalog subscriptions), newest first, at most `limit`.
     pub fn operator_schedules(&self, limit: u32) -> Result<Vec<ScheduleInfo>> {
         let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT s.id, s.target, s.spec, s.missed, s.splay_ms, o.action, s.next_fire_at,
-                    s.created_at
-             FROM schedules s JOIN orders o ON o.id = s.order_id
-             WHERE s.catalog_name IS NULL ORDER BY s.id DESC LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit], |r| {
-            let spec: String = r.get(2)?;
-            let when = serde_json::from_str::<Schedule>(&spec)
-                .map(|s| s.describe())
-                .unwrap_or_else(|_| format!("unreadable schedule {spec}"));
-            Ok(ScheduleInfo {
-                id: r.get(0)?,
-                target: r.get(1)?,
-                when,
-                missed: r.get(3)?,
-                splay_ms: r.get::<_, i64>(4)?.max(0) as u64,
-                action: r.get(5)?,
-                next_fire_at: r.get(6)?,
-                created_at: r.get(7)?,
-            })
-        })?;
+        let mut stmt = conn.prepare(&format!(
+            "{SCHEDULE_SELECT} WHERE s.catalog_name IS NULL ORDER BY s.id DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map(params![limit], schedule_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

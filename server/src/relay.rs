@@ -245,7 +245,11 @@ impl Relay {
         });
         // Need a runtime: the relay is built inside `serve`.
         tokio::spawn(write_acks(ack_store, Arc::downgrade(&relay), ack_queue));
-        tokio::spawn(fan_out(Arc::downgrade(&relay), fan_out_queue));
+        tokio::spawn(fan_out(
+            Arc::downgrade(&relay),
+            relay.window.clone(),
+            fan_out_queue,
+        ));
         relay
     }
 
@@ -880,15 +884,18 @@ async fn write_acks(
 /// Wakes the links of each queued fan-out, [`FAN_OUT_CHUNK`] at a time, letting the
 /// woken links, their connections and the socket reader run in between. Ends when the
 /// relay is gone.
-async fn fan_out(relay: std::sync::Weak<Relay>, mut queue: mpsc::UnboundedReceiver<FanOut>) {
+async fn fan_out(
+    relay: std::sync::Weak<Relay>,
+    window: Arc<Semaphore>,
+    mut queue: mpsc::UnboundedReceiver<FanOut>,
+) {
     while let Some(fan_out) = queue.recv().await {
         for chunk in fan_out.jobs.chunks(FAN_OUT_CHUNK) {
-            let Some(window) = relay.upgrade().map(|r| r.window.clone()) else {
-                return;
-            };
-            let room =
-                tokio::time::timeout(FAN_OUT_WAIT, window.acquire_many_owned(chunk.len() as u32))
-                    .await;
+            let room = tokio::time::timeout(
+                FAN_OUT_WAIT,
+                window.clone().acquire_many_owned(chunk.len() as u32),
+            )
+            .await;
             let Some(relay) = relay.upgrade() else {
                 return;
             };

@@ -1078,26 +1078,8 @@ impl Store {
     /// All schedules.
     pub fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
         let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT s.id, s.target, s.spec, s.missed, s.splay_ms, o.action, s.next_fire_at, s.created_at
-             FROM schedules s JOIN orders o ON o.id = s.order_id ORDER BY s.id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let spec: String = r.get(2)?;
-            let when = serde_json::from_str::<Schedule>(&spec)
-                .map(|s| s.describe())
-                .unwrap_or_else(|_| format!("unreadable schedule {spec}"));
-            Ok(ScheduleInfo {
-                id: r.get(0)?,
-                target: r.get(1)?,
-                when,
-                missed: r.get(3)?,
-                splay_ms: r.get::<_, i64>(4)? as u64,
-                action: r.get(5)?,
-                next_fire_at: r.get(6)?,
-                created_at: r.get(7)?,
-            })
-        })?;
+        let mut stmt = conn.prepare(&format!("{SCHEDULE_SELECT} ORDER BY s.id"))?;
+        let rows = stmt.query_map([], schedule_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -1380,6 +1362,28 @@ fn groups_of(conn: &Connection, agent_id: &str) -> Result<Vec<String>> {
 pub(crate) fn decode_envelope(blob: &[u8]) -> Result<Envelope> {
     codec::from_bytes(blob, codec::DEFAULT_FRAME_LIMIT)
         .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A schedule with its order's action, for [`schedule_row`]; callers add `WHERE`/`ORDER`.
+pub(crate) const SCHEDULE_SELECT: &str =
+    "SELECT s.id, s.target, s.spec, s.missed, s.splay_ms, o.action, s.next_fire_at, \
+     s.created_at FROM schedules s JOIN orders o ON o.id = s.order_id";
+
+pub(crate) fn schedule_row(r: &Row<'_>) -> rusqlite::Result<ScheduleInfo> {
+    let spec: String = r.get(2)?;
+    let when = serde_json::from_str::<Schedule>(&spec)
+        .map(|s| s.describe())
+        .unwrap_or_else(|_| format!("unreadable schedule {spec}"));
+    Ok(ScheduleInfo {
+        id: r.get(0)?,
+        target: r.get(1)?,
+        when,
+        missed: r.get(3)?,
+        splay_ms: r.get::<_, i64>(4)?.max(0) as u64,
+        action: r.get(5)?,
+        next_fire_at: r.get(6)?,
+        created_at: r.get(7)?,
+    })
 }
 
 pub(crate) const AGENT_SELECT: &str =

@@ -53,6 +53,18 @@ fn wait_settled(server: &TestServer, id: i64) -> Value {
     })
 }
 
+/// Sends `agent` a browser job for [`PAGE`] and waits until a helper has opened it: the
+/// job is `waiting` for the page's outcome (or already `succeeded`).
+fn open_page(server: &TestServer, agent: &TestAgent) -> (i64, Value) {
+    let id = post_one(server, &open_order(agent, PAGE));
+    let job = wait_settled(server, id);
+    assert!(
+        job["state"] == "waiting" || job["state"] == "succeeded",
+        "{job:#}"
+    );
+    (id, job)
+}
+
 /// Checks a ticket has the server's form `v1.<job id>.<expiry ms>.<hex>`.
 fn assert_ticket_form(ticket: &str, job_id: i64) {
     let parts: Vec<&str> = ticket.split('.').collect();
@@ -92,13 +104,8 @@ fn browser_job_fails_without_a_helper_and_opens_the_ticketed_page_with_one() {
         &browser.to_string_lossy(),
         &server.dir.path().join("helper.log"),
     );
-    let id = post_one(&server, &open_order(&agent, PAGE));
-    let job = wait_settled(&server, id);
     // `waiting` once the server holds a browser job open for the page's outcome.
-    assert!(
-        job["state"] == "waiting" || job["state"] == "succeeded",
-        "{job:#}"
-    );
+    let (id, job) = open_page(&server, &agent);
     assert_eq!(job["error"], Value::Null, "{job:#}");
     let opened = std::fs::read_to_string(&record).expect("the browser was started");
     let lines: Vec<&str> = opened.lines().collect();
@@ -218,12 +225,7 @@ fn pages_outside_the_rule_and_disabled_policy_are_refused_at_signal_time() {
 
     // Control: the same helper does open a good page, so the refusals above are the
     // agent's doing, not a broken helper.
-    let good = post_one(&server, &open_order(&open, PAGE));
-    let job = wait_settled(&server, good);
-    assert!(
-        job["state"] == "waiting" || job["state"] == "succeeded",
-        "{job:#}"
-    );
+    open_page(&server, &open);
     let opened = std::fs::read_to_string(&record).expect("the browser was started");
     assert_eq!(
         opened.lines().count(),
@@ -322,12 +324,7 @@ fn another_local_account_cannot_take_the_browser_jobs_of_a_root_agent() {
         &browser.to_string_lossy(),
         &server.dir.path().join("helper.log"),
     );
-    let id = post_one(&server, &open_order(&agent, PAGE));
-    let job = wait_settled(&server, id);
-    assert!(
-        job["state"] == "waiting" || job["state"] == "succeeded",
-        "{job:#}"
-    );
+    let (_, job) = open_page(&server, &agent);
     let stdout = job["stdout"].as_str().unwrap_or_default();
     assert!(
         stdout.trim_end().ends_with("in the browser of user root"),

@@ -171,12 +171,9 @@ pub(super) async fn login(
     }
     let guard = &state.guard;
     let now = state.now();
-    let Some(_in_flight) = guard.claim(&[Flight::Login(login.clone())], posted.ip) else {
-        return Ok(again(StatusCode::TOO_MANY_REQUESTS, auth::IN_PROGRESS));
-    };
-    let queued = match guard.queue() {
-        Ok(queued) => queued,
-        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, &busy.to_string())),
+    let (_in_flight, queued) = match guard.admit(&[Flight::Login(login.clone())], posted.ip) {
+        Ok(admitted) => admitted,
+        Err((status, message)) => return Ok(again(status, &message)),
     };
     if !guard.begin_address(posted.ip, now) {
         return too_many();
@@ -311,15 +308,9 @@ pub(super) async fn register(
     }
     let now = state.now();
     let guard = &state.guard;
-    let Some(_in_flight) = guard.claim(&[], posted.ip) else {
-        return Ok(again(
-            StatusCode::TOO_MANY_REQUESTS,
-            auth::IN_PROGRESS.into(),
-        ));
-    };
-    let queued = match guard.queue() {
-        Ok(queued) => queued,
-        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, busy.to_string())),
+    let (_in_flight, queued) = match guard.admit(&[], posted.ip) {
+        Ok(admitted) => admitted,
+        Err((status, message)) => return Ok(again(status, message)),
     };
     if !guard.may_register(posted.ip, now) {
         return Ok(again(
@@ -437,15 +428,9 @@ pub(super) async fn change_password(
         Flight::Session(session.token_hash.clone()),
         Flight::Login(session.user.login.clone()),
     ];
-    let Some(_in_flight) = guard.claim(&keys, ip) else {
-        return Ok(again(
-            StatusCode::TOO_MANY_REQUESTS,
-            auth::IN_PROGRESS.into(),
-        ));
-    };
-    let queued = match guard.queue() {
-        Ok(queued) => queued,
-        Err(busy) => return Ok(again(StatusCode::SERVICE_UNAVAILABLE, busy.to_string())),
+    let (_in_flight, queued) = match guard.admit(&keys, ip) {
+        Ok(admitted) => admitted,
+        Err((status, message)) => return Ok(again(status, message)),
     };
     if !guard.begin_address(ip, now) {
         return too_many();

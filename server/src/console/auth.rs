@@ -457,6 +457,23 @@ impl Guard {
         })
     }
 
+    /// [`Guard::claim`] then [`Guard::queue`], as every password form does; when either
+    /// says no, the status and message to show on the form instead.
+    pub(crate) fn admit(
+        &self,
+        keys: &[Flight],
+        ip: Option<IpAddr>,
+    ) -> Result<(InFlight<'_>, Queued), (axum::http::StatusCode, String)> {
+        use axum::http::StatusCode;
+        let in_flight = self
+            .claim(keys, ip)
+            .ok_or_else(|| (StatusCode::TOO_MANY_REQUESTS, IN_PROGRESS.to_string()))?;
+        let queued = self
+            .queue()
+            .map_err(|busy| (StatusCode::SERVICE_UNAVAILABLE, busy.to_string()))?;
+        Ok((in_flight, queued))
+    }
+
     /// Whether an address has failed too often lately.
     #[cfg(test)]
     pub(crate) fn address_blocked(&self, ip: Option<IpAddr>, now: Millis) -> bool {
