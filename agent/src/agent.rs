@@ -18,11 +18,12 @@ use herald_shared::token::Token;
 use herald_shared::Millis;
 
 use crate::exec;
+use crate::host;
 use crate::journal::{Journal, JournalError, Known};
 use crate::link::{self, lock};
 use crate::session::{self, Sessions};
 use crate::state::{AgentConfig, Identity, StateError, Status as AgentStatus, WORK_DIR};
-use crate::{files, host, now_ms};
+use herald_io::{files, now_ms};
 
 /// Stored key of the latest verified membership.
 const MEMBERSHIP_KEY: &str = "membership";
@@ -424,7 +425,7 @@ impl Agent {
         // The marker that finds the job's processes must be unique on this machine: job
         // ids are only unique per server, and several agents (or a restarted one) may
         // share a uid.
-        let nonce: [u8; 4] = crate::random_bytes();
+        let nonce: [u8; 4] = herald_io::random_bytes();
         let marker = format!("job-{job_id}-{}-{}", &self.id[..12], hex::encode(nonce));
         if let Err(e) = self.journal.started(job_id, &marker, started_at) {
             warn!(job_id, "cannot mark job started, not running it: {e}");

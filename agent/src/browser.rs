@@ -370,7 +370,7 @@ async fn connect_forever(options: &HelperOptions) {
                 quiet = true;
             }
         }
-        let random = u64::from_le_bytes(crate::random_bytes());
+        let random = u64::from_le_bytes(herald_io::random_bytes());
         let delay =
             crate::link::backoff(attempt, options.backoff_base, options.backoff_cap, random);
         attempt = attempt.saturating_add(1);
@@ -564,7 +564,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_daemon_side_is_checked_by_its_peer_credentials() {
-        let nonce: [u8; 4] = crate::random_bytes();
+        let nonce: [u8; 4] = herald_io::random_bytes();
         let dir = std::env::temp_dir().join(format!(
             "herald-browser-cred-{}-{}",
             std::process::id(),
@@ -581,7 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_helper_opens_what_the_daemon_hands_it() {
-        let nonce: [u8; 4] = crate::random_bytes();
+        let nonce: [u8; 4] = herald_io::random_bytes();
         let dir = std::env::temp_dir().join(format!(
             "herald-browser-{}-{}",
             std::process::id(),

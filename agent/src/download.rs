@@ -626,7 +626,7 @@ mod tests {
                 std::process::id(),
                 NEXT.fetch_add(1, Ordering::Relaxed)
             ));
-            crate::files::create_private_dir(&dir).unwrap();
+            herald_io::files::create_private_dir(&dir).unwrap();
             Scratch(dir)
         }
 

@@ -195,7 +195,7 @@ impl Packages {
     pub fn open(root: &Path) -> Result<Packages, InstallError> {
         create_dir(root)?;
         let staging = root.join(STAGING);
-        crate::files::create_private_dir(&staging).map_err(|e| InstallError::Io {
+        herald_io::files::create_private_dir(&staging).map_err(|e| InstallError::Io {
             action: e.action,
             path: e.path,
             source: e.source,
@@ -664,7 +664,7 @@ fn write_state(package: &Path, state: &State) -> Result<(), InstallError> {
     let path = package.join(STATE);
     // Serializing two optional strings cannot fail.
     let text = serde_json::to_vec_pretty(state).expect("state serializes");
-    crate::files::write_atomic(&path, &text).map_err(|e| InstallError::Io {
+    herald_io::files::write_atomic(&path, &text).map_err(|e| InstallError::Io {
         action: e.action,
         path: e.path,
         source: e.source,

@@ -19,7 +19,7 @@ use herald_shared::protocol::{
 
 use crate::agent::Agent;
 use crate::host;
-use crate::wire::{self, WireError};
+use herald_io::wire::{self, WireError};
 
 /// First backoff ceiling.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -375,7 +375,7 @@ pub async fn run_forever(
 }
 
 fn random_u64() -> u64 {
-    u64::from_le_bytes(crate::random_bytes())
+    u64::from_le_bytes(herald_io::random_bytes())
 }
 
 /// A lock that survives poisoning (the protected data stays consistent).

@@ -41,7 +41,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::files::{create_private_dir, FileError};
+use herald_io::files::{create_private_dir, FileError};
 
 /// Directory under the state directory that holds the self-update files.
 pub const UPDATE_DIR: &str = "update";
@@ -349,7 +349,8 @@ pub fn watchdog(
         );
         return Ok(());
     }
-    let remaining = u64::try_from(first.deadline_at.saturating_sub(crate::now_ms())).unwrap_or(0);
+    let remaining =
+        u64::try_from(first.deadline_at.saturating_sub(herald_io::now_ms())).unwrap_or(0);
     let now = Instant::now();
     // A deadline too far away to represent is as good as none.
     let deadline = now
@@ -445,7 +446,7 @@ impl Attempt {
             .map_err(io_error("cannot set the mode of", &update_dir))?;
         let previous = update_dir.join(PREVIOUS_FILE);
         copy_executable(&exe, &previous, &with_suffix(&previous, ".tmp"))?;
-        let started_at = crate::now_ms();
+        let started_at = herald_io::now_ms();
         let window = Millis::try_from(health_deadline.as_millis()).unwrap_or(Millis::MAX);
         let record = Pending {
             job_id,
@@ -604,7 +605,7 @@ fn read_current(update_dir: &Path) -> Result<Option<Pending>, SelfUpdateError> {
 fn write_temp(update_dir: &Path, record: &Pending) -> Result<PathBuf, SelfUpdateError> {
     let tmp = update_dir.join(format!(
         "pending.{}.tmp",
-        hex::encode(crate::random_bytes::<8>())
+        hex::encode(herald_io::random_bytes::<8>())
     ));
     let bytes = serde_json::to_vec_pretty(record).expect("the record serializes to JSON");
     let write = || -> io::Result<()> {
@@ -981,7 +982,7 @@ mod tests {
         fs::write(&exe, "NEW").unwrap();
         let previous = update_dir.join(PREVIOUS_FILE);
         fs::write(&previous, "OLD").unwrap();
-        let now = crate::now_ms();
+        let now = herald_io::now_ms();
         let record = Pending {
             job_id: 42,
             from_version: "0.0.1".into(),

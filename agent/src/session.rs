@@ -920,7 +920,7 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> TempDir {
-            let nonce: [u8; 4] = crate::random_bytes();
+            let nonce: [u8; 4] = herald_io::random_bytes();
             let dir = std::env::temp_dir().join(format!(
                 "herald-session-{name}-{}-{}",
                 std::process::id(),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use herald_shared::envelope::PublicKey;
 
-use crate::files::{self, FileError};
+use herald_io::files::{self, FileError};
 
 /// Identity key (PKCS#8 PEM, 0600).
 pub const IDENTITY_KEY: &str = "identity.key";

@@ -21,7 +21,8 @@ use herald_shared::Millis;
 use crate::agent::Agent;
 use crate::download::{self, Fetch};
 use crate::install::{self, Packages};
-use crate::{exec, files, now_ms, selfupdate};
+use crate::{exec, selfupdate};
+use herald_io::{files, now_ms};
 
 /// Directory under the state directory holding installed packages.
 pub const PACKAGES_DIR: &str = "packages";

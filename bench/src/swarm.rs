@@ -16,7 +16,7 @@ use quinn::Endpoint;
 use tokio::sync::Notify;
 
 use herald_agent::state::Identity;
-use herald_agent::wire;
+use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
 use herald_shared::protocol::{
     Ack, AgentMsg, Facts, Hello, JobId, ServerMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR, SERVER_NAME,
@@ -225,7 +225,7 @@ async fn run_agent(
         if started.elapsed() > herald_agent::link::STABLE_PERIOD {
             attempt = 0;
         }
-        let random = u64::from_le_bytes(herald_agent::random_bytes());
+        let random = u64::from_le_bytes(herald_io::random_bytes());
         // As the real agent does (`herald_agent::link::run_forever`).
         let window = ended
             .err()

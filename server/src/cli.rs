@@ -63,6 +63,7 @@ pub enum Command {
     /// Run the server.
     Serve(ServeArgs),
     /// Throwaway server, one local agent and a schedule; results stream until Ctrl-C.
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Enrollment tokens.
     #[command(subcommand)]
@@ -363,6 +364,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|e| usage(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(args).await.map_err(CliError::Other),
         Command::Token(TokenCommand::Create { groups, uses, ttl }) => {
             admin()?.token_create(groups, uses, &ttl).await
@@ -429,7 +431,7 @@ impl Context {
     }
 
     pub(crate) fn operator_key(&self) -> Result<OperatorKey, CliError> {
-        let text = herald_agent::files::read_string(&self.admin.operator_key)
+        let text = herald_io::files::read_string(&self.admin.operator_key)
             .map_err(|e| usage(format!("{e} (the operator key is needed to sign orders)")))?;
         OperatorKey::from_hex(&text).map_err(|_| {
             usage(format!(

@@ -234,7 +234,7 @@ pub fn keygen(out: &Path) -> Result<ExitCode, CliError> {
         )));
     }
     let key = VendorKey::from_seed(random_bytes());
-    herald_agent::files::write_private(out, key.to_hex().as_bytes())
+    herald_io::files::write_private(out, key.to_hex().as_bytes())
         .map_err(|e| CliError::Other(e.to_string()))?;
     println!("private key written to {}", out.display());
     println!("public key: {}", key.public().to_hex());
@@ -242,7 +242,7 @@ pub fn keygen(out: &Path) -> Result<ExitCode, CliError> {
 }
 
 fn load_key(path: &Path) -> Result<VendorKey, CliError> {
-    let text = herald_agent::files::read_string(path).map_err(|e| usage(e.to_string()))?;
+    let text = herald_io::files::read_string(path).map_err(|e| usage(e.to_string()))?;
     VendorKey::from_hex(&text)
         .map_err(|_| usage(format!("{} does not hold a valid key", path.display())))
 }

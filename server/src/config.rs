@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use herald_agent::files;
+use herald_io::files;
 use herald_shared::envelope::PublicKey;
 
 /// Server configuration file name inside the data directory.

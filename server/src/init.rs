@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use herald_agent::files;
+use herald_io::files;
 use herald_shared::envelope::OperatorKey;
 
 use crate::config::{self, AdminConfig, ServerConfig};

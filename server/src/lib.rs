@@ -13,6 +13,7 @@ pub mod cli_users;
 pub mod client;
 pub mod config;
 pub mod console;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod forward;
 pub mod https;
@@ -32,4 +33,4 @@ pub mod ticket;
 pub use herald_shared::Millis;
 
 // One clock and one random source for the whole workspace.
-pub use herald_agent::{now_ms, random_bytes};
+pub use herald_io::{now_ms, random_bytes};

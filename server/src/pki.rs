@@ -20,7 +20,7 @@ use sha2::Digest;
 
 use herald_shared::protocol::{ALPN, SERVER_NAME};
 
-use herald_agent::files;
+use herald_io::files;
 
 /// CA certificate file (PEM), inside the data directory.
 pub const CA_CERT: &str = "ca.pem";

@@ -15,7 +15,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{broadcast, mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use herald_agent::wire::{self, WireError};
+use herald_io::wire::{self, WireError};
 use herald_shared::codec::{DEFAULT_FRAME_LIMIT, RESULT_FRAME_LIMIT};
 use herald_shared::protocol::{
     Ack, AgentMsg, Bundle, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,

@@ -88,25 +88,7 @@ pub fn job_ids(output: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Random bytes from the standard library's randomly seeded hasher (the tests crate has
-/// no RNG dependency; for unique ids and throwaway keys, not for secrecy).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = [0u8; N];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_usize(i);
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        let word = hasher.finish().to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
-    out
-}
+pub use herald_io::random_bytes;
 
 /// Default deadline for conditions in tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);

@@ -1,0 +1,28 @@
+//! The I/O that the agent and the server share, kept out of both so that neither binary
+//! depends on the other and `herald-shared` stays free of I/O:
+//!
+//! - [`wire`]: frames (`herald_shared::codec`) read from and written to QUIC streams;
+//! - [`files`]: atomic writes and private (0600) files and directories;
+//! - [`now_ms`] and [`random_bytes`]: the one clock and the one random source of the
+//!   workspace.
+
+#![forbid(unsafe_code)]
+
+pub mod files;
+pub mod wire;
+
+/// The wall clock in unix milliseconds.
+pub fn now_ms() -> herald_shared::Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as herald_shared::Millis)
+        .unwrap_or(0)
+}
+
+/// Random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // Without an OS random source no key, token or marker can be made at all.
+    getrandom::fill(&mut bytes).expect("operating system random source");
+    bytes
+}
