@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use base64::Engine;
 
-use herald_server::client::Client;
+use herald_server::cli::client::Client;
 use herald_server::config::{self, AdminConfig};
 use herald_server::model::{CreateJobs, Created};
 use herald_shared::codec;

@@ -71,7 +71,7 @@ pub struct ServerConfig {
     pub forwarding: Option<ForwardingConfig>,
     /// Web console settings.
     #[serde(default)]
-    pub console: crate::console::ConsoleSettings,
+    pub console: ConsoleSettings,
 }
 
 // === forwarding sections ===
@@ -244,10 +244,6 @@ impl ServerConfig {
                 *ca_file = data_dir.join(&*ca_file);
             }
         }
-        crate::forward::validate_config(&config).map_err(|reason| ConfigError::Invalid {
-            path: data_dir.join(SERVER_CONFIG),
-            reason,
-        })?;
         Ok(config)
     }
 
@@ -321,4 +317,18 @@ pub fn data_dir(flag: Option<&Path>) -> PathBuf {
     directories::ProjectDirs::from("org", "herald", "herald-server")
         .map(|d| d.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from(".herald-server"))
+}
+/// The `[console]` section of `herald.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Whether anyone may register an account (default true). When false, accounts
+    /// are made with `herald-server users add`.
+    pub registration: bool,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings { registration: true }
+    }
 }

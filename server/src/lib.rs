@@ -3,28 +3,18 @@
 
 #![forbid(unsafe_code)]
 
-pub mod accounts;
 pub mod api;
-pub mod catalog;
 pub mod cli;
-pub mod cli_catalog;
-pub mod cli_packages;
-pub mod cli_users;
-pub mod client;
 pub mod config;
 pub mod console;
-#[cfg(feature = "demo")]
-pub mod demo;
 pub mod forward;
 pub mod https;
 pub mod init;
 pub mod metrics;
 pub mod model;
+pub mod packages;
 pub mod pki;
 pub mod relay;
-pub mod releases;
-pub mod releases_api;
-pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod store;

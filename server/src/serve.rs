@@ -83,6 +83,10 @@ pub struct Overrides {
 /// both ports bound, before this returns.
 pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, ServeError> {
     let mut config = ServerConfig::load(data_dir)?;
+    crate::forward::validate_config(&config).map_err(|reason| ConfigError::Invalid {
+        path: data_dir.join(crate::config::SERVER_CONFIG),
+        reason,
+    })?;
     if let Some(addr) = overrides.quic_listen {
         config.quic_listen = addr;
     }
@@ -148,12 +152,12 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         relay: relay.clone(),
         scheduler: changed.clone(),
         operator_keys: Arc::new(config.operator_keys()),
-        artifacts: data_dir.join(crate::releases_api::ARTIFACT_DIR),
+        artifacts: data_dir.join(crate::api::releases::ARTIFACT_DIR),
         rollouts: rollouts.clone(),
     };
     let tasks = vec![
         tokio::spawn(relay.clone().serve(endpoint, until_stopped())),
-        tokio::spawn(crate::rollout::run(
+        tokio::spawn(crate::packages::rollout::run(
             store.clone(),
             relay.clone(),
             rollouts,

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::auth::{self, ConnectInfoIp, Flight, Posted, PublicPosted, Session};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout, MessagePage};
-use crate::accounts::{LoginAttempt, Role, User};
 use crate::forward::check_target;
+use crate::model::{LoginAttempt, Role, User};
 use crate::store::StoreError;
 
 /// Longest display name.

@@ -13,9 +13,9 @@ use super::auth::{Admin, Posted, Session};
 use super::forms::TimingForm;
 use super::pages::{path_id, JobPage, LIST_LIMIT, SUBSCRIPTION_TTL_MS};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::{HistoryEntry, OwnedAgent, Role, User};
-use crate::catalog::{CatalogEntry, Subscription};
 use crate::model::{AgentDetail, ScheduleInfo};
+use crate::model::{CatalogEntry, Subscription};
+use crate::model::{HistoryEntry, OwnedAgent, Role, User};
 use crate::store::StoreError;
 
 /// Runs an agent's admin page shows.

@@ -26,7 +26,7 @@ use herald_shared::token::secret_hash;
 use herald_shared::Millis;
 
 use super::{ConsoleError, ConsoleState};
-use crate::accounts::{LoginAttempt, User};
+use crate::model::{LoginAttempt, User};
 
 /// Session cookie. `__Host-`: browsers accept it only with `Secure`, `Path=/` and no
 /// `Domain`, so neither a sibling host nor plain HTTP can plant or overwrite it.

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use herald_shared::schedule::{self, Missed, Schedule};
 use herald_shared::Millis;
 
-use crate::catalog::Subscription;
+use crate::model::Subscription;
 
 /// Default interval offered for a new subscription.
 const DEFAULT_EVERY: Duration = Duration::from_secs(3600);

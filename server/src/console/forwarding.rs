@@ -13,9 +13,9 @@ use super::account::NoFields;
 use super::auth::{Posted, Session};
 use super::pages::path_id;
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::Delivery;
-use crate::catalog::Subscription;
 use crate::forward::{check_target, Destination, NewDestination, RuleError, Verdict};
+use crate::model::Delivery;
+use crate::model::Subscription;
 
 /// Deliveries the forwarding page shows.
 const DELIVERY_LIMIT: u32 = 100;

@@ -29,12 +29,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde::Deserialize;
 
 use herald_shared::envelope::PublicKey;
 use herald_shared::Millis;
 
 use crate::api::ApiState;
+pub use crate::config::ConsoleSettings;
 use crate::store::StoreError;
 use crate::ticket::Tickets;
 
@@ -52,21 +52,6 @@ const MAX_FLASH: usize = 10_000;
 const CSP: &str = "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 /// Strict-Transport-Security of every console response: the console is HTTPS only.
 const HSTS: &str = "max-age=31536000";
-
-/// The `[console]` section of `herald.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ConsoleSettings {
-    /// Whether anyone may register an account (default true). When false, accounts
-    /// are made with `herald-server users add`.
-    pub registration: bool,
-}
-
-impl Default for ConsoleSettings {
-    fn default() -> Self {
-        ConsoleSettings { registration: true }
-    }
-}
 
 /// What the console puts into the enrollment tokens of "link a device": the same
 /// fields `herald-server token create` writes.

@@ -19,9 +19,9 @@ use super::account::NoFields;
 use super::auth::{Posted, Session};
 use super::forms::TimingForm;
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::{Delivery, HistoryEntry};
-use crate::catalog::{CatalogEntry, Subscription};
 use crate::model::{AgentDetail, AgentInfo, JobInfo};
+use crate::model::{CatalogEntry, Subscription};
+use crate::model::{Delivery, HistoryEntry};
 
 /// How long a subscription's job may wait for an offline device.
 pub(super) const SUBSCRIPTION_TTL_MS: u64 = 3600 * 1000;

@@ -25,8 +25,8 @@ use herald_shared::token::Token;
 use herald_shared::Millis;
 
 use super::{auth, ConsoleSettings, ConsoleState, Enrollment};
-use crate::accounts::Role;
 use crate::api::ApiState;
+use crate::model::Role;
 use crate::pki::Keyring;
 use crate::relay::Relay;
 use crate::store::Store;

@@ -22,9 +22,9 @@ use herald_shared::Millis;
 
 use super::auth::{self, VISIT_COOKIE_PREFIX};
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::accounts::{Completion, Visit, VisitOutcome};
 use crate::api::ApiError;
-use crate::catalog::CatalogEntry;
+use crate::model::CatalogEntry;
+use crate::model::{Completion, Visit, VisitOutcome};
 use crate::ticket::TicketError;
 
 /// Longest note a visitor may leave.
@@ -203,8 +203,8 @@ fn page(
             entry,
             job_id: visit.job_id,
             csrf: visit.csrf.clone(),
-            closed: crate::model::is_final_state(&job.state),
-            state: job.state,
+            closed: job.state.is_final(),
+            state: job.state.to_string(),
             note,
             error,
         },
@@ -315,7 +315,7 @@ fn api_answer_inner(
             state.api.relay.job_changed(job_id);
             Ok(VisitDone {
                 job: job_id,
-                state: final_state,
+                state: final_state.to_string(),
             })
         }
         Completion::AlreadyUsed => Err(ApiError(

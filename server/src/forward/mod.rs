@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use herald_shared::Millis;
 
 use crate::config::{ServerConfig, SmsConfig, SmtpConfig, SmtpTls};
-use crate::relay::JobEvent;
+use crate::model::JobEvent;
 use crate::store::{Store, StoreError};
 
 pub use confirm::{Verdict, CODE_DIGITS, CODE_TTL, MAX_CODES_PER_WINDOW, MAX_WRONG_TRIES};

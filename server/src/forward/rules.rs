@@ -437,7 +437,7 @@ pub(super) fn note_code_result(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounts::Role;
+    use crate::model::Role;
 
     fn store() -> (Store, herald_tests::TempDir) {
         let dir = herald_tests::TempDir::new("forward-rules");

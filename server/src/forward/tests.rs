@@ -13,7 +13,7 @@ use herald_tests::TempDir;
 
 use super::*;
 use crate::config::{SmsBodyFormat, SmsConfig, SmtpConfig, SmtpTls};
-use crate::relay::JobEvent;
+use crate::model::JobEvent;
 use crate::store::Store;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -91,7 +91,9 @@ impl Fixture {
     /// `state`.
     fn add_job(&self, schedule: i64, state: &str) -> i64 {
         let conn = self.store.conn();
-        let final_fields = crate::model::is_final_state(state);
+        let final_fields = state
+            .parse::<crate::model::JobState>()
+            .is_ok_and(|s| s.is_final());
         conn.execute(
             "INSERT INTO jobs (agent_id, order_id, schedule_id, state, created_at, deliver_after,
                                expires_at, forward_pending, exit_code, stdout, error, finished_at)

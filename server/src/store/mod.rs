@@ -5,6 +5,10 @@
 //! Every write an acknowledgement depends on is committed before this module returns, so
 //! "the admin was told the job exists" implies "the job is on disk".
 
+mod accounts;
+mod catalog;
+mod releases;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,7 +20,7 @@ use herald_shared::protocol::{JobId, JobResult};
 use herald_shared::schedule::{Missed, Schedule};
 use herald_shared::Millis;
 
-use crate::model::{AddressEvent, AgentDetail, AgentInfo, JobInfo, ScheduleInfo};
+use crate::model::{AddressEvent, AgentDetail, AgentInfo, JobInfo, JobState, ScheduleInfo};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "herald.db";
@@ -579,8 +583,11 @@ impl Store {
             params![agent_id, now],
         )?;
         conn.execute(
-            "UPDATE jobs SET state = 'canceled', finished_at = ?2, error = 'agent revoked'
-             WHERE agent_id = ?1 AND state IN ('queued', 'delivered', 'running', 'waiting')",
+            &format!(
+                "UPDATE jobs SET state = 'canceled', finished_at = ?2, error = 'agent revoked'
+                 WHERE agent_id = ?1 AND state IN ({})",
+                JobState::sql_sources(JobState::Canceled)
+            ),
             params![agent_id, now],
         )?;
         Ok(key)
@@ -921,6 +928,7 @@ impl Store {
         // A browser service's agent only opened the page: the job waits for the page's
         // outcome (posted to the console) until the order's timeout.
         let changed = self.conn().execute(
+            &format!(
             "UPDATE jobs SET
                     state = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open' THEN 'waiting' ELSE ?3 END,
                     expires_at = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open'
@@ -931,7 +939,9 @@ impl Store {
                     delivered_at = COALESCE(delivered_at, ?14)
              FROM orders o
              WHERE jobs.id = ?1 AND jobs.agent_id = ?2 AND o.id = jobs.order_id
-               AND jobs.state IN ('queued', 'delivered', 'running', 'expired')",
+               AND jobs.state IN ({})",
+            JobState::sql_list(&JobState::TAKES_RESULT)
+        ),
             params![
                 result.job_id,
                 agent_id,
@@ -1206,6 +1216,23 @@ impl Store {
             )
             .optional()?
             .is_some())
+    }
+}
+
+// === the storage boundary of typed states ===
+
+impl rusqlite::types::ToSql for JobState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for JobState {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        value
+            .as_str()?
+            .parse()
+            .map_err(|e: crate::model::UnknownState| rusqlite::types::FromSqlError::Other(e.into()))
     }
 }
 

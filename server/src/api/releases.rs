@@ -28,8 +28,9 @@ use crate::api::{
 use crate::model::{
     CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated,
 };
-use crate::releases::{ReleaseInfo, RolloutInfo, SubscriptionInfo, VendorInfo, Waves};
-use crate::{now_ms, rollout};
+use crate::model::{ReleaseInfo, RolloutInfo, SubscriptionInfo, VendorInfo, Waves};
+use crate::now_ms;
+use crate::packages::rollout;
 
 /// Directory (inside the data directory) holding artifacts, named by their SHA-256.
 pub const ARTIFACT_DIR: &str = "artifacts";

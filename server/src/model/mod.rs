@@ -1,6 +1,16 @@
 //! The records the admin API returns and the CLI prints. Their JSON form is the stable
 //! `--json` output documented in docs/CLI.md.
 
+mod accounts;
+mod catalog;
+mod job;
+mod releases;
+
+pub use accounts::*;
+pub use catalog::*;
+pub use job::{IllegalTransition, JobState, UnknownState};
+pub use releases::*;
+
 use serde::{Deserialize, Serialize};
 
 use herald_shared::protocol::JobId;
@@ -67,9 +77,8 @@ pub struct JobInfo {
     pub schedule_id: Option<i64>,
     /// What it does.
     pub action: String,
-    /// `queued`, `delivered`, `running`, `succeeded`, `failed`, `timed_out`, `refused`,
-    /// `interrupted`, `expired` or `canceled`.
-    pub state: String,
+    /// Where it is in its life (`queued` ... `canceled`: [`JobState`]).
+    pub state: JobState,
     /// Created.
     pub created_at: Millis,
     /// Expires if not delivered by then.
@@ -106,16 +115,8 @@ pub struct JobInfo {
 impl JobInfo {
     /// The job reached a final state.
     pub fn is_final(&self) -> bool {
-        is_final_state(&self.state)
+        self.state.is_final()
     }
-}
-
-/// Whether a job state is final.
-pub fn is_final_state(state: &str) -> bool {
-    matches!(
-        state,
-        "succeeded" | "failed" | "timed_out" | "refused" | "interrupted" | "expired" | "canceled"
-    )
 }
 
 /// A schedule.
@@ -233,4 +234,10 @@ pub struct InstallsCreated {
     pub ids: Vec<i64>,
     /// Agents with no published release for their platform.
     pub skipped: Vec<String>,
+}
+/// A job changed state (for long polls and the demo's live output).
+#[derive(Debug, Clone, Copy)]
+pub struct JobEvent {
+    /// Job id.
+    pub job_id: JobId,
 }

@@ -5,275 +5,19 @@
 //! Ownership is decided here, in SQL, so a page can never show another user's rows by
 //! forgetting a check: every user-scoped query takes the user id.
 
-use rusqlite::{params, OptionalExtension, Row};
-use serde::{Deserialize, Serialize};
-
-use herald_shared::protocol::JobId;
-use herald_shared::Millis;
-
-use crate::catalog::Subscription;
+use crate::model::Subscription;
+use crate::model::*;
 use crate::model::{AgentInfo, ScheduleInfo};
 use crate::store::{agent_row, schedule_row, Store, StoreError, AGENT_SELECT, SCHEDULE_SELECT};
+use herald_shared::protocol::JobId;
+use herald_shared::Millis;
+use rusqlite::{params, OptionalExtension, Row};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// States from which a job can still be canceled or completed by its visit.
-const OPEN_STATES: &str = "'queued', 'delivered', 'running', 'waiting'";
-
-/// What a user may do in the console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything, for every user's objects.
-    Admin,
-    /// Their own devices, subscriptions, history and forwarding.
-    User,
-}
-
-impl Role {
-    /// The stored and displayed name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::User => "user",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "user" => Ok(Role::User),
-            other => Err(format!("unknown role {other:?}: use admin or user")),
-        }
-    }
-}
-
-/// A console account (without its password hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct User {
-    /// Id.
-    pub id: i64,
-    /// Login name (`[a-z0-9._-]`, 3 to 32 characters).
-    pub login: String,
-    /// Name shown in the console.
-    pub display_name: String,
-    /// E-mail address, may be empty.
-    pub email: String,
-    /// Phone number, may be empty.
-    pub phone: String,
-    /// Role.
-    pub role: Role,
-    /// Created.
-    pub created_at: Millis,
-}
-
-impl User {
-    /// Whether the user is an admin.
-    pub fn is_admin(&self) -> bool {
-        self.role == Role::Admin
-    }
-}
-
-/// What a login attempt is checked against.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    /// The account.
-    pub user: User,
-    /// argon2id PHC string.
-    pub password_hash: String,
-    /// Locked until then, if locked.
-    pub locked_until: Option<Millis>,
-}
-
-/// How counting a login attempt went, before its password is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginAttempt {
-    /// The account is locked: refuse without checking the password.
-    Locked,
-    /// Counted as a failure until the password proves right; `locks` when this
-    /// attempt reached the limit and locked the account (a right password still
-    /// unlocks it).
-    Counted {
-        /// This attempt set the lock.
-        locks: bool,
-    },
-}
-
-/// An agent with the login of the user who linked it.
-#[derive(Debug, Clone)]
-pub struct OwnedAgent {
-    /// The agent.
-    pub agent: AgentInfo,
-    /// Its owner's login (`None`: enrolled with an operator token).
-    pub owner: Option<String>,
-}
-
-/// A live browser session.
-#[derive(Debug, Clone)]
-pub struct SessionRecord {
-    /// Whose.
-    pub user: User,
-    /// The session's CSRF token.
-    pub csrf: String,
-}
-
-/// A browser-service visit admitted by a redeemed ticket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Visit {
-    /// The one job this visit may complete.
-    pub job_id: JobId,
-    /// The visit's CSRF token.
-    pub csrf: String,
-}
-
-/// What the person at a browser service answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VisitOutcome {
-    /// Did the task: the job succeeds.
-    Done,
-    /// Declined it: the job fails.
-    Declined,
-}
-
-impl std::str::FromStr for VisitOutcome {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<VisitOutcome, String> {
-        match s {
-            "done" => Ok(VisitOutcome::Done),
-            "declined" => Ok(VisitOutcome::Declined),
-            _ => Err("outcome must be done or declined".into()),
-        }
-    }
-}
-
-/// How completing a visit went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Completion {
-    /// The job is now in this final state.
-    Completed(String),
-    /// The ticket was spent before (external services post the ticket itself).
-    AlreadyUsed,
-    /// The job cannot be completed from its current state (already final, not yet
-    /// delivered, or not a browser job); the reason in one sentence.
-    Refused(String),
-}
-
-/// A job as the service page needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceJob {
-    /// Job id.
-    pub job_id: JobId,
-    /// Current state.
-    pub state: String,
-    /// The catalog entry whose order this job carries, if any.
-    pub entry: Option<String>,
-    /// Order kind (`open` for browser services).
-    pub kind: String,
-    /// For browser services, the signed page URL (`open URL` in the order's summary).
-    pub page: Option<String>,
-}
-
-impl ServiceJob {
-    /// Whether this job runs the service page of catalog entry `name`: it carries the
-    /// entry's own order, or a one-off `herald-server open` of that entry's page.
-    pub fn is_for(&self, name: &str) -> bool {
-        if self.entry.as_deref() == Some(name) {
-            return true;
-        }
-        let Some(rest) = self.page.as_deref().and_then(|url| url.split_once("://")) else {
-            return false;
-        };
-        let path = rest
-            .1
-            .split(['?', '#'])
-            .next()
-            .and_then(|r| r.find('/').map(|i| &r[i..]))
-            .unwrap_or("/");
-        self.kind == "open" && path == format!("/service/{name}")
-    }
-}
-
-/// One run in a user's history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryEntry {
-    /// Job id.
-    pub id: JobId,
-    /// Device id.
-    pub agent_id: String,
-    /// Device name.
-    pub agent_name: String,
-    /// Owner of the device, if it was linked by a user.
-    pub owner_user_id: Option<i64>,
-    /// Catalog entry name, when the job runs one.
-    pub entry: Option<String>,
-    /// Catalog entry title.
-    pub entry_title: Option<String>,
-    /// What it does, in one line.
-    pub action: String,
-    /// State.
-    pub state: String,
-    /// Created.
-    pub created_at: Millis,
-    /// Started on the device.
-    pub started_at: Option<Millis>,
-    /// Finished.
-    pub finished_at: Option<Millis>,
-    /// Exit code.
-    pub exit_code: Option<i32>,
-    /// Failure reason.
-    pub error: Option<String>,
-    /// The note left on a browser service page.
-    pub outcome: Option<String>,
-}
-
-/// One forwarding of one job's result, with its attempts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// Id.
-    pub id: i64,
-    /// Whose rule it went out under.
-    pub user_id: i64,
-    /// The job whose result is forwarded.
-    pub job_id: JobId,
-    /// `email`, `webhook` or `sms`.
-    pub kind: String,
-    /// Where to.
-    pub target: String,
-    /// State (set by the forwarding engine).
-    pub state: String,
-    /// Attempts so far.
-    pub attempts: i64,
-    /// The latest error.
-    pub last_error: Option<String>,
-    /// Created.
-    pub created_at: Millis,
-    /// Finished (delivered or given up).
-    pub finished_at: Option<Millis>,
-    /// Every attempt, oldest first.
-    pub log: Vec<DeliveryAttempt>,
-}
-
-/// One attempt of a delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryAttempt {
-    /// When.
-    pub at: Millis,
-    /// Whether it went through.
-    pub ok: bool,
-    /// Status or error text.
-    pub detail: String,
-}
+/// States from which the person's outcome completes a browser job: once its agent took
+/// it (a page can be finished before the agent's own result arrives).
+const VISIT_SOURCES: [JobState; 3] = [JobState::Delivered, JobState::Running, JobState::Waiting];
 
 const USER_COLUMNS: &str = "u.id, u.login, u.display_name, u.email, u.phone, u.role, u.created_at";
 
@@ -731,9 +475,9 @@ impl Store {
         now: Millis,
     ) -> Result<Completion> {
         let (state, error, word) = match outcome {
-            VisitOutcome::Done => ("succeeded", None, "done"),
+            VisitOutcome::Done => (JobState::Succeeded, None, "done"),
             VisitOutcome::Declined => (
-                "failed",
+                JobState::Failed,
                 Some(format!("declined by the user: {note}")),
                 "declined",
             ),
@@ -745,20 +489,23 @@ impl Store {
         };
         let conn = self.conn();
         let changed = conn.execute(
-            "UPDATE jobs SET state = ?2, finished_at = ?3, outcome = ?4, error = ?5,
+            &format!(
+                "UPDATE jobs SET state = ?2, finished_at = ?3, outcome = ?4, error = ?5,
                     started_at = COALESCE(started_at, ?3),
                     delivered_at = COALESCE(delivered_at, ?3),
                     visit_redeemed_at = COALESCE(visit_redeemed_at, ?3)
-             WHERE id = ?1 AND state IN ('delivered', 'running', 'waiting')
+             WHERE id = ?1 AND state IN ({})
                AND (?6 = 0 OR visit_redeemed_at IS NULL)
                AND EXISTS (SELECT 1 FROM orders o WHERE o.id = jobs.order_id
                            AND o.kind = 'open')",
+                JobState::sql_list(&VISIT_SOURCES)
+            ),
             params![job_id, state, now, answer, error, redeem],
         )?;
         if changed > 0 {
-            return Ok(Completion::Completed(state.to_string()));
+            return Ok(Completion::Completed(state));
         }
-        let current: Option<(String, Option<Millis>)> = conn
+        let current: Option<(JobState, Option<Millis>)> = conn
             .query_row(
                 "SELECT state, visit_redeemed_at FROM jobs WHERE id = ?1",
                 params![job_id],
@@ -768,7 +515,7 @@ impl Store {
         Ok(match current {
             None => Completion::Refused(format!("no job {job_id}")),
             Some((_, Some(_))) if redeem => Completion::AlreadyUsed,
-            Some((state, _)) if crate::model::is_final_state(&state) => {
+            Some((state, _)) if state.is_final() => {
                 Completion::Refused(format!("this task is already closed ({state})"))
             }
             Some((state, _)) => {
@@ -979,7 +726,8 @@ impl Store {
             &format!(
                 "UPDATE jobs SET state = 'canceled', finished_at = ?2,
                         error = 'canceled by an administrator'
-                 WHERE id = ?1 AND state IN ({OPEN_STATES})"
+                 WHERE id = ?1 AND state IN ({})",
+                JobState::sql_sources(JobState::Canceled)
             ),
             params![job_id, now],
         )?;
@@ -1042,7 +790,7 @@ mod tests {
     fn a_service_job_is_for_its_entry_or_a_one_off_open_of_its_page() {
         let job = |entry: Option<&str>, page: Option<&str>| ServiceJob {
             job_id: 1,
-            state: "waiting".into(),
+            state: JobState::Waiting,
             entry: entry.map(str::to_string),
             kind: "open".into(),
             page: page.map(str::to_string),

@@ -54,12 +54,7 @@ const OUTBOX_DEPTH: usize = 256;
 /// QUIC application close codes (shared with the agent).
 pub use herald_shared::protocol::close;
 
-/// A job changed state (for long polls and the demo's live output).
-#[derive(Debug, Clone, Copy)]
-pub struct JobEvent {
-    /// Job id.
-    pub job_id: JobId,
-}
+pub use crate::model::JobEvent;
 
 struct Link {
     connection: Connection,

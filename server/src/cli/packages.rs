@@ -24,7 +24,7 @@ use crate::cli::{
 use crate::model::{
     CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated,
 };
-use crate::releases::{ReleaseInfo, RolloutInfo, SubscriptionInfo, VendorInfo, Waves};
+use crate::model::{ReleaseInfo, RolloutInfo, SubscriptionInfo, VendorInfo, Waves};
 use crate::{now_ms, random_bytes};
 
 /// Default limit for download plus install command.
@@ -423,7 +423,7 @@ impl Context {
             None => None,
         };
         if let Some(url) = &args.url {
-            crate::releases_api::check_download_url(url).map_err(usage)?;
+            crate::api::releases::check_download_url(url).map_err(usage)?;
         }
         let (length, sha256) = hash_file(&args.file).await?;
         let now = now_ms();
@@ -445,8 +445,10 @@ impl Context {
             .sign(&Statement::Release(metadata))
             .map_err(|e| CliError::Other(e.to_string()))?;
         let client = match &args.token {
-            Some(token) => crate::client::Client::new(&self.admin, None)?.with_token(token.clone()),
-            None => crate::client::Client::new(&self.admin, None)?,
+            Some(token) => {
+                crate::cli::client::Client::new(&self.admin, None)?.with_token(token.clone())
+            }
+            None => crate::cli::client::Client::new(&self.admin, None)?,
         };
         let info: ReleaseInfo = client
             .post(
@@ -628,7 +630,7 @@ async fn hash_file(path: &Path) -> Result<(u64, [u8; 32]), CliError> {
 
 /// Streams the artifact with a progress bar (on a terminal).
 async fn upload(
-    client: &crate::client::Client,
+    client: &crate::cli::client::Client,
     info: &ReleaseInfo,
     path: &Path,
     quiet: bool,

@@ -5,15 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
 
 use herald_shared::envelope::{Action, OpenSpec, Repeat};
 
-use crate::catalog::CatalogEntry;
 use crate::cli::{
     parse_duration, print_json, usage, CliError, Context, CLOCK_SKEW, DEFAULT_TIMEOUT, DEFAULT_TTL,
 };
 use crate::model::Created;
+use crate::model::{CatalogEntry, CreateCatalogEntry};
 use crate::now_ms;
 
 /// How long the person at the machine has to complete a browser service by default.
@@ -89,19 +88,6 @@ pub struct OpenArgs {
     pub wait: bool,
     /// The page (https, or http to loopback for development).
     pub url: String,
-}
-
-/// Request body: publish a catalog entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CreateCatalogEntry {
-    /// Entry name.
-    pub name: String,
-    /// Title.
-    pub title: String,
-    /// Description.
-    pub description: String,
-    /// Signed standing order, base64 of the bincode envelope.
-    pub envelope: String,
 }
 
 /// Builds a browser action after checking its URL the way agents will.

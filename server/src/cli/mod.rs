@@ -2,6 +2,13 @@
 //! dispatches. Admin subcommands sign orders locally with the operator key and talk to
 //! the admin API; the server never sees the key.
 
+pub mod catalog;
+pub mod client;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod packages;
+pub mod users;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,10 +25,10 @@ use herald_shared::envelope::{
 use herald_shared::schedule::{self, Missed, Schedule};
 use herald_shared::token::{Token, SECRET_LEN};
 
-use crate::client::{Client, ClientError};
+use crate::cli::client::{Client, ClientError};
 use crate::config::{self, AdminConfig};
 use crate::model::{
-    AgentDetail, AgentInfo, CreateJobs, CreateSchedule, CreateToken, Created, JobInfo,
+    AgentDetail, AgentInfo, CreateJobs, CreateSchedule, CreateToken, Created, JobInfo, JobState,
     ScheduleInfo, SetMembership,
 };
 use crate::{now_ms, random_bytes};
@@ -81,21 +88,21 @@ pub enum Command {
     Schedule(ScheduleCommand),
     /// Software vendors and their delegated packages.
     #[command(subcommand)]
-    Vendor(crate::cli_packages::VendorCommand),
+    Vendor(crate::cli::packages::VendorCommand),
     /// Signed packages: publish, install, subscribe, roll out.
     #[command(subcommand)]
-    Package(crate::cli_packages::PackageCommand),
+    Package(crate::cli::packages::PackageCommand),
     /// Jobs and their results.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Open a browser service page on agents' screens.
-    Open(crate::cli_catalog::OpenArgs),
+    Open(crate::cli::catalog::OpenArgs),
     /// The service catalog users subscribe their devices to.
     #[command(subcommand)]
-    Catalog(crate::cli_catalog::CatalogCommand),
+    Catalog(crate::cli::catalog::CatalogCommand),
     /// Web console accounts (works on the data directory, like `init`).
     #[command(subcommand)]
-    Users(crate::cli_users::UsersCommand),
+    Users(crate::cli::users::UsersCommand),
 }
 
 /// `init`.
@@ -365,7 +372,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "demo")]
-        Command::Demo(args) => crate::demo::run(args).await.map_err(CliError::Other),
+        Command::Demo(args) => crate::cli::demo::run(args).await.map_err(CliError::Other),
         Command::Token(TokenCommand::Create { groups, uses, ttl }) => {
             admin()?.token_create(groups, uses, &ttl).await
         }
@@ -374,17 +381,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Run(args) => admin()?.run(args).await,
         Command::Schedule(command) => admin()?.schedule(command).await,
         Command::Jobs(command) => admin()?.jobs(command).await,
-        Command::Vendor(crate::cli_packages::VendorCommand::Keygen { out }) => {
-            crate::cli_packages::keygen(&out)
+        Command::Vendor(crate::cli::packages::VendorCommand::Keygen { out }) => {
+            crate::cli::packages::keygen(&out)
         }
         Command::Vendor(command) => admin()?.vendor(command).await,
         Command::Package(command) => admin()?.package(command).await,
         Command::Open(args) => admin()?.open(args).await,
         Command::Catalog(command) => admin()?.catalog(command).await,
         Command::Users(command) => {
-            crate::cli_users::run(&data_dir, command, &mut std::io::stdin().lock()).map_err(|e| {
+            crate::cli::users::run(&data_dir, command, &mut std::io::stdin().lock()).map_err(|e| {
                 match e {
-                    crate::cli_users::UsersError::Usage(m) => usage(m),
+                    crate::cli::users::UsersError::Usage(m) => usage(m),
                     other => CliError::Other(other.to_string()),
                 }
             })
@@ -531,7 +538,7 @@ impl Context {
                 "job {} on {}: {}{detail}",
                 job.id, job.agent_name, job.state
             );
-            all_ok &= job.state == "succeeded";
+            all_ok &= job.state == JobState::Succeeded;
         }
         Ok(if all_ok {
             ExitCode::SUCCESS
@@ -689,7 +696,7 @@ impl Context {
             if job.stdout_truncated || job.stderr_truncated {
                 eprintln!("(output truncated)");
             }
-            if job.state != "succeeded" {
+            if job.state != JobState::Succeeded {
                 all_ok = false;
                 let reason = job
                     .error
@@ -803,7 +810,7 @@ impl Context {
             }
         };
         let action = match &args.open {
-            Some(url) => crate::cli_catalog::open_action(url, timeout)?,
+            Some(url) => crate::cli::catalog::open_action(url, timeout)?,
             None => run_action(&args.command, timeout, args.user)?,
         };
         let audience = self.audience(&args.to).await?;

@@ -1,101 +1,14 @@
-//! The service catalog and users' subscriptions to it.
-//!
-//! A catalog entry is an operator-signed *standing* order (a program to run, or a
-//! browser service page) published with `herald-server catalog add`. Users subscribe a
-//! device to an entry with their own timing: the subscription is a schedule that points
-//! at the entry's order, so the server can only ever schedule what the operator signed,
-//! never more often than the order's minimum interval (which the agent enforces).
+//! The service catalog's rows: entries (each pointing at its signed standing order) and
+//! users' subscriptions (schedules that point at an entry's order).
 
-use rusqlite::{params, OptionalExtension, Row};
-use serde::{Deserialize, Serialize};
-
-use herald_shared::envelope::{Action, Audience, Envelope, Order, Repeat};
+use crate::model::*;
+use crate::store::{insert_order, Store, StoreError};
+use herald_shared::envelope::{Audience, Envelope, Order};
 use herald_shared::schedule::{Missed, Schedule};
 use herald_shared::Millis;
+use rusqlite::{params, OptionalExtension, Row};
 
-use axum::extract::{Path, State};
-use axum::Json;
-
-use crate::api::{bad, decode_order, ApiResult, ApiState};
-use crate::cli_catalog::CreateCatalogEntry;
-use crate::model::Created;
-use crate::store::{insert_order, Store, StoreError};
-
-type Result<T> = std::result::Result<T, StoreError>;
-
-/// A catalog entry as listed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CatalogEntry {
-    /// Short unique name (`[A-Za-z0-9._-]`).
-    pub name: String,
-    /// Title shown to users.
-    pub title: String,
-    /// What it does, for users.
-    pub description: String,
-    /// `run` (standalone program) or `open` (browser service).
-    pub kind: String,
-    /// The signed action in one line (program and arguments, or the page URL).
-    pub summary: String,
-    /// Who the operator signed it for (`all`, `group:<name>`, `agent:<id>`).
-    pub target: String,
-    /// Minimum time between two runs on one device.
-    pub min_interval_ms: u64,
-    /// The signed order's end of validity.
-    pub not_after: Millis,
-    /// When it was published.
-    pub created_at: Millis,
-}
-
-/// A user's (or an admin's) subscription of a device or audience to a catalog entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Subscription {
-    /// Schedule id.
-    pub id: i64,
-    /// Owning user.
-    pub owner_user_id: i64,
-    /// Owner's login.
-    pub owner_login: String,
-    /// Catalog entry name.
-    pub entry: String,
-    /// Catalog entry title.
-    pub entry_title: String,
-    /// `run` or `open`.
-    pub kind: String,
-    /// Target (`agent:<id>` for a user's device; admins may use groups or `all`).
-    pub target: String,
-    /// The device's name when the target is one agent.
-    pub agent_name: Option<String>,
-    /// The timing.
-    pub schedule: Schedule,
-    /// The timing in words.
-    pub when: String,
-    /// Missed-run policy.
-    pub missed: Missed,
-    /// Next firing, if any.
-    pub next_fire_at: Option<Millis>,
-    /// Created.
-    pub created_at: Millis,
-}
-
-/// Why an order cannot be a catalog entry.
-pub fn check_entry_order(order: &Order) -> std::result::Result<u64, String> {
-    let Repeat::Standing { min_interval_ms } = order.repeat else {
-        return Err(
-            "a catalog entry must be a standing order (signed with a minimum interval)".into(),
-        );
-    };
-    match &order.action {
-        Action::Run(_) => {}
-        Action::Open(open) => herald_shared::envelope::check_browser_url(&open.url)?,
-        other => {
-            return Err(format!(
-                "a catalog entry runs a program or opens a service page, not {}",
-                other.kind()
-            ))
-        }
-    }
-    Ok(min_interval_ms)
-}
+type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 const ENTRY_COLUMNS: &str = "c.name, c.title, c.description, c.kind, c.summary, c.target,
      c.min_interval_ms, c.not_after, c.created_at";
@@ -357,60 +270,10 @@ impl Store {
     }
 }
 
-// === admin API ===
-
-/// `POST /api/v1/catalog`: publishes an operator-signed standing order as an entry.
-pub(crate) async fn create_entry(
-    State(state): State<ApiState>,
-    Json(body): Json<CreateCatalogEntry>,
-) -> ApiResult<Created> {
-    if !herald_shared::valid_name(&body.name) {
-        return Err(bad(format!("invalid entry name {:?}", body.name)));
-    }
-    let title = body.title.trim();
-    if title.is_empty() || title.len() > 200 || body.description.len() > 4000 {
-        return Err(bad(
-            "a title of 1 to 200 characters and a description of at most 4000 are required",
-        ));
-    }
-    let (envelope, order) = decode_order(&state, &body.envelope)?;
-    let min_interval_ms = check_entry_order(&order).map_err(bad)?;
-    let now = crate::now_ms();
-    if order.not_after <= now {
-        return Err(bad("the signed order has already expired"));
-    }
-    state.store.add_catalog_entry(
-        &body.name,
-        title,
-        body.description.trim(),
-        &envelope,
-        &order,
-        min_interval_ms,
-        now,
-    )?;
-    Ok(Json(Created { ids: vec![] }))
-}
-
-/// `GET /api/v1/catalog`.
-pub(crate) async fn list_entries(State(state): State<ApiState>) -> ApiResult<Vec<CatalogEntry>> {
-    Ok(Json(state.store.catalog()?))
-}
-
-/// `DELETE /api/v1/catalog/{name}`: answers with the number of subscriptions removed.
-pub(crate) async fn remove_entry(
-    State(state): State<ApiState>,
-    Path(name): Path<String>,
-) -> ApiResult<Created> {
-    let removed = state.store.remove_catalog_entry(&name)?;
-    state.scheduler.notify_one();
-    Ok(Json(Created {
-        ids: vec![removed as i64],
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_shared::envelope::{Action, Repeat};
     use herald_shared::envelope::{OpenSpec, OperatorKey, RunSpec, Statement};
 
     fn order(repeat: Repeat, action: Action) -> Order {

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::accounts::{Role, User};
 use crate::console::auth;
+use crate::model::{Role, User};
 use crate::store::{Store, StoreError};
 
 /// `users ...`.

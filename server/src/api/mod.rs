@@ -4,6 +4,10 @@
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
+mod catalog;
+
+pub mod releases;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +31,6 @@ use crate::model::{
 };
 use crate::now_ms;
 use crate::relay::Relay;
-use crate::releases_api;
 use crate::store::{Store, StoreError};
 
 /// Longest `wait_ms` a client may ask for on a job long poll.
@@ -119,43 +122,43 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/api/v1/vendors",
-            get(releases_api::list_vendors).post(releases_api::create_vendor),
+            get(releases::list_vendors).post(releases::create_vendor),
         )
         .route(
             "/api/v1/releases",
-            get(releases_api::list_releases).post(releases_api::create_release),
+            get(releases::list_releases).post(releases::create_release),
         )
-        .route("/api/v1/releases/{id}", get(releases_api::show_release))
+        .route("/api/v1/releases/{id}", get(releases::show_release))
         .route(
             "/api/v1/releases/{id}/artifact",
-            put(releases_api::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
+            put(releases::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route(
             "/api/v1/artifacts/{sha256}",
-            get(releases_api::download_artifact),
+            get(releases::download_artifact),
         )
         .route(
             "/api/v1/subscriptions",
-            get(releases_api::list_subscriptions).post(releases_api::create_subscription),
+            get(releases::list_subscriptions).post(releases::create_subscription),
         )
         .route(
             "/api/v1/subscriptions/{id}",
-            axum::routing::delete(releases_api::remove_subscription),
+            axum::routing::delete(releases::remove_subscription),
         )
-        .route("/api/v1/installs", post(releases_api::create_installs))
-        .route("/api/v1/rollouts", get(releases_api::list_rollouts))
-        .route("/api/v1/rollouts/{id}", get(releases_api::show_rollout))
+        .route("/api/v1/installs", post(releases::create_installs))
+        .route("/api/v1/rollouts", get(releases::list_rollouts))
+        .route("/api/v1/rollouts/{id}", get(releases::show_rollout))
         .route(
             "/api/v1/rollouts/{id}/{verb}",
-            post(releases_api::control_rollout),
+            post(releases::control_rollout),
         )
         .route(
             "/api/v1/catalog",
-            get(crate::catalog::list_entries).post(crate::catalog::create_entry),
+            get(crate::api::catalog::list_entries).post(crate::api::catalog::create_entry),
         )
         .route(
             "/api/v1/catalog/{name}",
-            axum::routing::delete(crate::catalog::remove_entry),
+            axum::routing::delete(crate::api::catalog::remove_entry),
         )
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(

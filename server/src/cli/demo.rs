@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use herald_shared::schedule::{self, Missed};
 
-use crate::accounts::Role;
+use crate::cli::catalog::{CatalogAddArgs, CatalogCommand};
 use crate::cli::{Context, DemoArgs, ScheduleAddArgs};
-use crate::cli_catalog::{CatalogAddArgs, CatalogCommand};
 use crate::config::{self, AdminConfig};
 use crate::model::JobInfo;
+use crate::model::Role;
 use crate::serve::{self, Overrides};
 use crate::store::Store;
 
