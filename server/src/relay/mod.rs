@@ -682,7 +682,11 @@ impl Relay {
                     }
                     membership = current;
                 }
-                for job in self.store.pending(agent_id, now_ms())? {
+                let pending = self.store.pending(agent_id, now_ms())?;
+                for job_id in pending.failed {
+                    self.job_changed(job_id);
+                }
+                for job in pending.jobs {
                     if !sent.insert(job.job_id) {
                         continue;
                     }

@@ -327,6 +327,15 @@ pub struct TokenGrant {
     pub groups: Vec<String>,
 }
 
+/// What [`Store::pending`] found for an agent.
+#[derive(Debug, Clone, Default)]
+pub struct PendingJobs {
+    /// Jobs ready to be signalled, in job order.
+    pub jobs: Vec<Pending>,
+    /// Jobs whose stored order could not be read: failed now, with the reason stored.
+    pub failed: Vec<JobId>,
+}
+
 /// A job ready to be signalled.
 #[derive(Debug, Clone)]
 pub struct Pending {
@@ -402,6 +411,23 @@ impl Store {
             durable: Arc::new(Mutex::new(durable)),
             relaxed: Arc::new(Mutex::new(relaxed)),
         })
+    }
+
+    /// The database boundary: every public store method runs its body through here, so
+    /// that SQLite's work (and the fsync of every durable commit) never runs on a tokio
+    /// worker thread. On the multi-threaded runtime the worker hands its other tasks to
+    /// another thread for the duration (`block_in_place`); anywhere else (the CLI, a
+    /// blocking thread, a single-threaded test runtime) the body runs as it is.
+    ///
+    /// A second implementation (PostgreSQL) sits behind the same methods.
+    pub(crate) fn blocking<R>(&self, body: impl FnOnce() -> R) -> R {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(body)
+            }
+            _ => body(),
+        }
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -785,7 +811,26 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        blob.flatten().map(|b| decode_envelope(&b)).transpose()
+        let Some(blob) = blob.flatten() else {
+            return Ok(None);
+        };
+        match decode_envelope(&blob) {
+            Ok(envelope) => Ok(Some(envelope)),
+            Err(e) => {
+                // Unreadable: forget it (once, so it is logged once) rather than fail
+                // every link to this agent. Jobs for its groups are refused by the agent
+                // until the operator signs its membership again (`groups add`).
+                self.conn().execute(
+                    "UPDATE agents SET membership = NULL WHERE id = ?1",
+                    params![agent_id],
+                )?;
+                tracing::warn!(
+                    agent = agent_id,
+                    "dropped the agent's stored group membership: it cannot be read ({e}); sign it again with `herald-server groups add`"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Active agents an audience names right now.
@@ -817,7 +862,7 @@ impl Store {
     }
 
     /// Jobs waiting to be signalled to an agent (queued, due, not expired).
-    pub fn pending(&self, agent_id: &str, now: Millis) -> Result<Vec<Pending>> {
+    pub fn pending(&self, agent_id: &str, now: Millis) -> Result<PendingJobs> {
         let conn = self.fast();
         let mut stmt = conn.prepare(
             "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256, o.open_timeout_ms
@@ -840,25 +885,61 @@ impl Store {
             ))
         })?;
         let mut pending = Vec::new();
+        let mut damaged = Vec::new();
         for row in rows {
             let (job_id, blob, metadata, delegation, url, sha256, open_timeout_ms) = row?;
-            let release = match metadata {
-                Some(metadata) => Some(PendingRelease {
-                    metadata: decode_envelope(&metadata)?,
-                    delegation: delegation.map(|d| decode_envelope(&d)).transpose()?,
-                    url,
-                    sha256: sha256.unwrap_or_default(),
-                }),
-                None => None,
-            };
-            pending.push(Pending {
-                job_id,
-                envelope: decode_envelope(&blob)?,
-                release,
-                open_timeout_ms: open_timeout_ms.map(|ms| ms.max(0) as u64),
-            });
+            // One unreadable row must not stop the others: it fails alone (below).
+            let decoded = (|| -> Result<Pending> {
+                let release = match metadata {
+                    Some(metadata) => Some(PendingRelease {
+                        metadata: decode_envelope(&metadata)?,
+                        delegation: delegation.map(|d| decode_envelope(&d)).transpose()?,
+                        url,
+                        sha256: sha256.unwrap_or_default(),
+                    }),
+                    None => None,
+                };
+                Ok(Pending {
+                    job_id,
+                    envelope: decode_envelope(&blob)?,
+                    release,
+                    open_timeout_ms: open_timeout_ms.map(|ms| ms.max(0) as u64),
+                })
+            })();
+            match decoded {
+                Ok(job) => pending.push(job),
+                Err(e) => damaged.push((job_id, e.to_string())),
+            }
         }
-        Ok(pending)
+        drop(stmt);
+        drop(conn);
+        let mut failed = Vec::new();
+        for (job_id, reason) in damaged {
+            if self.fail_damaged_job(job_id, &reason, now)? {
+                tracing::warn!(
+                    job = job_id,
+                    agent = agent_id,
+                    "job failed: its stored order cannot be read ({reason}); the agent's other jobs go on"
+                );
+                failed.push(job_id);
+            }
+        }
+        Ok(PendingJobs {
+            jobs: pending,
+            failed,
+        })
+    }
+
+    /// Marks a queued job whose stored order cannot be decoded as failed, with the
+    /// reason. Returns whether it was still queued (so the caller logs it once).
+    fn fail_damaged_job(&self, job_id: JobId, reason: &str, now: Millis) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE jobs SET state = 'failed', finished_at = ?2,
+                    error = 'the stored order is damaged and cannot be sent: ' || ?3
+             WHERE id = ?1 AND state = 'queued'",
+            params![job_id, now, reason],
+        )?;
+        Ok(changed > 0)
     }
 
     /// Records an install job's latest progress report.
@@ -1121,6 +1202,7 @@ impl Store {
             ))
         })?;
         let mut due = Vec::new();
+        let mut damaged = Vec::new();
         for row in rows {
             let (
                 id,
@@ -1133,18 +1215,40 @@ impl Store {
                 next_fire_at,
                 min_interval_ms,
             ) = row?;
-            let corrupt = |what: &str| StoreError::Corrupt(format!("schedule {id}: {what}"));
-            due.push(DueSchedule {
-                id,
-                order_id,
-                audience: target.parse().map_err(|e: String| corrupt(&e))?,
-                schedule: serde_json::from_str(&spec).map_err(|e| corrupt(&e.to_string()))?,
-                missed: missed.parse().map_err(|_| corrupt("missed policy"))?,
-                splay_ms: splay_ms as u64,
-                ttl_ms: ttl_ms as u64,
-                min_interval_ms: min_interval_ms.max(0) as u64,
-                next_fire_at,
-            });
+            let decoded = (|| -> std::result::Result<DueSchedule, String> {
+                Ok(DueSchedule {
+                    id,
+                    order_id,
+                    audience: target.parse()?,
+                    schedule: serde_json::from_str(&spec).map_err(|e| e.to_string())?,
+                    missed: missed
+                        .parse()
+                        .map_err(|_| format!("missed policy {missed:?}"))?,
+                    splay_ms: splay_ms as u64,
+                    ttl_ms: ttl_ms as u64,
+                    min_interval_ms: min_interval_ms.max(0) as u64,
+                    next_fire_at,
+                })
+            })();
+            match decoded {
+                Ok(schedule) => due.push(schedule),
+                Err(reason) => damaged.push((id, reason)),
+            }
+        }
+        drop(stmt);
+        drop(conn);
+        // One unreadable schedule must not stop the others: it stops firing, once.
+        for (id, reason) in damaged {
+            let stopped = self.conn().execute(
+                "UPDATE schedules SET next_fire_at = NULL WHERE id = ?1 AND next_fire_at IS NOT NULL",
+                params![id],
+            )?;
+            if stopped > 0 {
+                tracing::warn!(
+                    schedule = id,
+                    "schedule stopped: its stored row cannot be read ({reason}); remove it and add it again"
+                );
+            }
         }
         Ok(due)
     }
