@@ -89,14 +89,16 @@ impl Store {
     /// Gives an agent to a user, as if it had been linked with their personal token
     /// (the demo's agent).
     pub fn set_agent_owner(&self, agent_id: &str, user_id: i64) -> Result<()> {
-        let changed = self.conn().execute(
-            "UPDATE agents SET owner_user_id = ?2 WHERE id = ?1",
-            params![agent_id, user_id],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no agent {agent_id}")));
-        }
-        Ok(())
+        self.blocking(|| {
+            let changed = self.conn().execute(
+                "UPDATE agents SET owner_user_id = ?2 WHERE id = ?1",
+                params![agent_id, user_id],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no agent {agent_id}")));
+            }
+            Ok(())
+        })
     }
 
     /// Creates an account. Fails with `Conflict` if the login is taken.
@@ -109,98 +111,112 @@ impl Store {
         phone: &str,
         now: Millis,
     ) -> Result<i64> {
-        let conn = self.conn();
-        let inserted = conn.execute(
-            "INSERT INTO users (login, password_hash, role, email, phone, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (login) DO NOTHING",
-            params![login, password_hash, role.as_str(), email, phone, now],
-        )?;
-        if inserted == 0 {
-            return Err(StoreError::Conflict(format!(
-                "the login {login} is taken; choose another"
-            )));
-        }
-        Ok(conn.last_insert_rowid())
+        self.blocking(|| {
+            let conn = self.conn();
+            let inserted = conn.execute(
+                "INSERT INTO users (login, password_hash, role, email, phone, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (login) DO NOTHING",
+                params![login, password_hash, role.as_str(), email, phone, now],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "the login {login} is taken; choose another"
+                )));
+            }
+            Ok(conn.last_insert_rowid())
+        })
     }
 
     /// One account.
     pub fn user(&self, id: i64) -> Result<User> {
-        self.fast()
-            .query_row(
-                &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?1"),
-                params![id],
-                user_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no user {id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?1"),
+                    params![id],
+                    user_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no user {id}")))
+        })
     }
 
     /// One account by login.
     pub fn user_by_login(&self, login: &str) -> Result<Option<User>> {
-        Ok(self
-            .fast()
-            .query_row(
-                &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.login = ?1"),
-                params![login],
-                user_row,
-            )
-            .optional()?)
+        self.blocking(|| {
+            Ok(self
+                .fast()
+                .query_row(
+                    &format!("SELECT {USER_COLUMNS} FROM users u WHERE u.login = ?1"),
+                    params![login],
+                    user_row,
+                )
+                .optional()?)
+        })
     }
 
     /// What a login is checked against, if the login exists.
     pub fn credentials(&self, login: &str) -> Result<Option<Credentials>> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {USER_COLUMNS}, u.password_hash, u.locked_until
-                     FROM users u WHERE u.login = ?1"
-                ),
-                params![login],
-                |r| {
-                    Ok(Credentials {
-                        user: user_row(r)?,
-                        password_hash: r.get(7)?,
-                        locked_until: r.get(8)?,
-                    })
-                },
-            )
-            .optional()?)
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    &format!(
+                        "SELECT {USER_COLUMNS}, u.password_hash, u.locked_until
+                         FROM users u WHERE u.login = ?1"
+                    ),
+                    params![login],
+                    |r| {
+                        Ok(Credentials {
+                            user: user_row(r)?,
+                            password_hash: r.get(7)?,
+                            locked_until: r.get(8)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
     }
 
     /// The password hash of an account.
     pub fn password_hash(&self, user_id: i64) -> Result<String> {
-        self.conn()
-            .query_row(
-                "SELECT password_hash FROM users WHERE id = ?1",
-                params![user_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no user {user_id}")))
+        self.blocking(|| {
+            self.conn()
+                .query_row(
+                    "SELECT password_hash FROM users WHERE id = ?1",
+                    params![user_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no user {user_id}")))
+        })
     }
 
     /// All accounts, by login.
     pub fn users(&self) -> Result<Vec<User>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM users u ORDER BY u.login"
-        ))?;
-        let rows = stmt.query_map([], user_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {USER_COLUMNS} FROM users u ORDER BY u.login"
+            ))?;
+            let rows = stmt.query_map([], user_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Changes an account's role.
     pub fn set_role(&self, user_id: i64, role: Role) -> Result<()> {
-        let changed = self.conn().execute(
-            "UPDATE users SET role = ?2 WHERE id = ?1",
-            params![user_id, role.as_str()],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no user {user_id}")));
-        }
-        Ok(())
+        self.blocking(|| {
+            let changed = self.conn().execute(
+                "UPDATE users SET role = ?2 WHERE id = ?1",
+                params![user_id, role.as_str()],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no user {user_id}")));
+            }
+            Ok(())
+        })
     }
 
     /// Changes an account's name and contact details.
@@ -211,34 +227,38 @@ impl Store {
         email: &str,
         phone: &str,
     ) -> Result<()> {
-        let changed = self.conn().execute(
-            "UPDATE users SET display_name = ?2, email = ?3, phone = ?4 WHERE id = ?1",
-            params![user_id, display_name, email, phone],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no user {user_id}")));
-        }
-        Ok(())
+        self.blocking(|| {
+            let changed = self.conn().execute(
+                "UPDATE users SET display_name = ?2, email = ?3, phone = ?4 WHERE id = ?1",
+                params![user_id, display_name, email, phone],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no user {user_id}")));
+            }
+            Ok(())
+        })
     }
 
     /// Replaces a password and ends every session of the account, in one transaction.
     pub fn set_password(&self, user_id: i64, password_hash: &str) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE users SET password_hash = ?2, failed_logins = 0, locked_until = NULL
-             WHERE id = ?1",
-            params![user_id, password_hash],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no user {user_id}")));
-        }
-        tx.execute(
-            "DELETE FROM web_sessions WHERE user_id = ?1",
-            params![user_id],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let changed = tx.execute(
+                "UPDATE users SET password_hash = ?2, failed_logins = 0, locked_until = NULL
+                 WHERE id = ?1",
+                params![user_id, password_hash],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no user {user_id}")));
+            }
+            tx.execute(
+                "DELETE FROM web_sessions WHERE user_id = ?1",
+                params![user_id],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     // === login failures ===
@@ -260,54 +280,60 @@ impl Store {
         lock_ms: i64,
         now: Millis,
     ) -> Result<LoginAttempt> {
-        let mut conn = self.fast();
-        let tx = conn.transaction()?;
-        let failures: Option<i64> = tx
-            .query_row(
-                "UPDATE users SET failed_logins = failed_logins + 1
-                 WHERE id = ?1 AND (locked_until IS NULL OR locked_until <= ?2)
-                 RETURNING failed_logins",
-                params![user_id, now],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(failures) = failures else {
-            return Ok(LoginAttempt::Locked);
-        };
-        let locks = failures >= i64::from(max_failures);
-        if locks {
-            tx.execute(
-                "UPDATE users SET failed_logins = 0, locked_until = ?2 WHERE id = ?1",
-                params![user_id, now.saturating_add(lock_ms)],
-            )?;
-        }
-        tx.commit()?;
-        Ok(LoginAttempt::Counted { locks })
+        self.blocking(|| {
+            let mut conn = self.fast();
+            let tx = conn.transaction()?;
+            let failures: Option<i64> = tx
+                .query_row(
+                    "UPDATE users SET failed_logins = failed_logins + 1
+                     WHERE id = ?1 AND (locked_until IS NULL OR locked_until <= ?2)
+                     RETURNING failed_logins",
+                    params![user_id, now],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(failures) = failures else {
+                return Ok(LoginAttempt::Locked);
+            };
+            let locks = failures >= i64::from(max_failures);
+            if locks {
+                tx.execute(
+                    "UPDATE users SET failed_logins = 0, locked_until = ?2 WHERE id = ?1",
+                    params![user_id, now.saturating_add(lock_ms)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(LoginAttempt::Counted { locks })
+        })
     }
 
     /// Whether an account is locked at `now`.
     pub fn login_locked(&self, user_id: i64, now: Millis) -> Result<bool> {
-        let until: Option<Option<Millis>> = self
-            .fast()
-            .query_row(
-                "SELECT locked_until FROM users WHERE id = ?1",
-                params![user_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(until.flatten().is_some_and(|until| until > now))
+        self.blocking(|| {
+            let until: Option<Option<Millis>> = self
+                .fast()
+                .query_row(
+                    "SELECT locked_until FROM users WHERE id = ?1",
+                    params![user_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(until.flatten().is_some_and(|until| until > now))
+        })
     }
 
     /// The password of a counted attempt proved right: clears the count, and the lock
     /// if this attempt set it (`locked_by_this`). Returns false, clearing nothing, if
     /// another attempt locked the account meanwhile: the caller refuses the login.
     pub fn login_succeeded(&self, user_id: i64, locked_by_this: bool, now: Millis) -> Result<bool> {
-        let changed = self.fast().execute(
-            "UPDATE users SET failed_logins = 0, locked_until = NULL
-             WHERE id = ?1 AND (?3 OR locked_until IS NULL OR locked_until <= ?2)",
-            params![user_id, now, locked_by_this],
-        )?;
-        Ok(changed > 0)
+        self.blocking(|| {
+            let changed = self.fast().execute(
+                "UPDATE users SET failed_logins = 0, locked_until = NULL
+                 WHERE id = ?1 AND (?3 OR locked_until IS NULL OR locked_until <= ?2)",
+                params![user_id, now, locked_by_this],
+            )?;
+            Ok(changed > 0)
+        })
     }
 
     // === sessions ===
@@ -323,24 +349,26 @@ impl Store {
         idle_ms: i64,
         max_age_ms: i64,
     ) -> Result<()> {
-        let conn = self.conn();
-        // Housekeeping on the rare path (a login), not on every request.
-        conn.execute(
-            "DELETE FROM web_sessions WHERE expires_at <= ?1",
-            params![now],
-        )?;
-        conn.execute(
-            "INSERT INTO web_sessions (token_hash, user_id, csrf, created_at, last_seen_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            params![
-                token_hash,
-                user_id,
-                csrf,
-                now,
-                now.saturating_add(idle_ms.min(max_age_ms))
-            ],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            let conn = self.conn();
+            // Housekeeping on the rare path (a login), not on every request.
+            conn.execute(
+                "DELETE FROM web_sessions WHERE expires_at <= ?1",
+                params![now],
+            )?;
+            conn.execute(
+                "INSERT INTO web_sessions (token_hash, user_id, csrf, created_at, last_seen_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+                params![
+                    token_hash,
+                    user_id,
+                    csrf,
+                    now,
+                    now.saturating_add(idle_ms.min(max_age_ms))
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     /// The live session with this cookie hash, if any; pushes its idle expiry forward,
@@ -352,77 +380,85 @@ impl Store {
         idle_ms: i64,
         max_age_ms: i64,
     ) -> Result<Option<SessionRecord>> {
-        let conn = self.fast();
-        let found = conn
-            .query_row(
-                &format!(
-                    "SELECT {USER_COLUMNS}, s.csrf, s.last_seen_at
-                     FROM web_sessions s JOIN users u ON u.id = s.user_id
-                     WHERE s.token_hash = ?1 AND s.expires_at > ?2
-                       AND s.created_at > ?2 - ?3"
-                ),
-                params![token_hash, now, max_age_ms],
-                |r| Ok((user_row(r)?, r.get::<_, String>(7)?, r.get::<_, Millis>(8)?)),
-            )
-            .optional()?;
-        let Some((user, csrf, last_seen)) = found else {
-            return Ok(None);
-        };
-        // Writing on every request would serialize page views on the database lock;
-        // a minute of slack in a 12-hour idle timeout does not matter.
-        if now - last_seen > 60_000 {
-            conn.execute(
-                "UPDATE web_sessions SET last_seen_at = ?2,
-                        expires_at = MIN(?3, created_at + ?4)
-                 WHERE token_hash = ?1",
-                params![token_hash, now, now.saturating_add(idle_ms), max_age_ms],
-            )?;
-        }
-        Ok(Some(SessionRecord { user, csrf }))
+        self.blocking(|| {
+            let conn = self.fast();
+            let found = conn
+                .query_row(
+                    &format!(
+                        "SELECT {USER_COLUMNS}, s.csrf, s.last_seen_at
+                         FROM web_sessions s JOIN users u ON u.id = s.user_id
+                         WHERE s.token_hash = ?1 AND s.expires_at > ?2
+                           AND s.created_at > ?2 - ?3"
+                    ),
+                    params![token_hash, now, max_age_ms],
+                    |r| Ok((user_row(r)?, r.get::<_, String>(7)?, r.get::<_, Millis>(8)?)),
+                )
+                .optional()?;
+            let Some((user, csrf, last_seen)) = found else {
+                return Ok(None);
+            };
+            // Writing on every request would serialize page views on the database lock;
+            // a minute of slack in a 12-hour idle timeout does not matter.
+            if now - last_seen > 60_000 {
+                conn.execute(
+                    "UPDATE web_sessions SET last_seen_at = ?2,
+                            expires_at = MIN(?3, created_at + ?4)
+                     WHERE token_hash = ?1",
+                    params![token_hash, now, now.saturating_add(idle_ms), max_age_ms],
+                )?;
+            }
+            Ok(Some(SessionRecord { user, csrf }))
+        })
     }
 
     /// Ends one session.
     pub fn end_session(&self, token_hash: &str) -> Result<()> {
-        self.conn().execute(
-            "DELETE FROM web_sessions WHERE token_hash = ?1",
-            params![token_hash],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.conn().execute(
+                "DELETE FROM web_sessions WHERE token_hash = ?1",
+                params![token_hash],
+            )?;
+            Ok(())
+        })
     }
 
     // === browser-service visits ===
 
     /// The job behind a service page: its state and the catalog entry it runs.
     pub fn service_job(&self, job_id: JobId) -> Result<Option<ServiceJob>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT j.id, j.state, c.name, o.kind, o.action
-                 FROM jobs j JOIN orders o ON o.id = j.order_id
-                 LEFT JOIN catalog c ON c.order_id = j.order_id
-                 WHERE j.id = ?1",
-                params![job_id],
-                |r| {
-                    let action: String = r.get(4)?;
-                    Ok(ServiceJob {
-                        job_id: r.get(0)?,
-                        state: r.get(1)?,
-                        entry: r.get(2)?,
-                        kind: r.get(3)?,
-                        page: action.strip_prefix("open ").map(str::to_string),
-                    })
-                },
-            )
-            .optional()?)
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT j.id, j.state, c.name, o.kind, o.action
+                     FROM jobs j JOIN orders o ON o.id = j.order_id
+                     LEFT JOIN catalog c ON c.order_id = j.order_id
+                     WHERE j.id = ?1",
+                    params![job_id],
+                    |r| {
+                        let action: String = r.get(4)?;
+                        Ok(ServiceJob {
+                            job_id: r.get(0)?,
+                            state: r.get(1)?,
+                            entry: r.get(2)?,
+                            kind: r.get(3)?,
+                            page: action.strip_prefix("open ").map(str::to_string),
+                        })
+                    },
+                )
+                .optional()?)
+        })
     }
 
     /// Redeems a job's ticket: true the first time, false ever after.
     pub fn redeem_ticket(&self, job_id: JobId, now: Millis) -> Result<bool> {
-        let changed = self.conn().execute(
-            "UPDATE jobs SET visit_redeemed_at = ?2 WHERE id = ?1 AND visit_redeemed_at IS NULL",
-            params![job_id, now],
-        )?;
-        Ok(changed > 0)
+        self.blocking(|| {
+            let changed = self.conn().execute(
+                "UPDATE jobs SET visit_redeemed_at = ?2 WHERE id = ?1 AND visit_redeemed_at IS NULL",
+                params![job_id, now],
+            )?;
+            Ok(changed > 0)
+        })
     }
 
     /// Stores a visit admitted by a redeemed ticket.
@@ -434,31 +470,35 @@ impl Store {
         now: Millis,
         expires_at: Millis,
     ) -> Result<()> {
-        let conn = self.conn();
-        conn.execute("DELETE FROM visits WHERE expires_at <= ?1", params![now])?;
-        conn.execute(
-            "INSERT INTO visits (token_hash, job_id, csrf, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![token_hash, job_id, csrf, now, expires_at],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            let conn = self.conn();
+            conn.execute("DELETE FROM visits WHERE expires_at <= ?1", params![now])?;
+            conn.execute(
+                "INSERT INTO visits (token_hash, job_id, csrf, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token_hash, job_id, csrf, now, expires_at],
+            )?;
+            Ok(())
+        })
     }
 
     /// The live visit with this cookie hash, if any.
     pub fn visit(&self, token_hash: &str, now: Millis) -> Result<Option<Visit>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT job_id, csrf FROM visits WHERE token_hash = ?1 AND expires_at > ?2",
-                params![token_hash, now],
-                |r| {
-                    Ok(Visit {
-                        job_id: r.get(0)?,
-                        csrf: r.get(1)?,
-                    })
-                },
-            )
-            .optional()?)
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT job_id, csrf FROM visits WHERE token_hash = ?1 AND expires_at > ?2",
+                    params![token_hash, now],
+                    |r| {
+                        Ok(Visit {
+                            job_id: r.get(0)?,
+                            csrf: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
     }
 
     /// Completes a browser job with the visitor's answer: `done` succeeds, `declined`
@@ -474,53 +514,55 @@ impl Store {
         redeem: bool,
         now: Millis,
     ) -> Result<Completion> {
-        let (state, error, word) = match outcome {
-            VisitOutcome::Done => (JobState::Succeeded, None, "done"),
-            VisitOutcome::Declined => (
-                JobState::Failed,
-                Some(format!("declined by the user: {note}")),
-                "declined",
-            ),
-        };
-        let answer = if note.is_empty() {
-            word.to_string()
-        } else {
-            format!("{word}: {note}")
-        };
-        let conn = self.conn();
-        let changed = conn.execute(
-            &format!(
-                "UPDATE jobs SET state = ?2, finished_at = ?3, outcome = ?4, error = ?5,
-                    started_at = COALESCE(started_at, ?3),
-                    delivered_at = COALESCE(delivered_at, ?3),
-                    visit_redeemed_at = COALESCE(visit_redeemed_at, ?3)
-             WHERE id = ?1 AND state IN ({})
-               AND (?6 = 0 OR visit_redeemed_at IS NULL)
-               AND EXISTS (SELECT 1 FROM orders o WHERE o.id = jobs.order_id
-                           AND o.kind = 'open')",
-                JobState::sql_list(&VISIT_SOURCES)
-            ),
-            params![job_id, state, now, answer, error, redeem],
-        )?;
-        if changed > 0 {
-            return Ok(Completion::Completed(state));
-        }
-        let current: Option<(JobState, Option<Millis>)> = conn
-            .query_row(
-                "SELECT state, visit_redeemed_at FROM jobs WHERE id = ?1",
-                params![job_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(match current {
-            None => Completion::Refused(format!("no job {job_id}")),
-            Some((_, Some(_))) if redeem => Completion::AlreadyUsed,
-            Some((state, _)) if state.is_final() => {
-                Completion::Refused(format!("this task is already closed ({state})"))
+        self.blocking(|| {
+            let (state, error, word) = match outcome {
+                VisitOutcome::Done => (JobState::Succeeded, None, "done"),
+                VisitOutcome::Declined => (
+                    JobState::Failed,
+                    Some(format!("declined by the user: {note}")),
+                    "declined",
+                ),
+            };
+            let answer = if note.is_empty() {
+                word.to_string()
+            } else {
+                format!("{word}: {note}")
+            };
+            let conn = self.conn();
+            let changed = conn.execute(
+                &format!(
+                    "UPDATE jobs SET state = ?2, finished_at = ?3, outcome = ?4, error = ?5,
+                        started_at = COALESCE(started_at, ?3),
+                        delivered_at = COALESCE(delivered_at, ?3),
+                        visit_redeemed_at = COALESCE(visit_redeemed_at, ?3)
+                 WHERE id = ?1 AND state IN ({})
+                   AND (?6 = 0 OR visit_redeemed_at IS NULL)
+                   AND EXISTS (SELECT 1 FROM orders o WHERE o.id = jobs.order_id
+                               AND o.kind = 'open')",
+                    JobState::sql_list(&VISIT_SOURCES)
+                ),
+                params![job_id, state, now, answer, error, redeem],
+            )?;
+            if changed > 0 {
+                return Ok(Completion::Completed(state));
             }
-            Some((state, _)) => {
-                Completion::Refused(format!("this task cannot be completed now ({state})"))
-            }
+            let current: Option<(JobState, Option<Millis>)> = conn
+                .query_row(
+                    "SELECT state, visit_redeemed_at FROM jobs WHERE id = ?1",
+                    params![job_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(match current {
+                None => Completion::Refused(format!("no job {job_id}")),
+                Some((_, Some(_))) if redeem => Completion::AlreadyUsed,
+                Some((state, _)) if state.is_final() => {
+                    Completion::Refused(format!("this task is already closed ({state})"))
+                }
+                Some((state, _)) => {
+                    Completion::Refused(format!("this task cannot be completed now ({state})"))
+                }
+            })
         })
     }
 
@@ -532,55 +574,65 @@ impl Store {
         user_id: i64,
         online: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<AgentInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{AGENT_SELECT} WHERE owner_user_id = ?1 ORDER BY name"
-        ))?;
-        let rows = stmt.query_map(params![user_id], |r| agent_row(r, online))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{AGENT_SELECT} WHERE owner_user_id = ?1 ORDER BY name"
+            ))?;
+            let rows = stmt.query_map(params![user_id], |r| agent_row(r, online))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// The owner of an agent (`None` if it was enrolled with an operator token).
     /// `NotFound` if there is no such agent.
     pub fn agent_owner(&self, agent_id: &str) -> Result<Option<i64>> {
-        self.fast()
-            .query_row(
-                "SELECT owner_user_id FROM agents WHERE id = ?1",
-                params![agent_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    "SELECT owner_user_id FROM agents WHERE id = ?1",
+                    params![agent_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))
+        })
     }
 
     // === quotas and bounded lists ===
 
     /// How many catalog subscriptions a user owns.
     pub fn subscription_count(&self, user_id: i64) -> Result<u32> {
-        Ok(self.fast().query_row(
-            "SELECT COUNT(*) FROM schedules WHERE owner_user_id = ?1 AND catalog_name IS NOT NULL",
-            params![user_id],
-            |r| r.get(0),
-        )?)
+        self.blocking(|| {
+            Ok(self.fast().query_row(
+                "SELECT COUNT(*) FROM schedules WHERE owner_user_id = ?1 AND catalog_name IS NOT NULL",
+                params![user_id],
+                |r| r.get(0),
+            )?)
+        })
     }
 
     /// How many devices (not revoked) a user has linked.
     pub fn device_count(&self, user_id: i64) -> Result<u32> {
-        Ok(self.fast().query_row(
-            "SELECT COUNT(*) FROM agents WHERE owner_user_id = ?1 AND revoked_at IS NULL",
-            params![user_id],
-            |r| r.get(0),
-        )?)
+        self.blocking(|| {
+            Ok(self.fast().query_row(
+                "SELECT COUNT(*) FROM agents WHERE owner_user_id = ?1 AND revoked_at IS NULL",
+                params![user_id],
+                |r| r.get(0),
+            )?)
+        })
     }
 
     /// How many of a user's "link a device" tokens are neither used up nor expired.
     pub fn unused_link_tokens(&self, user_id: i64, now: Millis) -> Result<u32> {
-        Ok(self.fast().query_row(
-            "SELECT COUNT(*) FROM tokens
-             WHERE owner_user_id = ?1 AND uses_left > 0 AND expires_at > ?2",
-            params![user_id, now],
-            |r| r.get(0),
-        )?)
+        self.blocking(|| {
+            Ok(self.fast().query_row(
+                "SELECT COUNT(*) FROM tokens
+                 WHERE owner_user_id = ?1 AND uses_left > 0 AND expires_at > ?2",
+                params![user_id, now],
+                |r| r.get(0),
+            )?)
+        })
     }
 
     /// Catalog subscriptions, newest first, at most `limit`: one user's (`Some`) or
@@ -591,39 +643,43 @@ impl Store {
         target: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Subscription>> {
-        let ids: Vec<i64> = {
-            let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT id FROM schedules
-                 WHERE catalog_name IS NOT NULL
-                   AND (?1 IS NULL OR owner_user_id = ?1) AND (?2 IS NULL OR target = ?2)
-                 ORDER BY id DESC LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![owner, target, limit], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        // The subscription's own query, row by row (at most `limit` indexed look-ups),
-        // keeps one definition of what a subscription reads.
-        let mut subscriptions = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.service_subscription(id) {
-                Ok(s) => subscriptions.push(s),
-                // Withdrawn between the two reads.
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e),
+        self.blocking(|| {
+            let ids: Vec<i64> = {
+                let conn = self.fast();
+                let mut stmt = conn.prepare(
+                    "SELECT id FROM schedules
+                     WHERE catalog_name IS NOT NULL
+                       AND (?1 IS NULL OR owner_user_id = ?1) AND (?2 IS NULL OR target = ?2)
+                     ORDER BY id DESC LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![owner, target, limit], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            // The subscription's own query, row by row (at most `limit` indexed look-ups),
+            // keeps one definition of what a subscription reads.
+            let mut subscriptions = Vec::with_capacity(ids.len());
+            for id in ids {
+                match self.service_subscription(id) {
+                    Ok(s) => subscriptions.push(s),
+                    // Withdrawn between the two reads.
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        Ok(subscriptions)
+            Ok(subscriptions)
+        })
     }
 
     /// Operator schedules (not catalog subscriptions), newest first, at most `limit`.
     pub fn operator_schedules(&self, limit: u32) -> Result<Vec<ScheduleInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{SCHEDULE_SELECT} WHERE s.catalog_name IS NULL ORDER BY s.id DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map(params![limit], schedule_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{SCHEDULE_SELECT} WHERE s.catalog_name IS NULL ORDER BY s.id DESC LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map(params![limit], schedule_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Agents, newest first, at most `limit`, with their groups and their owner's
@@ -633,58 +689,62 @@ impl Store {
         limit: u32,
         online: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<OwnedAgent>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT a.id, a.name, a.revoked_at, a.enrolled_at, a.last_seen_at, a.version,
-                    a.local_addresses, a.observed_address, u.login,
-                    (SELECT group_concat(g.group_name, char(10)) FROM agent_groups g
-                     WHERE g.agent_id = a.id)
-             FROM agents a LEFT JOIN users u ON u.id = a.owner_user_id
-             ORDER BY a.enrolled_at DESC, a.id LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit], |r| {
-            let id: String = r.get(0)?;
-            let local: String = r.get(6)?;
-            let groups: Option<String> = r.get(9)?;
-            let mut groups: Vec<String> = groups
-                .unwrap_or_default()
-                .split('\n')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
-            groups.sort();
-            Ok(OwnedAgent {
-                agent: AgentInfo {
-                    online: online(&id),
-                    id,
-                    name: r.get(1)?,
-                    revoked_at: r.get(2)?,
-                    enrolled_at: r.get(3)?,
-                    last_seen_at: r.get(4)?,
-                    version: r.get(5)?,
-                    groups,
-                    local_addresses: local
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                    observed_address: r.get(7)?,
-                    facts: serde_json::Value::Null,
-                },
-                owner: r.get(8)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT a.id, a.name, a.revoked_at, a.enrolled_at, a.last_seen_at, a.version,
+                        a.local_addresses, a.observed_address, u.login,
+                        (SELECT group_concat(g.group_name, char(10)) FROM agent_groups g
+                         WHERE g.agent_id = a.id)
+                 FROM agents a LEFT JOIN users u ON u.id = a.owner_user_id
+                 ORDER BY a.enrolled_at DESC, a.id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit], |r| {
+                let id: String = r.get(0)?;
+                let local: String = r.get(6)?;
+                let groups: Option<String> = r.get(9)?;
+                let mut groups: Vec<String> = groups
+                    .unwrap_or_default()
+                    .split('\n')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                groups.sort();
+                Ok(OwnedAgent {
+                    agent: AgentInfo {
+                        online: online(&id),
+                        id,
+                        name: r.get(1)?,
+                        revoked_at: r.get(2)?,
+                        enrolled_at: r.get(3)?,
+                        last_seen_at: r.get(4)?,
+                        version: r.get(5)?,
+                        groups,
+                        local_addresses: local
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                        observed_address: r.get(7)?,
+                        facts: serde_json::Value::Null,
+                    },
+                    owner: r.get(8)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Accounts, newest first, at most `limit`.
     pub fn users_page(&self, limit: u32) -> Result<Vec<User>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {USER_COLUMNS} FROM users u ORDER BY u.id DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map(params![limit], user_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {USER_COLUMNS} FROM users u ORDER BY u.id DESC LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map(params![limit], user_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     // === history ===
@@ -697,64 +757,70 @@ impl Store {
         agent_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<HistoryEntry>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{HISTORY_SELECT}
-             WHERE (?1 IS NULL OR a.owner_user_id = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
-             ORDER BY j.id DESC LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![user_id, agent_id, limit], history_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{HISTORY_SELECT}
+                 WHERE (?1 IS NULL OR a.owner_user_id = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+                 ORDER BY j.id DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![user_id, agent_id, limit], history_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// One run.
     pub fn history_entry(&self, job_id: JobId) -> Result<HistoryEntry> {
-        self.fast()
-            .query_row(
-                &format!("{HISTORY_SELECT} WHERE j.id = ?1"),
-                params![job_id],
-                history_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("{HISTORY_SELECT} WHERE j.id = ?1"),
+                    params![job_id],
+                    history_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+        })
     }
 
     /// Cancels a job that has not finished. Returns false if it already had.
     pub fn cancel_job(&self, job_id: JobId, now: Millis) -> Result<bool> {
-        let conn = self.conn();
-        let changed = conn.execute(
-            &format!(
-                "UPDATE jobs SET state = 'canceled', finished_at = ?2,
-                        error = 'canceled by an administrator'
-                 WHERE id = ?1 AND state IN ({})",
-                JobState::sql_sources(JobState::Canceled)
-            ),
-            params![job_id, now],
-        )?;
-        if changed == 0 {
-            let exists = conn
-                .query_row("SELECT 1 FROM jobs WHERE id = ?1", params![job_id], |_| {
-                    Ok(())
-                })
-                .optional()?
-                .is_some();
-            if !exists {
-                return Err(StoreError::NotFound(format!("no job {job_id}")));
+        self.blocking(|| {
+            let conn = self.conn();
+            let changed = conn.execute(
+                &format!(
+                    "UPDATE jobs SET state = 'canceled', finished_at = ?2,
+                            error = 'canceled by an administrator'
+                     WHERE id = ?1 AND state IN ({})",
+                    JobState::sql_sources(JobState::Canceled)
+                ),
+                params![job_id, now],
+            )?;
+            if changed == 0 {
+                let exists = conn
+                    .query_row("SELECT 1 FROM jobs WHERE id = ?1", params![job_id], |_| {
+                        Ok(())
+                    })
+                    .optional()?
+                    .is_some();
+                if !exists {
+                    return Err(StoreError::NotFound(format!("no job {job_id}")));
+                }
             }
-        }
-        Ok(changed > 0)
+            Ok(changed > 0)
+        })
     }
 
     // === forwarding (the rules themselves: `crate::forward::rules`) ===
 
     /// A user's latest deliveries, newest first, with their attempts.
     pub fn user_deliveries(&self, user_id: i64, limit: u32) -> Result<Vec<Delivery>> {
-        self.deliveries_where("user_id = ?1", user_id, limit)
+        self.blocking(|| self.deliveries_where("user_id = ?1", user_id, limit))
     }
 
     /// The deliveries of one job's result, newest first, with their attempts.
     pub fn job_deliveries(&self, job_id: JobId) -> Result<Vec<Delivery>> {
-        self.deliveries_where("job_id = ?1", job_id, 100)
+        self.blocking(|| self.deliveries_where("job_id = ?1", job_id, 100))
     }
 
     fn deliveries_where(&self, filter: &str, key: i64, limit: u32) -> Result<Vec<Delivery>> {

@@ -75,86 +75,94 @@ impl Store {
         min_interval_ms: u64,
         now: Millis,
     ) -> Result<()> {
-        let order_id = hex::encode(order.id);
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let exists = tx
-            .query_row(
-                "SELECT 1 FROM catalog WHERE name = ?1",
-                params![name],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if exists {
-            return Err(StoreError::Conflict(format!(
-                "catalog entry {name} exists; remove it first or pick another name"
-            )));
-        }
-        insert_order(&tx, &order_id, envelope, &order.action, now)?;
-        tx.execute(
-            "INSERT INTO catalog (name, title, description, kind, order_id, summary, target,
-                                  min_interval_ms, not_after, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                name,
-                title,
-                description,
-                order.action.kind(),
-                order_id,
-                order.action.describe(),
-                order.audience.to_string(),
-                min_interval_ms as i64,
-                order.not_after,
-                now
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let order_id = hex::encode(order.id);
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM catalog WHERE name = ?1",
+                    params![name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if exists {
+                return Err(StoreError::Conflict(format!(
+                    "catalog entry {name} exists; remove it first or pick another name"
+                )));
+            }
+            insert_order(&tx, &order_id, envelope, &order.action, now)?;
+            tx.execute(
+                "INSERT INTO catalog (name, title, description, kind, order_id, summary, target,
+                                      min_interval_ms, not_after, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    name,
+                    title,
+                    description,
+                    order.action.kind(),
+                    order_id,
+                    order.action.describe(),
+                    order.audience.to_string(),
+                    min_interval_ms as i64,
+                    order.not_after,
+                    now
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// All catalog entries, by name.
     pub fn catalog(&self) -> Result<Vec<CatalogEntry>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM catalog c ORDER BY c.name"
-        ))?;
-        let rows = stmt.query_map([], entry_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM catalog c ORDER BY c.name"
+            ))?;
+            let rows = stmt.query_map([], entry_row)?;
+            Ok(rows.collect::<std::result::Result<_, _>>()?)
+        })
     }
 
     /// One catalog entry.
     pub fn catalog_entry(&self, name: &str) -> Result<CatalogEntry> {
-        self.fast()
-            .query_row(
-                &format!("SELECT {ENTRY_COLUMNS} FROM catalog c WHERE c.name = ?1"),
-                params![name],
-                entry_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {name}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("SELECT {ENTRY_COLUMNS} FROM catalog c WHERE c.name = ?1"),
+                    params![name],
+                    entry_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {name}")))
+        })
     }
 
     /// Withdraws a catalog entry and every subscription to it (their past jobs stay).
     /// Returns how many subscriptions went with it.
     pub fn remove_catalog_entry(&self, name: &str) -> Result<usize> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "DELETE FROM destinations WHERE schedule_id IN
-                 (SELECT id FROM schedules WHERE catalog_name = ?1)",
-            params![name],
-        )?;
-        let subscriptions = tx.execute(
-            "DELETE FROM schedules WHERE catalog_name = ?1",
-            params![name],
-        )?;
-        let removed = tx.execute("DELETE FROM catalog WHERE name = ?1", params![name])?;
-        if removed == 0 {
-            return Err(StoreError::NotFound(format!("no catalog entry {name}")));
-        }
-        tx.commit()?;
-        Ok(subscriptions)
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM destinations WHERE schedule_id IN
+                     (SELECT id FROM schedules WHERE catalog_name = ?1)",
+                params![name],
+            )?;
+            let subscriptions = tx.execute(
+                "DELETE FROM schedules WHERE catalog_name = ?1",
+                params![name],
+            )?;
+            let removed = tx.execute("DELETE FROM catalog WHERE name = ?1", params![name])?;
+            if removed == 0 {
+                return Err(StoreError::NotFound(format!("no catalog entry {name}")));
+            }
+            tx.commit()?;
+            Ok(subscriptions)
+        })
     }
 
     /// Subscribes `target` to a catalog entry on behalf of `user_id`. The caller has
@@ -171,61 +179,67 @@ impl Store {
         next_fire_at: Option<Millis>,
         now: Millis,
     ) -> Result<i64> {
-        let spec =
-            serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let (order_id, min_interval_ms): (String, i64) = tx
-            .query_row(
-                "SELECT order_id, min_interval_ms FROM catalog WHERE name = ?1",
-                params![entry],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {entry}")))?;
-        tx.execute(
-            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms,
-                                    min_interval_ms, next_fire_at, created_at,
-                                    owner_user_id, catalog_name)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                order_id,
-                target.to_string(),
-                spec,
-                missed.to_string(),
-                ttl_ms as i64,
-                min_interval_ms,
-                next_fire_at,
-                now,
-                user_id,
-                entry
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(id)
+        self.blocking(|| {
+            let spec =
+                serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let (order_id, min_interval_ms): (String, i64) = tx
+                .query_row(
+                    "SELECT order_id, min_interval_ms FROM catalog WHERE name = ?1",
+                    params![entry],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no catalog entry {entry}")))?;
+            tx.execute(
+                "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms,
+                                        min_interval_ms, next_fire_at, created_at,
+                                        owner_user_id, catalog_name)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    order_id,
+                    target.to_string(),
+                    spec,
+                    missed.to_string(),
+                    ttl_ms as i64,
+                    min_interval_ms,
+                    next_fire_at,
+                    now,
+                    user_id,
+                    entry
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(id)
+        })
     }
 
     /// Subscriptions, all (`None`, for admins) or one user's.
     pub fn service_subscriptions(&self, user_id: Option<i64>) -> Result<Vec<Subscription>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{SUBSCRIPTION_SELECT} WHERE (?1 IS NULL OR s.owner_user_id = ?1) ORDER BY s.id"
-        ))?;
-        let rows = stmt.query_map(params![user_id], subscription_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{SUBSCRIPTION_SELECT} WHERE (?1 IS NULL OR s.owner_user_id = ?1) ORDER BY s.id"
+            ))?;
+            let rows = stmt.query_map(params![user_id], subscription_row)?;
+            Ok(rows.collect::<std::result::Result<_, _>>()?)
+        })
     }
 
     /// One subscription (the caller checks its owner against the user).
     pub fn service_subscription(&self, id: i64) -> Result<Subscription> {
-        self.fast()
-            .query_row(
-                &format!("{SUBSCRIPTION_SELECT} WHERE s.id = ?1"),
-                params![id],
-                subscription_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no subscription {id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("{SUBSCRIPTION_SELECT} WHERE s.id = ?1"),
+                    params![id],
+                    subscription_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no subscription {id}")))
+        })
     }
 
     /// Changes a subscription's timing.
@@ -236,37 +250,41 @@ impl Store {
         missed: Missed,
         next_fire_at: Option<Millis>,
     ) -> Result<()> {
-        let spec =
-            serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let changed = self.conn().execute(
-            "UPDATE schedules SET spec = ?2, missed = ?3, next_fire_at = ?4
-             WHERE id = ?1 AND catalog_name IS NOT NULL",
-            params![id, spec, missed.to_string(), next_fire_at],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no subscription {id}")));
-        }
-        Ok(())
+        self.blocking(|| {
+            let spec =
+                serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let changed = self.conn().execute(
+                "UPDATE schedules SET spec = ?2, missed = ?3, next_fire_at = ?4
+                 WHERE id = ?1 AND catalog_name IS NOT NULL",
+                params![id, spec, missed.to_string(), next_fire_at],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no subscription {id}")));
+            }
+            Ok(())
+        })
     }
 
     /// Deletes a subscription and the forwarding rules tied to it (its past jobs and
     /// their delivery log stay).
     pub fn remove_service_subscription(&self, id: i64) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "DELETE FROM destinations WHERE schedule_id = ?1",
-            params![id],
-        )?;
-        let changed = tx.execute(
-            "DELETE FROM schedules WHERE id = ?1 AND catalog_name IS NOT NULL",
-            params![id],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no subscription {id}")));
-        }
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM destinations WHERE schedule_id = ?1",
+                params![id],
+            )?;
+            let changed = tx.execute(
+                "DELETE FROM schedules WHERE id = ?1 AND catalog_name IS NOT NULL",
+                params![id],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no subscription {id}")));
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 }
 

@@ -444,24 +444,28 @@ impl Store {
 
     /// Stores the hash of an admin API token.
     pub fn add_admin_token(&self, token_hash: &str, now: Millis) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?1, ?2)",
-            params![token_hash, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.conn().execute(
+                "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?1, ?2)",
+                params![token_hash, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Whether an admin token hash is known.
     pub fn admin_token_valid(&self, token_hash: &str) -> Result<bool> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM admin_tokens WHERE token_hash = ?1",
-                params![token_hash],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM admin_tokens WHERE token_hash = ?1",
+                    params![token_hash],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
     }
 
     // === enrollment ===
@@ -475,14 +479,16 @@ impl Store {
         expires_at: Millis,
         now: Millis,
     ) -> Result<()> {
-        let groups =
-            serde_json::to_string(groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn().execute(
-            "INSERT INTO tokens (secret_hash, groups, uses_left, expires_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![secret_hash, groups, uses, expires_at, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            let groups =
+                serde_json::to_string(groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.conn().execute(
+                "INSERT INTO tokens (secret_hash, groups, uses_left, expires_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![secret_hash, groups, uses, expires_at, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Registers a personal enrollment token: agents enrolled with it belong to the
@@ -495,12 +501,14 @@ impl Store {
         expires_at: Millis,
         now: Millis,
     ) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO tokens (secret_hash, groups, uses_left, expires_at, created_at, owner_user_id)
-             VALUES (?1, '[]', ?2, ?3, ?4, ?5)",
-            params![secret_hash, uses, expires_at, now, user_id],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.conn().execute(
+                "INSERT INTO tokens (secret_hash, groups, uses_left, expires_at, created_at, owner_user_id)
+                 VALUES (?1, '[]', ?2, ?3, ?4, ?5)",
+                params![secret_hash, uses, expires_at, now, user_id],
+            )?;
+            Ok(())
+        })
     }
 
     /// Enrolls an agent with a token: checks and consumes one use of the token and
@@ -515,108 +523,114 @@ impl Store {
         facts: &str,
         now: Millis,
     ) -> Result<Option<TokenGrant>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let grant: Option<(String, i64, Millis, Option<i64>)> = tx
-            .query_row(
-                "SELECT groups, uses_left, expires_at, owner_user_id FROM tokens WHERE secret_hash = ?1",
-                params![secret_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((groups, uses_left, expires_at, owner)) = grant else {
-            return Ok(None);
-        };
-        if uses_left <= 0 || expires_at <= now {
-            return Ok(None);
-        }
-        let groups: Vec<String> =
-            serde_json::from_str(&groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let existing: Option<Option<Millis>> = tx
-            .query_row(
-                "SELECT revoked_at FROM agents WHERE id = ?1",
-                params![agent_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(revoked) = existing {
-            if revoked.is_some() {
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let grant: Option<(String, i64, Millis, Option<i64>)> = tx
+                .query_row(
+                    "SELECT groups, uses_left, expires_at, owner_user_id FROM tokens WHERE secret_hash = ?1",
+                    params![secret_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((groups, uses_left, expires_at, owner)) = grant else {
+                return Ok(None);
+            };
+            if uses_left <= 0 || expires_at <= now {
+                return Ok(None);
+            }
+            let groups: Vec<String> =
+                serde_json::from_str(&groups).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let existing: Option<Option<Millis>> = tx
+                .query_row(
+                    "SELECT revoked_at FROM agents WHERE id = ?1",
+                    params![agent_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(revoked) = existing {
+                if revoked.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "agent {agent_id} is revoked; it must generate a new identity"
+                    )));
+                }
                 return Err(StoreError::Conflict(format!(
-                    "agent {agent_id} is revoked; it must generate a new identity"
+                    "agent {agent_id} is already enrolled"
                 )));
             }
-            return Err(StoreError::Conflict(format!(
-                "agent {agent_id} is already enrolled"
-            )));
-        }
-        // Names are unique; on a clash, suffix with the id so enrollment never fails
-        // because two machines share a host name. A name shaped like an agent id is
-        // suffixed too, so it can never be mistaken for another agent's id.
-        let taken: bool = tx
-            .query_row(
-                "SELECT 1 FROM agents WHERE name = ?1",
-                params![name],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        let id_shaped = name.len() == agent_id.len() && name.bytes().all(|b| b.is_ascii_hexdigit());
-        let name = if taken || id_shaped {
-            format!("{name}-{}", &agent_id[..6])
-        } else {
-            name.to_string()
-        };
-        tx.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_hash = ?1",
-            params![secret_hash],
-        )?;
-        tx.execute(
-            "INSERT INTO agents (id, name, public_key, enrolled_at, facts, owner_user_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![agent_id, name, public_key, now, facts, owner],
-        )?;
-        for group in &groups {
+            // Names are unique; on a clash, suffix with the id so enrollment never fails
+            // because two machines share a host name. A name shaped like an agent id is
+            // suffixed too, so it can never be mistaken for another agent's id.
+            let taken: bool = tx
+                .query_row(
+                    "SELECT 1 FROM agents WHERE name = ?1",
+                    params![name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let id_shaped = name.len() == agent_id.len() && name.bytes().all(|b| b.is_ascii_hexdigit());
+            let name = if taken || id_shaped {
+                format!("{name}-{}", &agent_id[..6])
+            } else {
+                name.to_string()
+            };
             tx.execute(
-                "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2)",
-                params![agent_id, group],
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_hash = ?1",
+                params![secret_hash],
             )?;
-        }
-        tx.commit()?;
-        Ok(Some(TokenGrant { groups }))
+            tx.execute(
+                "INSERT INTO agents (id, name, public_key, enrolled_at, facts, owner_user_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![agent_id, name, public_key, now, facts, owner],
+            )?;
+            for group in &groups {
+                tx.execute(
+                    "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2)",
+                    params![agent_id, group],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Some(TokenGrant { groups }))
+        })
     }
 
     /// Public keys of all agents, with whether each is revoked (for the handshake check).
     pub fn agent_keys(&self) -> Result<Vec<(Vec<u8>, bool)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT public_key, revoked_at IS NOT NULL FROM agents")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT public_key, revoked_at IS NOT NULL FROM agents")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Marks an agent revoked.
     pub fn revoke(&self, agent_id: &str, now: Millis) -> Result<Vec<u8>> {
-        let conn = self.conn();
-        let key: Vec<u8> = conn
-            .query_row(
-                "SELECT public_key FROM agents WHERE id = ?1",
-                params![agent_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))?;
-        conn.execute(
-            "UPDATE agents SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-            params![agent_id, now],
-        )?;
-        conn.execute(
-            &format!(
-                "UPDATE jobs SET state = 'canceled', finished_at = ?2, error = 'agent revoked'
-                 WHERE agent_id = ?1 AND state IN ({})",
-                JobState::sql_sources(JobState::Canceled)
-            ),
-            params![agent_id, now],
-        )?;
-        Ok(key)
+        self.blocking(|| {
+            let conn = self.conn();
+            let key: Vec<u8> = conn
+                .query_row(
+                    "SELECT public_key FROM agents WHERE id = ?1",
+                    params![agent_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no agent {agent_id}")))?;
+            conn.execute(
+                "UPDATE agents SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![agent_id, now],
+            )?;
+            conn.execute(
+                &format!(
+                    "UPDATE jobs SET state = 'canceled', finished_at = ?2, error = 'agent revoked'
+                     WHERE agent_id = ?1 AND state IN ({})",
+                    JobState::sql_sources(JobState::Canceled)
+                ),
+                params![agent_id, now],
+            )?;
+            Ok(key)
+        })
     }
 
     // === agents ===
@@ -630,144 +644,162 @@ impl Store {
         observed: &str,
         now: Millis,
     ) -> Result<()> {
-        let mut conn = self.fast();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE agents SET version = ?2, facts = ?3, last_seen_at = ?4 WHERE id = ?1",
-            params![agent_id, version, facts, now],
-        )?;
-        record_observed(&tx, agent_id, observed, now)?;
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let mut conn = self.fast();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE agents SET version = ?2, facts = ?3, last_seen_at = ?4 WHERE id = ?1",
+                params![agent_id, version, facts, now],
+            )?;
+            record_observed(&tx, agent_id, observed, now)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Records the observed remote address if it changed (connect or path migration).
     pub fn observed_address(&self, agent_id: &str, observed: &str, now: Millis) -> Result<()> {
-        let mut conn = self.fast();
-        let tx = conn.transaction()?;
-        record_observed(&tx, agent_id, observed, now)?;
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let mut conn = self.fast();
+            let tx = conn.transaction()?;
+            record_observed(&tx, agent_id, observed, now)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Records the agent's reported local addresses if they changed.
     pub fn local_addresses(&self, agent_id: &str, addresses: &str, now: Millis) -> Result<()> {
-        let mut conn = self.fast();
-        let tx = conn.transaction()?;
-        let current: Option<String> = tx
-            .query_row(
-                "SELECT local_addresses FROM agents WHERE id = ?1",
-                params![agent_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        tx.execute(
-            "UPDATE agents SET last_seen_at = ?2 WHERE id = ?1",
-            params![agent_id, now],
-        )?;
-        if current.as_deref() != Some(addresses) {
+        self.blocking(|| {
+            let mut conn = self.fast();
+            let tx = conn.transaction()?;
+            let current: Option<String> = tx
+                .query_row(
+                    "SELECT local_addresses FROM agents WHERE id = ?1",
+                    params![agent_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
             tx.execute(
-                "UPDATE agents SET local_addresses = ?2 WHERE id = ?1",
-                params![agent_id, addresses],
+                "UPDATE agents SET last_seen_at = ?2 WHERE id = ?1",
+                params![agent_id, now],
             )?;
-            tx.execute(
-                "INSERT INTO address_history (agent_id, kind, address, at) VALUES (?1, 'local', ?2, ?3)",
-                params![agent_id, addresses, now],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+            if current.as_deref() != Some(addresses) {
+                tx.execute(
+                    "UPDATE agents SET local_addresses = ?2 WHERE id = ?1",
+                    params![agent_id, addresses],
+                )?;
+                tx.execute(
+                    "INSERT INTO address_history (agent_id, kind, address, at) VALUES (?1, 'local', ?2, ?3)",
+                    params![agent_id, addresses, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Updates last-seen time.
     pub fn touch(&self, agent_id: &str, now: Millis) -> Result<()> {
-        self.fast().execute(
-            "UPDATE agents SET last_seen_at = ?2 WHERE id = ?1",
-            params![agent_id, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.fast().execute(
+                "UPDATE agents SET last_seen_at = ?2 WHERE id = ?1",
+                params![agent_id, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Finds an agent by id or name.
     pub fn resolve_agent(&self, id_or_name: &str) -> Result<String> {
-        // An exact id wins over a name, so nobody can shadow an agent by enrolling a
-        // machine named like its id.
-        self.fast()
-            .query_row(
-                "SELECT id FROM agents WHERE id = ?1 OR name = ?1
-                 ORDER BY CASE WHEN id = ?1 THEN 0 ELSE 1 END LIMIT 1",
-                params![id_or_name],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| {
-                StoreError::NotFound(format!("no agent named or with id {id_or_name:?}"))
-            })
+        self.blocking(|| {
+            // An exact id wins over a name, so nobody can shadow an agent by enrolling a
+            // machine named like its id.
+            self.fast()
+                .query_row(
+                    "SELECT id FROM agents WHERE id = ?1 OR name = ?1
+                     ORDER BY CASE WHEN id = ?1 THEN 0 ELSE 1 END LIMIT 1",
+                    params![id_or_name],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!("no agent named or with id {id_or_name:?}"))
+                })
+        })
     }
 
     /// Lists agents; `online` tells which are connected.
     pub fn agents(&self, online: &dyn Fn(&str) -> bool) -> Result<Vec<AgentInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY name"))?;
-        let rows = stmt.query_map([], |r| agent_row(r, online))?;
-        let mut agents: Vec<AgentInfo> = rows.collect::<Result<_, _>>()?;
-        for agent in &mut agents {
-            agent.groups = groups_of(&conn, &agent.id)?;
-        }
-        Ok(agents)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!("{AGENT_SELECT} ORDER BY name"))?;
+            let rows = stmt.query_map([], |r| agent_row(r, online))?;
+            let mut agents: Vec<AgentInfo> = rows.collect::<Result<_, _>>()?;
+            for agent in &mut agents {
+                agent.groups = groups_of(&conn, &agent.id)?;
+            }
+            Ok(agents)
+        })
     }
 
     /// Agents enrolled and not revoked (for `/metrics`: one count, not every row).
     pub fn enrolled_count(&self) -> Result<u64> {
-        let conn = self.fast();
-        let count: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM agents WHERE revoked_at IS NULL",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(count as u64)
+        self.blocking(|| {
+            let conn = self.fast();
+            let count: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM agents WHERE revoked_at IS NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(count as u64)
+        })
     }
 
     /// One agent with its address history.
     pub fn agent(&self, id: &str, online: &dyn Fn(&str) -> bool) -> Result<AgentDetail> {
-        let conn = self.fast();
-        let mut agent = conn
-            .query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), params![id], |r| {
-                agent_row(r, online)
-            })
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no agent {id}")))?;
-        agent.groups = groups_of(&conn, id)?;
-        let mut stmt = conn.prepare(
-            "SELECT kind, address, at FROM address_history WHERE agent_id = ?1
-             ORDER BY at DESC, id DESC LIMIT 100",
-        )?;
-        let history = stmt
-            .query_map(params![id], |r| {
-                Ok(AddressEvent {
-                    kind: r.get(0)?,
-                    address: r.get(1)?,
-                    at: r.get(2)?,
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut agent = conn
+                .query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), params![id], |r| {
+                    agent_row(r, online)
                 })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(AgentDetail {
-            agent,
-            address_history: history,
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no agent {id}")))?;
+            agent.groups = groups_of(&conn, id)?;
+            let mut stmt = conn.prepare(
+                "SELECT kind, address, at FROM address_history WHERE agent_id = ?1
+                 ORDER BY at DESC, id DESC LIMIT 100",
+            )?;
+            let history = stmt
+                .query_map(params![id], |r| {
+                    Ok(AddressEvent {
+                        kind: r.get(0)?,
+                        address: r.get(1)?,
+                        at: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(AgentDetail {
+                agent,
+                address_history: history,
+            })
         })
     }
 
     /// Whether the agent exists and is not revoked.
     pub fn agent_active(&self, id: &str) -> Result<bool> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM agents WHERE id = ?1 AND revoked_at IS NULL",
-                params![id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM agents WHERE id = ?1 AND revoked_at IS NULL",
+                    params![id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
     }
 
     /// Replaces an agent's groups with a signed membership.
@@ -777,66 +809,72 @@ impl Store {
         groups: &[String],
         envelope: &Envelope,
     ) -> Result<()> {
-        let blob = codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE agents SET membership = ?2 WHERE id = ?1",
-            params![agent_id, blob],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no agent {agent_id}")));
-        }
-        tx.execute(
-            "DELETE FROM agent_groups WHERE agent_id = ?1",
-            params![agent_id],
-        )?;
-        for group in groups {
-            tx.execute(
-                "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2)",
-                params![agent_id, group],
+        self.blocking(|| {
+            let blob = codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let changed = tx.execute(
+                "UPDATE agents SET membership = ?2 WHERE id = ?1",
+                params![agent_id, blob],
             )?;
-        }
-        tx.commit()?;
-        Ok(())
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no agent {agent_id}")));
+            }
+            tx.execute(
+                "DELETE FROM agent_groups WHERE agent_id = ?1",
+                params![agent_id],
+            )?;
+            for group in groups {
+                tx.execute(
+                    "INSERT INTO agent_groups (agent_id, group_name) VALUES (?1, ?2)",
+                    params![agent_id, group],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// The latest signed membership of an agent.
     pub fn membership(&self, agent_id: &str) -> Result<Option<Envelope>> {
-        let blob: Option<Option<Vec<u8>>> = self
-            .conn()
-            .query_row(
-                "SELECT membership FROM agents WHERE id = ?1",
-                params![agent_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(blob) = blob.flatten() else {
-            return Ok(None);
-        };
-        match decode_envelope(&blob) {
-            Ok(envelope) => Ok(Some(envelope)),
-            Err(e) => {
-                // Unreadable: forget it (once, so it is logged once) rather than fail
-                // every link to this agent. Jobs for its groups are refused by the agent
-                // until the operator signs its membership again (`groups add`).
-                self.conn().execute(
-                    "UPDATE agents SET membership = NULL WHERE id = ?1",
+        self.blocking(|| {
+            let blob: Option<Option<Vec<u8>>> = self
+                .conn()
+                .query_row(
+                    "SELECT membership FROM agents WHERE id = ?1",
                     params![agent_id],
-                )?;
-                tracing::warn!(
-                    agent = agent_id,
-                    "dropped the agent's stored group membership: it cannot be read ({e}); sign it again with `herald-server groups add`"
-                );
-                Ok(None)
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(blob) = blob.flatten() else {
+                return Ok(None);
+            };
+            match decode_envelope(&blob) {
+                Ok(envelope) => Ok(Some(envelope)),
+                Err(e) => {
+                    // Unreadable: forget it (once, so it is logged once) rather than fail
+                    // every link to this agent. Jobs for its groups are refused by the agent
+                    // until the operator signs its membership again (`groups add`).
+                    self.conn().execute(
+                        "UPDATE agents SET membership = NULL WHERE id = ?1",
+                        params![agent_id],
+                    )?;
+                    tracing::warn!(
+                        agent = agent_id,
+                        "dropped the agent's stored group membership: it cannot be read ({e}); sign it again with `herald-server groups add`"
+                    );
+                    Ok(None)
+                }
             }
-        }
+        })
     }
 
     /// Active agents an audience names right now.
     pub fn expand(&self, audience: &Audience) -> Result<Vec<String>> {
-        let conn = self.fast();
-        expand(&conn, audience)
+        self.blocking(|| {
+            let conn = self.fast();
+            expand(&conn, audience)
+        })
     }
 
     // === orders and jobs ===
@@ -853,80 +891,84 @@ impl Store {
         ttl_ms: u64,
         now: Millis,
     ) -> Result<Vec<JobId>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_order(&tx, order_id, envelope, action, now)?;
-        let ids = insert_jobs(&tx, order_id, agents, schedule_id, ttl_ms, now)?;
-        tx.commit()?;
-        Ok(ids)
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            insert_order(&tx, order_id, envelope, action, now)?;
+            let ids = insert_jobs(&tx, order_id, agents, schedule_id, ttl_ms, now)?;
+            tx.commit()?;
+            Ok(ids)
+        })
     }
 
     /// Jobs waiting to be signalled to an agent (queued, due, not expired).
     pub fn pending(&self, agent_id: &str, now: Millis) -> Result<PendingJobs> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256, o.open_timeout_ms
-             FROM jobs j JOIN orders o ON o.id = j.order_id
-             LEFT JOIN releases r ON r.id = j.release_id
-             LEFT JOIN vendors v ON v.name = r.vendor
-             WHERE j.agent_id = ?1 AND j.state = 'queued' AND j.deliver_after <= ?2
-               AND j.expires_at > ?2
-             ORDER BY j.id",
-        )?;
-        let rows = stmt.query_map(params![agent_id, now], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Option<Vec<u8>>>(2)?,
-                r.get::<_, Option<Vec<u8>>>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<i64>>(6)?,
-            ))
-        })?;
-        let mut pending = Vec::new();
-        let mut damaged = Vec::new();
-        for row in rows {
-            let (job_id, blob, metadata, delegation, url, sha256, open_timeout_ms) = row?;
-            // One unreadable row must not stop the others: it fails alone (below).
-            let decoded = (|| -> Result<Pending> {
-                let release = match metadata {
-                    Some(metadata) => Some(PendingRelease {
-                        metadata: decode_envelope(&metadata)?,
-                        delegation: delegation.map(|d| decode_envelope(&d)).transpose()?,
-                        url,
-                        sha256: sha256.unwrap_or_default(),
-                    }),
-                    None => None,
-                };
-                Ok(Pending {
-                    job_id,
-                    envelope: decode_envelope(&blob)?,
-                    release,
-                    open_timeout_ms: open_timeout_ms.map(|ms| ms.max(0) as u64),
-                })
-            })();
-            match decoded {
-                Ok(job) => pending.push(job),
-                Err(e) => damaged.push((job_id, e.to_string())),
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT j.id, o.envelope, r.metadata, v.delegation, r.url, r.sha256, o.open_timeout_ms
+                 FROM jobs j JOIN orders o ON o.id = j.order_id
+                 LEFT JOIN releases r ON r.id = j.release_id
+                 LEFT JOIN vendors v ON v.name = r.vendor
+                 WHERE j.agent_id = ?1 AND j.state = 'queued' AND j.deliver_after <= ?2
+                   AND j.expires_at > ?2
+                 ORDER BY j.id",
+            )?;
+            let rows = stmt.query_map(params![agent_id, now], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            })?;
+            let mut pending = Vec::new();
+            let mut damaged = Vec::new();
+            for row in rows {
+                let (job_id, blob, metadata, delegation, url, sha256, open_timeout_ms) = row?;
+                // One unreadable row must not stop the others: it fails alone (below).
+                let decoded = (|| -> Result<Pending> {
+                    let release = match metadata {
+                        Some(metadata) => Some(PendingRelease {
+                            metadata: decode_envelope(&metadata)?,
+                            delegation: delegation.map(|d| decode_envelope(&d)).transpose()?,
+                            url,
+                            sha256: sha256.unwrap_or_default(),
+                        }),
+                        None => None,
+                    };
+                    Ok(Pending {
+                        job_id,
+                        envelope: decode_envelope(&blob)?,
+                        release,
+                        open_timeout_ms: open_timeout_ms.map(|ms| ms.max(0) as u64),
+                    })
+                })();
+                match decoded {
+                    Ok(job) => pending.push(job),
+                    Err(e) => damaged.push((job_id, e.to_string())),
+                }
             }
-        }
-        drop(stmt);
-        drop(conn);
-        let mut failed = Vec::new();
-        for (job_id, reason) in damaged {
-            if self.fail_damaged_job(job_id, &reason, now)? {
-                tracing::warn!(
-                    job = job_id,
-                    agent = agent_id,
-                    "job failed: its stored order cannot be read ({reason}); the agent's other jobs go on"
-                );
-                failed.push(job_id);
+            drop(stmt);
+            drop(conn);
+            let mut failed = Vec::new();
+            for (job_id, reason) in damaged {
+                if self.fail_damaged_job(job_id, &reason, now)? {
+                    tracing::warn!(
+                        job = job_id,
+                        agent = agent_id,
+                        "job failed: its stored order cannot be read ({reason}); the agent's other jobs go on"
+                    );
+                    failed.push(job_id);
+                }
             }
-        }
-        Ok(PendingJobs {
-            jobs: pending,
-            failed,
+            Ok(PendingJobs {
+                jobs: pending,
+                failed,
+            })
         })
     }
 
@@ -944,12 +986,14 @@ impl Store {
 
     /// Records an install job's latest progress report.
     pub fn progress(&self, agent_id: &str, job_id: JobId, progress: &str) -> Result<()> {
-        self.fast().execute(
-            "UPDATE jobs SET progress = ?3
-             WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered', 'running')",
-            params![job_id, agent_id, progress],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.fast().execute(
+                "UPDATE jobs SET progress = ?3
+                 WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered', 'running')",
+                params![job_id, agent_id, progress],
+            )?;
+            Ok(())
+        })
     }
 
     /// Applies an agent's acknowledgement. Only the job's own agent can move it.
@@ -960,155 +1004,173 @@ impl Store {
         refused: Option<&str>,
         now: Millis,
     ) -> Result<()> {
-        self.ack_batch(
-            &[(agent_id.to_string(), job_id, refused.map(str::to_string))],
-            now,
-        )
+        self.blocking(|| {
+            self.ack_batch(
+                &[(agent_id.to_string(), job_id, refused.map(str::to_string))],
+                now,
+            )
+        })
     }
 
     /// Applies many acknowledgements in one transaction (the relay batches them: one
     /// commit for a whole broadcast's acks instead of one each). `refused` as in
     /// [`Store::ack`].
     pub fn ack_batch(&self, acks: &[(String, JobId, Option<String>)], now: Millis) -> Result<()> {
-        let mut conn = self.fast();
-        let tx = conn.transaction()?;
-        {
-            let mut accepted = tx.prepare_cached(
-                "UPDATE jobs SET state = 'delivered', delivered_at = ?3
-                 WHERE id = ?1 AND agent_id = ?2 AND state = 'queued'",
-            )?;
-            let mut refused = tx.prepare_cached(
-                "UPDATE jobs SET state = 'refused', delivered_at = ?3, finished_at = ?3, error = ?4
-                 WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
-            )?;
-            for (agent_id, job_id, reason) in acks {
-                match reason {
-                    None => accepted.execute(params![job_id, agent_id, now])?,
-                    Some(reason) => refused.execute(params![job_id, agent_id, now, reason])?,
-                };
+        self.blocking(|| {
+            let mut conn = self.fast();
+            let tx = conn.transaction()?;
+            {
+                let mut accepted = tx.prepare_cached(
+                    "UPDATE jobs SET state = 'delivered', delivered_at = ?3
+                     WHERE id = ?1 AND agent_id = ?2 AND state = 'queued'",
+                )?;
+                let mut refused = tx.prepare_cached(
+                    "UPDATE jobs SET state = 'refused', delivered_at = ?3, finished_at = ?3, error = ?4
+                     WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
+                )?;
+                for (agent_id, job_id, reason) in acks {
+                    match reason {
+                        None => accepted.execute(params![job_id, agent_id, now])?,
+                        Some(reason) => refused.execute(params![job_id, agent_id, now, reason])?,
+                    };
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Marks a job running.
     pub fn started(&self, agent_id: &str, job_id: JobId, at: Millis, now: Millis) -> Result<()> {
-        self.fast().execute(
-            "UPDATE jobs SET state = 'running', started_at = ?3,
-                    delivered_at = COALESCE(delivered_at, ?4)
-             WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
-            params![job_id, agent_id, at, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.fast().execute(
+                "UPDATE jobs SET state = 'running', started_at = ?3,
+                        delivered_at = COALESCE(delivered_at, ?4)
+                 WHERE id = ?1 AND agent_id = ?2 AND state IN ('queued', 'delivered')",
+                params![job_id, agent_id, at, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Stores a result idempotently: a result for a job already final is ignored.
     /// Returns whether it was stored now.
     pub fn store_result(&self, agent_id: &str, result: &JobResult, now: Millis) -> Result<bool> {
-        // A browser service's agent only opened the page: the job waits for the page's
-        // outcome (posted to the console) until the order's timeout.
-        let changed = self.conn().execute(
-            &format!(
-            "UPDATE jobs SET
-                    state = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open' THEN 'waiting' ELSE ?3 END,
-                    expires_at = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open'
-                                      THEN ?14 + COALESCE(o.open_timeout_ms, 0) ELSE jobs.expires_at END,
-                    attempt = ?4, exit_code = ?5, signal = ?6,
-                    stdout = ?7, stderr = ?8, stdout_truncated = ?9, stderr_truncated = ?10,
-                    started_at = COALESCE(started_at, ?11), finished_at = ?12, error = ?13,
-                    delivered_at = COALESCE(delivered_at, ?14)
-             FROM orders o
-             WHERE jobs.id = ?1 AND jobs.agent_id = ?2 AND o.id = jobs.order_id
-               AND jobs.state IN ({})",
-            JobState::sql_list(&JobState::TAKES_RESULT)
-        ),
-            params![
-                result.job_id,
-                agent_id,
-                result.status.as_str(),
-                result.attempt,
-                result.exit_code,
-                result.signal,
-                result.stdout,
-                result.stderr,
-                result.stdout_truncated,
-                result.stderr_truncated,
-                (result.started_at > 0).then_some(result.started_at),
-                result.finished_at,
-                result.error,
-                now,
-            ],
-        )?;
-        Ok(changed > 0)
+        self.blocking(|| {
+            // A browser service's agent only opened the page: the job waits for the page's
+            // outcome (posted to the console) until the order's timeout.
+            let changed = self.conn().execute(
+                &format!(
+                "UPDATE jobs SET
+                        state = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open' THEN 'waiting' ELSE ?3 END,
+                        expires_at = CASE WHEN ?3 = 'succeeded' AND o.kind = 'open'
+                                          THEN ?14 + COALESCE(o.open_timeout_ms, 0) ELSE jobs.expires_at END,
+                        attempt = ?4, exit_code = ?5, signal = ?6,
+                        stdout = ?7, stderr = ?8, stdout_truncated = ?9, stderr_truncated = ?10,
+                        started_at = COALESCE(started_at, ?11), finished_at = ?12, error = ?13,
+                        delivered_at = COALESCE(delivered_at, ?14)
+                 FROM orders o
+                 WHERE jobs.id = ?1 AND jobs.agent_id = ?2 AND o.id = jobs.order_id
+                   AND jobs.state IN ({})",
+                JobState::sql_list(&JobState::TAKES_RESULT)
+            ),
+                params![
+                    result.job_id,
+                    agent_id,
+                    result.status.as_str(),
+                    result.attempt,
+                    result.exit_code,
+                    result.signal,
+                    result.stdout,
+                    result.stderr,
+                    result.stdout_truncated,
+                    result.stderr_truncated,
+                    (result.started_at > 0).then_some(result.started_at),
+                    result.finished_at,
+                    result.error,
+                    now,
+                ],
+            )?;
+            Ok(changed > 0)
+        })
     }
 
     /// Expires queued jobs whose TTL passed. Returns how many.
     pub fn expire(&self, now: Millis) -> Result<usize> {
-        let conn = self.conn();
-        let expired = conn.execute(
-            "UPDATE jobs SET state = 'expired', finished_at = ?1
-             WHERE state = 'queued' AND expires_at <= ?1",
-            params![now],
-        )?;
-        let unanswered = conn.execute(
-            "UPDATE jobs SET state = 'timed_out', finished_at = ?1,
-                    error = 'the service page was not completed in time'
-             WHERE state = 'waiting' AND expires_at <= ?1",
-            params![now],
-        )?;
-        Ok(expired + unanswered)
+        self.blocking(|| {
+            let conn = self.conn();
+            let expired = conn.execute(
+                "UPDATE jobs SET state = 'expired', finished_at = ?1
+                 WHERE state = 'queued' AND expires_at <= ?1",
+                params![now],
+            )?;
+            let unanswered = conn.execute(
+                "UPDATE jobs SET state = 'timed_out', finished_at = ?1,
+                        error = 'the service page was not completed in time'
+                 WHERE state = 'waiting' AND expires_at <= ?1",
+                params![now],
+            )?;
+            Ok(expired + unanswered)
+        })
     }
 
     /// Earliest time something job-related falls due: a queued job's expiry or delayed
     /// delivery.
     pub fn next_job_deadline(&self, now: Millis) -> Result<Option<Millis>> {
-        let conn = self.fast();
-        let expiry: Option<Millis> = conn.query_row(
-            "SELECT MIN(expires_at) FROM jobs WHERE state IN ('queued', 'waiting')",
-            [],
-            |r| r.get(0),
-        )?;
-        let deliver: Option<Millis> = conn.query_row(
-            "SELECT MIN(deliver_after) FROM jobs WHERE state = 'queued' AND deliver_after > ?1",
-            params![now],
-            |r| r.get(0),
-        )?;
-        Ok([expiry, deliver].into_iter().flatten().min())
+        self.blocking(|| {
+            let conn = self.fast();
+            let expiry: Option<Millis> = conn.query_row(
+                "SELECT MIN(expires_at) FROM jobs WHERE state IN ('queued', 'waiting')",
+                [],
+                |r| r.get(0),
+            )?;
+            let deliver: Option<Millis> = conn.query_row(
+                "SELECT MIN(deliver_after) FROM jobs WHERE state = 'queued' AND deliver_after > ?1",
+                params![now],
+                |r| r.get(0),
+            )?;
+            Ok([expiry, deliver].into_iter().flatten().min())
+        })
     }
 
     /// Agents with queued jobs whose delayed delivery is due. Jobs due at once
     /// (`deliver_after = created_at`) were handed to their links when they were made.
     pub fn agents_with_due_jobs(&self, now: Millis, since: Millis) -> Result<Vec<String>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT DISTINCT agent_id FROM jobs WHERE state = 'queued'
-             AND deliver_after > ?2 AND deliver_after <= ?1 AND deliver_after > created_at",
-        )?;
-        let rows = stmt.query_map(params![now, since], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT DISTINCT agent_id FROM jobs WHERE state = 'queued'
+                 AND deliver_after > ?2 AND deliver_after <= ?1 AND deliver_after > created_at",
+            )?;
+            let rows = stmt.query_map(params![now, since], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// One job.
     pub fn job(&self, job_id: JobId) -> Result<JobInfo> {
-        self.fast()
-            .query_row(
-                &format!("{JOB_SELECT} WHERE j.id = ?1"),
-                params![job_id],
-                job_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("{JOB_SELECT} WHERE j.id = ?1"),
+                    params![job_id],
+                    job_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no job {job_id}")))
+        })
     }
 
     /// Jobs, newest first, optionally for one agent.
     pub fn jobs(&self, agent_id: Option<&str>, limit: u32) -> Result<Vec<JobInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) ORDER BY j.id DESC LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![agent_id, limit], job_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) ORDER BY j.id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![agent_id, limit], job_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     // === schedules ===
@@ -1129,128 +1191,138 @@ impl Store {
         next_fire_at: Option<Millis>,
         now: Millis,
     ) -> Result<i64> {
-        let spec =
-            serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_order(&tx, order_id, envelope, action, now)?;
-        tx.execute(
-            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, min_interval_ms,
-                                    next_fire_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                order_id,
-                target.to_string(),
-                spec,
-                missed.to_string(),
-                splay_ms,
-                ttl_ms,
-                min_interval_ms,
-                next_fire_at,
-                now
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(id)
+        self.blocking(|| {
+            let spec =
+                serde_json::to_string(schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            insert_order(&tx, order_id, envelope, action, now)?;
+            tx.execute(
+                "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, min_interval_ms,
+                                        next_fire_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    order_id,
+                    target.to_string(),
+                    spec,
+                    missed.to_string(),
+                    splay_ms,
+                    ttl_ms,
+                    min_interval_ms,
+                    next_fire_at,
+                    now
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(id)
+        })
     }
 
     /// Removes a schedule (its past jobs stay).
     pub fn remove_schedule(&self, id: i64) -> Result<()> {
-        let changed = self
-            .conn()
-            .execute("DELETE FROM schedules WHERE id = ?1", params![id])?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no schedule {id}")));
-        }
-        Ok(())
+        self.blocking(|| {
+            let changed = self
+                .conn()
+                .execute("DELETE FROM schedules WHERE id = ?1", params![id])?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no schedule {id}")));
+            }
+            Ok(())
+        })
     }
 
     /// All schedules.
     pub fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!("{SCHEDULE_SELECT} ORDER BY s.id"))?;
-        let rows = stmt.query_map([], schedule_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!("{SCHEDULE_SELECT} ORDER BY s.id"))?;
+            let rows = stmt.query_map([], schedule_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// The earliest next fire time of any schedule.
     pub fn next_fire_at(&self) -> Result<Option<Millis>> {
-        Ok(self
-            .conn()
-            .query_row("SELECT MIN(next_fire_at) FROM schedules", [], |r| r.get(0))?)
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row("SELECT MIN(next_fire_at) FROM schedules", [], |r| r.get(0))?)
+        })
     }
 
     /// Schedules due at `now`.
     pub fn due_schedules(&self, now: Millis) -> Result<Vec<DueSchedule>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at, min_interval_ms
-             FROM schedules WHERE next_fire_at <= ?1 ORDER BY next_fire_at",
-        )?;
-        let rows = stmt.query_map(params![now], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Millis>(7)?,
-                r.get::<_, i64>(8)?,
-            ))
-        })?;
-        let mut due = Vec::new();
-        let mut damaged = Vec::new();
-        for row in rows {
-            let (
-                id,
-                order_id,
-                target,
-                spec,
-                missed,
-                splay_ms,
-                ttl_ms,
-                next_fire_at,
-                min_interval_ms,
-            ) = row?;
-            let decoded = (|| -> std::result::Result<DueSchedule, String> {
-                Ok(DueSchedule {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT id, order_id, target, spec, missed, splay_ms, ttl_ms, next_fire_at, min_interval_ms
+                 FROM schedules WHERE next_fire_at <= ?1 ORDER BY next_fire_at",
+            )?;
+            let rows = stmt.query_map(params![now], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Millis>(7)?,
+                    r.get::<_, i64>(8)?,
+                ))
+            })?;
+            let mut due = Vec::new();
+            let mut damaged = Vec::new();
+            for row in rows {
+                let (
                     id,
                     order_id,
-                    audience: target.parse()?,
-                    schedule: serde_json::from_str(&spec).map_err(|e| e.to_string())?,
-                    missed: missed
-                        .parse()
-                        .map_err(|_| format!("missed policy {missed:?}"))?,
-                    splay_ms: splay_ms as u64,
-                    ttl_ms: ttl_ms as u64,
-                    min_interval_ms: min_interval_ms.max(0) as u64,
+                    target,
+                    spec,
+                    missed,
+                    splay_ms,
+                    ttl_ms,
                     next_fire_at,
-                })
-            })();
-            match decoded {
-                Ok(schedule) => due.push(schedule),
-                Err(reason) => damaged.push((id, reason)),
+                    min_interval_ms,
+                ) = row?;
+                let decoded = (|| -> std::result::Result<DueSchedule, String> {
+                    Ok(DueSchedule {
+                        id,
+                        order_id,
+                        audience: target.parse()?,
+                        schedule: serde_json::from_str(&spec).map_err(|e| e.to_string())?,
+                        missed: missed
+                            .parse()
+                            .map_err(|_| format!("missed policy {missed:?}"))?,
+                        splay_ms: splay_ms as u64,
+                        ttl_ms: ttl_ms as u64,
+                        min_interval_ms: min_interval_ms.max(0) as u64,
+                        next_fire_at,
+                    })
+                })();
+                match decoded {
+                    Ok(schedule) => due.push(schedule),
+                    Err(reason) => damaged.push((id, reason)),
+                }
             }
-        }
-        drop(stmt);
-        drop(conn);
-        // One unreadable schedule must not stop the others: it stops firing, once.
-        for (id, reason) in damaged {
-            let stopped = self.conn().execute(
-                "UPDATE schedules SET next_fire_at = NULL WHERE id = ?1 AND next_fire_at IS NOT NULL",
-                params![id],
-            )?;
-            if stopped > 0 {
-                tracing::warn!(
-                    schedule = id,
-                    "schedule stopped: its stored row cannot be read ({reason}); remove it and add it again"
-                );
+            drop(stmt);
+            drop(conn);
+            // One unreadable schedule must not stop the others: it stops firing, once.
+            for (id, reason) in damaged {
+                let stopped = self.conn().execute(
+                    "UPDATE schedules SET next_fire_at = NULL WHERE id = ?1 AND next_fire_at IS NOT NULL",
+                    params![id],
+                )?;
+                if stopped > 0 {
+                    tracing::warn!(
+                        schedule = id,
+                        "schedule stopped: its stored row cannot be read ({reason}); remove it and add it again"
+                    );
+                }
             }
-        }
-        Ok(due)
+            Ok(due)
+        })
     }
 
     /// Records a firing: creates the jobs and moves the schedule's next fire time, in one
@@ -1262,36 +1334,38 @@ impl Store {
         next_fire_at: Option<Millis>,
         now: Millis,
     ) -> Result<Vec<JobId>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        // Move the schedule first: if it was removed since it was read, fire nothing.
-        let moved = tx.execute(
-            "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1",
-            params![schedule.id, next_fire_at],
-        )?;
-        if moved == 0 {
-            return Ok(Vec::new());
-        }
-        let ids = insert_jobs(
-            &tx,
-            &schedule.order_id,
-            agents,
-            Some(schedule.id),
-            schedule.ttl_ms,
-            now,
-        )?;
-        // A user's subscription: its results are forwarded by the user's rules.
-        if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
-            tx.execute(
-                "UPDATE jobs SET forward_pending = 1
-                 WHERE id BETWEEN ?1 AND ?2 AND schedule_id = ?3
-                   AND EXISTS (SELECT 1 FROM schedules s
-                               WHERE s.id = ?3 AND s.owner_user_id IS NOT NULL)",
-                params![first, last, schedule.id],
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            // Move the schedule first: if it was removed since it was read, fire nothing.
+            let moved = tx.execute(
+                "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1",
+                params![schedule.id, next_fire_at],
             )?;
-        }
-        tx.commit()?;
-        Ok(ids)
+            if moved == 0 {
+                return Ok(Vec::new());
+            }
+            let ids = insert_jobs(
+                &tx,
+                &schedule.order_id,
+                agents,
+                Some(schedule.id),
+                schedule.ttl_ms,
+                now,
+            )?;
+            // A user's subscription: its results are forwarded by the user's rules.
+            if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+                tx.execute(
+                    "UPDATE jobs SET forward_pending = 1
+                     WHERE id BETWEEN ?1 AND ?2 AND schedule_id = ?3
+                       AND EXISTS (SELECT 1 FROM schedules s
+                                   WHERE s.id = ?3 AND s.owner_user_id IS NOT NULL)",
+                    params![first, last, schedule.id],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
     }
 
     /// When this agent last received a job from this schedule (acknowledged or started).
@@ -1300,26 +1374,30 @@ impl Store {
         agent_id: &str,
         schedule_id: i64,
     ) -> Result<Option<Millis>> {
-        Ok(self.fast().query_row(
-            "SELECT MAX(COALESCE(delivered_at, started_at)) FROM jobs
-             WHERE agent_id = ?1 AND schedule_id = ?2",
-            params![agent_id, schedule_id],
-            |r| r.get(0),
-        )?)
+        self.blocking(|| {
+            Ok(self.fast().query_row(
+                "SELECT MAX(COALESCE(delivered_at, started_at)) FROM jobs
+                 WHERE agent_id = ?1 AND schedule_id = ?2",
+                params![agent_id, schedule_id],
+                |r| r.get(0),
+            )?)
+        })
     }
 
     /// Agents among `agents` that already have an undelivered job from this schedule
     /// (for coalescing missed runs).
     pub fn has_queued_from_schedule(&self, agent_id: &str, schedule_id: i64) -> Result<bool> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM jobs WHERE agent_id = ?1 AND schedule_id = ?2 AND state = 'queued' LIMIT 1",
-                params![agent_id, schedule_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM jobs WHERE agent_id = ?1 AND schedule_id = ?2 AND state = 'queued' LIMIT 1",
+                    params![agent_id, schedule_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
     }
 }
 

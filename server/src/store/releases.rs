@@ -24,69 +24,78 @@ impl Store {
         token_hash: &str,
         now: Millis,
     ) -> Result<()> {
-        let blob = encode(delegation)?;
-        let conn = self.conn();
-        let exists: Option<String> = conn
-            .query_row(
-                "SELECT name FROM vendors WHERE name = ?1 OR public_key = ?2",
-                params![name, public_key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(existing) = exists {
-            return Err(StoreError::Conflict(format!(
-                "vendor {existing} already exists with that name or key"
-            )));
-        }
-        conn.execute(
-            "INSERT INTO vendors (name, public_key, packages, delegation, token_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![name, public_key, packages.join(","), blob, token_hash, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            let blob = encode(delegation)?;
+            let conn = self.conn();
+            let exists: Option<String> = conn
+                .query_row(
+                    "SELECT name FROM vendors WHERE name = ?1 OR public_key = ?2",
+                    params![name, public_key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(existing) = exists {
+                return Err(StoreError::Conflict(format!(
+                    "vendor {existing} already exists with that name or key"
+                )));
+            }
+            conn.execute(
+                "INSERT INTO vendors (name, public_key, packages, delegation, token_hash, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![name, public_key, packages.join(","), blob, token_hash, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Every vendor.
     pub fn vendors(&self) -> Result<Vec<VendorInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn
-            .prepare("SELECT name, public_key, packages, created_at FROM vendors ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            let packages: String = r.get(2)?;
-            Ok(VendorInfo {
-                name: r.get(0)?,
-                public_key: r.get(1)?,
-                packages: packages.split(',').map(str::to_string).collect(),
-                created_at: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT name, public_key, packages, created_at FROM vendors ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let packages: String = r.get(2)?;
+                Ok(VendorInfo {
+                    name: r.get(0)?,
+                    public_key: r.get(1)?,
+                    packages: packages.split(',').map(str::to_string).collect(),
+                    created_at: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// The vendor whose API token has this hash.
     pub fn vendor_by_token(&self, token_hash: &str) -> Result<Option<String>> {
-        Ok(self
-            .fast()
-            .query_row(
-                "SELECT name FROM vendors WHERE token_hash = ?1",
-                params![token_hash],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.blocking(|| {
+            Ok(self
+                .fast()
+                .query_row(
+                    "SELECT name FROM vendors WHERE token_hash = ?1",
+                    params![token_hash],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
     }
 
     /// The vendor holding a public key, with its delegation.
     pub fn vendor_by_key(&self, public_key: &str) -> Result<Option<(String, Envelope)>> {
-        let row: Option<(String, Vec<u8>)> = self
-            .fast()
-            .query_row(
-                "SELECT name, delegation FROM vendors WHERE public_key = ?1",
-                params![public_key],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
-            .transpose()
+        self.blocking(|| {
+            let row: Option<(String, Vec<u8>)> = self
+                .fast()
+                .query_row(
+                    "SELECT name, delegation FROM vendors WHERE public_key = ?1",
+                    params![public_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
+                .transpose()
+        })
     }
 
     // === releases ===
@@ -102,94 +111,104 @@ impl Store {
         metadata: &Envelope,
         now: Millis,
     ) -> Result<ReleaseInfo> {
-        let sha256 = hex::encode(release.sha256);
-        let conn = self.conn();
-        let existing: Option<(i64, String, String)> = conn
-            .query_row(
-                "SELECT id, sha256, state FROM releases
-                 WHERE package = ?1 AND version = ?2 AND platform = ?3",
-                params![release.package, release.version, release.platform],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        if let Some((id, hash, state)) = existing {
-            if hash == sha256 && state == "uploading" {
-                drop(conn);
-                return self.release(id);
+        self.blocking(|| {
+            let sha256 = hex::encode(release.sha256);
+            let conn = self.conn();
+            let existing: Option<(i64, String, String)> = conn
+                .query_row(
+                    "SELECT id, sha256, state FROM releases
+                     WHERE package = ?1 AND version = ?2 AND platform = ?3",
+                    params![release.package, release.version, release.platform],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((id, hash, state)) = existing {
+                if hash == sha256 && state == "uploading" {
+                    drop(conn);
+                    return self.release(id);
+                }
+                return Err(StoreError::Conflict(format!(
+                    "{} {} for {} is already {state}; publish a new version",
+                    release.package, release.version, release.platform
+                )));
             }
-            return Err(StoreError::Conflict(format!(
-                "{} {} for {} is already {state}; publish a new version",
-                release.package, release.version, release.platform
-            )));
-        }
-        let state = if release.url.is_some() {
-            "published"
-        } else {
-            "uploading"
-        };
-        conn.execute(
-            "INSERT INTO releases (package, version, platform, vendor, metadata, sha256, length,
-                                   url, expires_at, state, created_at, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                release.package,
-                release.version,
-                release.platform,
-                vendor,
-                encode(metadata)?,
-                sha256,
-                release.length as i64,
-                release.url,
-                release.expires_at,
-                state,
-                now,
-                (state == "published").then_some(now),
-            ],
-        )?;
-        let id = conn.last_insert_rowid();
-        drop(conn);
-        self.release(id)
+            let state = if release.url.is_some() {
+                "published"
+            } else {
+                "uploading"
+            };
+            conn.execute(
+                "INSERT INTO releases (package, version, platform, vendor, metadata, sha256, length,
+                                       url, expires_at, state, created_at, published_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    release.package,
+                    release.version,
+                    release.platform,
+                    vendor,
+                    encode(metadata)?,
+                    sha256,
+                    release.length as i64,
+                    release.url,
+                    release.expires_at,
+                    state,
+                    now,
+                    (state == "published").then_some(now),
+                ],
+            )?;
+            let id = conn.last_insert_rowid();
+            drop(conn);
+            self.release(id)
+        })
     }
 
     /// One release.
     pub fn release(&self, id: i64) -> Result<ReleaseInfo> {
-        self.fast()
-            .query_row(
-                &format!("{RELEASE_SELECT} WHERE id = ?1"),
-                params![id],
-                release_row,
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(format!("no release {id}")))
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    &format!("{RELEASE_SELECT} WHERE id = ?1"),
+                    params![id],
+                    release_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no release {id}")))
+        })
     }
 
     /// Releases, newest first, optionally of one package.
     pub fn releases(&self, package: Option<&str>) -> Result<Vec<ReleaseInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(&format!(
-            "{RELEASE_SELECT} WHERE (?1 IS NULL OR package = ?1) ORDER BY id DESC"
-        ))?;
-        let rows = stmt.query_map(params![package], release_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{RELEASE_SELECT} WHERE (?1 IS NULL OR package = ?1) ORDER BY id DESC"
+            ))?;
+            let rows = stmt.query_map(params![package], release_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Marks a release's artifact complete.
     pub fn publish_release(&self, id: i64, now: Millis) -> Result<()> {
-        self.conn().execute(
-            "UPDATE releases SET state = 'published', published_at = ?2
-             WHERE id = ?1 AND state = 'uploading'",
-            params![id, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            self.conn().execute(
+                "UPDATE releases SET state = 'published', published_at = ?2
+                 WHERE id = ?1 AND state = 'uploading'",
+                params![id, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// The newest published release of a package for a platform, by semantic version.
     pub fn latest_release(&self, package: &str, platform: &str) -> Result<Option<ReleaseInfo>> {
-        Ok(self
-            .releases(Some(package))?
-            .into_iter()
-            .filter(|r| r.state == "published" && r.platform == platform)
-            .max_by(|a, b| version_of(&a.version).cmp(&version_of(&b.version))))
+        self.blocking(|| {
+            Ok(self
+                .releases(Some(package))?
+                .into_iter()
+                .filter(|r| r.state == "published" && r.platform == platform)
+                .max_by(|a, b| version_of(&a.version).cmp(&version_of(&b.version))))
+        })
     }
 
     /// The published release of one exact version for a platform.
@@ -199,38 +218,43 @@ impl Store {
         version: &str,
         platform: &str,
     ) -> Result<Option<ReleaseInfo>> {
-        Ok(self.releases(Some(package))?.into_iter().find(|r| {
-            r.state == "published"
-                && r.platform == platform
-                && version_of(&r.version) == version_of(version)
-        }))
+        self.blocking(|| {
+            Ok(self.releases(Some(package))?.into_iter().find(|r| {
+                r.state == "published"
+                    && r.platform == platform
+                    && version_of(&r.version) == version_of(version)
+            }))
+        })
     }
 
     /// Each agent's release platform (from the facts it reported), in one pass over the
     /// agents table.
     pub fn platforms(&self, agents: &[String]) -> Result<Vec<(String, String)>> {
-        let mut known = std::collections::HashMap::with_capacity(agents.len());
-        {
-            let conn = self.fast();
-            let mut stmt = conn.prepare("SELECT id, facts FROM agents WHERE revoked_at IS NULL")?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-            for row in rows {
-                let (id, facts) = row?;
-                known.insert(id, facts);
+        self.blocking(|| {
+            let mut known = std::collections::HashMap::with_capacity(agents.len());
+            {
+                let conn = self.fast();
+                let mut stmt =
+                    conn.prepare("SELECT id, facts FROM agents WHERE revoked_at IS NULL")?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                for row in rows {
+                    let (id, facts) = row?;
+                    known.insert(id, facts);
+                }
             }
-        }
-        Ok(agents
-            .iter()
-            .map(|agent| {
-                let platform = known
-                    .get(agent)
-                    .and_then(|f| serde_json::from_str::<serde_json::Value>(f).ok())
-                    .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                (agent.clone(), platform)
-            })
-            .collect())
+            Ok(agents
+                .iter()
+                .map(|agent| {
+                    let platform = known
+                        .get(agent)
+                        .and_then(|f| serde_json::from_str::<serde_json::Value>(f).ok())
+                        .and_then(|v| v.get("platform")?.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    (agent.clone(), platform)
+                })
+                .collect())
+        })
     }
 
     /// Creates one-off install jobs, each carrying the release for its agent's platform.
@@ -243,22 +267,24 @@ impl Store {
         ttl_ms: u64,
         now: Millis,
     ) -> Result<Vec<JobId>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_order(&tx, order_id, envelope, action, now)?;
-        let mut ids = Vec::with_capacity(targets.len());
-        for (agent, release_id) in targets {
-            ids.push(insert_install_job(
-                &tx,
-                agent,
-                order_id,
-                *release_id,
-                ttl_ms,
-                now,
-            )?);
-        }
-        tx.commit()?;
-        Ok(ids)
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            insert_order(&tx, order_id, envelope, action, now)?;
+            let mut ids = Vec::with_capacity(targets.len());
+            for (agent, release_id) in targets {
+                ids.push(insert_install_job(
+                    &tx,
+                    agent,
+                    order_id,
+                    *release_id,
+                    ttl_ms,
+                    now,
+                )?);
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
     }
 
     // === subscriptions ===
@@ -277,69 +303,75 @@ impl Store {
         ttl_ms: u64,
         now: Millis,
     ) -> Result<i64> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_order(&tx, order_id, envelope, action, now)?;
-        tx.execute(
-            "INSERT INTO package_subscriptions (package, order_id, target, waves, max_failures,
-                                                ttl_ms, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                package,
-                order_id,
-                audience.to_string(),
-                waves.to_string(),
-                max_failures,
-                ttl_ms as i64,
-                now
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(id)
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            insert_order(&tx, order_id, envelope, action, now)?;
+            tx.execute(
+                "INSERT INTO package_subscriptions (package, order_id, target, waves, max_failures,
+                                                    ttl_ms, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    package,
+                    order_id,
+                    audience.to_string(),
+                    waves.to_string(),
+                    max_failures,
+                    ttl_ms as i64,
+                    now
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(id)
+        })
     }
 
     /// Subscriptions, optionally to one package.
     pub fn subscriptions(&self, package: Option<&str>) -> Result<Vec<SubscriptionInfo>> {
-        let conn = self.fast();
-        let mut stmt = conn.prepare(
-            "SELECT id, package, target, waves, max_failures, ttl_ms, created_at
-             FROM package_subscriptions WHERE (?1 IS NULL OR package = ?1) ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![package], |r| {
-            Ok(SubscriptionInfo {
-                id: r.get(0)?,
-                package: r.get(1)?,
-                target: r.get(2)?,
-                waves: r.get(3)?,
-                max_failures: r.get(4)?,
-                ttl_ms: r.get::<_, i64>(5)? as u64,
-                created_at: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT id, package, target, waves, max_failures, ttl_ms, created_at
+                 FROM package_subscriptions WHERE (?1 IS NULL OR package = ?1) ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![package], |r| {
+                Ok(SubscriptionInfo {
+                    id: r.get(0)?,
+                    package: r.get(1)?,
+                    target: r.get(2)?,
+                    waves: r.get(3)?,
+                    max_failures: r.get(4)?,
+                    ttl_ms: r.get::<_, i64>(5)? as u64,
+                    created_at: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Removes a subscription; its running rollouts stop creating jobs.
     pub fn remove_subscription(&self, id: i64, now: Millis) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE rollouts SET state = 'cancelled', updated_at = ?2
-             WHERE subscription_id = ?1 AND state IN ('running', 'paused')",
-            params![id, now],
-        )?;
-        // Rollouts keep their history; the subscription row stays for them, marked gone
-        // by an empty target.
-        let changed = tx.execute(
-            "UPDATE package_subscriptions SET target = '' WHERE id = ?1 AND target <> ''",
-            params![id],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("no subscription {id}")));
-        }
-        tx.commit()?;
-        Ok(())
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE rollouts SET state = 'cancelled', updated_at = ?2
+                 WHERE subscription_id = ?1 AND state IN ('running', 'paused')",
+                params![id, now],
+            )?;
+            // Rollouts keep their history; the subscription row stays for them, marked gone
+            // by an empty target.
+            let changed = tx.execute(
+                "UPDATE package_subscriptions SET target = '' WHERE id = ?1 AND target <> ''",
+                params![id],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no subscription {id}")));
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     // === rollouts ===
@@ -353,143 +385,118 @@ impl Store {
         targets: &[String],
         now: Millis,
     ) -> Result<i64> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE rollouts SET state = 'superseded', updated_at = ?3
-             WHERE subscription_id = ?1 AND state IN ('running', 'paused', 'halted')
-               AND release_id IN (SELECT id FROM releases WHERE platform =
-                                  (SELECT platform FROM releases WHERE id = ?2))",
-            params![subscription_id, release_id, now],
-        )?;
-        tx.execute(
-            "INSERT INTO rollouts (release_id, subscription_id, state, wave, created_at, updated_at)
-             VALUES (?1, ?2, 'running', 0, ?3, ?3)",
-            params![release_id, subscription_id, now],
-        )?;
-        let id = tx.last_insert_rowid();
-        {
-            let mut stmt = tx.prepare(
-                "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE rollouts SET state = 'superseded', updated_at = ?3
+                 WHERE subscription_id = ?1 AND state IN ('running', 'paused', 'halted')
+                   AND release_id IN (SELECT id FROM releases WHERE platform =
+                                      (SELECT platform FROM releases WHERE id = ?2))",
+                params![subscription_id, release_id, now],
             )?;
-            for (position, agent) in targets.iter().enumerate() {
-                stmt.execute(params![id, position as i64, agent])?;
+            tx.execute(
+                "INSERT INTO rollouts (release_id, subscription_id, state, wave, created_at, updated_at)
+                 VALUES (?1, ?2, 'running', 0, ?3, ?3)",
+                params![release_id, subscription_id, now],
+            )?;
+            let id = tx.last_insert_rowid();
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+                )?;
+                for (position, agent) in targets.iter().enumerate() {
+                    stmt.execute(params![id, position as i64, agent])?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(id)
+            tx.commit()?;
+            Ok(id)
+        })
     }
 
     /// Pauses or resumes a rollout.
     pub fn set_rollout_state(&self, id: i64, pause: bool, now: Millis) -> Result<()> {
-        let (from, to) = if pause {
-            (&["running"][..], "paused")
-        } else {
-            (&["paused", "halted"][..], "running")
-        };
-        let conn = self.conn();
-        let state: Option<String> = conn
-            .query_row(
-                "SELECT state FROM rollouts WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let state = state.ok_or_else(|| StoreError::NotFound(format!("no rollout {id}")))?;
-        if !from.contains(&state.as_str()) {
-            return Err(StoreError::Conflict(format!(
-                "rollout {id} is {state}; cannot {}",
-                if pause { "pause it" } else { "resume it" }
-            )));
-        }
-        conn.execute(
-            "UPDATE rollouts SET state = ?2, reason = NULL, updated_at = ?3 WHERE id = ?1",
-            params![id, to, now],
-        )?;
-        Ok(())
+        self.blocking(|| {
+            let (from, to) = if pause {
+                (&["running"][..], "paused")
+            } else {
+                (&["paused", "halted"][..], "running")
+            };
+            let conn = self.conn();
+            let state: Option<String> = conn
+                .query_row(
+                    "SELECT state FROM rollouts WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let state = state.ok_or_else(|| StoreError::NotFound(format!("no rollout {id}")))?;
+            if !from.contains(&state.as_str()) {
+                return Err(StoreError::Conflict(format!(
+                    "rollout {id} is {state}; cannot {}",
+                    if pause { "pause it" } else { "resume it" }
+                )));
+            }
+            conn.execute(
+                "UPDATE rollouts SET state = ?2, reason = NULL, updated_at = ?3 WHERE id = ?1",
+                params![id, to, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// Rollouts, newest first, optionally of one package.
     pub fn rollouts(&self, package: Option<&str>) -> Result<Vec<RolloutInfo>> {
-        let ids: Vec<i64> = {
-            let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT o.id FROM rollouts o JOIN releases r ON r.id = o.release_id
-                 WHERE (?1 IS NULL OR r.package = ?1) ORDER BY o.id DESC",
-            )?;
-            let rows = stmt.query_map(params![package], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        ids.into_iter().map(|id| self.rollout(id)).collect()
+        self.blocking(|| {
+            let ids: Vec<i64> = {
+                let conn = self.fast();
+                let mut stmt = conn.prepare(
+                    "SELECT o.id FROM rollouts o JOIN releases r ON r.id = o.release_id
+                     WHERE (?1 IS NULL OR r.package = ?1) ORDER BY o.id DESC",
+                )?;
+                let rows = stmt.query_map(params![package], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            ids.into_iter().map(|id| self.rollout(id)).collect()
+        })
     }
 
     /// One rollout with its targets.
     pub fn rollout(&self, id: i64) -> Result<RolloutInfo> {
-        let conn = self.fast();
-        rollout(&conn, id)
+        self.blocking(|| {
+            let conn = self.fast();
+            rollout(&conn, id)
+        })
     }
 
     /// Moves every running rollout forward: starts the next wave when the current one
     /// has finished, halts a rollout whose failures pass its threshold, completes one
     /// whose last wave finished.
     pub fn advance_rollouts(&self, now: Millis) -> Result<Advance> {
-        let mut advance = Advance::default();
-        let mut conn = self.conn();
-        let running: Vec<i64> = {
-            let mut stmt = conn.prepare("SELECT id FROM rollouts WHERE state = 'running'")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for id in running {
-            let tx = conn.transaction()?;
-            let info = rollout(&tx, id)?;
-            let (order_id, max_failures, ttl_ms): (String, f64, i64) = tx.query_row(
-                "SELECT s.order_id, s.max_failures, s.ttl_ms FROM rollouts o
-                 JOIN package_subscriptions s ON s.id = o.subscription_id WHERE o.id = ?1",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?;
-            let release_id: i64 = tx.query_row(
-                "SELECT release_id FROM rollouts WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )?;
-            let released = info.targets.iter().filter(|t| t.job_id.is_some()).count();
-            if info.targets.is_empty() {
-                tx.execute(
-                    "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
-                    params![id, now],
+        self.blocking(|| {
+            let mut advance = Advance::default();
+            let mut conn = self.conn();
+            let running: Vec<i64> = {
+                let mut stmt = conn.prepare("SELECT id FROM rollouts WHERE state = 'running'")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for id in running {
+                let tx = conn.transaction()?;
+                let info = rollout(&tx, id)?;
+                let (order_id, max_failures, ttl_ms): (String, f64, i64) = tx.query_row(
+                    "SELECT s.order_id, s.max_failures, s.ttl_ms FROM rollouts o
+                     JOIN package_subscriptions s ON s.id = o.subscription_id WHERE o.id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )?;
-                tx.commit()?;
-                continue;
-            }
-            if info.failed > 0 && info.failed as f64 > max_failures * released.max(1) as f64 {
-                let reason = format!(
-                    "{} of {} installs failed, more than the {}% allowed",
-                    info.failed,
-                    released,
-                    (max_failures * 100.0).round()
-                );
-                tx.execute(
-                    "UPDATE rollouts SET state = 'halted', reason = ?2, updated_at = ?3
-                     WHERE id = ?1",
-                    params![id, reason, now],
+                let release_id: i64 = tx.query_row(
+                    "SELECT release_id FROM rollouts WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
                 )?;
-                tx.commit()?;
-                advance.halted.push((id, reason));
-                continue;
-            }
-            let wave_done = info.in_progress == 0
-                && info
-                    .targets
-                    .iter()
-                    .filter(|t| t.wave <= info.wave)
-                    .all(|t| t.job_id.is_some());
-            let mut wave = info.wave.min(info.wave_ends.len() - 1);
-            if released > 0 && wave_done {
-                if wave + 1 < info.wave_ends.len() {
-                    wave += 1;
-                } else {
+                let released = info.targets.iter().filter(|t| t.job_id.is_some()).count();
+                if info.targets.is_empty() {
                     tx.execute(
                         "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
                         params![id, now],
@@ -497,37 +504,72 @@ impl Store {
                     tx.commit()?;
                     continue;
                 }
-            }
-            // Start the wave's jobs (all of them when it begins; late joiners later).
-            let mut changed = wave != info.wave;
-            for (position, target) in info.targets.iter().enumerate() {
-                if target.wave <= wave && target.job_id.is_none() {
-                    changed = true;
-                    let job = insert_install_job(
-                        &tx,
-                        &target.agent_id,
-                        &order_id,
-                        release_id,
-                        ttl_ms as u64,
-                        now,
-                    )?;
+                if info.failed > 0 && info.failed as f64 > max_failures * released.max(1) as f64 {
+                    let reason = format!(
+                        "{} of {} installs failed, more than the {}% allowed",
+                        info.failed,
+                        released,
+                        (max_failures * 100.0).round()
+                    );
                     tx.execute(
-                        "UPDATE rollout_targets SET job_id = ?3
-                         WHERE rollout_id = ?1 AND position = ?2",
-                        params![id, position as i64, job],
+                        "UPDATE rollouts SET state = 'halted', reason = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                        params![id, reason, now],
                     )?;
-                    advance.poke.push(target.agent_id.clone());
+                    tx.commit()?;
+                    advance.halted.push((id, reason));
+                    continue;
                 }
+                let wave_done = info.in_progress == 0
+                    && info
+                        .targets
+                        .iter()
+                        .filter(|t| t.wave <= info.wave)
+                        .all(|t| t.job_id.is_some());
+                let mut wave = info.wave.min(info.wave_ends.len() - 1);
+                if released > 0 && wave_done {
+                    if wave + 1 < info.wave_ends.len() {
+                        wave += 1;
+                    } else {
+                        tx.execute(
+                            "UPDATE rollouts SET state = 'completed', updated_at = ?2 WHERE id = ?1",
+                            params![id, now],
+                        )?;
+                        tx.commit()?;
+                        continue;
+                    }
+                }
+                // Start the wave's jobs (all of them when it begins; late joiners later).
+                let mut changed = wave != info.wave;
+                for (position, target) in info.targets.iter().enumerate() {
+                    if target.wave <= wave && target.job_id.is_none() {
+                        changed = true;
+                        let job = insert_install_job(
+                            &tx,
+                            &target.agent_id,
+                            &order_id,
+                            release_id,
+                            ttl_ms as u64,
+                            now,
+                        )?;
+                        tx.execute(
+                            "UPDATE rollout_targets SET job_id = ?3
+                             WHERE rollout_id = ?1 AND position = ?2",
+                            params![id, position as i64, job],
+                        )?;
+                        advance.poke.push(target.agent_id.clone());
+                    }
+                }
+                if changed {
+                    tx.execute(
+                        "UPDATE rollouts SET wave = ?2, updated_at = ?3 WHERE id = ?1",
+                        params![id, wave as i64, now],
+                    )?;
+                }
+                tx.commit()?;
             }
-            if changed {
-                tx.execute(
-                    "UPDATE rollouts SET wave = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![id, wave as i64, now],
-                )?;
-            }
-            tx.commit()?;
-        }
-        Ok(advance)
+            Ok(advance)
+        })
     }
 
     /// A subscription's rollout of a release, if any: its id, state and targets.
@@ -536,58 +578,64 @@ impl Store {
         subscription_id: i64,
         release_id: i64,
     ) -> Result<Option<(i64, String, Vec<String>)>> {
-        let conn = self.fast();
-        let found: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT id, state FROM rollouts WHERE subscription_id = ?1 AND release_id = ?2",
-                params![subscription_id, release_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((id, state)) = found else {
-            return Ok(None);
-        };
-        let mut stmt =
-            conn.prepare("SELECT agent_id FROM rollout_targets WHERE rollout_id = ?1")?;
-        let rows = stmt.query_map(params![id], |r| r.get(0))?;
-        Ok(Some((id, state, rows.collect::<Result<_, _>>()?)))
+        self.blocking(|| {
+            let conn = self.fast();
+            let found: Option<(i64, String)> = conn
+                .query_row(
+                    "SELECT id, state FROM rollouts WHERE subscription_id = ?1 AND release_id = ?2",
+                    params![subscription_id, release_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((id, state)) = found else {
+                return Ok(None);
+            };
+            let mut stmt =
+                conn.prepare("SELECT agent_id FROM rollout_targets WHERE rollout_id = ?1")?;
+            let rows = stmt.query_map(params![id], |r| r.get(0))?;
+            Ok(Some((id, state, rows.collect::<Result<_, _>>()?)))
+        })
     }
 
     /// Adds agents that joined a subscription's audience after its rollout started; they
     /// go at the end (the last wave). A completed rollout runs again for them.
     pub fn extend_rollout(&self, id: i64, agents: &[String], now: Millis) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let next: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(position) + 1, 0) FROM rollout_targets WHERE rollout_id = ?1",
-            params![id],
-            |r| r.get(0),
-        )?;
-        {
-            let mut stmt = tx.prepare(
-                "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let next: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM rollout_targets WHERE rollout_id = ?1",
+                params![id],
+                |r| r.get(0),
             )?;
-            for (offset, agent) in agents.iter().enumerate() {
-                stmt.execute(params![id, next + offset as i64, agent])?;
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO rollout_targets (rollout_id, position, agent_id) VALUES (?1, ?2, ?3)",
+                )?;
+                for (offset, agent) in agents.iter().enumerate() {
+                    stmt.execute(params![id, next + offset as i64, agent])?;
+                }
             }
-        }
-        tx.execute(
-            "UPDATE rollouts SET state = 'running', updated_at = ?2
-             WHERE id = ?1 AND state = 'completed'",
-            params![id, now],
-        )?;
-        tx.commit()?;
-        Ok(())
+            tx.execute(
+                "UPDATE rollouts SET state = 'running', updated_at = ?2
+                 WHERE id = ?1 AND state = 'completed'",
+                params![id, now],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// The agents a subscription's audience names now, with their platforms.
     pub fn subscription_targets(&self, target: &str) -> Result<Vec<(String, String)>> {
-        let audience: Audience = target.parse().map_err(|e: String| StoreError::Corrupt(e))?;
-        let agents = {
-            let conn = self.fast();
-            expand(&conn, &audience)?
-        };
-        self.platforms(&agents)
+        self.blocking(|| {
+            let audience: Audience = target.parse().map_err(|e: String| StoreError::Corrupt(e))?;
+            let agents = {
+                let conn = self.fast();
+                expand(&conn, &audience)?
+            };
+            self.platforms(&agents)
+        })
     }
 }
 
