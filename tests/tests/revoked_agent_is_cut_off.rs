@@ -125,7 +125,7 @@ fn revoked_agent_is_cut_off() {
         String::from_utf8_lossy(&direct.stdout)
     );
     assert!(
-        stderr.contains("no active agent"),
+        stderr.contains("is revoked") && stderr.contains("enroll the machine again"),
         "unclear refusal for a revoked agent: {stderr}"
     );
     let all = server.cli(&["run", "--to", "all", "--wait", "--", "/bin/echo", "hi"]);

@@ -130,10 +130,6 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/releases/{id}", get(releases::show_release))
         .route(
-            "/api/v1/releases/{id}/artifact",
-            put(releases::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route(
             "/api/v1/artifacts/{sha256}",
             get(releases::download_artifact),
         )
@@ -161,12 +157,65 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(crate::api::catalog::remove_entry),
         )
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(refuse_oversized))
+        // Artifacts stream to disk in any size (the release declares their length).
+        .route(
+            "/api/v1/releases/{id}/artifact",
+            put(releases::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// The largest request body the API reads (artifact uploads aside).
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// How much of an oversized body is read and dropped so that the client, still sending,
+/// gets the 413 answer instead of a reset connection.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+/// How long that draining may take.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Answers a body declared larger than [`BODY_LIMIT`] with 413 and a message. It reads
+/// the rest of the body first (up to [`DRAIN_LIMIT`], within [`DRAIN_TIME`]): a server
+/// that answers and closes while the client is still sending makes the client's TCP
+/// stack reset the connection, and the client would see a TLS error instead of the
+/// answer. Beyond that the answer is sent with `Connection: close`, best effort.
+async fn refuse_oversized(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(length) = declared.filter(|&n| n > BODY_LIMIT as u64) else {
+        return next.run(request).await;
+    };
+    let error = ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is {length} bytes; the API accepts at most {BODY_LIMIT} bytes"),
+    );
+    if length <= DRAIN_LIMIT {
+        let mut body = request.into_body().into_data_stream();
+        let drain = async {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = body.next().await {}
+        };
+        if tokio::time::timeout(DRAIN_TIME, drain).await.is_ok() {
+            return error.into_response();
+        }
+    }
+    let mut response = error.into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 async fn authenticate(
@@ -334,9 +383,22 @@ async fn set_membership(
     Ok(Json(Created { ids: vec![] }))
 }
 
+/// Why an order reaches nobody: a revoked agent is named as such.
+fn no_agent(state: &ApiState, audience: &Audience) -> Result<ApiError, ApiError> {
+    let reason = match audience {
+        Audience::Agent(id) if state.store.agent_revoked(id)? => {
+            format!("agent {id} is revoked; enroll the machine again to send it work")
+        }
+        other => format!("no active agent matches {other}"),
+    };
+    Ok(ApiError(StatusCode::NOT_FOUND, reason))
+}
+
 #[derive(Deserialize)]
 struct JobsQuery {
     agent: Option<String>,
+    /// Only jobs older than this one (paging: pass the last id of the previous page).
+    before: Option<JobId>,
     limit: Option<u32>,
 }
 
@@ -348,8 +410,13 @@ async fn list_jobs(
         Some(a) => Some(state.store.resolve_agent(&a)?),
         None => None,
     };
-    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
-    Ok(Json(state.store.jobs(agent.as_deref(), limit)?))
+    let limit = q.limit.unwrap_or(100);
+    if limit > MAX_LIST {
+        return Err(bad(format!(
+            "limit must be at most {MAX_LIST}; page with before=<the last id of the previous page>"
+        )));
+    }
+    Ok(Json(state.store.jobs(agent.as_deref(), q.before, limit)?))
 }
 
 #[derive(Deserialize)]
@@ -394,10 +461,7 @@ async fn create_jobs(
     }
     let agents = state.store.expand(&order.audience)?;
     if agents.is_empty() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no active agent matches {}", order.audience),
-        ));
+        return Err(no_agent(&state, &order.audience)?);
     }
     let now = now_ms();
     let ids = state.store.create_jobs(
@@ -450,10 +514,7 @@ async fn create_schedule(
     }
     if let Audience::Agent(id) = &order.audience {
         if !state.store.agent_active(id)? {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no active agent {id}"),
-            ));
+            return Err(no_agent(&state, &order.audience)?);
         }
     }
     let now = now_ms();

@@ -41,6 +41,8 @@ pub(crate) const DEFAULT_TIMEOUT: &str = "10m";
 pub(crate) const DEFAULT_TTL: &str = "24h";
 /// How long a schedule's standing order stays valid unless told otherwise.
 pub(crate) const STANDING_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The most jobs one API call lists (the API's own limit).
+const JOBS_PAGE: u32 = 1000;
 /// How far a one-off order's validity starts before now, to tolerate agent clock skew.
 pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
@@ -292,7 +294,7 @@ pub enum JobsCommand {
         /// Only this agent's jobs.
         #[arg(long)]
         agent: Option<String>,
-        /// How many.
+        /// How many, newest first (any number: fetched a page of 1,000 at a time).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// JSON output.
@@ -835,18 +837,50 @@ impl Context {
         Ok((created.ids.first().copied().unwrap_or_default(), when))
     }
 
+    /// The newest `limit` jobs, a page of at most [`JOBS_PAGE`] at a time, and whether
+    /// there are more.
+    async fn list_jobs(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<JobInfo>, bool), CliError> {
+        let mut jobs: Vec<JobInfo> = Vec::new();
+        // One more than asked for tells whether there are more.
+        let wanted = limit as usize + 1;
+        loop {
+            let page = (wanted - jobs.len()).min(JOBS_PAGE as usize);
+            let mut path = format!("/api/v1/jobs?limit={page}");
+            if let Some(agent) = agent {
+                path.push_str(&format!("&agent={agent}"));
+            }
+            if let Some(last) = jobs.last() {
+                path.push_str(&format!("&before={}", last.id));
+            }
+            let batch: Vec<JobInfo> = self.client.get(&path).await?;
+            let done = batch.len() < page;
+            jobs.extend(batch);
+            if done || jobs.len() >= wanted {
+                break;
+            }
+        }
+        let more = jobs.len() > limit as usize;
+        jobs.truncate(limit as usize);
+        Ok((jobs, more))
+    }
+
     async fn jobs(&self, command: JobsCommand) -> Result<ExitCode, CliError> {
         match command {
             JobsCommand::List { agent, limit, json } => {
-                let mut path = format!("/api/v1/jobs?limit={limit}");
-                if let Some(agent) = agent {
-                    path.push_str(&format!("&agent={agent}"));
-                }
-                let jobs: Vec<JobInfo> = self.client.get(&path).await?;
+                let (jobs, more) = self.list_jobs(agent.as_deref(), limit).await?;
                 if json {
                     print_json(&jobs);
                 } else {
                     print_jobs(&jobs);
+                }
+                if more {
+                    eprintln!(
+                        "showing the newest {limit} jobs; there are more (use --limit to see them)"
+                    );
                 }
             }
             JobsCommand::Show { job, json } => {

@@ -787,6 +787,21 @@ impl Store {
         })
     }
 
+    /// Whether the agent exists and was revoked.
+    pub fn agent_revoked(&self, id: &str) -> Result<bool> {
+        self.blocking(|| {
+            Ok(self
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM agents WHERE id = ?1 AND revoked_at IS NOT NULL",
+                    params![id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
+    }
+
     /// Whether the agent exists and is not revoked.
     pub fn agent_active(&self, id: &str) -> Result<bool> {
         self.blocking(|| {
@@ -1162,13 +1177,19 @@ impl Store {
     }
 
     /// Jobs, newest first, optionally for one agent.
-    pub fn jobs(&self, agent_id: Option<&str>, limit: u32) -> Result<Vec<JobInfo>> {
+    pub fn jobs(
+        &self,
+        agent_id: Option<&str>,
+        before: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<JobInfo>> {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
-                "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) ORDER BY j.id DESC LIMIT ?2"
+                "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) AND (?2 IS NULL OR j.id < ?2)
+                 ORDER BY j.id DESC LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(params![agent_id, limit], job_row)?;
+            let rows = stmt.query_map(params![agent_id, before, limit], job_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
