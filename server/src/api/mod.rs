@@ -1,6 +1,12 @@
 //! The admin API: HTTPS JSON under `/api/v1`, authenticated by a bearer admin token
 //! (stored hashed), plus Prometheus metrics at `/metrics`.
 //!
+//! - `mod.rs`: the router, authentication, body limits, tokens, agents, groups, jobs,
+//!   schedules, metrics;
+//! - `catalog.rs`: catalog entries;
+//! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
+//!   rollouts.
+//!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 

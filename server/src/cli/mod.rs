@@ -1,6 +1,14 @@
 //! The `herald-server` command line: one `Args` struct per subcommand and a `run()` that
 //! dispatches. Admin subcommands sign orders locally with the operator key and talk to
 //! the admin API; the server never sees the key.
+//!
+//! - `mod.rs`: the argument tree, `init`/`serve`, tokens, agents, groups, run, schedules,
+//!   jobs;
+//! - `client.rs`: the admin API client (pinned to the server's CA);
+//! - `catalog.rs`: `catalog` and `open`;
+//! - `packages.rs`: `vendor` and `package`;
+//! - `users.rs`: `users` (local, on the data directory);
+//! - `demo.rs`: `demo` (a throwaway server with an in-process agent).
 
 pub mod catalog;
 pub mod client;

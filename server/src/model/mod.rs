@@ -1,5 +1,12 @@
-//! The records the admin API returns and the CLI prints. Their JSON form is the stable
-//! `--json` output documented in docs/CLI.md.
+//! The server's shared vocabulary: the records the admin API returns, the CLI prints and
+//! the store reads and writes. Their JSON form is the stable `--json` output documented
+//! in docs/CLI.md. Pure types and rules; nothing here does I/O or imports another folder.
+//!
+//! - `mod.rs`: agents, jobs, schedules, job events, API request bodies;
+//! - `job.rs`: [`JobState`] and its transition table;
+//! - `accounts.rs`: console users, sessions, visits, history, deliveries;
+//! - `catalog.rs`: catalog entries and subscriptions;
+//! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves.
 
 mod accounts;
 mod catalog;

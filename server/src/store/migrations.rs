@@ -1,0 +1,287 @@
+//! The schema, as a list of migrations applied in order (`PRAGMA user_version` counts
+//! them). Add one at the end; never edit one that has shipped.
+
+use super::*;
+
+/// Migrations, applied in order; index + 1 is the schema version.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key BLOB NOT NULL UNIQUE,
+    enrolled_at BIGINT NOT NULL,
+    revoked_at BIGINT,
+    last_seen_at BIGINT,
+    version TEXT,
+    facts TEXT NOT NULL DEFAULT '{}',
+    local_addresses TEXT NOT NULL DEFAULT '',
+    observed_address TEXT,
+    membership BLOB
+);
+CREATE TABLE agent_groups (
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    group_name TEXT NOT NULL,
+    PRIMARY KEY (agent_id, group_name)
+);
+CREATE INDEX agent_groups_by_group ON agent_groups(group_name);
+CREATE TABLE address_history (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    kind TEXT NOT NULL,
+    address TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX address_history_by_agent ON address_history(agent_id, at);
+CREATE TABLE tokens (
+    secret_hash TEXT PRIMARY KEY,
+    groups TEXT NOT NULL,
+    uses_left INTEGER NOT NULL,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE admin_tokens (
+    token_hash TEXT PRIMARY KEY,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE orders (
+    id TEXT PRIMARY KEY,
+    envelope BLOB NOT NULL,
+    action TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE schedules (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    target TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    missed TEXT NOT NULL,
+    splay_ms BIGINT NOT NULL,
+    ttl_ms BIGINT NOT NULL,
+    min_interval_ms BIGINT NOT NULL DEFAULT 0,
+    next_fire_at BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX schedules_by_next_fire ON schedules(next_fire_at);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    schedule_id BIGINT,
+    state TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    deliver_after BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    delivered_at BIGINT,
+    started_at BIGINT,
+    finished_at BIGINT,
+    attempt INTEGER,
+    exit_code INTEGER,
+    signal INTEGER,
+    stdout BLOB,
+    stderr BLOB,
+    stdout_truncated INTEGER NOT NULL DEFAULT 0,
+    stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX jobs_by_agent_state ON jobs(agent_id, state);
+CREATE INDEX jobs_by_state_expiry ON jobs(state, expires_at);
+CREATE INDEX jobs_by_state_deliver ON jobs(state, deliver_after);
+"#,
+    r#"
+CREATE TABLE vendors (
+    name TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    packages TEXT NOT NULL,
+    delegation BLOB NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    package TEXT NOT NULL,
+    version TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    vendor TEXT REFERENCES vendors(name),
+    metadata BLOB NOT NULL,
+    sha256 TEXT NOT NULL,
+    length BIGINT NOT NULL,
+    url TEXT,
+    expires_at BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    published_at BIGINT,
+    UNIQUE (package, version, platform)
+);
+CREATE TABLE package_subscriptions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    package TEXT NOT NULL,
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    target TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    max_failures DOUBLE PRECISION NOT NULL,
+    ttl_ms BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX package_subscriptions_by_package ON package_subscriptions(package);
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    release_id BIGINT NOT NULL REFERENCES releases(id),
+    subscription_id BIGINT NOT NULL REFERENCES package_subscriptions(id),
+    state TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    reason TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX rollouts_by_state ON rollouts(state);
+CREATE TABLE rollout_targets (
+    rollout_id BIGINT NOT NULL REFERENCES rollouts(id),
+    position INTEGER NOT NULL,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    job_id BIGINT REFERENCES jobs(id),
+    PRIMARY KEY (rollout_id, position)
+);
+ALTER TABLE jobs ADD COLUMN release_id BIGINT REFERENCES releases(id);
+ALTER TABLE jobs ADD COLUMN progress TEXT;
+"#,
+    // Web console: accounts, sessions, the service catalog, users' subscriptions,
+    // browser-service visits, and forwarding of results.
+    r#"
+CREATE TABLE users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    login TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL DEFAULT '',
+    email TEXT NOT NULL DEFAULT '',
+    phone TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    failed_logins INTEGER NOT NULL DEFAULT 0,
+    locked_until BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE web_sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_seen_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX web_sessions_by_user ON web_sessions(user_id);
+CREATE TABLE visits (
+    token_hash TEXT PRIMARY KEY,
+    job_id BIGINT NOT NULL REFERENCES jobs(id),
+    csrf TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+ALTER TABLE tokens ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+ALTER TABLE agents ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+CREATE INDEX agents_by_owner ON agents(owner_user_id);
+ALTER TABLE orders ADD COLUMN kind TEXT NOT NULL DEFAULT 'run';
+ALTER TABLE orders ADD COLUMN open_timeout_ms BIGINT;
+CREATE TABLE catalog (
+    name TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    description TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    order_id TEXT NOT NULL REFERENCES orders(id),
+    summary TEXT NOT NULL,
+    target TEXT NOT NULL,
+    min_interval_ms BIGINT NOT NULL,
+    not_after BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+ALTER TABLE schedules ADD COLUMN owner_user_id BIGINT REFERENCES users(id);
+ALTER TABLE schedules ADD COLUMN catalog_name TEXT;
+CREATE INDEX schedules_by_owner ON schedules(owner_user_id);
+ALTER TABLE jobs ADD COLUMN visit_redeemed_at BIGINT;
+ALTER TABLE jobs ADD COLUMN outcome TEXT;
+ALTER TABLE jobs ADD COLUMN forward_pending INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_by_forward ON jobs(forward_pending, state);
+CREATE TABLE destinations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    schedule_id BIGINT,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    secret TEXT,
+    only_failures INTEGER NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX destinations_by_user ON destinations(user_id);
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination_id BIGINT NOT NULL,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    job_id BIGINT NOT NULL REFERENCES jobs(id),
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    last_error TEXT,
+    created_at BIGINT NOT NULL,
+    finished_at BIGINT
+);
+CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
+CREATE INDEX deliveries_by_job ON deliveries(job_id);
+CREATE TABLE delivery_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id BIGINT NOT NULL REFERENCES deliveries(id),
+    at BIGINT NOT NULL,
+    ok INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX delivery_attempts_by_delivery ON delivery_attempts(delivery_id);
+"#,
+    // Forwarding: e-mail and SMS rules are confirmed with a code sent to the target
+    // (webhooks need none); codes sent and deliveries per user are counted for the
+    // daily limits; deliveries are pruned by age.
+    r#"
+ALTER TABLE destinations ADD COLUMN confirmed_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_code_hash TEXT;
+ALTER TABLE destinations ADD COLUMN confirm_expires_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_tries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE destinations ADD COLUMN confirm_requested_at BIGINT;
+ALTER TABLE destinations ADD COLUMN confirm_note TEXT;
+UPDATE destinations SET confirmed_at = created_at WHERE kind = 'webhook';
+CREATE TABLE confirmation_codes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    sent_at BIGINT NOT NULL
+);
+CREATE INDEX confirmation_codes_by_user ON confirmation_codes(user_id, sent_at);
+CREATE INDEX destinations_code_requested ON destinations(confirm_requested_at)
+    WHERE confirm_requested_at IS NOT NULL;
+ALTER TABLE deliveries ADD COLUMN over_limit INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_by_user ON deliveries(user_id, created_at);
+CREATE INDEX deliveries_by_created ON deliveries(created_at);
+"#,
+];
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let version: Option<i64> =
+        conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
+    let version = version.unwrap_or(0) as usize;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            params![(index + 1) as i64],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
