@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::io::SeekFrom;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -210,22 +209,9 @@ fn check_url(url: &str) -> Result<(), DownloadError> {
     let refused = || DownloadError::Scheme {
         url: url.to_string(),
     };
+    // The URL parser normalises the host (percent-escapes, IPv4 forms) before the rule.
     let parsed = reqwest::Url::parse(url).map_err(|_| refused())?;
-    match parsed.scheme() {
-        "https" => Ok(()),
-        "http" if parsed.host_str().is_some_and(is_loopback) => Ok(()),
-        _ => Err(refused()),
-    }
-}
-
-/// `localhost`, 127.0.0.0/8 or ::1 (the URL parser has already normalised the host).
-fn is_loopback(host: &str) -> bool {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    herald_shared::url::check_download_url(parsed.as_str()).map_err(|_| refused())
 }
 
 /// The first byte of a `Content-Range: bytes first-last/total` header.

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
+use herald_io::files::{io_error, sync_dir, FileError};
+
 /// Directory under the packages root where downloads are staged.
 pub const STAGING: &str = ".staging";
 
@@ -165,16 +167,8 @@ pub enum InstallError {
         detail: String,
     },
     /// A file operation failed.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was attempted.
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// What `state.json` holds.
@@ -195,11 +189,7 @@ impl Packages {
     pub fn open(root: &Path) -> Result<Packages, InstallError> {
         create_dir(root)?;
         let staging = root.join(STAGING);
-        herald_io::files::create_private_dir(&staging).map_err(|e| InstallError::Io {
-            action: e.action,
-            path: e.path,
-            source: e.source,
-        })?;
+        herald_io::files::create_private_dir(&staging)?;
         // An existing directory keeps its mode through create; downloads must stay private.
         fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))
             .map_err(io_error("cannot restrict", &staging))?;
@@ -465,7 +455,7 @@ fn copy_file(reader: &mut impl Read, path: &Path) -> Result<(), InstallError> {
 fn finish_file(file: &fs::File, path: &Path, mode: u32) -> Result<(), InstallError> {
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_error("cannot set mode of", path))?;
-    file.sync_all().map_err(io_error("cannot write", path))
+    Ok(file.sync_all().map_err(io_error("cannot write", path))?)
 }
 
 fn unpack_tar_gz(reader: &mut impl Read, dir: &Path) -> Result<(), InstallError> {
@@ -551,13 +541,17 @@ fn unpack_entry<R: Read>(
         EntryType::Symlink => {
             let link = link_target(entry).map_err(refuse)?;
             prepare_place(&target)?;
-            std::os::unix::fs::symlink(&link, &target).map_err(io_error("cannot link", &target))
+            Ok(std::os::unix::fs::symlink(&link, &target)
+                .map_err(io_error("cannot link", &target))?)
         }
         EntryType::Link => {
             // A hard link's target is a path from the archive's root.
             let link = link_target(entry).map_err(refuse)?;
             prepare_place(&target)?;
-            fs::hard_link(dir.join(&link), &target).map_err(io_error("cannot link", &target))
+            Ok(
+                fs::hard_link(dir.join(&link), &target)
+                    .map_err(io_error("cannot link", &target))?,
+            )
         }
         EntryType::XGlobalHeader => Ok(()),
         EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -604,11 +598,11 @@ fn prepare_place(target: &Path) -> Result<(), InstallError> {
     }
     match fs::symlink_metadata(target) {
         Ok(meta) if meta.is_dir() => {
-            fs::remove_dir_all(target).map_err(io_error("cannot replace", target))
+            Ok(fs::remove_dir_all(target).map_err(io_error("cannot replace", target))?)
         }
-        Ok(_) => fs::remove_file(target).map_err(io_error("cannot replace", target)),
+        Ok(_) => Ok(fs::remove_file(target).map_err(io_error("cannot replace", target))?),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("cannot inspect", target)(e)),
+        Err(e) => Err(io_error("cannot inspect", target)(e).into()),
     }
 }
 
@@ -619,7 +613,7 @@ fn read_current(package: &Path) -> Result<Option<String>, InstallError> {
     let target = match fs::read_link(&link) {
         Ok(target) => target,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_error("cannot read link", &link)(e)),
+        Err(e) => return Err(io_error("cannot read link", &link)(e).into()),
     };
     let version = target.to_str().filter(|v| check_version(v).is_ok());
     match version {
@@ -652,7 +646,7 @@ fn read_state(package: &Path) -> Result<State, InstallError> {
     let text = match fs::read(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
-        Err(e) => return Err(io_error("cannot read", &path)(e)),
+        Err(e) => return Err(io_error("cannot read", &path)(e).into()),
     };
     serde_json::from_slice(&text).map_err(|e| InstallError::Damaged {
         path,
@@ -664,11 +658,7 @@ fn write_state(package: &Path, state: &State) -> Result<(), InstallError> {
     let path = package.join(STATE);
     // Serializing two optional strings cannot fail.
     let text = serde_json::to_vec_pretty(state).expect("state serializes");
-    herald_io::files::write_atomic(&path, &text).map_err(|e| InstallError::Io {
-        action: e.action,
-        path: e.path,
-        source: e.source,
-    })
+    Ok(herald_io::files::write_atomic(&path, &text)?)
 }
 
 /// Replaces the `current` link in one rename, so it always names a whole version.
@@ -677,7 +667,7 @@ fn point_current(package: &Path, version: &str) -> Result<(), InstallError> {
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error("cannot remove", &tmp)(e)),
+        Err(e) => return Err(io_error("cannot remove", &tmp)(e).into()),
     }
     std::os::unix::fs::symlink(version, &tmp).map_err(io_error("cannot link", &tmp))?;
     let link = package.join(CURRENT);
@@ -716,40 +706,23 @@ fn prune(package: &Path, keep: &[Option<&str>]) {
 // === file helpers ===
 
 fn create_dir(path: &Path) -> Result<(), InstallError> {
-    fs::DirBuilder::new()
+    Ok(fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(path)
-        .map_err(io_error("cannot create directory", path))
+        .map_err(io_error("cannot create directory", path))?)
 }
 
 fn remove_dir_if_present(path: &Path) -> Result<(), InstallError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("cannot remove", path)(e)),
+        Err(e) => Err(io_error("cannot remove", path)(e).into()),
     }
 }
 
 /// Makes renames and new entries in a directory durable. A failure only risks redoing
 /// work after a crash, so it is ignored.
-fn sync_dir(path: &Path) {
-    if let Ok(dir) = fs::File::open(path) {
-        let _ = dir.sync_all();
-    }
-}
-
-fn io_error<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> InstallError + 'a {
-    move |source| InstallError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn not_installed(name: &str, version: &str) -> InstallError {
     InstallError::NotInstalled {
         name: name.to_string(),

@@ -41,7 +41,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use herald_io::files::{create_private_dir, FileError};
+use herald_io::files::{create_private_dir, io_error, remove_if_present, sync_dir, FileError};
 
 /// Directory under the state directory that holds the self-update files.
 pub const UPDATE_DIR: &str = "update";
@@ -104,17 +104,6 @@ pub enum SelfUpdateError {
         job_id: i64,
         /// The version it installed.
         to_version: String,
-    },
-    /// A file or directory operation failed.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was attempted ("cannot read", ...).
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
     },
     /// Creating the update directory failed.
     #[error(transparent)]
@@ -489,7 +478,7 @@ impl Attempt {
             Err(e) => return e,
         }
         if let Err(e) = fs::set_permissions(new_binary, Permissions::from_mode(0o755)) {
-            return io_error("cannot set the mode of", new_binary)(e);
+            return io_error("cannot set the mode of", new_binary)(e).into();
         }
         if let Err(source) = self_replace::self_replace(new_binary) {
             return SelfUpdateError::Replace {
@@ -577,7 +566,7 @@ fn end_trial(update_dir: &Path, next: PendingState) -> Result<TrialEnd, SelfUpda
                     .map(TrialEnd::AlreadyEnded)
                     .unwrap_or(TrialEnd::NoRecord));
             }
-            return Err(io_error("cannot create", &verdict)(e));
+            return Err(io_error("cannot create", &verdict)(e).into());
         }
     }
     publish(&tmp, &update_dir.join(PENDING_FILE))?;
@@ -595,7 +584,7 @@ fn read_current(update_dir: &Path) -> Result<Option<Pending>, SelfUpdateError> {
                     .map_err(|source| SelfUpdateError::Corrupt { path, source });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("cannot read", &path)(e)),
+            Err(e) => return Err(io_error("cannot read", &path)(e).into()),
         }
     }
     Ok(None)
@@ -673,7 +662,7 @@ fn revert(
 /// Copies `previous` over `exe` atomically.
 fn restore_previous(previous: &Path, exe: &Path) -> Result<(), SelfUpdateError> {
     copy_executable(previous, exe, &with_suffix(exe, RESTORE_SUFFIX)).map_err(|e| match e {
-        SelfUpdateError::Io { source, path, .. }
+        SelfUpdateError::File(FileError { source, path, .. })
             if source.kind() == io::ErrorKind::NotFound && path == previous =>
         {
             SelfUpdateError::PreviousMissing { path }
@@ -921,30 +910,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
-}
-
-fn remove_if_present(path: &Path) -> Result<(), SelfUpdateError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("cannot remove", path)(e)),
-    }
-}
-
-/// Makes renames in `dir` durable; failure only costs durability, so it is ignored.
-fn sync_dir(dir: &Path) {
-    if let Ok(dir) = File::open(dir) {
-        let _ = dir.sync_all();
-    }
-}
-
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SelfUpdateError {
-    let path = path.to_path_buf();
-    move |source| SelfUpdateError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,34 @@ impl FileError {
     }
 }
 
+/// A `map_err` adapter naming the operation and the path: `.map_err(io_error("cannot
+/// open", &path))`.
+pub fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FileError {
+    let path = path.to_path_buf();
+    move |source| FileError {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Makes renames and creations in `dir` durable; failure only costs durability, so it is
+/// ignored.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(dir) = fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Removes a file; one that is not there is fine.
+pub fn remove_if_present(path: &Path) -> Result<(), FileError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FileError::new("cannot remove", path, e)),
+    }
+}
+
 /// Reads a UTF-8 file.
 pub fn read_string(path: &Path) -> Result<String, FileError> {
     fs::read_to_string(path).map_err(|e| FileError::new("cannot read", path, e))

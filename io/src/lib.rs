@@ -3,12 +3,14 @@
 //!
 //! - [`wire`]: frames (`herald_shared::codec`) read from and written to QUIC streams;
 //! - [`files`]: atomic writes and private (0600) files and directories;
+//! - [`tls`]: the handshake checks both ends' certificate verifiers share;
 //! - [`now_ms`] and [`random_bytes`]: the one clock and the one random source of the
 //!   workspace.
 
 #![forbid(unsafe_code)]
 
 pub mod files;
+pub mod tls;
 pub mod wire;
 
 /// The wall clock in unix milliseconds.

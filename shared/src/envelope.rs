@@ -344,12 +344,7 @@ pub fn check_browser_url(url: &str) -> Result<(), String> {
     if https {
         return Ok(());
     }
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false);
-    if loopback {
+    if crate::url::is_loopback_host(host) {
         Ok(())
     } else {
         Err(format!(

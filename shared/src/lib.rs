@@ -9,6 +9,7 @@ pub mod protocol;
 pub mod release;
 pub mod schedule;
 pub mod token;
+pub mod url;
 
 /// Unix time in milliseconds, UTC.
 pub type Millis = i64;

@@ -135,31 +135,7 @@ pub(crate) async fn create_release(
     Ok(Json(info))
 }
 
-/// Checks a URL agents will download from: `https:`, or `http:` to loopback.
-pub fn check_download_url(url: &str) -> Result<(), String> {
-    let loopback_http = url
-        .strip_prefix("http://")
-        .map(|rest| {
-            let host = rest.split(['/', '?']).next().unwrap_or("");
-            let host = host
-                .rsplit_once(':')
-                .filter(|(_, port)| port.parse::<u16>().is_ok())
-                .map_or(host, |(h, _)| h);
-            host == "localhost"
-                || host
-                    .trim_matches(['[', ']'])
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        })
-        .unwrap_or(false);
-    if url.starts_with("https://") || loopback_http {
-        Ok(())
-    } else {
-        Err(format!(
-            "download URL {url:?} must be https: (http: only to loopback, for development)"
-        ))
-    }
-}
+pub use herald_shared::url::check_download_url;
 
 fn published(state: &ApiState, package: &str) -> Result<(), ApiError> {
     rollout::start_for_package(&state.store, package)?;

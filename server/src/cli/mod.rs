@@ -529,27 +529,24 @@ impl Context {
     /// when every job succeeded.
     pub(crate) async fn report_jobs(&self, ids: &[i64], wait: bool) -> Result<ExitCode, CliError> {
         if !wait {
-            for id in ids {
-                println!("job {id} queued");
-            }
+            print_queued(ids);
             return Ok(ExitCode::SUCCESS);
         }
-        let mut all_ok = true;
-        for id in ids {
-            let job: JobInfo = self.wait_job(*id).await?;
-            let detail = job
-                .outcome
-                .clone()
-                .or_else(|| job.error.clone())
-                .or_else(|| Some(job.stdout.trim().to_string()).filter(|s| !s.is_empty()))
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            println!(
-                "job {} on {}: {}{detail}",
-                job.id, job.agent_name, job.state
-            );
-            all_ok &= job.state == JobState::Succeeded;
-        }
+        let all_ok = self
+            .wait_each(ids, |job| {
+                let detail = job
+                    .outcome
+                    .clone()
+                    .or_else(|| job.error.clone())
+                    .or_else(|| Some(job.stdout.trim().to_string()).filter(|s| !s.is_empty()))
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                println!(
+                    "job {} on {}: {}{detail}",
+                    job.id, job.agent_name, job.state
+                );
+            })
+            .await?;
         Ok(if all_ok {
             ExitCode::SUCCESS
         } else {
@@ -688,38 +685,35 @@ impl Context {
         let action = run_action(&args.command, timeout, args.user)?;
         let created = self.queue_once(&args.to, action, timeout, ttl).await?;
         if !args.wait {
-            for id in &created.ids {
-                println!("job {id} queued");
-            }
+            print_queued(&created.ids);
             return Ok(ExitCode::SUCCESS);
         }
         let single = created.ids.len() == 1;
-        let mut all_ok = true;
         let mut last_code = 0;
-        for id in &created.ids {
-            let job = self.wait_job(*id).await?;
-            if !single {
-                println!("== job {} on {} : {}", job.id, job.agent_name, job.state);
-            }
-            print!("{}", job.stdout);
-            eprint!("{}", job.stderr);
-            if job.stdout_truncated || job.stderr_truncated {
-                eprintln!("(output truncated)");
-            }
-            if job.state != JobState::Succeeded {
-                all_ok = false;
-                let reason = job
-                    .error
-                    .clone()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
-                eprintln!(
-                    "job {} on {} ended {}{reason}",
-                    job.id, job.agent_name, job.state
-                );
-            }
-            last_code = job.exit_code.unwrap_or(1);
-        }
+        let all_ok = self
+            .wait_each(&created.ids, |job| {
+                if !single {
+                    println!("== job {} on {} : {}", job.id, job.agent_name, job.state);
+                }
+                print!("{}", job.stdout);
+                eprint!("{}", job.stderr);
+                if job.stdout_truncated || job.stderr_truncated {
+                    eprintln!("(output truncated)");
+                }
+                if job.state != JobState::Succeeded {
+                    let reason = job
+                        .error
+                        .clone()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "job {} on {} ended {}{reason}",
+                        job.id, job.agent_name, job.state
+                    );
+                }
+                last_code = job.exit_code.unwrap_or(1);
+            })
+            .await?;
         let _ = std::io::stdout().flush();
         Ok(if single {
             ExitCode::from(last_code.clamp(0, 255) as u8)
@@ -728,6 +722,22 @@ impl Context {
         } else {
             ExitCode::FAILURE
         })
+    }
+
+    /// Waits for each job in turn, handing each to `ended` as it reaches a final state;
+    /// whether every one succeeded.
+    pub(crate) async fn wait_each(
+        &self,
+        ids: &[i64],
+        mut ended: impl FnMut(&JobInfo),
+    ) -> Result<bool, CliError> {
+        let mut all_ok = true;
+        for id in ids {
+            let job = self.wait_job(*id).await?;
+            ended(&job);
+            all_ok &= job.state == JobState::Succeeded;
+        }
+        Ok(all_ok)
     }
 
     pub(crate) async fn wait_job(&self, id: i64) -> Result<JobInfo, CliError> {
@@ -942,6 +952,13 @@ fn min_gap(when: &Schedule, now: i64) -> i64 {
         0
     } else {
         gap
+    }
+}
+
+/// Says each job was queued (the answer without `--wait`).
+fn print_queued(ids: &[i64]) {
+    for id in ids {
+        println!("job {id} queued");
     }
 }
 

@@ -423,7 +423,7 @@ impl Context {
             None => None,
         };
         if let Some(url) = &args.url {
-            crate::api::releases::check_download_url(url).map_err(usage)?;
+            herald_shared::url::check_download_url(url).map_err(usage)?;
         }
         let (length, sha256) = hash_file(&args.file).await?;
         let now = now_ms();

@@ -41,6 +41,8 @@ use tracing::{debug, info, warn};
 
 use herald_shared::Millis;
 
+use herald_shared::url::is_loopback_host;
+
 use crate::config::{ServerConfig, SmsConfig, SmtpConfig, SmtpTls};
 use crate::model::JobEvent;
 use crate::store::{Store, StoreError};
@@ -204,15 +206,6 @@ pub fn validate_config(config: &ServerConfig) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 // === the forwarder task ===
