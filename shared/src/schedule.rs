@@ -87,6 +87,12 @@
 //!
 //! [`due`] decides, from the stored next fire time and "now", whether to fire
 //! and what the new next fire time is; see [`Missed`].
+//!
+//! # Durations
+//!
+//! [`parse_duration`] reads every duration a user types (`1h30m`), and none is longer
+//! than [`MAX_DURATION`] (366 days); [`deadline`] adds durations to a clock reading with
+//! checked arithmetic, so expiry times can neither wrap nor mean "no limit".
 
 use std::fmt;
 use std::str::FromStr;
@@ -103,6 +109,26 @@ pub use crate::Millis;
 
 /// Shortest interval accepted for [`Schedule::Every`].
 const MIN_INTERVAL_MS: u64 = 1_000;
+
+/// Longest duration a user may give anywhere (`--timeout`, `--ttl`, `--every`, `--splay`,
+/// `--valid`, `--expires`, `+DUR` times, ...): 366 days, which [`parse_duration`] enforces.
+///
+/// Why 366 days: the longest durations people give are validities, such as a catalog
+/// entry's `--valid` (default `365d`) or a release's `--expires`, and "a year" has to fit
+/// in a leap year too. Nothing Herald does needs a longer user-given span; what lives
+/// longer (standing orders) gets its validity from a constant, not from input. A single
+/// bound, far below the limits of the arithmetic, means every sum of a few durations
+/// added to a real clock reading stays exact: 366 days is about 3.2 * 10^10 ms, while
+/// `i64` milliseconds reach 9.2 * 10^18 (see [`deadline`]). Without it,
+/// `--timeout 18446744073709551615ms` ran with no limit and
+/// `--timeout 9223372036854775807ms` wrapped into a deadline in the past.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// [`MAX_DURATION`] as the user would write it, for error messages.
+const MAX_DURATION_TEXT: &str = "366d";
+
+/// [`MAX_DURATION`] in milliseconds (3.2 * 10^10: the cast cannot truncate).
+const MAX_DURATION_MS: u64 = MAX_DURATION.as_millis() as u64;
 
 /// Upper bound on wall-clock candidates examined by one cron search. Only
 /// candidates that are not yet after `after` are re-examined, which happens
@@ -133,13 +159,15 @@ impl Schedule {
         })
     }
 
-    /// Builds an interval schedule. The interval must be at least one second;
-    /// sub-millisecond parts are dropped.
+    /// Builds an interval schedule. The interval must be at least one second and at most
+    /// [`MAX_DURATION`]; sub-millisecond parts are dropped.
     pub fn every(interval: Duration, anchor: Millis) -> Result<Schedule, ScheduleError> {
-        let interval_ms =
-            u64::try_from(interval.as_millis()).map_err(|_| ScheduleError::DurationOverflow {
-                input: format!("{}s", interval.as_secs()),
-            })?;
+        if interval > MAX_DURATION {
+            return Err(ScheduleError::DurationTooLong {
+                input: format_duration(interval),
+            });
+        }
+        let interval_ms = interval.as_millis() as u64; // at most MAX_DURATION_MS: fits
         if interval_ms < MIN_INTERVAL_MS {
             return Err(ScheduleError::IntervalTooShort {
                 interval: format_duration(interval),
@@ -276,11 +304,13 @@ pub fn due(
     (fire, schedule.next_after(now))
 }
 
-/// Parses durations like "500ms", "10s", "5m", "1h30m", "2d", "1w"; rejects empty, zero-less garbage, overflow, with a clear error.
+/// Parses durations like "500ms", "10s", "5m", "1h30m", "2d", "1w"; rejects empty input,
+/// garbage and anything longer than [`MAX_DURATION`] (366 days), with a clear error.
 ///
 /// Units: `w` (7 days), `d`, `h`, `m`, `s`, `ms`; each may appear once,
 /// largest first, each with a whole number (`1h30m`, not `1.5h` or `30m1h`).
 /// `"0s"` parses to zero; [`Schedule::every`] is what rejects short intervals.
+/// All arithmetic is checked, so no input can wrap around into a short duration.
 pub fn parse_duration(s: &str) -> Result<Duration, ScheduleError> {
     let bad = |reason: String| ScheduleError::InvalidDuration {
         input: s.to_string(),
@@ -333,17 +363,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, ScheduleError> {
             ));
         }
         last_rank = Some(rank);
-        let overflow = || ScheduleError::DurationOverflow {
+        let too_long = || ScheduleError::DurationTooLong {
             input: s.to_string(),
         };
-        let n: u64 = number.parse().map_err(|_| overflow())?;
+        // `number` is all ASCII digits, so parsing fails only beyond u64.
+        let n: u64 = number.parse().map_err(|_| too_long())?;
         total_ms = n
             .checked_mul(unit_ms)
             .and_then(|part| total_ms.checked_add(part))
-            .ok_or_else(overflow)?;
+            .filter(|&total| total <= MAX_DURATION_MS)
+            .ok_or_else(too_long)?;
         rest = after_unit;
     }
     Ok(Duration::from_millis(total_ms))
+}
+
+/// `now` plus the given durations, in milliseconds; `None` if the sum leaves the `i64`
+/// range. The server CLI computes expiry times with this (`now + ttl + timeout + skew`),
+/// so an oversized input is an error instead of a wrapped, past deadline. With parts
+/// bounded by [`MAX_DURATION`] and a real clock, the answer is always `Some`.
+pub fn deadline(now: Millis, parts: &[Duration]) -> Option<Millis> {
+    parts.iter().try_fold(now, |at, part| {
+        at.checked_add(i64::try_from(part.as_millis()).ok()?)
+    })
 }
 
 /// Formats a duration compactly ("1h30m", "10s", "250ms").
@@ -454,9 +496,9 @@ pub enum ScheduleError {
     /// A duration string that cannot be read.
     #[error("invalid duration '{input}': {reason} (examples: 500ms, 10s, 5m, 1h30m, 2d, 1w)")]
     InvalidDuration { input: String, reason: String },
-    /// A duration too large to represent.
-    #[error("duration '{input}' is too large")]
-    DurationOverflow { input: String },
+    /// A duration longer than [`MAX_DURATION`].
+    #[error("duration '{input}' is too long: the longest accepted is {MAX_DURATION_TEXT}")]
+    DurationTooLong { input: String },
     /// A time string in none of the accepted forms.
     #[error(
         "cannot read time '{input}': use RFC 3339 ('2026-11-23T10:00:00Z' or '2026-11-23T11:00:00+01:00'), a local 'YYYY-MM-DD HH:MM[:SS]', or '+DURATION' such as '+10m'"
@@ -1332,10 +1374,13 @@ mod tests {
         ));
         assert!(Schedule::every(Duration::from_millis(999), 0).is_err());
         assert!(Schedule::every(Duration::from_millis(1000), 0).is_ok());
-        assert!(matches!(
-            Schedule::every(Duration::MAX, 0),
-            Err(ScheduleError::DurationOverflow { .. })
-        ));
+        for too_long in [Duration::MAX, MAX_DURATION + Duration::from_millis(1)] {
+            assert!(matches!(
+                Schedule::every(too_long, 0),
+                Err(ScheduleError::DurationTooLong { .. })
+            ));
+        }
+        assert!(Schedule::every(MAX_DURATION, 0).is_ok());
     }
 
     #[test]
@@ -1502,16 +1547,86 @@ mod tests {
             "18446744073709551615s",
             "40000000000w",
             "18446744073709551s1000ms",
+            // Both from the robustness issue: once accepted, the first ran with no limit
+            // and the second wrapped into a deadline in the past.
+            "18446744073709551615ms",
+            "9223372036854775807ms",
         ] {
             assert!(
                 matches!(
                     parse_duration(s),
-                    Err(ScheduleError::DurationOverflow { .. })
+                    Err(ScheduleError::DurationTooLong { .. })
                 ),
                 "{s}"
             );
         }
-        assert!(parse_duration("18446744073709551615ms").is_ok());
+    }
+
+    #[test]
+    fn parse_duration_bound_is_366_days_and_named_in_the_error() {
+        assert_eq!(MAX_DURATION, Duration::from_secs(366 * 86_400));
+        assert_eq!(Duration::from_millis(MAX_DURATION_MS), MAX_DURATION);
+        assert_eq!(parse_duration(MAX_DURATION_TEXT).unwrap(), MAX_DURATION);
+        for at_limit in [
+            "366d",
+            "52w2d",
+            "8784h",
+            "527040m",
+            "31622400s",
+            "31622400000ms",
+        ] {
+            assert_eq!(
+                parse_duration(at_limit).unwrap(),
+                MAX_DURATION,
+                "{at_limit}"
+            );
+        }
+        assert_eq!(
+            parse_duration("365d").unwrap(),
+            Duration::from_secs(365 * 86_400)
+        );
+        for beyond in ["367d", "366d1ms", "52w2d0h0m0s1ms", "53w", "31622400001ms"] {
+            let e = parse_duration(beyond).unwrap_err();
+            assert_eq!(
+                e,
+                ScheduleError::DurationTooLong {
+                    input: beyond.to_string()
+                }
+            );
+            assert!(e.to_string().contains("366d"), "{e}");
+        }
+        // A relative time is bounded the same way.
+        assert!(matches!(
+            parse_time("+367d", "UTC", 0),
+            Err(ScheduleError::DurationTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn deadline_adds_with_checked_arithmetic() {
+        let now = t("2026-11-23T10:00:00Z");
+        assert_eq!(deadline(now, &[]), Some(now));
+        assert_eq!(
+            deadline(now, &[Duration::from_secs(60), Duration::from_millis(5)]),
+            Some(now + 60_005)
+        );
+        assert_eq!(
+            deadline(now, &[MAX_DURATION, MAX_DURATION]),
+            Some(now + 2 * 31_622_400_000)
+        );
+        // Sub-millisecond parts are dropped, as everywhere else.
+        assert_eq!(
+            deadline(now, &[Duration::from_micros(1_999)]),
+            Some(now + 1)
+        );
+        assert_eq!(deadline(i64::MAX, &[Duration::from_millis(1)]), None);
+        assert_eq!(deadline(now, &[Duration::from_millis(u64::MAX)]), None);
+        assert_eq!(deadline(now, &[Duration::MAX]), None);
+        assert_eq!(
+            deadline(now, &[Duration::from_millis(i64::MAX as u64 / 2 + 1); 2]),
+            None
+        );
+        assert_eq!(deadline(i64::MIN, &[Duration::ZERO]), Some(i64::MIN));
     }
 
     #[test]
@@ -1523,7 +1638,15 @@ mod tests {
         assert_eq!(format_duration(Duration::from_nanos(10)), "<1ms");
         assert_eq!(format_duration(Duration::from_secs(8 * 86_400)), "1w1d");
         assert_eq!(format_duration(Duration::from_millis(61_001)), "1m1s1ms");
-        for ms in [1u64, 999, 1000, 61_001, 3_600_000, 788_645_006, u64::MAX] {
+        for ms in [
+            1u64,
+            999,
+            1000,
+            61_001,
+            3_600_000,
+            788_645_006,
+            MAX_DURATION_MS,
+        ] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{ms}");
         }
@@ -1765,5 +1888,127 @@ mod tests {
         }
         let _ = format_time(i64::MIN);
         let _ = format_duration(Duration::MAX);
+    }
+
+    mod properties {
+        //! Property tests for the duration bound: whatever the user types, a duration is
+        //! either refused or at most `MAX_DURATION`, and deadlines built from such
+        //! durations never overflow.
+
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const UNITS: [(&str, u128); 6] = [
+            ("w", 7 * 86_400_000),
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+            ("ms", 1),
+        ];
+
+        /// 2000-01-01 to 2200-01-01: any clock Herald will meet.
+        const REALISTIC_NOW: std::ops::RangeInclusive<i64> = 946_684_800_000..=7_258_118_400_000;
+
+        /// Well-formed duration text: some units in order, each with a number of up to 25
+        /// digits (so far beyond u64), plus the exact value in u128 milliseconds.
+        fn well_formed() -> impl Strategy<Value = (String, u128)> {
+            (
+                proptest::sample::subsequence(UNITS.to_vec(), 1..=UNITS.len()),
+                proptest::collection::vec("[0-9]{1,25}", UNITS.len()),
+            )
+                .prop_map(|(units, numbers)| {
+                    let mut text = String::new();
+                    let mut total: u128 = 0;
+                    for ((unit, unit_ms), number) in units.into_iter().zip(numbers) {
+                        text.push_str(&number);
+                        text.push_str(unit);
+                        // At most 25 digits: below 10^25, times 6.05 * 10^8 fits u128.
+                        total += number.parse::<u128>().expect("digits") * unit_ms;
+                    }
+                    (text, total)
+                })
+        }
+
+        /// Text that looks like a duration but may be anything: digits, unit letters,
+        /// signs, dots and spaces in any order.
+        fn duration_like() -> impl Strategy<Value = String> {
+            "[0-9wdhmsµ.,+\\- ]{0,40}"
+        }
+
+        fn bounded(d: Duration) -> Result<(), TestCaseError> {
+            prop_assert!(d <= MAX_DURATION, "{d:?} exceeds MAX_DURATION");
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_refused_or_at_most_the_bound(s in "\\PC{0,40}") {
+                if let Ok(d) = parse_duration(&s) {
+                    bounded(d)?;
+                }
+            }
+
+            #[test]
+            fn duration_like_text_is_refused_or_at_most_the_bound(s in duration_like()) {
+                if let Ok(d) = parse_duration(&s) {
+                    bounded(d)?;
+                }
+            }
+
+            #[test]
+            fn well_formed_text_parses_exactly_or_is_too_long((s, ms) in well_formed()) {
+                match parse_duration(&s) {
+                    Ok(d) => {
+                        prop_assert!(ms <= u128::from(MAX_DURATION_MS), "{s} accepted");
+                        prop_assert_eq!(d.as_millis(), ms);
+                    }
+                    Err(ScheduleError::DurationTooLong { input }) => {
+                        prop_assert!(ms > u128::from(MAX_DURATION_MS), "{s} refused");
+                        prop_assert_eq!(input, s);
+                    }
+                    Err(e) => prop_assert!(false, "{s}: {e}"),
+                }
+            }
+
+            #[test]
+            fn deadlines_from_bounded_durations_never_overflow(
+                now in REALISTIC_NOW,
+                parts in proptest::collection::vec(0..=MAX_DURATION_MS, 0..=8),
+            ) {
+                let parts: Vec<Duration> = parts.into_iter().map(Duration::from_millis).collect();
+                let exact = i128::from(now)
+                    + parts.iter().map(|p| p.as_millis() as i128).sum::<i128>();
+                prop_assert_eq!(deadline(now, &parts).map(i128::from), Some(exact));
+            }
+
+            #[test]
+            fn parsed_durations_make_deadlines_that_never_overflow(
+                now in REALISTIC_NOW,
+                texts in proptest::collection::vec(duration_like(), 0..=8),
+            ) {
+                let parts: Vec<Duration> =
+                    texts.iter().filter_map(|t| parse_duration(t).ok()).collect();
+                prop_assert!(deadline(now, &parts).is_some());
+            }
+
+            #[test]
+            fn formatting_then_parsing_round_trips(ms in 0..=MAX_DURATION_MS) {
+                let d = Duration::from_millis(ms);
+                prop_assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+            }
+
+            #[test]
+            fn formatted_durations_beyond_the_bound_are_refused(
+                ms in MAX_DURATION_MS + 1..=u64::MAX,
+            ) {
+                let text = format_duration(Duration::from_millis(ms));
+                let refused = matches!(
+                    parse_duration(&text),
+                    Err(ScheduleError::DurationTooLong { .. })
+                );
+                prop_assert!(refused, "{} accepted", text);
+            }
+        }
     }
 }

@@ -1,13 +1,22 @@
 //! Enrollment tokens (DESIGN.md, "Trust model"): limited uses, expiry, clear errors for
-//! damaged tokens (exit 64, nothing written), groups granted by the token, and an agent
-//! that is already enrolled refuses to enroll again.
+//! damaged tokens (exit 64, nothing written, the use not spent, even for one changed
+//! character), groups granted by the token, and an agent that is already enrolled refuses
+//! to enroll again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use herald_shared::codec;
+use herald_shared::token::{Token, TOKEN_PREFIX};
 use herald_tests::{bin, wait_until, TestServer, DEADLINE};
+use rusqlite::Connection;
 use serde_json::Value;
+
+/// What the agent says about a token that was changed on the way.
+const DAMAGED: &str = "this token is damaged; copy it again";
 
 /// Exit code of `herald-agent` for configuration and token problems.
 const EXIT_CONFIG: i32 = 64;
@@ -167,28 +176,27 @@ fn damaged_tokens_are_rejected_clearly_without_writing_state() {
     let server = TestServer::start("token-damaged");
     let token = server.token(&[]);
     let body = token
-        .strip_prefix("hrld1_")
-        .unwrap_or_else(|| panic!("tokens start with hrld1_: {token}"));
+        .strip_prefix(TOKEN_PREFIX)
+        .unwrap_or_else(|| panic!("tokens start with {TOKEN_PREFIX}: {token}"));
     let damaged = [
-        (
-            "truncated",
-            token[..token.len() - 10].to_string(),
-            "damaged",
-        ),
-        ("cut-short", token[..token.len() / 2].to_string(), "damaged"),
+        ("truncated", token[..token.len() - 10].to_string(), DAMAGED),
+        ("cut-short", token[..token.len() / 2].to_string(), DAMAGED),
         (
             "bad-base64",
-            format!("hrld1_{}!!", &body[..body.len() - 2]),
-            "damaged",
+            format!("{TOKEN_PREFIX}{}!!", &body[..body.len() - 2]),
+            DAMAGED,
         ),
-        (
-            "wrong-prefix",
-            format!("hrld2_{body}"),
-            "not a Herald enrollment token",
-        ),
+        ("damaged-prefix", format!("hrld3_{body}"), DAMAGED),
+        ("extra-character", format!("{token}A"), DAMAGED),
+        ("version-1", version_1(&token), "made by an older server"),
         (
             "no-prefix",
             body.to_string(),
+            "not a Herald enrollment token",
+        ),
+        (
+            "something-else",
+            "correct horse battery staple".to_string(),
             "not a Herald enrollment token",
         ),
         ("empty", String::new(), "not a Herald enrollment token"),
@@ -222,6 +230,90 @@ fn damaged_tokens_are_rejected_clearly_without_writing_state() {
     assert!(agent_ids(&server).is_empty());
     let id = enroll_ok(&server, &agent_dir(&server, "intact"), &token, "intact");
     assert_eq!(agent_ids(&server), [id]);
+}
+
+/// The same token in the version 1 format (no checksum), as an older server made it.
+fn version_1(token: &str) -> String {
+    let token = Token::decode(token).expect("a fresh token decodes");
+    let bytes = codec::to_bytes(&token).expect("a token encodes");
+    format!("hrld1_{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The uses left on a token, read from the server's database.
+fn uses_left(server: &TestServer, token: &str) -> i64 {
+    let hash = Token::decode(token).expect("token decodes").secret_hash();
+    Connection::open(server.db_path())
+        .expect("open the server's database")
+        .query_row(
+            "SELECT uses_left FROM tokens WHERE secret_hash = ?1",
+            [hash],
+            |row| row.get(0),
+        )
+        .expect("the token is in the database")
+}
+
+/// The bug this guards against: one character changed in the middle of a token landed in
+/// the operator key; the agent enrolled, spent the token's only use, and pinned a key that
+/// signs nothing, refusing every job from then on. Now the agent refuses the token before
+/// it contacts the server, so the use is still there for the intact copy.
+#[test]
+fn a_token_changed_in_one_character_is_refused_before_it_is_spent() {
+    let server = TestServer::start("token-one-char");
+    let token = server.token(&["--uses", "1"]);
+    let intact = Token::decode(&token).expect("a fresh token decodes");
+
+    // A character in the middle of the operator key: its byte offset is the server
+    // address (one length byte and the text), the CA fingerprint, the key count, then
+    // half the key's 32 bytes.
+    assert!(
+        intact.server.len() < 128,
+        "one-byte length: {}",
+        intact.server
+    );
+    let byte = 1 + intact.server.len() + 32 + 1 + 16;
+    let at = TOKEN_PREFIX.len() + byte * 4 / 3;
+    let mut chars: Vec<char> = token.chars().collect();
+    chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+    let damaged: String = chars.into_iter().collect();
+
+    // Without the checksum this would have read as a token for another operator key.
+    let bytes = URL_SAFE_NO_PAD
+        .decode(&damaged[TOKEN_PREFIX.len()..])
+        .expect("still base64");
+    let unchecked: Token =
+        codec::from_bytes(&bytes[..bytes.len() - 8], bytes.len()).expect("still a token's shape");
+    assert_ne!(unchecked.operator_keys, intact.operator_keys);
+    assert_eq!(unchecked.secret, intact.secret);
+
+    let dir = agent_dir(&server, "one-char");
+    let output = enroll(&dir, &damaged, "one-char");
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "exit status {} (stderr: {stderr})",
+        output.status
+    );
+    assert!(stderr.contains(DAMAGED), "unclear message: {stderr}");
+    assert!(
+        !dir.exists(),
+        "a damaged token left state in {}",
+        dir.display()
+    );
+
+    // The use was not spent: the database still counts it, and the intact token enrolls.
+    assert!(agent_ids(&server).is_empty());
+    assert_eq!(uses_left(&server, &token), 1);
+    let id = enroll_ok(&server, &agent_dir(&server, "intact"), &token, "intact");
+    assert_eq!(agent_ids(&server), [id]);
+    assert_eq!(uses_left(&server, &token), 0);
+    // And the agent pinned the real operator key.
+    let config = std::fs::read_to_string(agent_dir(&server, "intact").join("agent.toml"))
+        .expect("agent.toml written");
+    assert!(
+        config.contains(&server.operator_key().public().to_hex()),
+        "agent.toml does not pin the operator key: {config}"
+    );
 }
 
 #[test]
