@@ -6,18 +6,25 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backoff;
 pub mod browser;
+pub mod daemon;
 pub mod download;
 pub mod exec;
 pub mod host;
 pub mod install;
 pub mod journal;
 pub mod link;
+pub mod options;
+pub mod protocol;
 pub mod selfupdate;
 pub mod session;
 pub mod state;
+mod sync;
 pub mod tls;
 pub mod update;
 
-pub use agent::{enroll, run, Agent, AgentError, Options};
-pub use link::backoff;
+pub use agent::Agent;
+pub use backoff::backoff;
+pub use daemon::{enroll, run, AgentError};
+pub use options::Options;
