@@ -2,6 +2,20 @@
 //! and acts on operator-signed orders (running installed programs, opening browser
 //! services through the user-session helper), keeping every result until the server has
 //! stored it.
+//!
+//! # Modules, top to bottom (each depends only on those below it; `scripts/modgraph.py
+//! agent/src` checks that)
+//!
+//! - [`daemon`]: the `enroll` and `run` commands.
+//! - [`link`]: the QUIC driver — connects, reconnects ([`mod@backoff`]), moves frames,
+//!   timers and effects for the protocol machine.
+//! - [`agent`]: persists and runs the jobs the machine accepts, keeps their results;
+//!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
+//!   through a trait the agent implements.
+//! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
+//! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
+//!   helper), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
+//!   [`options`], and `sync` (locking that survives poisoning).
 
 #![forbid(unsafe_code)]
 

@@ -1,6 +1,6 @@
 //! The standby loop: connect to the server over QUIC and drive the protocol machine
 //! ([`crate::protocol`]) until the connection ends; reconnect with full-jitter
-//! exponential backoff ([`crate::backoff`]). Jobs run independently of the connection,
+//! exponential backoff ([`mod@crate::backoff`]). Jobs run independently of the connection,
 //! so a dropped link never stops a job and a result waits in the outbox until the
 //! server has stored it.
 //!
