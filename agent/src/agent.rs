@@ -1,28 +1,33 @@
-//! The agent itself: verifies signals against what it pinned, persists and runs jobs,
-//! and keeps results until the server has them.
+//! The agent itself: what it holds (identity, pinned keys, journal, session helpers) and
+//! what it does with the jobs the protocol machine ([`crate::protocol`]) accepts —
+//! persist them, run them, put their results in the outbox — plus restart recovery.
+//!
+//! It does not know the link: what its jobs report (started, progress, a result ready)
+//! goes out as machine inputs on a channel the link reads ([`Events`]), and the link
+//! calls in here to carry out the machine's effects.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use herald_shared::codec;
-use herald_shared::envelope::{check_browser_url, Action, Envelope, PublicKey, Refusal, Statement};
-use herald_shared::protocol::{
-    Ack, AgentMsg, Bundle, Enroll, JobId, JobResult, ServerMsg, Status, PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
+use herald_shared::envelope::{
+    check_browser_url, Action, Envelope, History, InstallSpec, PublicKey, Refusal, Statement,
 };
-use herald_shared::token::Token;
+use herald_shared::protocol::{AgentMsg, Bundle, JobId, JobResult, Status};
 use herald_shared::Millis;
 
 use crate::exec;
-use crate::host;
 use crate::journal::{Journal, JournalError, Known};
-use crate::link::{self, lock};
+use crate::options::Options;
+use crate::protocol::{self, Acceptance, Input, Job, Ledger, Machine};
 use crate::session::{self, Sessions};
 use crate::state::{AgentConfig, Identity, StateError, Status as AgentStatus, WORK_DIR};
+use crate::sync::lock;
+use crate::update;
 use herald_io::{files, now_ms};
 
 /// Stored key of the latest verified membership.
@@ -31,65 +36,23 @@ const MEMBERSHIP_KEY: &str = "membership";
 const CLOCK_KEY: &str = "clock_high_water";
 /// A clock more than this far behind the high-water mark is treated as stepped back.
 const CLOCK_TOLERANCE_MS: Millis = 5 * 60 * 1000;
-/// How long enrollment waits for the server.
-const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Finished jobs are kept in the journal this long (for deduplication of redeliveries).
 const KEEP_JOBS_MS: i64 = 7 * 24 * 3600 * 1000;
 
-/// Tunables, mostly for tests.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// First backoff ceiling.
-    pub backoff_base: Duration,
-    /// Highest backoff ceiling.
-    pub backoff_cap: Duration,
-    /// QUIC keep-alive interval.
-    pub keep_alive: Duration,
-    /// Grace between SIGTERM and SIGKILL for timed-out jobs.
-    pub kill_grace: Duration,
-    /// How long a browser service waits for the session helper's answer.
-    pub session_answer: Duration,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            backoff_base: link::BACKOFF_BASE,
-            backoff_cap: link::BACKOFF_CAP,
-            keep_alive: crate::tls::KEEP_ALIVE,
-            kill_grace: exec::KILL_GRACE,
-            session_answer: session::ANSWER_TIMEOUT,
-        }
-    }
-}
-
-/// Errors starting the agent or enrolling.
+/// Errors loading the agent from its state directory.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub enum LoadError {
     /// State directory problems.
     #[error(transparent)]
     State(#[from] StateError),
     /// Local database problems.
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// TLS setup.
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    /// The token is not readable.
-    #[error(transparent)]
-    Token(#[from] herald_shared::token::TokenError),
-    /// Connecting or talking to the server failed.
-    #[error(transparent)]
-    Link(#[from] link::LinkError),
-    /// Already enrolled.
-    #[error(
-        "this agent is already enrolled ({0} exists); remove the state directory to enroll again"
-    )]
-    AlreadyEnrolled(PathBuf),
-    /// A file could not be written.
-    #[error(transparent)]
-    File(#[from] files::FileError),
 }
+
+/// What the agent's jobs tell the link (results ready, progress reports): inputs for
+/// its [`Machine`], queued while no connection reads them.
+pub type Events = mpsc::UnboundedReceiver<Input>;
 
 /// What a browser-service result says about the one-time ticket: nothing.
 const TICKET_REDACTED: &str = "<ticket>";
@@ -101,17 +64,19 @@ pub struct Agent {
     id: String,
     keys: Vec<PublicKey>,
     journal: Journal,
-    groups: Mutex<Vec<String>>,
-    outbox: Arc<Notify>,
-    to_server: Mutex<Option<mpsc::UnboundedSender<AgentMsg>>>,
+    events: mpsc::UnboundedSender<Input>,
     kill_grace: Duration,
     high_water: Mutex<Millis>,
     sessions: Arc<Sessions>,
 }
 
 impl Agent {
-    /// Loads the agent from its state directory.
-    pub fn load(state_dir: &Path, options: &Options) -> Result<(Arc<Agent>, Identity), AgentError> {
+    /// Loads the agent from its state directory. The receiver gets what the agent's jobs
+    /// report, for the link to feed to the protocol machine.
+    pub fn load(
+        state_dir: &Path,
+        options: &Options,
+    ) -> Result<(Arc<Agent>, Identity, Events), LoadError> {
         let config = AgentConfig::load(state_dir)?;
         let identity = Identity::load_or_create(state_dir)?;
         let keys = config.pinned_keys().map_err(|reason| StateError::Invalid {
@@ -129,25 +94,42 @@ impl Agent {
             nix::unistd::Uid::effective().as_raw(),
             options.session_answer,
         ));
+        let (events, receiver) = mpsc::unbounded_channel();
         let agent = Arc::new(Agent {
             state_dir: state_dir.to_path_buf(),
             id: identity.agent_id(),
-            groups: Mutex::new(config.token_groups.clone()),
             config,
             keys,
             journal,
-            outbox: Arc::new(Notify::new()),
-            to_server: Mutex::new(None),
+            events,
             kill_grace: options.kill_grace,
             high_water: Mutex::new(high_water),
             sessions,
         });
-        if let Some(blob) = agent.journal.value(MEMBERSHIP_KEY)? {
-            if let Ok(envelope) = codec::from_bytes::<Envelope>(&blob, codec::DEFAULT_FRAME_LIMIT) {
-                agent.membership(&envelope);
-            }
-        }
-        Ok((agent, identity))
+        Ok((agent, identity, receiver))
+    }
+
+    /// The protocol machine for this agent, from what its store holds now (the stored
+    /// membership, the unacknowledged results).
+    pub fn machine(self: &Arc<Self>) -> Result<Machine<Arc<Agent>>, JournalError> {
+        let membership = self
+            .journal
+            .value(MEMBERSHIP_KEY)?
+            .and_then(|blob| codec::from_bytes::<Envelope>(&blob, codec::DEFAULT_FRAME_LIMIT).ok());
+        let settings = protocol::Settings {
+            agent_id: self.id.clone(),
+            keys: self.keys.clone(),
+            policy: self.config.policy.clone(),
+            is_root: nix::unistd::Uid::effective().is_root(),
+            token_groups: self.config.token_groups.clone(),
+            agent_version: update::AGENT_VERSION.to_string(),
+        };
+        Ok(Machine::new(
+            settings,
+            membership,
+            self.journal.outbox_ids()?,
+            self.clone(),
+        ))
     }
 
     /// This agent's id.
@@ -165,19 +147,9 @@ impl Agent {
         &self.journal
     }
 
-    /// Notified when a result lands in the outbox.
-    pub fn outbox_notify(&self) -> Arc<Notify> {
-        self.outbox.clone()
-    }
-
-    /// A connection is up: messages may go to the server.
-    pub fn attach(&self, sender: mpsc::UnboundedSender<AgentMsg>) {
-        *lock(&self.to_server) = Some(sender);
-    }
-
-    /// The connection is gone.
-    pub fn detach(&self) {
-        *lock(&self.to_server) = None;
+    /// A result is in the outbox: the link sends it when it can.
+    pub(crate) fn result_ready(&self, job_id: JobId) {
+        let _ = self.events.send(Input::ResultReady(job_id));
     }
 
     /// The pinned operator keys.
@@ -219,10 +191,9 @@ impl Agent {
         crate::update::report_self_update(self);
     }
 
+    /// A report for the server (dropped unless a connection is established).
     pub(crate) fn tell_server(&self, msg: AgentMsg) {
-        if let Some(sender) = lock(&self.to_server).as_ref() {
-            let _ = sender.send(msg);
-        }
+        let _ = self.events.send(Input::Report(msg));
     }
 
     /// Records connection state for `herald-agent status`.
@@ -246,39 +217,18 @@ impl Agent {
         }
     }
 
-    /// Applies a signed membership if it verifies, names us and is newer.
-    pub fn membership(&self, envelope: &Envelope) {
-        let Ok(Statement::Membership(membership)) = envelope.open(&self.keys) else {
-            warn!("ignoring a membership that does not verify");
-            return;
-        };
-        if membership.agent_id != self.id {
-            warn!("ignoring a membership for another agent");
-            return;
-        }
-        let current = self
-            .journal
-            .value(MEMBERSHIP_KEY)
-            .ok()
-            .flatten()
-            .and_then(|b| codec::from_bytes::<Envelope>(&b, codec::DEFAULT_FRAME_LIMIT).ok())
-            .and_then(|e| match e.open(&self.keys) {
-                Ok(Statement::Membership(m)) => Some(m.issued_at),
-                _ => None,
-            });
-        if current.is_some_and(|at| at > membership.issued_at) {
-            return;
-        }
+    /// Stores the membership the protocol machine verified and applied.
+    pub(crate) fn store_membership(&self, envelope: &Envelope) {
         if let Ok(blob) = codec::to_bytes(envelope) {
-            let _ = self.journal.set_value(MEMBERSHIP_KEY, &blob);
+            if let Err(e) = self.journal.set_value(MEMBERSHIP_KEY, &blob) {
+                warn!("cannot store the membership: {e}");
+            }
         }
-        info!(groups = ?membership.groups, "groups updated");
-        *lock(&self.groups) = membership.groups;
     }
 
     /// The time used for validity checks: the wall clock, unless it stepped back behind
     /// the highest time this agent has seen, in which case that high-water mark.
-    fn guarded_now(&self) -> Millis {
+    pub(crate) fn guarded_now(&self) -> Millis {
         let now = now_ms();
         let mut high = lock(&self.high_water);
         if now > *high {
@@ -296,121 +246,35 @@ impl Agent {
         }
     }
 
-    /// Handles a signal: deduplicate, verify, persist, then start. Returns the ack.
-    /// `ticket` is the server's one-time ticket for a browser service (ignored for other
-    /// actions).
-    pub fn signal(
-        self: Arc<Self>,
-        job_id: JobId,
-        envelope: Envelope,
-        bundle: Option<Bundle>,
-        ticket: Option<String>,
-    ) -> Result<Ack, JournalError> {
-        match self.journal.known(job_id)? {
-            Some(Known::Refused(reason)) => return Ok(Ack::Refused(reason)),
-            Some(Known::Accepted) => return Ok(Ack::Duplicate),
-            None => {}
-        }
-        let now = self.guarded_now();
-        let order = match envelope.open(&self.keys) {
-            Ok(Statement::Order(order)) => order,
-            Ok(_) => return self.refuse(job_id, "-", Refusal::Invalid("not an order".into()), now),
-            Err(e) => return self.refuse(job_id, "-", Refusal::Invalid(e.to_string()), now),
-        };
-        let order_id = hex::encode(order.id);
-        let groups = lock(&self.groups).clone();
-        let verdict = self.policy(&order.action).and_then(|()| {
-            order.check(
-                &self.id,
-                &groups,
-                now,
-                self.journal
-                    .history(&order_id)
-                    .unwrap_or(herald_shared::envelope::History::Unseen),
-            )
-        });
-        let verdict = verdict.and_then(|()| match &order.action {
-            Action::Install(spec) => {
-                crate::update::check(&self, spec, bundle.as_ref(), now).map(|_| ())
-            }
-            _ => Ok(()),
-        });
-        if let Err(refusal) = verdict {
-            return self.refuse(job_id, &order_id, refusal, now);
-        }
-        if let Some(bundle) = &bundle {
-            // Kept for a restart before the job starts.
+    /// Persists an accepted job: its bundle and ticket (kept for a restart before the
+    /// job starts), then the job itself with its replay-cache entry.
+    pub(crate) fn persist(&self, acceptance: &Acceptance) -> Result<(), JournalError> {
+        let job_id = acceptance.job_id;
+        if let Some(bundle) = &acceptance.bundle {
             let blob = codec::to_bytes(bundle).map_err(|e| JournalError::Corrupt(e.to_string()))?;
             self.journal.set_value(&bundle_key(job_id), &blob)?;
         }
-        let ticket = ticket.filter(|_| matches!(order.action, Action::Open(_)));
-        if let Some(ticket) = &ticket {
-            // Kept for a restart before the job starts, like the bundle.
+        if let Some(ticket) = &acceptance.ticket {
             self.journal
                 .set_value(&ticket_key(job_id), ticket.as_bytes())?;
         }
-        self.journal
-            .accept(job_id, &order_id, &envelope, order.not_after, now)?;
-        info!(job_id, action = %order.action.describe(), "job accepted");
+        self.journal.accept(
+            job_id,
+            &acceptance.order_id,
+            &acceptance.envelope,
+            acceptance.keep_until,
+            acceptance.at,
+        )
+    }
+
+    /// Starts a persisted job; it runs whatever happens to the connection.
+    pub(crate) fn spawn(self: &Arc<Self>, job: Job) {
         let agent = self.clone();
-        tokio::spawn(async move { agent.run_job(job_id, order.action, bundle, ticket).await });
-        Ok(Ack::Accepted)
-    }
-
-    fn refuse(
-        &self,
-        job_id: JobId,
-        order_id: &str,
-        refusal: Refusal,
-        now: Millis,
-    ) -> Result<Ack, JournalError> {
-        let reason = refusal.to_string();
-        warn!(job_id, %reason, "job refused");
-        self.journal.refuse(job_id, order_id, &reason, now)?;
-        Ok(Ack::Refused(reason))
-    }
-
-    fn policy(&self, action: &Action) -> Result<(), Refusal> {
-        let policy = &self.config.policy;
-        match action {
-            Action::Run(run) => {
-                if !policy.allow_run {
-                    return Err(Refusal::Policy(
-                        "running programs is disabled on this machine".into(),
-                    ));
-                }
-                if !policy.programs.is_empty() && !policy.programs.contains(&run.program) {
-                    return Err(Refusal::Policy(format!(
-                        "{} is not in the program allowlist",
-                        run.program
-                    )));
-                }
-                if run.run_as.is_some() && !nix::unistd::Uid::effective().is_root() {
-                    return Err(Refusal::Policy(
-                        "run-as user given but the agent is not running as root".into(),
-                    ));
-                }
-                Ok(())
-            }
-            Action::Open(open) => {
-                if !policy.allow_browser {
-                    return Err(Refusal::Policy(
-                        "browser services are disabled on this machine (allow_browser = false)"
-                            .into(),
-                    ));
-                }
-                check_browser_url(&open.url).map_err(Refusal::Policy)
-            }
-            Action::Install(_) | Action::Revert { .. } => {
-                if policy.allow_install {
-                    Ok(())
-                } else {
-                    Err(Refusal::Policy(
-                        "installing packages is disabled on this machine".into(),
-                    ))
-                }
-            }
-        }
+        tokio::spawn(async move {
+            agent
+                .run_job(job.job_id, job.action, job.bundle, job.ticket)
+                .await
+        });
     }
 
     /// Runs an accepted job to completion and puts its result in the outbox.
@@ -456,7 +320,7 @@ impl Agent {
                 });
                 match (bundle, verified) {
                     (Some(bundle), Some(Ok(release))) => {
-                        crate::update::install(
+                        update::install(
                             self.clone(),
                             job_id,
                             marker,
@@ -483,9 +347,7 @@ impl Agent {
                     ),
                 }
             }
-            Action::Revert { package } => {
-                crate::update::revert(&self, job_id, &package, started_at)
-            }
+            Action::Revert { package } => update::revert(&*self, job_id, &package, started_at),
             Action::Open(open) => {
                 let result = self
                     .open_in_browser(job_id, &open.url, ticket.as_deref(), started_at)
@@ -501,7 +363,7 @@ impl Agent {
             warn!(job_id, "cannot store result: {e}");
             return;
         }
-        self.outbox.notify_one();
+        self.result_ready(job_id);
     }
 
     /// A browser service: the signed page, with the server's ticket appended, goes to a
@@ -570,7 +432,6 @@ impl Agent {
         for resume in resume {
             match resume.envelope.open(&self.keys) {
                 Ok(Statement::Order(order)) => {
-                    let agent = self.clone();
                     let bundle = self
                         .journal
                         .value(&bundle_key(resume.job_id))?
@@ -583,10 +444,11 @@ impl Agent {
                             .filter(|t| !t.is_empty()),
                         _ => None,
                     };
-                    tokio::spawn(async move {
-                        agent
-                            .run_job(resume.job_id, order.action, bundle, ticket)
-                            .await
+                    self.spawn(Job {
+                        job_id: resume.job_id,
+                        action: order.action,
+                        bundle,
+                        ticket,
                     });
                 }
                 _ => warn!(
@@ -637,121 +499,54 @@ fn outcome_to_result(
     result
 }
 
-/// `herald-agent enroll`: creates the identity, enrolls with the server named in the
-/// token, and records what the token pins. Returns the agent id.
-pub async fn enroll(
-    state_dir: &Path,
-    token: &str,
-    name: Option<&str>,
-) -> Result<String, AgentError> {
-    let token = Token::decode(token)?;
-    let config_path = state_dir.join(crate::state::AGENT_CONFIG);
-    if config_path.exists() {
-        return Err(AgentError::AlreadyEnrolled(config_path));
+// === impl Ledger for Agent ===
+
+impl Ledger for Agent {
+    fn known(&self, job_id: JobId) -> Result<Option<Known>, JournalError> {
+        self.journal.known(job_id)
     }
-    files::create_private_dir(state_dir)?;
-    let identity = Identity::load_or_create(state_dir)?;
-    let client =
-        crate::tls::client_config(token.ca_fingerprint, &identity, crate::tls::KEEP_ALIVE)?;
-    let addr = link::resolve(&token.server).await?;
-    let endpoint = link::endpoint_for(addr).map_err(|e| link::LinkError::Connect {
-        server: token.server.clone(),
-        reason: e.to_string(),
-    })?;
-    let connection = tokio::time::timeout(
-        ENROLL_TIMEOUT,
-        link::connect(&endpoint, client, &token.server),
-    )
-    .await
-    .map_err(|_| link::LinkError::Connect {
-        server: token.server.clone(),
-        reason: format!(
-            "no answer within {} s; is the server running and reachable?",
-            ENROLL_TIMEOUT.as_secs()
-        ),
-    })??;
-    let (mut send, mut recv) = connection.open_bi().await.map_err(link::LinkError::from)?;
-    let name = name.map(str::to_string).unwrap_or_else(host::hostname);
-    link::write_frame(
-        &mut send,
-        &AgentMsg::Enroll(Enroll {
-            protocol: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
-            secret: token.secret.to_vec(),
-            name,
-            facts: host::facts(),
-        }),
-    )
-    .await?;
-    let answer = link::read_message(&mut recv).await?;
-    connection.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
-    match answer {
-        Some(ServerMsg::Enrolled { agent_id }) if agent_id == identity.agent_id() => {
-            AgentConfig {
-                server: token.server.clone(),
-                ca_fingerprint: hex::encode(token.ca_fingerprint),
-                operator_keys: token.operator_keys.iter().map(|k| k.to_hex()).collect(),
-                agent_id: agent_id.clone(),
-                token_groups: token.groups.clone(),
-                policy: Default::default(),
-                update: Default::default(),
-                session: Default::default(),
-            }
-            .save(state_dir)?;
-            Ok(agent_id)
-        }
-        Some(ServerMsg::Enrolled { agent_id }) => Err(link::LinkError::Protocol(format!(
-            "server assigned id {agent_id}, which does not match our key"
-        ))
-        .into()),
-        Some(ServerMsg::Refused(reason)) => Err(link::LinkError::Refused(reason).into()),
-        _ => Err(link::LinkError::Protocol("no answer to the enrollment request".into()).into()),
+
+    fn history(&self, order_id: &str) -> History {
+        self.journal.history(order_id).unwrap_or(History::Unseen)
+    }
+
+    fn vet_release(
+        &self,
+        spec: &InstallSpec,
+        bundle: Option<&Bundle>,
+        now: Millis,
+    ) -> Result<(), Refusal> {
+        update::check(self, spec, bundle, now).map(|_| ())
     }
 }
 
-/// `herald-agent run`: the standby loop, until `shutdown` resolves.
-pub async fn run(
-    state_dir: &Path,
-    options: Options,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
-    let (agent, identity) = Agent::load(state_dir, &options)?;
-    let fingerprint = agent
-        .config
-        .fingerprint()
-        .map_err(|reason| StateError::Invalid {
-            path: state_dir.join(crate::state::AGENT_CONFIG),
-            reason,
-        })?;
-    let client = crate::tls::client_config(fingerprint, &identity, options.keep_alive)?;
-    // Listening before recovery, so a resumed browser job finds helpers that reconnect.
-    let socket = session::socket_path(state_dir, &agent.config.session);
-    let helpers = match session::bind(&socket, nix::unistd::Uid::effective().is_root()) {
-        Ok(listener) => {
-            info!(socket = %socket.display(), "listening for session helpers");
-            Some(tokio::spawn(session::serve(
-                listener,
-                agent.sessions.clone(),
-            )))
-        }
-        Err(e) => {
-            warn!("browser services will fail: {e}");
-            agent.sessions.set_unavailable(e.to_string());
-            None
-        }
-    };
-    agent.recover()?;
-    info!(agent_id = %agent.id(), server = %agent.server(), "herald-agent starting");
-    tokio::select! {
-        _ = link::run_forever(agent.clone(), client, &options) => {}
-        _ = shutdown => info!("shutting down"),
+// === impl update::Context for Agent ===
+
+impl update::Context for Agent {
+    fn keys(&self) -> &[PublicKey] {
+        Agent::keys(self)
     }
-    if let Some(helpers) = helpers {
-        helpers.abort();
-        let _ = std::fs::remove_file(&socket);
+    fn journal(&self) -> &Journal {
+        Agent::journal(self)
     }
-    agent.set_connected(false, Some("agent stopped".into()), &[]);
-    Ok(())
+    fn state_dir(&self) -> &Path {
+        Agent::state_dir(self)
+    }
+    fn config(&self) -> &AgentConfig {
+        Agent::config(self)
+    }
+    fn kill_grace(&self) -> Duration {
+        Agent::kill_grace(self)
+    }
+    fn https_client(&self) -> Result<reqwest::Client, crate::tls::TlsError> {
+        Agent::https_client(self)
+    }
+    fn tell_server(&self, msg: AgentMsg) {
+        Agent::tell_server(self, msg)
+    }
+    fn result_ready(&self, job_id: JobId) {
+        Agent::result_ready(self, job_id)
+    }
 }
 
 #[cfg(test)]

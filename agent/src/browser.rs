@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 
 use herald_shared::envelope::check_browser_url;
 
-use crate::link::lock;
 use crate::session::{self, FromHelper, ToHelper};
 use crate::state::{self, AgentConfig, SessionSettings};
+use crate::sync::lock;
 
 /// A browser command that exits with an error within this long has failed; one still
 /// running after it (or exiting 0) has opened the page.
@@ -372,7 +372,7 @@ async fn connect_forever(options: &HelperOptions) {
         }
         let random = u64::from_le_bytes(herald_io::random_bytes());
         let delay =
-            crate::link::backoff(attempt, options.backoff_base, options.backoff_cap, random);
+            crate::backoff::backoff(attempt, options.backoff_base, options.backoff_cap, random);
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(delay).await;
     }

@@ -7,14 +7,17 @@
 //! job without a result is reported `interrupted`, never re-run.
 
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use herald_shared::codec;
 use herald_shared::envelope::{Envelope, History};
 use herald_shared::protocol::{JobId, JobResult, Status};
 use herald_shared::Millis;
+
+use crate::sync::lock;
 
 /// Database file inside the state directory.
 pub const DB_FILE: &str = "agent.db";
@@ -44,6 +47,78 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 "#;
 
+/// Where a job is in the agent's journal. Stored as text ([`JobState::as_str`]); the
+/// only way from one state to another is [`JobState::may_become`]'s table.
+///
+/// ```text
+/// (new) ─► accepted ─► started ─► finished
+///   └────► refused
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// Persisted and acknowledged; not started yet (resumed after a restart).
+    Accepted,
+    /// Refused; a redelivery gets the same answer.
+    Refused,
+    /// Marked before anything is spawned; after a crash it is reported interrupted.
+    Started,
+    /// Its result is in the outbox (or was, until the server stored it).
+    Finished,
+}
+
+impl JobState {
+    /// Every state, for tests and table checks.
+    pub const ALL: [JobState; 4] = [
+        JobState::Accepted,
+        JobState::Refused,
+        JobState::Started,
+        JobState::Finished,
+    ];
+
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Accepted => "accepted",
+            JobState::Refused => "refused",
+            JobState::Started => "started",
+            JobState::Finished => "finished",
+        }
+    }
+
+    /// Whether a job in `from` (`None`: not in the journal) may move to `to`.
+    pub fn may_become(from: Option<JobState>, to: JobState) -> bool {
+        matches!(
+            (from, to),
+            (None, JobState::Accepted)
+                | (None, JobState::Refused)
+                | (Some(JobState::Accepted), JobState::Started)
+                | (Some(JobState::Started), JobState::Finished)
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored job state that is none of [`JobState`]'s spellings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job state {0:?}")]
+pub struct UnknownState(String);
+
+impl FromStr for JobState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
 /// Errors from the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -53,6 +128,17 @@ pub enum JournalError {
     /// A stored value does not decode.
     #[error("agent database holds a corrupt value: {0}")]
     Corrupt(String),
+    /// A job was asked to move between states the journal does not allow (a bug, or a
+    /// database edited by hand).
+    #[error("job {job_id} cannot become {to} from {}", from.map_or("nothing", JobState::as_str))]
+    IllegalTransition {
+        /// The job.
+        job_id: JobId,
+        /// Its state (`None`: not in the journal).
+        from: Option<JobState>,
+        /// The state asked for.
+        to: JobState,
+    },
 }
 
 type Result<T> = std::result::Result<T, JournalError>;
@@ -95,7 +181,7 @@ impl Journal {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.conn)
     }
 
     /// What is known about a job id.
@@ -108,13 +194,20 @@ impl Journal {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(row.map(|(state, reason)| {
-            if state == "refused" {
-                Known::Refused(reason.unwrap_or_default())
-            } else {
-                Known::Accepted
-            }
-        }))
+        row.map(|(state, reason)| {
+            Ok(match parse_state(&state)? {
+                JobState::Refused => Known::Refused(reason.unwrap_or_default()),
+                JobState::Accepted | JobState::Started | JobState::Finished => Known::Accepted,
+            })
+        })
+        .transpose()
+    }
+
+    /// The state of a job, if the journal has it.
+    pub fn state(&self, job_id: JobId) -> Result<Option<JobState>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        state_in(&tx, job_id)
     }
 
     /// Replay-cache lookup for an order id.
@@ -142,9 +235,10 @@ impl Journal {
         let blob = codec::to_bytes(envelope).map_err(|e| JournalError::Corrupt(e.to_string()))?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        transition(&tx, job_id, JobState::Accepted)?;
         tx.execute(
-            "INSERT INTO jobs (job_id, order_id, state, envelope, updated_at) VALUES (?1, ?2, 'accepted', ?3, ?4)",
-            params![job_id, order_id, blob, now],
+            "INSERT INTO jobs (job_id, order_id, state, envelope, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job_id, order_id, JobState::Accepted.as_str(), blob, now],
         )?;
         tx.execute(
             "INSERT INTO orders_seen (order_id, last_run_at, keep_until) VALUES (?1, ?2, ?3)
@@ -158,21 +252,28 @@ impl Journal {
 
     /// Persists a refusal so a redelivery gets the same answer.
     pub fn refuse(&self, job_id: JobId, order_id: &str, reason: &str, now: Millis) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO jobs (job_id, order_id, state, reason, updated_at) VALUES (?1, ?2, 'refused', ?3, ?4)
-             ON CONFLICT (job_id) DO NOTHING",
-            params![job_id, order_id, reason, now],
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        transition(&tx, job_id, JobState::Refused)?;
+        tx.execute(
+            "INSERT INTO jobs (job_id, order_id, state, reason, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job_id, order_id, JobState::Refused.as_str(), reason, now],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
     /// Marks a job started, with the marker its processes will carry; called before
     /// anything is spawned.
     pub fn started(&self, job_id: JobId, marker: &str, now: Millis) -> Result<()> {
-        self.conn().execute(
-            "UPDATE jobs SET state = 'started', marker = ?2, updated_at = ?3 WHERE job_id = ?1",
-            params![job_id, marker, now],
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        transition(&tx, job_id, JobState::Started)?;
+        tx.execute(
+            "UPDATE jobs SET state = ?4, marker = ?2, updated_at = ?3 WHERE job_id = ?1",
+            params![job_id, marker, now, JobState::Started.as_str()],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -181,9 +282,10 @@ impl Journal {
         let blob = codec::to_bytes(result).map_err(|e| JournalError::Corrupt(e.to_string()))?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        transition(&tx, result.job_id, JobState::Finished)?;
         tx.execute(
-            "UPDATE jobs SET state = 'finished', envelope = NULL, updated_at = ?2 WHERE job_id = ?1",
-            params![result.job_id, now],
+            "UPDATE jobs SET state = ?3, envelope = NULL, updated_at = ?2 WHERE job_id = ?1",
+            params![result.job_id, now, JobState::Finished.as_str()],
         )?;
         tx.execute(
             "INSERT INTO outbox (job_id, result) VALUES (?1, ?2) ON CONFLICT (job_id) DO NOTHING",
@@ -208,6 +310,31 @@ impl Journal {
         Ok(results)
     }
 
+    /// The job ids of the results not yet acknowledged, oldest first.
+    pub fn outbox_ids(&self) -> Result<Vec<JobId>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT job_id FROM outbox ORDER BY job_id")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// One result of the outbox, unless the server has acknowledged it meanwhile.
+    pub fn outbox_result(&self, job_id: JobId) -> Result<Option<JobResult>> {
+        let blob: Option<Vec<u8>> = self
+            .conn()
+            .query_row(
+                "SELECT result FROM outbox WHERE job_id = ?1",
+                params![job_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        blob.map(|blob| {
+            codec::from_bytes(&blob, codec::RESULT_FRAME_LIMIT)
+                .map_err(|e| JournalError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
     /// Number of results waiting in the outbox.
     pub fn outbox_len(&self) -> Result<u64> {
         Ok(self
@@ -230,9 +357,10 @@ impl Journal {
     pub fn recover(&self, now: Millis, spare: Option<JobId>) -> Result<(Vec<String>, Vec<Resume>)> {
         let started: Vec<(JobId, Option<String>)> = {
             let conn = self.conn();
-            let mut stmt =
-                conn.prepare("SELECT job_id, marker FROM jobs WHERE state = 'started'")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let mut stmt = conn.prepare("SELECT job_id, marker FROM jobs WHERE state = ?1")?;
+            let rows = stmt.query_map(params![JobState::Started.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
             rows.collect::<std::result::Result<_, _>>()?
         };
         let mut markers = Vec::new();
@@ -254,9 +382,11 @@ impl Journal {
         }
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT job_id, envelope FROM jobs WHERE state = 'accepted' AND envelope IS NOT NULL ORDER BY job_id",
+            "SELECT job_id, envelope FROM jobs WHERE state = ?1 AND envelope IS NOT NULL ORDER BY job_id",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, JobId>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let rows = stmt.query_map(params![JobState::Accepted.as_str()], |r| {
+            Ok((r.get::<_, JobId>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         let mut resume = Vec::new();
         for row in rows {
             let (job_id, blob) = row?;
@@ -277,9 +407,13 @@ impl Journal {
             params![now],
         )?;
         conn.execute(
-            "DELETE FROM jobs WHERE state IN ('finished', 'refused') AND updated_at < ?1
+            "DELETE FROM jobs WHERE state IN (?2, ?3) AND updated_at < ?1
              AND job_id NOT IN (SELECT job_id FROM outbox)",
-            params![now - keep_jobs_ms],
+            params![
+                now - keep_jobs_ms,
+                JobState::Finished.as_str(),
+                JobState::Refused.as_str()
+            ],
         )?;
         Ok(())
     }
@@ -302,6 +436,34 @@ impl Journal {
             params![key, value],
         )?;
         Ok(())
+    }
+}
+
+/// The one place a stored state string becomes a [`JobState`].
+fn parse_state(stored: &str) -> Result<JobState> {
+    stored
+        .parse()
+        .map_err(|e: UnknownState| JournalError::Corrupt(e.to_string()))
+}
+
+fn state_in(tx: &Transaction<'_>, job_id: JobId) -> Result<Option<JobState>> {
+    let stored: Option<String> = tx
+        .query_row(
+            "SELECT state FROM jobs WHERE job_id = ?1",
+            params![job_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    stored.as_deref().map(parse_state).transpose()
+}
+
+/// Checks, inside the transaction that will write it, that `job_id` may become `to`.
+fn transition(tx: &Transaction<'_>, job_id: JobId, to: JobState) -> Result<()> {
+    let from = state_in(tx, job_id)?;
+    if JobState::may_become(from, to) {
+        Ok(())
+    } else {
+        Err(JournalError::IllegalTransition { job_id, from, to })
     }
 }
 
@@ -370,6 +532,113 @@ mod tests {
         assert_eq!(journal.known(3).unwrap(), None);
         journal.prune(20_000, 0).unwrap();
         assert_eq!(journal.history("o1").unwrap(), History::Unseen);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn job_states_round_trip_through_their_stored_spelling() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+        }
+        assert!("running".parse::<JobState>().is_err());
+        assert!("Accepted".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn the_transition_table_allows_only_the_job_lifecycle() {
+        use JobState::*;
+        let allowed = [
+            (None, Accepted),
+            (None, Refused),
+            (Some(Accepted), Started),
+            (Some(Started), Finished),
+        ];
+        let froms = std::iter::once(None).chain(JobState::ALL.map(Some));
+        for from in froms {
+            for to in JobState::ALL {
+                assert_eq!(
+                    JobState::may_become(from, to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_illegal_transition_is_an_error_and_changes_nothing() {
+        let dir = temp_dir("transitions");
+        let journal = Journal::open(&dir).unwrap();
+        let result = |id| JobResult::without_output(id, Status::Succeeded, 1, 2, None);
+        // Nothing to start, nothing to finish.
+        assert!(matches!(
+            journal.started(1, "m", 1),
+            Err(JournalError::IllegalTransition {
+                job_id: 1,
+                from: None,
+                to: JobState::Started
+            })
+        ));
+        assert!(matches!(
+            journal.finish(&result(1), 1),
+            Err(JournalError::IllegalTransition {
+                from: None,
+                to: JobState::Finished,
+                ..
+            })
+        ));
+        assert_eq!(journal.outbox_len().unwrap(), 0);
+        journal.accept(1, "o1", &envelope(), 10_000, 1).unwrap();
+        // Accepted twice, or refused once accepted: no.
+        assert!(matches!(
+            journal.accept(1, "o1", &envelope(), 10_000, 2),
+            Err(JournalError::IllegalTransition {
+                from: Some(JobState::Accepted),
+                ..
+            })
+        ));
+        assert!(matches!(
+            journal.refuse(1, "o1", "late", 2),
+            Err(JournalError::IllegalTransition {
+                to: JobState::Refused,
+                ..
+            })
+        ));
+        // Finished before started: no.
+        assert!(matches!(
+            journal.finish(&result(1), 3),
+            Err(JournalError::IllegalTransition {
+                from: Some(JobState::Accepted),
+                ..
+            })
+        ));
+        assert_eq!(journal.state(1).unwrap(), Some(JobState::Accepted));
+        journal.started(1, "m", 3).unwrap();
+        journal.finish(&result(1), 4).unwrap();
+        assert_eq!(journal.state(1).unwrap(), Some(JobState::Finished));
+        // Started again after finishing: no.
+        assert!(journal.started(1, "m", 5).is_err());
+        assert_eq!(journal.outbox_ids().unwrap(), vec![1]);
+        journal.refuse(2, "o2", "expired", 5).unwrap();
+        assert!(journal.started(2, "m", 6).is_err());
+        assert_eq!(journal.state(2).unwrap(), Some(JobState::Refused));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_stored_state_is_reported_corrupt() {
+        let dir = temp_dir("corrupt-state");
+        let journal = Journal::open(&dir).unwrap();
+        journal.accept(1, "o1", &envelope(), 10_000, 1).unwrap();
+        journal
+            .conn()
+            .execute("UPDATE jobs SET state = 'running' WHERE job_id = 1", [])
+            .unwrap();
+        assert!(matches!(journal.known(1), Err(JournalError::Corrupt(_))));
+        assert!(matches!(
+            journal.started(1, "m", 2),
+            Err(JournalError::Corrupt(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,22 +2,43 @@
 //! and acts on operator-signed orders (running installed programs, opening browser
 //! services through the user-session helper), keeping every result until the server has
 //! stored it.
+//!
+//! # Modules, top to bottom (each depends only on those below it; `scripts/modgraph.py
+//! agent/src` checks that)
+//!
+//! - [`daemon`]: the `enroll` and `run` commands.
+//! - [`link`]: the QUIC driver — connects, reconnects ([`mod@backoff`]), moves frames,
+//!   timers and effects for the protocol machine.
+//! - [`agent`]: persists and runs the jobs the machine accepts, keeps their results;
+//!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
+//!   through a trait the agent implements.
+//! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
+//! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
+//!   helper), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
+//!   [`options`], and `sync` (locking that survives poisoning).
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod backoff;
 pub mod browser;
+pub mod daemon;
 pub mod download;
 pub mod exec;
 pub mod host;
 pub mod install;
 pub mod journal;
 pub mod link;
+pub mod options;
+pub mod protocol;
 pub mod selfupdate;
 pub mod session;
 pub mod state;
+mod sync;
 pub mod tls;
 pub mod update;
 
-pub use agent::{enroll, run, Agent, AgentError, Options};
-pub use link::backoff;
+pub use agent::Agent;
+pub use backoff::backoff;
+pub use daemon::{enroll, run, AgentError};
+pub use options::Options;

@@ -78,8 +78,10 @@ const EXEC_ATTEMPTS: u32 = 5;
 const EXEC_RETRY: Duration = Duration::from_millis(100);
 /// Stands in for a trial deadline that `Instant` cannot represent.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-/// The version of the code that is running now.
-const RUNNING_VERSION: &str = crate::update::AGENT_VERSION;
+/// The agent's build version: the code that is running now (the one being replaced,
+/// during an update).
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+const RUNNING_VERSION: &str = AGENT_VERSION;
 
 /// Something that went wrong while updating the agent's own binary.
 #[derive(Debug, thiserror::Error)]

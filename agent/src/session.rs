@@ -42,8 +42,8 @@ use tracing::{info, warn};
 
 use herald_shared::protocol::JobId;
 
-use crate::link::lock;
 use crate::state::{SessionSettings, SYSTEM_STATE_DIR};
+use crate::sync::lock;
 
 /// The helpers' socket of a system install (state directory [`SYSTEM_STATE_DIR`]).
 #[cfg(not(target_os = "macos"))]

@@ -7,27 +7,29 @@
 //! than the highest version this agent has seen (persisted), not expired by the agent's
 //! guarded clock, and not for a newer agent.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use herald_shared::envelope::{InstallSpec, Refusal};
+use herald_shared::envelope::{InstallSpec, PublicKey, Refusal};
 use herald_shared::protocol::{AgentMsg, Bundle, JobId, JobResult, Progress, Status};
 use herald_shared::release::{self, Installed, Release, Verdict, AGENT_PACKAGE};
 use herald_shared::Millis;
 
-use crate::agent::Agent;
 use crate::download::{self, Fetch};
 use crate::install::{self, Packages};
+use crate::journal::Journal;
+use crate::state::AgentConfig;
+use crate::tls::TlsError;
 use crate::{exec, selfupdate};
 use herald_io::{files, now_ms};
 
 /// Directory under the state directory holding installed packages.
 pub const PACKAGES_DIR: &str = "packages";
 /// The agent's build version.
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::selfupdate::AGENT_VERSION;
 
 fn seen_key(package: &str) -> String {
     format!("release_seen:{package}")
@@ -36,11 +38,32 @@ fn seen_key(package: &str) -> String {
 /// The stored key of the agent's own installed package version.
 const AGENT_INSTALLED_KEY: &str = "release_installed:herald-agent";
 
+/// What installing needs from the agent (the agent implements it; a
+/// trait so that this module does not depend on the agent that calls it).
+pub(crate) trait Context {
+    /// The pinned operator keys.
+    fn keys(&self) -> &[PublicKey];
+    /// The local store.
+    fn journal(&self) -> &Journal;
+    /// The state directory.
+    fn state_dir(&self) -> &Path;
+    /// The configuration from `agent.toml`.
+    fn config(&self) -> &AgentConfig;
+    /// Grace between SIGTERM and SIGKILL for the install command.
+    fn kill_grace(&self) -> Duration;
+    /// An HTTPS client that trusts only the pinned CA.
+    fn https_client(&self) -> Result<reqwest::Client, TlsError>;
+    /// A progress report for the server.
+    fn tell_server(&self, msg: AgentMsg);
+    /// A result is in the outbox.
+    fn result_ready(&self, job_id: JobId);
+}
+
 /// Verifies an install signal's release against the order and what this agent has seen.
 /// On success the highest-seen version is raised (so older metadata is refused from now
 /// on, even if this install fails) and the verified release is returned.
 pub(crate) fn check(
-    agent: &Agent,
+    agent: &impl Context,
     spec: &InstallSpec,
     bundle: Option<&Bundle>,
     now: Millis,
@@ -71,7 +94,7 @@ pub(crate) fn check(
     Ok((release, verdict))
 }
 
-fn installed(agent: &Agent, package: &str) -> Result<Installed, String> {
+fn installed(agent: &impl Context, package: &str) -> Result<Installed, String> {
     let parse = |bytes: Option<Vec<u8>>| {
         bytes
             .and_then(|b| String::from_utf8(b).ok())
@@ -102,13 +125,13 @@ fn installed(agent: &Agent, package: &str) -> Result<Installed, String> {
     })
 }
 
-fn packages(agent: &Agent) -> Result<Packages, install::InstallError> {
+fn packages(agent: &impl Context) -> Result<Packages, install::InstallError> {
     Packages::open(&agent.state_dir().join(PACKAGES_DIR))
 }
 
 /// Runs an accepted install job to its result.
-pub(crate) async fn install(
-    agent: Arc<Agent>,
+pub(crate) async fn install<C: Context + Send + Sync + 'static>(
+    agent: Arc<C>,
     job_id: JobId,
     marker: String,
     spec: InstallSpec,
@@ -126,7 +149,7 @@ pub(crate) async fn install(
         result
     };
     let deadline = Duration::from_millis(spec.timeout_ms.max(1_000));
-    match installed(&agent, &release.package) {
+    match installed(&*agent, &release.package) {
         Ok(now) if now.current.as_ref() == release.semver().ok().as_ref() => {
             return finish(
                 Status::Succeeded,
@@ -138,7 +161,7 @@ pub(crate) async fn install(
         }
         _ => {}
     }
-    let packages = match packages(&agent) {
+    let packages = match packages(&*agent) {
         Ok(p) => p,
         Err(e) => return finish(Status::Failed, e.to_string()),
     };
@@ -191,9 +214,9 @@ pub(crate) async fn install(
         progress: Progress::Installing,
     });
     if release.package == AGENT_PACKAGE {
-        return self_update(&agent, job_id, &release, staged, started_at).await;
+        return self_update(&*agent, job_id, &release, staged, started_at).await;
     }
-    let result = apply(&agent, &packages, &release, &staged, marker, deadline).await;
+    let result = apply(&*agent, &packages, &release, &staged, marker, deadline).await;
     let _ = std::fs::remove_file(&staged);
     match result {
         Ok(message) => finish(Status::Succeeded, message),
@@ -232,7 +255,7 @@ impl From<install::InstallError> for Failure {
 /// run the install command, then switch `current`. A failing command discards the new
 /// version; `current` never moved.
 async fn apply(
-    agent: &Agent,
+    agent: &impl Context,
     packages: &Packages,
     release: &Release,
     staged: &std::path::Path,
@@ -332,7 +355,7 @@ async fn apply(
 
 /// Swaps in the verified agent binary and restarts into it; only returns on failure.
 async fn self_update(
-    agent: &Arc<Agent>,
+    agent: &impl Context,
     job_id: JobId,
     release: &Release,
     staged: PathBuf,
@@ -368,7 +391,7 @@ async fn self_update(
 
 /// After a restart: reports how a self-update ended, once the agent is connected (the
 /// proof of health). Returns the job id it reported, if any.
-pub(crate) fn report_self_update(agent: &Agent) -> Option<JobId> {
+pub(crate) fn report_self_update(agent: &impl Context) -> Option<JobId> {
     let pending = match selfupdate::confirm_healthy(agent.state_dir()) {
         Ok(Some(p)) => p,
         Ok(None) => return None,
@@ -414,12 +437,17 @@ pub(crate) fn report_self_update(agent: &Agent) -> Option<JobId> {
     if let Err(e) = selfupdate::finish(agent.state_dir()) {
         warn!("cannot clear the self-update record: {e}");
     }
-    agent.outbox_notify().notify_one();
+    agent.result_ready(pending.job_id);
     Some(pending.job_id)
 }
 
 /// Runs an accepted revert job.
-pub(crate) fn revert(agent: &Agent, job_id: JobId, package: &str, started_at: Millis) -> JobResult {
+pub(crate) fn revert(
+    agent: &impl Context,
+    job_id: JobId,
+    package: &str,
+    started_at: Millis,
+) -> JobResult {
     let mut result = JobResult::without_output(job_id, Status::Failed, started_at, now_ms(), None);
     match packages(agent).and_then(|p| p.revert(package)) {
         Ok(version) => {
