@@ -178,3 +178,43 @@ pub async fn run(
     agent.set_connected(false, Some("agent stopped".into()), &[]);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::envelope::PublicKey;
+    use herald_shared::token::{TokenError, SECRET_LEN};
+
+    /// The token is checked before the state directory is made or the server contacted,
+    /// so a damaged token costs neither local state nor the token's use at the server.
+    #[tokio::test]
+    async fn enroll_refuses_a_damaged_token_before_touching_anything() {
+        let nonce: [u8; 4] = herald_io::random_bytes();
+        let dir = std::env::temp_dir().join(format!(
+            "herald-enroll-damaged-{}-{}",
+            std::process::id(),
+            hex::encode(nonce)
+        ));
+        let token = Token {
+            // Nothing listens there: reaching the network would fail differently.
+            server: "127.0.0.1:1".into(),
+            ca_fingerprint: [1; 32],
+            operator_keys: vec![PublicKey([2; 32])],
+            groups: vec![],
+            secret: [3; SECRET_LEN],
+        }
+        .encode();
+        let mut chars: Vec<char> = token.chars().collect();
+        let middle = chars.len() / 2;
+        chars[middle] = if chars[middle] == 'A' { 'B' } else { 'A' };
+        let damaged: String = chars.into_iter().collect();
+
+        let error = enroll(&dir, &damaged, Some("test")).await.unwrap_err();
+        assert!(
+            matches!(error, AgentError::Token(TokenError::Damaged)),
+            "{error:?}"
+        );
+        assert_eq!(error.to_string(), "this token is damaged; copy it again");
+        assert!(!dir.exists(), "state written for a damaged token");
+    }
+}

@@ -9,7 +9,8 @@ use clap::{Args, Subcommand};
 use herald_shared::envelope::{Action, OpenSpec, Repeat};
 
 use crate::cli::{
-    parse_duration, print_json, usage, CliError, Context, CLOCK_SKEW, DEFAULT_TIMEOUT, DEFAULT_TTL,
+    deadline, parse_duration, parse_timeout, print_json, usage, CliError, Context, CLOCK_SKEW,
+    DEFAULT_TIMEOUT, DEFAULT_TTL,
 };
 use crate::model::Created;
 use crate::model::{CatalogEntry, CreateCatalogEntry};
@@ -175,7 +176,7 @@ impl Context {
             Repeat::Standing {
                 min_interval_ms: min_interval.as_millis() as u64,
             },
-            now_ms() + (valid + CLOCK_SKEW).as_millis() as i64,
+            deadline(now_ms(), &[valid, CLOCK_SKEW], "--valid")?,
         )?;
         let _: Created = self
             .client()
@@ -195,7 +196,7 @@ impl Context {
 
     /// `open`: a one-off browser service.
     pub(crate) async fn open(&self, args: OpenArgs) -> Result<ExitCode, CliError> {
-        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let timeout = parse_timeout(&args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = open_action(&args.url, timeout)?;
         let created = self.queue_once(&args.to, action, timeout, ttl).await?;

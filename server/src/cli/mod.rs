@@ -519,7 +519,11 @@ impl Context {
             audience,
             action,
             Repeat::Once,
-            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+            deadline(
+                now_ms(),
+                &[ttl, timeout, CLOCK_SKEW],
+                "--ttl plus --timeout",
+            )?,
         )?;
         self.queue_jobs(envelope, ttl).await
     }
@@ -608,7 +612,7 @@ impl Context {
                     secret_hash: token.secret_hash(),
                     groups,
                     uses,
-                    expires_at: now_ms() + ttl.as_millis() as i64,
+                    expires_at: deadline(now_ms(), &[ttl], "--ttl")?,
                 },
             )
             .await?;
@@ -680,7 +684,7 @@ impl Context {
     }
 
     async fn run(&self, args: RunArgs) -> Result<ExitCode, CliError> {
-        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let timeout = parse_timeout(&args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = run_action(&args.command, timeout, args.user)?;
         let created = self.queue_once(&args.to, action, timeout, ttl).await?;
@@ -791,7 +795,7 @@ impl Context {
         args: ScheduleAddArgs,
     ) -> Result<(i64, Schedule), CliError> {
         let now = now_ms();
-        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let timeout = parse_timeout(&args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let splay = args
             .splay
@@ -835,8 +839,12 @@ impl Context {
         };
         let audience = self.audience(&args.to).await?;
         let not_after = match &when {
-            Schedule::At { at } => at + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
-            _ => now + STANDING_VALIDITY.as_millis() as i64,
+            Schedule::At { at } => deadline(
+                *at,
+                &[ttl, timeout, CLOCK_SKEW],
+                "--at plus --ttl and --timeout",
+            )?,
+            _ => deadline(now, &[STANDING_VALIDITY], "the standing validity")?,
         };
         let envelope = self.sign_order(audience, action, repeat, not_after)?;
         let created: Created = self
@@ -953,6 +961,25 @@ fn min_gap(when: &Schedule, now: i64) -> i64 {
     } else {
         gap
     }
+}
+
+/// `now` plus durations, in unix milliseconds, or a usage error naming what is too long
+/// (each duration is bounded by `schedule::MAX_DURATION`, so only a date far out can
+/// overflow; the sum is checked all the same).
+pub(crate) fn deadline(now: i64, parts: &[Duration], what: &str) -> Result<i64, CliError> {
+    schedule::deadline(now, parts).ok_or_else(|| usage(format!("{what} is too far in the future")))
+}
+
+/// A `--timeout`: a duration of at least one second (zero would mean no limit at all,
+/// which an order never has).
+pub(crate) fn parse_timeout(text: &str) -> Result<Duration, CliError> {
+    let timeout = parse_duration("--timeout", text)?;
+    if timeout < Duration::from_secs(1) {
+        return Err(usage(format!(
+            "--timeout {text}: a program needs at least 1s; there is no \"no limit\""
+        )));
+    }
+    Ok(timeout)
 }
 
 /// Says each job was queued (the answer without `--wait`).
@@ -1124,4 +1151,39 @@ fn print_job(j: &JobInfo) {
         }
     );
     print!("{}", j.stderr);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_is_at_least_a_second_and_at_most_the_bound() {
+        assert_eq!(parse_timeout("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_timeout("10m").unwrap(), Duration::from_secs(600));
+        for bad in [
+            "0s",
+            "0ms",
+            "999ms",
+            "18446744073709551615ms",
+            "9223372036854775807ms",
+            "367d",
+        ] {
+            let error = parse_timeout(bad).unwrap_err().to_string();
+            assert!(error.contains("--timeout"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn deadlines_are_checked_sums() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            deadline(1_000, &[day], "--ttl").unwrap(),
+            1_000 + 86_400_000
+        );
+        let error = deadline(i64::MAX - 10, &[day], "--ttl")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--ttl is too far in the future"), "{error}");
+    }
 }

@@ -18,8 +18,8 @@ use herald_shared::release::{self, Delegation, Format, Release};
 use herald_shared::schedule;
 
 use crate::cli::{
-    parse_duration, print_json, time, usage, CliError, Context, CLOCK_SKEW, DEFAULT_TTL,
-    STANDING_VALIDITY,
+    deadline, parse_duration, parse_timeout, print_json, time, usage, CliError, Context,
+    CLOCK_SKEW, DEFAULT_TTL, STANDING_VALIDITY,
 };
 use crate::model::{
     CreateJobs, CreateRelease, CreateSubscription, CreateVendor, Created, InstallsCreated,
@@ -438,7 +438,7 @@ impl Context {
             min_agent_version: args.min_agent_version.clone(),
             url: args.url.clone(),
             issued_at: now,
-            expires_at: now + expires.as_millis() as i64,
+            expires_at: deadline(now, &[expires], "--expires")?,
         };
         metadata.validate().map_err(|e| usage(e.to_string()))?;
         let envelope = key
@@ -474,7 +474,7 @@ impl Context {
         release::check_package_name(&args.name).map_err(usage)?;
         semver::Version::parse(&args.version)
             .map_err(|e| usage(format!("version {:?}: {e}", args.version)))?;
-        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let timeout = parse_timeout(&args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let audience = self.audience(&args.to).await?;
         let envelope = self.sign_order(
@@ -485,7 +485,11 @@ impl Context {
                 timeout_ms: timeout.as_millis() as u64,
             }),
             Repeat::Once,
-            now_ms() + (ttl + timeout + CLOCK_SKEW).as_millis() as i64,
+            deadline(
+                now_ms(),
+                &[ttl, timeout, CLOCK_SKEW],
+                "--ttl plus --timeout",
+            )?,
         )?;
         let created: InstallsCreated = self
             .client
@@ -525,7 +529,7 @@ impl Context {
             .parse()
             .map_err(|e: String| usage(format!("--waves: {e}")))?;
         let max_failures = parse_percent("--max-failures", &args.max_failures)?;
-        let timeout = parse_duration("--timeout", &args.timeout)?;
+        let timeout = parse_timeout(&args.timeout)?;
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let audience = self.audience(&args.to).await?;
         let target = audience.to_string();
@@ -537,7 +541,7 @@ impl Context {
                 timeout_ms: timeout.as_millis() as u64,
             }),
             Repeat::Standing { min_interval_ms: 0 },
-            now_ms() + STANDING_VALIDITY.as_millis() as i64,
+            deadline(now_ms(), &[STANDING_VALIDITY], "the standing validity")?,
         )?;
         let created: Created = self
             .client
