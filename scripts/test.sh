@@ -34,6 +34,14 @@ passed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) 
 failed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1)} END {print s+0}' "$log")
 ignored=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^ignored;?$/) s += $(i-1)} END {print s+0}' "$log")
 rm -f "$log"
+
+# Fuzz smoke: every fuzz target for 20 s from its seeds (scripts/fuzz.sh says "skipped"
+# without a nightly toolchain). Before the summary, which stays the last line.
+echo
+bash scripts/fuzz.sh 20
+fuzz_status=$?
+
 echo
 echo "summary: $passed passed, $failed failed, $ignored skipped"
+[ "$status" = 0 ] && status=$fuzz_status
 exit "$status"

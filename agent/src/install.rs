@@ -572,7 +572,10 @@ fn link_target<R: Read>(entry: &tar::Entry<'_, R>) -> Result<PathBuf, &'static s
 }
 
 /// The path as relative normal components, or why it could leave the directory.
-fn contained_path(raw: &[u8]) -> Result<PathBuf, &'static str> {
+///
+/// The check every archive entry's path and link target passes before anything is
+/// written; public so that the fuzz target `archive_path` can reach it.
+pub fn contained_path(raw: &[u8]) -> Result<PathBuf, &'static str> {
     if raw.contains(&0) {
         return Err("path contains NUL");
     }
