@@ -7,7 +7,14 @@
 
 mod accounts;
 mod catalog;
+mod forwarding;
 mod releases;
+#[cfg(test)]
+mod testing;
+
+pub use forwarding::RuleError;
+#[cfg(test)]
+pub(crate) use testing::TestJob;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
