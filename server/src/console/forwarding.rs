@@ -1,8 +1,8 @@
 //! The forwarding page: a user's forwarding rules and their delivery log. Adding a
-//! rule (at most `forward::MAX_RULES`); an e-mail or SMS rule then waits, forwarding
+//! rule (at most `model::MAX_RULES`); an e-mail or SMS rule then waits, forwarding
 //! nothing, until its owner enters the code the server sent through it (or asks for a
 //! new one); deleting a rule. Another user's rule answers 404, exactly like one that
-//! does not exist. The rules themselves live in `crate::forward::rules`.
+//! does not exist. The rules themselves are kept by `store::forwarding`.
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -13,9 +13,11 @@ use super::account::NoFields;
 use super::auth::{Posted, Session};
 use super::pages::path_id;
 use super::{render, see_other, ConsoleError, ConsoleResult, ConsoleState, Layout};
-use crate::forward::{check_target, Destination, NewDestination, RuleError, Verdict};
+use crate::forward::check_target;
 use crate::model::Delivery;
 use crate::model::Subscription;
+use crate::model::{Destination, NewDestination, Verdict};
+use crate::store::RuleError;
 
 /// Deliveries the forwarding page shows.
 const DELIVERY_LIMIT: u32 = 100;

@@ -29,7 +29,7 @@ use crate::api::ApiState;
 use crate::model::Role;
 use crate::pki::Keyring;
 use crate::relay::Relay;
-use crate::store::Store;
+use crate::store::{Store, TestJob};
 use crate::ticket::Tickets;
 
 const START: Millis = 1_800_000_000_000;
@@ -212,32 +212,25 @@ impl Harness {
 
     /// A job of a catalog entry on a device, in a given state.
     fn job(&self, entry: &str, agent: &str, state: &str) -> JobId {
-        let conn = self.store.conn();
-        let order: String = conn
-            .query_row(
-                "SELECT order_id FROM catalog WHERE name = ?1",
-                [entry],
-                |r| r.get(0),
-            )
-            .unwrap();
-        conn.execute(
-            "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            rusqlite::params![agent, order, state, self.now(), self.now() + 3_600_000],
-        )
-        .unwrap();
-        conn.last_insert_rowid()
+        let order = self.store.test_catalog_order(entry);
+        self.store.insert_test_job(&TestJob {
+            agent_id: agent,
+            order_id: &order,
+            schedule_id: None,
+            state,
+            created_at: self.now(),
+            deliver_after: self.now(),
+            expires_at: self.now() + 3_600_000,
+            forward_pending: false,
+            exit_code: None,
+            stdout: None,
+            error: None,
+            finished_at: None,
+        })
     }
 
     fn job_state(&self, job: JobId) -> (String, Option<String>, Option<String>) {
-        self.store
-            .conn()
-            .query_row(
-                "SELECT state, error, outcome FROM jobs WHERE id = ?1",
-                [job],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap()
+        self.store.test_job_state(job)
     }
 }
 
@@ -1664,12 +1657,7 @@ async fn job_output_is_escaped() {
     let device = h.device(ann_id, "ann-laptop");
     let job = h.job("scan", &device, "succeeded");
     h.store
-        .conn()
-        .execute(
-            "UPDATE jobs SET stdout = ?2, exit_code = 0 WHERE id = ?1",
-            rusqlite::params![job, b"<script>alert(1)</script>".to_vec()],
-        )
-        .unwrap();
+        .set_test_job_output(job, b"<script>alert(1)</script>", 0);
     let page = ann.get(&format!("/history/{job}")).await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.has_page_id("job"));

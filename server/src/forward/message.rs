@@ -9,14 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
 use herald_shared::Millis;
 
 use crate::config::{SmsBodyFormat, SmsConfig};
+use crate::model::{Facts, STDOUT_EXCERPT_BYTES};
 
-/// How much of a job's standard output an e-mail or webhook carries.
-pub const STDOUT_EXCERPT_BYTES: usize = 2048;
 /// Longest SMS text (one classic SMS).
 pub const SMS_MAX_CHARS: usize = 160;
 /// Longest entry title in an e-mail subject.
@@ -24,30 +21,7 @@ const SUBJECT_ENTRY_MAX_CHARS: usize = 100;
 /// Subject of the mail that carries a confirmation code.
 pub(super) const CODE_EMAIL_SUBJECT: &str = "Confirm forwarding to this address";
 
-/// The facts about a finished job that every medium carries.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Facts {
-    /// Job id.
-    pub job_id: i64,
-    /// Agent id.
-    pub agent_id: String,
-    /// Device (agent) name.
-    pub agent_name: String,
-    /// Catalog entry title (or, for a job outside the catalog, what it does).
-    pub entry: String,
-    /// Final state (`succeeded`, `failed`, ...).
-    pub state: String,
-    /// Exit code, if the program exited.
-    pub exit_code: Option<i32>,
-    /// Failure or refusal reason.
-    pub error: Option<String>,
-    /// A browser service's outcome note.
-    pub outcome: Option<String>,
-    /// When the job finished (milliseconds since the Unix epoch).
-    pub finished_at: Option<Millis>,
-    /// The start of the standard output (at most [`STDOUT_EXCERPT_BYTES`], lossy UTF-8).
-    pub stdout: String,
-}
+// === impl Facts: how each medium says it (the record is `model::Facts`) ===
 
 impl Facts {
     /// The webhook's JSON body. Its exact bytes are what the signature covers.
@@ -140,17 +114,6 @@ pub(super) fn code_sms(code: &str) -> String {
 /// them) dropped and runs of whitespace made one space.
 pub(super) fn header_text(text: &str) -> String {
     one_line(&text.replace(|c: char| c.is_control() && !c.is_whitespace(), ""))
-}
-
-/// The start of a job's output: at most `limit` bytes, cut at a character boundary.
-pub fn excerpt(bytes: &[u8], limit: usize) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(limit)]);
-    let mut text = text.into_owned();
-    // A multi-byte character cut in half becomes one U+FFFD at the very end: drop it.
-    if bytes.len() > limit && text.ends_with('\u{FFFD}') {
-        text.pop();
-    }
-    text
 }
 
 /// A time in milliseconds as RFC 3339 (UTC, seconds).
@@ -389,16 +352,6 @@ mod tests {
         assert!(body.starts_with("Your Herald confirmation code is 123456\n"));
         assert!(body.lines().all(|l| l.len() < 76), "{body}");
         assert_eq!(CODE_EMAIL_SUBJECT, "Confirm forwarding to this address");
-    }
-
-    #[test]
-    fn excerpt_cuts_at_a_character_boundary() {
-        let bytes = "aé".repeat(1000).into_bytes(); // 3 bytes per pair
-        let text = excerpt(&bytes, 2048);
-        assert!(text.len() <= 2048);
-        assert!(!text.contains('\u{FFFD}'));
-        assert!(bytes.starts_with(text.as_bytes()));
-        assert_eq!(excerpt(b"short", 2048), "short");
     }
 
     fn template(url: &str, body: Option<&str>, format: SmsBodyFormat) -> SmsTemplate {

@@ -4,9 +4,9 @@
 //!
 //! Forwarding must not become a relay for spam or SMS pumping through the operator's
 //! relay and gateway: an e-mail or SMS rule forwards nothing until its owner enters the
-//! code sent through it (`confirm`, `rules`); a user has at most five rules and daily
-//! limits per medium; only runs that happened are forwarded; and an SMS or a subject
-//! carries no text an agent or a visitor wrote (`message`).
+//! code sent through it (the rules of `model::confirm`); a user has at most five rules
+//! and daily limits per medium; only runs that happened are forwarded; and an SMS or a
+//! subject carries no text an agent or a visitor wrote (`message`).
 //!
 //! The forwarder is one task. It turns finished jobs into `deliveries` rows (one
 //! transaction per batch, so a crash loses nothing and nothing is queued twice), makes
@@ -19,11 +19,15 @@
 //! wakes on job events from the relay, at the next retry time, and every few seconds
 //! as a safety net (for jobs finished by writers that announce nothing, and for codes
 //! the console asked for).
+//!
+//! This folder holds the policy and the sending: `queue` (retries, backoff,
+//! retention), `slots` (who gets a send slot), `message` (what a result says), `send`
+//! (SMTP, webhooks, SMS). The rows (rules, codes, deliveries, attempts) are read and
+//! written by the store (`store::forwarding`), each step in one transaction; the
+//! records they share are in `model`.
 
-mod confirm;
 mod message;
 mod queue;
-mod rules;
 mod send;
 mod slots;
 #[cfg(test)]
@@ -44,16 +48,19 @@ use herald_shared::Millis;
 use herald_shared::url::is_loopback_host;
 
 use crate::config::{ServerConfig, SmsConfig, SmtpConfig, SmtpTls};
-use crate::model::JobEvent;
+use crate::model::{new_code, CodeMessage, JobEvent};
 use crate::store::{Store, StoreError};
 
-pub use confirm::{Verdict, CODE_DIGITS, CODE_TTL, MAX_CODES_PER_WINDOW, MAX_WRONG_TRIES};
-pub use message::{excerpt, Facts, SmsRequest, SmsTemplate, SMS_MAX_CHARS, STDOUT_EXCERPT_BYTES};
-pub use queue::{
-    backoff, enqueue, next_step, prune, Attempt, DailyLimits, Enqueued, Kind, Next, RetryPolicy,
-    DAILY_LIMIT_REACHED, FORWARDED_STATES, MAX_BACKOFF, RETENTION, UNFORWARDED_STATES,
+// The forwarding API as it was before its records moved to `model` and its rows to
+// `store`: the same paths keep working.
+pub use crate::model::{
+    excerpt, DailyLimits, Destination, Enqueued, Facts, Kind, NewDestination, Next, Verdict,
+    CODE_DIGITS, CODE_TTL, DAILY_LIMIT_REACHED, FORWARDED_STATES, MAX_CODES_PER_WINDOW, MAX_RULES,
+    MAX_WRONG_TRIES, STDOUT_EXCERPT_BYTES, UNFORWARDED_STATES,
 };
-pub use rules::{Destination, NewDestination, RuleError, MAX_RULES};
+pub use crate::store::RuleError;
+pub use message::{SmsRequest, SmsTemplate, SMS_MAX_CHARS};
+pub use queue::{backoff, enqueue, next_step, prune, Attempt, RetryPolicy, MAX_BACKOFF, RETENTION};
 pub use send::{is_public, signature, CONNECT_TIMEOUT, SIGNATURE_HEADER};
 pub use slots::Fairness;
 
@@ -305,11 +312,10 @@ impl Sends {
                 "forwarding given up"
             );
         }
-        let codes = rules::take_code_requests(
-            store,
+        let codes = store.take_code_requests(
             now,
             &settings.daily,
-            || confirm::new_code(|| u32::from_le_bytes(crate::random_bytes::<4>())),
+            || new_code(|| u32::from_le_bytes(crate::random_bytes::<4>())),
             crate::random_bytes::<16>,
         )?;
         for code in codes {
@@ -328,7 +334,7 @@ impl Sends {
             // Enough turns per user to get past those under way and those whose host is
             // busy.
             let turns = fairness.per_user.saturating_mul(4).max(1);
-            let due = queue::due(store, now, turns, fairness.total.saturating_mul(turns))?;
+            let due = store.due_deliveries(now, turns, fairness.total.saturating_mul(turns))?;
             let flying: Vec<&slots::Flight> = self.in_flight.values().collect();
             for (candidate, flight) in slots::pick(due, &flying, fairness) {
                 let handle = self.tasks.spawn(deliver(
@@ -341,7 +347,7 @@ impl Sends {
             }
         }
         let mut wake = (Instant::now() + settings.scan_interval).min(self.next_prune);
-        if let Some(at) = queue::next_due_after(store, now)? {
+        if let Some(at) = store.next_delivery_due_after(now)? {
             wake = wake.min(Instant::now() + millis_until(now, at));
         }
         Ok(wake)
@@ -354,7 +360,7 @@ fn millis_until(now: Millis, at: Millis) -> Duration {
 
 /// Makes one attempt at a delivery and records it.
 async fn deliver(store: Store, senders: Arc<send::Senders>, policy: RetryPolicy, id: i64) {
-    let out = match queue::load(&store, id) {
+    let out = match store.outgoing_delivery(id) {
         Ok(Some(out)) => out,
         Ok(None) => return,
         Err(e) => {
@@ -382,14 +388,14 @@ async fn deliver(store: Store, senders: Arc<send::Senders>, policy: RetryPolicy,
             "forwarding given up"
         ),
     }
-    if let Err(e) = queue::record(&store, id, &attempt, next, now) {
+    if let Err(e) = store.record_delivery_attempt(id, attempt.ok, &attempt.detail, next, now) {
         warn!(delivery = id, error = %e, "forwarding: cannot record an attempt");
     }
 }
 
 /// Sends a confirmation code and notes the outcome on the rule. (Neither the code nor
 /// the address goes to the log.)
-async fn send_code(store: Store, senders: Arc<send::Senders>, code: rules::CodeMessage) {
+async fn send_code(store: Store, senders: Arc<send::Senders>, code: CodeMessage) {
     let attempt = senders.send_code(&code).await;
     let destination = code.destination_id;
     let kind = code.kind.as_str();
@@ -400,7 +406,7 @@ async fn send_code(store: Store, senders: Arc<send::Senders>, code: rules::CodeM
         warn!(destination, kind, detail = %attempt.detail, "confirmation code not sent");
         format!("The code could not be sent: {}", attempt.detail)
     };
-    if let Err(e) = rules::note_code_result(&store, destination, &note) {
+    if let Err(e) = store.note_code_result(destination, &note) {
         warn!(destination, error = %e, "forwarding: cannot note a code's sending");
     }
 }

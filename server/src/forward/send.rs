@@ -14,9 +14,10 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{SmtpConfig, SmtpTls};
 
+use crate::model::{excerpt, CodeMessage, Kind, Outgoing};
+
 use super::message::{self, SmsTemplate};
-use super::queue::{Attempt, Kind, Outgoing};
-use super::rules::CodeMessage;
+use super::queue::Attempt;
 use super::Settings;
 
 /// Header carrying the webhook signature: `sha256=<hex HMAC-SHA256 of the body>`.
@@ -255,7 +256,7 @@ async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
             };
             let _ = tokio::time::timeout(RESPONSE_EXCERPT_TIME, read).await;
             drop(response);
-            let excerpt = super::message::excerpt(&body, RESPONSE_EXCERPT_BYTES);
+            let excerpt = excerpt(&body, RESPONSE_EXCERPT_BYTES);
             let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
             if excerpt.is_empty() {
                 Attempt::failed(format!("HTTP {}", status.as_u16()))

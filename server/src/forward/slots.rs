@@ -3,9 +3,9 @@
 //! answers would hold every slot and delay everyone's results. So a user has at most
 //! [`Fairness::per_user`] sends under way, a destination host at most
 //! [`Fairness::per_host`], and due deliveries are taken round-robin by user
-//! (`queue::due`). Pure: the caller passes what is due and what is under way.
+//! (`Store::due_deliveries`). Pure: the caller passes what is due and what is under way.
 
-use super::queue::{Candidate, Kind};
+use crate::model::{Candidate, Kind};
 
 /// Sends under way at once, in all, per user and per destination host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use rusqlite::params;
 use tokio::sync::{broadcast, oneshot};
 
 use herald_tests::receivers::{HttpReceiver, Reply, SmtpReceiver};
@@ -13,8 +12,8 @@ use herald_tests::TempDir;
 
 use super::*;
 use crate::config::{SmsBodyFormat, SmsConfig, SmtpConfig, SmtpTls};
-use crate::model::JobEvent;
-use crate::store::Store;
+use crate::model::{JobEvent, Role};
+use crate::store::{Store, TestJob};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,26 +32,9 @@ impl Fixture {
         let dir = TempDir::new(name);
         let store = Store::open(dir.path()).expect("open store");
         let now = crate::now_ms();
-        {
-            let conn = store.conn();
-            conn.execute(
-                "INSERT INTO agents (id, name, public_key, enrolled_at) VALUES ('agent-1', 'laptop', x'01', ?1)",
-                params![now],
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO orders (id, envelope, action, created_at) VALUES ('order-1', x'00', 'run /usr/bin/scan', ?1)",
-                params![now],
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO catalog (name, title, description, kind, order_id, summary, target,
-                                      min_interval_ms, not_after, created_at)
-                 VALUES ('scan', 'Virus scan', '', 'run', 'order-1', 'run scan', 'all', 0, ?1, ?1)",
-                params![now],
-            )
-            .unwrap();
-        }
+        store.insert_test_agent("agent-1", "laptop", now);
+        store.insert_test_order("order-1", "run /usr/bin/scan", now);
+        store.insert_test_catalog_entry("scan", "Virus scan", "order-1", now);
         let mut fixture = Fixture {
             _dir: dir,
             store,
@@ -65,63 +47,41 @@ impl Fixture {
     }
 
     fn add_user(&self, login: &str) -> i64 {
-        let conn = self.store.conn();
-        conn.execute(
-            "INSERT INTO users (login, password_hash, role, created_at) VALUES (?1, 'x', 'user', 0)",
-            params![login],
-        )
-        .unwrap();
-        conn.last_insert_rowid()
+        self.store
+            .add_user(login, "x", Role::User, "", "", 0)
+            .unwrap()
     }
 
     /// A subscription of `owner` to the catalog entry.
     fn add_subscription(&self, owner: i64) -> i64 {
-        let conn = self.store.conn();
-        conn.execute(
-            "INSERT INTO schedules (order_id, target, spec, missed, splay_ms, ttl_ms, created_at,
-                                    owner_user_id, catalog_name)
-             VALUES (?1, 'agent:agent-1', '{}', 'skip', 0, 60000, 0, ?2, 'scan')",
-            params![self.order, owner],
-        )
-        .unwrap();
-        conn.last_insert_rowid()
+        self.store
+            .insert_test_subscription(owner, &self.order, "agent:agent-1", "scan")
     }
 
     /// A job of a schedule, as the scheduler creates it (`forward_pending = 1`), in
     /// `state`.
     fn add_job(&self, schedule: i64, state: &str) -> i64 {
-        let conn = self.store.conn();
         let final_fields = state
             .parse::<crate::model::JobState>()
             .is_ok_and(|s| s.is_final());
-        conn.execute(
-            "INSERT INTO jobs (agent_id, order_id, schedule_id, state, created_at, deliver_after,
-                               expires_at, forward_pending, exit_code, stdout, error, finished_at)
-             VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, 1, ?6, ?7, ?8, ?9)",
-            params![
-                self.agent,
-                self.order,
-                schedule,
-                state,
-                i64::MAX / 2,
-                final_fields.then_some(if state == "succeeded" { 0 } else { 3 }),
-                final_fields.then_some(b"found 2 threats\n".to_vec()),
-                (final_fields && state != "succeeded").then_some("exited with 3"),
-                final_fields.then_some(1_700_000_000_000i64),
-            ],
-        )
-        .unwrap();
-        conn.last_insert_rowid()
+        self.store.insert_test_job(&TestJob {
+            agent_id: &self.agent,
+            order_id: &self.order,
+            schedule_id: Some(schedule),
+            state,
+            created_at: 0,
+            deliver_after: 0,
+            expires_at: i64::MAX / 2,
+            forward_pending: true,
+            exit_code: final_fields.then_some(if state == "succeeded" { 0 } else { 3 }),
+            stdout: final_fields.then_some(b"found 2 threats\n".as_slice()),
+            error: (final_fields && state != "succeeded").then_some("exited with 3"),
+            finished_at: final_fields.then_some(1_700_000_000_000i64),
+        })
     }
 
     fn set_state(&self, job: i64, state: &str) {
-        self.store
-            .conn()
-            .execute(
-                "UPDATE jobs SET state = ?2 WHERE id = ?1",
-                params![job, state],
-            )
-            .unwrap();
+        self.store.set_test_job_state(job, state);
     }
 
     /// A confirmed rule.
@@ -133,22 +93,14 @@ impl Fixture {
         target: &str,
         only_failures: bool,
     ) -> i64 {
-        let conn = self.store.conn();
-        conn.execute(
-            "INSERT INTO destinations (user_id, schedule_id, kind, target, secret, only_failures,
-                                       created_at, confirmed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 0)",
-            params![
-                user,
-                subscription,
-                kind,
-                target,
-                (kind == "webhook").then_some(SECRET),
-                only_failures
-            ],
+        self.store.insert_test_rule(
+            user,
+            subscription,
+            kind,
+            target,
+            (kind == "webhook").then_some(SECRET),
+            only_failures,
         )
-        .unwrap();
-        conn.last_insert_rowid()
     }
 
     /// A rule as the console adds it: e-mail and SMS unconfirmed, with a code asked for.
@@ -170,47 +122,25 @@ impl Fixture {
 
     /// (job, destination) of every delivery, in id order.
     fn deliveries(&self) -> Vec<(i64, i64)> {
-        let conn = self.store.conn();
-        let mut stmt = conn
-            .prepare("SELECT job_id, destination_id FROM deliveries ORDER BY id")
-            .unwrap();
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        rows.collect::<Result<_, _>>().unwrap()
+        self.store.test_delivery_routes()
     }
 
     fn delivery_of(&self, job: i64, destination: i64) -> i64 {
-        self.store
-            .conn()
-            .query_row(
-                "SELECT id FROM deliveries WHERE job_id = ?1 AND destination_id = ?2",
-                params![job, destination],
-                |r| r.get(0),
-            )
-            .unwrap()
+        self.store.test_delivery_id(job, destination)
     }
 
     /// (state, attempts, last_error) of a delivery.
     fn delivery(&self, id: i64) -> (String, i64, Option<String>) {
-        self.store
-            .conn()
-            .query_row(
-                "SELECT state, attempts, last_error FROM deliveries WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap()
+        self.store.test_delivery_state(id)
     }
 
     /// (ok, detail) of every attempt of a delivery, in order.
     fn attempts(&self, id: i64) -> Vec<(bool, String)> {
-        let conn = self.store.conn();
-        let mut stmt = conn
-            .prepare("SELECT ok, detail FROM delivery_attempts WHERE delivery_id = ?1 ORDER BY id")
-            .unwrap();
-        let rows = stmt
-            .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap();
-        rows.collect::<Result<_, _>>().unwrap()
+        self.store
+            .test_delivery_attempts(id)
+            .into_iter()
+            .map(|a| (a.ok, a.detail))
+            .collect()
     }
 
     async fn wait_state(&self, delivery: i64, state: &str) -> (String, i64, Option<String>) {
@@ -334,13 +264,7 @@ fn enqueue_follows_only_failures_and_the_rule_scope() {
     let bobs_job = f.add_job(bobs, "succeeded");
     // A job not of a subscription (forward_pending stays 0) is never forwarded.
     let plain = f.add_job(sub1, "failed");
-    f.store
-        .conn()
-        .execute(
-            "UPDATE jobs SET forward_pending = 0 WHERE id = ?1",
-            params![plain],
-        )
-        .unwrap();
+    f.store.set_test_forward_pending(plain, false);
 
     let created = queued(&f.store, 1);
     let mut expected = vec![
@@ -392,20 +316,9 @@ fn a_job_of_a_deleted_subscription_is_dropped_quietly() {
     let sub = f.add_subscription(f.user);
     f.add_rule(f.user, None, "email", "a@example.org", false);
     let job = f.add_job(sub, "failed");
-    f.store
-        .conn()
-        .execute("DELETE FROM schedules WHERE id = ?1", params![sub])
-        .unwrap();
+    f.store.remove_schedule(sub).unwrap();
     assert_eq!(queued(&f.store, 1), 0);
-    let pending: i64 = f
-        .store
-        .conn()
-        .query_row(
-            "SELECT forward_pending FROM jobs WHERE id = ?1",
-            params![job],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let pending: i64 = f.store.test_forward_pending(job);
     assert_eq!(pending, 0);
 }
 
@@ -421,13 +334,7 @@ fn unconfirmed_rules_get_nothing_until_confirmed() {
     // The webhook needs no code; the e-mail and SMS rules forward nothing yet.
     assert_eq!(f.deliveries(), [(first, hook)]);
 
-    f.store
-        .conn()
-        .execute(
-            "UPDATE destinations SET confirmed_at = 2 WHERE id = ?1",
-            params![email],
-        )
-        .unwrap();
+    f.store.set_test_rule_confirmed_at(email, Some(2));
     let second = f.add_job(sub, "failed");
     queued(&f.store, 3);
     let got = f.deliveries();
@@ -450,15 +357,7 @@ fn results_of_runs_that_did_not_happen_are_not_forwarded() {
     assert_eq!(jobs, forwarded);
     assert!(f.deliveries().iter().all(|(_, d)| *d == rule));
     // The others are handled all the same: not looked at again.
-    let pending: i64 = f
-        .store
-        .conn()
-        .query_row(
-            "SELECT COUNT(*) FROM jobs WHERE forward_pending = 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let pending: i64 = f.store.test_forward_pending_count();
     assert_eq!(pending, 0, "{not:?}");
 }
 
@@ -498,7 +397,7 @@ fn over_the_daily_limit_a_delivery_is_given_up_at_once_and_logged() {
 
     // A day later there is room again; what was given up for the limit never counted.
     let later = f.add_job(sub, "failed");
-    let day = queue::DAY.as_millis() as i64;
+    let day = crate::model::DAILY_WINDOW.as_millis() as i64;
     let done = enqueue(&f.store, now + day + 1, &limits).unwrap();
     assert_eq!((done.queued, done.over_limit.len()), (3, 0));
     assert_eq!(f.delivery(f.delivery_of(later, sms)).0, "pending");
@@ -514,21 +413,8 @@ async fn old_deliveries_and_their_attempts_are_pruned() {
     let now = crate::now_ms();
     let month = RETENTION.as_millis() as i64;
     let add = |state: &str, created_at: i64| -> i64 {
-        let conn = f.store.conn();
-        conn.execute(
-            "INSERT INTO deliveries (destination_id, user_id, job_id, kind, target, state,
-                                     attempts, next_attempt_at, created_at)
-             VALUES (?1, ?2, ?3, 'webhook', 'x', ?4, 1, ?6, ?5)",
-            params![rule, f.user, job, state, created_at, i64::MAX / 2],
-        )
-        .unwrap();
-        let id = conn.last_insert_rowid();
-        conn.execute(
-            "INSERT INTO delivery_attempts (delivery_id, at, ok, detail) VALUES (?1, ?2, 1, 'x')",
-            params![id, created_at],
-        )
-        .unwrap();
-        id
+        f.store
+            .insert_test_delivery(rule, f.user, job, state, created_at)
     };
     let old_sent = add("sent", now - month - 1000);
     let old_given_up = add("given_up", now - month - 1000);
@@ -537,14 +423,7 @@ async fn old_deliveries_and_their_attempts_are_pruned() {
     let old_pending = add("pending", now - month - 1000);
     let forwarder = f.start(settings());
     poll("old deliveries to be deleted", || {
-        let ids: Vec<i64> = {
-            let conn = f.store.conn();
-            let mut stmt = conn
-                .prepare("SELECT id FROM deliveries ORDER BY id")
-                .unwrap();
-            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
-            rows.collect::<Result<_, _>>().unwrap()
-        };
+        let ids: Vec<i64> = f.store.test_delivery_ids();
         (ids == [recent, old_pending]).then_some(())
     })
     .await;
@@ -644,14 +523,12 @@ async fn a_retry_after_a_failure_delivers_after_the_backoff() {
     assert_eq!(log.len(), 2);
     assert!(!log[0].0 && log[0].1.starts_with("HTTP 503"));
     assert_eq!(log[1], (true, "HTTP 204".to_string()));
-    let at: Vec<i64> = {
-        let conn = f.store.conn();
-        let mut stmt = conn
-            .prepare("SELECT at FROM delivery_attempts WHERE delivery_id = ?1 ORDER BY id")
-            .unwrap();
-        let rows = stmt.query_map(params![delivery], |r| r.get(0)).unwrap();
-        rows.collect::<Result<_, _>>().unwrap()
-    };
+    let at: Vec<i64> = f
+        .store
+        .test_delivery_attempts(delivery)
+        .iter()
+        .map(|a| a.at)
+        .collect();
     assert!(at[1] - at[0] >= 100, "retried {} ms later", at[1] - at[0]);
     forwarder.stop().await;
 }
@@ -766,10 +643,7 @@ async fn a_deleted_rule_stops_its_pending_deliveries() {
     let rule = f.add_rule(f.user, None, "webhook", "http://127.0.0.1:9/never", false);
     let job = f.add_job(sub, "failed");
     queued(&f.store, 1);
-    f.store
-        .conn()
-        .execute("DELETE FROM destinations WHERE id = ?1", params![rule])
-        .unwrap();
+    f.store.remove_destination(f.user, rule).unwrap();
     let forwarder = f.start(settings());
     let (_, attempts, last_error) = f.wait_state(f.delivery_of(job, rule), "given_up").await;
     assert_eq!(attempts, 1);
@@ -897,13 +771,7 @@ async fn a_pending_delivery_of_an_unconfirmed_rule_is_not_sent() {
     let rule = f.add_rule(f.user, None, "sms", "+15551234567", false);
     let job = f.add_job(sub, "failed");
     queued(&f.store, 1);
-    f.store
-        .conn()
-        .execute(
-            "UPDATE destinations SET confirmed_at = NULL WHERE id = ?1",
-            params![rule],
-        )
-        .unwrap();
+    f.store.set_test_rule_confirmed_at(rule, None);
     let mut with_sms = settings();
     with_sms.sms = Some(sms_config(&gateway));
     let forwarder = f.start(with_sms);
@@ -1154,15 +1022,7 @@ async fn an_e_mail_rule_is_confirmed_with_the_code_mailed_to_it() {
     let before = f.add_job(sub, "failed");
     forwarder.job_changed(before);
     poll("the job to be handled", || {
-        let pending: i64 = f
-            .store
-            .conn()
-            .query_row(
-                "SELECT forward_pending FROM jobs WHERE id = ?1",
-                params![before],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let pending: i64 = f.store.test_forward_pending(before);
         (pending == 0).then_some(())
     })
     .await;

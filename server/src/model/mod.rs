@@ -10,11 +10,18 @@
 
 mod accounts;
 mod catalog;
+mod confirm;
+mod forwarding;
 mod job;
 mod releases;
 
 pub use accounts::*;
 pub use catalog::*;
+pub use confirm::{
+    check_code, code_expiry, hash_code, new_code, PendingCode, Verdict, CODE_DIGITS, CODE_TTL,
+    CODE_WINDOW, MAX_CODES_PER_WINDOW, MAX_WRONG_TRIES,
+};
+pub use forwarding::*;
 pub use job::{IllegalTransition, JobState, UnknownState};
 pub use releases::*;
 

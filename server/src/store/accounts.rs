@@ -811,7 +811,7 @@ impl Store {
         })
     }
 
-    // === forwarding (the rules themselves: `crate::forward::rules`) ===
+    // === forwarding (the rules and the queue themselves: `store::forwarding`) ===
 
     /// A user's latest deliveries, newest first, with their attempts.
     pub fn user_deliveries(&self, user_id: i64, limit: u32) -> Result<Vec<Delivery>> {

@@ -21,21 +21,29 @@
 //! - `schedules.rs`: schedules and their firing;
 //! - `accounts.rs`: console users, sessions, visits, a user's devices and history;
 //! - `catalog.rs`: the service catalog and subscriptions;
-//! - `releases.rs`: vendors, releases, package subscriptions, rollouts.
+//! - `releases.rs`: vendors, releases, package subscriptions, rollouts;
+//! - `forwarding.rs`: forwarding rules, confirmation codes, the delivery queue;
+//! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
 mod agents;
 mod catalog;
+mod forwarding;
 mod jobs;
 mod migrations;
 mod releases;
 mod schedules;
+#[cfg(test)]
+mod testing;
 
 pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
+pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
 use migrations::*;
 pub(crate) use schedules::{schedule_row, SCHEDULE_SELECT};
+#[cfg(test)]
+pub(crate) use testing::TestJob;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

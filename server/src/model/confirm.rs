@@ -2,7 +2,9 @@
 //! owner proves they read that mailbox or phone by entering a 6-digit code the server
 //! sent there. This is what keeps forwarding from being an open relay to addresses and
 //! numbers a user merely typed in. Pure functions: the randomness and the time are
-//! passed in, so every rule here is unit-tested.
+//! passed in, so every rule here is unit-tested. The forwarder draws and sends the
+//! codes (`crate::forward`); the store keeps their hashes and checks what a user
+//! entered (`crate::store`).
 
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ pub const MAX_WRONG_TRIES: u32 = 5;
 /// Codes sent to one destination of a user within [`CODE_WINDOW`].
 pub const MAX_CODES_PER_WINDOW: u32 = 3;
 /// The window of [`MAX_CODES_PER_WINDOW`].
-pub(super) const CODE_WINDOW: Duration = Duration::from_secs(3600);
+pub const CODE_WINDOW: Duration = Duration::from_secs(3600);
 /// Digits in a code.
 pub const CODE_DIGITS: usize = 6;
 
@@ -27,7 +29,7 @@ const CODE_SPACE: u32 = 1_000_000;
 
 /// A new code, uniform over `000000..=999999`: `random` yields uniform 32-bit values;
 /// those at the top of the range that would bias the remainder are drawn again.
-pub(super) fn new_code(mut random: impl FnMut() -> u32) -> String {
+pub fn new_code(mut random: impl FnMut() -> u32) -> String {
     // The largest multiple of CODE_SPACE that fits: values at or above it are redrawn.
     const ACCEPT_BELOW: u32 = u32::MAX - u32::MAX % CODE_SPACE;
     loop {
@@ -40,7 +42,7 @@ pub(super) fn new_code(mut random: impl FnMut() -> u32) -> String {
 
 /// What the store keeps of a code: `SALT$HASH` (hex), the hash being SHA-256 over the
 /// salt, the rule's id and the code, so a code is good for its own rule only.
-pub(super) fn hash_code(destination_id: i64, code: &str, salt: [u8; 16]) -> String {
+pub fn hash_code(destination_id: i64, code: &str, salt: [u8; 16]) -> String {
     format!(
         "{}${}",
         hex::encode(salt),
@@ -70,7 +72,7 @@ fn matches(stored: &str, destination_id: i64, code: &str) -> bool {
 
 /// The code state of an unconfirmed rule, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(super) struct Pending {
+pub struct PendingCode {
     /// [`hash_code`] of the latest code, if one was made and is not void.
     pub hash: Option<String>,
     /// When that code stops being accepted.
@@ -119,7 +121,12 @@ impl Verdict {
 
 /// Checks an entered code against the stored state at `now`. Spaces in what was
 /// entered are ignored.
-pub(super) fn check(destination_id: i64, pending: &Pending, entered: &str, now: Millis) -> Verdict {
+pub fn check_code(
+    destination_id: i64,
+    pending: &PendingCode,
+    entered: &str,
+    now: Millis,
+) -> Verdict {
     let entered: String = entered.chars().filter(|c| !c.is_whitespace()).collect();
     if entered.len() != CODE_DIGITS || !entered.bytes().all(|b| b.is_ascii_digit()) {
         return Verdict::Malformed;
@@ -143,7 +150,7 @@ pub(super) fn check(destination_id: i64, pending: &Pending, entered: &str, now: 
 }
 
 /// When a code made at `now` expires.
-pub(super) fn expiry(now: Millis) -> Millis {
+pub fn code_expiry(now: Millis) -> Millis {
     now.saturating_add(CODE_TTL.as_millis() as Millis)
 }
 
@@ -154,10 +161,10 @@ mod tests {
     const SALT: [u8; 16] = [7; 16];
     const NOW: Millis = 1_700_000_000_000;
 
-    fn pending(code: &str) -> Pending {
-        Pending {
+    fn pending(code: &str) -> PendingCode {
+        PendingCode {
             hash: Some(hash_code(9, code, SALT)),
-            expires_at: Some(expiry(NOW)),
+            expires_at: Some(code_expiry(NOW)),
             tries: 0,
         }
     }
@@ -185,11 +192,11 @@ mod tests {
     #[test]
     fn the_right_code_in_time_confirms() {
         assert_eq!(
-            check(9, &pending("123456"), " 123 456 ", NOW),
+            check_code(9, &pending("123456"), " 123 456 ", NOW),
             Verdict::Confirmed
         );
         assert_eq!(
-            check(10, &pending("123456"), "123456", NOW),
+            check_code(10, &pending("123456"), "123456", NOW),
             Verdict::Wrong { tries_left: 4 }
         );
     }
@@ -197,8 +204,14 @@ mod tests {
     #[test]
     fn a_code_expires_after_an_hour() {
         let p = pending("123456");
-        assert_eq!(check(9, &p, "123456", NOW + 3_599_999), Verdict::Confirmed);
-        assert_eq!(check(9, &p, "123456", NOW + 3_600_000), Verdict::Expired);
+        assert_eq!(
+            check_code(9, &p, "123456", NOW + 3_599_999),
+            Verdict::Confirmed
+        );
+        assert_eq!(
+            check_code(9, &p, "123456", NOW + 3_600_000),
+            Verdict::Expired
+        );
     }
 
     #[test]
@@ -206,26 +219,26 @@ mod tests {
         let mut p = pending("123456");
         for left in (0..MAX_WRONG_TRIES).rev() {
             assert_eq!(
-                check(9, &p, "000000", NOW),
+                check_code(9, &p, "000000", NOW),
                 Verdict::Wrong { tries_left: left }
             );
             p.tries += 1;
         }
         // Even the right code no longer works.
-        assert_eq!(check(9, &p, "123456", NOW), Verdict::TooManyTries);
+        assert_eq!(check_code(9, &p, "123456", NOW), Verdict::TooManyTries);
     }
 
     #[test]
     fn malformed_input_and_a_missing_code_are_told_apart() {
         for input in ["", "12345", "1234567", "12345a", "１２３４５６"] {
             assert_eq!(
-                check(9, &pending("123456"), input, NOW),
+                check_code(9, &pending("123456"), input, NOW),
                 Verdict::Malformed,
                 "{input}"
             );
         }
         assert_eq!(
-            check(9, &Pending::default(), "123456", NOW),
+            check_code(9, &PendingCode::default(), "123456", NOW),
             Verdict::NoCode
         );
     }
