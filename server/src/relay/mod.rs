@@ -5,9 +5,17 @@
 //! for an agent are read from the store (so whatever is queued survives restarts) each
 //! time the agent's link is poked; results arrive on unidirectional streams and are
 //! acknowledged after they are committed.
+//!
+//! What is allowed when, what to send and what to store is decided by the connection's
+//! state machine in [`link`]; the tasks here read and write frames, call the store,
+//! keep the timers and the connection registry, and carry out what the machine answers.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+mod acks;
+mod link;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,16 +25,18 @@ use tracing::{debug, info, warn};
 
 use herald_io::wire::{self, WireError};
 use herald_shared::codec::{DEFAULT_FRAME_LIMIT, RESULT_FRAME_LIMIT};
-use herald_shared::protocol::{
-    Ack, AgentMsg, Bundle, Enroll, Hello, JobId, ServerMsg, Welcome, PROTOCOL_MAJOR,
-};
+use herald_shared::protocol::{AgentMsg, Bundle, Enroll, Hello, JobId, ServerMsg, PROTOCOL_MAJOR};
 use herald_shared::token::secret_hash;
 
 use crate::metrics::Histogram;
 use crate::now_ms;
 use crate::pki::{self, KeyStatus, Keyring};
-use crate::store::Store;
+use crate::store::{Pending, Store};
 use crate::ticket::Tickets;
+use acks::{AckBatches, AckRecord, ACK_BATCH};
+use link::{version_refusal, Effect, Greeting, Link, Migrated, Stream, Transmit, Violation};
+
+pub use link::ADDRESS_CHECK_MS;
 
 /// How long an agent has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,8 +45,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// them, and the address is compared then; a tighter timer would wake every idle link
 /// (50,000 wake-ups a second at 100,000 agents with 2 s).
 const PATH_CHECK: Duration = Duration::from_secs(30);
-/// How often agents check their local addresses (sent in `Welcome`).
-pub const ADDRESS_CHECK_MS: u64 = 5_000;
 /// Failed enrollment attempts allowed per source address per window.
 const ENROLL_FAILURES_ALLOWED: u32 = 5;
 /// Window of the enrollment rate limit.
@@ -56,7 +64,8 @@ pub use herald_shared::protocol::close;
 
 pub use crate::model::JobEvent;
 
-struct Link {
+/// A connected agent, as the registry knows it.
+struct Registered {
     connection: Connection,
     wake: Arc<Wake>,
     generation: u64,
@@ -102,12 +111,6 @@ impl InFlight {
         Some(elapsed)
     }
 }
-
-/// An acknowledgement on its way to the store: (agent, job, refusal reason).
-type AckRecord = (String, JobId, Option<String>);
-
-/// Most acknowledgements committed in one transaction.
-const ACK_BATCH: usize = 4096;
 
 /// Links a fan-out wakes before it lets everything else run. Waking 100,000 links at once
 /// queues hundreds of thousands of tasks (each link, then its QUIC connection) ahead of
@@ -173,7 +176,7 @@ struct FanOut {
 pub struct Relay {
     store: Store,
     keyring: Arc<Keyring>,
-    links: Mutex<HashMap<String, Link>>,
+    links: Mutex<HashMap<String, Registered>>,
     generation: std::sync::atomic::AtomicU64,
     events: broadcast::Sender<JobEvent>,
     enroll_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -202,6 +205,8 @@ enum LinkError {
     Wire(#[from] WireError),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("protocol violation: {0}")]
+    Violation(#[from] Violation),
     #[error("timed out waiting for the agent")]
     Timeout,
     #[error(transparent)]
@@ -367,7 +372,7 @@ impl Relay {
         self.poke(agent_id);
     }
 
-    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -452,6 +457,12 @@ impl Relay {
         match result {
             Ok(()) => debug!(%remote, "connection closed"),
             Err(LinkError::Connection(e)) => debug!(%remote, "connection ended: {e}"),
+            Err(LinkError::Violation(violation)) => {
+                let code = violation.code();
+                let e = LinkError::Violation(violation);
+                warn!(%remote, "closing connection: {e}");
+                connection.close(code.into(), e.to_string().as_bytes());
+            }
             Err(e @ (LinkError::Wire(WireError::Codec(_)) | LinkError::Protocol(_))) => {
                 warn!(%remote, "closing connection: {e}");
                 connection.close(close::PROTOCOL.into(), e.to_string().as_bytes());
@@ -472,16 +483,18 @@ impl Relay {
         let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, DEFAULT_FRAME_LIMIT))
             .await
             .map_err(|_| LinkError::Timeout)??;
-        match first {
-            Some(AgentMsg::Enroll(enroll)) => {
-                self.enroll(connection, &key, enroll, &mut send).await
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let mut link = Link::new();
+        match link.handle_greeting(first) {
+            Greeting::Enroll(enroll) => self.enroll(connection, &key, enroll, &mut send).await,
+            Greeting::Admit(hello) => {
+                self.session(connection, &key, link, hello, send, recv)
+                    .await
             }
-            Some(AgentMsg::Hello(hello)) => self.session(connection, &key, hello, send, recv).await,
-            Some(other) => Err(LinkError::Protocol(format!(
-                "expected Hello or Enroll, got {}",
-                msg_name(&other)
-            ))),
-            None => Ok(()),
+            Greeting::Refuse(reason) => refuse(connection, &mut send, &reason).await,
+            Greeting::Close(violation) => Err(violation.into()),
         }
     }
 
@@ -568,17 +581,16 @@ impl Relay {
         entry.1 += 1;
     }
 
+    /// An agent's session, from its accepted `Hello` to the end of the connection.
     async fn session(
         self: Arc<Self>,
         connection: &Connection,
         key: &[u8],
+        mut link: Link,
         hello: Hello,
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Result<(), LinkError> {
-        if hello.protocol.0 != PROTOCOL_MAJOR {
-            return refuse(connection, &mut send, &version_refusal(hello.protocol.0)).await;
-        }
         let agent_id = herald_shared::agent_id(key);
         if self.keyring.status(key) != KeyStatus::Enrolled || !self.store.agent_active(&agent_id)? {
             return refuse(
@@ -601,16 +613,8 @@ impl Relay {
         self.store
             .local_addresses(&agent_id, &join_addresses(&hello.addresses), now)?;
         let membership = self.store.membership(&agent_id)?;
-        write_frame(
-            &mut send,
-            &ServerMsg::Welcome(Welcome {
-                server_time: now,
-                agent_id: agent_id.clone(),
-                membership: membership.clone(),
-                address_check_ms: ADDRESS_CHECK_MS,
-            }),
-        )
-        .await?;
+        let welcome = link.handle_admitted(agent_id.clone(), membership, observed, now);
+        write_frame(&mut send, &welcome).await?;
 
         let wake = Arc::new(Wake::default());
         wake.query.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -619,7 +623,7 @@ impl Relay {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(old) = self.lock_links().insert(
             agent_id.clone(),
-            Link {
+            Registered {
                 connection: connection.clone(),
                 wake: wake.clone(),
                 generation,
@@ -632,14 +636,21 @@ impl Relay {
 
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
         let in_flight = InFlight::default();
-        let observed = Mutex::new(observed);
+        let conn = Conn {
+            agent_id: &agent_id,
+            connection,
+            link: Mutex::new(link),
+            in_flight: &in_flight,
+            outbox,
+        };
         let result = tokio::select! {
             r = writer(send, outbox_rx, &in_flight) => r,
-            r = self.deliver(&agent_id, wake, outbox.clone(), membership) => r,
-            r = self.read_control(&agent_id, &mut recv, &in_flight, connection, &observed) => r,
-            r = self.read_results(connection, &agent_id, outbox) => r,
-            r = self.watch_path(connection, &agent_id, &observed) => r,
+            r = self.deliver(&conn, wake) => r,
+            r = self.read_control(&conn, &mut recv) => r,
+            r = self.read_results(&conn) => r,
+            r = self.watch_path(&conn) => r,
         };
+        drop(conn);
         {
             let mut links = self.lock_links();
             if links
@@ -657,59 +668,23 @@ impl Relay {
     /// Sends every pending job (once per connection) and new memberships, then waits to
     /// be woken: by a poke (read the store again) or by signals pushed directly. The
     /// store is read first, so jobs go out in job order when both are due.
-    async fn deliver(
-        &self,
-        agent_id: &str,
-        wake: Arc<Wake>,
-        outbox: mpsc::Sender<Box<Outgoing>>,
-        mut membership: Option<herald_shared::envelope::Envelope>,
-    ) -> Result<(), LinkError> {
-        let mut sent: HashSet<JobId> = HashSet::new();
+    async fn deliver(&self, conn: &Conn<'_>, wake: Arc<Wake>) -> Result<(), LinkError> {
         loop {
             if wake.query.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                // Membership first: a group job sent before the membership that admits
-                // the agent to the group would be refused as not addressed to it.
-                let current = self.store.membership(agent_id)?;
-                if current != membership {
-                    if let Some(envelope) = current.clone() {
-                        if outbox
-                            .send(Outgoing::new(ServerMsg::Membership(envelope)))
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    membership = current;
-                }
-                let pending = self.store.pending(agent_id, now_ms())?;
+                let membership = self.store.membership(conn.agent_id)?;
+                let pending = self.store.pending(conn.agent_id, now_ms())?;
                 for job_id in pending.failed {
                     self.job_changed(job_id);
                 }
-                for job in pending.jobs {
-                    if !sent.insert(job.job_id) {
-                        continue;
-                    }
-                    let bundle = job.release.map(|r| Bundle {
-                        url: r
-                            .url
-                            .unwrap_or_else(|| format!("{}/{}", self.artifact_base, r.sha256)),
-                        release: r.metadata,
-                        delegation: r.delegation,
-                    });
-                    let signal = herald_shared::protocol::Signal {
-                        job_id: job.job_id,
-                        envelope: job.envelope,
-                        bundle,
-                        ticket: job
-                            .open_timeout_ms
-                            .map(|timeout| self.ticket(job.job_id, timeout)),
+                conn.link().handle_snapshot(membership, pending.jobs);
+                // The guard is dropped before each send: the link is never held across
+                // an await.
+                while let Some(transmit) = conn.poll_transmit() {
+                    let msg = match transmit {
+                        Transmit::Membership(envelope) => ServerMsg::Membership(envelope),
+                        Transmit::Signal(job) => ServerMsg::Signal(self.signal(job)),
                     };
-                    if outbox
-                        .send(Outgoing::new(ServerMsg::Signal(signal)))
-                        .await
-                        .is_err()
-                    {
+                    if conn.outbox.send(Outgoing::new(msg)).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -720,7 +695,8 @@ impl Relay {
                 let ServerMsg::Signal(signal) = &outgoing.msg else {
                     continue;
                 };
-                if sent.insert(signal.job_id) && outbox.send(Box::new(outgoing)).await.is_err() {
+                let fresh = conn.link().handle_pushed(signal.job_id);
+                if fresh && conn.outbox.send(Box::new(outgoing)).await.is_err() {
                     return Ok(());
                 }
             }
@@ -728,154 +704,204 @@ impl Relay {
         }
     }
 
-    async fn read_control(
-        &self,
-        agent_id: &str,
-        recv: &mut RecvStream,
-        in_flight: &InFlight,
-        connection: &Connection,
-        observed: &Mutex<SocketAddr>,
-    ) -> Result<(), LinkError> {
+    /// A pending job as the agent gets it: an install's release with where to download
+    /// it, a browser job's one-time ticket.
+    fn signal(&self, job: Pending) -> herald_shared::protocol::Signal {
+        let bundle = job.release.map(|r| Bundle {
+            url: r
+                .url
+                .unwrap_or_else(|| format!("{}/{}", self.artifact_base, r.sha256)),
+            release: r.metadata,
+            delegation: r.delegation,
+        });
+        herald_shared::protocol::Signal {
+            job_id: job.job_id,
+            envelope: job.envelope,
+            bundle,
+            ticket: job
+                .open_timeout_ms
+                .map(|timeout| self.ticket(job.job_id, timeout)),
+        }
+    }
+
+    async fn read_control(&self, conn: &Conn<'_>, recv: &mut RecvStream) -> Result<(), LinkError> {
         while let Some(msg) = read_frame::<AgentMsg>(recv, DEFAULT_FRAME_LIMIT).await? {
-            let now = now_ms();
-            match msg {
-                AgentMsg::Ack { job_id, ack } => {
-                    if let Some(rtt) = in_flight.acked(job_id) {
-                        self.signal_rtt.observe(rtt);
-                    }
-                    let refused = match &ack {
-                        Ack::Refused(reason) => Some(reason.as_str()),
-                        Ack::Accepted | Ack::Duplicate => None,
-                    };
-                    debug!(%agent_id, job_id, ?ack, "ack");
-                    // Committed by write_acks, batched with other agents' acks.
-                    let _ =
-                        self.acks
-                            .send((agent_id.to_string(), job_id, refused.map(str::to_string)));
-                }
-                AgentMsg::Started { job_id, at } => {
-                    self.store.started(agent_id, job_id, at, now)?;
-                    self.job_changed(job_id);
-                }
-                AgentMsg::Progress { job_id, progress } => {
-                    self.store
-                        .progress(agent_id, job_id, &progress.to_string())?;
-                    self.job_changed(job_id);
-                }
-                AgentMsg::Addresses(addresses) => {
-                    info!(%agent_id, ?addresses, "agent reported addresses");
-                    // Sent from the new path once the agent has moved its socket.
-                    self.check_path(connection, agent_id, observed)?;
-                    self.store
-                        .local_addresses(agent_id, &join_addresses(&addresses), now)?;
-                }
-                other => {
-                    return Err(LinkError::Protocol(format!(
-                        "unexpected {} on the control stream",
-                        msg_name(&other)
-                    )))
-                }
+            let effect = conn.link().handle_message(Stream::Control, msg, now_ms());
+            if self.apply(conn, effect).await?.is_break() {
+                return Ok(());
             }
         }
         Ok(())
     }
 
-    async fn read_results(
-        &self,
-        connection: &Connection,
-        agent_id: &str,
-        outbox: mpsc::Sender<Box<Outgoing>>,
-    ) -> Result<(), LinkError> {
+    async fn read_results(&self, conn: &Conn<'_>) -> Result<(), LinkError> {
         loop {
-            let mut recv = connection.accept_uni().await?;
+            let mut recv = conn.connection.accept_uni().await?;
             let Some(msg) = read_frame::<AgentMsg>(&mut recv, RESULT_FRAME_LIMIT).await? else {
                 continue;
             };
-            let AgentMsg::Result(result) = msg else {
-                return Err(LinkError::Protocol(format!(
-                    "unexpected {} on a result stream",
-                    msg_name(&msg)
-                )));
-            };
-            let stored = self.store.store_result(agent_id, &result, now_ms())?;
-            debug!(%agent_id, job_id = result.job_id, stored, status = result.status.as_str(), "result");
-            if stored {
-                self.job_changed(result.job_id);
-            }
-            let ack = ServerMsg::ResultStored {
-                job_id: result.job_id,
-                attempt: result.attempt,
-            };
-            if outbox.send(Outgoing::new(ack)).await.is_err() {
+            let effect = conn.link().handle_message(Stream::Result, msg, now_ms());
+            if self.apply(conn, effect).await?.is_break() {
                 return Ok(());
             }
         }
     }
 
     /// Checks the path every [`PATH_CHECK`].
-    async fn watch_path(
-        &self,
-        connection: &Connection,
-        agent_id: &str,
-        observed: &Mutex<SocketAddr>,
-    ) -> Result<(), LinkError> {
+    async fn watch_path(&self, conn: &Conn<'_>) -> Result<(), LinkError> {
         let mut tick = tokio::time::interval(PATH_CHECK);
         loop {
             tick.tick().await;
-            self.check_path(connection, agent_id, observed)?;
+            self.check_path(conn, now_ms())?;
         }
     }
 
     /// Records the observed address again if QUIC has migrated the path.
-    fn check_path(
-        &self,
-        connection: &Connection,
-        agent_id: &str,
-        observed: &Mutex<SocketAddr>,
-    ) -> Result<(), LinkError> {
-        let now_observed = connection.remote_address();
-        let mut observed = observed.lock().unwrap_or_else(|e| e.into_inner());
-        if now_observed != *observed {
-            info!(%agent_id, from = %*observed, to = %now_observed, "connection migrated");
-            self.store
-                .observed_address(agent_id, &now_observed.to_string(), now_ms())?;
-            *observed = now_observed;
-        }
+    fn check_path(&self, conn: &Conn<'_>, now: crate::Millis) -> Result<(), LinkError> {
+        let observed = conn.connection.remote_address();
+        let Some(Migrated { from, to }) = conn.link().handle_path(observed) else {
+            return Ok(());
+        };
+        let agent_id = conn.agent_id;
+        info!(%agent_id, %from, %to, "connection migrated");
+        self.store
+            .observed_address(agent_id, &to.to_string(), now)?;
         Ok(())
+    }
+
+    /// Carries out what the link decided about a message. Breaks when the connection's
+    /// writer is gone (the session is ending).
+    async fn apply(&self, conn: &Conn<'_>, effect: Effect) -> Result<ControlFlow<()>, LinkError> {
+        let agent_id = conn.agent_id;
+        match effect {
+            Effect::StoreAck { job_id, refused } => {
+                if let Some(rtt) = conn.in_flight.acked(job_id) {
+                    self.signal_rtt.observe(rtt);
+                }
+                debug!(%agent_id, job_id, ?refused, "ack");
+                // Committed by write_acks, batched with other agents' acks.
+                let _ = self.acks.send((agent_id.to_string(), job_id, refused));
+            }
+            Effect::StoreStarted { job_id, at, now } => {
+                self.store.started(agent_id, job_id, at, now)?;
+                self.job_changed(job_id);
+            }
+            Effect::StoreProgress { job_id, progress } => {
+                self.store
+                    .progress(agent_id, job_id, &progress.to_string())?;
+                self.job_changed(job_id);
+            }
+            Effect::StoreAddresses { addresses, now } => {
+                info!(%agent_id, ?addresses, "agent reported addresses");
+                self.check_path(conn, now)?;
+                self.store
+                    .local_addresses(agent_id, &join_addresses(&addresses), now)?;
+            }
+            Effect::StoreResult { result, now } => {
+                let stored = self.store.store_result(agent_id, &result, now)?;
+                debug!(%agent_id, job_id = result.job_id, stored, status = result.status.as_str(), "result");
+                if stored {
+                    self.job_changed(result.job_id);
+                }
+                let ack = conn
+                    .link()
+                    .handle_result_stored(result.job_id, result.attempt);
+                if conn.outbox.send(Outgoing::new(ack)).await.is_err() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Effect::Close(violation) => return Err(violation.into()),
+        }
+        Ok(ControlFlow::Continue(()))
     }
 }
 
-/// Commits acknowledgements in batches: whatever has queued up while the previous
-/// batch was written goes in the next transaction, so a broadcast's thousands of acks
-/// cost a few commits, not thousands. Ends when the relay is gone.
+/// One agent session's parts, shared by its tasks (which run in one task, joined by
+/// `select!`: the link's lock is never contended, and never held across an await).
+struct Conn<'a> {
+    agent_id: &'a str,
+    connection: &'a Connection,
+    link: Mutex<Link>,
+    in_flight: &'a InFlight,
+    outbox: mpsc::Sender<Box<Outgoing>>,
+}
+
+impl Conn<'_> {
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The link's next message to send. A call of its own so that the guard is gone
+    /// before the caller awaits the send (in a `while let` it would live through the
+    /// loop's body).
+    fn poll_transmit(&self) -> Option<Transmit> {
+        self.link().poll_transmit()
+    }
+}
+
+/// Commits acknowledgements in the batches [`AckBatches`] forms: whatever has queued
+/// up while the previous batch was written goes in the next transaction, so a
+/// broadcast's thousands of acks cost a few commits, not thousands. Ends when the relay
+/// is gone.
 async fn write_acks(
     store: Store,
     relay: std::sync::Weak<Relay>,
     mut queue: mpsc::UnboundedReceiver<AckRecord>,
 ) {
-    let mut batch = Vec::with_capacity(64);
-    while queue.recv_many(&mut batch, ACK_BATCH).await > 0 {
-        let records = std::mem::take(&mut batch);
-        let store = store.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let result = store.ack_batch(&records, now_ms());
-            (records, result)
-        })
-        .await;
-        let Ok((records, result)) = written else {
-            continue;
-        };
-        if let Err(e) = result {
-            // The jobs stay queued and are signalled again on the next connection; the
-            // agent answers duplicates from its journal.
-            warn!(acks = records.len(), "cannot store acknowledgements: {e}");
-            continue;
+    type Write = tokio::task::JoinHandle<(Vec<AckRecord>, Result<(), crate::store::StoreError>)>;
+    /// The write in progress, if any (never ready when there is none).
+    async fn finished(
+        writing: &mut Option<Write>,
+    ) -> Result<(Vec<AckRecord>, Result<(), crate::store::StoreError>), tokio::task::JoinError>
+    {
+        match writing {
+            Some(write) => write.await,
+            None => std::future::pending().await,
         }
-        let Some(relay) = relay.upgrade() else {
+    }
+
+    let mut acks = AckBatches::default();
+    let mut arrived = Vec::with_capacity(64);
+    let mut writing: Option<Write> = None;
+    let mut open = true;
+    loop {
+        if let Some(records) = acks.poll_batch() {
+            let store = store.clone();
+            writing = Some(tokio::task::spawn_blocking(move || {
+                let result = store.ack_batch(&records, now_ms());
+                (records, result)
+            }));
+        }
+        if !open && acks.is_idle() {
             return;
-        };
-        for (_, job_id, _) in &records {
-            relay.job_changed(*job_id);
+        }
+        tokio::select! {
+            received = queue.recv_many(&mut arrived, ACK_BATCH), if open => {
+                // Zero: every sender is gone with the relay; write what is left.
+                open = received > 0;
+                for record in arrived.drain(..) {
+                    acks.handle_ack(record);
+                }
+            }
+            written = finished(&mut writing) => {
+                writing = None;
+                acks.handle_written();
+                let Ok((records, result)) = written else {
+                    continue;
+                };
+                if let Err(e) = result {
+                    // The jobs stay queued and are signalled again on the next
+                    // connection; the agent answers duplicates from its journal.
+                    warn!(acks = records.len(), "cannot store acknowledgements: {e}");
+                    continue;
+                }
+                let Some(relay) = relay.upgrade() else {
+                    return;
+                };
+                for (_, job_id, _) in &records {
+                    relay.job_changed(*job_id);
+                }
+            }
         }
     }
 }
@@ -934,12 +960,6 @@ async fn refuse(
     Ok(())
 }
 
-fn version_refusal(major: u16) -> String {
-    format!(
-        "protocol version {major} is not supported by this server (it speaks {PROTOCOL_MAJOR}); upgrade the agent or server so they match"
-    )
-}
-
 fn peer_key(connection: &Connection) -> Option<Vec<u8>> {
     let identity = connection.peer_identity()?;
     let certs = identity
@@ -952,18 +972,6 @@ fn join_addresses(addresses: &[IpAddr]) -> String {
     let mut text: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     text.sort();
     text.join(",")
-}
-
-fn msg_name(msg: &AgentMsg) -> &'static str {
-    match msg {
-        AgentMsg::Hello(_) => "Hello",
-        AgentMsg::Enroll(_) => "Enroll",
-        AgentMsg::Ack { .. } => "Ack",
-        AgentMsg::Started { .. } => "Started",
-        AgentMsg::Addresses(_) => "Addresses",
-        AgentMsg::Result(_) => "Result",
-        AgentMsg::Progress { .. } => "Progress",
-    }
 }
 
 async fn read_frame<T: serde::de::DeserializeOwned>(
