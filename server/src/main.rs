@@ -4,8 +4,28 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Threads for blocking work: the store's (each store call leaves its worker thread
+/// through `block_in_place`, see `Store::blocking`), password hashing, file I/O. Store
+/// calls queue on one connection anyway, so more threads would only wait there; tokio's
+/// default of 512 let a connection storm grow the process by hundreds of idle threads.
+const MAX_BLOCKING_THREADS: usize = 32;
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("herald-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
