@@ -1,5 +1,10 @@
 //! Herald's control server: the relay (QUIC), the scheduler, the store (SQLite), the
-//! admin API (HTTPS) and the admin CLI that drives it.
+//! admin API and web console (HTTPS) and the admin CLI that drives it. The folders and
+//! which way they depend on each other are in docs/ARCHITECTURE.md.
+//!
+//! The server does not depend on the agent crate. Only `herald-server demo`
+//! (`cli/demo.rs`, behind the default `demo` feature) starts a real agent in-process, so
+//! that one command runs the whole loop without building and finding a second binary.
 
 #![forbid(unsafe_code)]
 

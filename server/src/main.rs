@@ -28,6 +28,7 @@ fn main() -> ExitCode {
 async fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // `herald_agent`: the demo's in-process agent.
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("warn,herald_server=info,herald_agent=info")
             }),
