@@ -135,7 +135,7 @@ pub(crate) async fn create_release(
     Ok(Json(info))
 }
 
-pub use herald_shared::url::check_download_url;
+use herald_shared::url::check_download_url;
 
 fn published(state: &ApiState, package: &str) -> Result<(), ApiError> {
     rollout::start_for_package(&state.store, package)?;

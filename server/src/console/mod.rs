@@ -34,7 +34,7 @@ use herald_shared::envelope::PublicKey;
 use herald_shared::Millis;
 
 use crate::api::ApiState;
-pub use crate::config::ConsoleSettings;
+use crate::config::ConsoleSettings;
 use crate::store::StoreError;
 use crate::ticket::Tickets;
 

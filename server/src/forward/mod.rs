@@ -51,14 +51,7 @@ use crate::config::{ServerConfig, SmsConfig, SmtpConfig, SmtpTls};
 use crate::model::{new_code, CodeMessage, JobEvent};
 use crate::store::{Store, StoreError};
 
-// The forwarding API as it was before its records moved to `model` and its rows to
-// `store`: the same paths keep working.
-pub use crate::model::{
-    excerpt, DailyLimits, Destination, Enqueued, Facts, Kind, NewDestination, Next, Verdict,
-    CODE_DIGITS, CODE_TTL, DAILY_LIMIT_REACHED, FORWARDED_STATES, MAX_CODES_PER_WINDOW, MAX_RULES,
-    MAX_WRONG_TRIES, STDOUT_EXCERPT_BYTES, UNFORWARDED_STATES,
-};
-pub use crate::store::RuleError;
+use crate::model::{DailyLimits, Kind, Next, DAILY_LIMIT_REACHED};
 pub use message::{SmsRequest, SmsTemplate, SMS_MAX_CHARS};
 pub use queue::{backoff, enqueue, next_step, prune, Attempt, RetryPolicy, MAX_BACKOFF, RETENTION};
 pub use send::{is_public, signature, CONNECT_TIMEOUT, SIGNATURE_HEADER};

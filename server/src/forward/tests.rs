@@ -12,7 +12,7 @@ use herald_tests::TempDir;
 
 use super::*;
 use crate::config::{SmsBodyFormat, SmsConfig, SmtpConfig, SmtpTls};
-use crate::model::{JobEvent, Role};
+use crate::model::{JobEvent, NewDestination, Role, Verdict, FORWARDED_STATES};
 use crate::store::{Store, TestJob};
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -62,7 +62,7 @@ const OUTBOX_DEPTH: usize = 256;
 /// QUIC application close codes (shared with the agent).
 pub use herald_shared::protocol::close;
 
-pub use crate::model::JobEvent;
+use crate::model::JobEvent;
 
 /// A connected agent, as the registry knows it.
 struct Registered {
