@@ -230,7 +230,7 @@ pub async fn run(spec: &Spec) -> Result<Outcome, ExecError> {
 
     let started_at_ms = unix_millis();
     let start = Instant::now();
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn_program(&mut cmd).await {
         Ok(child) => child,
         Err(source) => {
             remove_job_dir(&job_dir);
@@ -445,6 +445,23 @@ fn prepare_job_dir(
         return Err(err(&dir)(e));
     }
     Ok(dir)
+}
+
+/// Starts `cmd`, retrying briefly while its program is "busy": an installed program
+/// written moments ago may still be open for writing in a child that another task
+/// forked during the write and that has not reached its own exec yet (`ETXTBSY`).
+async fn spawn_program(cmd: &mut Command) -> io::Result<Child> {
+    const ATTEMPTS: u32 = 10;
+    let mut attempt = 1;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempt < ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn remove_job_dir(dir: &Path) {

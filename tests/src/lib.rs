@@ -199,6 +199,23 @@ pub fn wait_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> 
     }
 }
 
+/// Spawns `command`, whose program may be a binary this test process has just copied.
+///
+/// Another test thread that forks while the copy's write descriptor is open carries
+/// that descriptor until its own exec, and meanwhile exec of the copy fails with
+/// `ETXTBSY` ("Text file busy"). The window is short; retry until it has passed.
+pub fn spawn_copied_binary(command: &mut Command) -> Child {
+    wait_until(
+        &format!("{:?} to start", command.get_program()),
+        DEADLINE,
+        || match command.spawn() {
+            Ok(child) => Some(child),
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+            Err(e) => panic!("spawn {:?}: {e}", command.get_program()),
+        },
+    )
+}
+
 fn log_file(path: &Path) -> Stdio {
     std::fs::OpenOptions::new()
         .create(true)
@@ -537,13 +554,12 @@ impl TestAgent {
     /// Starts `herald-agent run`.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
-        let child = Self::command_with(&self.binary, &self.state_dir)
+        let mut command = Self::command_with(&self.binary, &self.state_dir);
+        command
             .arg("run")
             .stdout(log_file(&self.log))
-            .stderr(log_file(&self.log))
-            .spawn()
-            .expect("spawn herald-agent");
-        self.child = Some(child);
+            .stderr(log_file(&self.log));
+        self.child = Some(spawn_copied_binary(&mut command));
     }
 
     /// Waits until the server shows this agent online.

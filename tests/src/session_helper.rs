@@ -77,7 +77,8 @@ impl SessionHelper {
         log: &Path,
     ) -> SessionHelper {
         use std::os::unix::process::CommandExt;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("session")
             .arg("--socket")
             .arg(socket)
@@ -89,9 +90,9 @@ impl SessionHelper {
             .gid(uid)
             .stdin(Stdio::null())
             .stdout(append_to(log))
-            .stderr(append_to(log))
-            .spawn()
-            .expect("spawn herald-agent session as another user");
+            .stderr(append_to(log));
+        // `binary` is a copy the test has just written.
+        let child = crate::spawn_copied_binary(&mut command);
         SessionHelper {
             log: log.to_path_buf(),
             child: Some(child),
