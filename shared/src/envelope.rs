@@ -142,6 +142,10 @@ pub enum Statement {
     Delegation(crate::release::Delegation),
     /// Release metadata (signed by a delegated vendor key, or by the operator).
     Release(crate::release::Release),
+    /// A grant of a sender name to a key (operator-signed).
+    Sender(crate::message::SenderGrant),
+    /// A push message (signed by a granted sender key).
+    Message(crate::message::Message),
 }
 
 /// Who an order is for.

@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod envelope;
+pub mod message;
 pub mod protocol;
 pub mod release;
 pub mod schedule;

@@ -16,8 +16,8 @@ pub const ALPN: &[u8] = b"herald/1";
 
 /// Protocol version: a different major is refused with a clear message.
 pub const PROTOCOL_MAJOR: u16 = 1;
-/// Minor protocol version (additions only).
-pub const PROTOCOL_MINOR: u16 = 0;
+/// Minor protocol version (additions only). 1: push messages (`Report`, `ReportStored`).
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// The name the server's certificate is issued for and agents verify, whatever address
 /// they reach it at (addresses change; the pinned CA is what matters).
@@ -106,6 +106,14 @@ pub enum AgentMsg {
         /// Where it is.
         progress: Progress,
     },
+    /// A signed receipt or block-list change from the agent's report outbox; resent on
+    /// every connection until the server answers `ReportStored` with its `seq`.
+    Report {
+        /// The agent's outbox sequence number (local; the server echoes it).
+        seq: u64,
+        /// The report, signed by the agent's identity key.
+        report: crate::message::SignedReport,
+    },
 }
 
 /// Stages of an install job, for operators watching a rollout.
@@ -155,6 +163,11 @@ pub enum ServerMsg {
     },
     /// A new signed membership for this agent.
     Membership(Envelope),
+    /// A report was stored (or refused for good); the agent may drop it from its outbox.
+    ReportStored {
+        /// The agent's sequence number.
+        seq: u64,
+    },
 }
 
 /// Sent by the agent when it connects.

@@ -6,13 +6,15 @@
 //! - `job.rs`: [`JobState`] and its transition table;
 //! - `accounts.rs`: console users, sessions, visits, history, deliveries;
 //! - `catalog.rs`: catalog entries and subscriptions;
-//! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves.
+//! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves;
+//! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals.
 
 mod accounts;
 mod catalog;
 mod confirm;
 mod forwarding;
 mod job;
+mod messages;
 mod releases;
 
 pub use accounts::*;
@@ -23,6 +25,7 @@ pub use confirm::{
 };
 pub use forwarding::*;
 pub use job::{IllegalTransition, JobState, UnknownState};
+pub use messages::*;
 pub use releases::*;
 
 use serde::{Deserialize, Serialize};

@@ -166,6 +166,16 @@ pub(crate) enum Effect {
         /// When it arrived.
         now: Millis,
     },
+    /// Verify and store a signed report (a message receipt or a block-list change),
+    /// then send `ReportStored` with its `seq`.
+    StoreReport {
+        /// The agent's outbox sequence number, echoed back.
+        seq: u64,
+        /// The report as signed.
+        report: herald_shared::message::SignedReport,
+        /// When it arrived.
+        now: Millis,
+    },
     /// Close the connection with [`Violation::code`] and the violation as the reason.
     Close(Violation),
 }
@@ -363,6 +373,7 @@ fn control(msg: AgentMsg, now: Millis) -> Effect {
         AgentMsg::Started { job_id, at } => Effect::StoreStarted { job_id, at, now },
         AgentMsg::Progress { job_id, progress } => Effect::StoreProgress { job_id, progress },
         AgentMsg::Addresses(addresses) => Effect::StoreAddresses { addresses, now },
+        AgentMsg::Report { seq, report } => Effect::StoreReport { seq, report, now },
         other @ (AgentMsg::Hello(_) | AgentMsg::Enroll(_) | AgentMsg::Result(_)) => {
             Effect::Close(Violation::OnControlStream(msg_name(&other)))
         }
@@ -386,6 +397,7 @@ pub(crate) fn msg_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::Addresses(_) => "Addresses",
         AgentMsg::Result(_) => "Result",
         AgentMsg::Progress { .. } => "Progress",
+        AgentMsg::Report { .. } => "Report",
     }
 }
 

@@ -638,6 +638,7 @@ impl Relay {
         let in_flight = InFlight::default();
         let conn = Conn {
             agent_id: &agent_id,
+            key,
             connection,
             link: Mutex::new(link),
             in_flight: &in_flight,
@@ -810,9 +811,47 @@ impl Relay {
                     return Ok(ControlFlow::Break(()));
                 }
             }
+            Effect::StoreReport { seq, report, now } => {
+                self.store_report(conn, &report, now)?;
+                let ack = ServerMsg::ReportStored { seq };
+                if conn.outbox.send(Outgoing::new(ack)).await.is_err() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
             Effect::Close(violation) => return Err(violation.into()),
         }
         Ok(ControlFlow::Continue(()))
+    }
+
+    /// Verifies a signed report against the key the connection authenticated with and
+    /// stores it. A report that does not verify, or names a message the agent was never
+    /// sent, is logged and dropped: sending it again would not change it, so it is
+    /// acknowledged all the same.
+    fn store_report(
+        &self,
+        conn: &Conn<'_>,
+        signed: &herald_shared::message::SignedReport,
+        now: crate::Millis,
+    ) -> Result<(), LinkError> {
+        let agent_id = conn.agent_id;
+        let report = match signed.verify(conn.key) {
+            Ok(report) => report,
+            Err(e) => {
+                warn!(%agent_id, "dropping a report that does not verify: {e}");
+                return Ok(());
+            }
+        };
+        match self.store.store_report(agent_id, signed, &report, now) {
+            Ok(crate::store::ReportStored::Receipt {
+                job_id: Some(job_id),
+            }) => self.job_changed(job_id),
+            Ok(_) => {}
+            Err(crate::store::StoreError::NotFound(reason)) => {
+                warn!(%agent_id, "dropping a report: {reason}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 }
 
@@ -820,6 +859,8 @@ impl Relay {
 /// `select!`: the link's lock is never contended, and never held across an await).
 struct Conn<'a> {
     agent_id: &'a str,
+    /// The agent's public key, as its certificate proved (reports are verified with it).
+    key: &'a [u8],
     connection: &'a Connection,
     link: Mutex<Link>,
     in_flight: &'a InFlight,

@@ -315,23 +315,38 @@ pub(crate) fn insert_order(
     action: &herald_shared::envelope::Action,
     now: Millis,
 ) -> Result<()> {
-    let blob = codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let open_timeout_ms = match action {
         herald_shared::envelope::Action::Open(open) => Some(open.timeout_ms as i64),
         _ => None,
     };
+    insert_order_row(
+        tx,
+        order_id,
+        envelope,
+        &action.describe(),
+        action.kind(),
+        open_timeout_ms,
+        now,
+    )
+}
+
+/// Stores a signed envelope as an order row: what it does (for listings), its kind,
+/// and a browser order's visit time. A second submission of the same id is refused.
+pub(crate) fn insert_order_row(
+    tx: &Connection,
+    order_id: &str,
+    envelope: &Envelope,
+    describe: &str,
+    kind: &str,
+    open_timeout_ms: Option<i64>,
+    now: Millis,
+) -> Result<()> {
+    let blob = codec::to_bytes(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let inserted = tx.execute(
         "INSERT INTO orders (id, envelope, action, kind, open_timeout_ms, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (id) DO NOTHING",
-        params![
-            order_id,
-            blob,
-            action.describe(),
-            action.kind(),
-            open_timeout_ms,
-            now
-        ],
+        params![order_id, blob, describe, kind, open_timeout_ms, now],
     )?;
     if inserted == 0 {
         return Err(StoreError::Conflict(format!(

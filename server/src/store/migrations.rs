@@ -261,6 +261,57 @@ ALTER TABLE deliveries ADD COLUMN over_limit INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX deliveries_by_user ON deliveries(user_id, created_at);
 CREATE INDEX deliveries_by_created ON deliveries(created_at);
 "#,
+    // Push messages: senders (operator-signed grants), messages (each also an order of
+    // kind 'message' whose jobs are its deliveries), the agents' signed receipts, and
+    // the block-list changes agents report.
+    r#"
+CREATE TABLE senders (
+    name TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE,
+    advertising INTEGER NOT NULL,
+    grant_envelope BLOB NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY REFERENCES orders(id),
+    sender TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    advertising INTEGER NOT NULL,
+    audience TEXT NOT NULL,
+    collapse TEXT,
+    link TEXT,
+    hash TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX messages_by_sender ON messages(sender, created_at);
+CREATE INDEX jobs_by_order ON jobs(order_id, agent_id);
+CREATE TABLE message_receipts (
+    message_id TEXT NOT NULL REFERENCES messages(id),
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    state TEXT NOT NULL,
+    reason TEXT,
+    at BIGINT NOT NULL,
+    report BLOB NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (message_id, agent_id, state)
+);
+CREATE TABLE sender_blocks (
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    sender TEXT NOT NULL,
+    blocked INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    report BLOB NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, sender)
+);
+CREATE INDEX sender_blocks_by_sender ON sender_blocks(sender, blocked);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -23,6 +23,7 @@
 //! - `catalog.rs`: the service catalog and subscriptions;
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts;
 //! - `forwarding.rs`: forwarding rules, confirmation codes, the delivery queue;
+//! - `messages.rs`: push-message senders, messages, receipts and block reports;
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
@@ -30,6 +31,7 @@ mod agents;
 mod catalog;
 mod forwarding;
 mod jobs;
+mod messages;
 mod migrations;
 mod releases;
 mod schedules;
@@ -40,6 +42,7 @@ pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
 pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
+pub use messages::{ReportStored, SKIPPED_BLOCKED};
 use migrations::*;
 pub(crate) use schedules::{schedule_row, SCHEDULE_SELECT};
 #[cfg(test)]
@@ -55,6 +58,8 @@ use herald_shared::envelope::{Audience, Envelope};
 use herald_shared::protocol::{JobId, JobResult};
 use herald_shared::schedule::{Missed, Schedule};
 use herald_shared::Millis;
+
+use base64::Engine;
 
 use crate::model::{AddressEvent, AgentDetail, AgentInfo, JobInfo, JobState, ScheduleInfo};
 

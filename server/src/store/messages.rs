@@ -1,0 +1,507 @@
+//! Push messages: senders, messages (an order row of kind `message` plus one job per
+//! recipient, so delivery, redelivery and expiry are the jobs'), the agents' signed
+//! reports (receipts and block-list changes), and the listings built from them.
+//!
+//! A receipt moves its job: `stored` to succeeded, `refused` to refused, `expired` to
+//! expired, from any state still waiting for the agent. Reports are kept as signed, so
+//! anyone can verify them later against the agent's enrolled key.
+
+use super::*;
+
+use herald_shared::message::{BlockChange, Message, Receipt, SignedReport};
+
+use crate::model::{
+    MessageCounts, MessageDetail, MessageInfo, ReceiptInfo, RecipientInfo, RefusalInfo, SenderInfo,
+};
+
+/// The reason stored for a recipient the server skipped because its agent had reported
+/// blocking the sender.
+pub const SKIPPED_BLOCKED: &str = "skipped: the agent reported that its user blocked this sender";
+
+/// What [`Store::store_report`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportStored {
+    /// A receipt; its job changed (tell watchers).
+    Receipt {
+        /// The job it moved, if any.
+        job_id: Option<JobId>,
+    },
+    /// A block-list change.
+    Block,
+}
+
+const MESSAGE_SELECT: &str = "SELECT m.id, m.sender, m.title, m.priority, m.advertising, m.audience,
+        m.created_at, m.expires_at,
+        (SELECT COUNT(*) FROM jobs j WHERE j.order_id = m.id),
+        (SELECT COUNT(*) FROM message_receipts r WHERE r.message_id = m.id AND r.state = 'stored'),
+        (SELECT COUNT(*) FROM message_receipts r WHERE r.message_id = m.id AND r.state = 'displayed'),
+        (SELECT COUNT(*) FROM message_receipts r WHERE r.message_id = m.id AND r.state = 'read'),
+        (SELECT COUNT(*) FROM jobs j WHERE j.order_id = m.id AND j.state IN ('refused', 'failed', 'canceled')),
+        (SELECT COUNT(*) FROM jobs j WHERE j.order_id = m.id AND j.state = 'expired'),
+        (SELECT COUNT(*) FROM jobs j WHERE j.order_id = m.id AND j.state IN ('queued', 'delivered', 'running'))
+     FROM messages m";
+
+fn message_row(r: &Row) -> rusqlite::Result<MessageInfo> {
+    let count = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    let addressed = count(8)?;
+    let stored = count(9)?;
+    Ok(MessageInfo {
+        id: r.get(0)?,
+        sender: r.get(1)?,
+        title: r.get(2)?,
+        priority: r.get(3)?,
+        advertising: r.get(4)?,
+        audience: r.get(5)?,
+        created_at: r.get(6)?,
+        expires_at: r.get(7)?,
+        counts: MessageCounts {
+            addressed,
+            stored,
+            displayed: count(10)?,
+            read: count(11)?,
+            refused: count(12)?,
+            expired: count(13)?,
+            pending: count(14)?,
+            success_rate: if addressed == 0 {
+                0.0
+            } else {
+                stored as f64 / addressed as f64
+            },
+        },
+    })
+}
+
+impl Store {
+    // === senders ===
+
+    /// Registers a sender: its operator-signed grant and the hash of its API token.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_sender(
+        &self,
+        name: &str,
+        display_name: &str,
+        public_key: &str,
+        advertising: bool,
+        grant: &Envelope,
+        token_hash: &str,
+        now: Millis,
+    ) -> Result<()> {
+        self.blocking(|| {
+            let blob = codec::to_bytes(grant).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let conn = self.conn();
+            let exists: Option<String> = conn
+                .query_row(
+                    "SELECT name FROM senders WHERE name = ?1 OR public_key = ?2",
+                    params![name, public_key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(existing) = exists {
+                return Err(StoreError::Conflict(format!(
+                    "sender {existing} already exists with that name or key; remove it first"
+                )));
+            }
+            conn.execute(
+                "INSERT INTO senders (name, display_name, public_key, advertising, grant_envelope, token_hash, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![name, display_name, public_key, advertising, blob, token_hash, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every sender.
+    pub fn senders(&self) -> Result<Vec<SenderInfo>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT s.name, s.display_name, s.public_key, s.advertising, s.created_at,
+                        (SELECT COUNT(*) FROM messages m WHERE m.sender = s.name)
+                 FROM senders s ORDER BY s.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(SenderInfo {
+                    name: r.get(0)?,
+                    display_name: r.get(1)?,
+                    public_key: r.get(2)?,
+                    advertising: r.get(3)?,
+                    created_at: r.get(4)?,
+                    messages: r.get::<_, i64>(5)?.max(0) as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Removes a sender: its token stops working and the server takes no more messages
+    /// signed by its key. Messages already sent stay (with their receipts).
+    pub fn remove_sender(&self, name: &str) -> Result<()> {
+        self.blocking(|| {
+            let removed = self
+                .conn()
+                .execute("DELETE FROM senders WHERE name = ?1", params![name])?;
+            if removed == 0 {
+                return Err(StoreError::NotFound(format!("no sender named {name:?}")));
+            }
+            Ok(())
+        })
+    }
+
+    /// The sender whose API token has this hash.
+    pub fn sender_by_token(&self, token_hash: &str) -> Result<Option<String>> {
+        self.blocking(|| {
+            Ok(self
+                .fast()
+                .query_row(
+                    "SELECT name FROM senders WHERE token_hash = ?1",
+                    params![token_hash],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// The sender registered with this public key (hex), if any.
+    pub fn sender_by_key(&self, public_key: &str) -> Result<Option<String>> {
+        self.blocking(|| {
+            Ok(self
+                .fast()
+                .query_row(
+                    "SELECT name FROM senders WHERE public_key = ?1",
+                    params![public_key],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    // === messages ===
+
+    /// Stores a verified message and one delivery job per agent in `agents`, in one
+    /// transaction. Agents whose latest report says they block the sender get a job
+    /// that is refused at once ([`SKIPPED_BLOCKED`]); the others are queued from
+    /// `deliver_at`. Returns the queued `(agent, job)` pairs and how many were skipped.
+    pub fn create_message(
+        &self,
+        message: &Message,
+        envelope: &Envelope,
+        agents: &[String],
+        deliver_at: Millis,
+        now: Millis,
+    ) -> Result<(Vec<(String, JobId)>, u64)> {
+        self.blocking(|| {
+            let id = message.id_hex();
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let describe = format!("message from {}: {}", message.sender, message.title);
+            insert_order_row(&tx, &id, envelope, &describe, "message", None, now)?;
+            tx.execute(
+                "INSERT INTO messages (id, sender, title, body, priority, advertising, audience,
+                                       collapse, link, hash, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    id,
+                    message.sender,
+                    message.title,
+                    message.body,
+                    message.priority.as_str(),
+                    message.advertising,
+                    message.audience.to_string(),
+                    message.collapse,
+                    message.link,
+                    hex::encode(herald_shared::message::message_hash(envelope)),
+                    now,
+                    message.expires_at,
+                ],
+            )?;
+            let blocked: std::collections::HashSet<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT agent_id FROM sender_blocks WHERE sender = ?1 AND blocked = 1",
+                )?;
+                let rows = stmt.query_map(params![message.sender], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut queued = Vec::with_capacity(agents.len());
+            let mut skipped = 0;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after,
+                                       expires_at, finished_at, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for agent in agents {
+                    if blocked.contains(agent) {
+                        insert.execute(params![
+                            agent,
+                            id,
+                            JobState::Refused.as_str(),
+                            now,
+                            deliver_at,
+                            message.expires_at,
+                            now,
+                            SKIPPED_BLOCKED
+                        ])?;
+                        skipped += 1;
+                    } else {
+                        insert.execute(params![
+                            agent,
+                            id,
+                            JobState::Queued.as_str(),
+                            now,
+                            deliver_at,
+                            message.expires_at,
+                            None::<Millis>,
+                            None::<String>
+                        ])?;
+                        queued.push((agent.clone(), tx.last_insert_rowid()));
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok((queued, skipped))
+        })
+    }
+
+    /// Messages, newest first; `sender` filters.
+    pub fn messages(&self, sender: Option<&str>, limit: u32) -> Result<Vec<MessageInfo>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{MESSAGE_SELECT} WHERE (?1 IS NULL OR m.sender = ?1)
+                 ORDER BY m.created_at DESC, m.id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![sender, limit], message_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// One message with every recipient's state.
+    pub fn message(&self, id: &str) -> Result<MessageDetail> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let info = conn
+                .query_row(
+                    &format!("{MESSAGE_SELECT} WHERE m.id = ?1"),
+                    params![id],
+                    message_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no message {id}")))?;
+            let (body, link, collapse): (String, Option<String>, Option<String>) = conn.query_row(
+                "SELECT body, link, collapse FROM messages WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let mut stmt = conn.prepare(
+                "SELECT j.agent_id, a.name, j.state, j.error,
+                        (SELECT at FROM message_receipts r WHERE r.message_id = j.order_id
+                            AND r.agent_id = j.agent_id AND r.state = 'stored'),
+                        (SELECT at FROM message_receipts r WHERE r.message_id = j.order_id
+                            AND r.agent_id = j.agent_id AND r.state = 'displayed'),
+                        (SELECT at FROM message_receipts r WHERE r.message_id = j.order_id
+                            AND r.agent_id = j.agent_id AND r.state = 'read')
+                 FROM jobs j JOIN agents a ON a.id = j.agent_id
+                 WHERE j.order_id = ?1 ORDER BY a.name",
+            )?;
+            let recipients = stmt
+                .query_map(params![id], |r| {
+                    let job_state: String = r.get(2)?;
+                    let reason: Option<String> = r.get(3)?;
+                    let stored_at: Option<Millis> = r.get(4)?;
+                    let state = match (job_state.as_str(), &reason) {
+                        (_, Some(reason)) if reason == SKIPPED_BLOCKED => "skipped_blocked",
+                        (_, _) if stored_at.is_some() => "stored",
+                        ("succeeded", _) => "stored",
+                        ("failed" | "canceled", _) => "refused",
+                        (other, _) => other,
+                    }
+                    .to_string();
+                    Ok(RecipientInfo {
+                        agent_id: r.get(0)?,
+                        agent: r.get(1)?,
+                        state,
+                        reason,
+                        stored_at,
+                        displayed_at: r.get(5)?,
+                        read_at: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(MessageDetail {
+                info,
+                body,
+                link,
+                collapse,
+                recipients,
+            })
+        })
+    }
+
+    /// A message's stored receipts with each agent's enrolled public key (raw), for
+    /// verification.
+    pub fn receipts(&self, id: &str) -> Result<Vec<(ReceiptInfo, Vec<u8>, Vec<u8>)>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let exists: Option<String> = conn
+                .query_row("SELECT id FROM messages WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound(format!("no message {id}")));
+            }
+            let mut stmt = conn.prepare(
+                "SELECT r.agent_id, r.state, r.reason, r.at, r.report, a.public_key
+                 FROM message_receipts r JOIN agents a ON a.id = r.agent_id
+                 WHERE r.message_id = ?1 ORDER BY r.agent_id, r.at",
+            )?;
+            let rows = stmt.query_map(params![id], |r| {
+                let report: Vec<u8> = r.get(4)?;
+                Ok((
+                    ReceiptInfo {
+                        agent_id: r.get(0)?,
+                        state: r.get(1)?,
+                        reason: r.get(2)?,
+                        at: r.get(3)?,
+                        report: base64::engine::general_purpose::STANDARD.encode(&report),
+                        verified: None,
+                    },
+                    report,
+                    r.get(5)?,
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Blocks agents reported (latest report per agent and sender says blocked).
+    pub fn refusals(&self, sender: Option<&str>) -> Result<Vec<RefusalInfo>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT b.agent_id, a.name, NULLIF(u.phone, ''), b.sender, b.by, b.at
+                 FROM sender_blocks b JOIN agents a ON a.id = b.agent_id
+                 LEFT JOIN users u ON u.id = a.owner_user_id
+                 WHERE b.blocked = 1 AND (?1 IS NULL OR b.sender = ?1)
+                 ORDER BY b.at DESC, b.agent_id",
+            )?;
+            let rows = stmt.query_map(params![sender], |r| {
+                Ok(RefusalInfo {
+                    agent_id: r.get(0)?,
+                    agent: r.get(1)?,
+                    phone: r.get(2)?,
+                    sender: r.get(3)?,
+                    by: r.get(4)?,
+                    at: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    // === the agents' signed reports ===
+
+    /// Stores a report that verified against `agent_id`'s key, idempotently: a receipt
+    /// once per (message, agent, state), a block change only if newer than the one kept.
+    /// A receipt for a message this agent was never sent is refused
+    /// ([`StoreError::NotFound`]).
+    pub fn store_report(
+        &self,
+        agent_id: &str,
+        signed: &SignedReport,
+        report: &herald_shared::message::Report,
+        now: Millis,
+    ) -> Result<ReportStored> {
+        self.blocking(|| {
+            let blob = codec::to_bytes(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let stored = match report {
+                herald_shared::message::Report::Receipt(receipt) => ReportStored::Receipt {
+                    job_id: store_receipt(&tx, agent_id, receipt, &blob, now)?,
+                },
+                herald_shared::message::Report::Block(change) => {
+                    store_block(&tx, change, &blob, now)?;
+                    ReportStored::Block
+                }
+            };
+            tx.commit()?;
+            Ok(stored)
+        })
+    }
+}
+
+fn store_receipt(
+    tx: &Connection,
+    agent_id: &str,
+    receipt: &Receipt,
+    blob: &[u8],
+    now: Millis,
+) -> Result<Option<JobId>> {
+    use herald_shared::message::ReceiptState;
+    let message_id = hex::encode(receipt.message_id);
+    let job: Option<(JobId, String)> = tx
+        .query_row(
+            "SELECT id, state FROM jobs WHERE order_id = ?1 AND agent_id = ?2",
+            params![message_id, agent_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((job_id, _)) = job else {
+        return Err(StoreError::NotFound(format!(
+            "agent {agent_id} reported on message {message_id}, which was not sent to it"
+        )));
+    };
+    tx.execute(
+        "INSERT INTO message_receipts (message_id, agent_id, state, reason, at, report, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (message_id, agent_id, state) DO NOTHING",
+        params![
+            message_id,
+            agent_id,
+            receipt.state.as_str(),
+            receipt.state.reason(),
+            receipt.at,
+            blob,
+            now
+        ],
+    )?;
+    let (to, error) = match &receipt.state {
+        ReceiptState::Stored | ReceiptState::Displayed | ReceiptState::Read => {
+            (JobState::Succeeded, None)
+        }
+        ReceiptState::Refused(reason) => (JobState::Refused, Some(reason.as_str())),
+        ReceiptState::Expired => (JobState::Expired, Some("arrived after its expiry")),
+    };
+    let changed = tx.execute(
+        &format!(
+            "UPDATE jobs SET state = ?2, finished_at = ?3, error = COALESCE(?4, error),
+                    delivered_at = COALESCE(delivered_at, ?3)
+             WHERE id = ?1 AND state IN ({})",
+            JobState::sql_list(&[JobState::Queued, JobState::Delivered, JobState::Running])
+        ),
+        params![job_id, to.as_str(), now, error],
+    )?;
+    Ok((changed > 0).then_some(job_id))
+}
+
+fn store_block(tx: &Connection, change: &BlockChange, blob: &[u8], now: Millis) -> Result<()> {
+    tx.execute(
+        "INSERT INTO sender_blocks (agent_id, sender, blocked, by, at, report, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (agent_id, sender) DO UPDATE SET
+            blocked = excluded.blocked, by = excluded.by, at = excluded.at,
+            report = excluded.report, received_at = excluded.received_at
+         WHERE excluded.at >= sender_blocks.at",
+        params![
+            change.agent_id,
+            change.sender,
+            change.blocked,
+            change.by,
+            change.at,
+            blob,
+            now
+        ],
+    )?;
+    Ok(())
+}
