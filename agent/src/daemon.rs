@@ -118,6 +118,7 @@ pub async fn enroll(
                 policy: Default::default(),
                 update: Default::default(),
                 session: Default::default(),
+                messages: Default::default(),
             }
             .save(state_dir)?;
             Ok(agent_id)

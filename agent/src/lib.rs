@@ -29,6 +29,7 @@ pub mod host;
 pub mod install;
 pub mod journal;
 pub mod link;
+pub mod notify;
 pub mod options;
 pub mod protocol;
 pub mod selfupdate;

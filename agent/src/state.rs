@@ -67,6 +67,44 @@ pub struct AgentConfig {
     /// The user-session helper (browser services).
     #[serde(default)]
     pub session: SessionSettings,
+    /// Push messages: receipts, retention, quiet hours.
+    #[serde(default)]
+    pub messages: MessageSettings,
+}
+
+/// How the agent keeps and shows push messages (`[messages]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSettings {
+    /// Send a signed `read` receipt when the person opens a message (off by default:
+    /// whether someone read something is theirs to share).
+    #[serde(default)]
+    pub read_receipts: bool,
+    /// At most this many messages are kept per sender; the oldest go first.
+    #[serde(default = "default_per_sender")]
+    pub max_per_sender: u32,
+    /// Advertising is held during these local hours (`HH:MM-HH:MM`, may wrap midnight)
+    /// and shown when they end; empty to never hold it.
+    #[serde(default = "default_quiet_hours")]
+    pub quiet_hours: String,
+}
+
+fn default_per_sender() -> u32 {
+    1000
+}
+
+fn default_quiet_hours() -> String {
+    "21:00-08:00".into()
+}
+
+impl Default for MessageSettings {
+    fn default() -> Self {
+        MessageSettings {
+            read_receipts: false,
+            max_per_sender: default_per_sender(),
+            quiet_hours: default_quiet_hours(),
+        }
+    }
 }
 
 /// Where the daemon listens for user-session helpers and whom it lets in (`[session]`).
