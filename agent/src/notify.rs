@@ -53,3 +53,28 @@ pub enum NoticeEvent {
         sender: String,
     },
 }
+
+/// The local hours during which advertising is held (`[messages] quiet_hours`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietHours {
+    /// Start, minutes after local midnight.
+    pub start: u32,
+    /// End, minutes after local midnight (before `start` when the span wraps midnight).
+    pub end: u32,
+}
+
+impl QuietHours {
+    /// Parses `HH:MM-HH:MM`; an empty string is `None` (never hold).
+    pub fn parse(text: &str) -> Result<Option<QuietHours>, String> {
+        // Filled in with the quiet-hours rule.
+        let _ = text;
+        Ok(None)
+    }
+
+    /// Whether a notice of advertising must wait at `local_minute` (minutes after local
+    /// midnight), and if so how many minutes until the quiet hours end.
+    pub fn holds(&self, local_minute: u32) -> Option<u32> {
+        let _ = local_minute;
+        None
+    }
+}

@@ -493,6 +493,21 @@ impl Sessions {
             .collect()
     }
 
+    /// Hands a notice to the helper of the person at the machine (chosen as for
+    /// [`Sessions::open`]), without waiting; returns whether a helper took it. What the
+    /// helper then reports comes out of [`Sessions::notice_events`].
+    // Filled in with the helper side of notices.
+    pub fn notify(&self, notice: &crate::notify::Notice) -> bool {
+        let _ = notice;
+        false
+    }
+
+    /// The stream of what helpers report about notices (displayed, opened, "block this
+    /// sender"). The first call gets the receiver; later calls get `None`.
+    pub fn notice_events(&self) -> Option<mpsc::UnboundedReceiver<crate::notify::NoticeEvent>> {
+        None
+    }
+
     /// Hands a page to a helper and waits for its answer. The helper is, most recent
     /// connection first: one of the user at the machine's screen (read now, since people
     /// switch); else, for a root daemon with `[session] user`, that user's (and none
