@@ -5,13 +5,15 @@
 //!   schedules, metrics;
 //! - `catalog.rs`: catalog entries;
 //! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
-//!   rollouts.
+//!   rollouts;
+//! - `messages.rs`: push-message senders, messages, receipts, refusals.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
 mod catalog;
 
+pub mod messages;
 pub mod releases;
 
 use std::sync::Arc;
@@ -44,7 +46,7 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Longest TTL for a job.
 const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Most jobs a list returns.
-const MAX_LIST: u32 = 1000;
+pub(crate) const MAX_LIST: u32 = 1000;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -70,6 +72,8 @@ pub enum Caller {
     Admin,
     /// A vendor's token (may only publish its own releases).
     Vendor(String),
+    /// A message sender's token (may only send and read its own messages).
+    Sender(String),
 }
 
 /// An API failure: status and one sentence.
@@ -162,6 +166,25 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/catalog/{name}",
             axum::routing::delete(crate::api::catalog::remove_entry),
         )
+        .route(
+            "/api/v1/senders",
+            get(messages::list_senders).post(messages::create_sender),
+        )
+        .route(
+            "/api/v1/senders/{name}",
+            axum::routing::delete(messages::remove_sender),
+        )
+        .route("/api/v1/grants/{key}", get(messages::show_grant))
+        .route(
+            "/api/v1/messages",
+            get(messages::list_messages).post(messages::send_message),
+        )
+        .route("/api/v1/messages/{id}", get(messages::show_message))
+        .route(
+            "/api/v1/messages/{id}/receipts",
+            get(messages::list_receipts),
+        )
+        .route("/api/v1/refusals", get(messages::list_refusals))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn(refuse_oversized))
         // Artifacts stream to disk in any size (the release declares their length).
@@ -238,16 +261,24 @@ async fn authenticate(
     let hash = bearer(request.headers()).map(|token| secret_hash(token.as_bytes()));
     let caller = match &hash {
         Some(hash) if state.store.admin_token_valid(hash).unwrap_or(false) => Some(Caller::Admin),
-        Some(hash) => state
-            .store
-            .vendor_by_token(hash)
-            .ok()
-            .flatten()
-            .map(Caller::Vendor),
+        Some(hash) => match state.store.vendor_by_token(hash).ok().flatten() {
+            Some(vendor) => Some(Caller::Vendor(vendor)),
+            None => state
+                .store
+                .sender_by_token(hash)
+                .ok()
+                .flatten()
+                .map(Caller::Sender),
+        },
         None => None,
     };
     let vendor_may = path == "/api/v1/releases"
         || (path.starts_with("/api/v1/releases/") && path.ends_with("/artifact"));
+    let sender_may = path == "/api/v1/messages"
+        || path.starts_with("/api/v1/messages/")
+        || path == "/api/v1/refusals"
+        || path == "/api/v1/senders"
+        || path.starts_with("/api/v1/grants/");
     match caller {
         None => ApiError(
             StatusCode::UNAUTHORIZED,
@@ -257,6 +288,11 @@ async fn authenticate(
         Some(Caller::Vendor(_)) if !vendor_may => ApiError(
             StatusCode::FORBIDDEN,
             "vendor tokens may only publish releases".into(),
+        )
+        .into_response(),
+        Some(Caller::Sender(_)) if !sender_may => ApiError(
+            StatusCode::FORBIDDEN,
+            "sender tokens may only send and read their own messages".into(),
         )
         .into_response(),
         Some(caller) => {
@@ -390,7 +426,7 @@ async fn set_membership(
 }
 
 /// Why an order reaches nobody: a revoked agent is named as such.
-fn no_agent(state: &ApiState, audience: &Audience) -> Result<ApiError, ApiError> {
+pub(crate) fn no_agent(state: &ApiState, audience: &Audience) -> Result<ApiError, ApiError> {
     let reason = match audience {
         Audience::Agent(id) if state.store.agent_revoked(id)? => {
             format!("agent {id} is revoked; enroll the machine again to send it work")

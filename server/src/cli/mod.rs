@@ -7,6 +7,7 @@
 //! - `client.rs`: the admin API client (pinned to the server's CA);
 //! - `catalog.rs`: `catalog` and `open`;
 //! - `packages.rs`: `vendor` and `package`;
+//! - `messages.rs`: `sender` and `message`;
 //! - `users.rs`: `users` (local, on the data directory);
 //! - `demo.rs`: `demo` (a throwaway server with an in-process agent).
 
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod client;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod messages;
 pub mod packages;
 pub mod users;
 
@@ -102,6 +104,12 @@ pub enum Command {
     /// Signed packages: publish, install, subscribe, roll out.
     #[command(subcommand)]
     Package(crate::cli::packages::PackageCommand),
+    /// Push-message senders and their delegated names.
+    #[command(subcommand)]
+    Sender(crate::cli::messages::SenderCommand),
+    /// Push messages: send, list, show, receipts, refusals.
+    #[command(subcommand)]
+    Message(crate::cli::messages::MessageCommand),
     /// Jobs and their results.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -396,6 +404,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Vendor(command) => admin()?.vendor(command).await,
         Command::Package(command) => admin()?.package(command).await,
+        Command::Sender(crate::cli::messages::SenderCommand::Keygen { out }) => {
+            crate::cli::messages::sender_keygen(&out)
+        }
+        Command::Sender(command) => admin()?.sender(command).await,
+        Command::Message(command) => admin()?.message(command).await,
         Command::Open(args) => admin()?.open(args).await,
         Command::Catalog(command) => admin()?.catalog(command).await,
         Command::Users(command) => {

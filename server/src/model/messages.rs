@@ -167,3 +167,13 @@ pub struct RefusalInfo {
     /// When, by the agent's clock.
     pub at: Millis,
 }
+
+/// The grant a sender key holds (`GET /api/v1/grants/{key}`), for the sender's CLI to
+/// put inside the messages it signs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// Sender name.
+    pub sender: String,
+    /// The operator-signed grant, base64 of the bincode envelope.
+    pub envelope: String,
+}

@@ -18,6 +18,17 @@ use crate::model::{
 /// blocking the sender.
 pub const SKIPPED_BLOCKED: &str = "skipped: the agent reported that its user blocked this sender";
 
+/// A stored receipt with what verifying it needs.
+#[derive(Debug, Clone)]
+pub struct StoredReceipt {
+    /// As listed.
+    pub info: ReceiptInfo,
+    /// The signed report, as stored (bincode of a `SignedReport`).
+    pub report: Vec<u8>,
+    /// The agent's enrolled Ed25519 public key (raw).
+    pub agent_key: Vec<u8>,
+}
+
 /// What [`Store::store_report`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportStored {
@@ -172,6 +183,22 @@ impl Store {
                     |r| r.get(0),
                 )
                 .optional()?)
+        })
+    }
+
+    /// The sender holding a public key (hex), with its operator-signed grant.
+    pub fn sender_grant(&self, public_key: &str) -> Result<Option<(String, Envelope)>> {
+        self.blocking(|| {
+            let row: Option<(String, Vec<u8>)> = self
+                .fast()
+                .query_row(
+                    "SELECT name, grant_envelope FROM senders WHERE public_key = ?1",
+                    params![public_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
+                .transpose()
         })
     }
 
@@ -337,9 +364,9 @@ impl Store {
         })
     }
 
-    /// A message's stored receipts with each agent's enrolled public key (raw), for
-    /// verification.
-    pub fn receipts(&self, id: &str) -> Result<Vec<(ReceiptInfo, Vec<u8>, Vec<u8>)>> {
+    /// A message's stored receipts, each with the signed report as stored and its
+    /// agent's enrolled public key (raw), for verification.
+    pub fn receipts(&self, id: &str) -> Result<Vec<StoredReceipt>> {
         self.blocking(|| {
             let conn = self.fast();
             let exists: Option<String> = conn
@@ -357,8 +384,8 @@ impl Store {
             )?;
             let rows = stmt.query_map(params![id], |r| {
                 let report: Vec<u8> = r.get(4)?;
-                Ok((
-                    ReceiptInfo {
+                Ok(StoredReceipt {
+                    info: ReceiptInfo {
                         agent_id: r.get(0)?,
                         state: r.get(1)?,
                         reason: r.get(2)?,
@@ -367,8 +394,8 @@ impl Store {
                         verified: None,
                     },
                     report,
-                    r.get(5)?,
-                ))
+                    agent_key: r.get(5)?,
+                })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })

@@ -42,7 +42,7 @@ pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
 pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
-pub use messages::{ReportStored, SKIPPED_BLOCKED};
+pub use messages::{ReportStored, StoredReceipt, SKIPPED_BLOCKED};
 use migrations::*;
 pub(crate) use schedules::{schedule_row, SCHEDULE_SELECT};
 #[cfg(test)]

@@ -1,0 +1,489 @@
+//! `herald-server sender ...` and `herald-server message ...`: sender grants (signed by
+//! the operator key here, on the administrator's machine), and messages signed by a
+//! sender key (on the sender's machine; the server never holds either key).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Args, Subcommand};
+
+use herald_shared::codec;
+use herald_shared::envelope::{Envelope, PublicKey, Statement, VendorKey};
+use herald_shared::message::{self, Message, Priority, SenderGrant};
+use herald_shared::schedule;
+
+use herald_io::random_bytes;
+
+use crate::cli::client::Client;
+use crate::cli::packages::keygen;
+use crate::cli::{parse_duration, print_json, usage, CliError, Context};
+use crate::model::{
+    CreateSender, Created, GrantInfo, MessageCreated, MessageDetail, MessageInfo, ReceiptInfo,
+    RefusalInfo, SendMessage, SenderInfo,
+};
+use crate::now_ms;
+
+/// `sender ...`.
+#[derive(Debug, Subcommand)]
+pub enum SenderCommand {
+    /// Make a sender key pair: the private key goes to FILE, the public key is printed.
+    Keygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Delegate a sender name to a key (operator-signed); prints the sender's API token.
+    Add {
+        /// Sender name (letters, digits, '.', '_', '-').
+        name: String,
+        /// What recipients see as the sender.
+        #[arg(long)]
+        display_name: String,
+        /// The sender's public key (hex, from `sender keygen`).
+        #[arg(long)]
+        key: String,
+        /// Allow this sender to mark messages as advertising.
+        #[arg(long)]
+        advertising: bool,
+    },
+    /// List senders.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a sender: its token and key stop working for new messages.
+    Rm {
+        /// Sender name.
+        name: String,
+    },
+}
+
+/// `message ...`.
+#[derive(Debug, Subcommand)]
+pub enum MessageCommand {
+    /// Sign a message with a sender key and send it.
+    Send(Box<SendArgs>),
+    /// List messages, newest first.
+    List {
+        /// Only this sender's.
+        #[arg(long)]
+        sender: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+    /// One message: counts, success rate and every recipient's state.
+    Show {
+        /// Message id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+    /// A message's signed receipts.
+    Receipts {
+        /// Message id.
+        id: String,
+        /// Check every receipt's signature against its agent's enrolled key.
+        #[arg(long)]
+        verify: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+    /// Who blocked which sender, as the agents reported.
+    Refusals {
+        /// Only blocks of this sender.
+        #[arg(long)]
+        sender: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+/// `message send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The sender's private key file (from `sender keygen`).
+    #[arg(long)]
+    pub sender_key: PathBuf,
+    /// `agent:<id or name>`, `group:<name>` or `all` (with a sender token, agents by id).
+    #[arg(long)]
+    pub to: String,
+    /// Title (at most 200 bytes).
+    #[arg(long)]
+    pub title: String,
+    /// Text (at most 4 KiB).
+    #[arg(long)]
+    pub body: String,
+    /// `normal` or `high` (shown as urgent).
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    /// How long the message may wait for a recipient (at most 28d).
+    #[arg(long, default_value = "3d")]
+    pub ttl: String,
+    /// A newer message with the same collapse key replaces the older one in inboxes.
+    #[arg(long)]
+    pub collapse: Option<String>,
+    /// Send later: RFC 3339, "YYYY-MM-DD HH:MM" in --tz, or +DUR.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Time zone for --at.
+    #[arg(long, default_value = "UTC")]
+    pub tz: String,
+    /// Mark as advertising (the sender must be allowed to).
+    #[arg(long)]
+    pub advertising: bool,
+    /// A page the notification opens (`https:`).
+    #[arg(long)]
+    pub link: Option<String>,
+    /// Sender API token (default: the admin token).
+    #[arg(long, env = "HERALD_SENDER_TOKEN")]
+    pub token: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_key(path: &Path) -> Result<VendorKey, CliError> {
+    let text = herald_io::files::read_string(path).map_err(|e| usage(e.to_string()))?;
+    VendorKey::from_hex(&text)
+        .map_err(|_| usage(format!("{} does not hold a valid key", path.display())))
+}
+
+fn encode(envelope: &Envelope) -> Result<String, CliError> {
+    let bytes = codec::to_bytes(envelope).map_err(|e| CliError::Other(e.to_string()))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn decode(text: &str) -> Result<Envelope, CliError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| CliError::Other(format!("the server sent a grant that is not base64: {e}")))?;
+    codec::from_bytes(&bytes, codec::DEFAULT_FRAME_LIMIT)
+        .map_err(|e| CliError::Other(format!("the server sent a grant that does not decode: {e}")))
+}
+
+/// `sender keygen`: needs no server.
+pub fn sender_keygen(out: &Path) -> Result<ExitCode, CliError> {
+    keygen(out)
+}
+
+fn percent(rate: f64) -> String {
+    format!("{:.1}%", rate * 100.0)
+}
+
+impl Context {
+    fn client_with(&self, token: &Option<String>) -> Result<Client, CliError> {
+        let client = Client::new(&self.admin, None)?;
+        Ok(match token {
+            Some(token) => client.with_token(token.clone()),
+            None => client,
+        })
+    }
+
+    /// `sender add|list|rm`.
+    pub(crate) async fn sender(&self, command: SenderCommand) -> Result<ExitCode, CliError> {
+        match command {
+            SenderCommand::Keygen { out } => sender_keygen(&out),
+            SenderCommand::Add {
+                name,
+                display_name,
+                key,
+                advertising,
+            } => {
+                let key = PublicKey::from_hex(&key).map_err(|_| {
+                    usage("--key is not a valid Ed25519 public key (64 hex digits)")
+                })?;
+                let grant = SenderGrant {
+                    sender: name.clone(),
+                    display_name,
+                    key,
+                    advertising,
+                    issued_at: now_ms(),
+                };
+                grant.validate().map_err(usage)?;
+                let envelope = self.sign(&Statement::Sender(grant))?;
+                let token = format!("hrlds_{}", hex::encode(random_bytes::<24>()));
+                let _: Created = self
+                    .client
+                    .post(
+                        "/api/v1/senders",
+                        &CreateSender {
+                            envelope,
+                            token_hash: herald_shared::token::secret_hash(token.as_bytes()),
+                        },
+                    )
+                    .await?;
+                let ads = if advertising {
+                    ", advertising allowed"
+                } else {
+                    ""
+                };
+                println!("sender {name} may send messages{ads}");
+                println!("sender API token (give it to the sender; shown once): {token}");
+                Ok(ExitCode::SUCCESS)
+            }
+            SenderCommand::List { json } => {
+                let senders: Vec<SenderInfo> = self.client.get("/api/v1/senders").await?;
+                if json {
+                    print_json(&senders);
+                } else if senders.is_empty() {
+                    println!("no senders");
+                } else {
+                    println!(
+                        "{:<20} {:<24} {:<18} {:<4} MESSAGES",
+                        "SENDER", "DISPLAY NAME", "KEY", "ADS"
+                    );
+                    for s in senders {
+                        println!(
+                            "{:<20} {:<24} {:<18} {:<4} {}",
+                            s.name,
+                            s.display_name,
+                            &s.public_key[..16],
+                            if s.advertising { "yes" } else { "no" },
+                            s.messages
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            SenderCommand::Rm { name } => {
+                let _: Created = self
+                    .client
+                    .delete(&format!("/api/v1/senders/{name}"))
+                    .await?;
+                println!("sender {name} removed");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+
+    /// `message send|list|show|receipts|refusals`.
+    pub(crate) async fn message(&self, command: MessageCommand) -> Result<ExitCode, CliError> {
+        match command {
+            MessageCommand::Send(args) => self.send_message(*args).await,
+            MessageCommand::List {
+                sender,
+                json,
+                token,
+            } => {
+                let path = match &sender {
+                    Some(s) => format!("/api/v1/messages?sender={s}"),
+                    None => "/api/v1/messages".into(),
+                };
+                let messages: Vec<MessageInfo> = self.client_with(&token)?.get(&path).await?;
+                if json {
+                    print_json(&messages);
+                } else if messages.is_empty() {
+                    println!("no messages");
+                } else {
+                    println!(
+                        "{:<32} {:<16} {:>9} {:>7} {:>8} {:>8}  TITLE",
+                        "ID", "SENDER", "ADDRESSED", "STORED", "REFUSED", "SUCCESS"
+                    );
+                    for m in messages {
+                        println!(
+                            "{:<32} {:<16} {:>9} {:>7} {:>8} {:>8}  {}",
+                            m.id,
+                            m.sender,
+                            m.counts.addressed,
+                            m.counts.stored,
+                            m.counts.refused,
+                            percent(m.counts.success_rate),
+                            m.title
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MessageCommand::Show { id, json, token } => {
+                let detail: MessageDetail = self
+                    .client_with(&token)?
+                    .get(&format!("/api/v1/messages/{id}"))
+                    .await?;
+                if json {
+                    print_json(&detail);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let m = &detail.info;
+                let c = &m.counts;
+                println!("message {} from {}: {}", m.id, m.sender, m.title);
+                println!("{}", detail.body);
+                println!(
+                    "to {}; {} addressed: {} stored, {} displayed, {} read, {} refused, {} expired, {} pending; success rate {}",
+                    m.audience, c.addressed, c.stored, c.displayed, c.read, c.refused, c.expired, c.pending,
+                    percent(c.success_rate)
+                );
+                println!("{:<20} {:<16} REASON", "AGENT", "STATE");
+                for r in &detail.recipients {
+                    println!(
+                        "{:<20} {:<16} {}",
+                        r.agent,
+                        r.state,
+                        r.reason.as_deref().unwrap_or("")
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MessageCommand::Receipts {
+                id,
+                verify,
+                json,
+                token,
+            } => {
+                let path = format!("/api/v1/messages/{id}/receipts?verify={verify}");
+                let receipts: Vec<ReceiptInfo> = self.client_with(&token)?.get(&path).await?;
+                if json {
+                    print_json(&receipts);
+                } else {
+                    for r in &receipts {
+                        let check = match r.verified {
+                            Some(true) => " (signature verifies)",
+                            Some(false) => " (SIGNATURE DOES NOT VERIFY)",
+                            None => "",
+                        };
+                        println!(
+                            "{} {} at {}{}{check}",
+                            r.agent_id,
+                            r.state,
+                            r.at,
+                            r.reason
+                                .as_deref()
+                                .map(|x| format!(": {x}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                if verify {
+                    let good = receipts.iter().filter(|r| r.verified == Some(true)).count();
+                    eprintln!("{good} of {} receipts verify", receipts.len());
+                    if good != receipts.len() {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MessageCommand::Refusals {
+                sender,
+                json,
+                token,
+            } => {
+                let path = match &sender {
+                    Some(s) => format!("/api/v1/refusals?sender={s}"),
+                    None => "/api/v1/refusals".into(),
+                };
+                let refusals: Vec<RefusalInfo> = self.client_with(&token)?.get(&path).await?;
+                if json {
+                    print_json(&refusals);
+                } else if refusals.is_empty() {
+                    println!("no refusals");
+                } else {
+                    println!(
+                        "{:<20} {:<16} {:<16} {:<12} AT",
+                        "AGENT", "PHONE", "SENDER", "BY"
+                    );
+                    for r in refusals {
+                        println!(
+                            "{:<20} {:<16} {:<16} {:<12} {}",
+                            r.agent,
+                            r.phone.as_deref().unwrap_or("-"),
+                            r.sender,
+                            r.by,
+                            r.at
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+
+    async fn send_message(&self, args: SendArgs) -> Result<ExitCode, CliError> {
+        let key = load_key(&args.sender_key)?;
+        let priority: Priority = args.priority.parse().map_err(usage)?;
+        let ttl = parse_duration("--ttl", &args.ttl)?;
+        if ttl.as_millis() as i64 > message::MAX_TTL_MS {
+            return Err(usage(format!("--ttl {}: at most 28d", args.ttl)));
+        }
+        let now = now_ms();
+        let deliver_at = match &args.at {
+            Some(at) => Some(
+                schedule::parse_time(at, &args.tz, now).map_err(|e| usage(format!("--at: {e}")))?,
+            ),
+            None => None,
+        };
+        let client = self.client_with(&args.token)?;
+        let audience = match (&args.token, args.to.parse().map_err(usage)?) {
+            // A sender token cannot look agents up by name: it names them by id.
+            (Some(_), audience) => audience,
+            (None, _) => self.audience(&args.to).await?,
+        };
+        let grant: GrantInfo = client
+            .get(&format!("/api/v1/grants/{}", key.public().to_hex()))
+            .await?;
+        let issued_at = now;
+        let message = Message {
+            id: random_bytes(),
+            sender: grant.sender.clone(),
+            audience,
+            title: args.title,
+            body: args.body,
+            priority,
+            issued_at,
+            expires_at: deliver_at
+                .unwrap_or(issued_at)
+                .saturating_add(ttl.as_millis() as i64)
+                .min(issued_at + message::MAX_TTL_MS),
+            collapse: args.collapse,
+            advertising: args.advertising,
+            link: args.link,
+            grant: decode(&grant.envelope)?,
+        };
+        message.validate().map_err(usage)?;
+        let envelope = key
+            .sign(&Statement::Message(message))
+            .map_err(|e| usage(e.to_string()))?;
+        let created: MessageCreated = client
+            .post(
+                "/api/v1/messages",
+                &SendMessage {
+                    envelope: encode(&envelope)?,
+                    deliver_at,
+                },
+            )
+            .await?;
+        if args.json {
+            print_json(&created);
+        } else {
+            let skipped = if created.skipped_blocked > 0 {
+                format!(
+                    " ({} skipped: they blocked {})",
+                    created.skipped_blocked, grant.sender
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "message {} sent to {} recipients{skipped}",
+                created.id, created.addressed
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
