@@ -601,6 +601,36 @@ impl TestAgent {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Runs a `herald-agent` command on this agent's state directory (beside the
+    /// running daemon, as the person at the machine would).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Self::command(&self.state_dir)
+            .args(args)
+            .env("HERALD_LOG", "warn")
+            .output()
+            .expect("run herald-agent")
+    }
+
+    /// [`TestAgent::cli`], asserting success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "herald-agent {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// [`TestAgent::cli_ok`] with `--json`, parsed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli_ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
+    }
+
     /// `herald-agent status --json` for this agent.
     pub fn status(&self) -> Value {
         let output = Self::command(&self.state_dir)

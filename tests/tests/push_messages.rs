@@ -1,0 +1,480 @@
+//! Push messages end to end, with real processes: a sender delegated by the operator
+//! sends a signed message; agents keep it in their inbox and send receipts signed with
+//! their own key; the agent enforces its block list and every other check itself, so a
+//! server that forgets a block, forges a sender, replays or stretches a message changes
+//! nothing on the machine.
+//!
+//! The hostile server is simulated by writing `orders` and `jobs` rows straight into the
+//! running server's database, as in `agent_refuses_bad_envelopes`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_shared::codec;
+use herald_shared::envelope::{Audience, Envelope, OperatorKey, Statement};
+use herald_shared::message::{Message, Priority, SenderGrant, DEFAULT_TTL_MS};
+use herald_tests::{now_ms, random_bytes, wait_until, TestAgent, TestServer, DEADLINE};
+use rusqlite::{params, Connection};
+use serde_json::Value;
+
+/// A sender the operator delegated, with its key in the test directory.
+struct Sender {
+    key_file: PathBuf,
+    key: OperatorKey,
+    token: String,
+}
+
+/// `sender keygen` + `sender add NAME`.
+fn add_sender(server: &TestServer, name: &str, advertising: bool) -> Sender {
+    let key_file = server.dir.path().join(format!("{name}.sender.key"));
+    let text = server.cli_ok(&["sender", "keygen", "--out", key_file.to_str().unwrap()]);
+    let public = text
+        .lines()
+        .find_map(|l| l.strip_prefix("public key: "))
+        .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
+        .trim()
+        .to_string();
+    let mut args = vec![
+        "sender",
+        "add",
+        name,
+        "--display-name",
+        "Card Company",
+        "--key",
+        &public,
+    ];
+    if advertising {
+        args.push("--advertising");
+    }
+    let out = server.cli_ok(&args);
+    let token = out
+        .split_whitespace()
+        .find(|w| w.starts_with("hrlds_"))
+        .unwrap_or_else(|| panic!("no sender token in {out}"))
+        .to_string();
+    let key = OperatorKey::from_hex(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    Sender {
+        key_file,
+        key,
+        token,
+    }
+}
+
+/// `message send --json` with the sender's key; returns the message id.
+fn send(server: &TestServer, sender: &Sender, to: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "message",
+        "send",
+        "--sender-key",
+        sender.key_file.to_str().unwrap(),
+        "--to",
+        to,
+    ];
+    if !extra.contains(&"--title") {
+        args.extend(["--title", "Payment due"]);
+    }
+    args.extend(["--body", "Your card payment is due on Friday."]);
+    args.extend_from_slice(extra);
+    let created = server.json(&args);
+    created["id"].as_str().expect("message id").to_string()
+}
+
+fn show(server: &TestServer, id: &str) -> Value {
+    server.json(&["message", "show", id])
+}
+
+/// Waits until the agent's receipts for `id` include `state`.
+fn wait_recipient(server: &TestServer, id: &str, agent: &TestAgent, state: &str) -> Value {
+    wait_until(
+        &format!("{} {state} for {id}", agent.name),
+        DEADLINE,
+        || {
+            let detail = show(server, id);
+            let recipient = detail["recipients"]
+                .as_array()?
+                .iter()
+                .find(|r| r["agent_id"] == agent.id.as_str())?
+                .clone();
+            (recipient["state"] == state).then_some(recipient)
+        },
+    )
+}
+
+/// The agent's inbox as `herald-agent inbox --json` lists it.
+fn inbox(agent: &TestAgent) -> Vec<Value> {
+    agent
+        .json(&["inbox"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// What a hostile server (or whoever owns its disk) can do: write rows.
+struct HostileDb(Connection);
+
+impl HostileDb {
+    fn open(server: &TestServer) -> HostileDb {
+        let conn = Connection::open(server.db_path()).expect("open the server's database");
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        HostileDb(conn)
+    }
+
+    /// Queues `envelope` for `agent_id` as a message delivery; returns the job id.
+    fn inject(&self, agent_id: &str, envelope: &Envelope) -> i64 {
+        let order_id = hex::encode(random_bytes::<16>());
+        let now = now_ms();
+        self.0
+            .execute(
+                "INSERT INTO orders (id, envelope, action, kind, created_at) VALUES (?1, ?2, 'injected', 'message', ?3)",
+                params![order_id, codec::to_bytes(envelope).unwrap(), now],
+            )
+            .unwrap();
+        self.0
+            .execute(
+                "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after, expires_at)
+                 VALUES (?1, ?2, 'queued', ?3, ?3, ?4)",
+                params![agent_id, order_id, now, now + 600_000],
+            )
+            .unwrap();
+        self.0.last_insert_rowid()
+    }
+}
+
+/// A message signed in the test, with a grant signed by `operator`.
+fn signed_message(
+    operator: &OperatorKey,
+    sender_key: &OperatorKey,
+    name: &str,
+    grant_ads: bool,
+    change: impl FnOnce(&mut Message),
+) -> Envelope {
+    let now = now_ms();
+    let grant = operator
+        .sign(&Statement::Sender(SenderGrant {
+            sender: name.into(),
+            display_name: "Card Company".into(),
+            key: sender_key.public(),
+            advertising: grant_ads,
+            issued_at: now,
+        }))
+        .unwrap();
+    let mut message = Message {
+        id: random_bytes(),
+        sender: name.into(),
+        audience: Audience::All,
+        title: "Injected".into(),
+        body: "by a hostile server".into(),
+        priority: Priority::Normal,
+        issued_at: now,
+        expires_at: now + DEFAULT_TTL_MS,
+        collapse: None,
+        advertising: false,
+        link: None,
+        grant,
+    };
+    change(&mut message);
+    sender_key.sign(&Statement::Message(message)).unwrap()
+}
+
+/// Pokes the relay so it re-reads queued jobs (the injected ones too).
+fn poke(server: &TestServer, sender: &Sender, agent: &TestAgent) -> String {
+    send(
+        server,
+        sender,
+        &format!("agent:{}", agent.name),
+        &["--title", "poke"],
+    )
+}
+
+#[test]
+fn message_reaches_the_inbox_and_comes_back_signed() {
+    let server = TestServer::start("msg-inbox");
+    let a1 = TestAgent::start(&server, "a1");
+    let a2 = TestAgent::start(&server, "a2");
+    let card = add_sender(&server, "card", false);
+
+    let id = send(&server, &card, "all", &["--priority", "high"]);
+    wait_recipient(&server, &id, &a1, "stored");
+    wait_recipient(&server, &id, &a2, "stored");
+
+    let detail = show(&server, &id);
+    assert_eq!(detail["counts"]["addressed"], 2, "{detail:#}");
+    assert_eq!(detail["counts"]["stored"], 2, "{detail:#}");
+    assert_eq!(detail["counts"]["success_rate"], 1.0, "{detail:#}");
+
+    // Every receipt verifies against its agent's enrolled key.
+    let out = server.cli(&["message", "receipts", &id, "--verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 of 2 receipts verify"), "{stderr}");
+
+    // In the inbox of each, under its sender.
+    for agent in [&a1, &a2] {
+        let messages = inbox(agent);
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert_eq!(messages[0]["sender"], "card");
+        assert_eq!(messages[0]["title"], "Payment due");
+    }
+
+    // A sender token acts only as its own sender.
+    let other = add_sender(&server, "bank", false);
+    let out = server.cli(&["message", "show", &id, "--token", &other.token]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not yours"));
+    let mine = server.cli_ok(&["message", "show", &id, "--token", &card.token]);
+    assert!(mine.contains("success rate 100.0%"), "{mine}");
+}
+
+#[test]
+fn blocked_sender_is_not_shown_even_if_the_server_forgets() {
+    let server = TestServer::start("msg-block");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    let first = send(&server, &card, "agent:a1", &[]);
+    wait_recipient(&server, &first, &a1, "stored");
+
+    a1.cli_ok(&["block", "card"]);
+    // The agent reports the block, signed; the server lists it.
+    wait_until("the block reaches the server", DEADLINE, || {
+        let refusals = server.json(&["message", "refusals"]);
+        let list = refusals.as_array()?;
+        list.iter()
+            .any(|r| r["agent_id"] == a1.id.as_str() && r["sender"] == "card")
+            .then_some(())
+    });
+    // The server skips the blocked recipient from now on...
+    let skipped = send(&server, &card, "agent:a1", &["--title", "skipped"]);
+    wait_recipient(&server, &skipped, &a1, "skipped_blocked");
+
+    // ...but forget it (delete the server's rows) and the agent still refuses.
+    Connection::open(server.db_path())
+        .unwrap()
+        .execute("DELETE FROM sender_blocks", [])
+        .unwrap();
+    let again = send(&server, &card, "agent:a1", &["--title", "again"]);
+    let recipient = wait_recipient(&server, &again, &a1, "refused");
+    assert_eq!(recipient["reason"], "blocked", "{recipient:#}");
+    let titles: Vec<Value> = inbox(&a1).iter().map(|m| m["title"].clone()).collect();
+    assert_eq!(titles, vec![Value::from("Payment due")]);
+    // The refusal is a signed receipt.
+    let out = server.cli(&["message", "receipts", &again, "--verify"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 1 receipts verify"));
+
+    // Unblocking is the only way back.
+    a1.cli_ok(&["unblock", "card"]);
+    wait_until("the unblock reaches the server", DEADLINE, || {
+        let refusals = server.json(&["message", "refusals"]);
+        refusals.as_array()?.is_empty().then_some(())
+    });
+    let back = send(&server, &card, "agent:a1", &["--title", "back"]);
+    wait_recipient(&server, &back, &a1, "stored");
+}
+
+#[test]
+fn forged_or_foreign_sender_is_refused() {
+    let server = TestServer::start("msg-forged");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    let db = HostileDb::open(&server);
+    let stranger = OperatorKey::from_seed(random_bytes());
+
+    // A grant the operator never signed.
+    let forged_grant = signed_message(&stranger, &card.key, "card", false, |_| {});
+    let job1 = db.inject(&a1.id, &forged_grant);
+    // A real grant, but the message signed by a key it does not name.
+    let wrong_key = signed_message(&server.operator_key(), &stranger, "card", false, |m| {
+        m.grant =
+            signed_message(&server.operator_key(), &card.key, "card", false, |_| {}).peek_grant();
+    });
+    let job2 = db.inject(&a1.id, &wrong_key);
+    poke(&server, &card, &a1);
+
+    for job in [job1, job2] {
+        let state = server.wait_job_state(job, "refused", DEADLINE);
+        let error = state["error"].as_str().unwrap_or_default();
+        assert!(error.contains("not delegated"), "{state:#}");
+    }
+    assert!(inbox(&a1).iter().all(|m| m["title"] != "Injected"));
+}
+
+/// The grant inside a message envelope (test helper).
+trait PeekGrant {
+    fn peek_grant(&self) -> Envelope;
+}
+
+impl PeekGrant for Envelope {
+    fn peek_grant(&self) -> Envelope {
+        match self.peek().unwrap() {
+            Statement::Message(m) => m.grant,
+            other => panic!("not a message: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn advertising_needs_permission() {
+    let server = TestServer::start("msg-ads");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    // The server refuses it at once...
+    let out = server.cli(&[
+        "message",
+        "send",
+        "--sender-key",
+        card.key_file.to_str().unwrap(),
+        "--to",
+        "all",
+        "--title",
+        "Sale",
+        "--body",
+        "50% off",
+        "--advertising",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not send advertising"));
+    // ...and the agent refuses it when a hostile server slips it in.
+    let db = HostileDb::open(&server);
+    let ad = signed_message(&server.operator_key(), &card.key, "card", false, |m| {
+        m.advertising = true
+    });
+    let job = db.inject(&a1.id, &ad);
+    poke(&server, &card, &a1);
+    let state = server.wait_job_state(job, "refused", DEADLINE);
+    assert!(
+        state["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("may not send advertising"),
+        "{state:#}"
+    );
+    // A sender allowed to advertise gets through.
+    let shop = add_sender(&server, "shop", true);
+    let id = send(
+        &server,
+        &shop,
+        "agent:a1",
+        &["--advertising", "--title", "Sale"],
+    );
+    wait_recipient(&server, &id, &a1, "stored");
+}
+
+#[test]
+fn expired_message_is_dropped() {
+    let server = TestServer::start("msg-expired");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    let db = HostileDb::open(&server);
+    // A message that expired an hour ago, which a hostile server keeps sending.
+    let old = signed_message(&server.operator_key(), &card.key, "card", false, |m| {
+        m.issued_at -= 2 * 3_600_000;
+        m.expires_at = now_ms() - 3_600_000;
+    });
+    let job = db.inject(&a1.id, &old);
+    poke(&server, &card, &a1);
+    server.wait_job_state(job, "expired", DEADLINE);
+    assert!(inbox(&a1).iter().all(|m| m["title"] != "Injected"));
+}
+
+#[test]
+fn replayed_message_is_ignored() {
+    let server = TestServer::start("msg-replay");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    let db = HostileDb::open(&server);
+    let message = signed_message(&server.operator_key(), &card.key, "card", false, |_| {});
+    let first = db.inject(&a1.id, &message);
+    poke(&server, &card, &a1);
+    server.wait_job_state(first, "succeeded", DEADLINE);
+    // The same signed message again, under a new delivery.
+    let second = db.inject(&a1.id, &message);
+    poke(&server, &card, &a1);
+    wait_until("the replay is answered", DEADLINE, || {
+        let job = server.job(second);
+        (job["state"] != "queued").then_some(())
+    });
+    let injected = inbox(&a1)
+        .iter()
+        .filter(|m| m["title"] == "Injected")
+        .count();
+    assert_eq!(injected, 1, "the replay was stored again");
+}
+
+#[test]
+fn collapse_key_replaces_the_older_message() {
+    let server = TestServer::start("msg-collapse");
+    let a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    let first = send(
+        &server,
+        &card,
+        "agent:a1",
+        &["--collapse", "balance", "--title", "Balance: 10"],
+    );
+    wait_recipient(&server, &first, &a1, "stored");
+    let second = send(
+        &server,
+        &card,
+        "agent:a1",
+        &["--collapse", "balance", "--title", "Balance: 20"],
+    );
+    wait_recipient(&server, &second, &a1, "stored");
+    let other = send(&server, &card, "agent:a1", &["--title", "Other"]);
+    wait_recipient(&server, &other, &a1, "stored");
+    let mut titles: Vec<String> = inbox(&a1)
+        .iter()
+        .map(|m| m["title"].as_str().unwrap().to_string())
+        .collect();
+    titles.sort();
+    assert_eq!(titles, vec!["Balance: 20", "Other"]);
+}
+
+#[test]
+fn offline_agent_gets_message_until_ttl() {
+    let server = TestServer::start("msg-offline");
+    let mut sleeper = TestAgent::enroll(&server, "sleeper", &[]);
+    let card = add_sender(&server, "card", false);
+    let kept = send(&server, &card, "agent:sleeper", &["--ttl", "1h"]);
+    let lost = send(
+        &server,
+        &card,
+        "agent:sleeper",
+        &["--ttl", "1s", "--title", "Too late"],
+    );
+    // Past the short TTL before the agent ever connects.
+    wait_until("the short TTL passes", DEADLINE, || {
+        (show(&server, &lost)["counts"]["expired"] == 1).then_some(())
+    });
+    sleeper.spawn();
+    wait_recipient(&server, &kept, &sleeper, "stored");
+    let titles: Vec<Value> = inbox(&sleeper).iter().map(|m| m["title"].clone()).collect();
+    assert_eq!(titles, vec![Value::from("Payment due")]);
+}
+
+#[test]
+fn kill_between_store_and_receipt_loses_and_duplicates_nothing() {
+    let mut server = TestServer::start("msg-kill");
+    let mut a1 = TestAgent::start(&server, "a1");
+    let card = add_sender(&server, "card", false);
+    // Both are killed the moment the message is in the inbox: whether the receipt (or
+    // even the acknowledgement) had reached the server is a race, and neither outcome
+    // may lose the message, store it twice or receipt it twice.
+    let id = send(&server, &card, "agent:a1", &[]);
+    wait_until("stored in the inbox", DEADLINE, || {
+        (!inbox(&a1).is_empty()).then_some(())
+    });
+    server.kill();
+    a1.kill();
+    server.spawn();
+    a1.spawn();
+    a1.wait_online(&server);
+    wait_recipient(&server, &id, &a1, "stored");
+    assert_eq!(inbox(&a1).len(), 1, "stored twice or lost");
+    let receipts = server.json(&["message", "receipts", &id]);
+    let stored = receipts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "stored")
+        .count();
+    assert_eq!(stored, 1, "{receipts:#}");
+}
