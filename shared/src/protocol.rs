@@ -168,6 +168,18 @@ pub enum ServerMsg {
         /// The agent's sequence number.
         seq: u64,
     },
+    /// A console user asks this agent to block (or unblock) a sender. Not signed: the
+    /// agent applies a block (it only narrows what is shown), but undoes only a block
+    /// that was itself made from the console; either way it answers with a signed
+    /// `BlockChange` report of the sender's state as it now is.
+    BlockRequest {
+        /// The server's request id (for logs).
+        id: i64,
+        /// Sender name.
+        sender: String,
+        /// Block (true) or unblock (false).
+        blocked: bool,
+    },
 }
 
 /// Sent by the agent when it connects.

@@ -8,7 +8,7 @@
 //!
 //! This module holds the router, the shared state, the error type and the response
 //! headers every page carries; `auth` the mechanisms (passwords, sessions, CSRF,
-//! throttling); `account`, `pages`, `admin` and `visit` the handlers; `forms` the pure
+//! throttling); `account`, `pages`, `messages`, `admin` and `visit` the handlers; `forms` the pure
 //! parsing of form input.
 
 mod account;
@@ -16,6 +16,7 @@ mod admin;
 pub(crate) mod auth;
 mod forms;
 mod forwarding;
+mod messages;
 mod pages;
 #[cfg(test)]
 mod tests;
@@ -227,6 +228,8 @@ pub fn router(state: ConsoleState) -> Router {
             "/subscriptions/{id}/delete",
             post(pages::delete_subscription),
         )
+        .route("/messages", get(messages::show))
+        .route("/messages/block", post(messages::block))
         .route("/history", get(pages::history))
         .route("/history/{job}", get(pages::job))
         .route(

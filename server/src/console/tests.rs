@@ -1664,3 +1664,81 @@ async fn job_output_is_escaped() {
     assert!(!page.body.contains("<script>alert(1)</script>"));
     assert!(page.body.contains("&#60;script&#62;") || page.body.contains("&lt;script&gt;"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_messages_page_lists_messages_and_relays_block_requests_for_own_devices_only() {
+    use herald_shared::message::{Message, Priority, SenderGrant, DEFAULT_TTL_MS};
+
+    let h = harness();
+    let (mut ann, ann_id) = h.user("ann").await;
+    let (mut bob, _) = h.user("bob").await;
+    let device = h.device(ann_id, "ann-laptop");
+    let sender = OperatorKey::from_seed([4; 32]);
+    let grant = h
+        .key
+        .sign(&Statement::Sender(SenderGrant {
+            sender: "card".into(),
+            display_name: "Card Company".into(),
+            key: sender.public(),
+            advertising: false,
+            issued_at: h.now(),
+        }))
+        .unwrap();
+    let message = Message {
+        id: [3; 16],
+        sender: "card".into(),
+        audience: Audience::Agent(device.clone()),
+        title: "Payment <due>".into(),
+        body: "Friday".into(),
+        priority: Priority::Normal,
+        issued_at: h.now(),
+        expires_at: h.now() + DEFAULT_TTL_MS,
+        collapse: None,
+        advertising: false,
+        link: None,
+        grant,
+    };
+    let envelope = sender.sign(&Statement::Message(message.clone())).unwrap();
+    h.store
+        .create_message(&message, &envelope, &[device.clone()], h.now(), h.now())
+        .unwrap();
+
+    let page = ann.get("/messages").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Payment &#60;due&#62;"), "{}", page.body);
+    assert!(page.body.contains("ann-laptop"));
+    assert!(page.body.contains("on its way"));
+    // Bob sees none of it, and cannot ask ann's device for anything.
+    let theirs = bob.get("/messages").await;
+    assert!(theirs.body.contains("no-messages"));
+    let refused = bob
+        .submit(
+            "/messages",
+            "/messages/block",
+            &[("agent", &device), ("sender", "card"), ("action", "block")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert!(h.store.block_requests(&device).unwrap().is_empty());
+
+    let bad = ann
+        .submit(
+            "/messages",
+            "/messages/block",
+            &[("agent", &device), ("sender", "card"), ("action", "maybe")],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let asked = ann
+        .submit(
+            "/messages",
+            "/messages/block",
+            &[("agent", &device), ("sender", "card"), ("action", "block")],
+        )
+        .await;
+    assert_eq!(asked.status, StatusCode::SEE_OTHER, "{}", asked.body);
+    let requests = h.store.block_requests(&device).unwrap();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0].blocked);
+    assert!(ann.get("/messages").await.body.contains("block requested"));
+}

@@ -177,3 +177,57 @@ pub struct GrantInfo {
     /// The operator-signed grant, base64 of the bincode envelope.
     pub envelope: String,
 }
+
+/// A console user's request that a device block or unblock a sender, waiting for the
+/// agent's signed answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRequest {
+    /// Request id.
+    pub id: i64,
+    /// Sender name.
+    pub sender: String,
+    /// Block (true) or unblock (false).
+    pub blocked: bool,
+}
+
+/// A message as a console user sees it on one of their devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserMessage {
+    /// Message id (hex).
+    pub message_id: String,
+    /// Sender name.
+    pub sender: String,
+    /// What the sender is called.
+    pub display_name: String,
+    /// Title.
+    pub title: String,
+    /// Marked as advertising.
+    pub advertising: bool,
+    /// The device's agent id.
+    pub agent_id: String,
+    /// The device's name.
+    pub agent: String,
+    /// `on its way`, `stored`, `displayed`, `read`, `refused`, `expired`.
+    pub state: String,
+    /// Why it was refused.
+    pub reason: Option<String>,
+    /// When it was sent.
+    pub created_at: Millis,
+}
+
+/// A sender blocked on one of a console user's devices, or a request pending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserBlock {
+    /// Agent id.
+    pub agent_id: String,
+    /// Device name.
+    pub agent: String,
+    /// Sender name.
+    pub sender: String,
+    /// Blocked (for a pending request: whether it asks to block).
+    pub blocked: bool,
+    /// Who blocked it on the machine (`local`, `notification`, `console`).
+    pub by: String,
+    /// Set for a request the agent has not answered yet.
+    pub requested_at: Option<Millis>,
+}

@@ -42,6 +42,7 @@
 //! | [`Link::handle_admitted`]          | the `Welcome` to send                    |
 //! | [`Link::handle_result_stored`]     | the `ResultStored` to send               |
 //! | [`Link::handle_snapshot`]          | messages from [`Link::poll_transmit`]    |
+//! | [`Link::handle_requests`]          | messages from [`Link::poll_transmit`]    |
 //! | [`Link::handle_pushed`]            | whether to send the pushed signal        |
 //! | [`Link::handle_path`] (timer too)  | maybe a [`Migrated`] path to record      |
 //!
@@ -58,7 +59,7 @@ use herald_shared::protocol::{
 };
 use herald_shared::Millis;
 
-use crate::store::Pending;
+use crate::store::{BlockRequest, Pending};
 
 /// How often agents check their local addresses (sent in `Welcome`).
 pub const ADDRESS_CHECK_MS: u64 = 5_000;
@@ -201,6 +202,8 @@ pub(crate) enum Transmit {
     /// A pending job to signal; the relay renders it (attaches the release's download
     /// URL and mints a ticket) into a `Signal`.
     Signal(Pending),
+    /// A console user's block or unblock request for this agent.
+    BlockRequest(BlockRequest),
 }
 
 /// The protocol state of one agent connection.
@@ -216,6 +219,10 @@ pub(crate) struct Link {
     due_jobs: std::vec::IntoIter<Pending>,
     /// Jobs signalled on this connection.
     sent: HashSet<JobId>,
+    /// Block requests not yet handed out by [`Link::poll_transmit`].
+    due_requests: Vec<BlockRequest>,
+    /// Block requests sent on this connection.
+    requests_sent: HashSet<i64>,
     /// The address the connection was last recorded as coming from.
     observed: Option<SocketAddr>,
 }
@@ -237,6 +244,8 @@ impl Link {
             membership_due: false,
             due_jobs: Vec::new().into_iter(),
             sent: HashSet::new(),
+            due_requests: Vec::new(),
+            requests_sent: HashSet::new(),
             observed: None,
         }
     }
@@ -323,6 +332,14 @@ impl Link {
         self.due_jobs = jobs.into_iter();
     }
 
+    /// The store's pending block requests for this agent (read with each snapshot):
+    /// each goes out once per connection, after the membership and before the jobs.
+    pub(crate) fn handle_requests(&mut self, mut requests: Vec<BlockRequest>) {
+        // Popped from the end: oldest last in the vector goes first.
+        requests.reverse();
+        self.due_requests = requests;
+    }
+
     /// A signal handed over directly (a fan-out, with no store read): whether to send
     /// it, that is, whether it was not already signalled on this connection.
     pub(crate) fn handle_pushed(&mut self, job_id: JobId) -> bool {
@@ -334,6 +351,11 @@ impl Link {
         if std::mem::take(&mut self.membership_due) {
             if let Some(membership) = &self.membership {
                 return Some(Transmit::Membership(membership.clone()));
+            }
+        }
+        while let Some(request) = self.due_requests.pop() {
+            if self.requests_sent.insert(request.id) {
+                return Some(Transmit::BlockRequest(request));
             }
         }
         for job in self.due_jobs.by_ref() {
@@ -464,6 +486,7 @@ mod tests {
     enum Sent {
         Membership(Envelope),
         Signal(JobId),
+        Request(i64),
     }
 
     /// Everything the link wants sent now, in order.
@@ -472,6 +495,7 @@ mod tests {
             .map(|t| match t {
                 Transmit::Membership(envelope) => Sent::Membership(envelope),
                 Transmit::Signal(job) => Sent::Signal(job.job_id),
+                Transmit::BlockRequest(r) => Sent::Request(r.id),
             })
             .collect()
     }
@@ -481,7 +505,7 @@ mod tests {
         sent.iter()
             .filter_map(|t| match t {
                 Sent::Signal(job_id) => Some(*job_id),
-                Sent::Membership(_) => None,
+                Sent::Membership(_) | Sent::Request(_) => None,
             })
             .collect()
     }
@@ -875,5 +899,30 @@ mod tests {
         let violation =
             closed_for(link.handle_message(Stream::Control, ack(1, Ack::Accepted), NOW));
         assert_eq!(violation.code(), close::PROTOCOL);
+    }
+
+    #[test]
+    fn block_requests_go_once_per_connection_after_the_membership_before_jobs() {
+        let request = |id: i64| BlockRequest {
+            id,
+            sender: "card".into(),
+            blocked: true,
+        };
+        let mut link = Link::new();
+        link.handle_snapshot(Some(envelope(1)), jobs(&[10]));
+        link.handle_requests(vec![request(1), request(2)]);
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                Sent::Membership(envelope(1)),
+                Sent::Request(1),
+                Sent::Request(2),
+                Sent::Signal(10)
+            ]
+        );
+        // The next snapshot still lists them (unanswered): not sent again.
+        link.handle_snapshot(Some(envelope(1)), jobs(&[10]));
+        link.handle_requests(vec![request(1), request(2), request(3)]);
+        assert_eq!(drain(&mut link), vec![Sent::Request(3)]);
     }
 }

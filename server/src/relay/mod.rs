@@ -677,13 +677,23 @@ impl Relay {
                 for job_id in pending.failed {
                     self.job_changed(job_id);
                 }
-                conn.link().handle_snapshot(membership, pending.jobs);
+                let requests = self.store.block_requests(conn.agent_id)?;
+                {
+                    let mut link = conn.link();
+                    link.handle_snapshot(membership, pending.jobs);
+                    link.handle_requests(requests);
+                }
                 // The guard is dropped before each send: the link is never held across
                 // an await.
                 while let Some(transmit) = conn.poll_transmit() {
                     let msg = match transmit {
                         Transmit::Membership(envelope) => ServerMsg::Membership(envelope),
                         Transmit::Signal(job) => ServerMsg::Signal(self.signal(job)),
+                        Transmit::BlockRequest(r) => ServerMsg::BlockRequest {
+                            id: r.id,
+                            sender: r.sender,
+                            blocked: r.blocked,
+                        },
                     };
                     if conn.outbox.send(Outgoing::new(msg)).await.is_err() {
                         return Ok(());

@@ -12,6 +12,7 @@ use herald_shared::message::{BlockChange, Message, Receipt, SignedReport};
 
 use crate::model::{
     MessageCounts, MessageDetail, MessageInfo, ReceiptInfo, RecipientInfo, RefusalInfo, SenderInfo,
+    UserBlock, UserMessage,
 };
 
 /// The reason stored for a recipient the server skipped because its agent had reported
@@ -426,6 +427,131 @@ impl Store {
         })
     }
 
+    // === console users' block requests ===
+
+    /// Records a console user's request that `agent_id` block (or unblock) `sender`,
+    /// replacing an earlier unanswered one for the same pair. Returns its id.
+    pub fn request_block(
+        &self,
+        agent_id: &str,
+        sender: &str,
+        blocked: bool,
+        user_id: i64,
+        now: Millis,
+    ) -> Result<i64> {
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM block_requests WHERE agent_id = ?1 AND sender = ?2",
+                params![agent_id, sender],
+            )?;
+            tx.execute(
+                "INSERT INTO block_requests (agent_id, sender, blocked, user_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![agent_id, sender, blocked, user_id, now],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// An agent's unanswered block requests.
+    pub fn block_requests(&self, agent_id: &str) -> Result<Vec<BlockRequest>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, sender, blocked FROM block_requests WHERE agent_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![agent_id], |r| {
+                Ok(BlockRequest {
+                    id: r.get(0)?,
+                    sender: r.get(1)?,
+                    blocked: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// The messages sent to a console user's devices, newest first, one row per
+    /// message and device.
+    pub fn user_messages(&self, user_id: i64, limit: u32) -> Result<Vec<UserMessage>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT m.id, m.sender, COALESCE(s.display_name, m.sender), m.title, m.advertising,
+                        a.id, a.name, j.state, j.error, m.created_at,
+                        (SELECT MAX(CASE r.state WHEN 'read' THEN 3 WHEN 'displayed' THEN 2
+                                                 WHEN 'stored' THEN 1 ELSE 0 END)
+                         FROM message_receipts r
+                         WHERE r.message_id = m.id AND r.agent_id = a.id)
+                 FROM jobs j
+                 JOIN messages m ON m.id = j.order_id
+                 JOIN agents a ON a.id = j.agent_id
+                 LEFT JOIN senders s ON s.name = m.sender
+                 WHERE a.owner_user_id = ?1
+                 ORDER BY m.created_at DESC, a.name LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![user_id, limit], |r| {
+                let job_state: String = r.get(7)?;
+                let error: Option<String> = r.get(8)?;
+                let best: Option<i64> = r.get(10)?;
+                let state = match (best, job_state.as_str()) {
+                    (Some(3), _) => "read",
+                    (Some(2), _) => "displayed",
+                    (Some(1), _) => "stored",
+                    (_, "refused" | "failed" | "canceled") => "refused",
+                    (_, "expired") => "expired",
+                    _ => "on its way",
+                };
+                Ok(UserMessage {
+                    message_id: r.get(0)?,
+                    sender: r.get(1)?,
+                    display_name: r.get(2)?,
+                    title: r.get(3)?,
+                    advertising: r.get(4)?,
+                    agent_id: r.get(5)?,
+                    agent: r.get(6)?,
+                    state: state.to_string(),
+                    reason: error,
+                    created_at: r.get(9)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Per device of a console user, the senders it reported blocking, and the requests
+    /// still waiting for an answer.
+    pub fn user_blocks(&self, user_id: i64) -> Result<Vec<UserBlock>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT a.id, a.name, b.sender, b.blocked, b.by, NULL
+                 FROM sender_blocks b JOIN agents a ON a.id = b.agent_id
+                 WHERE a.owner_user_id = ?1 AND b.blocked = 1
+                 UNION ALL
+                 SELECT a.id, a.name, q.sender, q.blocked, 'console', q.created_at
+                 FROM block_requests q JOIN agents a ON a.id = q.agent_id
+                 WHERE a.owner_user_id = ?1
+                 ORDER BY 2, 3",
+            )?;
+            let rows = stmt.query_map(params![user_id], |r| {
+                Ok(UserBlock {
+                    agent_id: r.get(0)?,
+                    agent: r.get(1)?,
+                    sender: r.get(2)?,
+                    blocked: r.get(3)?,
+                    by: r.get(4)?,
+                    requested_at: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     // === the agents' signed reports ===
 
     /// Stores a report that verified against `agent_id`'s key, idempotently: a receipt
@@ -513,6 +639,11 @@ fn store_receipt(
 }
 
 fn store_block(tx: &Connection, change: &BlockChange, blob: &[u8], now: Millis) -> Result<()> {
+    // The agent's answer settles any console request for this sender, applied or not.
+    tx.execute(
+        "DELETE FROM block_requests WHERE agent_id = ?1 AND sender = ?2",
+        params![change.agent_id, change.sender],
+    )?;
     tx.execute(
         "INSERT INTO sender_blocks (agent_id, sender, blocked, by, at, report, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -531,4 +662,184 @@ fn store_block(tx: &Connection, change: &BlockChange, blob: &[u8], now: Millis) 
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use ed25519_dalek::SigningKey;
+    use herald_shared::envelope::{Audience, OperatorKey, Statement};
+    use herald_shared::message::{
+        message_hash, BlockChange, Message, Priority, Receipt, ReceiptState, Report, SenderGrant,
+        SignedReport, DEFAULT_TTL_MS,
+    };
+
+    const NOW: Millis = 1_700_000_000_000;
+
+    fn store() -> Store {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-messages-{}",
+            hex::encode(crate::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::open(&dir).unwrap()
+    }
+
+    /// An agent with a real key; returns its id and key.
+    fn agent(store: &Store, seed: u8, name: &str) -> (String, SigningKey) {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let public = key.verifying_key().to_bytes();
+        let id = herald_shared::agent_id(&public);
+        store
+            .conn()
+            .execute(
+                "INSERT INTO agents (id, name, public_key, enrolled_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, name, public.to_vec(), NOW],
+            )
+            .unwrap();
+        (id, key)
+    }
+
+    fn message() -> (Message, Envelope) {
+        let operator = OperatorKey::from_seed([1; 32]);
+        let sender = OperatorKey::from_seed([2; 32]);
+        let grant = operator
+            .sign(&Statement::Sender(SenderGrant {
+                sender: "card".into(),
+                display_name: "Card Company".into(),
+                key: sender.public(),
+                advertising: false,
+                issued_at: NOW,
+            }))
+            .unwrap();
+        let message = Message {
+            id: [7; 16],
+            sender: "card".into(),
+            audience: Audience::All,
+            title: "Payment due".into(),
+            body: "Friday".into(),
+            priority: Priority::Normal,
+            issued_at: NOW,
+            expires_at: NOW + DEFAULT_TTL_MS,
+            collapse: None,
+            advertising: false,
+            link: None,
+            grant,
+        };
+        let envelope = sender.sign(&Statement::Message(message.clone())).unwrap();
+        (message, envelope)
+    }
+
+    fn report(key: &SigningKey, report: Report) -> (SignedReport, Report) {
+        (SignedReport::sign(key, &report), report)
+    }
+
+    fn block(agent: &str, blocked: bool, at: Millis) -> Report {
+        Report::Block(BlockChange {
+            agent_id: agent.into(),
+            sender: "card".into(),
+            blocked,
+            by: "local".into(),
+            at,
+        })
+    }
+
+    #[test]
+    fn blocked_recipients_are_skipped_and_receipts_are_kept_once() {
+        let store = store();
+        let (a1, k1) = agent(&store, 11, "a1");
+        let (a2, k2) = agent(&store, 12, "a2");
+        let (signed, body) = report(&k1, block(&a1, true, NOW));
+        assert_eq!(
+            store.store_report(&a1, &signed, &body, NOW).unwrap(),
+            ReportStored::Block
+        );
+        // An older unblock arriving late changes nothing.
+        let (signed, body) = report(&k1, block(&a1, false, NOW - 1));
+        store.store_report(&a1, &signed, &body, NOW).unwrap();
+        assert_eq!(store.refusals(Some("card")).unwrap().len(), 1);
+
+        let (message, envelope) = message();
+        let (queued, skipped) = store
+            .create_message(&message, &envelope, &[a1.clone(), a2.clone()], NOW, NOW)
+            .unwrap();
+        assert_eq!(skipped, 1);
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].0, a2);
+
+        let stored = Report::Receipt(Receipt {
+            message_id: message.id,
+            message_hash: message_hash(&envelope),
+            agent_id: a2.clone(),
+            state: ReceiptState::Stored,
+            at: NOW + 5,
+        });
+        let (signed, body) = report(&k2, stored);
+        assert_eq!(
+            store.store_report(&a2, &signed, &body, NOW).unwrap(),
+            ReportStored::Receipt {
+                job_id: Some(queued[0].1)
+            }
+        );
+        // Resent (the ack was lost): kept once, the job not moved again.
+        assert_eq!(
+            store.store_report(&a2, &signed, &body, NOW).unwrap(),
+            ReportStored::Receipt { job_id: None }
+        );
+        assert_eq!(store.receipts(&message.id_hex()).unwrap().len(), 1);
+
+        let detail = store.message(&message.id_hex()).unwrap();
+        assert_eq!(detail.info.counts.addressed, 2);
+        assert_eq!(detail.info.counts.stored, 1);
+        assert_eq!(detail.info.counts.refused, 1);
+        assert_eq!(detail.info.counts.success_rate, 0.5);
+        let states: Vec<&str> = detail.recipients.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, vec!["skipped_blocked", "stored"]);
+    }
+
+    #[test]
+    fn a_receipt_for_a_message_never_sent_is_refused() {
+        let store = store();
+        let (a1, k1) = agent(&store, 11, "a1");
+        let (message, envelope) = message();
+        let (signed, body) = report(
+            &k1,
+            Report::Receipt(Receipt {
+                message_id: message.id,
+                message_hash: message_hash(&envelope),
+                agent_id: a1.clone(),
+                state: ReceiptState::Stored,
+                at: NOW,
+            }),
+        );
+        assert!(matches!(
+            store.store_report(&a1, &signed, &body, NOW),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_agents_answer_settles_a_console_request() {
+        let store = store();
+        let (a1, k1) = agent(&store, 11, "a1");
+        store
+            .conn()
+            .execute(
+                "INSERT INTO users (id, login, password_hash, role, created_at)
+                 VALUES (1, 'alice', 'x', 'user', ?1)",
+                params![NOW],
+            )
+            .unwrap();
+        let first = store.request_block(&a1, "card", true, 1, NOW).unwrap();
+        // Asked again before the agent answered: one request, the newer.
+        let second = store.request_block(&a1, "card", false, 1, NOW).unwrap();
+        let pending = store.block_requests(&a1).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].id, second);
+        assert_ne!(first, second);
+        let (signed, body) = report(&k1, block(&a1, false, NOW));
+        store.store_report(&a1, &signed, &body, NOW).unwrap();
+        assert!(store.block_requests(&a1).unwrap().is_empty());
+    }
 }

@@ -311,6 +311,15 @@ CREATE TABLE sender_blocks (
     PRIMARY KEY (agent_id, sender)
 );
 CREATE INDEX sender_blocks_by_sender ON sender_blocks(sender, blocked);
+CREATE TABLE block_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    sender TEXT NOT NULL,
+    blocked INTEGER NOT NULL,
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    created_at BIGINT NOT NULL,
+    UNIQUE (agent_id, sender)
+);
 "#,
 ];
 

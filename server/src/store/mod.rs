@@ -101,6 +101,8 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+pub use crate::model::BlockRequest;
+
 /// A registered enrollment token.
 #[derive(Debug, Clone)]
 pub struct TokenGrant {
