@@ -581,7 +581,8 @@ mod tests {
         let (operator, sender) = keys();
         let good = message(grant(&operator, &sender, "card", false), "card");
         assert_eq!(good.validate(), Ok(()));
-        let cases: Vec<(Box<dyn Fn(&mut Message)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Message)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|m| m.title = "x".repeat(MAX_TITLE + 1)),
                 "title is 201 bytes",
