@@ -1700,7 +1700,13 @@ async fn the_messages_page_lists_messages_and_relays_block_requests_for_own_devi
     };
     let envelope = sender.sign(&Statement::Message(message.clone())).unwrap();
     h.store
-        .create_message(&message, &envelope, &[device.clone()], h.now(), h.now())
+        .create_message(
+            &message,
+            &envelope,
+            std::slice::from_ref(&device),
+            h.now(),
+            h.now(),
+        )
         .unwrap();
 
     let page = ann.get("/messages").await;
