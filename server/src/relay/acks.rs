@@ -1,13 +1,15 @@
-//! The rule that groups agents' acknowledgements into store transactions, without I/O.
+//! The rule that groups agents' acknowledgements (and signed reports) into store
+//! transactions, without I/O.
 //!
-//! Every link hands its acknowledgements to one relay-wide writer. One transaction per
-//! acknowledgement would cost a broadcast to 100,000 agents 100,000 commits; instead a
-//! batch is whatever has queued up while the previous batch was being written (at most
-//! [`ACK_BATCH`]), so a burst costs a few commits and a lone ack is written at once.
+//! Every link hands its acknowledgements to one relay-wide writer, and its reports
+//! (message receipts, block changes) to another. One transaction per record would cost
+//! a broadcast to 100,000 agents 100,000 commits; instead a batch is whatever has queued
+//! up while the previous batch was being written (at most [`ACK_BATCH`]), so a burst
+//! costs a few commits and a lone record is written at once.
 //!
-//! [`AckBatches`] keeps that rule; `write_acks` in the relay only moves records from the
-//! links' channel into it, runs the transaction it hands out on the blocking pool, and
-//! reports back when it is done.
+//! [`Batches`] keeps that rule; `write_in_batches` in the relay only moves records from
+//! the links' channel into it, runs the transaction it hands out on the blocking pool,
+//! and reports back when it is done.
 
 use std::collections::VecDeque;
 
@@ -16,21 +18,59 @@ use herald_shared::protocol::JobId;
 /// An acknowledgement on its way to the store: (agent, job, refusal reason).
 pub(crate) type AckRecord = (String, JobId, Option<String>);
 
-/// Most acknowledgements committed in one transaction.
+/// A verified report on its way to the store, with who waits to hear how it fared.
+#[derive(Debug)]
+pub(crate) struct ReportRecord {
+    /// The agent whose key verified it.
+    pub(crate) agent_id: String,
+    /// The report as signed (kept so anyone can verify it later).
+    pub(crate) signed: herald_shared::message::SignedReport,
+    /// What it says.
+    pub(crate) report: herald_shared::message::Report,
+    /// Told once the batch holding it is written.
+    pub(crate) done: tokio::sync::oneshot::Sender<ReportOutcome>,
+}
+
+/// How a report fared in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReportOutcome {
+    /// Committed (or kept before: reports are stored idempotently).
+    Stored,
+    /// Refused for good (a receipt for a message the agent was never sent): resending
+    /// it would change nothing, so it is acknowledged all the same.
+    Dropped(String),
+    /// The store failed; the agent keeps it and sends it again on its next connection.
+    Failed(String),
+}
+
+/// Most records committed in one transaction.
 pub(crate) const ACK_BATCH: usize = 4096;
 
-/// Acknowledgements waiting for the store, and whether a batch is being written.
-#[derive(Debug, Default)]
-pub(crate) struct AckBatches {
-    waiting: VecDeque<AckRecord>,
+/// Records waiting for the store, and whether a batch is being written.
+#[derive(Debug)]
+pub(crate) struct Batches<T> {
+    waiting: VecDeque<T>,
     writing: bool,
 }
 
-// === impl AckBatches ===
+/// Acknowledgements waiting for the store.
+#[cfg(test)]
+pub(crate) type AckBatches = Batches<AckRecord>;
 
-impl AckBatches {
-    /// An acknowledgement arrived from a link.
-    pub(crate) fn handle_ack(&mut self, record: AckRecord) {
+impl<T> Default for Batches<T> {
+    fn default() -> Self {
+        Batches {
+            waiting: VecDeque::new(),
+            writing: false,
+        }
+    }
+}
+
+// === impl Batches ===
+
+impl<T> Batches<T> {
+    /// A record arrived from a link.
+    pub(crate) fn handle_ack(&mut self, record: T) {
         self.waiting.push_back(record);
     }
 
@@ -41,12 +81,12 @@ impl AckBatches {
 
     /// The next batch to write: everything waiting, up to [`ACK_BATCH`], oldest first;
     /// none while the previous batch is still being written.
-    pub(crate) fn poll_batch(&mut self) -> Option<Vec<AckRecord>> {
+    pub(crate) fn poll_batch(&mut self) -> Option<Vec<T>> {
         if self.writing || self.waiting.is_empty() {
             return None;
         }
         let take = self.waiting.len().min(ACK_BATCH);
-        let batch: Vec<AckRecord> = self.waiting.drain(..take).collect();
+        let batch: Vec<T> = self.waiting.drain(..take).collect();
         if self.waiting.is_empty() {
             // A broadcast's burst does not stay allocated.
             self.waiting = VecDeque::new();

@@ -174,8 +174,6 @@ pub(crate) enum Effect {
         seq: u64,
         /// The report as signed.
         report: herald_shared::message::SignedReport,
-        /// When it arrived.
-        now: Millis,
     },
     /// Close the connection with [`Violation::code`] and the violation as the reason.
     Close(Violation),
@@ -395,7 +393,7 @@ fn control(msg: AgentMsg, now: Millis) -> Effect {
         AgentMsg::Started { job_id, at } => Effect::StoreStarted { job_id, at, now },
         AgentMsg::Progress { job_id, progress } => Effect::StoreProgress { job_id, progress },
         AgentMsg::Addresses(addresses) => Effect::StoreAddresses { addresses, now },
-        AgentMsg::Report { seq, report } => Effect::StoreReport { seq, report, now },
+        AgentMsg::Report { seq, report } => Effect::StoreReport { seq, report },
         other @ (AgentMsg::Hello(_) | AgentMsg::Enroll(_) | AgentMsg::Result(_)) => {
             Effect::Close(Violation::OnControlStream(msg_name(&other)))
         }

@@ -33,7 +33,7 @@ use crate::now_ms;
 use crate::pki::{self, KeyStatus, Keyring};
 use crate::store::{Pending, Store};
 use crate::ticket::Tickets;
-use acks::{AckBatches, AckRecord, ACK_BATCH};
+use acks::{AckRecord, Batches, ReportOutcome, ReportRecord, ACK_BATCH};
 use link::{version_refusal, Effect, Greeting, Link, Migrated, Stream, Transmit, Violation};
 
 pub use link::ADDRESS_CHECK_MS;
@@ -185,6 +185,8 @@ pub struct Relay {
     tickets: Tickets,
     /// Acknowledgements to commit, in batches, by [`Relay::write_acks`].
     acks: mpsc::UnboundedSender<AckRecord>,
+    /// Verified reports, to the relay-wide batch writer.
+    reports: mpsc::UnboundedSender<ReportRecord>,
     /// Signal handed to QUIC → acknowledgement read, over every link.
     signal_rtt: Histogram,
     /// Fan-outs waiting for [`fan_out`], in order (a later order's signal never
@@ -211,6 +213,9 @@ enum LinkError {
     Timeout,
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The relay-wide report writer failed or is gone (the server is stopping).
+    #[error("cannot store a report: {0}")]
+    Reports(String),
 }
 
 impl Relay {
@@ -226,6 +231,7 @@ impl Relay {
     ) -> Arc<Relay> {
         let (events, _) = broadcast::channel(4096);
         let (acks, ack_queue) = mpsc::unbounded_channel();
+        let (reports, report_queue) = mpsc::unbounded_channel();
         let (fan_outs, fan_out_queue) = mpsc::unbounded_channel();
         let ack_store = store.clone();
         let relay = Arc::new(Relay {
@@ -238,12 +244,18 @@ impl Relay {
             artifact_base,
             tickets,
             acks,
+            reports,
             signal_rtt: Histogram::default(),
             fan_outs,
             window: Arc::new(Semaphore::new(FAN_OUT_WINDOW)),
             refused: Default::default(),
         });
         // Need a runtime: the relay is built inside `serve`.
+        tokio::spawn(write_reports(
+            ack_store.clone(),
+            Arc::downgrade(&relay),
+            report_queue,
+        ));
         tokio::spawn(write_acks(ack_store, Arc::downgrade(&relay), ack_queue));
         tokio::spawn(fan_out(
             Arc::downgrade(&relay),
@@ -821,8 +833,8 @@ impl Relay {
                     return Ok(ControlFlow::Break(()));
                 }
             }
-            Effect::StoreReport { seq, report, now } => {
-                self.store_report(conn, &report, now)?;
+            Effect::StoreReport { seq, report } => {
+                self.store_report(conn, report).await?;
                 let ack = ServerMsg::ReportStored { seq };
                 if conn.outbox.send(Outgoing::new(ack)).await.is_err() {
                     return Ok(ControlFlow::Break(()));
@@ -834,14 +846,13 @@ impl Relay {
     }
 
     /// Verifies a signed report against the key the connection authenticated with and
-    /// stores it. A report that does not verify, or names a message the agent was never
-    /// sent, is logged and dropped: sending it again would not change it, so it is
-    /// acknowledged all the same.
-    fn store_report(
+    /// stores it (in the relay-wide batch), returning once it is committed. A report
+    /// that does not verify, or names a message the agent was never sent, is logged and
+    /// dropped: sending it again would not change it, so it is acknowledged all the same.
+    async fn store_report(
         &self,
         conn: &Conn<'_>,
-        signed: &herald_shared::message::SignedReport,
-        now: crate::Millis,
+        signed: herald_shared::message::SignedReport,
     ) -> Result<(), LinkError> {
         let agent_id = conn.agent_id;
         let report = match signed.verify(conn.key) {
@@ -851,17 +862,26 @@ impl Relay {
                 return Ok(());
             }
         };
-        match self.store.store_report(agent_id, signed, &report, now) {
-            Ok(crate::store::ReportStored::Receipt {
-                job_id: Some(job_id),
-            }) => self.job_changed(job_id),
-            Ok(_) => {}
-            Err(crate::store::StoreError::NotFound(reason)) => {
-                warn!(%agent_id, "dropping a report: {reason}");
-            }
-            Err(e) => return Err(e.into()),
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let record = ReportRecord {
+            agent_id: agent_id.to_string(),
+            signed,
+            report,
+            done,
+        };
+        if self.reports.send(record).is_err() {
+            return Err(LinkError::Reports("the report writer has stopped".into()));
         }
-        Ok(())
+        match outcome.await {
+            Ok(ReportOutcome::Stored) => Ok(()),
+            Ok(ReportOutcome::Dropped(reason)) => {
+                warn!(%agent_id, "dropping a report: {reason}");
+                Ok(())
+            }
+            // The agent keeps it and sends it again on its next connection.
+            Ok(ReportOutcome::Failed(reason)) => Err(LinkError::Reports(reason)),
+            Err(_) => Err(LinkError::Reports("the report writer has stopped".into())),
+        }
     }
 }
 
@@ -890,40 +910,36 @@ impl Conn<'_> {
     }
 }
 
-/// Commits acknowledgements in the batches [`AckBatches`] forms: whatever has queued
-/// up while the previous batch was written goes in the next transaction, so a
-/// broadcast's thousands of acks cost a few commits, not thousands. Ends when the relay
-/// is gone.
-async fn write_acks(
-    store: Store,
-    relay: std::sync::Weak<Relay>,
-    mut queue: mpsc::UnboundedReceiver<AckRecord>,
-) {
-    type Write = tokio::task::JoinHandle<(Vec<AckRecord>, Result<(), crate::store::StoreError>)>;
+/// Commits records in the batches [`Batches`] forms: whatever has queued up while the
+/// previous batch was written goes in the next transaction, so a broadcast's thousands
+/// of acknowledgements (or receipts) cost a few commits, not thousands. `write` runs on
+/// the blocking pool with each batch and does the rest (commit, then tell whoever
+/// waits). Ends when every sender is gone and the last batch is written.
+async fn write_in_batches<T, W>(mut queue: mpsc::UnboundedReceiver<T>, write: W)
+where
+    T: Send + 'static,
+    W: Fn(Vec<T>) + Clone + Send + 'static,
+{
     /// The write in progress, if any (never ready when there is none).
     async fn finished(
-        writing: &mut Option<Write>,
-    ) -> Result<(Vec<AckRecord>, Result<(), crate::store::StoreError>), tokio::task::JoinError>
-    {
+        writing: &mut Option<tokio::task::JoinHandle<()>>,
+    ) -> Result<(), tokio::task::JoinError> {
         match writing {
             Some(write) => write.await,
             None => std::future::pending().await,
         }
     }
 
-    let mut acks = AckBatches::default();
+    let mut batches = Batches::default();
     let mut arrived = Vec::with_capacity(64);
-    let mut writing: Option<Write> = None;
+    let mut writing = None;
     let mut open = true;
     loop {
-        if let Some(records) = acks.poll_batch() {
-            let store = store.clone();
-            writing = Some(tokio::task::spawn_blocking(move || {
-                let result = store.ack_batch(&records, now_ms());
-                (records, result)
-            }));
+        if let Some(records) = batches.poll_batch() {
+            let write = write.clone();
+            writing = Some(tokio::task::spawn_blocking(move || write(records)));
         }
-        if !open && acks.is_idle() {
+        if !open && batches.is_idle() {
             return;
         }
         tokio::select! {
@@ -931,30 +947,79 @@ async fn write_acks(
                 // Zero: every sender is gone with the relay; write what is left.
                 open = received > 0;
                 for record in arrived.drain(..) {
-                    acks.handle_ack(record);
+                    batches.handle_ack(record);
                 }
             }
-            written = finished(&mut writing) => {
+            _ = finished(&mut writing) => {
                 writing = None;
-                acks.handle_written();
-                let Ok((records, result)) = written else {
-                    continue;
-                };
-                if let Err(e) = result {
-                    // The jobs stay queued and are signalled again on the next
-                    // connection; the agent answers duplicates from its journal.
-                    warn!(acks = records.len(), "cannot store acknowledgements: {e}");
-                    continue;
-                }
-                let Some(relay) = relay.upgrade() else {
-                    return;
-                };
-                for (_, job_id, _) in &records {
-                    relay.job_changed(*job_id);
-                }
+                batches.handle_written();
             }
         }
     }
+}
+
+/// Commits acknowledgements in batches, then tells watchers the jobs changed.
+async fn write_acks(
+    store: Store,
+    relay: std::sync::Weak<Relay>,
+    queue: mpsc::UnboundedReceiver<AckRecord>,
+) {
+    write_in_batches(queue, move |records: Vec<AckRecord>| {
+        if let Err(e) = store.ack_batch(&records, now_ms()) {
+            // The jobs stay queued and are signalled again on the next connection; the
+            // agent answers duplicates from its journal.
+            warn!(acks = records.len(), "cannot store acknowledgements: {e}");
+            return;
+        }
+        if let Some(relay) = relay.upgrade() {
+            for (_, job_id, _) in &records {
+                relay.job_changed(*job_id);
+            }
+        }
+    })
+    .await
+}
+
+/// Commits verified reports in batches; each waiting session hears how its report
+/// fared before it acknowledges it to the agent.
+async fn write_reports(
+    store: Store,
+    relay: std::sync::Weak<Relay>,
+    queue: mpsc::UnboundedReceiver<ReportRecord>,
+) {
+    write_in_batches(queue, move |records: Vec<ReportRecord>| {
+        let items: Vec<_> = records
+            .iter()
+            .map(|r| (r.agent_id.as_str(), &r.signed, &r.report))
+            .collect();
+        match store.store_reports(&items, now_ms()) {
+            Ok(outcomes) => {
+                let relay = relay.upgrade();
+                for (record, outcome) in records.into_iter().zip(outcomes) {
+                    let outcome = match outcome {
+                        Ok(crate::store::ReportStored::Receipt {
+                            job_id: Some(job_id),
+                        }) => {
+                            if let Some(relay) = &relay {
+                                relay.job_changed(job_id);
+                            }
+                            ReportOutcome::Stored
+                        }
+                        Ok(_) => ReportOutcome::Stored,
+                        Err(e) => ReportOutcome::Dropped(e.to_string()),
+                    };
+                    let _ = record.done.send(outcome);
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                for record in records {
+                    let _ = record.done.send(ReportOutcome::Failed(reason.clone()));
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// Wakes the links of each queued fan-out, [`FAN_OUT_CHUNK`] at a time, letting the

@@ -554,10 +554,44 @@ impl Store {
 
     // === the agents' signed reports ===
 
-    /// Stores a report that verified against `agent_id`'s key, idempotently: a receipt
-    /// once per (message, agent, state), a block change only if newer than the one kept.
-    /// A receipt for a message this agent was never sent is refused
-    /// ([`StoreError::NotFound`]).
+    /// Stores reports that verified against their agents' keys, in one transaction,
+    /// idempotently: a receipt once per (message, agent, state), a block change only if
+    /// newer than the one kept. A receipt for a message its agent was never sent is
+    /// refused alone ([`StoreError::NotFound`] in its place); any other failure fails
+    /// the whole batch.
+    pub fn store_reports(
+        &self,
+        reports: &[(&str, &SignedReport, &herald_shared::message::Report)],
+        now: Millis,
+    ) -> Result<Vec<Result<ReportStored>>> {
+        self.blocking(|| {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(reports.len());
+            for (agent_id, signed, report) in reports {
+                let blob =
+                    codec::to_bytes(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let outcome = match report {
+                    herald_shared::message::Report::Receipt(receipt) => {
+                        match store_receipt(&tx, agent_id, receipt, &blob, now) {
+                            Ok(job_id) => Ok(ReportStored::Receipt { job_id }),
+                            Err(e @ StoreError::NotFound(_)) => Err(e),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    herald_shared::message::Report::Block(change) => {
+                        store_block(&tx, change, &blob, now)?;
+                        Ok(ReportStored::Block)
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            tx.commit()?;
+            Ok(outcomes)
+        })
+    }
+
+    /// [`Store::store_reports`] for one report.
     pub fn store_report(
         &self,
         agent_id: &str,
@@ -565,22 +599,9 @@ impl Store {
         report: &herald_shared::message::Report,
         now: Millis,
     ) -> Result<ReportStored> {
-        self.blocking(|| {
-            let blob = codec::to_bytes(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let mut conn = self.conn();
-            let tx = conn.transaction()?;
-            let stored = match report {
-                herald_shared::message::Report::Receipt(receipt) => ReportStored::Receipt {
-                    job_id: store_receipt(&tx, agent_id, receipt, &blob, now)?,
-                },
-                herald_shared::message::Report::Block(change) => {
-                    store_block(&tx, change, &blob, now)?;
-                    ReportStored::Block
-                }
-            };
-            tx.commit()?;
-            Ok(stored)
-        })
+        self.store_reports(&[(agent_id, signed, report)], now)?
+            .pop()
+            .expect("one outcome per report")
     }
 }
 
