@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use herald_shared::codec;
 use herald_shared::envelope::{
@@ -21,9 +21,11 @@ use herald_shared::protocol::{AgentMsg, Bundle, JobId, JobResult, Status};
 use herald_shared::Millis;
 
 use crate::exec;
+use crate::inbox::{Inbox, InboxError};
 use crate::journal::{Journal, JournalError, Known};
+use crate::notify::{Notice, NoticeEvent, QuietHours};
 use crate::options::Options;
-use crate::protocol::{self, Acceptance, Input, Job, Ledger, Machine};
+use crate::protocol::{self, Acceptance, Arrival, Input, Job, Ledger, Machine};
 use crate::session::{self, Sessions};
 use crate::state::{AgentConfig, Identity, StateError, Status as AgentStatus, WORK_DIR};
 use crate::sync::lock;
@@ -38,6 +40,9 @@ const CLOCK_KEY: &str = "clock_high_water";
 const CLOCK_TOLERANCE_MS: Millis = 5 * 60 * 1000;
 /// Finished jobs are kept in the journal this long (for deduplication of redeliveries).
 const KEEP_JOBS_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How often notices that were held (quiet hours) or had no helper to show them are
+/// tried again, and expired messages pruned.
+const NOTICE_RETRY: Duration = Duration::from_secs(60);
 
 /// Errors loading the agent from its state directory.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,9 @@ pub enum LoadError {
     /// Local database problems.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The inbox cannot be opened (or the identity key cannot sign).
+    #[error(transparent)]
+    Inbox(#[from] InboxError),
 }
 
 /// What the agent's jobs tell the link (results ready, progress reports): inputs for
@@ -64,6 +72,7 @@ pub struct Agent {
     id: String,
     keys: Vec<PublicKey>,
     journal: Journal,
+    inbox: Inbox,
     events: mpsc::UnboundedSender<Input>,
     kill_grace: Duration,
     high_water: Mutex<Millis>,
@@ -84,6 +93,7 @@ impl Agent {
             reason,
         })?;
         let journal = Journal::open(state_dir)?;
+        let inbox = Inbox::new(journal.clone(), &identity)?;
         let high_water = journal
             .value(CLOCK_KEY)?
             .and_then(|v| v.try_into().ok())
@@ -101,6 +111,7 @@ impl Agent {
             config,
             keys,
             journal,
+            inbox,
             events,
             kill_grace: options.kill_grace,
             high_water: Mutex::new(high_water),
@@ -111,7 +122,7 @@ impl Agent {
 
     /// The protocol machine for this agent, from what its store holds now (the stored
     /// membership, the unacknowledged results).
-    pub fn machine(self: &Arc<Self>) -> Result<Machine<Arc<Agent>>, JournalError> {
+    pub fn machine(self: &Arc<Self>) -> Result<Machine<Arc<Agent>>, LoadError> {
         let membership = self
             .journal
             .value(MEMBERSHIP_KEY)?
@@ -129,7 +140,8 @@ impl Agent {
             membership,
             self.journal.outbox_ids()?,
             self.clone(),
-        ))
+        )
+        .with_reports(self.inbox.report_seqs()?))
     }
 
     /// This agent's id.
@@ -145,6 +157,123 @@ impl Agent {
     /// The local store.
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The inbox (kept messages, senders, block list, report outbox).
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    /// Keeps a message the machine accepted; returns its receipt's seq.
+    pub(crate) fn keep_message(&self, arrival: &Arrival) -> Result<u64, InboxError> {
+        self.inbox
+            .keep(arrival, self.config.messages.max_per_sender)
+    }
+
+    /// Shows a kept message's notice through a user-session helper, unless it is
+    /// advertising inside quiet hours (then the retry loop of [`Agent::notices`] shows
+    /// it when they end, as it does when no helper is connected now).
+    pub(crate) fn show_notice(&self, notice: &Notice) {
+        if notice.advertising {
+            if let Some(minutes) = self.quiet_hours_hold() {
+                info!(id = %notice.message_id, minutes, "advertising held for quiet hours");
+                return;
+            }
+        }
+        if self.sessions.notify(notice) {
+            if let Err(e) = self.inbox.mark_notified(&notice.message_id, now_ms()) {
+                warn!("cannot record a shown notice: {e}");
+            }
+        }
+    }
+
+    /// How many minutes advertising is held from now, if quiet hours hold now. The
+    /// local time comes from chrono (the system's time zone).
+    fn quiet_hours_hold(&self) -> Option<u32> {
+        use chrono::Timelike;
+        let quiet = match QuietHours::parse(&self.config.messages.quiet_hours) {
+            Ok(quiet) => quiet?,
+            Err(e) => {
+                warn!("ignoring [messages] quiet_hours: {e}");
+                return None;
+            }
+        };
+        let local = chrono::Local::now();
+        quiet.holds(local.hour() * 60 + local.minute())
+    }
+
+    /// Carries out what the helpers report about notices, and every [`NOTICE_RETRY`]
+    /// shows the kept messages not shown yet (held, or no helper was connected) and
+    /// prunes expired ones. Runs until the agent stops.
+    pub async fn notices(self: Arc<Self>) {
+        let mut events = self.sessions.notice_events();
+        let mut retry = tokio::time::interval(NOTICE_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(event) = async {
+                    match events.as_mut() {
+                        Some(events) => events.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.notice_event(event),
+                _ = retry.tick() => self.show_unshown(),
+            }
+        }
+    }
+
+    /// One report about a notice: displayed, opened, or "block this sender".
+    pub(crate) fn notice_event(&self, event: NoticeEvent) {
+        let now = self.guarded_now();
+        let outcome = match &event {
+            NoticeEvent::Displayed { message_id } => self.inbox.mark_displayed(message_id, now),
+            NoticeEvent::Opened { message_id } => {
+                self.inbox
+                    .mark_read(message_id, now, self.config.messages.read_receipts)
+            }
+            NoticeEvent::Block { sender, .. } => {
+                info!(%sender, "sender blocked from a notification");
+                self.inbox.block(sender, "notification", now).map(Some)
+            }
+        };
+        match outcome {
+            Ok(Some(seq)) => {
+                let _ = self.events.send(Input::ReportsReady(vec![seq]));
+            }
+            Ok(None) => {}
+            // A message removed meanwhile, or a sender blocked twice: nothing to do.
+            Err(e @ (InboxError::UnknownMessage(_) | InboxError::AlreadyBlocked(_))) => {
+                debug!("notice event {event:?}: {e}")
+            }
+            Err(e) => warn!("cannot record notice event {event:?}: {e}"),
+        }
+    }
+
+    /// Shows the kept messages not shown yet whose hold has ended; prunes expired ones.
+    fn show_unshown(&self) {
+        let now = self.guarded_now();
+        if let Err(e) = self.inbox.prune(now) {
+            warn!("cannot prune the inbox: {e}");
+        }
+        let unshown = match self.inbox.undisplayed(now) {
+            Ok(unshown) => unshown,
+            Err(e) => return warn!("cannot read the inbox: {e}"),
+        };
+        let held = unshown
+            .iter()
+            .any(|e| e.advertising)
+            .then(|| self.quiet_hours_hold())
+            .flatten()
+            .is_some();
+        for entry in unshown.iter().filter(|e| !(e.advertising && held)) {
+            if !self.sessions.notify(&entry.notice()) {
+                // No helper to show it: all wait for the next round.
+                break;
+            }
+            if let Err(e) = self.inbox.mark_notified(&entry.id, now) {
+                warn!("cannot record a shown notice: {e}");
+            }
+        }
     }
 
     /// A result is in the outbox: the link sends it when it can.
@@ -420,9 +549,10 @@ impl Agent {
     }
 
     /// Restart recovery: interrupted jobs to the outbox, never-started jobs resumed.
-    pub fn recover(self: &Arc<Self>) -> Result<(), JournalError> {
+    pub fn recover(self: &Arc<Self>) -> Result<(), LoadError> {
         let now = now_ms();
         self.journal.prune(now, KEEP_JOBS_MS)?;
+        self.inbox.prune(now)?;
         let updating = crate::selfupdate::pending(&self.state_dir).map(|p| p.job_id);
         let (orphans, resume) = self.journal.recover(now, updating)?;
         for marker in orphans {
@@ -517,6 +647,22 @@ impl Ledger for Agent {
         now: Millis,
     ) -> Result<(), Refusal> {
         update::check(self, spec, bundle, now).map(|_| ())
+    }
+
+    fn message_seen(&self, message_id: &[u8; 16]) -> Result<bool, JournalError> {
+        self.inbox.seen(message_id).map_err(into_journal)
+    }
+
+    fn blocked(&self, sender: &str) -> Result<bool, JournalError> {
+        self.inbox.is_blocked(sender).map_err(into_journal)
+    }
+}
+
+/// An inbox lookup's error as the machine's ledger reports it.
+fn into_journal(e: InboxError) -> JournalError {
+    match e {
+        InboxError::Journal(e) => e,
+        other => JournalError::Corrupt(other.to_string()),
     }
 }
 
