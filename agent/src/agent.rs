@@ -694,3 +694,140 @@ impl update::Context for Agent {
         Agent::result_ready(self, job_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbox::Filter;
+    use herald_shared::envelope::{Audience, PublicKey};
+    use herald_shared::message::{Message, Priority, Report};
+
+    fn agent(name: &str, read_receipts: bool) -> (Arc<Agent>, Identity, Events, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("herald-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = AgentConfig {
+            server: "127.0.0.1:1".into(),
+            ca_fingerprint: "00".repeat(32),
+            operator_keys: vec!["11".repeat(32)],
+            agent_id: "unused".into(),
+            token_groups: Vec::new(),
+            policy: Default::default(),
+            update: Default::default(),
+            session: Default::default(),
+            messages: Default::default(),
+        };
+        config.messages.read_receipts = read_receipts;
+        config.save(&dir).unwrap();
+        let (agent, identity, events) = Agent::load(&dir, &Options::default()).unwrap();
+        (agent, identity, events, dir)
+    }
+
+    fn arrival(agent: &Agent) -> Arrival {
+        let at = now_ms();
+        Arrival {
+            job_id: 1,
+            message: Message {
+                id: [1; 16],
+                sender: "card".into(),
+                audience: Audience::All,
+                title: "Payment due".into(),
+                body: "Friday.".into(),
+                priority: Priority::Normal,
+                issued_at: at,
+                expires_at: at + 3_600_000,
+                collapse: None,
+                advertising: false,
+                link: None,
+                grant: Envelope {
+                    signer: PublicKey([0; 32]),
+                    payload: Vec::new(),
+                    signature: Vec::new(),
+                },
+            },
+            display_name: "Card Company".into(),
+            hash: [2; 32],
+            at: agent.guarded_now(),
+        }
+    }
+
+    fn ready(events: &mut Events) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Ok(input) = events.try_recv() {
+            if let Input::ReportsReady(s) = input {
+                seqs.extend(s);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn notice_events_mark_the_inbox_and_sign_what_the_settings_allow() {
+        let (agent, identity, mut events, dir) = agent("notices", false);
+        let stored = agent.keep_message(&arrival(&agent)).unwrap();
+        let id = hex::encode([1u8; 16]);
+        agent.notice_event(NoticeEvent::Displayed {
+            message_id: id.clone(),
+        });
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: id.clone(),
+        });
+        // Read receipts are off: displayed is reported, read is not.
+        let seqs = ready(&mut events);
+        assert_eq!(seqs.len(), 1);
+        let report = agent.inbox().report(seqs[0]).unwrap().unwrap();
+        assert!(matches!(
+            report.verify(&identity.public_key).unwrap(),
+            Report::Receipt(r) if r.state.as_str() == "displayed"
+        ));
+        let entry = agent.inbox().entry(&id).unwrap();
+        assert!(entry.read_at.is_some() && entry.displayed_at.is_some());
+        agent.notice_event(NoticeEvent::Block {
+            message_id: id.clone(),
+            sender: "card".into(),
+        });
+        let seqs = ready(&mut events);
+        assert_eq!(seqs.len(), 1);
+        assert!(matches!(
+            agent.inbox().report(seqs[0]).unwrap().unwrap().verify(&identity.public_key).unwrap(),
+            Report::Block(b) if b.blocked && b.by == "notification"
+        ));
+        assert!(agent.inbox().is_blocked("card").unwrap());
+        // Unknown ids and a second block change nothing.
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: "ff".into(),
+        });
+        agent.notice_event(NoticeEvent::Block {
+            message_id: id,
+            sender: "card".into(),
+        });
+        assert!(ready(&mut events).is_empty());
+        assert_eq!(agent.inbox().report_seqs().unwrap().len(), 3);
+        assert!(agent.inbox().report_seqs().unwrap().contains(&stored));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn read_receipts_when_enabled_and_the_machine_starts_with_the_waiting_reports() {
+        let (agent, _, mut events, dir) = agent("read", true);
+        let stored = agent.keep_message(&arrival(&agent)).unwrap();
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: hex::encode([1u8; 16]),
+        });
+        let read = ready(&mut events);
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            agent
+                .inbox()
+                .list(&Filter {
+                    sender: None,
+                    unread: true
+                })
+                .unwrap(),
+            Vec::new()
+        );
+        let machine = agent.machine().unwrap();
+        assert_eq!(machine.reports().collect::<Vec<_>>(), vec![stored, read[0]]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

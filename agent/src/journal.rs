@@ -439,7 +439,11 @@ impl Journal {
         f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(JournalError::from)?;
+        // Immediate: the CLI writes the same file while the daemon runs, and a deferred
+        // transaction that reads and then writes could not wait for the other's lock.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(JournalError::from)?;
         let value = f(&tx)?;
         tx.commit().map_err(JournalError::from)?;
         Ok(value)
