@@ -202,7 +202,7 @@ impl Agent {
         quiet.holds(local.hour() * 60 + local.minute())
     }
 
-    /// Carries out what the helpers report about notices, and every [`NOTICE_RETRY`]
+    /// Carries out what the helpers report about notices, and every minute
     /// shows the kept messages not shown yet (held, or no helper was connected) and
     /// prunes expired ones. Runs until the agent stops.
     pub async fn notices(self: Arc<Self>) {

@@ -736,6 +736,32 @@ mod tests {
     }
 
     #[test]
+    fn a_keep_that_fails_at_its_last_step_leaves_nothing_behind() {
+        let dir = temp_dir("atomic");
+        let (inbox, _) = open(&dir);
+        // The receipt is written last; without its table the whole keep must vanish,
+        // as it does when the process is killed before the commit.
+        inbox
+            .journal
+            .transaction(|tx| {
+                tx.execute_batch("DROP TABLE reports")
+                    .map_err(InboxError::from)
+            })
+            .unwrap();
+        assert!(inbox.keep(&arrival(1, 1, "card", None, T0), 10).is_err());
+        assert!(!inbox.seen(&[1; 16]).unwrap());
+        assert!(ids(&inbox).is_empty());
+        assert!(inbox.senders().unwrap().is_empty());
+        assert_eq!(Journal::open(&dir).unwrap().known(1).unwrap(), None);
+        // Reopened (the schema is created again), the redelivery is kept once.
+        let (inbox, _) = open(&dir);
+        inbox.keep(&arrival(1, 1, "card", None, T0), 10).unwrap();
+        assert_eq!(ids(&inbox).len(), 1);
+        assert_eq!(inbox.report_seqs().unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn collapse_replaces_and_the_per_sender_limit_drops_the_oldest() {
         let dir = temp_dir("collapse");
         let (inbox, _) = open(&dir);
