@@ -276,7 +276,8 @@ impl Inbox {
                 "DELETE FROM inbox WHERE sender = ?1 AND message_id NOT IN (
                      SELECT message_id FROM inbox WHERE sender = ?1
                      ORDER BY received_at DESC, rowid DESC LIMIT ?2)",
-                params![m.sender, max_per_sender],
+                // Zero would drop the message just kept: at least that one stays.
+                params![m.sender, max_per_sender.max(1)],
             )?;
             push_report(tx, &report)
         })
