@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use herald_shared::codec;
 use herald_shared::envelope::{
@@ -21,9 +21,11 @@ use herald_shared::protocol::{AgentMsg, Bundle, JobId, JobResult, Status};
 use herald_shared::Millis;
 
 use crate::exec;
+use crate::inbox::{Inbox, InboxError};
 use crate::journal::{Journal, JournalError, Known};
+use crate::notify::{Notice, NoticeEvent, QuietHours};
 use crate::options::Options;
-use crate::protocol::{self, Acceptance, Input, Job, Ledger, Machine};
+use crate::protocol::{self, Acceptance, Arrival, Input, Job, Ledger, Machine};
 use crate::session::{self, Sessions};
 use crate::state::{AgentConfig, Identity, StateError, Status as AgentStatus, WORK_DIR};
 use crate::sync::lock;
@@ -38,6 +40,9 @@ const CLOCK_KEY: &str = "clock_high_water";
 const CLOCK_TOLERANCE_MS: Millis = 5 * 60 * 1000;
 /// Finished jobs are kept in the journal this long (for deduplication of redeliveries).
 const KEEP_JOBS_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How often notices that were held (quiet hours) or had no helper to show them are
+/// tried again, and expired messages pruned.
+const NOTICE_RETRY: Duration = Duration::from_secs(60);
 
 /// Errors loading the agent from its state directory.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,9 @@ pub enum LoadError {
     /// Local database problems.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The inbox cannot be opened (or the identity key cannot sign).
+    #[error(transparent)]
+    Inbox(#[from] InboxError),
 }
 
 /// What the agent's jobs tell the link (results ready, progress reports): inputs for
@@ -64,6 +72,7 @@ pub struct Agent {
     id: String,
     keys: Vec<PublicKey>,
     journal: Journal,
+    inbox: Inbox,
     events: mpsc::UnboundedSender<Input>,
     kill_grace: Duration,
     high_water: Mutex<Millis>,
@@ -84,6 +93,7 @@ impl Agent {
             reason,
         })?;
         let journal = Journal::open(state_dir)?;
+        let inbox = Inbox::new(journal.clone(), &identity)?;
         let high_water = journal
             .value(CLOCK_KEY)?
             .and_then(|v| v.try_into().ok())
@@ -101,6 +111,7 @@ impl Agent {
             config,
             keys,
             journal,
+            inbox,
             events,
             kill_grace: options.kill_grace,
             high_water: Mutex::new(high_water),
@@ -111,7 +122,7 @@ impl Agent {
 
     /// The protocol machine for this agent, from what its store holds now (the stored
     /// membership, the unacknowledged results).
-    pub fn machine(self: &Arc<Self>) -> Result<Machine<Arc<Agent>>, JournalError> {
+    pub fn machine(self: &Arc<Self>) -> Result<Machine<Arc<Agent>>, LoadError> {
         let membership = self
             .journal
             .value(MEMBERSHIP_KEY)?
@@ -129,7 +140,8 @@ impl Agent {
             membership,
             self.journal.outbox_ids()?,
             self.clone(),
-        ))
+        )
+        .with_reports(self.inbox.report_seqs()?))
     }
 
     /// This agent's id.
@@ -145,6 +157,123 @@ impl Agent {
     /// The local store.
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The inbox (kept messages, senders, block list, report outbox).
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    /// Keeps a message the machine accepted; returns its receipt's seq.
+    pub(crate) fn keep_message(&self, arrival: &Arrival) -> Result<u64, InboxError> {
+        self.inbox
+            .keep(arrival, self.config.messages.max_per_sender)
+    }
+
+    /// Shows a kept message's notice through a user-session helper, unless it is
+    /// advertising inside quiet hours (then the retry loop of [`Agent::notices`] shows
+    /// it when they end, as it does when no helper is connected now).
+    pub(crate) fn show_notice(&self, notice: &Notice) {
+        if notice.advertising {
+            if let Some(minutes) = self.quiet_hours_hold() {
+                info!(id = %notice.message_id, minutes, "advertising held for quiet hours");
+                return;
+            }
+        }
+        if self.sessions.notify(notice) {
+            if let Err(e) = self.inbox.mark_notified(&notice.message_id, now_ms()) {
+                warn!("cannot record a shown notice: {e}");
+            }
+        }
+    }
+
+    /// How many minutes advertising is held from now, if quiet hours hold now. The
+    /// local time comes from chrono (the system's time zone).
+    fn quiet_hours_hold(&self) -> Option<u32> {
+        use chrono::Timelike;
+        let quiet = match QuietHours::parse(&self.config.messages.quiet_hours) {
+            Ok(quiet) => quiet?,
+            Err(e) => {
+                warn!("ignoring [messages] quiet_hours: {e}");
+                return None;
+            }
+        };
+        let local = chrono::Local::now();
+        quiet.holds(local.hour() * 60 + local.minute())
+    }
+
+    /// Carries out what the helpers report about notices, and every minute
+    /// shows the kept messages not shown yet (held, or no helper was connected) and
+    /// prunes expired ones. Runs until the agent stops.
+    pub async fn notices(self: Arc<Self>) {
+        let mut events = self.sessions.notice_events();
+        let mut retry = tokio::time::interval(NOTICE_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(event) = async {
+                    match events.as_mut() {
+                        Some(events) => events.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.notice_event(event),
+                _ = retry.tick() => self.show_unshown(),
+            }
+        }
+    }
+
+    /// One report about a notice: displayed, opened, or "block this sender".
+    pub(crate) fn notice_event(&self, event: NoticeEvent) {
+        let now = self.guarded_now();
+        let outcome = match &event {
+            NoticeEvent::Displayed { message_id } => self.inbox.mark_displayed(message_id, now),
+            NoticeEvent::Opened { message_id } => {
+                self.inbox
+                    .mark_read(message_id, now, self.config.messages.read_receipts)
+            }
+            NoticeEvent::Block { sender, .. } => {
+                info!(%sender, "sender blocked from a notification");
+                self.inbox.block(sender, "notification", now).map(Some)
+            }
+        };
+        match outcome {
+            Ok(Some(seq)) => {
+                let _ = self.events.send(Input::ReportsReady(vec![seq]));
+            }
+            Ok(None) => {}
+            // A message removed meanwhile, or a sender blocked twice: nothing to do.
+            Err(e @ (InboxError::UnknownMessage(_) | InboxError::AlreadyBlocked(_))) => {
+                debug!("notice event {event:?}: {e}")
+            }
+            Err(e) => warn!("cannot record notice event {event:?}: {e}"),
+        }
+    }
+
+    /// Shows the kept messages not shown yet whose hold has ended; prunes expired ones.
+    fn show_unshown(&self) {
+        let now = self.guarded_now();
+        if let Err(e) = self.inbox.prune(now) {
+            warn!("cannot prune the inbox: {e}");
+        }
+        let unshown = match self.inbox.undisplayed(now) {
+            Ok(unshown) => unshown,
+            Err(e) => return warn!("cannot read the inbox: {e}"),
+        };
+        let held = unshown
+            .iter()
+            .any(|e| e.advertising)
+            .then(|| self.quiet_hours_hold())
+            .flatten()
+            .is_some();
+        for entry in unshown.iter().filter(|e| !(e.advertising && held)) {
+            if !self.sessions.notify(&entry.notice()) {
+                // No helper to show it: all wait for the next round.
+                break;
+            }
+            if let Err(e) = self.inbox.mark_notified(&entry.id, now) {
+                warn!("cannot record a shown notice: {e}");
+            }
+        }
     }
 
     /// A result is in the outbox: the link sends it when it can.
@@ -420,9 +549,10 @@ impl Agent {
     }
 
     /// Restart recovery: interrupted jobs to the outbox, never-started jobs resumed.
-    pub fn recover(self: &Arc<Self>) -> Result<(), JournalError> {
+    pub fn recover(self: &Arc<Self>) -> Result<(), LoadError> {
         let now = now_ms();
         self.journal.prune(now, KEEP_JOBS_MS)?;
+        self.inbox.prune(now)?;
         let updating = crate::selfupdate::pending(&self.state_dir).map(|p| p.job_id);
         let (orphans, resume) = self.journal.recover(now, updating)?;
         for marker in orphans {
@@ -518,6 +648,22 @@ impl Ledger for Agent {
     ) -> Result<(), Refusal> {
         update::check(self, spec, bundle, now).map(|_| ())
     }
+
+    fn message_seen(&self, message_id: &[u8; 16]) -> Result<bool, JournalError> {
+        self.inbox.seen(message_id).map_err(into_journal)
+    }
+
+    fn blocked(&self, sender: &str) -> Result<bool, JournalError> {
+        self.inbox.is_blocked(sender).map_err(into_journal)
+    }
+}
+
+/// An inbox lookup's error as the machine's ledger reports it.
+fn into_journal(e: InboxError) -> JournalError {
+    match e {
+        InboxError::Journal(e) => e,
+        other => JournalError::Corrupt(other.to_string()),
+    }
 }
 
 // === impl update::Context for Agent ===
@@ -546,5 +692,142 @@ impl update::Context for Agent {
     }
     fn result_ready(&self, job_id: JobId) {
         Agent::result_ready(self, job_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbox::Filter;
+    use herald_shared::envelope::{Audience, PublicKey};
+    use herald_shared::message::{Message, Priority, Report};
+
+    fn agent(name: &str, read_receipts: bool) -> (Arc<Agent>, Identity, Events, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("herald-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = AgentConfig {
+            server: "127.0.0.1:1".into(),
+            ca_fingerprint: "00".repeat(32),
+            operator_keys: vec!["11".repeat(32)],
+            agent_id: "unused".into(),
+            token_groups: Vec::new(),
+            policy: Default::default(),
+            update: Default::default(),
+            session: Default::default(),
+            messages: Default::default(),
+        };
+        config.messages.read_receipts = read_receipts;
+        config.save(&dir).unwrap();
+        let (agent, identity, events) = Agent::load(&dir, &Options::default()).unwrap();
+        (agent, identity, events, dir)
+    }
+
+    fn arrival(agent: &Agent) -> Arrival {
+        let at = now_ms();
+        Arrival {
+            job_id: 1,
+            message: Message {
+                id: [1; 16],
+                sender: "card".into(),
+                audience: Audience::All,
+                title: "Payment due".into(),
+                body: "Friday.".into(),
+                priority: Priority::Normal,
+                issued_at: at,
+                expires_at: at + 3_600_000,
+                collapse: None,
+                advertising: false,
+                link: None,
+                grant: Envelope {
+                    signer: PublicKey([0; 32]),
+                    payload: Vec::new(),
+                    signature: Vec::new(),
+                },
+            },
+            display_name: "Card Company".into(),
+            hash: [2; 32],
+            at: agent.guarded_now(),
+        }
+    }
+
+    fn ready(events: &mut Events) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Ok(input) = events.try_recv() {
+            if let Input::ReportsReady(s) = input {
+                seqs.extend(s);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn notice_events_mark_the_inbox_and_sign_what_the_settings_allow() {
+        let (agent, identity, mut events, dir) = agent("notices", false);
+        let stored = agent.keep_message(&arrival(&agent)).unwrap();
+        let id = hex::encode([1u8; 16]);
+        agent.notice_event(NoticeEvent::Displayed {
+            message_id: id.clone(),
+        });
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: id.clone(),
+        });
+        // Read receipts are off: displayed is reported, read is not.
+        let seqs = ready(&mut events);
+        assert_eq!(seqs.len(), 1);
+        let report = agent.inbox().report(seqs[0]).unwrap().unwrap();
+        assert!(matches!(
+            report.verify(&identity.public_key).unwrap(),
+            Report::Receipt(r) if r.state.as_str() == "displayed"
+        ));
+        let entry = agent.inbox().entry(&id).unwrap();
+        assert!(entry.read_at.is_some() && entry.displayed_at.is_some());
+        agent.notice_event(NoticeEvent::Block {
+            message_id: id.clone(),
+            sender: "card".into(),
+        });
+        let seqs = ready(&mut events);
+        assert_eq!(seqs.len(), 1);
+        assert!(matches!(
+            agent.inbox().report(seqs[0]).unwrap().unwrap().verify(&identity.public_key).unwrap(),
+            Report::Block(b) if b.blocked && b.by == "notification"
+        ));
+        assert!(agent.inbox().is_blocked("card").unwrap());
+        // Unknown ids and a second block change nothing.
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: "ff".into(),
+        });
+        agent.notice_event(NoticeEvent::Block {
+            message_id: id,
+            sender: "card".into(),
+        });
+        assert!(ready(&mut events).is_empty());
+        assert_eq!(agent.inbox().report_seqs().unwrap().len(), 3);
+        assert!(agent.inbox().report_seqs().unwrap().contains(&stored));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn read_receipts_when_enabled_and_the_machine_starts_with_the_waiting_reports() {
+        let (agent, _, mut events, dir) = agent("read", true);
+        let stored = agent.keep_message(&arrival(&agent)).unwrap();
+        agent.notice_event(NoticeEvent::Opened {
+            message_id: hex::encode([1u8; 16]),
+        });
+        let read = ready(&mut events);
+        assert_eq!(read.len(), 1);
+        assert_eq!(
+            agent
+                .inbox()
+                .list(&Filter {
+                    sender: None,
+                    unread: true
+                })
+                .unwrap(),
+            Vec::new()
+        );
+        let machine = agent.machine().unwrap();
+        assert_eq!(machine.reports().collect::<Vec<_>>(), vec![stored, read[0]]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

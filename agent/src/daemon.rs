@@ -31,6 +31,9 @@ pub enum AgentError {
     /// Local database problems.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The inbox cannot be opened.
+    #[error(transparent)]
+    Inbox(#[from] crate::inbox::InboxError),
     /// TLS setup.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -55,6 +58,7 @@ impl From<LoadError> for AgentError {
         match e {
             LoadError::State(e) => AgentError::State(e),
             LoadError::Journal(e) => AgentError::Journal(e),
+            LoadError::Inbox(e) => AgentError::Inbox(e),
         }
     }
 }
@@ -164,6 +168,7 @@ pub async fn run(
         }
     };
     agent.recover()?;
+    let notices = tokio::spawn(agent.clone().notices());
     // After recovery, so the interrupted jobs' results are in the machine's outbox.
     let machine = agent.machine()?;
     info!(agent_id = %agent.id(), server = %agent.server(), "herald-agent starting");
@@ -172,6 +177,7 @@ pub async fn run(
         _ = link::run_forever(agent.clone(), machine, events, client, backoff) => {}
         _ = shutdown => info!("shutting down"),
     }
+    notices.abort();
     if let Some(helpers) = helpers {
         helpers.abort();
         let _ = std::fs::remove_file(&socket);

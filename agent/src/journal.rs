@@ -52,8 +52,13 @@ CREATE TABLE IF NOT EXISTS kv (
 ///
 /// ```text
 /// (new) ─► accepted ─► started ─► finished
-///   └────► refused
+///   ├────► refused
+///   └────► kept
 /// ```
+///
+/// A push message's delivery is a job too (so a redelivered job id is answered
+/// `Duplicate`): `kept` when its message went into the inbox ([`crate::inbox`]), or
+/// `refused`. Nothing runs for it, so recovery never resumes a `kept` job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
     /// Persisted and acknowledged; not started yet (resumed after a restart).
@@ -64,15 +69,18 @@ pub enum JobState {
     Started,
     /// Its result is in the outbox (or was, until the server stored it).
     Finished,
+    /// A push message kept in the inbox; final (nothing runs).
+    Kept,
 }
 
 impl JobState {
     /// Every state, for tests and table checks.
-    pub const ALL: [JobState; 4] = [
+    pub const ALL: [JobState; 5] = [
         JobState::Accepted,
         JobState::Refused,
         JobState::Started,
         JobState::Finished,
+        JobState::Kept,
     ];
 
     /// The stored spelling.
@@ -82,6 +90,7 @@ impl JobState {
             JobState::Refused => "refused",
             JobState::Started => "started",
             JobState::Finished => "finished",
+            JobState::Kept => "kept",
         }
     }
 
@@ -91,6 +100,7 @@ impl JobState {
             (from, to),
             (None, JobState::Accepted)
                 | (None, JobState::Refused)
+                | (None, JobState::Kept)
                 | (Some(JobState::Accepted), JobState::Started)
                 | (Some(JobState::Started), JobState::Finished)
         )
@@ -197,7 +207,9 @@ impl Journal {
         row.map(|(state, reason)| {
             Ok(match parse_state(&state)? {
                 JobState::Refused => Known::Refused(reason.unwrap_or_default()),
-                JobState::Accepted | JobState::Started | JobState::Finished => Known::Accepted,
+                JobState::Accepted | JobState::Started | JobState::Finished | JobState::Kept => {
+                    Known::Accepted
+                }
             })
         })
         .transpose()
@@ -407,15 +419,34 @@ impl Journal {
             params![now],
         )?;
         conn.execute(
-            "DELETE FROM jobs WHERE state IN (?2, ?3) AND updated_at < ?1
+            "DELETE FROM jobs WHERE state IN (?2, ?3, ?4) AND updated_at < ?1
              AND job_id NOT IN (SELECT job_id FROM outbox)",
             params![
                 now - keep_jobs_ms,
                 JobState::Finished.as_str(),
-                JobState::Refused.as_str()
+                JobState::Refused.as_str(),
+                JobState::Kept.as_str()
             ],
         )?;
         Ok(())
+    }
+
+    /// Runs `f` in one transaction on the agent database, committed if `f` succeeds
+    /// (other stores in the same file, such as the inbox, write with the journal
+    /// atomically this way).
+    pub(crate) fn transaction<T, E: From<JournalError>>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut conn = self.conn();
+        // Immediate: the CLI writes the same file while the daemon runs, and a deferred
+        // transaction that reads and then writes could not wait for the other's lock.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(JournalError::from)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(JournalError::from)?;
+        Ok(value)
     }
 
     /// Reads a stored value.
@@ -437,6 +468,24 @@ impl Journal {
         )?;
         Ok(())
     }
+}
+
+/// Records a job that ends where it starts (`kept`, `refused`) inside `tx`, after
+/// checking the transition.
+pub(crate) fn record_final(
+    tx: &Transaction<'_>,
+    job_id: JobId,
+    order_id: &str,
+    state: JobState,
+    reason: Option<&str>,
+    now: Millis,
+) -> Result<()> {
+    transition(tx, job_id, state)?;
+    tx.execute(
+        "INSERT INTO jobs (job_id, order_id, state, reason, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![job_id, order_id, state.as_str(), reason, now],
+    )?;
+    Ok(())
 }
 
 /// The one place a stored state string becomes a [`JobState`].
@@ -552,6 +601,7 @@ mod tests {
             (None, Refused),
             (Some(Accepted), Started),
             (Some(Started), Finished),
+            (None, Kept),
         ];
         let froms = std::iter::once(None).chain(JobState::ALL.map(Some));
         for from in froms {

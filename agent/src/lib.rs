@@ -13,6 +13,8 @@
 //!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
 //!   through a trait the agent implements.
 //! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
+//! - [`inbox`]: kept push messages, senders, the block list and the signed report
+//!   outbox, in the same database as the journal.
 //! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
 //!   helper), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
 //!   [`options`], and `sync` (locking that survives poisoning).
@@ -26,6 +28,7 @@ pub mod daemon;
 pub mod download;
 pub mod exec;
 pub mod host;
+pub mod inbox;
 pub mod install;
 pub mod journal;
 pub mod link;

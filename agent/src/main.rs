@@ -5,10 +5,36 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use herald_agent::inbox::{Filter, Inbox, InboxError};
 use herald_agent::state::{self, AgentConfig, Status};
 
 /// Exit code for configuration problems (not enrolled, bad state).
 const EXIT_CONFIG: u8 = 64;
+
+/// What `herald-agent inbox` does besides listing.
+#[derive(Debug, Subcommand)]
+enum InboxAction {
+    /// Print one message and mark it read (a `read` receipt goes to the sender only if
+    /// `[messages] read_receipts` is on).
+    Show {
+        /// Message id (32 hex digits, as listed).
+        id: String,
+        /// JSON output (the same object as a list entry).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one message.
+    Rm {
+        /// Message id.
+        id: String,
+    },
+    /// Remove every message of a sender.
+    Clear {
+        /// Sender name.
+        #[arg(long)]
+        sender: String,
+    },
+}
 
 /// Herald's resident agent.
 #[derive(Debug, Parser)]
@@ -46,6 +72,39 @@ enum Command {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// List the push messages kept on this machine, newest first (`--json`: an array of
+    /// objects with id, sender, display_name, title, body, priority, advertising, link,
+    /// collapse, received_at, expires_at, read_at, displayed_at; times in unix ms).
+    Inbox {
+        /// Only this sender's messages.
+        #[arg(long)]
+        sender: Option<String>,
+        /// Only messages not opened yet.
+        #[arg(long)]
+        unread: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<InboxAction>,
+    },
+    /// List every sender seen or blocked (`--json`: an array of objects with sender,
+    /// display_name, count, in_inbox, last_at, blocked).
+    Senders {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a sender: its messages are refused from now on (the server is told).
+    Block {
+        /// Sender name (as `herald-agent senders` lists it).
+        sender: String,
+    },
+    /// Unblock a sender (the server is told).
+    Unblock {
+        /// Sender name.
+        sender: String,
     },
     /// Watches a self-update on trial and puts the previous binary back if the new one
     /// fails (started by the agent itself).
@@ -87,6 +146,36 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status { json } => status(&dir, json),
+        Command::Inbox {
+            sender,
+            unread,
+            json,
+            action,
+        } => with_inbox(&dir, |inbox, config| match action {
+            None => list(inbox, &Filter { sender, unread }, json),
+            Some(InboxAction::Show { id, json }) => show(inbox, config, &id, json),
+            Some(InboxAction::Rm { id }) => {
+                inbox.remove(&id.to_ascii_lowercase())?;
+                println!("removed {id}");
+                Ok(())
+            }
+            Some(InboxAction::Clear { sender }) => {
+                let n = inbox.clear(&sender)?;
+                println!("removed {n} message(s) from {sender}");
+                Ok(())
+            }
+        }),
+        Command::Senders { json } => with_inbox(&dir, |inbox, _| senders(inbox, json)),
+        Command::Block { sender } => with_inbox(&dir, |inbox, _| {
+            inbox.block(&sender, "local", herald_io::now_ms())?;
+            println!("blocked {sender}; the server is told when the agent is connected");
+            Ok(())
+        }),
+        Command::Unblock { sender } => with_inbox(&dir, |inbox, _| {
+            inbox.unblock(&sender, "local", herald_io::now_ms())?;
+            println!("unblocked {sender}; the server is told when the agent is connected");
+            Ok(())
+        }),
         Command::UpdateWatchdog { pid } => {
             let options = herald_agent::selfupdate::WatchdogOptions {
                 exec_after_revert: true,
@@ -166,6 +255,113 @@ fn status(dir: &std::path::Path, json: bool) -> ExitCode {
         println!("results waiting: {outbox}");
     }
     ExitCode::SUCCESS
+}
+
+/// Opens the inbox of the agent in `dir` and runs `f` on it; errors are printed, with
+/// exit code 64 for a state directory that is not an enrolled agent's.
+fn with_inbox(
+    dir: &std::path::Path,
+    f: impl FnOnce(&Inbox, &AgentConfig) -> Result<(), InboxError>,
+) -> ExitCode {
+    let result = Inbox::open(dir).and_then(|(inbox, config)| f(&inbox, &config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ InboxError::State(_)) => {
+            eprintln!("herald-agent: {e} (state directory {})", dir.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("herald-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn list(inbox: &Inbox, filter: &Filter, json: bool) -> Result<(), InboxError> {
+    let entries = inbox.list(filter)?;
+    if json {
+        print_json(&entries);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no messages");
+    }
+    for e in entries {
+        let mark = if e.read_at.is_none() { "*" } else { " " };
+        let ad = if e.advertising { "[ad] " } else { "" };
+        println!(
+            "{mark} {}  {}  {:<20}  {ad}{}",
+            e.id,
+            local_time(e.received_at),
+            e.display_name,
+            e.title
+        );
+    }
+    Ok(())
+}
+
+fn show(inbox: &Inbox, config: &AgentConfig, id: &str, json: bool) -> Result<(), InboxError> {
+    let id = id.to_ascii_lowercase();
+    let entry = inbox.entry(&id)?;
+    inbox.mark_read(&id, herald_io::now_ms(), config.messages.read_receipts)?;
+    if json {
+        print_json(&entry);
+        return Ok(());
+    }
+    println!("from:     {} ({})", entry.display_name, entry.sender);
+    println!("received: {}", local_time(entry.received_at));
+    println!("expires:  {}", local_time(entry.expires_at));
+    if entry.priority == "high" {
+        println!("priority: high");
+    }
+    if entry.advertising {
+        println!("advertising");
+    }
+    if let Some(link) = &entry.link {
+        println!("link:     {link}");
+    }
+    println!("\n{}\n\n{}", entry.title, entry.body);
+    Ok(())
+}
+
+fn senders(inbox: &Inbox, json: bool) -> Result<(), InboxError> {
+    let senders = inbox.senders()?;
+    if json {
+        print_json(&senders);
+        return Ok(());
+    }
+    if senders.is_empty() {
+        println!("no senders seen");
+    }
+    for s in senders {
+        println!(
+            "{:<24} {:<24} {:>6} kept {:>6} in inbox{}",
+            s.sender,
+            s.display_name,
+            s.count,
+            s.in_inbox,
+            if s.blocked { "  BLOCKED" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("inbox entries serialize")
+    );
+}
+
+/// Unix milliseconds as local `YYYY-MM-DD HH:MM`.
+fn local_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M")
+                .to_string()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 /// Logs to stderr, filtered by `HERALD_LOG` (`LEVEL` and `TARGET=LEVEL` directives, e.g.

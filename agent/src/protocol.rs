@@ -26,6 +26,17 @@
 //!   `Welcome`, and as it is ready), and again on every later connection until the
 //!   server acknowledges it with `ResultStored`. Acks may come in any order and more
 //!   than once; each one marks the result stored (an idempotent delete).
+//! - Push messages (signals whose envelope is a `Statement::Message`, signed by a
+//!   sender key the operator granted): checked with [`herald_shared::message::open`]
+//!   and [`Opened::check`] against the replay cache and the block list. A kept message
+//!   is persisted with its `stored` receipt ([`Effect::KeepMessage`]), then acknowledged
+//!   `Accepted`, then shown ([`Effect::ShowNotice`]); a refused or expired one is
+//!   persisted with its receipt ([`Effect::RefuseMessage`]), then acknowledged
+//!   `Refused`; a message id seen before is acknowledged `Duplicate`.
+//! - Reports (signed receipts and block changes): like results, every report in the
+//!   store's outbox is sent once per connection after `Welcome` and again on later
+//!   connections until `ReportStored`. The store is polled every [`REPORT_POLL`] for
+//!   reports written outside the machine (the CLI's `block`).
 //! - Addresses: sampled when [`Timer::AddressCheck`] fires; a change is reported and
 //!   the endpoint rebound, so the connection migrates.
 //!
@@ -46,6 +57,7 @@ use tracing::{debug, info, warn};
 use herald_shared::envelope::{
     check_browser_url, Action, Envelope, History, InstallSpec, PublicKey, Refusal, Statement,
 };
+use herald_shared::message::{self, Message, Opened, ReceiptState, Verdict};
 use herald_shared::protocol::{
     Ack, AgentMsg, Bundle, Facts, Hello, JobId, ServerMsg, Signal, Welcome, PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -53,12 +65,16 @@ use herald_shared::protocol::{
 use herald_shared::Millis;
 
 use crate::journal::{JournalError, Known};
+use crate::notify::Notice;
 use crate::state::Policy;
 
 /// How long to wait for the server's answer to `Hello`.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds on the address-check period the server may ask for in `Welcome`.
 const ADDRESS_CHECK_MS: std::ops::RangeInclusive<u64> = 1_000..=60_000;
+/// How often the store's report outbox is read for reports written outside the machine
+/// (a block by the CLI); reading a list of integers is cheap.
+pub const REPORT_POLL: Duration = Duration::from_secs(2);
 
 /// The machine's view of time: a monotonic instant for timers and the agent's guarded
 /// wall clock (milliseconds) for validity checks.
@@ -91,6 +107,10 @@ pub enum Input {
     /// A running job's report (`Started`, `Progress`) for the server; dropped when no
     /// connection is established, as the server learns the outcome from the result.
     Report(AgentMsg),
+    /// These reports are in the store's outbox (written by a kept or refused message, a
+    /// notice, the CLI, or read after [`Effect::PollReports`]); ones already known are
+    /// ignored.
+    ReportsReady(Vec<u64>),
     /// A timer armed with [`Effect::ArmTimer`] is due.
     TimerFired(Timer),
     /// The connection is gone (for whatever reason).
@@ -104,6 +124,8 @@ pub enum Timer {
     Welcome,
     /// Time to look at the local addresses again.
     AddressCheck,
+    /// Time to read the store's report outbox again.
+    Reports,
 }
 
 /// What the driver must do, in the order given.
@@ -130,6 +152,25 @@ pub enum Effect {
     },
     /// Run an accepted (persisted) job.
     Run(Job),
+    /// Keep a message: journal row, replay record, inbox row, sender count and signed
+    /// `stored` receipt, in one transaction. Must succeed before the effects after it;
+    /// the driver feeds the receipt's seq back as [`Input::ReportsReady`].
+    KeepMessage(Arrival),
+    /// Persist a message's refusal with its signed `refused` or `expired` receipt, in
+    /// one transaction, before the refusal is acknowledged; the receipt's seq comes back
+    /// as [`Input::ReportsReady`].
+    RefuseMessage(Rejection),
+    /// Show a kept message's notification (unless it is advertising held by quiet
+    /// hours; the driver knows the local time).
+    ShowNotice(Notice),
+    /// Send this report of the store's outbox as `AgentMsg::Report` (skip it if the
+    /// store no longer has it).
+    SendReport(u64),
+    /// The server stored this report: delete it from the store's outbox.
+    DeleteReport(u64),
+    /// Read the seqs in the store's report outbox and feed them back as
+    /// [`Input::ReportsReady`].
+    PollReports,
     /// Store this verified membership (it is now the agent's).
     StoreMembership(Envelope),
     /// The server stored this result: drop it from the outbox.
@@ -187,6 +228,39 @@ pub struct Acceptance {
     pub at: Millis,
 }
 
+/// A message that passed every check, as it is kept.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The job that delivered it.
+    pub job_id: JobId,
+    /// The message.
+    pub message: Message,
+    /// Its sender's display name, from the operator's grant.
+    pub display_name: String,
+    /// [`message::message_hash`] of its envelope (what receipts name).
+    pub hash: [u8; 32],
+    /// When it arrived (guarded wall clock).
+    pub at: Millis,
+}
+
+/// A message that is not kept, as its refusal is persisted.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// The job that delivered it.
+    pub job_id: JobId,
+    /// The message id it claims (read before the signatures were checked when they
+    /// fail: the receipt says which delivery was refused).
+    pub message_id: [u8; 16],
+    /// [`message::message_hash`] of its envelope.
+    pub hash: [u8; 32],
+    /// The receipt's state: `Refused(reason)` or `Expired`.
+    pub state: ReceiptState,
+    /// The reason told to the server in the acknowledgement.
+    pub reason: String,
+    /// When (guarded wall clock).
+    pub at: Millis,
+}
+
 /// A job to run.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -215,9 +289,19 @@ pub trait Ledger {
         bundle: Option<&Bundle>,
         now: Millis,
     ) -> Result<(), Refusal>;
+    /// Whether a message id is in the replay cache (kept before).
+    fn message_seen(&self, message_id: &[u8; 16]) -> Result<bool, JournalError>;
+    /// Whether the person blocked this sender.
+    fn blocked(&self, sender: &str) -> Result<bool, JournalError>;
 }
 
 impl<L: Ledger + ?Sized> Ledger for std::sync::Arc<L> {
+    fn message_seen(&self, message_id: &[u8; 16]) -> Result<bool, JournalError> {
+        (**self).message_seen(message_id)
+    }
+    fn blocked(&self, sender: &str) -> Result<bool, JournalError> {
+        (**self).blocked(sender)
+    }
     fn known(&self, job_id: JobId) -> Result<Option<Known>, JournalError> {
         (**self).known(job_id)
     }
@@ -275,6 +359,10 @@ pub struct Machine<L> {
     outbox: BTreeSet<JobId>,
     /// Results sent on this connection.
     sent: HashSet<JobId>,
+    /// Reports not yet stored by the server (mirrors the store's report outbox).
+    reports: BTreeSet<u64>,
+    /// Reports sent on this connection.
+    reports_sent: HashSet<u64>,
     addresses: Vec<IpAddr>,
     address_check: Duration,
 }
@@ -298,6 +386,8 @@ impl<L: Ledger> Machine<L> {
             membership_issued_at: None,
             outbox: outbox.into_iter().collect(),
             sent: HashSet::new(),
+            reports: BTreeSet::new(),
+            reports_sent: HashSet::new(),
             addresses: Vec::new(),
             address_check: Duration::from_millis(*ADDRESS_CHECK_MS.end()),
         };
@@ -306,6 +396,17 @@ impl<L: Ledger> Machine<L> {
             let _ = machine.membership(envelope);
         }
         machine
+    }
+
+    /// Adds the reports waiting in the store at startup (sent after `Welcome`).
+    pub fn with_reports(mut self, seqs: impl IntoIterator<Item = u64>) -> Machine<L> {
+        self.reports.extend(seqs);
+        self
+    }
+
+    /// The reports waiting for the server's acknowledgement, oldest first.
+    pub fn reports(&self) -> impl Iterator<Item = u64> + '_ {
+        self.reports.iter().copied()
     }
 
     /// The store the machine consults.
@@ -347,6 +448,10 @@ impl<L: Ledger> Machine<L> {
                     Vec::new()
                 }
             }
+            Input::ReportsReady(seqs) => {
+                self.reports.extend(seqs);
+                self.unsent_reports()
+            }
             Input::Report(msg) if self.is_established() => vec![Effect::Send(msg)],
             Input::Report(_) => Vec::new(),
             Input::TimerFired(Timer::Welcome) if self.phase == Phase::AwaitingWelcome => {
@@ -356,11 +461,16 @@ impl<L: Ledger> Machine<L> {
                 Effect::SampleAddresses,
                 Effect::ArmTimer(Timer::AddressCheck, now.instant + self.address_check),
             ],
+            Input::TimerFired(Timer::Reports) if self.is_established() => vec![
+                Effect::PollReports,
+                Effect::ArmTimer(Timer::Reports, now.instant + REPORT_POLL),
+            ],
             // A timer of an earlier phase or connection.
             Input::TimerFired(_) => Vec::new(),
             Input::Disconnected => {
                 self.phase = Phase::Idle;
                 self.sent.clear();
+                self.reports_sent.clear();
                 Vec::new()
             }
         }
@@ -369,6 +479,7 @@ impl<L: Ledger> Machine<L> {
     fn start(&mut self, addresses: Vec<IpAddr>, facts: Facts, now: Now) -> Vec<Effect> {
         // A start without the previous connection's end: that one is gone.
         self.sent.clear();
+        self.reports_sent.clear();
         self.phase = Phase::AwaitingWelcome;
         self.addresses = addresses.clone();
         vec![
@@ -396,6 +507,11 @@ impl<L: Ledger> Machine<L> {
                 // Out of order or repeated acks are fine: each is an idempotent delete.
                 self.outbox.remove(&job_id);
                 vec![Effect::MarkAcknowledged(job_id)]
+            }
+            (Phase::Established, ServerMsg::ReportStored { seq }) => {
+                debug!(seq, "report stored by server");
+                self.reports.remove(&seq);
+                vec![Effect::DeleteReport(seq)]
             }
             (Phase::Established, ServerMsg::Membership(envelope)) => self.membership(envelope),
             (Phase::Established, other) => self.close(&format!("unexpected message {other:?}")),
@@ -430,7 +546,22 @@ impl<L: Ledger> Machine<L> {
                 effects.push(Effect::SendResult(job_id));
             }
         }
+        effects.extend(self.unsent_reports());
+        effects.push(Effect::ArmTimer(Timer::Reports, now.instant + REPORT_POLL));
         effects
+    }
+
+    /// The known reports not yet sent on this connection, if it is established.
+    fn unsent_reports(&mut self) -> Vec<Effect> {
+        if !self.is_established() {
+            return Vec::new();
+        }
+        let sent = &mut self.reports_sent;
+        self.reports
+            .iter()
+            .filter(|seq| sent.insert(**seq))
+            .map(|&seq| Effect::SendReport(seq))
+            .collect()
     }
 
     /// Applies a signed membership if it verifies, names us and is not older than ours.
@@ -469,6 +600,9 @@ impl<L: Ledger> Machine<L> {
             Ok(Some(Known::Refused(reason))) => return vec![ack(job_id, Ack::Refused(reason))],
             Ok(Some(Known::Accepted)) => return vec![ack(job_id, Ack::Duplicate)],
             Ok(None) => {}
+        }
+        if let Ok(Statement::Message(peeked)) = envelope.peek() {
+            return self.message(job_id, envelope, peeked.id, now);
         }
         let order = match envelope.open(&self.settings.keys) {
             Ok(Statement::Order(order)) => order,
@@ -510,6 +644,86 @@ impl<L: Ledger> Machine<L> {
                 bundle,
                 ticket,
             }),
+        ]
+    }
+
+    /// A push message: open (signatures, grant, limits), check (audience, replay,
+    /// expiry, block list), then keep, acknowledge and show, or persist the refusal with
+    /// its receipt and acknowledge it. `claimed_id` is the id read before the checks.
+    fn message(
+        &mut self,
+        job_id: JobId,
+        envelope: Envelope,
+        claimed_id: [u8; 16],
+        now: Now,
+    ) -> Vec<Effect> {
+        let hash = message::message_hash(&envelope);
+        let rejection = |state: ReceiptState, reason: String| {
+            warn!(job_id, %reason, "message refused");
+            vec![
+                Effect::RefuseMessage(Rejection {
+                    job_id,
+                    message_id: claimed_id,
+                    hash,
+                    state,
+                    reason: reason.clone(),
+                    at: now.wall,
+                }),
+                ack(job_id, Ack::Refused(reason)),
+            ]
+        };
+        let opened = match message::open(&envelope, &self.settings.keys) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                return rejection(ReceiptState::Refused(reason.clone()), reason);
+            }
+        };
+        let seen = self.ledger.message_seen(&opened.message.id);
+        let blocked = self.ledger.blocked(&opened.message.sender);
+        let (seen, blocked) = match (seen, blocked) {
+            (Ok(seen), Ok(blocked)) => (seen, blocked),
+            (Err(e), _) | (_, Err(e)) => return self.fail(Fault::Journal(e)),
+        };
+        match opened.check(
+            &self.settings.agent_id,
+            &self.groups,
+            now.wall,
+            seen,
+            blocked,
+        ) {
+            Verdict::Keep => {}
+            Verdict::Seen => return vec![ack(job_id, Ack::Duplicate)],
+            Verdict::Expired => {
+                return rejection(ReceiptState::Expired, "message expired".into());
+            }
+            Verdict::Refuse(refusal) => {
+                let reason = refusal.to_string();
+                return rejection(ReceiptState::Refused(reason.clone()), reason);
+            }
+        }
+        let Opened { message, grant } = opened;
+        info!(job_id, id = %message.id_hex(), sender = %message.sender, "message kept");
+        let notice = Notice {
+            message_id: message.id_hex(),
+            sender: message.sender.clone(),
+            display_name: grant.display_name.clone(),
+            title: message.title.clone(),
+            body: message.body.clone(),
+            high: message.priority == message::Priority::High,
+            advertising: message.advertising,
+            link: message.link.clone(),
+        };
+        vec![
+            Effect::KeepMessage(Arrival {
+                job_id,
+                message,
+                display_name: grant.display_name,
+                hash,
+                at: now.wall,
+            }),
+            ack(job_id, Ack::Accepted),
+            Effect::ShowNotice(notice),
         ]
     }
 
@@ -610,6 +824,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use herald_shared::envelope::{Audience, Membership, OperatorKey, Order, Repeat, RunSpec};
+    use herald_shared::message::SenderGrant;
     use herald_shared::protocol::Progress;
 
     use super::*;
@@ -623,6 +838,9 @@ mod tests {
         jobs: HashMap<JobId, Known>,
         seen: HashMap<String, Millis>,
         outbox: BTreeMap<JobId, ()>,
+        messages: HashSet<[u8; 16]>,
+        blocked: HashSet<String>,
+        reports: BTreeSet<u64>,
         broken: bool,
     }
 
@@ -652,6 +870,12 @@ mod tests {
         ) -> Result<(), Refusal> {
             Ok(())
         }
+        fn message_seen(&self, message_id: &[u8; 16]) -> Result<bool, JournalError> {
+            Ok(self.0.borrow().messages.contains(message_id))
+        }
+        fn blocked(&self, sender: &str) -> Result<bool, JournalError> {
+            Ok(self.0.borrow().blocked.contains(sender))
+        }
     }
 
     struct Rig {
@@ -665,6 +889,10 @@ mod tests {
         sent: Vec<AgentMsg>,
         /// Results sent on their own streams, in order.
         results: Vec<JobId>,
+        /// Reports sent, in order.
+        reports: Vec<u64>,
+        /// Notices shown, by message id.
+        notices: Vec<String>,
     }
 
     impl Rig {
@@ -694,6 +922,8 @@ mod tests {
                 runs: Vec::new(),
                 sent: Vec::new(),
                 results: Vec::new(),
+                reports: Vec::new(),
+                notices: Vec::new(),
             }
         }
 
@@ -725,6 +955,26 @@ mod tests {
                     Effect::SendResult(id) => self.results.push(*id),
                     Effect::MarkAcknowledged(id) => {
                         memory.outbox.remove(id);
+                    }
+                    Effect::KeepMessage(a) => {
+                        assert!(memory.jobs.insert(a.job_id, Known::Accepted).is_none());
+                        assert!(memory.messages.insert(a.message.id), "kept twice");
+                    }
+                    Effect::RefuseMessage(r) => {
+                        memory
+                            .jobs
+                            .insert(r.job_id, Known::Refused(r.reason.clone()));
+                    }
+                    Effect::ShowNotice(n) => {
+                        assert!(memory
+                            .messages
+                            .iter()
+                            .any(|id| hex::encode(id) == n.message_id));
+                        self.notices.push(n.message_id.clone());
+                    }
+                    Effect::SendReport(seq) => self.reports.push(*seq),
+                    Effect::DeleteReport(seq) => {
+                        memory.reports.remove(seq);
                     }
                     _ => {}
                 }
@@ -805,6 +1055,43 @@ mod tests {
             bundle: None,
             ticket: None,
         }))
+    }
+
+    /// A message from sender `card`, granted by `operator` to `sender_key`.
+    fn message_from(
+        operator: &OperatorKey,
+        sender_key: &OperatorKey,
+        id: u8,
+        audience: Audience,
+    ) -> Envelope {
+        let grant = operator
+            .sign(&Statement::Sender(SenderGrant {
+                sender: "card".into(),
+                display_name: "Card Company".into(),
+                key: sender_key.public(),
+                advertising: false,
+                issued_at: T0,
+            }))
+            .unwrap();
+        let message = Message {
+            id: [id; 16],
+            sender: "card".into(),
+            audience,
+            title: "Payment due".into(),
+            body: "Friday.".into(),
+            priority: message::Priority::Normal,
+            issued_at: T0,
+            expires_at: T0 + message::DEFAULT_TTL_MS,
+            collapse: None,
+            advertising: false,
+            link: None,
+            grant,
+        };
+        sender_key.sign(&Statement::Message(message)).unwrap()
+    }
+
+    fn sender_key() -> OperatorKey {
+        OperatorKey::from_seed([5; 32])
     }
 
     fn stored(job_id: JobId) -> Input {
@@ -926,6 +1213,207 @@ mod tests {
         ));
         assert!(rig.acks().is_empty());
         assert!(rig.runs.is_empty());
+    }
+
+    // === messages ===
+
+    #[test]
+    fn a_kept_message_is_persisted_before_its_ack_and_shown_after() {
+        let mut rig = Rig::new();
+        rig.connect();
+        let envelope = message_from(&rig.key, &sender_key(), 1, Audience::All);
+        let effects = rig.feed(signal(1, envelope.clone()));
+        assert!(matches!(
+            effects.as_slice(),
+            [
+                Effect::KeepMessage(Arrival { job_id: 1, display_name, hash, .. }),
+                Effect::Send(AgentMsg::Ack { job_id: 1, ack: Ack::Accepted }),
+                Effect::ShowNotice(Notice { title, .. }),
+            ] if display_name == "Card Company"
+                && *hash == message::message_hash(&envelope)
+                && title == "Payment due"
+        ));
+        assert!(rig.runs.is_empty(), "a message is not a job to run");
+        assert_eq!(rig.notices, vec![hex::encode([1u8; 16])]);
+    }
+
+    #[test]
+    fn a_blocked_sender_s_message_is_refused_with_a_receipt_and_not_kept() {
+        let mut rig = Rig::new();
+        rig.connect();
+        rig.machine
+            .ledger()
+            .0
+            .borrow_mut()
+            .blocked
+            .insert("card".into());
+        let envelope = message_from(&rig.key, &sender_key(), 1, Audience::All);
+        let effects = rig.feed(signal(1, envelope));
+        assert!(matches!(
+            effects.as_slice(),
+            [
+                Effect::RefuseMessage(Rejection {
+                    job_id: 1,
+                    message_id,
+                    state: ReceiptState::Refused(reason),
+                    ..
+                }),
+                Effect::Send(AgentMsg::Ack { job_id: 1, ack: Ack::Refused(told) }),
+            ] if *message_id == [1; 16] && reason == "blocked" && told == "blocked"
+        ));
+        assert!(rig.notices.is_empty());
+        assert!(rig.machine.ledger().0.borrow().messages.is_empty());
+        // Redelivered: the same refusal, from the journal.
+        rig.feed(signal(
+            1,
+            message_from(&rig.key, &sender_key(), 1, Audience::All),
+        ));
+        assert_eq!(rig.acks()[1], (1, Ack::Refused("blocked".into())));
+    }
+
+    #[test]
+    fn a_replayed_or_redelivered_message_is_a_duplicate_and_kept_once() {
+        let mut rig = Rig::new();
+        rig.connect();
+        let envelope = message_from(&rig.key, &sender_key(), 1, Audience::Agent(AGENT.into()));
+        rig.feed(signal(1, envelope.clone()));
+        rig.feed(signal(1, envelope.clone()));
+        let effects = rig.feed(signal(2, envelope));
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::Send(AgentMsg::Ack {
+                job_id: 2,
+                ack: Ack::Duplicate
+            })]
+        ));
+        assert_eq!(
+            rig.acks(),
+            vec![(1, Ack::Accepted), (1, Ack::Duplicate), (2, Ack::Duplicate)]
+        );
+        assert_eq!(rig.notices.len(), 1);
+    }
+
+    #[test]
+    fn a_message_from_a_sender_the_operator_did_not_grant_is_refused() {
+        let mut rig = Rig::new();
+        rig.connect();
+        let stranger = OperatorKey::from_seed([3; 32]);
+        let envelope = message_from(&stranger, &sender_key(), 1, Audience::All);
+        let effects = rig.feed(signal(1, envelope));
+        assert!(matches!(
+            effects.as_slice(),
+            [
+                Effect::RefuseMessage(Rejection { state: ReceiptState::Refused(reason), .. }),
+                Effect::Send(AgentMsg::Ack { ack: Ack::Refused(_), .. }),
+            ] if reason.starts_with("sender not delegated")
+        ));
+        // Signed by the operator itself instead of a granted sender key: refused too.
+        let envelope = message_from(&rig.key, &sender_key(), 2, Audience::All);
+        let mut forged = envelope.clone();
+        forged.signer = rig.key.public();
+        rig.feed(signal(2, forged));
+        assert!(matches!(&rig.acks()[1], (2, Ack::Refused(_))));
+        assert!(rig.machine.ledger().0.borrow().messages.is_empty());
+    }
+
+    #[test]
+    fn an_expired_or_misaddressed_message_gets_its_receipt() {
+        let mut rig = Rig::new();
+        rig.connect();
+        rig.feed(signal(
+            1,
+            message_from(
+                &rig.key,
+                &sender_key(),
+                1,
+                Audience::Agent("agent-2".into()),
+            ),
+        ));
+        rig.wall = T0 + message::DEFAULT_TTL_MS + 1;
+        let effects = rig.feed(signal(
+            2,
+            message_from(&rig.key, &sender_key(), 2, Audience::All),
+        ));
+        assert!(matches!(
+            effects.as_slice(),
+            [
+                Effect::RefuseMessage(Rejection {
+                    state: ReceiptState::Expired,
+                    ..
+                }),
+                Effect::Send(AgentMsg::Ack {
+                    ack: Ack::Refused(_),
+                    ..
+                }),
+            ]
+        ));
+        assert!(matches!(&rig.acks()[0], (1, Ack::Refused(r)) if r.starts_with("not addressed")));
+    }
+
+    #[test]
+    fn a_message_the_store_cannot_check_closes_the_connection_unacked() {
+        let mut rig = Rig::new();
+        rig.connect();
+        rig.machine.ledger().0.borrow_mut().broken = true;
+        let effects = rig.feed(signal(
+            1,
+            message_from(&rig.key, &sender_key(), 1, Audience::All),
+        ));
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::Close(Fault::Journal(_))]
+        ));
+        assert!(rig.acks().is_empty());
+    }
+
+    // === reports ===
+
+    #[test]
+    fn reports_are_resent_on_every_connection_until_stored() {
+        let mut rig = Rig::new();
+        let settings = Settings {
+            agent_id: AGENT.into(),
+            keys: Vec::new(),
+            policy: Policy::default(),
+            is_root: false,
+            token_groups: Vec::new(),
+            agent_version: "0".into(),
+        };
+        rig.machine = Machine::new(settings, None, [], FakeLedger::default()).with_reports([2, 1]);
+        // Ready while disconnected: waits for Welcome.
+        assert!(rig.feed(Input::ReportsReady(vec![3])).is_empty());
+        rig.connect();
+        assert_eq!(rig.reports, vec![1, 2, 3], "oldest first, after Welcome");
+        // Told again (a poll of the store): not sent twice on one connection.
+        rig.feed(Input::ReportsReady(vec![1, 2, 3, 4]));
+        assert_eq!(rig.reports, vec![1, 2, 3, 4]);
+        let effects = rig.feed(Input::Received(ServerMsg::ReportStored { seq: 2 }));
+        assert!(matches!(effects.as_slice(), [Effect::DeleteReport(2)]));
+        rig.feed(Input::Received(ServerMsg::ReportStored { seq: 2 }));
+        rig.feed(Input::Received(ServerMsg::ReportStored { seq: 4 }));
+        rig.feed(Input::Disconnected);
+        rig.reports.clear();
+        rig.connect();
+        assert_eq!(rig.reports, vec![1, 3]);
+        assert_eq!(rig.machine.reports().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn the_report_outbox_is_polled_only_while_established() {
+        let mut rig = Rig::new();
+        let effects = rig.connect();
+        assert!(effects.iter().any(
+            |e| matches!(e, Effect::ArmTimer(Timer::Reports, at) if *at == rig.instant + REPORT_POLL)
+        ));
+        rig.instant += REPORT_POLL;
+        let effects = rig.feed(Input::TimerFired(Timer::Reports));
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::PollReports, Effect::ArmTimer(Timer::Reports, at)]
+                if *at == rig.instant + REPORT_POLL
+        ));
+        rig.feed(Input::Disconnected);
+        assert!(rig.feed(Input::TimerFired(Timer::Reports)).is_empty());
     }
 
     // === membership ===

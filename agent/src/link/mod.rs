@@ -62,6 +62,9 @@ pub enum LinkError {
     /// The local store failed.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    /// The inbox failed (keeping a message, reading a report).
+    #[error(transparent)]
+    Inbox(#[from] crate::inbox::InboxError),
     /// The endpoint could not be rebound after an address change.
     #[error("cannot rebind after an address change: {0}")]
     Rebind(std::io::Error),
@@ -256,6 +259,25 @@ impl Driver<'_> {
                 .journal()
                 .refuse(job_id, &order_id, &reason, at)?,
             Effect::Run(job) => self.agent.spawn(job),
+            Effect::KeepMessage(arrival) => {
+                let seq = self.agent.keep_message(&arrival)?;
+                return Ok(Some(Input::ReportsReady(vec![seq])));
+            }
+            Effect::RefuseMessage(rejection) => {
+                let seq = self.agent.inbox().refuse(&rejection)?;
+                return Ok(Some(Input::ReportsReady(vec![seq])));
+            }
+            Effect::ShowNotice(notice) => self.agent.show_notice(&notice),
+            Effect::SendReport(seq) => {
+                // Gone: the server stored it meanwhile.
+                if let Some(report) = self.agent.inbox().report(seq)? {
+                    let _ = self.to_server.send(AgentMsg::Report { seq, report });
+                }
+            }
+            Effect::DeleteReport(seq) => self.agent.inbox().report_stored(seq)?,
+            Effect::PollReports => {
+                return Ok(Some(Input::ReportsReady(self.agent.inbox().report_seqs()?)));
+            }
             Effect::StoreMembership(envelope) => self.agent.store_membership(&envelope),
             Effect::MarkAcknowledged(job_id) => self.agent.journal().result_stored(job_id)?,
             Effect::Connected { addresses } => {
