@@ -119,13 +119,18 @@ impl HostileDb {
         HostileDb(conn)
     }
 
-    /// Queues `envelope` for `agent_id` as a message delivery; returns the job id.
+    /// Queues `envelope` for `agent_id` as a message delivery (stored under the
+    /// message's id, as the server stores messages, once); returns the job id.
     fn inject(&self, agent_id: &str, envelope: &Envelope) -> i64 {
-        let order_id = hex::encode(random_bytes::<16>());
+        let Statement::Message(message) = envelope.peek().unwrap() else {
+            panic!("not a message");
+        };
+        let order_id = message.id_hex();
         let now = now_ms();
         self.0
             .execute(
-                "INSERT INTO orders (id, envelope, action, kind, created_at) VALUES (?1, ?2, 'injected', 'message', ?3)",
+                "INSERT INTO orders (id, envelope, action, kind, created_at)
+                 VALUES (?1, ?2, 'injected', 'message', ?3) ON CONFLICT (id) DO NOTHING",
                 params![order_id, codec::to_bytes(envelope).unwrap(), now],
             )
             .unwrap();

@@ -556,9 +556,9 @@ impl Store {
 
     /// Stores reports that verified against their agents' keys, in one transaction,
     /// idempotently: a receipt once per (message, agent, state), a block change only if
-    /// newer than the one kept. A receipt for a message its agent was never sent is
-    /// refused alone ([`StoreError::NotFound`] in its place); any other failure fails
-    /// the whole batch.
+    /// newer than the one kept. A report that cannot be stored (a receipt for a
+    /// message its agent was never sent: [`StoreError::NotFound`]) fails alone, with
+    /// its error in its place; only a failure of the transaction itself fails them all.
     pub fn store_reports(
         &self,
         reports: &[(&str, &SignedReport, &herald_shared::message::Report)],
@@ -566,24 +566,21 @@ impl Store {
     ) -> Result<Vec<Result<ReportStored>>> {
         self.blocking(|| {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            // Immediate: the batch reads before it writes, and a deferred transaction
+            // whose snapshot went stale could not take the write lock (SQLITE_BUSY at
+            // once, without waiting).
+            let mut tx =
+                conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(reports.len());
             for (agent_id, signed, report) in reports {
-                let blob =
-                    codec::to_bytes(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let outcome = match report {
-                    herald_shared::message::Report::Receipt(receipt) => {
-                        match store_receipt(&tx, agent_id, receipt, &blob, now) {
-                            Ok(job_id) => Ok(ReportStored::Receipt { job_id }),
-                            Err(e @ StoreError::NotFound(_)) => Err(e),
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    herald_shared::message::Report::Block(change) => {
-                        store_block(&tx, change, &blob, now)?;
-                        Ok(ReportStored::Block)
-                    }
-                };
+                // Each report in its own savepoint: one that cannot be stored (a
+                // receipt for a message never sent, a row that breaks a constraint)
+                // fails alone instead of failing its whole batch, and its agent with it.
+                let item = tx.savepoint()?;
+                let outcome = store_one(&item, agent_id, signed, report, now);
+                if outcome.is_ok() {
+                    item.commit()?;
+                }
                 outcomes.push(outcome);
             }
             tx.commit()?;
@@ -602,6 +599,25 @@ impl Store {
         self.store_reports(&[(agent_id, signed, report)], now)?
             .pop()
             .expect("one outcome per report")
+    }
+}
+
+fn store_one(
+    tx: &Connection,
+    agent_id: &str,
+    signed: &SignedReport,
+    report: &herald_shared::message::Report,
+    now: Millis,
+) -> Result<ReportStored> {
+    let blob = codec::to_bytes(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    match report {
+        herald_shared::message::Report::Receipt(receipt) => Ok(ReportStored::Receipt {
+            job_id: store_receipt(tx, agent_id, receipt, &blob, now)?,
+        }),
+        herald_shared::message::Report::Block(change) => {
+            store_block(tx, change, &blob, now)?;
+            Ok(ReportStored::Block)
+        }
     }
 }
 
@@ -647,12 +663,23 @@ fn store_receipt(
         ReceiptState::Refused(reason) => (JobState::Refused, Some(reason.as_str())),
         ReceiptState::Expired => (JobState::Expired, Some("arrived after its expiry")),
     };
+    // The agent refuses an expired message in its acknowledgement too, which may be
+    // committed first: the signed receipt is the more precise word, and wins.
+    let from: &[JobState] = match receipt.state {
+        ReceiptState::Expired => &[
+            JobState::Queued,
+            JobState::Delivered,
+            JobState::Running,
+            JobState::Refused,
+        ],
+        _ => &[JobState::Queued, JobState::Delivered, JobState::Running],
+    };
     let changed = tx.execute(
         &format!(
             "UPDATE jobs SET state = ?2, finished_at = ?3, error = COALESCE(?4, error),
                     delivered_at = COALESCE(delivered_at, ?3)
              WHERE id = ?1 AND state IN ({})",
-            JobState::sql_list(&[JobState::Queued, JobState::Delivered, JobState::Running])
+            JobState::sql_list(from)
         ),
         params![job_id, to.as_str(), now, error],
     )?;
@@ -862,5 +889,38 @@ mod tests {
         let (signed, body) = report(&k1, block(&a1, false, NOW));
         store.store_report(&a1, &signed, &body, NOW).unwrap();
         assert!(store.block_requests(&a1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_report_that_cannot_be_stored_fails_alone_in_its_batch() {
+        let store = store();
+        let (a1, k1) = agent(&store, 11, "a1");
+        let (message, envelope) = message();
+        store
+            .create_message(&message, &envelope, std::slice::from_ref(&a1), NOW, NOW)
+            .unwrap();
+        let receipt = |id: [u8; 16]| {
+            report(
+                &k1,
+                Report::Receipt(Receipt {
+                    message_id: id,
+                    message_hash: message_hash(&envelope),
+                    agent_id: a1.clone(),
+                    state: ReceiptState::Stored,
+                    at: NOW,
+                }),
+            )
+        };
+        let (stray, stray_body) = receipt([9; 16]);
+        let (good, good_body) = receipt(message.id);
+        let outcomes = store
+            .store_reports(&[(&a1, &stray, &stray_body), (&a1, &good, &good_body)], NOW)
+            .unwrap();
+        assert!(matches!(outcomes[0], Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            outcomes[1],
+            Ok(ReportStored::Receipt { job_id: Some(_) })
+        ));
+        assert_eq!(store.receipts(&message.id_hex()).unwrap().len(), 1);
     }
 }

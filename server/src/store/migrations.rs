@@ -291,7 +291,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_sender ON messages(sender, created_at);
 CREATE INDEX jobs_by_order ON jobs(order_id, agent_id);
 CREATE TABLE message_receipts (
-    message_id TEXT NOT NULL REFERENCES messages(id),
+    message_id TEXT NOT NULL REFERENCES orders(id),
     agent_id TEXT NOT NULL REFERENCES agents(id),
     state TEXT NOT NULL,
     reason TEXT,
