@@ -12,9 +12,10 @@
 //! - [`agent`]: persists and runs the jobs the machine accepts, keeps their results;
 //!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
 //!   through a trait the agent implements.
+//! - [`inbox`]: keeps the push messages the machine accepts (with the senders seen, the
+//!   block list and the outbox of signed reports), in the same database and
+//!   transactions as the journal.
 //! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
-//! - [`inbox`]: kept push messages, senders, the block list and the signed report
-//!   outbox, in the same database as the journal.
 //! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
 //!   helper), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
 //!   [`options`], and `sync` (locking that survives poisoning).
