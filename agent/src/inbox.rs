@@ -178,6 +178,8 @@ pub struct SenderEntry {
     pub last_at: Option<Millis>,
     /// Whether it is blocked.
     pub blocked: bool,
+    /// Who blocked it, if blocked: `local`, `notification` or `console`.
+    pub blocked_by: Option<String>,
 }
 
 /// Which kept messages to list.
@@ -448,20 +450,22 @@ impl Inbox {
             let mut stmt = tx.prepare(
                 "SELECT name, COALESCE(s.display_name, ''), COALESCE(s.count, 0), s.last_at,
                      (SELECT COUNT(*) FROM inbox i WHERE i.sender = name),
-                     EXISTS (SELECT 1 FROM blocked b WHERE b.sender = name)
+                     (SELECT b.by FROM blocked b WHERE b.sender = name)
                  FROM (SELECT sender AS name FROM senders_seen
                        UNION SELECT sender FROM blocked) names
                  LEFT JOIN senders_seen s ON s.sender = name
                  ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
+                let blocked_by: Option<String> = r.get(5)?;
                 Ok(SenderEntry {
                     sender: r.get(0)?,
                     display_name: r.get(1)?,
                     count: r.get(2)?,
                     last_at: r.get(3)?,
                     in_inbox: r.get(4)?,
-                    blocked: r.get(5)?,
+                    blocked: blocked_by.is_some(),
+                    blocked_by,
                 })
             })?;
             Ok(rows.collect::<std::result::Result<_, _>>()?)
@@ -496,6 +500,48 @@ impl Inbox {
                 return Err(InboxError::NotBlocked(sender.to_string()));
             }
             push_report(tx, &report)
+        })
+    }
+
+    /// A console user's request, relayed by the server, to block or unblock `sender`.
+    /// The agent decides: a block is applied (it only narrows what is shown, and a
+    /// server can withhold messages anyway), an unblock only undoes a block that was
+    /// itself made from the console; a block made at the machine (`local`,
+    /// `notification`) stays until it is undone there. Either way the answer is a
+    /// signed block change stating the sender's state as it now is, in the outbox;
+    /// returns its seq and whether the request was applied.
+    pub fn console_request(&self, sender: &str, blocked: bool, at: Millis) -> Result<(u64, bool)> {
+        if !herald_shared::valid_name(sender) {
+            return Err(InboxError::InvalidSender(sender.to_string()));
+        }
+        self.journal.transaction(|tx| {
+            let current: Option<String> = tx
+                .query_row(
+                    "SELECT by FROM blocked WHERE sender = ?1",
+                    params![sender],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let (now_blocked, by, applied) = match (blocked, current) {
+                (true, None) => {
+                    tx.execute(
+                        "INSERT INTO blocked (sender, at, by) VALUES (?1, ?2, 'console')",
+                        params![sender, at],
+                    )?;
+                    (true, "console".to_string(), true)
+                }
+                // Already blocked: nothing to do; the answer says by whom.
+                (true, Some(by)) => (true, by, true),
+                (false, Some(by)) if by == "console" => {
+                    tx.execute("DELETE FROM blocked WHERE sender = ?1", params![sender])?;
+                    (false, "console".to_string(), true)
+                }
+                // Blocked at the machine: only the machine undoes it.
+                (false, Some(by)) => (true, by, false),
+                (false, None) => (false, "console".to_string(), true),
+            };
+            let report = self.block_change(sender, now_blocked, &by, at);
+            Ok((push_report(tx, &report)?, applied))
         })
     }
 
@@ -883,6 +929,37 @@ mod tests {
         ));
         assert!(!inbox.is_blocked("card").unwrap());
         assert_eq!(inbox.report_seqs().unwrap().len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_console_may_block_but_undoes_only_its_own_blocks() {
+        let dir = temp_dir("console");
+        let (inbox, identity) = open(&dir);
+        let answer = |seq| match verified(&inbox, &identity, seq) {
+            Report::Block(change) => (change.blocked, change.by),
+            other => panic!("not a block change: {other:?}"),
+        };
+        // Blocked from the console, and undone from it.
+        let (seq, applied) = inbox.console_request("card", true, T0).unwrap();
+        assert!(applied && inbox.is_blocked("card").unwrap());
+        assert_eq!(answer(seq), (true, "console".to_string()));
+        let (seq, applied) = inbox.console_request("card", false, T0 + 1).unwrap();
+        assert!(applied && !inbox.is_blocked("card").unwrap());
+        assert_eq!(answer(seq), (false, "console".to_string()));
+        // Blocked at the machine: the console cannot undo it; the answer says so.
+        inbox.block("bank", "local", T0).unwrap();
+        let (seq, applied) = inbox.console_request("bank", false, T0 + 2).unwrap();
+        assert!(!applied);
+        assert!(inbox.is_blocked("bank").unwrap());
+        assert_eq!(answer(seq), (true, "local".to_string()));
+        // A block request for a sender already blocked keeps who blocked it.
+        let (seq, _) = inbox.console_request("bank", true, T0 + 3).unwrap();
+        assert_eq!(answer(seq), (true, "local".to_string()));
+        assert!(matches!(
+            inbox.console_request("no such/sender", true, T0),
+            Err(InboxError::InvalidSender(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -171,6 +171,17 @@ pub enum Effect {
     /// Read the seqs in the store's report outbox and feed them back as
     /// [`Input::ReportsReady`].
     PollReports,
+    /// A console user's block or unblock request, relayed by the server: the store
+    /// decides by its own rule (`Inbox::console_request`) and puts its signed answer in
+    /// the report outbox; the seq comes back as [`Input::ReportsReady`].
+    ConsoleBlock {
+        /// Sender name.
+        sender: String,
+        /// Block (true) or unblock (false).
+        blocked: bool,
+        /// When (guarded wall clock).
+        at: Millis,
+    },
     /// Store this verified membership (it is now the agent's).
     StoreMembership(Envelope),
     /// The server stored this result: drop it from the outbox.
@@ -514,6 +525,21 @@ impl<L: Ledger> Machine<L> {
                 vec![Effect::DeleteReport(seq)]
             }
             (Phase::Established, ServerMsg::Membership(envelope)) => self.membership(envelope),
+            (
+                Phase::Established,
+                ServerMsg::BlockRequest {
+                    id,
+                    sender,
+                    blocked,
+                },
+            ) => {
+                info!(id, %sender, blocked, "block request from the console");
+                vec![Effect::ConsoleBlock {
+                    sender,
+                    blocked,
+                    at: now.wall,
+                }]
+            }
             (Phase::Established, other) => self.close(&format!("unexpected message {other:?}")),
             (Phase::Idle, other) => self.close(&format!("{other:?} without a connection")),
         }

@@ -483,3 +483,95 @@ fn kill_between_store_and_receipt_loses_and_duplicates_nothing() {
         .count();
     assert_eq!(stored, 1, "{receipts:#}");
 }
+
+#[test]
+fn the_console_asks_and_the_agent_decides() {
+    use herald_tests::console_client::{between, Console};
+    const PASSWORD: &str = "a good long password";
+
+    let server = TestServer::start("msg-console");
+    let console = Console::new(&server);
+    let register = console.get("/register");
+    let registered = console.post(
+        "/register",
+        &[
+            ("csrf", register.csrf().as_str()),
+            ("login", "alice"),
+            ("password", PASSWORD),
+            ("password2", PASSWORD),
+            ("email", "alice@example.org"),
+            ("phone", "+821012345678"),
+        ],
+    );
+    assert_eq!(registered.page_id().as_deref(), Some("devices"));
+    let link = console.submit("/devices", "/devices/link", &[]);
+    let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>").unwrap();
+    let mut pc = TestAgent::enroll_with_token(&server, "alices-pc", token.trim());
+    pc.spawn();
+    pc.wait_online(&server);
+    let card = add_sender(&server, "card", false);
+    let bank = add_sender(&server, "bank", false);
+    let id = send(&server, &card, "agent:alices-pc", &[]);
+    wait_recipient(&server, &id, &pc, "stored");
+    let page = console.get("/messages");
+    assert!(
+        page.body.contains(&format!(r#"data-message="{id}""#)),
+        "{}",
+        page.body
+    );
+
+    // Blocked from the console: the agent applies it and says so, signed.
+    let ask = |sender: &str, action: &str| {
+        let answer = console.submit(
+            "/messages",
+            "/messages/block",
+            &[("agent", &pc.id), ("sender", sender), ("action", action)],
+        );
+        assert_eq!(
+            answer.page_id().as_deref(),
+            Some("messages"),
+            "{}",
+            answer.body
+        );
+    };
+    let blocked_by = |sender: &str| -> Option<String> {
+        let senders = pc.json(&["senders"]);
+        senders
+            .as_array()?
+            .iter()
+            .find(|s| s["sender"] == sender && s["blocked"] == true)
+            .map(|s| s["blocked_by"].as_str().unwrap_or("?").to_string())
+    };
+    ask("card", "block");
+    wait_until("the agent blocks card", DEADLINE, || blocked_by("card"));
+    let refusal = wait_until("the block reaches the server", DEADLINE, || {
+        let refusals = server.json(&["message", "refusals", "--sender", "card"]);
+        refusals.as_array()?.first().cloned()
+    });
+    assert_eq!(refusal["by"], "console", "{refusal:#}");
+    assert_eq!(refusal["phone"], "+821012345678", "{refusal:#}");
+
+    // A block made at the machine is not the console's to undo.
+    pc.cli_ok(&["block", "bank"]);
+    ask("bank", "unblock");
+    wait_until("the agent answers", DEADLINE, || {
+        let page = console.get("/messages");
+        (!page.body.contains("unblock requested")).then_some(())
+    });
+    assert_eq!(blocked_by("bank").as_deref(), Some("local"));
+    let again = send(
+        &server,
+        &bank,
+        "agent:alices-pc",
+        &["--title", "still blocked"],
+    );
+    wait_recipient(&server, &again, &pc, "skipped_blocked");
+
+    // The console's own block it may undo.
+    ask("card", "unblock");
+    wait_until("the agent unblocks card", DEADLINE, || {
+        blocked_by("card").is_none().then_some(())
+    });
+    let back = send(&server, &card, "agent:alices-pc", &["--title", "back"]);
+    wait_recipient(&server, &back, &pc, "stored");
+}

@@ -275,6 +275,25 @@ impl Driver<'_> {
                 }
             }
             Effect::DeleteReport(seq) => self.agent.inbox().report_stored(seq)?,
+            Effect::ConsoleBlock {
+                sender,
+                blocked,
+                at,
+            } => {
+                match self.agent.inbox().console_request(&sender, blocked, at) {
+                    Ok((seq, applied)) => {
+                        if !applied {
+                            info!(%sender, "not unblocking at the console's request: the block was made on this machine");
+                        }
+                        return Ok(Some(Input::ReportsReady(vec![seq])));
+                    }
+                    // A sender name the server should never have sent: nothing to do.
+                    Err(crate::inbox::InboxError::InvalidSender(name)) => {
+                        warn!(sender = %name, "ignoring a block request for an invalid sender name");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Effect::PollReports => {
                 return Ok(Some(Input::ReportsReady(self.agent.inbox().report_seqs()?)));
             }
