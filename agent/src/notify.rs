@@ -260,6 +260,12 @@ pub enum DesktopError {
          DBUS_SESSION_BUS_ADDRESS set? Messages stay unread in the inbox"
     )]
     Bus(zbus::Error),
+    /// Connecting to the session bus took longer than [`NOTIFY_TIMEOUT`].
+    #[error(
+        "the desktop session bus did not answer within {} s; messages stay unread in the inbox",
+        NOTIFY_TIMEOUT.as_secs()
+    )]
+    BusTimedOut,
     /// Subscribing to the service's signals failed.
     #[error("cannot listen to the desktop notification service: {0}")]
     Subscribe(zbus::Error),
@@ -351,8 +357,10 @@ impl Desktop {
     pub async fn connect(
         choices: mpsc::UnboundedSender<(Choice, Notice)>,
     ) -> Result<Desktop, DesktopError> {
-        let connection = zbus::Connection::session()
+        // A bus that accepts but never answers must not stall the helper's notices.
+        let connection = tokio::time::timeout(NOTIFY_TIMEOUT, zbus::Connection::session())
             .await
+            .map_err(|_| DesktopError::BusTimedOut)?
             .map_err(DesktopError::Bus)?;
         let proxy = NotificationsProxy::new(&connection)
             .await
