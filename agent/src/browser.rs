@@ -8,6 +8,14 @@
 //! the URL is the last argument); otherwise `xdg-open` (`open` on macOS). No shell is
 //! involved: commands are split with shell-like quoting rules and run directly.
 //!
+//! It also shows the daemon's push messages as desktop notifications ([`crate::notify`]),
+//! and reports back what the person did with them: `displayed` once the desktop's
+//! notification service took one, `opened` when the person clicked it or "Open" (the
+//! message's link, if any, is opened like a browser service), `block` for "Block this
+//! sender". Without a reachable session bus or notification service it logs a warning and
+//! reports nothing, so the message stays unread in the inbox. Reports made while the
+//! daemon is away wait for the next connection.
+//!
 //! The helper serves only a daemon running as root or as its own user ([`check_daemon`],
 //! from the kernel's peer credentials): whoever else answers on the socket path (a
 //! squatter on a `[session] socket` in a directory others can write to) could otherwise
@@ -21,11 +29,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use herald_shared::envelope::check_browser_url;
 
+use crate::notify::{Choice, Desktop, Notice, NoticeEvent};
 use crate::session::{self, FromHelper, ToHelper};
 use crate::state::{self, AgentConfig, SessionSettings};
 use crate::sync::lock;
@@ -329,13 +338,28 @@ impl HelperOptions {
 /// `herald-agent session`: connects to the daemon and serves it until `shutdown`
 /// resolves, reconnecting whenever the connection is lost.
 pub async fn run(options: HelperOptions, shutdown: impl std::future::Future<Output = ()>) {
+    // The desktop side outlives daemon connections: a notice shown before a daemon
+    // restart can still be clicked after it.
+    let (notices, to_show) = mpsc::unbounded_channel();
+    let (events, mut reports) = mpsc::unbounded_channel();
+    let desktop = show_notices(
+        to_show,
+        events,
+        options.browsers.clone(),
+        options.launch_wait,
+    );
     tokio::select! {
-        _ = connect_forever(&options) => {}
+        _ = connect_forever(&options, &notices, &mut reports) => {}
+        _ = desktop => {}
         _ = shutdown => info!("session helper stopping"),
     }
 }
 
-async fn connect_forever(options: &HelperOptions) {
+async fn connect_forever(
+    options: &HelperOptions,
+    notices: &mpsc::UnboundedSender<Notice>,
+    reports: &mut mpsc::UnboundedReceiver<NoticeEvent>,
+) {
     let mut attempt: u32 = 0;
     let mut quiet = false;
     loop {
@@ -353,7 +377,8 @@ async fn connect_forever(options: &HelperOptions) {
                     warn!(socket = %path.display(), "refusing to serve this socket: {e}");
                     quiet = false;
                 } else {
-                    let (welcomed, why) = serve_daemon(stream, &path, options).await;
+                    let (welcomed, why) =
+                        serve_daemon(stream, &path, options, notices, reports).await;
                     if welcomed {
                         attempt = 0;
                         quiet = false;
@@ -378,19 +403,37 @@ async fn connect_forever(options: &HelperOptions) {
     }
 }
 
-/// One connection: answers `open` messages until it ends. Returns whether the daemon
-/// welcomed this helper, and why the connection ended.
-async fn serve_daemon(stream: UnixStream, path: &Path, options: &HelperOptions) -> (bool, String) {
+/// One connection: answers `open` messages and hands `notify` messages to the desktop
+/// (`notices`), sending the desktop's `reports`, until it ends. Returns whether the
+/// daemon welcomed this helper, and why the connection ended.
+async fn serve_daemon(
+    stream: UnixStream,
+    path: &Path,
+    options: &HelperOptions,
+    notices: &mpsc::UnboundedSender<Notice>,
+    reports: &mut mpsc::UnboundedReceiver<NoticeEvent>,
+) -> (bool, String) {
     let (read, mut write) = stream.into_split();
     let (answers, mut outgoing) = mpsc::unbounded_channel::<FromHelper>();
+    let (welcome, welcomed_here) = oneshot::channel::<()>();
+    let mut welcome = Some(welcome);
     let mut welcomed = false;
     let writer = async {
-        while let Some(answer) = outgoing.recv().await {
-            if let Err(e) = session::write_line(&mut write, &answer).await {
+        // Notice reports wait for the welcome: a daemon that turns this helper away
+        // would drop them, and the next one may take them.
+        if welcomed_here.await.is_err() {
+            return "closed before the welcome".to_string();
+        }
+        loop {
+            let message = tokio::select! {
+                Some(answer) = outgoing.recv() => answer,
+                Some(report) = reports.recv() => FromHelper::Notice(report),
+                else => return "stopped".to_string(),
+            };
+            if let Err(e) = session::write_line(&mut write, &message).await {
                 return format!("write failed: {e}");
             }
         }
-        "stopped".to_string()
     };
     let reader = async {
         let mut reader = BufReader::new(read);
@@ -403,6 +446,9 @@ async fn serve_daemon(stream: UnixStream, path: &Path, options: &HelperOptions) 
             match serde_json::from_str::<ToHelper>(&line) {
                 Ok(ToHelper::Welcome { user }) => {
                     welcomed = true;
+                    if let Some(welcome) = welcome.take() {
+                        let _ = welcome.send(());
+                    }
                     info!(socket = %path.display(), %user, "connected to herald-agent");
                 }
                 Ok(ToHelper::Rejected { reason }) => return reason,
@@ -429,6 +475,11 @@ async fn serve_daemon(stream: UnixStream, path: &Path, options: &HelperOptions) 
                         let _ = answers.send(answer);
                     });
                 }
+                Ok(ToHelper::Notify(notice)) => {
+                    debug!(message_id = %notice.message_id, "showing a message on the desktop");
+                    // The desktop task lives as long as `run`, which outlives this.
+                    let _ = notices.send(notice);
+                }
                 Err(e) => return format!("bad message from herald-agent: {e}"),
             }
         }
@@ -438,6 +489,80 @@ async fn serve_daemon(stream: UnixStream, path: &Path, options: &HelperOptions) 
         why = reader => why,
     };
     (welcomed, why)
+}
+
+// === notices ===
+
+/// Shows each notice on the desktop, one at a time, and turns what the person does into
+/// reports on `events`. Connects to the session bus at the first notice, and again after
+/// the bus or the notification service failed; opens a notice's link with `browsers`.
+async fn show_notices(
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    events: mpsc::UnboundedSender<NoticeEvent>,
+    browsers: Vec<String>,
+    wait: Duration,
+) {
+    let (choices, mut chosen) = mpsc::unbounded_channel();
+    let mut desktop: Option<Desktop> = None;
+    loop {
+        tokio::select! {
+            notice = notices.recv() => {
+                let Some(notice) = notice else { return };
+                let message_id = notice.message_id.clone();
+                if desktop.is_none() {
+                    match Desktop::connect(choices.clone()).await {
+                        Ok(connected) => desktop = Some(connected),
+                        Err(e) => {
+                            warn!(%message_id, "cannot show a message as a desktop notification: {e}");
+                            continue;
+                        }
+                    }
+                }
+                let Some(connected) = &desktop else { continue };
+                match connected.show(&notice).await {
+                    Ok(id) => {
+                        debug!(%message_id, id, "message shown on the desktop");
+                        let _ = events.send(NoticeEvent::Displayed { message_id });
+                    }
+                    Err(e) => {
+                        warn!(%message_id, "cannot show a message as a desktop notification: {e}");
+                        // Reconnect for the next one: the bus or the service may be back.
+                        desktop = None;
+                    }
+                }
+            }
+            Some((choice, notice)) = chosen.recv() => {
+                let event = match choice {
+                    Choice::Open => {
+                        if let Some(link) = notice.link.clone() {
+                            open_link(&browsers, link, wait, &notice.message_id);
+                        }
+                        // The person opened the message, whether or not its page did.
+                        NoticeEvent::Opened { message_id: notice.message_id }
+                    }
+                    Choice::Block => NoticeEvent::Block {
+                        message_id: notice.message_id,
+                        sender: notice.sender,
+                    },
+                };
+                info!(?event, "the person acted on a desktop notification");
+                let _ = events.send(event);
+            }
+        }
+    }
+}
+
+/// Opens a message's link in the background, the way browser services are opened
+/// (the same URL rule and browser commands); a failure is only logged.
+fn open_link(browsers: &[String], link: String, wait: Duration, message_id: &str) {
+    let browsers = browsers.to_vec();
+    let message_id = message_id.to_string();
+    tokio::spawn(async move {
+        match launch(&browsers, &link, wait).await {
+            Ok(program) => info!(%message_id, %program, "opened the message's link"),
+            Err(e) => warn!(%message_id, "cannot open the message's link: {e}"),
+        }
+    });
 }
 
 #[cfg(test)]

@@ -8,11 +8,21 @@
 //! per line, each line at most [`LINE_LIMIT`] bytes:
 //!
 //! - daemon → helper: `{"welcome":{"user":"alice"}}` once accepted,
-//!   `{"rejected":{"reason":"..."}}` before closing a refused peer, and
-//!   `{"open":{"job_id":N,"url":"..."}}`;
-//! - helper → daemon: `{"opened":{"job_id":N}}` or `{"failed":{"job_id":N,"error":"..."}}`.
+//!   `{"rejected":{"reason":"..."}}` before closing a refused peer,
+//!   `{"open":{"job_id":N,"url":"..."}}`, and `{"notify":{...}}` with a
+//!   [`Notice`](crate::notify::Notice) to show on the desktop (no answer is awaited);
+//! - helper → daemon: `{"opened":{"job_id":N}}` or `{"failed":{"job_id":N,"error":"..."}}`
+//!   for an `open`, and `{"notice":{"displayed":{"message_id":"..."}}}`,
+//!   `{"notice":{"opened":{"message_id":"..."}}}` or
+//!   `{"notice":{"block":{"message_id":"...","sender":"..."}}}` (a
+//!   [`NoticeEvent`](crate::notify::NoticeEvent)) for a notice, at any later time: the
+//!   person may click a notice long after it appeared, after the helper has reconnected.
 //!
-//! A line that is too long or does not parse closes that helper's connection.
+//! A line that is too long or does not parse closes that helper's connection. A notice
+//! whose line would be too long has its body shortened ([`fit_notice`]). A notice event
+//! is passed on only for a message handed to a helper of the same uid, and a `block`
+//! only for that message's own sender, so a helper cannot block senders of messages it
+//! was never shown.
 //!
 //! Who may connect ([`admit`]): a daemon that is not root, only its own uid; a root
 //! daemon with `[session] users`, only those users; a root daemon without it, root and
@@ -42,6 +52,7 @@ use tracing::{info, warn};
 
 use herald_shared::protocol::JobId;
 
+use crate::notify::{Notice, NoticeEvent};
 use crate::state::{SessionSettings, SYSTEM_STATE_DIR};
 use crate::sync::lock;
 
@@ -73,6 +84,9 @@ pub const SEAT_FILE: &str = "/run/systemd/seats/seat0";
 pub const SEAT_FILE: &str = "/dev/console";
 /// Longest error text kept from a helper.
 const ERROR_LIMIT: usize = 2000;
+/// How many handed-out notices the daemon remembers to check the helpers' reports
+/// against; a report about an older one is dropped (the message stays in the inbox).
+pub const NOTICES_KEPT: usize = 1024;
 
 /// Daemon → helper.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +109,9 @@ pub enum ToHelper {
         /// The page, ticket included.
         url: String,
     },
+    /// Show this message on the desktop; what happens to it comes back as
+    /// [`FromHelper::Notice`], whenever it happens.
+    Notify(Notice),
 }
 
 /// Helper → daemon.
@@ -113,6 +130,8 @@ pub enum FromHelper {
         /// What went wrong.
         error: String,
     },
+    /// What happened to a notice from a `notify` message.
+    Notice(NoticeEvent),
 }
 
 /// Errors setting up the helpers' socket.
@@ -414,6 +433,8 @@ pub struct Sessions {
     seat_file: PathBuf,
     answer_timeout: Duration,
     registry: Mutex<Registry>,
+    notice_events: mpsc::UnboundedSender<NoticeEvent>,
+    notice_receiver: Mutex<Option<mpsc::UnboundedReceiver<NoticeEvent>>>,
 }
 
 #[derive(Default)]
@@ -423,6 +444,48 @@ struct Registry {
     helpers: Vec<Helper>,
     pending: HashMap<JobId, Pending>,
     unavailable: Option<String>,
+    notices: HandedNotices,
+}
+
+/// The notices handed to helpers, by message id, at most [`NOTICES_KEPT`]: the uid of
+/// the helper that got each, and the message's sender.
+#[derive(Default)]
+struct HandedNotices {
+    given: HashMap<String, (u32, String)>,
+    /// Message ids, oldest first.
+    order: std::collections::VecDeque<String>,
+}
+
+impl HandedNotices {
+    fn insert(&mut self, message_id: &str, uid: u32, sender: &str) {
+        let previous = self
+            .given
+            .insert(message_id.to_string(), (uid, sender.to_string()));
+        if previous.is_none() {
+            self.order.push_back(message_id.to_string());
+        }
+        while self.order.len() > NOTICES_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.given.remove(&old);
+            }
+        }
+    }
+
+    /// Whether a helper of `uid` may report `event`: the message was handed to that uid,
+    /// and a block names the message's own sender.
+    fn allows(&self, uid: u32, event: &NoticeEvent) -> bool {
+        let (message_id, sender) = match event {
+            NoticeEvent::Displayed { message_id } | NoticeEvent::Opened { message_id } => {
+                (message_id, None)
+            }
+            NoticeEvent::Block { message_id, sender } => (message_id, Some(sender)),
+        };
+        self.given
+            .get(message_id)
+            .is_some_and(|(given_uid, given_sender)| {
+                *given_uid == uid && sender.is_none_or(|s| s == given_sender)
+            })
+    }
 }
 
 struct Helper {
@@ -455,6 +518,7 @@ impl Sessions {
     /// An empty registry for a daemon running as `daemon_uid`, waiting `answer_timeout`
     /// for each helper answer, learning who is at the machine from [`SEAT_FILE`].
     pub fn new(settings: &SessionSettings, daemon_uid: u32, answer_timeout: Duration) -> Sessions {
+        let (notice_events, notice_receiver) = mpsc::unbounded_channel();
         Sessions {
             daemon_uid,
             users: settings.users.clone(),
@@ -462,6 +526,8 @@ impl Sessions {
             seat_file: PathBuf::from(SEAT_FILE),
             answer_timeout,
             registry: Mutex::new(Registry::default()),
+            notice_events,
+            notice_receiver: Mutex::new(Some(notice_receiver)),
         }
     }
 
@@ -496,16 +562,54 @@ impl Sessions {
     /// Hands a notice to the helper of the person at the machine (chosen as for
     /// [`Sessions::open`]), without waiting; returns whether a helper took it. What the
     /// helper then reports comes out of [`Sessions::notice_events`].
-    // Filled in with the helper side of notices.
     pub fn notify(&self, notice: &crate::notify::Notice) -> bool {
-        let _ = notice;
-        false
+        let seat = self.seat();
+        let mut registry = lock(&self.registry);
+        let Ok(helper) = self.choose(&registry, seat) else {
+            return false;
+        };
+        let uid = helper.uid;
+        let sent = helper.sender.send(ToHelper::Notify(fit_notice(notice)));
+        if sent.is_err() {
+            return false;
+        }
+        registry
+            .notices
+            .insert(&notice.message_id, uid, &notice.sender);
+        true
     }
 
     /// The stream of what helpers report about notices (displayed, opened, "block this
     /// sender"). The first call gets the receiver; later calls get `None`.
     pub fn notice_events(&self) -> Option<mpsc::UnboundedReceiver<crate::notify::NoticeEvent>> {
-        None
+        lock(&self.notice_receiver).take()
+    }
+
+    /// The helper for a browser page or a notice: see [`Sessions::open`]. The error, when
+    /// there is none, says why.
+    fn choose<'r>(
+        &self,
+        registry: &'r Registry,
+        seat: Option<u32>,
+    ) -> Result<&'r Helper, OpenError> {
+        let wanted = self.preferred.as_ref().filter(|_| self.daemon_uid == 0);
+        let helpers = &registry.helpers;
+        let at_screen = seat.and_then(|seat| helpers.iter().rev().find(|h| h.uid == seat));
+        let chosen = at_screen.or_else(|| {
+            helpers
+                .iter()
+                .rev()
+                .find(|h| wanted.is_none_or(|w| &h.user == w))
+        });
+        match chosen {
+            Some(helper) => Ok(helper),
+            None => Err(match &registry.unavailable {
+                Some(reason) => OpenError::NoSocket(reason.clone()),
+                None => OpenError::NoHelper {
+                    user: wanted.cloned(),
+                },
+            }),
+        }
     }
 
     /// Hands a page to a helper and waits for its answer. The helper is, most recent
@@ -517,23 +621,7 @@ impl Sessions {
         let (answer, answered) = oneshot::channel();
         let user = {
             let mut registry = lock(&self.registry);
-            let wanted = self.preferred.as_ref().filter(|_| self.daemon_uid == 0);
-            let helpers = &registry.helpers;
-            let at_screen = seat.and_then(|seat| helpers.iter().rev().find(|h| h.uid == seat));
-            let chosen = at_screen.or_else(|| {
-                helpers
-                    .iter()
-                    .rev()
-                    .find(|h| wanted.is_none_or(|w| &h.user == w))
-            });
-            let Some(helper) = chosen else {
-                if let Some(reason) = &registry.unavailable {
-                    return Err(OpenError::NoSocket(reason.clone()));
-                }
-                return Err(OpenError::NoHelper {
-                    user: wanted.cloned(),
-                });
-            };
+            let helper = self.choose(&registry, seat)?;
             let (id, user) = (helper.id, helper.user.clone());
             let sent = helper.sender.send(ToHelper::Open {
                 job_id,
@@ -600,6 +688,7 @@ impl Sessions {
 
     fn answer(&self, helper: u64, message: FromHelper) {
         let (job_id, outcome) = match message {
+            FromHelper::Notice(event) => return self.notice_event(helper, event),
             FromHelper::Opened { job_id } => (job_id, Ok(())),
             FromHelper::Failed { job_id, mut error } => {
                 if error.len() > ERROR_LIMIT {
@@ -622,6 +711,25 @@ impl Sessions {
             }
             _ => warn!(job_id, "session helper answered for a job it was not given"),
         }
+    }
+
+    /// Passes on a helper's report about a notice, if that helper's uid was given it.
+    fn notice_event(&self, helper: u64, event: NoticeEvent) {
+        let registry = lock(&self.registry);
+        let uid = registry
+            .helpers
+            .iter()
+            .find(|h| h.id == helper)
+            .map(|h| h.uid);
+        if !uid.is_some_and(|uid| registry.notices.allows(uid, &event)) {
+            warn!(
+                ?event,
+                "session helper reported on a notice it was not given; ignored"
+            );
+            return;
+        }
+        // Nobody listening (no inbox in this daemon): the report has nowhere to go.
+        let _ = self.notice_events.send(event);
     }
 
     /// Serves one connection: peer check, registration, messages until it closes.
@@ -704,6 +812,59 @@ pub async fn serve(listener: UnixListener, sessions: Arc<Sessions>) {
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+}
+
+/// `notice` as sent to a helper: with its body shortened (at a character boundary, ending
+/// in `…`) so that its `notify` line fits in [`LINE_LIMIT`]; the whole message stays in
+/// the inbox. The other fields are short by the inbox's limits; should they not be, the
+/// body goes entirely and the title is shortened too.
+pub fn fit_notice(notice: &Notice) -> Notice {
+    let fits = |n: &Notice| {
+        serde_json::to_vec(&ToHelper::Notify(n.clone())).is_ok_and(|line| line.len() < LINE_LIMIT)
+        // the newline takes the last byte
+    };
+    let mut fitted = notice.clone();
+    if fits(&fitted) {
+        return fitted;
+    }
+    fitted.body = cut_to_fit(&notice.body, |body| {
+        fits(&Notice {
+            body: body.to_string(),
+            ..notice.clone()
+        })
+    });
+    if !fits(&fitted) {
+        fitted.title = cut_to_fit(&notice.title, |title| {
+            fits(&Notice {
+                title: title.to_string(),
+                ..fitted.clone()
+            })
+        });
+    }
+    fitted
+}
+
+/// The longest start of `text`, cut at a character boundary and marked with `…`, that
+/// `fits` (found by bisection, since JSON escapes make the size of a cut unpredictable);
+/// empty if none does.
+fn cut_to_fit(text: &str, fits: impl Fn(&str) -> bool) -> String {
+    let cut = |end: usize| format!("{}…", &text[..end]);
+    let boundaries: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+    // Invariant: boundaries[..low] fit (the empty start counts as fitting), from `high` on
+    // they do not.
+    let (mut low, mut high) = (0, boundaries.len());
+    while low < high {
+        let middle = (low + high) / 2;
+        if fits(&cut(boundaries[middle])) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    match low {
+        0 => String::new(),
+        n => cut(boundaries[n - 1]),
     }
 }
 
@@ -1226,6 +1387,154 @@ mod tests {
             open_and_answer(&plain, 5, &mut helpers).await,
             (0, "alice".to_string())
         );
+    }
+
+    fn a_notice(message_id: &str, sender: &str) -> Notice {
+        Notice {
+            message_id: message_id.into(),
+            sender: sender.into(),
+            display_name: "Card Company".into(),
+            title: "Payment due".into(),
+            body: "Your statement is ready.".into(),
+            high: true,
+            advertising: false,
+            link: None,
+        }
+    }
+
+    #[test]
+    fn notices_go_to_the_helper_at_the_screen_and_its_reports_come_back() {
+        let dir = TempDir::new("notices");
+        let seat0 = dir.0.join("seat0");
+        let sessions = Sessions::new(&SessionSettings::default(), 0, Duration::from_secs(10))
+            .with_seat_file(seat0.clone());
+        let mut events = sessions
+            .notice_events()
+            .expect("the first call gets the stream");
+        assert!(sessions.notice_events().is_none());
+        // Nobody to show it to.
+        assert!(!sessions.notify(&a_notice("m1", "cards")));
+
+        let mut alice = register_fake(&sessions, 1000, "alice");
+        let mut bob = register_fake(&sessions, 1001, "bob");
+        std::fs::write(&seat0, "ACTIVE_UID=1000\n").unwrap();
+        assert!(sessions.notify(&a_notice("m1", "cards")));
+        assert_eq!(
+            alice.inbox.try_recv().unwrap(),
+            ToHelper::Notify(a_notice("m1", "cards"))
+        );
+        assert!(bob.inbox.try_recv().is_err());
+
+        let displayed = NoticeEvent::Displayed {
+            message_id: "m1".into(),
+        };
+        sessions.answer(alice.id, FromHelper::Notice(displayed.clone()));
+        assert_eq!(events.try_recv().unwrap(), displayed);
+        // Another uid's helper cannot report on it, nor anyone on a message never
+        // handed out, nor block someone other than the message's sender.
+        sessions.answer(bob.id, FromHelper::Notice(displayed.clone()));
+        let unknown = NoticeEvent::Opened {
+            message_id: "m9".into(),
+        };
+        sessions.answer(alice.id, FromHelper::Notice(unknown));
+        let forged = NoticeEvent::Block {
+            message_id: "m1".into(),
+            sender: "bank".into(),
+        };
+        sessions.answer(alice.id, FromHelper::Notice(forged));
+        assert!(events.try_recv().is_err());
+        let block = NoticeEvent::Block {
+            message_id: "m1".into(),
+            sender: "cards".into(),
+        };
+        sessions.answer(alice.id, FromHelper::Notice(block.clone()));
+        assert_eq!(events.try_recv().unwrap(), block);
+
+        // A reconnected helper of the same uid may still report (a late click).
+        sessions.unregister(alice.id);
+        let again = register_fake(&sessions, 1000, "alice");
+        let opened = NoticeEvent::Opened {
+            message_id: "m1".into(),
+        };
+        sessions.answer(again.id, FromHelper::Notice(opened.clone()));
+        assert_eq!(events.try_recv().unwrap(), opened);
+    }
+
+    #[test]
+    fn notice_messages_have_the_documented_json_form() {
+        let line = serde_json::to_value(ToHelper::Notify(a_notice("ab", "cards"))).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"notify": {
+                "message_id": "ab", "sender": "cards", "display_name": "Card Company",
+                "title": "Payment due", "body": "Your statement is ready.",
+                "high": true, "advertising": false, "link": null,
+            }})
+        );
+        for (text, event) in [
+            (
+                r#"{"notice":{"displayed":{"message_id":"ab"}}}"#,
+                NoticeEvent::Displayed {
+                    message_id: "ab".into(),
+                },
+            ),
+            (
+                r#"{"notice":{"opened":{"message_id":"ab"}}}"#,
+                NoticeEvent::Opened {
+                    message_id: "ab".into(),
+                },
+            ),
+            (
+                r#"{"notice":{"block":{"message_id":"ab","sender":"cards"}}}"#,
+                NoticeEvent::Block {
+                    message_id: "ab".into(),
+                    sender: "cards".into(),
+                },
+            ),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<FromHelper>(text).unwrap(),
+                FromHelper::Notice(event)
+            );
+        }
+        assert!(serde_json::from_str::<FromHelper>(r#"{"notice":{"closed":{}}}"#).is_err());
+    }
+
+    #[test]
+    fn a_long_notice_is_cut_to_fit_a_line() {
+        let line_length = |n: &Notice| {
+            serde_json::to_vec(&ToHelper::Notify(n.clone()))
+                .unwrap()
+                .len()
+                + 1
+        };
+        let short = a_notice("m", "s");
+        assert_eq!(fit_notice(&short), short);
+        // Quotes take two bytes in JSON, multi-byte characters must not be split.
+        let long = Notice {
+            body: "é\"".repeat(LINE_LIMIT),
+            ..a_notice("m", "s")
+        };
+        let fitted = fit_notice(&long);
+        assert!(
+            line_length(&fitted) <= LINE_LIMIT,
+            "{}",
+            line_length(&fitted)
+        );
+        assert!(
+            line_length(&fitted) > LINE_LIMIT - 100,
+            "cut no more than needed"
+        );
+        assert!(fitted.body.ends_with('…'));
+        assert!(long.body.starts_with(fitted.body.trim_end_matches('…')));
+        assert_eq!(fitted.title, long.title);
+        let both = Notice {
+            title: "t".repeat(LINE_LIMIT),
+            ..long
+        };
+        let fitted = fit_notice(&both);
+        assert!(line_length(&fitted) <= LINE_LIMIT);
+        assert!(fitted.body.is_empty() && fitted.title.ends_with('…'));
     }
 
     #[test]

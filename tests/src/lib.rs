@@ -6,6 +6,7 @@
 
 pub mod browser;
 pub mod console_client;
+pub mod dbus;
 pub mod receivers;
 pub mod session_helper;
 
