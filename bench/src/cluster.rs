@@ -26,6 +26,10 @@ use herald_shared::protocol::JobId;
 
 use crate::swarm::SimAgent;
 
+/// Environment variable with the server's log filter (`HERALD_LOG` for the server
+/// process; `warn` when unset), e.g. `debug` to see why links ended.
+pub const SERVER_LOG_ENV: &str = "HERALD_BENCH_SERVER_LOG";
+
 /// A sender registered with the server: its name, its key (which stays with the sender:
 /// the server never holds it) and the operator's grant that its messages carry.
 pub struct Sender {
@@ -116,7 +120,10 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("serve")
-            .env("HERALD_LOG", "warn")
+            .env(
+                "HERALD_LOG",
+                std::env::var(SERVER_LOG_ENV).unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

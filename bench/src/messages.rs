@@ -44,6 +44,9 @@ struct Run {
     /// First and last `ReportStored` answer at an agent.
     first_answer: Duration,
     last_answer: Duration,
+    /// Sessions the swarm's agents opened during the run (a dropped link reconnects and
+    /// resends its unanswered receipts).
+    reconnections: usize,
 }
 
 /// Sends `plan.broadcast_runs` messages to all `plan.agents` agents, one after another,
@@ -119,6 +122,7 @@ pub async fn messages(
             stored,
             first_answer: answers.iter().map(since).min().unwrap_or_default(),
             last_answer: answers.iter().map(since).max().unwrap_or_default(),
+            reconnections: swarm.observed.sessions.load(Ordering::SeqCst) - sessions_before,
         });
         last_id = Some(created.id);
     }
@@ -174,6 +178,10 @@ pub async fn messages(
             ))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "messages: agents that reconnected during the runs (their link dropped; receipts resent): {}",
+        runs.iter().map(|r| r.reconnections).sum::<usize>()
     );
     print_drops("messages", drops);
     Ok(())
