@@ -1,7 +1,8 @@
 //! A real `herald-server` process for the benchmark: initialised in a scratch directory,
 //! with the swarm's identities enrolled directly in its database (enrolling 100,000
 //! agents one handshake at a time would measure enrollment, not the relay), and an admin
-//! client that signs orders with the operator key like the CLI does.
+//! client that signs orders and sender grants with the operator key like the CLI does,
+//! and messages with a sender key like `herald-server message send`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,12 +14,30 @@ use base64::Engine;
 
 use herald_server::cli::client::Client;
 use herald_server::config::{self, AdminConfig};
-use herald_server::model::{CreateJobs, Created};
+use herald_server::model::{
+    CreateJobs, CreateSender, Created, MessageCreated, MessageDetail, MessageInfo, SendMessage,
+};
 use herald_shared::codec;
-use herald_shared::envelope::{Action, Audience, OperatorKey, Order, Repeat, RunSpec, Statement};
+use herald_shared::envelope::{
+    Action, Audience, Envelope, OperatorKey, Order, Repeat, RunSpec, Statement, VendorKey,
+};
+use herald_shared::message::{Message, Priority, SenderGrant, DEFAULT_TTL_MS};
 use herald_shared::protocol::JobId;
 
 use crate::swarm::SimAgent;
+
+/// Environment variable with the server's log filter (`HERALD_LOG` for the server
+/// process; `warn` when unset), e.g. `debug` to see why links ended.
+pub const SERVER_LOG_ENV: &str = "HERALD_BENCH_SERVER_LOG";
+
+/// A sender registered with the server: its name, its key (which stays with the sender:
+/// the server never holds it) and the operator's grant that its messages carry.
+pub struct Sender {
+    /// Sender name.
+    pub name: String,
+    key: VendorKey,
+    grant: Envelope,
+}
 
 /// The server process and what the benchmark needs to drive it.
 pub struct Cluster {
@@ -101,7 +120,10 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("serve")
-            .env("HERALD_LOG", "warn")
+            .env(
+                "HERALD_LOG",
+                std::env::var(SERVER_LOG_ENV).unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -178,6 +200,90 @@ impl Cluster {
             )
             .await?;
         Ok(created.ids)
+    }
+
+    /// Registers a sender as `herald-server sender keygen` + `sender add` do: a fresh
+    /// key, a grant signed with the operator key, `POST /api/v1/senders`.
+    pub async fn add_sender(&self, name: &str) -> anyhow::Result<Sender> {
+        let key = VendorKey::from_seed(herald_server::random_bytes());
+        let grant = self.operator.sign(&Statement::Sender(SenderGrant {
+            sender: name.into(),
+            display_name: "Herald benchmark".into(),
+            key: key.public(),
+            advertising: false,
+            issued_at: herald_server::now_ms(),
+        }))?;
+        let token = hex::encode(herald_server::random_bytes::<24>());
+        let _: Created = self
+            .client
+            .post(
+                "/api/v1/senders",
+                &CreateSender {
+                    envelope: base64::engine::general_purpose::STANDARD
+                        .encode(codec::to_bytes(&grant)?),
+                    token_hash: herald_shared::token::secret_hash(token.as_bytes()),
+                },
+            )
+            .await
+            .with_context(|| format!("registering sender {name}"))?;
+        Ok(Sender {
+            name: name.into(),
+            key,
+            grant,
+        })
+    }
+
+    /// Signs a message with the sender's key as `herald-server message send` does and
+    /// sends it now (`POST /api/v1/messages`).
+    pub async fn send_message(
+        &self,
+        sender: &Sender,
+        audience: Audience,
+    ) -> anyhow::Result<MessageCreated> {
+        let now = herald_server::now_ms();
+        let message = Message {
+            id: herald_server::random_bytes(),
+            sender: sender.name.clone(),
+            audience,
+            title: "Benchmark".into(),
+            body: "A push message from herald-bench.".into(),
+            priority: Priority::Normal,
+            issued_at: now,
+            expires_at: now + DEFAULT_TTL_MS,
+            collapse: None,
+            advertising: false,
+            link: None,
+            grant: sender.grant.clone(),
+        };
+        let envelope = sender.key.sign(&Statement::Message(message))?;
+        let created: MessageCreated = self
+            .client
+            .post(
+                "/api/v1/messages",
+                &SendMessage {
+                    envelope: base64::engine::general_purpose::STANDARD
+                        .encode(codec::to_bytes(&envelope)?),
+                    deliver_at: None,
+                },
+            )
+            .await?;
+        Ok(created)
+    }
+
+    /// The newest message of `sender` with its counts (`GET /api/v1/messages?sender=S&limit=1`:
+    /// the same counts as `GET /api/v1/messages/{id}` without one row per recipient, so
+    /// polling it does not load the server with N rows a poll).
+    pub async fn newest_message(&self, sender: &str) -> anyhow::Result<Option<MessageInfo>> {
+        let list: Vec<MessageInfo> = self
+            .client
+            .get(&format!("/api/v1/messages?sender={sender}&limit=1"))
+            .await?;
+        Ok(list.into_iter().next())
+    }
+
+    /// One message with every recipient's state (`GET /api/v1/messages/{id}`).
+    pub async fn message(&self, id: &str) -> anyhow::Result<MessageDetail> {
+        Ok(self.client.get(&format!("/api/v1/messages/{id}")).await?)
     }
 
     /// The server's relay round-trip histogram (`herald_signal_ack_seconds`) now.

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod floor;
+pub mod messages;
 pub mod mosquitto;
 pub mod scenarios;
 pub mod stats;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use herald_bench::scenarios::{self, Figures, Plan};
+use herald_bench::scenarios::{self, Figures, Plan, Selection};
 
 /// Herald's benchmarks: a swarm of simulated agents against a real server, and the same
 /// fan-out through Mosquitto.
@@ -34,6 +34,16 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         idle_seconds: u64,
     },
+    /// Push messages only: one message to all agents, until every signed `stored`
+    /// receipt is committed; next to Mosquitto's QoS-1 fan-out.
+    Messages {
+        /// Swarm sizes (repeatable), e.g. --agents 1000 --agents 10000.
+        #[arg(long = "agents")]
+        agents: Vec<usize>,
+        /// Messages sent per size (one after another).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 #[tokio::main]
@@ -45,12 +55,16 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::All {
-        quick,
-        agents,
-        runs,
-        idle_seconds,
-    } = Cli::parse().command;
+    let (selection, quick, agents, runs, idle_seconds) = match Cli::parse().command {
+        Command::All {
+            quick,
+            agents,
+            runs,
+            idle_seconds,
+        } => (Selection::All, quick, agents, runs, idle_seconds),
+        // One second of idle measurement: hold only connects the swarm here.
+        Command::Messages { agents, runs } => (Selection::Messages, false, agents, runs, 1),
+    };
     let plans: Vec<Plan> = if quick {
         vec![Plan::quick()]
     } else {
@@ -70,7 +84,7 @@ async fn main() -> ExitCode {
             })
             .collect()
     };
-    match run(plans, quick, idle_seconds).await {
+    match run(plans, selection, quick, idle_seconds).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald-bench: {e:#}");
@@ -79,7 +93,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(plans: Vec<Plan>, quick: bool, idle_seconds: u64) -> anyhow::Result<()> {
+async fn run(
+    plans: Vec<Plan>,
+    selection: Selection,
+    quick: bool,
+    idle_seconds: u64,
+) -> anyhow::Result<()> {
     raise_fd_limit();
     let bin_dir = std::env::current_exe()?
         .parent()
@@ -105,6 +124,7 @@ async fn run(plans: Vec<Plan>, quick: bool, idle_seconds: u64) -> anyhow::Result
                 &root.join(format!("swarm-{i}")),
                 &bin_dir,
                 plan,
+                selection,
                 &mut figures,
             )
             .await?;
@@ -116,6 +136,21 @@ async fn run(plans: Vec<Plan>, quick: bool, idle_seconds: u64) -> anyhow::Result
                     herald.as_secs_f64() / peer.as_secs_f64()
                 );
             }
+            if let (Some(received), Some(stored), Some(peer)) = (
+                figures.messages_received,
+                figures.messages_stored,
+                figures.mosquitto_all,
+            ) {
+                println!(
+                    "ratio: message to {} — Herald/Mosquitto = {:.2} (all received), {:.2} (all signed receipts committed, against Mosquitto's all received)",
+                    plan.agents,
+                    received.as_secs_f64() / peer.as_secs_f64(),
+                    stored.as_secs_f64() / peer.as_secs_f64()
+                );
+            }
+        }
+        if selection == Selection::Messages {
+            return Ok(());
         }
         let mut idle = plans.first().cloned().unwrap_or_else(Plan::quick);
         idle.idle_window = Duration::from_secs(if quick { 3 } else { idle_seconds });

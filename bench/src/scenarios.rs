@@ -1,5 +1,5 @@
-//! The scenarios: hold, broadcast, unicast, reconnect storm, agent idle, and the
-//! Mosquitto peer. Each prints its figures; medians over repeated runs, p50/p99 where it
+//! The scenarios: hold, broadcast, unicast, push messages (`crate::messages`),
+//! reconnect storm, agent idle, and the Mosquitto peer. Each prints its figures; medians over repeated runs, p50/p99 where it
 //! measures latency.
 
 use std::path::Path;
@@ -49,13 +49,27 @@ pub struct Figures {
     pub broadcast_all: Option<Duration>,
     /// Median time until every Mosquitto subscriber had the message.
     pub mosquitto_all: Option<Duration>,
+    /// Median time until every agent had the push message.
+    pub messages_received: Option<Duration>,
+    /// Median time until the API counted every agent's signed `stored` receipt.
+    pub messages_stored: Option<Duration>,
 }
 
-/// Runs hold, broadcast, unicast and reconnect against one swarm of `plan.agents`.
+/// Which scenarios run against the swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Hold, broadcast, unicast, messages, reconnect storm.
+    All,
+    /// Hold (to connect the swarm), then messages.
+    Messages,
+}
+
+/// Runs hold and then the `selection` against one swarm of `plan.agents`.
 pub async fn swarm_scenarios(
     dir: &Path,
     bin_dir: &Path,
     plan: &Plan,
+    selection: Selection,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     let n = plan.agents;
@@ -101,6 +115,13 @@ pub async fn swarm_scenarios(
         100.0 * cpu_idle.as_secs_f64() / plan.idle_window.as_secs_f64(),
         plan.idle_window.as_secs_f64()
     );
+
+    if selection == Selection::Messages {
+        crate::messages::messages(&cluster, &swarm, plan, figures).await?;
+        swarm.stop().await;
+        cluster.stop(false);
+        return Ok(());
+    }
 
     // === broadcast ===
     let rtt_before = cluster.signal_rtt().await?;
@@ -191,6 +212,9 @@ pub async fn swarm_scenarios(
         relay_p50.as_secs_f64() / percentile(&floor, 50.0).as_secs_f64()
     );
 
+    // === messages ===
+    crate::messages::messages(&cluster, &swarm, plan, figures).await?;
+
     // === reconnect storm ===
     let attempts_before = swarm.observed.attempts.load(Ordering::SeqCst);
     let drops = udp_receive_drops();
@@ -261,7 +285,7 @@ pub async fn swarm_scenarios(
 }
 
 /// How many UDP datagrams the kernel dropped (full receive buffers) since `before`.
-fn print_drops(phase: &str, before: Option<u64>) {
+pub(crate) fn print_drops(phase: &str, before: Option<u64>) {
     if let (Some(before), Some(now)) = (before, udp_receive_drops()) {
         println!(
             "{phase}: UDP datagrams dropped for full receive buffers: {}",

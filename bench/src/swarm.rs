@@ -3,8 +3,12 @@
 //! `herald_agent::wire`). Many connections share one UDP socket per endpoint.
 //!
 //! A simulated agent says hello, then acknowledges every signal at once and records when
-//! it arrived; it runs nothing. On a lost connection it reconnects with the real agent's
-//! full-jitter backoff.
+//! it arrived; it runs nothing. A signal carrying a push message is acknowledged too,
+//! then answered with a `stored` receipt signed by the agent's identity key, as a real
+//! agent does once the message is in its inbox (the simulated agent keeps no inbox).
+//! Like the real agent's report outbox, a receipt is resent on every new connection
+//! until the server answers `ReportStored` (kept in memory only).
+//! On a lost connection it reconnects with the real agent's full-jitter backoff.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,12 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use ed25519_dalek::SigningKey;
 use quinn::Endpoint;
 use tokio::sync::Notify;
 
 use herald_agent::state::Identity;
 use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::envelope::Statement;
+use herald_shared::message::{message_hash, Receipt, ReceiptState, Report, SignedReport};
 use herald_shared::protocol::{
     Ack, AgentMsg, Facts, Hello, JobId, ServerMsg, PROTOCOL_MAJOR, PROTOCOL_MINOR, SERVER_NAME,
 };
@@ -51,6 +59,9 @@ pub struct Observed {
     pub attempts: AtomicUsize,
     /// Every signal received.
     pub arrivals: Mutex<Vec<Arrival>>,
+    /// When each `ReportStored` came back: the server answers only after the report
+    /// is committed, so these bound the commits from above.
+    pub reports_stored: Mutex<Vec<Instant>>,
     /// Notified on every arrival and every new session.
     pub changed: Notify,
 }
@@ -61,6 +72,8 @@ pub struct SimAgent {
     pub id: String,
     /// Raw public key.
     pub public_key: Vec<u8>,
+    /// The identity key, which signs the agent's reports (receipts).
+    key: SigningKey,
     config: quinn::ClientConfig,
 }
 
@@ -69,6 +82,12 @@ impl SimAgent {
     pub fn generate(ca_fingerprint: [u8; 32], keep_alive: Duration) -> anyhow::Result<SimAgent> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         let public_key = key.public_key_raw().to_vec();
+        let signing = SigningKey::from_pkcs8_der(&key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("reading the generated Ed25519 key as PKCS#8: {e}"))?;
+        anyhow::ensure!(
+            signing.verifying_key().as_bytes()[..] == public_key[..],
+            "the PKCS#8 key does not match the certificate's public key"
+        );
         let cert =
             rcgen::CertificateParams::new(vec!["herald-agent".to_string()])?.self_signed(&key)?;
         let identity = Identity {
@@ -80,6 +99,7 @@ impl SimAgent {
         Ok(SimAgent {
             id: identity.agent_id(),
             public_key,
+            key: signing,
             config,
         })
     }
@@ -190,6 +210,52 @@ impl Swarm {
         }
     }
 
+    /// Signals received so far (an index into the record of arrivals).
+    pub fn arrival_count(&self) -> usize {
+        self.observed.arrivals.lock().expect("arrivals lock").len()
+    }
+
+    /// The arrivals recorded after the first `from`.
+    pub fn arrivals_since(&self, from: usize) -> Vec<Arrival> {
+        self.observed.arrivals.lock().expect("arrivals lock")[from..].to_vec()
+    }
+
+    /// `ReportStored` answers received so far (an index into their record).
+    pub fn reports_stored_count(&self) -> usize {
+        self.observed
+            .reports_stored
+            .lock()
+            .expect("reports lock")
+            .len()
+    }
+
+    /// Waits until `n` more `ReportStored` answers than the first `from` have arrived,
+    /// returning when each of those arrived.
+    pub async fn wait_reports_stored(
+        &self,
+        from: usize,
+        n: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<Instant>> {
+        let start = Instant::now();
+        loop {
+            let notified = self.observed.changed.notified();
+            {
+                let stored = self.observed.reports_stored.lock().expect("reports lock");
+                if stored.len() >= from + n {
+                    return Ok(stored[from..from + n].to_vec());
+                }
+            }
+            let left = deadline.checked_sub(start.elapsed()).with_context(|| {
+                format!(
+                    "only {} of {n} receipts were answered ReportStored after {deadline:?}",
+                    self.reports_stored_count().saturating_sub(from)
+                )
+            })?;
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
     /// Stops every agent.
     pub async fn stop(self) {
         for task in &self.tasks {
@@ -214,6 +280,7 @@ async fn run_agent(
 ) {
     let mut attempt = 0u32;
     let mut gate = Some(gate);
+    let mut outbox = Outbox::default();
     loop {
         let started = Instant::now();
         let permit = match gate.take() {
@@ -221,7 +288,16 @@ async fn run_agent(
             None => None,
         };
         observed.attempts.fetch_add(1, Ordering::Relaxed);
-        let ended = session(index, &agent, &endpoint, server, &observed, permit).await;
+        let ended = session(
+            index,
+            &agent,
+            &endpoint,
+            server,
+            &observed,
+            permit,
+            &mut outbox,
+        )
+        .await;
         if started.elapsed() > herald_agent::link::STABLE_PERIOD {
             attempt = 0;
         }
@@ -249,6 +325,7 @@ async fn session(
     server: SocketAddr,
     observed: &Observed,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    outbox: &mut Outbox,
 ) -> anyhow::Result<()> {
     let connection = endpoint
         .connect_with(agent.config.clone(), server, SERVER_NAME)?
@@ -270,7 +347,24 @@ async fn session(
     observed.sessions.fetch_add(1, Ordering::SeqCst);
     observed.changed.notify_waiters();
     let result = async {
+        for (&seq, report) in &outbox.pending {
+            let report = AgentMsg::Report {
+                seq,
+                report: report.clone(),
+            };
+            wire::write_frame(&mut send, &report, DEFAULT_FRAME_LIMIT).await?;
+        }
         while let Some(msg) = wire::read_frame::<ServerMsg>(&mut recv, DEFAULT_FRAME_LIMIT).await? {
+            if let ServerMsg::ReportStored { seq } = msg {
+                let at = Instant::now();
+                outbox.pending.remove(&seq);
+                observed
+                    .reports_stored
+                    .lock()
+                    .expect("reports lock")
+                    .push(at);
+                observed.changed.notify_waiters();
+            }
             if let ServerMsg::Signal(signal) = msg {
                 let at = Instant::now();
                 let ack = AgentMsg::Ack {
@@ -278,6 +372,16 @@ async fn session(
                     ack: Ack::Accepted,
                 };
                 wire::write_frame(&mut send, &ack, DEFAULT_FRAME_LIMIT).await?;
+                if let Ok(Statement::Message(message)) = signal.envelope.peek() {
+                    outbox.next_seq += 1;
+                    let signed = stored_receipt(agent, &message.id, &signal.envelope);
+                    outbox.pending.insert(outbox.next_seq, signed.clone());
+                    let report = AgentMsg::Report {
+                        seq: outbox.next_seq,
+                        report: signed,
+                    };
+                    wire::write_frame(&mut send, &report, DEFAULT_FRAME_LIMIT).await?;
+                }
                 observed
                     .arrivals
                     .lock()
@@ -301,4 +405,29 @@ async fn session(
         Some(reason) => Err(herald_agent::link::LinkError::Connection(reason).into()),
         None => result,
     }
+}
+
+/// Reports sent and not yet answered `ReportStored`, by sequence number; resent on each
+/// new connection, as the real agent's outbox is.
+#[derive(Default)]
+struct Outbox {
+    next_seq: u64,
+    pending: std::collections::BTreeMap<u64, SignedReport>,
+}
+
+/// The receipt a real agent sends once a message is in its inbox, signed by its identity
+/// key (the key its certificate proves, so the server can verify it).
+fn stored_receipt(
+    agent: &SimAgent,
+    message_id: &[u8; 16],
+    envelope: &herald_shared::envelope::Envelope,
+) -> SignedReport {
+    let receipt = Receipt {
+        message_id: *message_id,
+        message_hash: message_hash(envelope),
+        agent_id: agent.id.clone(),
+        state: ReceiptState::Stored,
+        at: herald_server::now_ms(),
+    };
+    SignedReport::sign(&agent.key, &Report::Receipt(receipt))
 }

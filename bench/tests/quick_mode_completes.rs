@@ -25,6 +25,8 @@ fn quick_mode_completes() {
         "broadcast: relay round trip",
         "broadcast: all acknowledged",
         "unicast: bare quinn round trip",
+        "messages: 200 agents",
+        "messages: receipts committed",
         "reconnect: server restarted with 200 agents: all back in",
         "agent idle: RSS",
     ] {
