@@ -44,17 +44,34 @@ impl SessionHelper {
     /// Starts the helper for `agent` with `BROWSER` set to `browser`, logging to `log`,
     /// and waits until the agent has accepted it.
     pub fn start(agent: &TestAgent, browser: &str, log: &Path) -> SessionHelper {
-        let child = Command::new(bin("herald-agent"))
+        Self::start_on_bus(agent, browser, log, None)
+    }
+
+    /// [`SessionHelper::start`], with the desktop's session bus at `bus` (a private
+    /// bus's address) instead of whatever the environment names, or none.
+    pub fn start_on_bus(
+        agent: &TestAgent,
+        browser: &str,
+        log: &Path,
+        bus: Option<&str>,
+    ) -> SessionHelper {
+        let mut command = Command::new(bin("herald-agent"));
+        command
             .arg("--state-dir")
             .arg(&agent.state_dir)
             .arg("session")
             .env("BROWSER", browser)
             .env("HERALD_LOG", "info,herald_agent=debug")
+            // No fallback to a real desktop's bus in the runtime directory.
+            .env_remove("XDG_RUNTIME_DIR")
             .stdin(Stdio::null())
             .stdout(append_to(log))
-            .stderr(append_to(log))
-            .spawn()
-            .expect("spawn herald-agent session");
+            .stderr(append_to(log));
+        match bus {
+            Some(address) => command.env("DBUS_SESSION_BUS_ADDRESS", address),
+            None => command.env_remove("DBUS_SESSION_BUS_ADDRESS"),
+        };
+        let child = command.spawn().expect("spawn herald-agent session");
         let helper = SessionHelper {
             log: log.to_path_buf(),
             child: Some(child),

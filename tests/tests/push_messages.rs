@@ -575,3 +575,60 @@ fn the_console_asks_and_the_agent_decides() {
     let back = send(&server, &card, "agent:alices-pc", &["--title", "back"]);
     wait_recipient(&server, &back, &pc, "stored");
 }
+
+#[test]
+fn notification_goes_through_the_desktop_service() {
+    use herald_tests::dbus::{NotificationServer, PrivateBus};
+    use herald_tests::session_helper::{recording_browser, SessionHelper};
+
+    let server = TestServer::start("msg-notify");
+    let Some(bus) = PrivateBus::start(server.dir.path()) else {
+        eprintln!("skipped: needs dbus-daemon");
+        return;
+    };
+    let desktop = NotificationServer::start(&bus);
+    let a1 = TestAgent::start(&server, "a1");
+    let (browser, _record) = recording_browser(server.dir.path());
+    let _helper = SessionHelper::start_on_bus(
+        &a1,
+        &browser.to_string_lossy(),
+        &server.dir.path().join("helper.log"),
+        Some(bus.address()),
+    );
+    let card = add_sender(&server, "card", false);
+
+    // The daemon keeps the message, the helper shows it through the desktop's service,
+    // and the signed `displayed` receipt comes back.
+    let id = send(&server, &card, "agent:a1", &["--priority", "high"]);
+    let call = desktop.wait_calls(1);
+    assert_eq!(call.app_name, "Herald");
+    assert!(call.summary.contains("Card Company"), "{call:?}");
+    assert!(call.summary.contains("Payment due"), "{call:?}");
+    assert_eq!(call.body, "Your card payment is due on Friday.");
+    assert_eq!(call.urgency, Some(2), "high priority is urgent: {call:?}");
+    assert!(
+        call.actions.iter().any(|a| a == "Block this sender"),
+        "{call:?}"
+    );
+    wait_until("the displayed receipt", DEADLINE, || {
+        let detail = show(&server, &id);
+        (detail["counts"]["displayed"] == 1).then_some(())
+    });
+
+    // "Block this sender": the agent blocks it (by the notification) and says so.
+    desktop.invoke_action(call.id, "block");
+    wait_until("the agent blocks card", DEADLINE, || {
+        let senders = a1.json(&["senders"]);
+        senders
+            .as_array()?
+            .iter()
+            .any(|s| s["sender"] == "card" && s["blocked_by"] == "notification")
+            .then_some(())
+    });
+    let refusal = wait_until("the block reaches the server", DEADLINE, || {
+        let refusals = server.json(&["message", "refusals"]);
+        refusals.as_array()?.first().cloned()
+    });
+    assert_eq!(refusal["by"], "notification", "{refusal:#}");
+    assert_eq!(refusal["sender"], "card", "{refusal:#}");
+}
