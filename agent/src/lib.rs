@@ -1,7 +1,8 @@
 //! Herald's resident agent: keeps a QUIC connection to the server, reports its addresses,
 //! and acts on operator-signed orders (running installed programs, opening browser
 //! services through the user-session helper), keeping every result until the server has
-//! stored it.
+//! stored it; keeps sender-signed push messages in an inbox, shows them as desktop
+//! notifications and answers with receipts signed by its own key.
 //!
 //! # Modules, top to bottom (each depends only on those below it; `scripts/modgraph.py
 //! agent/src` checks that)
@@ -17,7 +18,7 @@
 //!   transactions as the journal.
 //! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
 //! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
-//!   helper), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
+//!   helper, which shows notices through [`notify`]), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
 //!   [`options`], and `sync` (locking that survives poisoning).
 
 #![forbid(unsafe_code)]
