@@ -57,7 +57,8 @@ pub struct Notice {
     pub high: bool,
     /// Marked as advertising (prefixed as such).
     pub advertising: bool,
-    /// Page the "Open" action opens; the inbox when absent.
+    /// Page the "Open" action opens; without one, "Open" only marks the message read
+    /// (there is no inbox window: `herald-agent inbox` lists it).
     pub link: Option<String>,
 }
 
