@@ -7,6 +7,10 @@
 //! - `1`: an agent id, its groups, the time and its replay history, then a [`Statement`]:
 //!   an order inside it is put through [`Order::check`], whose verdict must agree with the
 //!   order's audience, validity window and repeat rule;
+//!   A message inside it is signed into a full chain (an operator grant for a sender key,
+//!   the message signed by that key) and put through [`message::open`] and
+//!   [`Opened::check`], whose verdicts must agree with the message's limits, its
+//!   advertising flag, audience, expiry, the replay cache and the block list;
 //! - `2`: text for the small parsers beside them: targets (`agent:<id>`), hex keys and
 //!   browser URLs. An accepted browser URL is parsed again with the `url` crate (the
 //!   WHATWG parser browsers use): plain `http:` must then name a loopback host, and no
@@ -23,6 +27,7 @@ use herald_shared::envelope::{
     check_browser_url, Action, Audience, Envelope, EnvelopeError, History, OperatorKey, Order,
     PublicKey, Refusal, Repeat, Statement, MAX_PAYLOAD,
 };
+use herald_shared::message::{self, MessageRefusal, Opened, SenderGrant, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fn operator() -> &'static OperatorKey {
@@ -53,6 +58,8 @@ fn envelope(bytes: &[u8]) {
         // Only reachable with a real signature; what opens is what peek reads.
         assert_eq!(peeked.as_ref().ok(), Some(&opened));
     }
+    // Whatever arrives, opening it as a message refuses or accepts; it never panics.
+    let _ = message::open(&envelope, &[operator().public()]);
     if let Ok(statement) = peeked {
         sign_again(&statement);
     }
@@ -94,9 +101,94 @@ fn statement(mut input: Input<'_>) {
     };
     round_trip(&statement, bytes.len(), MAX_PAYLOAD);
     sign_again(&statement);
-    if let Statement::Order(order) = &statement {
-        check_order(order, &agent_id, &groups, now, history);
+    match &statement {
+        Statement::Order(order) => check_order(order, &agent_id, &groups, now, history),
+        Statement::Message(m) => check_message(m, &agent_id, &groups, now, input_flags(history)),
+        _ => {}
     }
+}
+
+/// Two flags for a message's checks from the replay history's shape: (seen, blocked).
+fn input_flags(history: History) -> (bool, bool) {
+    match history {
+        History::Unseen => (false, false),
+        History::LastRun(at) => (at & 1 == 1, at & 2 == 2),
+    }
+}
+
+/// A message signed into a real chain opens exactly when it keeps the limits and its
+/// grant allows its advertising flag; then the agent's verdict agrees with audience,
+/// replay, expiry and the block list, in that order.
+fn check_message(
+    m: &message::Message,
+    agent_id: &str,
+    groups: &[String],
+    now: i64,
+    (seen, blocked): (bool, bool),
+) {
+    let sender_key = OperatorKey::from_seed([2; 32]);
+    for ads in [false, true] {
+        let Ok(grant) = operator().sign(&Statement::Sender(SenderGrant {
+            sender: m.sender.clone(),
+            display_name: "Fuzz".into(),
+            key: sender_key.public(),
+            advertising: ads,
+            issued_at: 0,
+        })) else {
+            return;
+        };
+        let mut m = m.clone();
+        m.grant = grant;
+        let Ok(envelope) = sender_key.sign(&Statement::Message(m.clone())) else {
+            return;
+        };
+        match message::open(&envelope, &[operator().public()]) {
+            Ok(opened) => {
+                assert!(m.validate().is_ok() && (ads || !m.advertising));
+                assert_eq!(opened.message, m);
+                verdict(&opened, agent_id, groups, now, seen, blocked);
+            }
+            Err(MessageRefusal::Advertising(_)) => assert!(m.advertising && !ads),
+            Err(MessageRefusal::Invalid(_)) => assert!(m.validate().is_err()),
+            Err(other) => panic!("a real chain refused with {other}"),
+        }
+    }
+}
+
+fn verdict(
+    opened: &Opened,
+    agent_id: &str,
+    groups: &[String],
+    now: i64,
+    seen: bool,
+    blocked: bool,
+) {
+    let m = &opened.message;
+    let addressed = match &m.audience {
+        Audience::Agent(id) => id == agent_id,
+        Audience::Group(group) => groups.contains(group),
+        Audience::All => true,
+    };
+    let expected = if !addressed {
+        "refuse"
+    } else if seen {
+        "seen"
+    } else if now > m.expires_at {
+        "expired"
+    } else if blocked {
+        "blocked"
+    } else {
+        "keep"
+    };
+    let got = match opened.check(agent_id, groups, now, seen, blocked) {
+        Verdict::Keep => "keep",
+        Verdict::Seen => "seen",
+        Verdict::Expired => "expired",
+        Verdict::Refuse(MessageRefusal::Blocked) => "blocked",
+        Verdict::Refuse(MessageRefusal::NotForMe(_)) => "refuse",
+        Verdict::Refuse(other) => panic!("check refused with {other}"),
+    };
+    assert_eq!(got, expected, "{m:?}");
 }
 
 fn check_order(order: &Order, agent_id: &str, groups: &[String], now: i64, history: History) {
