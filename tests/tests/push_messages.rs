@@ -213,6 +213,10 @@ fn message_reaches_the_inbox_and_comes_back_signed() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("2 of 2 receipts verify"), "{stderr}");
 
+    // Deliveries are listed with their message, not among the jobs.
+    let jobs = server.json(&["jobs", "list"]);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs:#}");
+
     // In the inbox of each, under its sender.
     for agent in [&a1, &a2] {
         let messages = inbox(agent);

@@ -749,7 +749,8 @@ impl Store {
 
     // === history ===
 
-    /// Runs, newest first: on one user's devices (`Some`), or everywhere (`None`),
+    /// Runs, newest first (message deliveries are on the messages page instead): on one
+    /// user's devices (`Some`), or everywhere (`None`),
     /// optionally on one device.
     pub fn history(
         &self,
@@ -762,6 +763,7 @@ impl Store {
             let mut stmt = conn.prepare(&format!(
                 "{HISTORY_SELECT}
                  WHERE (?1 IS NULL OR a.owner_user_id = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+                   AND o.kind <> 'message'
                  ORDER BY j.id DESC LIMIT ?3"
             ))?;
             let rows = stmt.query_map(params![user_id, agent_id, limit], history_row)?;

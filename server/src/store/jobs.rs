@@ -289,7 +289,8 @@ impl Store {
         })
     }
 
-    /// Jobs, newest first, optionally for one agent.
+    /// Jobs, newest first, optionally for one agent. Message deliveries are jobs too
+    /// but are listed with their message (`Store::message`), not here.
     pub fn jobs(
         &self,
         agent_id: Option<&str>,
@@ -300,6 +301,7 @@ impl Store {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
                 "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) AND (?2 IS NULL OR j.id < ?2)
+                   AND o.kind <> 'message'
                  ORDER BY j.id DESC LIMIT ?3"
             ))?;
             let rows = stmt.query_map(params![agent_id, before, limit], job_row)?;
