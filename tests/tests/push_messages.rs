@@ -213,6 +213,27 @@ fn message_reaches_the_inbox_and_comes_back_signed() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("2 of 2 receipts verify"), "{stderr}");
 
+    // And anyone can check them without the server: the report, the key, and the id
+    // that is the key's fingerprint.
+    let receipts = server.json(&["message", "receipts", &id]);
+    for receipt in receipts.as_array().unwrap() {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(receipt["report"].as_str().unwrap())
+            .unwrap();
+        let signed: herald_shared::message::SignedReport =
+            codec::from_bytes(&bytes, 1 << 16).unwrap();
+        let key = hex::decode(receipt["agent_key"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            herald_shared::agent_id(&key),
+            receipt["agent_id"].as_str().unwrap()
+        );
+        let herald_shared::message::Report::Receipt(r) = signed.verify(&key).unwrap() else {
+            panic!("not a receipt");
+        };
+        assert_eq!(hex::encode(r.message_id), id);
+    }
+
     // Deliveries are listed with their message, not among the jobs.
     let jobs = server.json(&["jobs", "list"]);
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs:#}");

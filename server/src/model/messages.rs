@@ -146,6 +146,9 @@ pub struct ReceiptInfo {
     pub at: Millis,
     /// The signed report (base64 of its bincode), for anyone to verify.
     pub report: String,
+    /// The agent's enrolled Ed25519 public key (hex) the report should verify against;
+    /// its SHA-256's first 10 bytes are the agent id.
+    pub agent_key: String,
     /// Whether the signature verifies against the agent's enrolled key (only filled in
     /// when asked to verify).
     pub verified: Option<bool>,

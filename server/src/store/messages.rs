@@ -385,6 +385,7 @@ impl Store {
             )?;
             let rows = stmt.query_map(params![id], |r| {
                 let report: Vec<u8> = r.get(4)?;
+                let agent_key: Vec<u8> = r.get(5)?;
                 Ok(StoredReceipt {
                     info: ReceiptInfo {
                         agent_id: r.get(0)?,
@@ -392,10 +393,11 @@ impl Store {
                         reason: r.get(2)?,
                         at: r.get(3)?,
                         report: base64::engine::general_purpose::STANDARD.encode(&report),
+                        agent_key: hex::encode(&agent_key),
                         verified: None,
                     },
                     report,
-                    agent_key: r.get(5)?,
+                    agent_key,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
