@@ -137,7 +137,16 @@ fn timed_out_job_leaves_no_process_behind() {
             let marked = marked_processes(&job_id, &agent.state_dir);
             let sessions: std::collections::HashSet<u32> =
                 marked.iter().map(|m| m.session).collect();
-            if sessions.len() >= 2 {
+            // `setsid` makes its session before it execs `sleep`: wait for the exec, or
+            // the process seen may still be `setsid` itself.
+            let shell = marked
+                .iter()
+                .find(|m| m.cmdline.starts_with("/bin/sh"))
+                .map(|m| m.session);
+            let escaped = marked
+                .iter()
+                .any(|m| m.cmdline.starts_with("sleep 1000") && Some(m.session) != shell);
+            if sessions.len() >= 2 && escaped {
                 return Some(marked);
             }
             let job = server.job(id);
