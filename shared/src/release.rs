@@ -31,11 +31,18 @@ pub struct Delegation {
 }
 
 impl Delegation {
-    /// Whether this delegation covers `package`. The agent's own package never is.
+    /// Whether this delegation covers `package`. The agent's own package never is, and
+    /// neither is a name longer than [`MAX_NAME_LEN`]; a pattern the CLI would not accept
+    /// (too long, other characters) covers nothing. The bounds also bound the matching:
+    /// glob matching backtracks on `*`, and the fuzzer found a several-hundred-character
+    /// pattern of `*` and `?` that took minutes.
     pub fn covers(&self, package: &str) -> bool {
         package != AGENT_PACKAGE
+            && package.len() <= MAX_NAME_LEN
             && self.packages.iter().any(|pattern| {
-                glob::Pattern::new(pattern).is_ok_and(|p| p.matches_with(package, GLOB_OPTIONS))
+                pattern_chars_ok(pattern)
+                    && glob::Pattern::new(pattern)
+                        .is_ok_and(|p| p.matches_with(package, GLOB_OPTIONS))
             })
     }
 }
@@ -49,12 +56,7 @@ const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
 /// Checks a delegation pattern as the CLI accepts it: a glob over package-name characters
 /// that cannot match the reserved agent package.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    let chars_ok = !pattern.is_empty()
-        && pattern.len() <= MAX_NAME_LEN
-        && pattern
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.*?".contains(c));
-    if !chars_ok {
+    if !pattern_chars_ok(pattern) {
         return Err(format!(
             "invalid package pattern {pattern:?}: use lower-case letters, digits, '-', '_', '.', and '*' or '?'"
         ));
@@ -67,6 +69,15 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A pattern's length and characters as [`check_pattern`] accepts them.
+fn pattern_chars_ok(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= MAX_NAME_LEN
+        && pattern
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.*?".contains(c))
 }
 
 /// Checks a package name: `[a-z0-9][a-z0-9._-]*`, at most [`MAX_NAME_LEN`] bytes.
@@ -362,6 +373,23 @@ impl Release {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn patterns_the_cli_refuses_cover_nothing() {
+        // Found by the fuzzer: hundreds of `*` and `?` made glob matching backtrack for
+        // minutes. Such a pattern is refused by the CLI, and now covers nothing either.
+        let long = "*?".repeat(200);
+        let grant = |pattern: &str| Delegation {
+            vendor: "v".into(),
+            key: crate::envelope::PublicKey([0; 32]),
+            packages: vec![pattern.to_string()],
+            issued_at: 0,
+        };
+        assert!(!grant(&long).covers("acme-tool"));
+        assert!(!grant("ACME-*").covers("ACME-tool"));
+        assert!(!grant("acme-*").covers(&format!("acme-{}", "x".repeat(64))));
+        assert!(grant("acme-*").covers("acme-tool"));
+    }
     use super::*;
     use crate::envelope::OperatorKey;
 
