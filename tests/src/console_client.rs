@@ -71,6 +71,42 @@ impl Console {
         }
     }
 
+    /// Registers `login` (logged in afterwards, on the devices page) and links a device
+    /// named `device` with the personal token the console hands out; returns the
+    /// enrolled agent, not started.
+    pub fn register_with_device(
+        &self,
+        server: &TestServer,
+        login: &str,
+        email: &str,
+        phone: &str,
+        device: &str,
+    ) -> crate::TestAgent {
+        const PASSWORD: &str = "a good long password";
+        let register = self.get("/register");
+        let registered = self.post(
+            "/register",
+            &[
+                ("csrf", register.csrf().as_str()),
+                ("login", login),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+                ("email", email),
+                ("phone", phone),
+            ],
+        );
+        assert_eq!(
+            registered.page_id().as_deref(),
+            Some("devices"),
+            "registration lands on the devices page: {:?}",
+            registered.error()
+        );
+        let link = self.submit("/devices", "/devices/link", &[]);
+        let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>")
+            .unwrap_or_else(|| panic!("no enrollment token on the link page:\n{}", link.body));
+        crate::TestAgent::enroll_with_token(server, device, token.trim())
+    }
+
     /// GET an admin API resource with the admin token from the server's `admin.toml`.
     pub fn admin_get(&self, server: &TestServer, path: &str) -> Page {
         let admin =

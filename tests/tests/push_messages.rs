@@ -234,6 +234,22 @@ fn message_reaches_the_inbox_and_comes_back_signed() {
         assert_eq!(hex::encode(r.message_id), id);
     }
 
+    // Bad input on the command line is refused before anything is asked.
+    for (args, wanted) in [
+        (vec!["message", "show", "nope"], "not a message id"),
+        (
+            vec!["message", "list", "--sender", "a&b=c"],
+            "a sender name is",
+        ),
+    ] {
+        let out = server.cli(&args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(wanted),
+            "{args:?}"
+        );
+    }
+
     // Deliveries are listed with their message, not among the jobs.
     let jobs = server.json(&["jobs", "list"]);
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs:#}");
@@ -512,27 +528,17 @@ fn kill_between_store_and_receipt_loses_and_duplicates_nothing() {
 
 #[test]
 fn the_console_asks_and_the_agent_decides() {
-    use herald_tests::console_client::{between, Console};
-    const PASSWORD: &str = "a good long password";
+    use herald_tests::console_client::Console;
 
     let server = TestServer::start("msg-console");
     let console = Console::new(&server);
-    let register = console.get("/register");
-    let registered = console.post(
-        "/register",
-        &[
-            ("csrf", register.csrf().as_str()),
-            ("login", "alice"),
-            ("password", PASSWORD),
-            ("password2", PASSWORD),
-            ("email", "alice@example.org"),
-            ("phone", "+821012345678"),
-        ],
+    let mut pc = console.register_with_device(
+        &server,
+        "alice",
+        "alice@example.org",
+        "+821012345678",
+        "alices-pc",
     );
-    assert_eq!(registered.page_id().as_deref(), Some("devices"));
-    let link = console.submit("/devices", "/devices/link", &[]);
-    let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>").unwrap();
-    let mut pc = TestAgent::enroll_with_token(&server, "alices-pc", token.trim());
     pc.spawn();
     pc.wait_online(&server);
     let card = add_sender(&server, "card", false);

@@ -16,10 +16,9 @@ use std::time::Duration;
 
 use herald_tests::console_client::{between, Console, Page};
 use herald_tests::receivers::{HttpReceiver, Mail, SmtpReceiver};
-use herald_tests::{wait_until, TempDir, TestAgent, TestServer};
+use herald_tests::{wait_until, TempDir, TestServer};
 
 const WAIT: Duration = Duration::from_secs(60);
-const PASSWORD: &str = "correct horse battery";
 
 /// The id and `data-confirmed` of the forwarding rule to `target` on the forwarding
 /// page.
@@ -108,28 +107,8 @@ fn failed_results_reach_the_webhook_signed_and_the_mailbox_over_starttls() {
 
     // A person registers (and is logged in), and links a device.
     let console = Console::new(&server);
-    let register = console.get("/register");
-    let registered = console.post(
-        "/register",
-        &[
-            ("csrf", register.csrf().as_str()),
-            ("login", "alice"),
-            ("password", PASSWORD),
-            ("password2", PASSWORD),
-            ("email", "alice@example.org"),
-            ("phone", ""),
-        ],
-    );
-    assert_eq!(
-        registered.page_id().as_deref(),
-        Some("devices"),
-        "registration lands on the devices page: {:?}",
-        registered.error()
-    );
-    let link = console.submit("/devices", "/devices/link", &[]);
-    let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>")
-        .unwrap_or_else(|| panic!("no enrollment token on the link page:\n{}", link.body));
-    let mut agent = TestAgent::enroll_with_token(&server, "alices-pc", token.trim());
+    let mut agent =
+        console.register_with_device(&server, "alice", "alice@example.org", "", "alices-pc");
     agent.spawn();
     agent.wait_online(&server);
     let devices = console.get("/devices");

@@ -129,8 +129,8 @@ pub(crate) async fn send_message(
     let opened = message::open(&envelope, &state.operator_keys)
         .map_err(|e| bad(format!("message refused: {e}")))?;
     let message = opened.message;
-    match state.store.sender_by_key(&envelope.signer.to_hex())? {
-        Some(name) if name == message.sender => {}
+    match state.store.sender_grant(&envelope.signer.to_hex())? {
+        Some((name, _)) if name == message.sender => {}
         _ => {
             return Err(bad(format!(
                 "sender {} is not registered with this key (removed, or never added): `herald-server sender list`",

@@ -9,14 +9,14 @@ use base64::Engine;
 use clap::{Args, Subcommand};
 
 use herald_shared::codec;
-use herald_shared::envelope::{Envelope, PublicKey, Statement, VendorKey};
+use herald_shared::envelope::{Envelope, PublicKey, Statement};
 use herald_shared::message::{self, Message, Priority, SenderGrant};
 use herald_shared::schedule;
 
 use herald_io::random_bytes;
 
 use crate::cli::client::Client;
-use crate::cli::packages::keygen;
+use crate::cli::packages::{encode_envelope, keygen, load_key};
 use crate::cli::{parse_duration, print_json, usage, CliError, Context};
 use crate::model::{
     CreateSender, Created, GrantInfo, MessageCreated, MessageDetail, MessageInfo, ReceiptInfo,
@@ -160,17 +160,6 @@ pub struct SendArgs {
     pub json: bool,
 }
 
-fn load_key(path: &Path) -> Result<VendorKey, CliError> {
-    let text = herald_io::files::read_string(path).map_err(|e| usage(e.to_string()))?;
-    VendorKey::from_hex(&text)
-        .map_err(|_| usage(format!("{} does not hold a valid key", path.display())))
-}
-
-fn encode(envelope: &Envelope) -> Result<String, CliError> {
-    let bytes = codec::to_bytes(envelope).map_err(|e| CliError::Other(e.to_string()))?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
-
 fn decode(text: &str) -> Result<Envelope, CliError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
@@ -182,6 +171,29 @@ fn decode(text: &str) -> Result<Envelope, CliError> {
 /// `sender keygen`: needs no server.
 pub fn sender_keygen(out: &Path) -> Result<ExitCode, CliError> {
     keygen(out)
+}
+
+/// `path`, with `?sender=NAME` when a sender is named (checked as a name first, so
+/// nothing else reaches the query string).
+fn sender_query(path: &str, sender: &Option<String>) -> Result<String, CliError> {
+    match sender {
+        Some(name) if !herald_shared::valid_name(name) => Err(usage(format!(
+            "--sender {name:?}: a sender name is 1 to 64 of letters, digits, '.', '_' and '-'"
+        ))),
+        Some(name) => Ok(format!("{path}?sender={name}")),
+        None => Ok(path.to_string()),
+    }
+}
+
+/// A message id as given on the command line: 32 hex digits (as `message list` prints).
+fn message_id(id: &str) -> Result<&str, CliError> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(usage(format!(
+            "{id:?} is not a message id: 32 hex digits, as `message list` prints"
+        )))
+    }
 }
 
 fn percent(rate: f64) -> String {
@@ -283,10 +295,7 @@ impl Context {
                 json,
                 token,
             } => {
-                let path = match &sender {
-                    Some(s) => format!("/api/v1/messages?sender={s}"),
-                    None => "/api/v1/messages".into(),
-                };
+                let path = sender_query("/api/v1/messages", &sender)?;
                 let messages: Vec<MessageInfo> = self.client_with(&token)?.get(&path).await?;
                 if json {
                     print_json(&messages);
@@ -315,7 +324,7 @@ impl Context {
             MessageCommand::Show { id, json, token } => {
                 let detail: MessageDetail = self
                     .client_with(&token)?
-                    .get(&format!("/api/v1/messages/{id}"))
+                    .get(&format!("/api/v1/messages/{}", message_id(&id)?))
                     .await?;
                 if json {
                     print_json(&detail);
@@ -347,7 +356,10 @@ impl Context {
                 json,
                 token,
             } => {
-                let path = format!("/api/v1/messages/{id}/receipts?verify={verify}");
+                let path = format!(
+                    "/api/v1/messages/{}/receipts?verify={verify}",
+                    message_id(&id)?
+                );
                 let receipts: Vec<ReceiptInfo> = self.client_with(&token)?.get(&path).await?;
                 if json {
                     print_json(&receipts);
@@ -384,10 +396,7 @@ impl Context {
                 json,
                 token,
             } => {
-                let path = match &sender {
-                    Some(s) => format!("/api/v1/refusals?sender={s}"),
-                    None => "/api/v1/refusals".into(),
-                };
+                let path = sender_query("/api/v1/refusals", &sender)?;
                 let refusals: Vec<RefusalInfo> = self.client_with(&token)?.get(&path).await?;
                 if json {
                     print_json(&refusals);
@@ -463,7 +472,7 @@ impl Context {
             .post(
                 "/api/v1/messages",
                 &SendMessage {
-                    envelope: encode(&envelope)?,
+                    envelope: encode_envelope(&envelope)?,
                     deliver_at,
                 },
             )

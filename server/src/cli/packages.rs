@@ -241,13 +241,17 @@ pub fn keygen(out: &Path) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_key(path: &Path) -> Result<VendorKey, CliError> {
+/// Reads a vendor's or sender's private key file (from `keygen`).
+pub(crate) fn load_key(path: &Path) -> Result<VendorKey, CliError> {
     let text = herald_io::files::read_string(path).map_err(|e| usage(e.to_string()))?;
     VendorKey::from_hex(&text)
         .map_err(|_| usage(format!("{} does not hold a valid key", path.display())))
 }
 
-fn encode_envelope(envelope: &herald_shared::envelope::Envelope) -> Result<String, CliError> {
+/// An envelope as the API takes it: base64 of its bincode.
+pub(crate) fn encode_envelope(
+    envelope: &herald_shared::envelope::Envelope,
+) -> Result<String, CliError> {
     let bytes = codec::to_bytes(envelope).map_err(|e| CliError::Other(e.to_string()))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }

@@ -161,46 +161,15 @@ impl Store {
 
     /// The sender whose API token has this hash.
     pub fn sender_by_token(&self, token_hash: &str) -> Result<Option<String>> {
-        self.blocking(|| {
-            Ok(self
-                .fast()
-                .query_row(
-                    "SELECT name FROM senders WHERE token_hash = ?1",
-                    params![token_hash],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        })
-    }
-
-    /// The sender registered with this public key (hex), if any.
-    pub fn sender_by_key(&self, public_key: &str) -> Result<Option<String>> {
-        self.blocking(|| {
-            Ok(self
-                .fast()
-                .query_row(
-                    "SELECT name FROM senders WHERE public_key = ?1",
-                    params![public_key],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        })
+        self.name_where("SELECT name FROM senders WHERE token_hash = ?1", token_hash)
     }
 
     /// The sender holding a public key (hex), with its operator-signed grant.
     pub fn sender_grant(&self, public_key: &str) -> Result<Option<(String, Envelope)>> {
-        self.blocking(|| {
-            let row: Option<(String, Vec<u8>)> = self
-                .fast()
-                .query_row(
-                    "SELECT name, grant_envelope FROM senders WHERE public_key = ?1",
-                    params![public_key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
-                .transpose()
-        })
+        self.name_and_envelope(
+            "SELECT name, grant_envelope FROM senders WHERE public_key = ?1",
+            public_key,
+        )
     }
 
     // === messages ===

@@ -222,6 +222,30 @@ impl Store {
     pub(crate) fn fast(&self) -> MutexGuard<'_, Connection> {
         self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The name `sql` (one `?1` parameter) finds, if any: a vendor or sender by its
+    /// token hash.
+    fn name_where(&self, sql: &str, key: &str) -> Result<Option<String>> {
+        self.blocking(|| {
+            Ok(self
+                .fast()
+                .query_row(sql, params![key], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    /// The name and signed grant `sql` (one `?1` parameter) finds, if any: a vendor's
+    /// delegation or a sender's grant by its public key.
+    fn name_and_envelope(&self, sql: &str, key: &str) -> Result<Option<(String, Envelope)>> {
+        self.blocking(|| {
+            let row: Option<(String, Vec<u8>)> = self
+                .fast()
+                .query_row(sql, params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
+                .transpose()
+        })
+    }
 }
 
 fn connect(path: &Path, synchronous: &str) -> Result<Connection> {

@@ -2,7 +2,7 @@
 //! jobs a rollout wave queues.
 
 use crate::model::*;
-use crate::store::{decode_envelope, expand, insert_order, Store, StoreError};
+use crate::store::{expand, insert_order, Store, StoreError};
 use herald_shared::codec;
 use herald_shared::envelope::{Audience, Envelope};
 use herald_shared::protocol::JobId;
@@ -70,32 +70,15 @@ impl Store {
 
     /// The vendor whose API token has this hash.
     pub fn vendor_by_token(&self, token_hash: &str) -> Result<Option<String>> {
-        self.blocking(|| {
-            Ok(self
-                .fast()
-                .query_row(
-                    "SELECT name FROM vendors WHERE token_hash = ?1",
-                    params![token_hash],
-                    |r| r.get(0),
-                )
-                .optional()?)
-        })
+        self.name_where("SELECT name FROM vendors WHERE token_hash = ?1", token_hash)
     }
 
     /// The vendor holding a public key, with its delegation.
     pub fn vendor_by_key(&self, public_key: &str) -> Result<Option<(String, Envelope)>> {
-        self.blocking(|| {
-            let row: Option<(String, Vec<u8>)> = self
-                .fast()
-                .query_row(
-                    "SELECT name, delegation FROM vendors WHERE public_key = ?1",
-                    params![public_key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            row.map(|(name, blob)| Ok((name, decode_envelope(&blob)?)))
-                .transpose()
-        })
+        self.name_and_envelope(
+            "SELECT name, delegation FROM vendors WHERE public_key = ?1",
+            public_key,
+        )
     }
 
     // === releases ===
