@@ -91,6 +91,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
             StoreError::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
+            StoreError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
             other => {
                 tracing::error!("store: {other}");
                 ApiError(

@@ -7,9 +7,11 @@
 //! - `accounts.rs`: console users, sessions, visits, history, deliveries;
 //! - `catalog.rs`: catalog entries and subscriptions;
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves;
-//! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals.
+//! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals;
+//! - `campaigns.rs`: recipient lists, fallbacks, campaign figures.
 
 mod accounts;
+mod campaigns;
 mod catalog;
 mod confirm;
 mod forwarding;
@@ -18,6 +20,7 @@ mod messages;
 mod releases;
 
 pub use accounts::*;
+pub use campaigns::*;
 pub use catalog::*;
 pub use confirm::{
     check_code, code_expiry, hash_code, new_code, PendingCode, Verdict, CODE_DIGITS, CODE_TTL,

@@ -187,73 +187,20 @@ impl Store {
         now: Millis,
     ) -> Result<(Vec<(String, JobId)>, u64)> {
         self.blocking(|| {
-            let id = message.id_hex();
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            let describe = format!("message from {}: {}", message.sender, message.title);
-            insert_order_row(&tx, &id, envelope, &describe, "message", None, now)?;
-            tx.execute(
-                "INSERT INTO messages (id, sender, title, body, priority, advertising, audience,
-                                       collapse, link, hash, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    id,
-                    message.sender,
-                    message.title,
-                    message.body,
-                    message.priority.as_str(),
-                    message.advertising,
-                    message.audience.to_string(),
-                    message.collapse,
-                    message.link,
-                    hex::encode(herald_shared::message::message_hash(envelope)),
-                    now,
-                    message.expires_at,
-                ],
-            )?;
-            let blocked: std::collections::HashSet<String> = {
-                let mut stmt = tx.prepare(
-                    "SELECT agent_id FROM sender_blocks WHERE sender = ?1 AND blocked = 1",
-                )?;
-                let rows = stmt.query_map(params![message.sender], |r| r.get(0))?;
-                rows.collect::<Result<_, _>>()?
-            };
+            insert_message(&tx, message, envelope, now)?;
+            let blocked = blocked_agents(&tx, &message.sender)?;
+            let mut jobs = MessageJobs::prepare(&tx, message, deliver_at, now)?;
             let mut queued = Vec::with_capacity(agents.len());
             let mut skipped = 0;
-            {
-                let mut insert = tx.prepare(
-                    "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after,
-                                       expires_at, finished_at, error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for agent in agents {
-                    if blocked.contains(agent) {
-                        insert.execute(params![
-                            agent,
-                            id,
-                            JobState::Refused.as_str(),
-                            now,
-                            deliver_at,
-                            message.expires_at,
-                            now,
-                            SKIPPED_BLOCKED
-                        ])?;
-                        skipped += 1;
-                    } else {
-                        insert.execute(params![
-                            agent,
-                            id,
-                            JobState::Queued.as_str(),
-                            now,
-                            deliver_at,
-                            message.expires_at,
-                            None::<Millis>,
-                            None::<String>
-                        ])?;
-                        queued.push((agent.clone(), tx.last_insert_rowid()));
-                    }
+            for agent in agents {
+                match jobs.insert(agent, blocked.contains(agent))? {
+                    Some(job) => queued.push((agent.clone(), job)),
+                    None => skipped += 1,
                 }
             }
+            drop(jobs);
             tx.commit()?;
             Ok((queued, skipped))
         })
@@ -588,6 +535,114 @@ fn store_one(
         herald_shared::message::Report::Block(change) => {
             store_block(tx, change, &blob, now)?;
             Ok(ReportStored::Block)
+        }
+    }
+}
+
+/// The order and message rows of a verified message.
+pub(super) fn insert_message(
+    tx: &Connection,
+    message: &Message,
+    envelope: &Envelope,
+    now: Millis,
+) -> Result<()> {
+    let id = message.id_hex();
+    let describe = format!("message from {}: {}", message.sender, message.title);
+    insert_order_row(tx, &id, envelope, &describe, "message", None, now)?;
+    tx.execute(
+        "INSERT INTO messages (id, sender, title, body, priority, advertising, audience,
+                               collapse, link, hash, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            id,
+            message.sender,
+            message.title,
+            message.body,
+            message.priority.as_str(),
+            message.advertising,
+            message.audience.to_string(),
+            message.collapse,
+            message.link,
+            hex::encode(herald_shared::message::message_hash(envelope)),
+            now,
+            message.expires_at,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Agents whose latest report says they block `sender`.
+pub(super) fn blocked_agents(
+    tx: &Connection,
+    sender: &str,
+) -> Result<std::collections::HashSet<String>> {
+    let mut stmt =
+        tx.prepare("SELECT agent_id FROM sender_blocks WHERE sender = ?1 AND blocked = 1")?;
+    let rows = stmt.query_map(params![sender], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Inserts a message's delivery jobs, one per agent.
+pub(super) struct MessageJobs<'t> {
+    insert: rusqlite::Statement<'t>,
+    id: String,
+    expires_at: Millis,
+    now: Millis,
+    deliver_at: Millis,
+}
+
+impl<'t> MessageJobs<'t> {
+    pub(super) fn prepare(
+        tx: &'t Connection,
+        message: &Message,
+        deliver_at: Millis,
+        now: Millis,
+    ) -> Result<Self> {
+        Ok(MessageJobs {
+            insert: tx.prepare(
+                "INSERT INTO jobs (agent_id, order_id, state, created_at, deliver_after,
+                                   expires_at, finished_at, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?,
+            id: message.id_hex(),
+            expires_at: message.expires_at,
+            now,
+            deliver_at,
+        })
+    }
+
+    /// Sets when the next jobs are delivered from.
+    pub(super) fn deliver_at(&mut self, at: Millis) {
+        self.deliver_at = at;
+    }
+
+    /// One agent's job: queued (its id returned), or, for an agent that reported
+    /// blocking the sender, refused at once ([`SKIPPED_BLOCKED`]).
+    pub(super) fn insert(&mut self, agent: &str, blocked: bool) -> Result<Option<JobId>> {
+        if blocked {
+            self.insert.execute(params![
+                agent,
+                self.id,
+                JobState::Refused.as_str(),
+                self.now,
+                self.deliver_at,
+                self.expires_at,
+                self.now,
+                SKIPPED_BLOCKED
+            ])?;
+            Ok(None)
+        } else {
+            let job = self.insert.insert(params![
+                agent,
+                self.id,
+                JobState::Queued.as_str(),
+                self.now,
+                self.deliver_at,
+                self.expires_at,
+                None::<Millis>,
+                None::<String>
+            ])?;
+            Ok(Some(job))
         }
     }
 }

@@ -321,6 +321,78 @@ CREATE TABLE block_requests (
     UNIQUE (agent_id, sender)
 );
 "#,
+    // Campaigns: a message sent to a recipient list, one row per recipient with its
+    // fallback's state, the devices each row resolved to, the SMS gateway's delivery
+    // reports, per-sender daily fallback counts, and console users who act for a sender.
+    r#"
+CREATE TABLE campaigns (
+    id TEXT PRIMARY KEY REFERENCES messages(id),
+    sender TEXT NOT NULL,
+    fallback TEXT NOT NULL,
+    fallback_after_ms BIGINT NOT NULL,
+    max_fallback BIGINT,
+    rate BIGINT,
+    invite_url TEXT,
+    start_at BIGINT NOT NULL,
+    canceled_at BIGINT,
+    fallbacks BIGINT NOT NULL DEFAULT 0,
+    rows_bad BIGINT NOT NULL DEFAULT 0,
+    rows_duplicate BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX campaigns_by_sender ON campaigns(sender, created_at);
+CREATE TABLE campaign_rows (
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+    line BIGINT NOT NULL,
+    recipient TEXT NOT NULL,
+    phone TEXT,
+    email TEXT,
+    login TEXT,
+    agent TEXT,
+    user_id BIGINT,
+    devices INTEGER NOT NULL,
+    send_at BIGINT NOT NULL,
+    fallback_at BIGINT,
+    fb_state TEXT,
+    fb_kind TEXT,
+    fb_target TEXT,
+    fb_attempts INTEGER NOT NULL DEFAULT 0,
+    fb_next_at BIGINT,
+    fb_detail TEXT,
+    fb_sent_at BIGINT,
+    fb_gateway_id TEXT,
+    fb_reported_at BIGINT,
+    PRIMARY KEY (campaign_id, line),
+    UNIQUE (campaign_id, recipient)
+);
+CREATE INDEX campaign_rows_fallback_due ON campaign_rows(fallback_at)
+    WHERE fb_state IS NULL AND fallback_at IS NOT NULL;
+CREATE INDEX campaign_rows_fallback_next ON campaign_rows(fb_next_at)
+    WHERE fb_state = 'pending';
+CREATE INDEX campaign_rows_sending ON campaign_rows(fb_state) WHERE fb_state = 'sending';
+CREATE INDEX campaign_rows_by_gateway_id ON campaign_rows(fb_gateway_id)
+    WHERE fb_gateway_id IS NOT NULL;
+CREATE TABLE campaign_targets (
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+    line BIGINT NOT NULL,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    PRIMARY KEY (campaign_id, line, agent_id)
+);
+CREATE TABLE sms_reports (
+    gateway_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    detail TEXT,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX sms_reports_by_received ON sms_reports(received_at);
+CREATE TABLE fallback_days (
+    sender TEXT NOT NULL,
+    day BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (sender, day)
+);
+ALTER TABLE users ADD COLUMN sender TEXT;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

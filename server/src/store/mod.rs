@@ -24,10 +24,12 @@
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts;
 //! - `forwarding.rs`: forwarding rules, confirmation codes, the delivery queue;
 //! - `messages.rs`: push-message senders, messages, receipts and block reports;
+//! - `campaigns.rs`: recipient lists, fallbacks and their reports, campaign figures;
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
 mod agents;
+mod campaigns;
 mod catalog;
 mod forwarding;
 mod jobs;
@@ -39,6 +41,7 @@ mod schedules;
 mod testing;
 
 pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
+pub use campaigns::{CampaignPlan, CampaignStarted, FallbackOutcome};
 pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
@@ -97,6 +100,9 @@ pub enum StoreError {
     /// A uniqueness or state conflict.
     #[error("{0}")]
     Conflict(String),
+    /// Input that cannot be taken (a list with bad rows under `--strict`).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
