@@ -150,6 +150,16 @@ pub struct SmsConfig {
     /// How placeholders in `body` are encoded, and the default content type.
     #[serde(default)]
     pub body_format: SmsBodyFormat,
+    /// Where the gateway's answer to a send holds its message id, as a JSON pointer
+    /// (`/id`, `/messages/0/message-id`); delivery reports name SMS by that id. Without
+    /// it, campaign fallback SMS get no delivery report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_pointer: Option<String>,
+    /// The secret the gateway's delivery-report callbacks carry
+    /// (`Authorization: Bearer SECRET` on `POST /api/v1/sms/reports`); without it the
+    /// callback is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_secret: Option<String>,
 }
 
 fn default_sms_method() -> String {
@@ -187,6 +197,20 @@ pub struct ForwardingConfig {
     /// Limit on one delivery attempt, in seconds.
     #[serde(default = "default_forward_timeout_secs")]
     pub timeout_secs: u64,
+    /// Campaign fallbacks (SMS or e-mail) one sender may have sent in a UTC day.
+    #[serde(default = "default_fallback_per_sender_day")]
+    pub fallback_per_sender_day: u64,
+    /// Campaign fallbacks sent at once.
+    #[serde(default = "default_fallback_concurrency")]
+    pub fallback_concurrency: usize,
+}
+
+fn default_fallback_per_sender_day() -> u64 {
+    100_000
+}
+
+fn default_fallback_concurrency() -> usize {
+    32
 }
 
 fn default_max_attempts() -> u32 {
@@ -209,6 +233,8 @@ impl Default for ForwardingConfig {
             max_attempts: default_max_attempts(),
             first_retry_secs: default_first_retry_secs(),
             timeout_secs: default_forward_timeout_secs(),
+            fallback_per_sender_day: default_fallback_per_sender_day(),
+            fallback_concurrency: default_fallback_concurrency(),
         }
     }
 }

@@ -147,6 +147,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             let _ = stopped.wait_for(|s| *s).await;
         }
     };
+    let forward_settings = crate::forward::Settings::from_config(&config);
     let state = ApiState {
         store: store.clone(),
         relay: relay.clone(),
@@ -154,6 +155,10 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         operator_keys: Arc::new(config.operator_keys()),
         artifacts: data_dir.join(crate::api::releases::ARTIFACT_DIR),
         rollouts: rollouts.clone(),
+        lists: data_dir.join(crate::api::campaigns::LIST_DIR),
+        public_url: config.public_url(http_addr.port()),
+        fallbacks: forward_settings.fallbacks.clone(),
+        sms_report_secret: config.sms.as_ref().and_then(|s| s.report_secret.clone()),
     };
     let tasks = vec![
         tokio::spawn(relay.clone().serve(endpoint, until_stopped())),
@@ -166,7 +171,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         tokio::spawn(crate::forward::run(
             store.clone(),
             relay.subscribe(),
-            crate::forward::Settings::from_config(&config),
+            forward_settings,
             until_stopped(),
         )),
         tokio::spawn(scheduler::run(

@@ -13,8 +13,8 @@ use base64::Engine;
 use serde::Deserialize;
 
 use herald_shared::codec;
-use herald_shared::envelope::{Audience, Statement};
-use herald_shared::message::{self, SignedReport};
+use herald_shared::envelope::{Audience, Envelope, Statement};
+use herald_shared::message::{self, Message, SignedReport};
 
 use crate::api::{bad, check_hash, decode_envelope, decode_raw_envelope, no_agent};
 use crate::api::{ApiError, ApiResult, ApiState, Caller, MAX_LIST};
@@ -35,7 +35,7 @@ fn admin_only(caller: &Caller) -> Result<(), ApiError> {
 }
 
 /// A sender token may only see its own messages.
-fn may_see(caller: &Caller, sender: &str) -> Result<(), ApiError> {
+pub(crate) fn may_see(caller: &Caller, sender: &str) -> Result<(), ApiError> {
     match caller {
         Caller::Sender(me) if me != sender => Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -117,15 +117,14 @@ pub(crate) async fn show_grant(
     }))
 }
 
-/// `POST /api/v1/messages`: verifies the message's chain, stores it with one delivery
-/// per addressed agent (skipping agents that reported blocking the sender), and hands
-/// it to the connected ones.
-pub(crate) async fn send_message(
-    State(state): State<ApiState>,
-    Extension(caller): Extension<Caller>,
-    Json(body): Json<SendMessage>,
-) -> ApiResult<MessageCreated> {
-    let envelope = decode_raw_envelope(&body.envelope)?;
+/// A message (base64 envelope) whose whole chain verifies, from a registered sender
+/// with that key, that the caller may send as, not yet expired.
+pub(crate) fn verified_message(
+    state: &ApiState,
+    caller: &Caller,
+    envelope: &str,
+) -> Result<(Envelope, Message), ApiError> {
+    let envelope = decode_raw_envelope(envelope)?;
     let opened = message::open(&envelope, &state.operator_keys)
         .map_err(|e| bad(format!("message refused: {e}")))?;
     let message = opened.message;
@@ -138,11 +137,23 @@ pub(crate) async fn send_message(
             )))
         }
     }
-    may_see(&caller, &message.sender)?;
-    let now = now_ms();
-    if message.expires_at <= now {
+    may_see(caller, &message.sender)?;
+    if message.expires_at <= now_ms() {
         return Err(bad("the message has already expired"));
     }
+    Ok((envelope, message))
+}
+
+/// `POST /api/v1/messages`: verifies the message's chain, stores it with one delivery
+/// per addressed agent (skipping agents that reported blocking the sender), and hands
+/// it to the connected ones.
+pub(crate) async fn send_message(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Json(body): Json<SendMessage>,
+) -> ApiResult<MessageCreated> {
+    let (envelope, message) = verified_message(&state, &caller, &body.envelope)?;
+    let now = now_ms();
     let deliver_at = body.deliver_at.unwrap_or(now).max(now);
     if deliver_at >= message.expires_at {
         return Err(bad("--at is after the message expires"));

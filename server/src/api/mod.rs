@@ -11,6 +11,7 @@
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
+pub mod campaigns;
 mod catalog;
 
 pub mod messages;
@@ -63,6 +64,14 @@ pub struct ApiState {
     pub artifacts: std::path::PathBuf,
     /// Tells the rollout driver that something changed.
     pub rollouts: Arc<Notify>,
+    /// Where uploaded recipient lists wait for their campaign.
+    pub lists: std::path::PathBuf,
+    /// The server's public HTTPS URL (invitation links).
+    pub public_url: String,
+    /// Tells the forwarder that a campaign's fallbacks may be due.
+    pub fallbacks: Arc<Notify>,
+    /// `[sms] report_secret`: what the gateway's delivery reports must carry.
+    pub sms_report_secret: Option<String>,
 }
 
 /// Who made an API request.
@@ -185,6 +194,20 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/messages/{id}/receipts",
             get(messages::list_receipts),
         )
+        .route(
+            "/api/v1/messages/{id}/status",
+            get(campaigns::campaign_status),
+        )
+        .route(
+            "/api/v1/messages/{id}/recipients",
+            get(campaigns::campaign_recipients),
+        )
+        .route(
+            "/api/v1/messages/{id}/cancel",
+            post(campaigns::cancel_message),
+        )
+        .route("/api/v1/campaigns", post(campaigns::create_campaign))
+        .route("/api/v1/sms/reports", post(campaigns::sms_reports))
         .route("/api/v1/refusals", get(messages::list_refusals))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn(refuse_oversized))
@@ -192,6 +215,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/releases/{id}/artifact",
             put(releases::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        // Recipient lists stream to disk too, up to their own limit.
+        .route(
+            "/api/v1/lists",
+            post(campaigns::upload_list).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -256,7 +284,11 @@ async fn authenticate(
     let path = request.uri().path();
     // Health is public; artifacts are public by hash (agents verify them against signed
     // metadata; see releases_api).
-    if path == "/api/v1/health" || path.starts_with("/api/v1/artifacts/") {
+    // The SMS gateway's delivery reports carry the gateway's own secret.
+    if path == "/api/v1/health"
+        || path.starts_with("/api/v1/artifacts/")
+        || path == "/api/v1/sms/reports"
+    {
         return next.run(request).await;
     }
     let hash = bearer(request.headers()).map(|token| secret_hash(token.as_bytes()));
@@ -278,6 +310,8 @@ async fn authenticate(
     let sender_may = path == "/api/v1/messages"
         || path.starts_with("/api/v1/messages/")
         || path == "/api/v1/refusals"
+        || path == "/api/v1/lists"
+        || path == "/api/v1/campaigns"
         || path == "/api/v1/senders"
         || path.starts_with("/api/v1/grants/");
     match caller {
@@ -303,7 +337,7 @@ async fn authenticate(
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()

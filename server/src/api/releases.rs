@@ -6,8 +6,6 @@
 //! without authentication by hash: agents verify every byte against signed metadata, and
 //! packages are not secrets.
 
-use std::path::PathBuf;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -196,7 +194,11 @@ pub(crate) async fn upload_artifact(
         info.sha256,
         hex::encode(crate::random_bytes::<8>())
     ));
-    let outcome = receive(body, &temp, info.length).await;
+    let too_long = format!(
+        "artifact is longer than the {} bytes its metadata declares",
+        info.length
+    );
+    let outcome = receive(body, &temp, info.length, &too_long).await;
     let (length, hash) = match outcome {
         Ok(got) => got,
         Err(e) => {
@@ -220,7 +222,14 @@ pub(crate) async fn upload_artifact(
     Ok(Json(state.store.release(id)?))
 }
 
-async fn receive(body: Body, temp: &PathBuf, limit: u64) -> Result<(u64, String), ApiError> {
+/// Streams a request body to `temp` (synced), refusing it past `limit` bytes with
+/// `too_long`. Returns its length and SHA-256 (hex).
+pub(crate) async fn receive(
+    body: Body,
+    temp: &std::path::Path,
+    limit: u64,
+    too_long: &str,
+) -> Result<(u64, String), ApiError> {
     let mut file = tokio::fs::File::create(temp).await.map_err(internal)?;
     let mut hasher = sha2::Sha256::new();
     let mut length: u64 = 0;
@@ -234,7 +243,7 @@ async fn receive(body: Body, temp: &PathBuf, limit: u64) -> Result<(u64, String)
         if length > limit {
             return Err(ApiError(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("artifact is longer than the {limit} bytes its metadata declares"),
+                too_long.to_string(),
             ));
         }
         hasher.update(&data);
@@ -244,7 +253,7 @@ async fn receive(body: Body, temp: &PathBuf, limit: u64) -> Result<(u64, String)
     Ok((length, hex::encode(hasher.finalize())))
 }
 
-fn internal(e: std::io::Error) -> ApiError {
+pub(crate) fn internal(e: std::io::Error) -> ApiError {
     tracing::error!("artifact storage: {e}");
     ApiError(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -109,11 +109,30 @@ impl Client {
         body: reqwest::Body,
         length: u64,
     ) -> Result<T, ClientError> {
+        self.upload(
+            reqwest::Method::PUT,
+            path,
+            body,
+            length,
+            "application/octet-stream",
+        )
+        .await
+    }
+
+    /// Sends a raw body of a known length with `method`.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: reqwest::Body,
+        length: u64,
+        content_type: &str,
+    ) -> Result<T, ClientError> {
         self.send(
             self.http
-                .put(self.url(path))
+                .request(method, self.url(path))
                 .header(reqwest::header::CONTENT_LENGTH, length)
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(body),
         )
         .await

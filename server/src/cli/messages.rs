@@ -19,8 +19,9 @@ use crate::cli::client::Client;
 use crate::cli::packages::{encode_envelope, keygen, load_key};
 use crate::cli::{parse_duration, print_json, usage, CliError, Context};
 use crate::model::{
-    CreateSender, Created, GrantInfo, MessageCreated, MessageDetail, MessageInfo, ReceiptInfo,
-    RefusalInfo, SendMessage, SenderInfo,
+    parse_country, CampaignCreated, CampaignRecipient, CampaignStatus, CreateCampaign,
+    CreateSender, Created, Fallback, GrantInfo, ListUploaded, MessageCreated, MessageDetail,
+    MessageInfo, ReceiptInfo, RefusalInfo, SendMessage, SenderInfo, RECIPIENT_STATES,
 };
 use crate::now_ms;
 
@@ -102,11 +103,52 @@ pub enum MessageCommand {
         #[arg(long, env = "HERALD_SENDER_TOKEN")]
         token: Option<String>,
     },
+    /// A campaign's figures: who was reached, by which channel, how fast.
+    Status {
+        /// Message id.
+        id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+    /// A campaign's rows, each with its state.
+    Recipients {
+        /// Message id.
+        id: String,
+        /// Only rows in this state (read, displayed, stored, blocked, waiting,
+        /// fallback_pending, fallback_sent, fallback_delivered, fallback_failed,
+        /// canceled, not_reached).
+        #[arg(long)]
+        state: Option<String>,
+        /// CSV output.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
+    /// Stop what of a message has not gone out: queued deliveries and fallbacks.
+    Cancel {
+        /// Message id.
+        id: String,
+        /// Sender API token (default: the admin token).
+        #[arg(long, env = "HERALD_SENDER_TOKEN")]
+        token: Option<String>,
+    },
     /// Who blocked which sender, as the agents reported.
     Refusals {
         /// Only blocks of this sender.
         #[arg(long)]
         sender: Option<String>,
+        /// CSV output (phone, sender, agent, by, at): the refusal report a sender is owed.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -123,8 +165,33 @@ pub struct SendArgs {
     #[arg(long)]
     pub sender_key: PathBuf,
     /// `agent:<id or name>`, `group:<name>` or `all` (with a sender token, agents by id).
+    #[arg(long, required_unless_present = "list", conflicts_with = "list")]
+    pub to: Option<String>,
+    /// A recipient list: CSV with a header row naming any of phone, email, user, agent.
     #[arg(long)]
-    pub to: String,
+    pub list: Option<PathBuf>,
+    /// Default country for national phone numbers in the list (`KR`, `US`).
+    #[arg(long, requires = "list")]
+    pub country: Option<String>,
+    /// Refuse the whole list if any row cannot be read.
+    #[arg(long, requires = "list")]
+    pub strict: bool,
+    /// Where the message goes when the program does not get it there: sms, email, none.
+    #[arg(long, requires = "list", default_value = "none")]
+    pub fallback: String,
+    /// How long to wait for a device's `stored` receipt before the fallback.
+    #[arg(long, requires = "list", default_value = "10m")]
+    pub fallback_after: String,
+    /// At most this many fallbacks (they cost money).
+    #[arg(long, requires = "list")]
+    pub max_fallback: Option<u64>,
+    /// Spread the send: rows per second (`500` or `500/s`).
+    #[arg(long, requires = "list")]
+    pub rate: Option<String>,
+    /// Add a link to the server's page for getting the app to fallbacks for people
+    /// without it.
+    #[arg(long, requires = "list")]
+    pub invite: bool,
     /// Title (at most 200 bytes).
     #[arg(long)]
     pub title: String,
@@ -391,14 +458,105 @@ impl Context {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            MessageCommand::Status { id, json, token } => {
+                let status: CampaignStatus = self
+                    .client_with(&token)?
+                    .get(&format!("/api/v1/messages/{}/status", message_id(&id)?))
+                    .await?;
+                if json {
+                    print_json(&status);
+                } else {
+                    print_campaign_status(&status);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MessageCommand::Recipients {
+                id,
+                state,
+                csv,
+                json,
+                token,
+            } => {
+                let mut path = format!("/api/v1/messages/{}/recipients", message_id(&id)?);
+                if let Some(state) = &state {
+                    if !RECIPIENT_STATES.contains(&state.as_str()) {
+                        return Err(usage(format!(
+                            "--state {state:?}: use one of {}",
+                            RECIPIENT_STATES.join(", ")
+                        )));
+                    }
+                    path.push_str(&format!("?state={state}"));
+                }
+                let rows: Vec<CampaignRecipient> = self.client_with(&token)?.get(&path).await?;
+                if csv {
+                    let text = crate::api::campaigns::recipients_csv(&rows)
+                        .map_err(|e| CliError::Other(e.to_string()))?;
+                    print!("{}", String::from_utf8_lossy(&text));
+                } else if json {
+                    print_json(&rows);
+                } else {
+                    println!(
+                        "{:>7} {:<16} {:<24} {:<12} {:>3} {:<18} DETAIL",
+                        "LINE", "PHONE", "EMAIL", "USER", "DEV", "STATE"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:>7} {:<16} {:<24} {:<12} {:>3} {:<18} {}",
+                            r.line,
+                            r.phone.as_deref().unwrap_or("-"),
+                            r.email.as_deref().unwrap_or("-"),
+                            r.user.as_deref().unwrap_or("-"),
+                            r.devices,
+                            r.state,
+                            r.fallback_detail.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            MessageCommand::Cancel { id, token } => {
+                let answer: serde_json::Value = self
+                    .client_with(&token)?
+                    .post(
+                        &format!("/api/v1/messages/{}/cancel", message_id(&id)?),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                println!(
+                    "message {id} canceled: {} deliveries and {} fallbacks will not go out",
+                    answer["deliveries_canceled"], answer["fallbacks_canceled"]
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             MessageCommand::Refusals {
                 sender,
+                csv,
                 json,
                 token,
             } => {
                 let path = sender_query("/api/v1/refusals", &sender)?;
                 let refusals: Vec<RefusalInfo> = self.client_with(&token)?.get(&path).await?;
-                if json {
+                if csv {
+                    let mut out = ::csv::Writer::from_writer(std::io::stdout());
+                    let write = |out: &mut ::csv::Writer<std::io::Stdout>, r: [&str; 5]| {
+                        out.write_record(r)
+                            .map_err(|e| CliError::Other(e.to_string()))
+                    };
+                    write(&mut out, ["phone", "sender", "agent", "by", "at"])?;
+                    for r in &refusals {
+                        write(
+                            &mut out,
+                            [
+                                r.phone.as_deref().unwrap_or(""),
+                                &r.sender,
+                                &r.agent_id,
+                                &r.by,
+                                &r.at.to_string(),
+                            ],
+                        )?;
+                    }
+                    out.flush().map_err(|e| CliError::Other(e.to_string()))?;
+                } else if json {
                     print_json(&refusals);
                 } else if refusals.is_empty() {
                     println!("no refusals");
@@ -438,10 +596,16 @@ impl Context {
             None => None,
         };
         let client = self.client_with(&args.token)?;
-        let audience = match (&args.token, args.to.parse().map_err(usage)?) {
+        let campaign = match &args.list {
+            Some(list) => Some(campaign_options(&args, list)?),
+            None => None,
+        };
+        let audience = match (&args.to, &args.token) {
+            // A list campaign's message is for all: the list narrows it.
+            (None, _) => herald_shared::envelope::Audience::All,
             // A sender token cannot look agents up by name: it names them by id.
-            (Some(_), audience) => audience,
-            (None, _) => self.audience(&args.to).await?,
+            (Some(to), Some(_)) => to.parse().map_err(usage)?,
+            (Some(to), None) => self.audience(to).await?,
         };
         let grant: GrantInfo = client
             .get(&format!("/api/v1/grants/{}", key.public().to_hex()))
@@ -468,6 +632,15 @@ impl Context {
         let envelope = key
             .sign(&Statement::Message(message))
             .map_err(|e| usage(e.to_string()))?;
+        if let Some((list, mut options)) = campaign {
+            let uploaded = upload_list(&client, &list).await?;
+            options.envelope = encode_envelope(&envelope)?;
+            options.list = uploaded.id;
+            options.deliver_at = deliver_at;
+            let created: CampaignCreated = client.post("/api/v1/campaigns", &options).await?;
+            print_campaign_created(&created, args.json);
+            return Ok(ExitCode::SUCCESS);
+        }
         let created: MessageCreated = client
             .post(
                 "/api/v1/messages",
@@ -494,5 +667,159 @@ impl Context {
             );
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Checks `message send --list` options before anything is signed or uploaded.
+fn campaign_options(args: &SendArgs, list: &Path) -> Result<(PathBuf, CreateCampaign), CliError> {
+    let fallback: Fallback = args.fallback.parse().map_err(usage)?;
+    let after = parse_duration("--fallback-after", &args.fallback_after)?;
+    let rate = match &args.rate {
+        Some(rate) => {
+            let number = rate.strip_suffix("/s").unwrap_or(rate);
+            Some(
+                number
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        usage(format!(
+                            "--rate {rate:?}: a number of rows per second, like 500/s"
+                        ))
+                    })?,
+            )
+        }
+        None => None,
+    };
+    if let Some(country) = &args.country {
+        parse_country(country).map_err(|e| usage(format!("--country: {e}")))?;
+    }
+    if !list.is_file() {
+        return Err(usage(format!("--list {}: no such file", list.display())));
+    }
+    Ok((
+        list.to_path_buf(),
+        CreateCampaign {
+            envelope: String::new(),
+            list: String::new(),
+            deliver_at: None,
+            fallback,
+            fallback_after_ms: Some(after.as_millis() as i64),
+            max_fallback: args.max_fallback,
+            rate,
+            invite: args.invite,
+            country: args.country.clone(),
+            strict: args.strict,
+        },
+    ))
+}
+
+/// Streams a list file to the server.
+async fn upload_list(client: &Client, path: &Path) -> Result<ListUploaded, CliError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| usage(format!("--list {}: {e}", path.display())))?;
+    let length = file
+        .metadata()
+        .await
+        .map_err(|e| usage(format!("--list {}: {e}", path.display())))?
+        .len();
+    let stream = futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 256 * 1024];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buffer.truncate(n);
+                Some((Ok::<_, std::io::Error>(buffer), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    Ok(client
+        .upload(
+            reqwest::Method::POST,
+            "/api/v1/lists",
+            reqwest::Body::wrap_stream(stream),
+            length,
+            "text/csv",
+        )
+        .await?)
+}
+
+fn print_campaign_created(created: &CampaignCreated, json: bool) {
+    if json {
+        print_json(created);
+        return;
+    }
+    println!(
+        "campaign {} sent to {} recipients: {} with the program ({} devices), {} without; {} duplicates, {} bad rows",
+        created.id,
+        created.addressed,
+        created.with_program,
+        created.devices,
+        created.no_program,
+        created.duplicates,
+        created.bad
+    );
+    if created.skipped_blocked > 0 {
+        println!(
+            "{} devices skipped: they blocked this sender",
+            created.skipped_blocked
+        );
+    }
+    for bad in &created.bad_rows {
+        eprintln!("line {}: {}", bad.line, bad.reason);
+    }
+    if created.bad > created.bad_rows.len() as u64 {
+        eprintln!(
+            "... and {} more bad rows",
+            created.bad - created.bad_rows.len() as u64
+        );
+    }
+}
+
+fn print_campaign_status(s: &CampaignStatus) {
+    let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{:.1} s", v as f64 / 1000.0));
+    println!("campaign {} from {}: {}", s.id, s.sender, s.title);
+    if let Some(at) = s.canceled_at {
+        println!("canceled at {at}");
+    }
+    println!(
+        "addressed {:>8}   with program {:>8}   no program {:>8}",
+        s.addressed, s.with_program, s.no_program
+    );
+    println!(
+        "push:     pushed {} stored {} displayed {} read {} refused {} expired {}; success {} of those with the program",
+        s.pushed, s.stored, s.displayed, s.read, s.refused, s.expired, percent(s.push_rate)
+    );
+    println!(
+        "fallback ({}): sent {} delivered {} failed {} pending {}; skipped: blocked {} cap {} other {}; success {}",
+        s.fallback,
+        s.fallback_sent,
+        s.fallback_delivered,
+        s.fallback_failed,
+        s.fallback_pending,
+        s.fallback_skipped_blocked,
+        s.fallback_skipped_cap,
+        s.fallback_skipped_other,
+        percent(s.fallback_rate)
+    );
+    println!(
+        "reached by any channel {} of addressed; not reached {}",
+        percent(s.reach_rate),
+        s.not_reached
+    );
+    println!(
+        "time to stored: p50 {} p90 {} p99 {}",
+        ms(s.stored_ms_p50),
+        ms(s.stored_ms_p90),
+        ms(s.stored_ms_p99)
+    );
+    if s.invited > 0 {
+        println!(
+            "invited {}; {} have linked a device since",
+            s.invited, s.invited_linked
+        );
     }
 }

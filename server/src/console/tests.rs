@@ -77,6 +77,10 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
         operator_keys: Arc::new(vec![key.public()]),
         artifacts: dir.join("artifacts"),
         rollouts: Arc::new(Notify::new()),
+        lists: dir.join("lists"),
+        public_url: "https://herald.example.org:8443".into(),
+        fallbacks: Arc::new(Notify::new()),
+        sms_report_secret: None,
     };
     let clock = Arc::new(AtomicI64::new(START));
     let read = clock.clone();

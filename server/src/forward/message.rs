@@ -146,6 +146,7 @@ pub struct SmsTemplate {
     headers: BTreeMap<String, String>,
     body: Option<String>,
     format: SmsBodyFormat,
+    id_pointer: Option<String>,
 }
 
 /// One rendered SMS gateway request.
@@ -170,7 +171,13 @@ impl SmsTemplate {
             headers: config.headers.clone(),
             body: config.body.clone(),
             format: config.body_format,
+            id_pointer: config.id_pointer.clone(),
         }
+    }
+
+    /// The JSON pointer to the gateway's message id in its answer, if configured.
+    pub fn id_pointer(&self) -> Option<&str> {
+        self.id_pointer.as_deref()
     }
 
     /// Fills in `{to}` and `{text}`, encoded for where they stand.
@@ -361,6 +368,8 @@ mod tests {
             headers: [("Authorization".to_string(), "Bearer k".to_string())].into(),
             body: body.map(str::to_string),
             body_format: format,
+            id_pointer: None,
+            report_secret: None,
         })
     }
 
@@ -416,6 +425,8 @@ mod tests {
             headers: [("content-type".to_string(), "text/plain".to_string())].into(),
             body: Some("{text}".into()),
             body_format: SmsBodyFormat::Form,
+            id_pointer: None,
+            report_secret: None,
         };
         let r = SmsTemplate::new(&config).render("+15551234567", "x");
         assert_eq!(r.headers.len(), 1);

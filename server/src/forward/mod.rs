@@ -26,6 +26,7 @@
 //! written by the store (`store::forwarding`), each step in one transaction; the
 //! records they share are in `model`.
 
+mod fallback;
 mod message;
 mod queue;
 mod send;
@@ -90,6 +91,12 @@ pub struct Settings {
     pub smtp: Option<SmtpConfig>,
     /// The SMS gateway, if any.
     pub sms: Option<SmsConfig>,
+    /// Campaign fallbacks one sender may have sent in a UTC day.
+    pub fallback_per_sender_day: u64,
+    /// Campaign fallbacks sent at once.
+    pub fallback_concurrency: usize,
+    /// Notified when a campaign is created (its fallbacks may be due at once).
+    pub fallbacks: Arc<tokio::sync::Notify>,
 }
 
 impl Settings {
@@ -109,6 +116,9 @@ impl Settings {
             scan_interval: SCAN_INTERVAL,
             smtp: config.smtp.clone(),
             sms: config.sms.clone(),
+            fallback_per_sender_day: forwarding.fallback_per_sender_day,
+            fallback_concurrency: forwarding.fallback_concurrency.max(1),
+            fallbacks: Default::default(),
         }
     }
 }
@@ -198,6 +208,16 @@ pub fn validate_config(config: &ServerConfig) -> Result<(), String> {
             .map_err(|_| format!("[sms] method {:?} is not an HTTP method", sms.method))?;
         let sample = SmsTemplate::new(sms).render("+10000000000", "Herald test");
         check_url("[sms] url", &sample.url, forwarding.allow_http)?;
+        if let Some(pointer) = &sms.id_pointer {
+            if !pointer.starts_with('/') {
+                return Err(format!(
+                    "[sms] id_pointer {pointer:?} is not a JSON pointer: it starts with '/', like \"/id\""
+                ));
+            }
+        }
+        if sms.report_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err("[sms] report_secret must be at least 16 characters".into());
+        }
         for (name, value) in &sms.headers {
             reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("[sms] header name {name:?} is not valid"))?;
@@ -219,6 +239,14 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) {
     let senders = Arc::new(send::Senders::new(&settings));
+    let (stop_fallbacks, stopped) = tokio::sync::watch::channel(false);
+    let fallbacks = tokio::spawn(fallback::run(
+        store.clone(),
+        senders.clone(),
+        settings.clone(),
+        settings.fallbacks.clone(),
+        stopped,
+    ));
     let mut state = Sends {
         in_flight: HashMap::new(),
         tasks: JoinSet::new(),
@@ -257,6 +285,8 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
+    let _ = stop_fallbacks.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, fallbacks).await;
     let tasks = &mut state.tasks;
     if !tasks.is_empty() {
         let drain = async { while tasks.join_next().await.is_some() {} };

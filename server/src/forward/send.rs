@@ -129,14 +129,31 @@ impl Senders {
         self.bounded(send).await
     }
 
-    async fn bounded(&self, send: impl std::future::Future<Output = Attempt>) -> Attempt {
+    /// Like [`Senders::bounded`], for a send that also returns the gateway's id.
+    pub(super) async fn bounded_with_id(
+        &self,
+        send: impl std::future::Future<Output = (Attempt, Option<String>)>,
+    ) -> (Attempt, Option<String>) {
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(done) => done,
+            Err(_) => (
+                Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
+                None,
+            ),
+        }
+    }
+
+    pub(super) async fn bounded(
+        &self,
+        send: impl std::future::Future<Output = Attempt>,
+    ) -> Attempt {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
         }
     }
 
-    async fn email(&self, target: &str, subject: &str, body: String) -> Attempt {
+    pub(super) async fn email(&self, target: &str, subject: &str, body: String) -> Attempt {
         let mailer = match &self.mailer {
             None => return Attempt::refused("e-mail is not set up on this server (no [smtp])"),
             Some(Err(reason)) => return Attempt::refused(reason.clone()),
@@ -191,17 +208,31 @@ impl Senders {
     }
 
     async fn sms(&self, target: &str, text: &str) -> Attempt {
+        self.sms_with_id(target, text).await.0
+    }
+
+    /// Sends an SMS; with `[sms] id_pointer`, also returns the gateway's id for it
+    /// (from its answer), which its delivery reports name.
+    pub(super) async fn sms_with_id(&self, target: &str, text: &str) -> (Attempt, Option<String>) {
         let Some(template) = &self.sms else {
-            return Attempt::refused("SMS is not set up on this server (no [sms])");
+            return (
+                Attempt::refused("SMS is not set up on this server (no [sms])"),
+                None,
+            );
         };
         let client = match &self.gateway {
             Ok(client) => client,
-            Err(reason) => return Attempt::refused(reason.clone()),
+            Err(reason) => return (Attempt::refused(reason.clone()), None),
         };
         let request = template.render(target, text);
         let method = match reqwest::Method::from_bytes(request.method.as_bytes()) {
             Ok(method) => method,
-            Err(_) => return Attempt::refused(format!("bad method {:?}", request.method)),
+            Err(_) => {
+                return (
+                    Attempt::refused(format!("bad method {:?}", request.method)),
+                    None,
+                )
+            }
         };
         let mut builder = client.request(method, &request.url);
         for (name, value) in &request.headers {
@@ -210,7 +241,7 @@ impl Senders {
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
-        http_attempt(builder).await
+        http_send(builder, template.id_pointer()).await
     }
 }
 
@@ -237,11 +268,46 @@ pub(super) fn build_email(
 
 /// Sends a request: a 2xx status is delivered, anything else failed.
 async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
+    http_send(request, None).await.0
+}
+
+/// Sends a request; on a 2xx answer with `id_pointer`, the string or number at that
+/// JSON pointer in the answer's body is returned with it.
+async fn http_send(
+    request: reqwest::RequestBuilder,
+    id_pointer: Option<&str>,
+) -> (Attempt, Option<String>) {
     match request.send().await {
         Ok(mut response) => {
             let status = response.status();
             if status.is_success() {
-                return Attempt::sent(format!("HTTP {}", status.as_u16()));
+                let sent = Attempt::sent(format!("HTTP {}", status.as_u16()));
+                let Some(pointer) = id_pointer else {
+                    return (sent, None);
+                };
+                let mut body = Vec::new();
+                while body.len() < MAX_ID_ANSWER {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let id = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| match v.pointer(pointer) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                        _ => None,
+                    })
+                    .filter(|id| !id.is_empty() && id.len() <= 200);
+                let sent = match &id {
+                    Some(id) => Attempt::sent(format!("HTTP {} id {id}", status.as_u16())),
+                    None => Attempt::sent(format!(
+                        "HTTP {} (no message id at {pointer} in the answer: no delivery report will match)",
+                        status.as_u16()
+                    )),
+                };
+                return (sent, id);
             }
             // Only the start of the body, and only briefly: an endpoint could send an
             // endless one. Dropping the response drops the rest unread.
@@ -258,17 +324,21 @@ async fn http_attempt(request: reqwest::RequestBuilder) -> Attempt {
             drop(response);
             let excerpt = excerpt(&body, RESPONSE_EXCERPT_BYTES);
             let excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
-            if excerpt.is_empty() {
+            let attempt = if excerpt.is_empty() {
                 Attempt::failed(format!("HTTP {}", status.as_u16()))
             } else {
                 Attempt::failed(format!("HTTP {}: {excerpt}", status.as_u16()))
-            }
+            };
+            (attempt, None)
         }
         // Without the URL: a webhook URL may itself be a secret (and the logs are the
         // operator's).
-        Err(e) => Attempt::failed(error_chain(&e.without_url())),
+        Err(e) => (Attempt::failed(error_chain(&e.without_url())), None),
     }
 }
+
+/// Longest gateway answer read for its message id.
+const MAX_ID_ANSWER: usize = 64 * 1024;
 
 /// An error with its causes ("error sending request: connection refused").
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -191,6 +191,9 @@ fn settings() -> Settings {
         scan_interval: Duration::from_secs(3600),
         smtp: None,
         sms: None,
+        fallback_per_sender_day: 100,
+        fallback_concurrency: 4,
+        fallbacks: Default::default(),
     }
 }
 
@@ -792,6 +795,8 @@ fn sms_config(gateway: &HttpReceiver) -> SmsConfig {
         headers: Default::default(),
         body: Some(r#"{"to": "{to}", "text": "{text}"}"#.into()),
         body_format: SmsBodyFormat::Json,
+        id_pointer: None,
+        report_secret: None,
     }
 }
 
@@ -865,6 +870,8 @@ async fn sms_goes_through_the_gateway_template() {
         headers: [("X-Api-Key".to_string(), "k-123".to_string())].into(),
         body: Some(r#"{"to": "{to}", "text": "{text}"}"#.into()),
         body_format: SmsBodyFormat::Json,
+        id_pointer: None,
+        report_secret: None,
     });
     let forwarder = f.start(with_sms);
     let requests = gateway.wait_requests(1, WAIT).await;

@@ -164,11 +164,12 @@ impl<R: Read> ListReader<R> {
         for (index, name) in header.iter().enumerate() {
             let name = String::from_utf8_lossy(name);
             // A byte-order mark that a spreadsheet wrote.
-            let name = name.trim_start_matches('\u{feff}').trim().to_ascii_lowercase();
+            let name = name
+                .trim_start_matches('\u{feff}')
+                .trim()
+                .to_ascii_lowercase();
             let Some(column) = COLUMNS.iter().position(|c| *c == name) else {
-                return Err(ListError::Header(format!(
-                    "unknown column {name:?}"
-                )));
+                return Err(ListError::Header(format!("unknown column {name:?}")));
             };
             if columns[column].is_some() {
                 return Err(ListError::Header(format!("column {name:?} appears twice")));
@@ -695,8 +696,14 @@ mod tests {
     #[test]
     fn phones_are_normalised_to_e164() {
         let kr = Some(parse_country("kr").unwrap());
-        assert_eq!(normalize_phone("010-1234-5678", kr).unwrap(), "+821012345678");
-        assert_eq!(normalize_phone("+82 10 1234 5678", None).unwrap(), "+821012345678");
+        assert_eq!(
+            normalize_phone("010-1234-5678", kr).unwrap(),
+            "+821012345678"
+        );
+        assert_eq!(
+            normalize_phone("+82 10 1234 5678", None).unwrap(),
+            "+821012345678"
+        );
         assert_eq!(
             normalize_phone("(202) 555-0143", Some(parse_country("US").unwrap())).unwrap(),
             "+12025550143"
@@ -731,7 +738,14 @@ mod tests {
         // Line 3 is blank and line 7 has only empty fields: both are skipped.
         assert_eq!(
             lines,
-            vec![(2, true), (4, true), (5, false), (6, false), (8, false), (9, false)]
+            vec![
+                (2, true),
+                (4, true),
+                (5, false),
+                (6, false),
+                (8, false),
+                (9, false)
+            ]
         );
         let Ok(row) = &rows[1] else { panic!() };
         assert_eq!(row.phone.as_deref(), Some("+821022223333"));
@@ -762,8 +776,14 @@ mod tests {
     #[test]
     fn a_list_without_a_usable_header_is_refused() {
         assert!(matches!(read("", None), Err(ListError::Header(_))));
-        assert!(matches!(read("mobile\n+821012345678\n", None), Err(ListError::Header(_))));
-        assert!(matches!(read("phone,phone\n", None), Err(ListError::Header(_))));
+        assert!(matches!(
+            read("mobile\n+821012345678\n", None),
+            Err(ListError::Header(_))
+        ));
+        assert!(matches!(
+            read("phone,phone\n", None),
+            Err(ListError::Header(_))
+        ));
     }
 
     #[test]
@@ -799,7 +819,15 @@ mod tests {
             "[Ad] Bank: Your card https://bank.example/x Get the app: https://herald.example/join"
         );
         let title = "T".repeat(600);
-        assert!(fallback_sms("B", &title, "", None, false, None).chars().count() <= SMS_LIMIT);
-        assert_eq!(fallback_sms("B", "Hi\nthere", "", None, false, None), "B: Hi there");
+        assert!(
+            fallback_sms("B", &title, "", None, false, None)
+                .chars()
+                .count()
+                <= SMS_LIMIT
+        );
+        assert_eq!(
+            fallback_sms("B", "Hi\nthere", "", None, false, None),
+            "B: Hi there"
+        );
     }
 }

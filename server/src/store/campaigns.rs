@@ -106,7 +106,8 @@ impl Directory {
         )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let (id, name, owner): (String, String, Option<i64>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let (id, name, owner): (String, String, Option<i64>) =
+                (r.get(0)?, r.get(1)?, r.get(2)?);
             if let Some(owner) = owner {
                 dir.devices.entry(owner).or_default().push(id.clone());
             }
@@ -141,7 +142,9 @@ fn resolve(dir: &Directory, row: &crate::model::ListRow) -> Result<Resolved, Str
                 }
             }
             None if row.phone.is_none() && row.email.is_none() && row.user.is_none() => {
-                return Err(format!("no agent {name:?}, and no phone or email to fall back to"))
+                return Err(format!(
+                    "no agent {name:?}, and no phone or email to fall back to"
+                ))
             }
             None => {}
         }
@@ -152,7 +155,11 @@ fn resolve(dir: &Directory, row: &crate::model::ListRow) -> Result<Resolved, Str
             .as_ref()
             .and_then(|login| dir.logins.get(login))
             .or_else(|| row.phone.as_ref().and_then(|p| dir.phones.get(p)))
-            .or_else(|| row.email.as_ref().and_then(|e| dir.emails.get(&e.to_ascii_lowercase())))
+            .or_else(|| {
+                row.email
+                    .as_ref()
+                    .and_then(|e| dir.emails.get(&e.to_ascii_lowercase()))
+            })
             .copied();
         if user.is_none() && row.phone.is_none() && row.email.is_none() {
             if let Some(login) = &row.user {
@@ -178,10 +185,22 @@ fn resolve(dir: &Directory, row: &crate::model::ListRow) -> Result<Resolved, Str
         user_id: user,
         login: contact.map(|c| c.0.clone()).or_else(|| row.user.clone()),
         devices,
-        phone: row.phone.clone().or_else(|| contact.and_then(|c| c.1.clone())),
-        email: row.email.clone().or_else(|| contact.and_then(|c| c.2.clone())),
+        phone: row
+            .phone
+            .clone()
+            .or_else(|| contact.and_then(|c| c.1.clone())),
+        email: row
+            .email
+            .clone()
+            .or_else(|| contact.and_then(|c| c.2.clone())),
     })
 }
+
+/// A row whose fallback is due: campaign, line, user, phone, e-mail.
+type DueRow = (String, i64, Option<i64>, Option<String>, Option<String>);
+/// What deciding a fallback needs of its campaign: sender, medium, cap, cancel time,
+/// expiry.
+type CampaignFacts = (String, String, Option<i64>, Option<Millis>, Millis);
 
 /// Start of the UTC day `at` falls in, as a day number.
 fn day_of(at: Millis) -> i64 {
@@ -318,9 +337,9 @@ impl Store {
                     }
                 };
                 let send_at = match plan.rate {
-                    Some(rate) if rate > 0 => plan
-                        .start_at
-                        .saturating_add((created.addressed as i64).saturating_mul(1000) / i64::from(rate)),
+                    Some(rate) if rate > 0 => plan.start_at.saturating_add(
+                        (created.addressed as i64).saturating_mul(1000) / i64::from(rate),
+                    ),
                     _ => plan.start_at,
                 };
                 let fallback_at = match plan.fallback {
@@ -430,7 +449,7 @@ impl Store {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            let due: Vec<(String, i64, Option<i64>, Option<String>, Option<String>)> = {
+            let due: Vec<DueRow> = {
                 let mut stmt = tx.prepare(
                     "SELECT campaign_id, line, user_id, phone, email FROM campaign_rows
                      WHERE fb_state IS NULL AND fallback_at IS NOT NULL AND fallback_at <= ?1
@@ -441,8 +460,7 @@ impl Store {
                 })?;
                 rows.collect::<Result<_, _>>()?
             };
-            let mut campaigns: HashMap<String, (String, String, Option<i64>, Option<Millis>, Millis)> =
-                HashMap::new();
+            let mut campaigns: HashMap<String, CampaignFacts> = HashMap::new();
             let mut days: HashMap<String, i64> = HashMap::new();
             let day = day_of(now);
             let mut set = tx.prepare(
@@ -481,12 +499,15 @@ impl Store {
                     "email" => email.clone(),
                     _ => None,
                 };
-                let blocked: bool =
-                    blocked_stmt.query_row(params![campaign, line, sender, user_id], |r| r.get(0))?;
+                let blocked: bool = blocked_stmt
+                    .query_row(params![campaign, line, sender, user_id], |r| r.get(0))?;
                 let (state, detail): (&str, Option<&str>) = if canceled_at.is_some() {
                     (fb::CANCELED, Some("the sender canceled the message"))
                 } else if blocked {
-                    (fb::SKIPPED_BLOCKED, Some("the recipient blocked this sender"))
+                    (
+                        fb::SKIPPED_BLOCKED,
+                        Some("the recipient blocked this sender"),
+                    )
                 } else if stored_stmt.query_row(params![campaign, line], |r| r.get::<_, bool>(0))? {
                     (fb::NOT_NEEDED, None)
                 } else if now >= *expires_at {
@@ -494,7 +515,11 @@ impl Store {
                 } else if target.is_none() {
                     (
                         fb::SKIPPED_NO_ADDRESS,
-                        Some(if kind == "sms" { "no phone number" } else { "no e-mail address" }),
+                        Some(if kind == "sms" {
+                            "no phone number"
+                        } else {
+                            "no e-mail address"
+                        }),
                     )
                 } else {
                     let used: i64 = tx.query_row(
@@ -514,9 +539,15 @@ impl Store {
                             .unwrap_or(0),
                     };
                     if max.is_some_and(|max| used >= max) {
-                        (fb::SKIPPED_CAP, Some("the campaign's --max-fallback was reached"))
+                        (
+                            fb::SKIPPED_CAP,
+                            Some("the campaign's --max-fallback was reached"),
+                        )
                     } else if today as u64 >= daily_cap {
-                        (fb::SKIPPED_CAP, Some("the sender's daily fallback cap was reached"))
+                        (
+                            fb::SKIPPED_CAP,
+                            Some("the sender's daily fallback cap was reached"),
+                        )
                     } else {
                         tx.execute(
                             "UPDATE campaigns SET fallbacks = fallbacks + 1 WHERE id = ?1",
@@ -714,11 +745,7 @@ impl Store {
     /// Takes the SMS gateway's delivery reports (one transaction). Idempotent: a
     /// report for an SMS already reported is a duplicate; one for an id no fallback
     /// has yet is kept and applied when the send is recorded.
-    pub fn sms_reports(
-        &self,
-        reports: &[SmsReport],
-        now: Millis,
-    ) -> Result<Vec<SmsReportOutcome>> {
+    pub fn sms_reports(&self, reports: &[SmsReport], now: Millis) -> Result<Vec<SmsReportOutcome>> {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
@@ -735,7 +762,10 @@ impl Store {
                         continue;
                     }
                 };
-                let detail = report.detail.as_deref().map(|d| d.chars().take(200).collect::<String>());
+                let detail = report
+                    .detail
+                    .as_deref()
+                    .map(|d| d.chars().take(200).collect::<String>());
                 let new = tx.execute(
                     "INSERT INTO sms_reports (gateway_id, status, detail, received_at)
                      VALUES (?1, ?2, ?3, ?4) ON CONFLICT (gateway_id) DO NOTHING",
@@ -770,6 +800,20 @@ impl Store {
     }
 
     // === figures ===
+
+    /// The sender of a message, or `NotFound`.
+    pub fn message_sender(&self, id: &str) -> Result<String> {
+        self.blocking(|| {
+            self.fast()
+                .query_row(
+                    "SELECT sender FROM messages WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no message {id}")))
+        })
+    }
 
     /// The sender of a campaign, or `NotFound`.
     pub fn campaign_sender(&self, id: &str) -> Result<String> {
@@ -816,7 +860,11 @@ impl Store {
                 .ok_or_else(|| StoreError::NotFound(format!("no campaign {id}")))?;
             let (ref mut s, invite) = status;
             let canceled = s.canceled_at.is_some();
-            let linked = if invite { linked_contacts(&conn)? } else { HashSet::new() };
+            let linked = if invite {
+                linked_contacts(&conn)?
+            } else {
+                HashSet::new()
+            };
             let mut delays = Vec::new();
             let mut reached = 0;
             let mut per_minute: std::collections::BTreeMap<Millis, u64> = Default::default();
@@ -830,7 +878,9 @@ impl Store {
                         s.invited += 1;
                         let keys = [
                             row.phone.as_ref().map(|p| format!("p:{p}")),
-                            row.email.as_ref().map(|e| format!("e:{}", e.to_ascii_lowercase())),
+                            row.email
+                                .as_ref()
+                                .map(|e| format!("e:{}", e.to_ascii_lowercase())),
                         ];
                         if keys.iter().flatten().any(|k| linked.contains(k)) {
                             s.invited_linked += 1;
@@ -871,12 +921,17 @@ impl Store {
                     _ => {}
                 }
                 // E-mails the relay took count as delivered: there is no report.
-                if row.fb_state.as_deref() == Some(fb::SENT) && row.fb_kind.as_deref() == Some("email") {
+                if row.fb_state.as_deref() == Some(fb::SENT)
+                    && row.fb_kind.as_deref() == Some("email")
+                {
                     s.fallback_delivered += 1;
                 }
                 if row.reached() {
                     reached += 1;
-                } else if matches!(row.state(canceled), "not_reached" | "blocked" | "canceled" | "fallback_failed") {
+                } else if matches!(
+                    row.state(canceled),
+                    "not_reached" | "blocked" | "canceled" | "fallback_failed"
+                ) {
                     s.not_reached += 1;
                 }
                 Ok(())
@@ -962,7 +1017,12 @@ fn apply_report(
         "UPDATE campaign_rows SET fb_state = ?2, fb_reported_at = ?3,
                 fb_detail = COALESCE(?4, fb_detail)
          WHERE fb_gateway_id = ?1 AND fb_state = 'sent'",
-        params![gateway_id, status, now, detail.map(|d| format!("carrier: {d}"))],
+        params![
+            gateway_id,
+            status,
+            now,
+            detail.map(|d| format!("carrier: {d}"))
+        ],
     )?;
     Ok(changed > 0)
 }
@@ -1059,4 +1119,216 @@ fn strict_refusal(created: &CampaignCreated) -> String {
         text.push_str(&format!("\n  ... and {} more", created.bad - 20));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use herald_shared::message::{Receipt, ReceiptState, Report};
+
+    use crate::model::Next;
+    use crate::store::messages::tests::{agent, block, message, report, store, NOW};
+
+    fn user(store: &Store, login: &str, phone: &str, email: &str) -> i64 {
+        let conn = store.conn();
+        conn.execute(
+            "INSERT INTO users (login, email, phone, password_hash, role, created_at)
+             VALUES (?1, ?2, ?3, 'x', 'user', ?4)",
+            params![login, email, phone, NOW],
+        )
+        .unwrap();
+        conn.last_insert_rowid()
+    }
+
+    fn own(store: &Store, agent: &str, user: i64) {
+        store
+            .conn()
+            .execute(
+                "UPDATE agents SET owner_user_id = ?2 WHERE id = ?1",
+                params![agent, user],
+            )
+            .unwrap();
+    }
+
+    fn plan(fallback: Fallback) -> CampaignPlan {
+        CampaignPlan {
+            start_at: NOW,
+            fallback,
+            fallback_after_ms: 60_000,
+            max_fallback: None,
+            rate: None,
+            invite_url: None,
+            country: Some(crate::model::parse_country("KR").unwrap()),
+            strict: false,
+        }
+    }
+
+    fn state(store: &Store, line: u64) -> Option<String> {
+        store
+            .conn()
+            .query_row(
+                "SELECT fb_state FROM campaign_rows WHERE line = ?1",
+                params![line as i64],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn rows_resolve_to_devices_or_fall_back_and_each_row_is_decided_once() {
+        let store = store();
+        let (alice_pc, alice_key) = agent(&store, 3, "alice-pc");
+        let (bob_pc, bob_key) = agent(&store, 4, "bob-pc");
+        let alice = user(&store, "alice", "010-1111-2222", "alice@example.org");
+        let bob = user(&store, "bob", "+82 10 3333 4444", "");
+        own(&store, &alice_pc, alice);
+        own(&store, &bob_pc, bob);
+        // Bob blocked the sender on his device.
+        let (signed, r) = report(&bob_key, block(&bob_pc, true, NOW - 1));
+        store.store_report(&bob_pc, &signed, &r, NOW).unwrap();
+        let (m, envelope) = message();
+        let list = "phone,email,user\n\
+                    01011112222,,\n\
+                    +821033334444,,\n\
+                    010-5555-6666,,\n\
+                    ,carol@example.org,\n\
+                    +82 10 1111 2222,,\n\
+                    bogus,,\n\
+                    ,,nobody\n";
+        let started = store
+            .create_campaign(&m, &envelope, list.as_bytes(), &plan(Fallback::Sms), NOW)
+            .unwrap();
+        let c = &started.created;
+        assert_eq!(
+            (
+                c.addressed,
+                c.with_program,
+                c.no_program,
+                c.devices,
+                c.skipped_blocked
+            ),
+            (4, 2, 2, 2, 1)
+        );
+        assert_eq!((c.duplicates, c.bad), (1, 2));
+        assert_eq!(
+            c.bad_rows.iter().map(|b| b.line).collect::<Vec<_>>(),
+            vec![7, 8]
+        );
+        assert_eq!(started.due_now.len(), 1, "Alice's device gets it now");
+
+        // At once: the rows without the program (line 4 by SMS; line 5 has no phone).
+        assert_eq!(store.decide_fallbacks(NOW, 100, 100).unwrap(), 2);
+        assert_eq!(state(&store, 4).as_deref(), Some(fb::PENDING));
+        assert_eq!(state(&store, 5).as_deref(), Some(fb::SKIPPED_NO_ADDRESS));
+        assert_eq!(state(&store, 2), None, "devices get their minute");
+        // Alice stores it; Bob's device refused (he blocked the sender).
+        let stored = Report::Receipt(Receipt {
+            message_id: m.id,
+            message_hash: herald_shared::message::message_hash(&envelope),
+            agent_id: alice_pc.clone(),
+            state: ReceiptState::Stored,
+            at: NOW + 5,
+        });
+        let (signed, r) = report(&alice_key, stored);
+        store
+            .store_report(&alice_pc, &signed, &r, NOW + 10)
+            .unwrap();
+        assert_eq!(store.decide_fallbacks(NOW + 60_000, 100, 100).unwrap(), 2);
+        assert_eq!(state(&store, 2).as_deref(), Some(fb::NOT_NEEDED));
+        assert_eq!(state(&store, 3).as_deref(), Some(fb::SKIPPED_BLOCKED));
+        assert_eq!(store.decide_fallbacks(NOW + 120_000, 100, 100).unwrap(), 0);
+
+        // The pending one is claimed once, sent, and reported.
+        let claimed = store.claim_fallbacks(NOW + 60_000, 10).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].target, "+821055556666");
+        assert_eq!(claimed[0].text, "card: Payment due - Friday");
+        assert!(store.claim_fallbacks(NOW + 60_000, 10).unwrap().is_empty());
+        // The report comes before the send is recorded: it is kept, then applied.
+        let reports = [SmsReport {
+            id: "gw-1".into(),
+            status: "delivered".into(),
+            detail: None,
+        }];
+        assert_eq!(store.sms_reports(&reports, NOW).unwrap()[0].outcome, "kept");
+        store
+            .record_fallbacks(
+                &[FallbackOutcome {
+                    campaign: c.id.clone(),
+                    line: 4,
+                    next: Next::Sent,
+                    detail: "HTTP 200".into(),
+                    gateway_id: Some("gw-1".into()),
+                }],
+                NOW + 61_000,
+            )
+            .unwrap();
+        assert_eq!(state(&store, 4).as_deref(), Some(fb::DELIVERED));
+        assert_eq!(
+            store.sms_reports(&reports, NOW).unwrap()[0].outcome,
+            "duplicate"
+        );
+
+        let s = store.campaign_status(&c.id, NOW + 120_000).unwrap();
+        assert_eq!(
+            (
+                s.addressed,
+                s.with_program,
+                s.stored,
+                s.refused,
+                s.no_program
+            ),
+            (4, 2, 1, 1, 2)
+        );
+        assert_eq!((s.fallback_sent, s.fallback_delivered), (1, 1));
+        assert_eq!(s.fallback_skipped_blocked, 1);
+        assert_eq!(s.not_reached, 2, "Bob (blocked) and Carol (no phone)");
+        assert_eq!(s.reach_rate, 0.5);
+        assert_eq!(s.stored_ms_p50, Some(10));
+        let rows = store
+            .campaign_recipients(&c.id, Some("blocked"), NOW + 120_000)
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].user.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn strict_refuses_the_whole_list_and_leaves_nothing() {
+        let store = store();
+        let (m, envelope) = message();
+        let mut strict = plan(Fallback::Sms);
+        strict.strict = true;
+        let list = "phone\n+821055556666\nnot a phone\n";
+        let e = store
+            .create_campaign(&m, &envelope, list.as_bytes(), &strict, NOW)
+            .unwrap_err();
+        assert!(e.to_string().contains("line 3"), "{e}");
+        let count: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn the_cap_and_the_interruption_keep_fallbacks_to_at_most_one_per_row() {
+        let store = store();
+        let (m, envelope) = message();
+        let mut capped = plan(Fallback::Sms);
+        capped.max_fallback = Some(2);
+        let list = "phone\n+821055556661\n+821055556662\n+821055556663\n";
+        let c = store
+            .create_campaign(&m, &envelope, list.as_bytes(), &capped, NOW)
+            .unwrap()
+            .created;
+        store.decide_fallbacks(NOW, 100, 100).unwrap();
+        assert_eq!(state(&store, 4).as_deref(), Some(fb::SKIPPED_CAP));
+        assert_eq!(store.claim_fallbacks(NOW, 10).unwrap().len(), 2);
+        // The server dies while sending: nothing is sent again.
+        assert_eq!(store.interrupt_fallbacks().unwrap(), 2);
+        assert!(store.claim_fallbacks(NOW + 1, 10).unwrap().is_empty());
+        let s = store.campaign_status(&c.id, NOW).unwrap();
+        assert_eq!((s.fallback_failed, s.fallback_skipped_cap), (2, 1));
+    }
 }

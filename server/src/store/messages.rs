@@ -739,7 +739,7 @@ fn store_block(tx: &Connection, change: &BlockChange, blob: &[u8], now: Millis) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     use ed25519_dalek::SigningKey;
@@ -749,9 +749,9 @@ mod tests {
         SignedReport, DEFAULT_TTL_MS,
     };
 
-    const NOW: Millis = 1_700_000_000_000;
+    pub(crate) const NOW: Millis = 1_700_000_000_000;
 
-    fn store() -> Store {
+    pub(crate) fn store() -> Store {
         let dir = std::env::temp_dir().join(format!(
             "herald-messages-{}",
             hex::encode(crate::random_bytes::<6>())
@@ -761,7 +761,7 @@ mod tests {
     }
 
     /// An agent with a real key; returns its id and key.
-    fn agent(store: &Store, seed: u8, name: &str) -> (String, SigningKey) {
+    pub(crate) fn agent(store: &Store, seed: u8, name: &str) -> (String, SigningKey) {
         let key = SigningKey::from_bytes(&[seed; 32]);
         let public = key.verifying_key().to_bytes();
         let id = herald_shared::agent_id(&public);
@@ -775,7 +775,7 @@ mod tests {
         (id, key)
     }
 
-    fn message() -> (Message, Envelope) {
+    pub(crate) fn message() -> (Message, Envelope) {
         let operator = OperatorKey::from_seed([1; 32]);
         let sender = OperatorKey::from_seed([2; 32]);
         let grant = operator
@@ -805,11 +805,11 @@ mod tests {
         (message, envelope)
     }
 
-    fn report(key: &SigningKey, report: Report) -> (SignedReport, Report) {
+    pub(crate) fn report(key: &SigningKey, report: Report) -> (SignedReport, Report) {
         (SignedReport::sign(key, &report), report)
     }
 
-    fn block(agent: &str, blocked: bool, at: Millis) -> Report {
+    pub(crate) fn block(agent: &str, blocked: bool, at: Millis) -> Report {
         Report::Block(BlockChange {
             agent_id: agent.into(),
             sender: "card".into(),
