@@ -13,7 +13,7 @@ use crate::Millis;
 
 /// Prefix mixed into every signature so a Herald signature can never be replayed as a
 /// signature over some other protocol's bytes.
-const SIGNING_CONTEXT: &[u8] = b"herald-envelope-v1\0";
+pub const SIGNING_CONTEXT: &[u8] = b"herald-envelope-v1\0";
 
 /// Largest payload an envelope may carry.
 pub const MAX_PAYLOAD: usize = 64 * 1024;

@@ -25,6 +25,10 @@ use crate::{free_port, wait_until, DEADLINE};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// The WebDriver server (Debian package `chromium-driver`).
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Screen widths every page must work at: a phone and a laptop.
+pub const WIDTHS: [u32; 2] = [390, 1280];
+/// Sideways slack allowed at 390 px (sub-pixel rounding), in CSS pixels.
+const OVERFLOW_TOLERANCE: i64 = 2;
 /// The window height for screenshots; widths are the caller's (390 and 1280 px).
 pub const SCREENSHOT_HEIGHT: u32 = 900;
 /// Environment variable naming a directory to keep screenshots in (one folder per
@@ -544,6 +548,30 @@ impl Browser {
         self.execute("return document.documentElement.clientWidth;")
             .as_i64()
             .unwrap_or(0)
+    }
+
+    /// Takes the page's screenshots at both [`WIDTHS`] and checks that at 390 px it
+    /// does not scroll sideways.
+    pub fn shoot(&self, name: &str) {
+        for width in WIDTHS {
+            self.screenshot(name, width);
+            if width == 390 {
+                let overflow = self.horizontal_overflow();
+                assert!(
+                    overflow <= OVERFLOW_TOLERANCE,
+                    "{name} ({}) scrolls sideways by {overflow} px at 390 px (viewport {} px)",
+                    self.current_url(),
+                    self.viewport_width()
+                );
+            }
+        }
+    }
+
+    /// Chooses a local file in the file input matching `css`.
+    pub fn attach(&self, css: &str, path: &Path) {
+        let field = self.find(css);
+        let path = path.to_str().expect("UTF-8 path");
+        self.block_on("choose a file", field.send_keys(path));
     }
 
     /// Resizes the window to `width` x [`SCREENSHOT_HEIGHT`], saves a PNG of the

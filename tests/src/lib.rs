@@ -409,6 +409,34 @@ impl TestServer {
         (key, token)
     }
 
+    /// Makes a sender key in the test directory and registers it as sender `name`
+    /// ("Card Company") with `sender add`; returns the key file and the sender's token.
+    pub fn add_sender(&self, name: &str) -> (PathBuf, String) {
+        let key = self.dir.path().join(format!("{name}.sender.key"));
+        let text = self.cli_ok(&["sender", "keygen", "--out", &key.to_string_lossy()]);
+        let public = text
+            .lines()
+            .find_map(|l| l.strip_prefix("public key: "))
+            .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
+            .trim()
+            .to_string();
+        let text = self.cli_ok(&[
+            "sender",
+            "add",
+            name,
+            "--display-name",
+            "Card Company",
+            "--key",
+            &public,
+        ]);
+        let token = text
+            .split_whitespace()
+            .find(|w| w.starts_with("hrlds_"))
+            .unwrap_or_else(|| panic!("no sender token in {text}"))
+            .to_string();
+        (key, token)
+    }
+
     /// Creates an enrollment token.
     pub fn token(&self, extra: &[&str]) -> String {
         let mut args = vec!["token", "create"];

@@ -19,10 +19,6 @@ use herald_tests::{bin, wait_until, AcceptAnyServerCert, TestAgent, TestServer};
 const PASSWORD: &str = "correct horse battery";
 /// How long runs on a seconds timing may take to show up in the history.
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
-/// Screen widths every page must work at: a phone and a laptop.
-const WIDTHS: [u32; 2] = [390, 1280];
-/// Sideways slack allowed at 390 px (sub-pixel rounding), in CSS pixels.
-const OVERFLOW_TOLERANCE: i64 = 2;
 
 // === console helpers ===
 
@@ -153,23 +149,6 @@ fn wait_history(b: &Browser, state: &str, count: usize) -> Vec<String> {
             (jobs.len() >= count).then_some(jobs)
         },
     )
-}
-
-/// Takes the page's screenshots at both widths and checks that at 390 px it does not
-/// scroll sideways.
-fn shoot(b: &Browser, name: &str) {
-    for width in WIDTHS {
-        b.screenshot(name, width);
-        if width == 390 {
-            let overflow = b.horizontal_overflow();
-            assert!(
-                overflow <= OVERFLOW_TOLERANCE,
-                "{name} ({}) scrolls sideways by {overflow} px at 390 px (viewport {} px)",
-                b.current_url(),
-                b.viewport_width()
-            );
-        }
-    }
 }
 
 /// Publishes the standalone entry `hello` (runs `/bin/echo hello-from-herald`).
@@ -354,7 +333,7 @@ fn browser_service_opens_with_a_one_time_ticket_and_records_the_outcome() {
         "the ticket leaves the address bar"
     );
     assert!(b.body_text().contains("Check in"), "{}", b.body_text());
-    shoot(b, "service");
+    b.shoot("service");
     // The task waits for the person: the page offers the answer form.
     let done = "main form button[name=\"outcome\"][value=\"done\"]";
     b.find(done);
@@ -418,46 +397,46 @@ fn every_page_works_on_a_phone_screen() {
 
     b.goto("/login");
     b.wait_page("page-login");
-    shoot(b, "login");
+    b.shoot("login");
     b.goto("/register");
     b.wait_page("page-register");
-    shoot(b, "register");
+    b.shoot("register");
 
     register(b, "carol");
     b.goto("/devices");
     b.wait_page("page-devices");
-    shoot(b, "devices-empty");
+    b.shoot("devices-empty");
     b.submit("form[action=\"/devices/link\"]");
     b.wait_page("page-link");
-    shoot(b, "link");
+    b.shoot("link");
     let token = b.text("code#enroll-token").trim().to_string();
     let mut agent = TestAgent::enroll_with_token(&console.server, "carol-phone", &token);
     agent.spawn();
     agent.wait_online(&console.server);
     b.goto("/devices");
     b.find(&format!("tr[data-agent=\"{}\"]", agent.id));
-    shoot(b, "devices");
+    b.shoot("devices");
 
     b.goto("/catalog");
     b.wait_page("page-catalog");
-    shoot(b, "catalog");
+    b.shoot("catalog");
     b.goto("/catalog/hello");
     b.wait_page("page-entry");
-    shoot(b, "entry");
+    b.shoot("entry");
     let subscription = subscribe_every(b, "hello", &agent.id, "2s");
-    shoot(b, "subscriptions");
+    b.shoot("subscriptions");
     b.goto(&format!("/subscriptions/{subscription}"));
     b.wait_page("page-subscription");
-    shoot(b, "subscription");
+    b.shoot("subscription");
 
     let jobs = wait_history(b, "succeeded", 1);
-    shoot(b, "history");
+    b.shoot("history");
     b.goto(&format!("/history/{}", jobs[0]));
     b.wait_page("page-job");
-    shoot(b, "job");
+    b.shoot("job");
     b.goto(&format!("/devices/{}", agent.id));
     b.wait_page("page-device");
-    shoot(b, "device");
+    b.shoot("device");
 
     b.goto("/forwarding");
     b.wait_page("page-forwarding");
@@ -467,11 +446,11 @@ fn every_page_works_on_a_phone_screen() {
     b.goto("/forwarding");
     b.wait_page("page-forwarding");
     b.find("tr[data-destination]");
-    shoot(b, "forwarding");
+    b.shoot("forwarding");
 
     b.goto("/account");
     b.wait_page("page-account");
-    shoot(b, "account");
+    b.shoot("account");
 
     // An admin sees every agent, job, schedule and user.
     log_in_as_new_admin(&console, "root");
@@ -505,7 +484,7 @@ fn every_page_works_on_a_phone_screen() {
     ] {
         b.goto(&path);
         b.wait_page(page);
-        shoot(b, name);
+        b.shoot(name);
     }
     println!("screenshots in {}", b.screenshot_dir().display());
 }
@@ -678,7 +657,7 @@ fn repeated_wrong_passwords_lock_the_login() {
         text.to_lowercase().contains("too many failed logins"),
         "locked out with 'too many failed logins': {text}"
     );
-    shoot(b, "login-locked");
+    b.shoot("login-locked");
     // The same answer for a login that does not exist (no hint which ones do).
     for _ in 1..=6 {
         try_log_in(b, "nobody-here", "wrong password!");

@@ -42,12 +42,7 @@ pub(crate) async fn upload_list(
     State(state): State<ApiState>,
     body: Body,
 ) -> ApiResult<ListUploaded> {
-    tokio::fs::create_dir_all(&state.lists)
-        .await
-        .map_err(internal)?;
-    prune_lists(&state.lists).await;
-    let id = hex::encode(crate::random_bytes::<16>());
-    let temp = state.lists.join(format!("{id}.upload"));
+    let (id, temp) = new_list(&state).await?;
     let too_long = format!("the list is longer than {MAX_LIST_BYTES} bytes");
     let (bytes, _) = match receive(body, &temp, MAX_LIST_BYTES, &too_long).await {
         Ok(got) => got,
@@ -56,10 +51,30 @@ pub(crate) async fn upload_list(
             return Err(e);
         }
     };
-    tokio::fs::rename(&temp, list_path(&state, &id)?)
+    keep_list(&state, &id, &temp).await?;
+    Ok(Json(ListUploaded { id, bytes }))
+}
+
+/// A new list's id and the file it is received into (old lists are deleted first).
+pub(crate) async fn new_list(state: &ApiState) -> Result<(String, std::path::PathBuf), ApiError> {
+    tokio::fs::create_dir_all(&state.lists)
         .await
         .map_err(internal)?;
-    Ok(Json(ListUploaded { id, bytes }))
+    prune_lists(&state.lists).await;
+    let id = hex::encode(crate::random_bytes::<16>());
+    let temp = state.lists.join(format!("{id}.upload"));
+    Ok((id, temp))
+}
+
+/// Makes a received list available to campaigns under its id.
+pub(crate) async fn keep_list(
+    state: &ApiState,
+    id: &str,
+    temp: &std::path::Path,
+) -> Result<(), ApiError> {
+    tokio::fs::rename(temp, list_path(state, id)?)
+        .await
+        .map_err(internal)
 }
 
 fn list_path(state: &ApiState, id: &str) -> Result<std::path::PathBuf, ApiError> {
@@ -97,7 +112,16 @@ pub(crate) async fn create_campaign(
     Extension(caller): Extension<Caller>,
     Json(body): Json<CreateCampaign>,
 ) -> ApiResult<CampaignCreated> {
-    let (envelope, message) = verified_message(&state, &caller, &body.envelope)?;
+    Ok(Json(start_campaign(&state, &caller, body)?))
+}
+
+/// Creates a campaign from an uploaded list (the API's and the sender console's way).
+pub(crate) fn start_campaign(
+    state: &ApiState,
+    caller: &Caller,
+    body: CreateCampaign,
+) -> Result<CampaignCreated, ApiError> {
+    let (envelope, message) = verified_message(state, caller, &body.envelope)?;
     if message.audience != Audience::All {
         return Err(bad(format!(
             "a list campaign's message is signed for all (the list narrows it), not {}",
@@ -130,7 +154,7 @@ pub(crate) async fn create_campaign(
         .map(parse_country)
         .transpose()
         .map_err(bad)?;
-    let path = list_path(&state, &body.list)?;
+    let path = list_path(state, &body.list)?;
     let file = std::fs::File::open(&path).map_err(|_| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -171,7 +195,7 @@ pub(crate) async fn create_campaign(
     }
     state.scheduler.notify_one();
     state.fallbacks.notify_one();
-    Ok(Json(started.created))
+    Ok(started.created)
 }
 
 /// The campaign's sender, checked against the caller.

@@ -20,7 +20,7 @@ use crate::api::{bad, check_hash, decode_envelope, decode_raw_envelope, no_agent
 use crate::api::{ApiError, ApiResult, ApiState, Caller, MAX_LIST};
 use crate::model::{
     CreateSender, Created, GrantInfo, MessageCreated, MessageDetail, MessageInfo, ReceiptInfo,
-    RefusalInfo, SendMessage, SenderInfo,
+    RefusalInfo, SendMessage, SenderInfo, SenderLink,
 };
 use crate::now_ms;
 
@@ -92,6 +92,20 @@ pub(crate) async fn remove_sender(
 ) -> ApiResult<Created> {
     admin_only(&caller)?;
     state.store.remove_sender(&name)?;
+    Ok(Json(Created { ids: vec![] }))
+}
+
+/// `POST /api/v1/senders/{name}/users`: lets a console user act for the sender.
+pub(crate) async fn link_sender(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(body): Json<SenderLink>,
+) -> ApiResult<Created> {
+    admin_only(&caller)?;
+    state
+        .store
+        .link_sender(&body.login, body.linked.then_some(name.as_str()))?;
     Ok(Json(Created { ids: vec![] }))
 }
 

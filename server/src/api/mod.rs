@@ -184,6 +184,7 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/senders/{name}",
             axum::routing::delete(messages::remove_sender),
         )
+        .route("/api/v1/senders/{name}/users", post(messages::link_sender))
         .route("/api/v1/grants/{key}", get(messages::show_grant))
         .route(
             "/api/v1/messages",

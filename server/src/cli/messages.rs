@@ -21,7 +21,7 @@ use crate::cli::{parse_duration, print_json, usage, CliError, Context};
 use crate::model::{
     parse_country, CampaignCreated, CampaignRecipient, CampaignStatus, CreateCampaign,
     CreateSender, Created, Fallback, GrantInfo, ListUploaded, MessageCreated, MessageDetail,
-    MessageInfo, ReceiptInfo, RefusalInfo, SendMessage, SenderInfo, RECIPIENT_STATES,
+    MessageInfo, ReceiptInfo, RefusalInfo, SendMessage, SenderInfo, SenderLink, RECIPIENT_STATES,
 };
 use crate::now_ms;
 
@@ -58,6 +58,18 @@ pub enum SenderCommand {
     Rm {
         /// Sender name.
         name: String,
+    },
+    /// Let a console user act for a sender in the console (compose, upload lists,
+    /// watch campaigns); `--unlink` undoes it.
+    Link {
+        /// Sender name.
+        name: String,
+        /// Console login.
+        #[arg(long)]
+        user: String,
+        /// Remove the link instead.
+        #[arg(long)]
+        unlink: bool,
     },
 }
 
@@ -252,6 +264,17 @@ fn sender_query(path: &str, sender: &Option<String>) -> Result<String, CliError>
     }
 }
 
+/// A sender name as given on the command line (checked before it reaches a URL).
+fn sender_name(name: &str) -> Result<&str, CliError> {
+    if herald_shared::valid_name(name) {
+        Ok(name)
+    } else {
+        Err(usage(format!(
+            "{name:?}: a sender name is 1 to 64 of letters, digits, '.', '_' and '-'"
+        )))
+    }
+}
+
 /// A message id as given on the command line: 32 hex digits (as `message list` prints).
 fn message_id(id: &str) -> Result<&str, CliError> {
     if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -348,6 +371,27 @@ impl Context {
                     .delete(&format!("/api/v1/senders/{name}"))
                     .await?;
                 println!("sender {name} removed");
+                Ok(ExitCode::SUCCESS)
+            }
+            SenderCommand::Link { name, user, unlink } => {
+                let name = sender_name(&name)?;
+                let _: Created = self
+                    .client
+                    .post(
+                        &format!("/api/v1/senders/{name}/users"),
+                        &SenderLink {
+                            login: user.clone(),
+                            linked: !unlink,
+                        },
+                    )
+                    .await?;
+                if unlink {
+                    println!("console user {user} no longer acts for sender {name}");
+                } else {
+                    println!(
+                        "console user {user} now acts for sender {name} in the console (/sender)"
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
         }

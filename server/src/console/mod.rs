@@ -18,6 +18,7 @@ mod forms;
 mod forwarding;
 mod messages;
 mod pages;
+mod sender;
 #[cfg(test)]
 mod tests;
 mod visit;
@@ -228,6 +229,17 @@ pub fn router(state: ConsoleState) -> Router {
             "/subscriptions/{id}/delete",
             post(pages::delete_subscription),
         )
+        .route("/join", get(sender::join))
+        .route(sender::SIGN_SCRIPT_PATH, get(sender::sign_script))
+        .route("/sender", get(sender::home))
+        .route("/sender/new", get(sender::new))
+        .route("/sender/draft", post(sender::draft))
+        .route(
+            "/sender/campaigns",
+            post(sender::create).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/sender/campaigns/{id}", get(sender::campaign))
+        .route("/sender/campaigns/{id}/cancel", post(sender::cancel))
         .route("/messages", get(messages::show))
         .route("/messages/block", post(messages::block))
         .route("/history", get(pages::history))
@@ -314,6 +326,8 @@ pub(crate) struct Layout {
     pub(crate) login: Option<String>,
     /// Whether to show the admin link.
     pub(crate) is_admin: bool,
+    /// Whether to show the sender link (the user acts for a message sender).
+    pub(crate) is_sender: bool,
     /// The session's CSRF token.
     pub(crate) csrf: String,
     /// No navigation at all (error and service pages, whoever sees them).
@@ -339,6 +353,7 @@ impl Layout {
         Layout {
             login: Some(session.user.login.clone()),
             is_admin: session.user.is_admin(),
+            is_sender: session.user.sender.is_some(),
             csrf: session.csrf.clone(),
             bare: false,
         }

@@ -64,6 +64,9 @@ pub struct User {
     pub role: Role,
     /// Created.
     pub created_at: Millis,
+    /// The message sender this user acts for in the console, if the operator linked
+    /// one (`herald-server sender link`).
+    pub sender: Option<String>,
 }
 
 impl User {

@@ -234,3 +234,12 @@ pub struct UserBlock {
     /// Set for a request the agent has not answered yet.
     pub requested_at: Option<Millis>,
 }
+
+/// Request body: link a console user to a sender (`POST /api/v1/senders/{name}/users`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SenderLink {
+    /// Console login.
+    pub login: String,
+    /// Link (true) or unlink (false).
+    pub linked: bool,
+}

@@ -19,7 +19,8 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// it (a page can be finished before the agent's own result arrives).
 const VISIT_SOURCES: [JobState; 3] = [JobState::Delivered, JobState::Running, JobState::Waiting];
 
-const USER_COLUMNS: &str = "u.id, u.login, u.display_name, u.email, u.phone, u.role, u.created_at";
+const USER_COLUMNS: &str =
+    "u.id, u.login, u.display_name, u.email, u.phone, u.role, u.created_at, u.sender";
 
 fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     let role: String = r.get(5)?;
@@ -33,6 +34,7 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
             rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, e.into())
         })?,
         created_at: r.get(6)?,
+        sender: r.get(7)?,
     })
 }
 
@@ -170,8 +172,8 @@ impl Store {
                     |r| {
                         Ok(Credentials {
                             user: user_row(r)?,
-                            password_hash: r.get(7)?,
-                            locked_until: r.get(8)?,
+                            password_hash: r.get(8)?,
+                            locked_until: r.get(9)?,
                         })
                     },
                 )
@@ -391,7 +393,7 @@ impl Store {
                            AND s.created_at > ?2 - ?3"
                     ),
                     params![token_hash, now, max_age_ms],
-                    |r| Ok((user_row(r)?, r.get::<_, String>(7)?, r.get::<_, Millis>(8)?)),
+                    |r| Ok((user_row(r)?, r.get::<_, String>(8)?, r.get::<_, Millis>(9)?)),
                 )
                 .optional()?;
             let Some((user, csrf, last_seen)) = found else {

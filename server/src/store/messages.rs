@@ -145,6 +145,42 @@ impl Store {
         })
     }
 
+    /// Lets console user `login` act for `sender` in the console (or no longer, with
+    /// `None`).
+    pub fn link_sender(&self, login: &str, sender: Option<&str>) -> Result<()> {
+        self.blocking(|| {
+            let conn = self.conn();
+            if let Some(sender) = sender {
+                let known: Option<String> = conn
+                    .query_row(
+                        "SELECT name FROM senders WHERE name = ?1",
+                        params![sender],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if known.is_none() {
+                    return Err(StoreError::NotFound(format!("no sender {sender}")));
+                }
+            }
+            let changed = conn.execute(
+                "UPDATE users SET sender = ?2 WHERE login = ?1",
+                params![login, sender],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("no console user {login}")));
+            }
+            Ok(())
+        })
+    }
+
+    /// A sender's public key (hex) and operator-signed grant.
+    pub fn sender_by_name(&self, name: &str) -> Result<Option<(String, Envelope)>> {
+        self.name_and_envelope(
+            "SELECT public_key, grant_envelope FROM senders WHERE name = ?1",
+            name,
+        )
+    }
+
     /// Removes a sender: its token stops working and the server takes no more messages
     /// signed by its key. Messages already sent stay (with their receipts).
     pub fn remove_sender(&self, name: &str) -> Result<()> {
