@@ -159,6 +159,13 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         public_url: config.public_url(http_addr.port()),
         fallbacks: forward_settings.fallbacks.clone(),
         sms_report_secret: config.sms.as_ref().and_then(|s| s.report_secret.clone()),
+        fallback_media: [
+            (config.sms.is_some(), crate::model::Fallback::Sms),
+            (config.smtp.is_some(), crate::model::Fallback::Email),
+        ]
+        .into_iter()
+        .filter_map(|(set_up, medium)| set_up.then_some(medium))
+        .collect(),
     };
     let tasks = vec![
         tokio::spawn(relay.clone().serve(endpoint, until_stopped())),

@@ -143,6 +143,16 @@ pub(crate) fn start_campaign(
             ttl / 1000
         )));
     }
+    if body.fallback != Fallback::None && !state.fallback_media.contains(&body.fallback) {
+        return Err(bad(match body.fallback {
+            Fallback::Sms => {
+                "--fallback sms needs an SMS gateway: [sms] in herald.toml (docs/OPERATIONS.md)"
+            }
+            _ => {
+                "--fallback email needs an e-mail relay: [smtp] in herald.toml (docs/OPERATIONS.md)"
+            }
+        }));
+    }
     if let Some(rate) = body.rate {
         if rate == 0 || rate > MAX_RATE {
             return Err(bad(format!("--rate must be 1 to {MAX_RATE} per second")));

@@ -72,6 +72,8 @@ pub struct ApiState {
     pub fallbacks: Arc<Notify>,
     /// `[sms] report_secret`: what the gateway's delivery reports must carry.
     pub sms_report_secret: Option<String>,
+    /// Fallback media this server is set up for (`[sms]`, `[smtp]`).
+    pub fallback_media: Vec<crate::model::Fallback>,
 }
 
 /// Who made an API request.

@@ -81,6 +81,7 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
         public_url: "https://herald.example.org:8443".into(),
         fallbacks: Arc::new(Notify::new()),
         sms_report_secret: None,
+        fallback_media: Vec::new(),
     };
     let clock = Arc::new(AtomicI64::new(START));
     let read = clock.clone();
