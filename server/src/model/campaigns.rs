@@ -212,11 +212,7 @@ impl<R: Read> ListReader<R> {
                     }
                 }
             }
-            let inside: usize = self
-                .record
-                .iter()
-                .map(|field| field.iter().filter(|b| **b == b'\n').count())
-                .sum();
+            let inside: usize = self.record.iter().map(line_breaks).sum();
             let line = line.saturating_sub(inside as u64).max(2);
             // A blank line is no row.
             if self.record.iter().all(<[u8]>::is_empty) {
@@ -292,15 +288,29 @@ impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut lines = self.lines.borrow_mut();
+        // A line ends at "\n", "\r\n" (counted at the "\r") or a lone "\r", as the csv
+        // reader ends records.
         for (i, b) in buf[..n].iter().enumerate() {
-            if *b == b'\n' {
-                let at = lines.read + i as u64;
-                lines.breaks.push_back(at);
+            let at = lines.read + i as u64;
+            match b {
+                b'\r' => lines.breaks.push_back(at),
+                b'\n' if !lines.after_cr => lines.breaks.push_back(at),
+                _ => {}
             }
+            lines.after_cr = *b == b'\r';
         }
         lines.read += n as u64;
         Ok(n)
     }
+}
+
+/// Line breaks in a field, counted as [`Counted`] counts them.
+fn line_breaks(field: &[u8]) -> usize {
+    field
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| **b == b'\r' || **b == b'\n' && (*i == 0 || field[i - 1] != b'\r'))
+        .count()
 }
 
 /// Line breaks read but not yet passed (the csv reader's buffer's worth), and how many
@@ -310,6 +320,7 @@ struct Lines {
     breaks: std::collections::VecDeque<u64>,
     passed: u64,
     read: u64,
+    after_cr: bool,
 }
 
 impl Lines {
@@ -760,7 +771,7 @@ mod tests {
 
     #[test]
     fn line_numbers_count_blank_lines_crlf_and_quoted_breaks() {
-        let list = "user\r\na\r\n\r\nb\n\"c\nc\"\n\n\nd\ne";
+        let list = "user\r\na\r\n\r\nb\n\"c\r\nc\"\n\n\nd\re";
         let rows = read(list, None).unwrap();
         let lines: Vec<u64> = rows
             .iter()
@@ -797,6 +808,37 @@ mod tests {
             results.push(row.is_ok());
         }
         assert_eq!(results, vec![true, false, true]);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_lines_only_grow() {
+        // A small xorshift generator: the same inputs on every run.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"phone,email,user,agent\n\r\"+0123456789 @.-_ab\xff\xfe";
+        for _ in 0..3000 {
+            let len = (next() % 200) as usize;
+            let mut input = b"phone,email,user,agent\n".to_vec();
+            input.extend((0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]));
+            let Ok(mut reader) = ListReader::new(&input[..], Some(parse_country("KR").unwrap()))
+            else {
+                continue;
+            };
+            let mut last = 1;
+            while let Ok(Some(row)) = reader.next_row() {
+                let line = match row {
+                    Ok(row) => row.line,
+                    Err(bad) => bad.line,
+                };
+                assert!(line > last, "line {line} after {last}: {input:?}");
+                last = line;
+            }
+        }
     }
 
     #[test]
