@@ -32,6 +32,9 @@ use crate::store::CampaignPlan;
 pub const LIST_DIR: &str = "lists";
 /// Uploaded lists no campaign took are deleted after a day.
 const LIST_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Uploaded lists (each up to [`MAX_LIST_BYTES`]) that may wait for a campaign at
+/// once, so that uploads cannot fill the disk.
+const MAX_LISTS_WAITING: usize = 16;
 /// Most delivery reports in one callback.
 const MAX_REPORTS: usize = 10_000;
 /// Fastest `rate`, rows per second.
@@ -60,7 +63,15 @@ pub(crate) async fn new_list(state: &ApiState) -> Result<(String, std::path::Pat
     tokio::fs::create_dir_all(&state.lists)
         .await
         .map_err(internal)?;
-    prune_lists(&state.lists).await;
+    let waiting = prune_lists(&state.lists).await;
+    if waiting >= MAX_LISTS_WAITING {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{waiting} uploaded lists are waiting for a campaign; create campaigns from them, or wait a day for them to be deleted"
+            ),
+        ));
+    }
     let id = hex::encode(crate::random_bytes::<16>());
     let temp = state.lists.join(format!("{id}.upload"));
     Ok((id, temp))
@@ -85,10 +96,12 @@ fn list_path(state: &ApiState, id: &str) -> Result<std::path::PathBuf, ApiError>
     }
 }
 
-/// Deletes lists (and interrupted uploads) older than [`LIST_RETENTION`].
-async fn prune_lists(dir: &std::path::Path) {
+/// Deletes lists (and interrupted uploads) older than [`LIST_RETENTION`]; returns
+/// how many are left.
+async fn prune_lists(dir: &std::path::Path) -> usize {
+    let mut left = 0;
     let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
-        return;
+        return left;
     };
     while let Ok(Some(entry)) = entries.next_entry().await {
         let old = entry
@@ -100,8 +113,11 @@ async fn prune_lists(dir: &std::path::Path) {
             .is_some_and(|age| age > LIST_RETENTION);
         if old {
             let _ = tokio::fs::remove_file(entry.path()).await;
+        } else {
+            left += 1;
         }
     }
+    left
 }
 
 /// `POST /api/v1/campaigns`: checks the message and the options, then reads the list
