@@ -1,10 +1,13 @@
 //! Campaign fallbacks: when a row's time comes, the store decides it (not needed,
 //! skipped, or pending), and pending ones go out through the same SMS gateway and SMTP
 //! relay as forwarded results, with the same timeout, retries and backoff. They are
-//! taken in batches: claimed (`sending`) in one transaction, sent at most
-//! `fallback_concurrency` at once, recorded in one transaction. A fallback that was
-//! being sent when the server died is never sent again (it may have gone out, and an
-//! SMS costs money): it stays `interrupted`.
+//! taken in batches of as many as are sent at once (`fallback_concurrency`): claimed
+//! (`sending`) in one transaction, all sent together, recorded in one transaction. A
+//! fallback that was being sent when the server died is never sent again (it may have
+//! gone out, and an SMS costs money): it stays `interrupted`. That is why a batch is
+//! no larger than what is sent at once: a row claimed but still waiting for a send
+//! slot would be marked `interrupted` by a crash too, and lost, though it never went
+//! out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use crate::store::{FallbackOutcome, Store};
 
 /// Rows decided in one transaction.
 const DECIDE_BATCH: u32 = 1000;
-/// Fallbacks claimed in one transaction.
+/// Most fallbacks claimed in one transaction (fewer if fewer are sent at once).
 const SEND_BATCH: u32 = 256;
 /// Delivery reports are kept this long for a send that has not been recorded.
 const REPORT_RETENTION_MS: i64 = 30 * 24 * 3_600_000;
@@ -85,7 +88,10 @@ async fn step(
 ) -> Result<bool, crate::store::StoreError> {
     let now = crate::now_ms();
     let decided = store.decide_fallbacks(now, DECIDE_BATCH, settings.fallback_per_sender_day)?;
-    let claimed = store.claim_fallbacks(now, SEND_BATCH)?;
+    // Only as many as go out at once: every claimed row is being sent from now on, so
+    // a crash interrupts no row that was still waiting (see the module doc).
+    let at_once = settings.fallback_concurrency.clamp(1, SEND_BATCH as usize);
+    let claimed = store.claim_fallbacks(now, at_once as u32)?;
     if claimed.is_empty() {
         return Ok(decided as u32 == DECIDE_BATCH);
     }
@@ -95,7 +101,7 @@ async fn step(
             let senders = senders.clone();
             async move { send_one(&senders, send, &policy).await }
         })
-        .buffer_unordered(settings.fallback_concurrency.max(1))
+        .buffer_unordered(at_once)
         .collect()
         .await;
     let sent = outcomes
