@@ -2,12 +2,16 @@
 //! skipped, or pending), and pending ones go out through the same SMS gateway and SMTP
 //! relay as forwarded results, with the same timeout, retries and backoff. They are
 //! taken in batches of as many as are sent at once (`fallback_concurrency`): claimed
-//! (`sending`) in one transaction, all sent together, recorded in one transaction. A
-//! fallback that was being sent when the server died is never sent again (it may have
-//! gone out, and an SMS costs money): it stays `interrupted`. That is why a batch is
-//! no larger than what is sent at once: a row claimed but still waiting for a send
-//! slot would be marked `interrupted` by a crash too, and lost, though it never went
-//! out.
+//! (`sending`) in one transaction, all sent together, recorded in one transaction.
+//!
+//! A fallback never goes out twice (an SMS costs money, and a person texted twice
+//! blames the sender). So one that was being sent when the server died is not sent
+//! again: it stays `interrupted`. That is why a batch is no larger than what is sent at
+//! once: a row claimed but still waiting for a send slot would be interrupted by a
+//! crash too, and lost, though it never went out. And a send that got no answer (a
+//! timeout, or a connection lost after it was made) is not retried but `failed`: the
+//! gateway may have taken it. Only a refusal the gateway answered, or a connection
+//! that was never made, is retried.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,19 +139,29 @@ async fn send_one(senders: &Senders, send: FallbackSend, policy: &RetryPolicy) -
             None,
         ),
     };
+    // No answer: it may have gone out, and it must not go out twice.
+    let give_up = attempt.unanswered;
     let next = super::next_step(
         send.attempts,
         attempt.ok,
-        attempt.permanent,
+        attempt.permanent || give_up,
         crate::now_ms(),
         policy,
     );
+    let detail = if give_up {
+        format!(
+            "{}; not sent again: the gateway or relay may have taken it, and a fallback never goes out twice",
+            attempt.detail
+        )
+    } else {
+        attempt.detail
+    };
     if !attempt.ok {
         warn!(
             campaign = %send.campaign,
             line = send.line,
             kind = send.kind.as_str(),
-            detail = %attempt.detail,
+            detail = %detail,
             "campaign fallback not sent"
         );
     }
@@ -155,7 +169,7 @@ async fn send_one(senders: &Senders, send: FallbackSend, policy: &RetryPolicy) -
         campaign: send.campaign,
         line: send.line,
         next,
-        detail: attempt.detail,
+        detail,
         gateway_id,
     }
 }

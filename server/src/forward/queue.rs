@@ -63,6 +63,11 @@ pub struct Attempt {
     pub detail: String,
     /// Retrying cannot help (no gateway configured, rule deleted, bad address).
     pub permanent: bool,
+    /// The request may have reached the endpoint, but no answer came (a timeout, or
+    /// the connection broke after it was made): whether it was taken is unknown, so a
+    /// retry may deliver it twice. Forwarded results retry anyway; campaign fallbacks,
+    /// which must never go out twice, do not.
+    pub unanswered: bool,
 }
 
 impl Attempt {
@@ -72,6 +77,7 @@ impl Attempt {
             ok: true,
             detail: detail.into(),
             permanent: false,
+            unanswered: false,
         }
     }
 
@@ -81,6 +87,7 @@ impl Attempt {
             ok: false,
             detail: detail.into(),
             permanent: false,
+            unanswered: false,
         }
     }
 
@@ -90,6 +97,18 @@ impl Attempt {
             ok: false,
             detail: detail.into(),
             permanent: true,
+            unanswered: false,
+        }
+    }
+
+    /// An attempt with no answer, which may or may not have been delivered (see
+    /// [`Attempt::unanswered`](Attempt#structfield.unanswered)).
+    pub fn unanswered(detail: impl Into<String>) -> Attempt {
+        Attempt {
+            ok: false,
+            detail: detail.into(),
+            permanent: false,
+            unanswered: true,
         }
     }
 }

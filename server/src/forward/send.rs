@@ -137,7 +137,7 @@ impl Senders {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(done) => done,
             Err(_) => (
-                Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
+                Attempt::unanswered(format!("no answer within {} s", self.timeout.as_secs_f32())),
                 None,
             ),
         }
@@ -149,7 +149,9 @@ impl Senders {
     ) -> Attempt {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(attempt) => attempt,
-            Err(_) => Attempt::failed(format!("no answer within {} s", self.timeout.as_secs_f32())),
+            Err(_) => {
+                Attempt::unanswered(format!("no answer within {} s", self.timeout.as_secs_f32()))
+            }
         }
     }
 
@@ -332,8 +334,9 @@ async fn http_send(
             (attempt, None)
         }
         // Without the URL: a webhook URL may itself be a secret (and the logs are the
-        // operator's).
-        Err(e) => (Attempt::failed(error_chain(&e.without_url())), None),
+        // operator's). Only a connection that was never made surely carried nothing.
+        Err(e) if e.is_connect() => (Attempt::failed(error_chain(&e.without_url())), None),
+        Err(e) => (Attempt::unanswered(error_chain(&e.without_url())), None),
     }
 }
 
