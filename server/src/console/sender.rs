@@ -48,6 +48,17 @@ fn sender_of(session: &Session) -> Result<String, ConsoleError> {
     })
 }
 
+/// Checks that campaign `id` is the signed-in sender's (404 otherwise: no hint that
+/// another sender's exists).
+fn own_campaign(state: &ConsoleState, session: &Session, id: &str) -> Result<(), ConsoleError> {
+    let sender = sender_of(session)?;
+    match state.store().campaign_sender(id) {
+        Ok(owner) if owner == sender => Ok(()),
+        Ok(_) | Err(crate::store::StoreError::NotFound(_)) => Err(ConsoleError::NotFound),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "sender.html")]
 struct HomePage {
@@ -377,12 +388,7 @@ pub(super) async fn campaign(
     Path(id): Path<String>,
     Query(q): Query<RowsQuery>,
 ) -> ConsoleResult {
-    let sender = sender_of(&session)?;
-    match state.store().campaign_sender(&id) {
-        Ok(owner) if owner == sender => {}
-        Ok(_) | Err(crate::store::StoreError::NotFound(_)) => return Err(ConsoleError::NotFound),
-        Err(e) => return Err(e.into()),
-    }
+    own_campaign(&state, &session, &id)?;
     if !q.state.is_empty() && !RECIPIENT_STATES.contains(&q.state.as_str()) {
         return Err(ConsoleError::BadRequest(format!(
             "unknown state {:?}",
@@ -474,12 +480,7 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
     Posted(session, _): Posted<NoFields>,
 ) -> ConsoleResult {
-    let sender = sender_of(&session)?;
-    match state.store().campaign_sender(&id) {
-        Ok(owner) if owner == sender => {}
-        Ok(_) | Err(crate::store::StoreError::NotFound(_)) => return Err(ConsoleError::NotFound),
-        Err(e) => return Err(e.into()),
-    }
+    own_campaign(&state, &session, &id)?;
     state.store().cancel_message(&id, state.now())?;
     Ok(see_other(&format!("/sender/campaigns/{id}")))
 }
