@@ -45,20 +45,8 @@ impl Page {
 impl Console {
     /// A client of `server`'s console, trusting only the server's CA.
     pub fn new(server: &TestServer) -> Console {
-        let ca = std::fs::read(server.data_dir().join("ca.pem")).expect("read the server CA");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&ca) {
-            roots.add(cert.expect("CA PEM")).expect("add CA");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(server_tls(server))
             .cookie_store(true)
             .no_proxy()
             .timeout(Duration::from_secs(30))
@@ -170,6 +158,23 @@ impl Console {
         );
         page
     }
+}
+
+/// A TLS client configuration that trusts only `server`'s CA (its `ca.pem`), for
+/// clients of its HTTPS API and console.
+pub fn server_tls(server: &TestServer) -> rustls::ClientConfig {
+    let ca = std::fs::read(server.data_dir().join("ca.pem")).expect("read the server CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.expect("CA PEM")).expect("add CA");
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
 }
 
 /// The text between the first `start` and the next `end`.

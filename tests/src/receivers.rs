@@ -1,8 +1,9 @@
-//! Receivers for forwarded results, on loopback only: an HTTP server that records each
-//! request and answers as the test says (or never), and a real SMTP server with
-//! STARTTLS (Python's `aiosmtpd`, under a certificate from a throwaway test CA) that
-//! records the mail it accepts. Both run beside the test, so synchronous and async tests
-//! can use them alike.
+//! Receivers for forwarded results and campaign fallbacks, on loopback only: an HTTP
+//! server that records each request and answers as the test says (or never), a real
+//! SMTP server with STARTTLS (Python's `aiosmtpd`, under a certificate from a throwaway
+//! test CA) that records the mail it accepts, and an SMS gateway stand-in that answers
+//! with message ids and calls the server back with delivery reports. All run beside the
+//! test, so synchronous and async tests can use them alike.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -300,6 +301,39 @@ impl Mail {
             .map(|(_, body)| body.to_string())
             .unwrap_or_default()
     }
+
+    /// The body's text: decoded if it was sent quoted-printable (as lettre does for
+    /// long lines), else as it is.
+    pub fn text(&self) -> String {
+        let body = self.body();
+        let quoted = self
+            .header("Content-Transfer-Encoding")
+            .is_some_and(|e| e.eq_ignore_ascii_case("quoted-printable"));
+        if !quoted {
+            return body;
+        }
+        let joined = body.replace("=\r\n", "");
+        let bytes = joined.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let escaped = (bytes[i] == b'=')
+                .then(|| bytes.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+            match escaped {
+                Some(byte) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                None => {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
 }
 
 /// The Python side of [`SmtpReceiver`]: aiosmtpd with STARTTLS required, writing each
@@ -505,4 +539,344 @@ pub fn test_certificates() -> (String, String, String) {
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let cert = params.signed_by(&key, &issuer).expect("server certificate");
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+// === SMS gateway ===
+
+/// Path the SMS gateway takes sends on.
+const SMS_PATH: &str = "/sms";
+/// How long the gateway keeps trying to deliver one report (the server may be down for
+/// a restart meanwhile).
+const REPORT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// One SMS the gateway took.
+#[derive(Debug, Clone)]
+pub struct Sms {
+    /// The id the gateway answered with (`gw-1`, `gw-2`, ... in arrival order).
+    pub id: String,
+    /// The number, as the server sent it.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// When it arrived (Unix ms).
+    pub at: i64,
+}
+
+/// A delivery report the gateway posted to the server, with the server's answer.
+#[derive(Debug, Clone)]
+pub struct SentReport {
+    /// The SMS's id.
+    pub id: String,
+    /// `delivered` or `failed`.
+    pub status: String,
+    /// The answer's status code.
+    pub answer_status: u16,
+    /// The answer's body (JSON, or a string if it was not).
+    pub answer: serde_json::Value,
+}
+
+/// Where and how delivery reports go.
+#[derive(Clone)]
+struct Callback {
+    url: String,
+    secret: String,
+    client: reqwest::Client,
+}
+
+#[derive(Default)]
+struct GatewayState {
+    messages: Vec<Sms>,
+    failing: std::collections::HashSet<String>,
+    held: std::collections::HashSet<String>,
+    callback: Option<Callback>,
+    reports: Vec<SentReport>,
+}
+
+/// A stand-in for a carrier's SMS gateway, on `127.0.0.1`: it takes sends as JSON
+/// (`{"to": ..., "text": ...}` on `POST /sms`, the `[sms]` section
+/// [`SmsGateway::config`] writes), records them, answers `{"id": "gw-N"}`, and then
+/// posts a delivery report for each to the server's `/api/v1/sms/reports` with the
+/// shared secret (over HTTPS, trusting the server's CA): `delivered`, or `failed` for
+/// the numbers [`SmsGateway::fail`] names. Answers to numbers [`SmsGateway::hold`]
+/// names wait until [`SmsGateway::release`] (for killing the server mid-send).
+/// [`SmsGateway::post_report`] posts any report a test makes up.
+pub struct SmsGateway {
+    addr: SocketAddr,
+    state: Arc<Mutex<GatewayState>>,
+    released: watch::Sender<u64>,
+    handle: tokio::runtime::Handle,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SmsGateway {
+    /// Starts the gateway (reports go nowhere until [`SmsGateway::report_to`]).
+    pub fn start() -> SmsGateway {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let addr = listener.local_addr().expect("local addr");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("gateway runtime");
+        let handle = runtime.handle().clone();
+        let state = Arc::new(Mutex::new(GatewayState::default()));
+        let (released, _) = watch::channel(0u64);
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let shared = state.clone();
+        let release = released.clone();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        tokio::spawn(take_sms(stream, shared.clone(), release.clone()));
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        SmsGateway {
+            addr,
+            state,
+            released,
+            handle,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// The send URL.
+    pub fn url(&self) -> String {
+        format!("http://{}{SMS_PATH}", self.addr)
+    }
+
+    /// The `[sms]` section for this gateway: JSON bodies, the id at `/id`, and delivery
+    /// reports authenticated by `secret`. (The server needs `[forwarding] allow_http`
+    /// for the plain-HTTP URL.)
+    pub fn config(&self, secret: &str) -> String {
+        format!(
+            "[sms]\nurl = {:?}\nbody_format = \"json\"\nbody = '{{\"to\": \"{{to}}\", \"text\": \"{{text}}\"}}'\nid_pointer = \"/id\"\nreport_secret = {secret:?}\n",
+            self.url()
+        )
+    }
+
+    /// Sends delivery reports to `server` with `secret` from now on (reports of SMS
+    /// taken before wait for this).
+    pub fn report_to(&self, server: &crate::TestServer, secret: &str) {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::console_client::server_tls(server))
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("report client");
+        self.lock().callback = Some(Callback {
+            url: format!("{}/api/v1/sms/reports", server.https_url()),
+            secret: secret.to_string(),
+            client,
+        });
+    }
+
+    /// Reports SMS to `number` as failed (from the next send on).
+    pub fn fail(&self, number: &str) {
+        self.lock().failing.insert(number.to_string());
+    }
+
+    /// Holds the answer to sends to `number` (they are recorded at once) until
+    /// [`SmsGateway::release`].
+    pub fn hold(&self, number: &str) {
+        self.lock().held.insert(number.to_string());
+    }
+
+    /// Answers every held send, and holds no more.
+    pub fn release(&self) {
+        self.lock().held.clear();
+        self.released.send_modify(|generation| *generation += 1);
+    }
+
+    /// The SMS taken so far, in arrival order.
+    pub fn messages(&self) -> Vec<Sms> {
+        self.lock().messages.clone()
+    }
+
+    /// Waits until `n` SMS were taken; panics after `deadline`.
+    pub fn wait_messages(&self, n: usize, deadline: Duration) -> Vec<Sms> {
+        crate::wait_until(&format!("{n} SMS at the gateway"), deadline, || {
+            let messages = self.messages();
+            (messages.len() >= n).then_some(messages)
+        })
+    }
+
+    /// The delivery reports posted so far, with the server's answers.
+    pub fn reports(&self) -> Vec<SentReport> {
+        self.lock().reports.clone()
+    }
+
+    /// Waits until `n` delivery reports were answered; panics after `deadline`.
+    pub fn wait_reports(&self, n: usize, deadline: Duration) -> Vec<SentReport> {
+        crate::wait_until(&format!("{n} delivery reports answered"), deadline, || {
+            let reports = self.reports();
+            (reports.len() >= n).then_some(reports)
+        })
+    }
+
+    /// Posts `body` to the report URL with `Authorization: Bearer secret`, as a gateway
+    /// (or an impostor) would; returns the answer's status and body. Needs
+    /// [`SmsGateway::report_to`] first.
+    pub fn post_report(&self, secret: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let mut callback = self
+            .lock()
+            .callback
+            .clone()
+            .expect("report_to before post_report");
+        callback.secret = secret.to_string();
+        let body = body.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(post_once(&callback, &body).await);
+        });
+        match rx.recv_timeout(crate::DEADLINE) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => panic!("posting a delivery report failed: {e}"),
+            Err(_) => panic!(
+                "no answer to a delivery report within {:?}",
+                crate::DEADLINE
+            ),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GatewayState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for SmsGateway {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Takes one send: records it, answers with its id (after a hold, if its number is
+/// held), then reports it.
+async fn take_sms(
+    mut stream: tokio::net::TcpStream,
+    state: Arc<Mutex<GatewayState>>,
+    released: watch::Sender<u64>,
+) {
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    let fields: Option<(String, String)> =
+        serde_json::from_slice::<serde_json::Value>(&request.body)
+            .ok()
+            .and_then(|v| {
+                Some((
+                    v["to"].as_str()?.to_string(),
+                    v["text"].as_str()?.to_string(),
+                ))
+            });
+    let Some((to, text)) = fields.filter(|_| request.method == "POST" && request.path == SMS_PATH)
+    else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+    let (id, status, hold) = {
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let id = format!("gw-{}", state.messages.len() + 1);
+        let status = if state.failing.contains(&to) {
+            "failed"
+        } else {
+            "delivered"
+        };
+        // Subscribed under the lock, so a release after this point is seen.
+        let hold = state.held.contains(&to).then(|| released.subscribe());
+        state.messages.push(Sms {
+            id: id.clone(),
+            to,
+            text,
+            at: crate::now_ms(),
+        });
+        (id, status, hold)
+    };
+    if let Some(mut hold) = hold {
+        let generation = *hold.borrow_and_update();
+        let _ = hold.wait_for(|g| *g != generation).await;
+    }
+    let body = format!("{{\"id\": \"{id}\"}}");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    drop(stream);
+    report(state, id, status).await;
+}
+
+/// Posts one delivery report, retrying while the server cannot be reached.
+async fn report(state: Arc<Mutex<GatewayState>>, id: String, status: &str) {
+    let start = Instant::now();
+    let body = serde_json::json!({"id": id, "status": status, "detail": "test gateway"});
+    let mut pause = Duration::from_millis(50);
+    while start.elapsed() < REPORT_PATIENCE {
+        let callback = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .callback
+            .clone();
+        if let Some(callback) = callback {
+            if let Ok((answer_status, answer)) = post_once(&callback, &body).await {
+                if answer_status < 500 {
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reports
+                        .push(SentReport {
+                            id,
+                            status: status.to_string(),
+                            answer_status,
+                            answer,
+                        });
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn post_once(
+    callback: &Callback,
+    body: &serde_json::Value,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    let response = callback
+        .client
+        .post(&callback.url)
+        .bearer_auth(&callback.secret)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    let answer = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    Ok((status, answer))
 }
