@@ -206,8 +206,11 @@ pub(crate) fn start_campaign(
         std::io::BufReader::with_capacity(256 * 1024, file),
         &plan,
         now,
-    )?;
+    );
+    // Taken or refused, the list (phone numbers, addresses) is not kept: a retry
+    // uploads it again.
     let _ = std::fs::remove_file(&path);
+    let started = started?;
     tracing::info!(
         campaign = %started.created.id,
         sender = %message.sender,
