@@ -410,8 +410,9 @@ impl TestServer {
     }
 
     /// Makes a sender key in the test directory and registers it as sender `name`
-    /// ("Card Company") with `sender add`; returns the key file and the sender's token.
-    pub fn add_sender(&self, name: &str) -> (PathBuf, String) {
+    /// ("Card Company", `--advertising` if asked) with `sender add`; returns the key
+    /// file and the sender's token.
+    pub fn add_sender(&self, name: &str, advertising: bool) -> (PathBuf, String) {
         let key = self.dir.path().join(format!("{name}.sender.key"));
         let text = self.cli_ok(&["sender", "keygen", "--out", &key.to_string_lossy()]);
         let public = text
@@ -420,7 +421,7 @@ impl TestServer {
             .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
             .trim()
             .to_string();
-        let text = self.cli_ok(&[
+        let mut args = vec![
             "sender",
             "add",
             name,
@@ -428,7 +429,11 @@ impl TestServer {
             "Card Company",
             "--key",
             &public,
-        ]);
+        ];
+        if advertising {
+            args.push("--advertising");
+        }
+        let text = self.cli_ok(&args);
         let token = text
             .split_whitespace()
             .find(|w| w.starts_with("hrlds_"))

@@ -48,28 +48,7 @@ struct Sender {
 
 /// `sender keygen` + `sender add card`.
 fn add_sender(server: &TestServer) -> Sender {
-    let key_file = server.dir.path().join("card.sender.key");
-    let text = server.cli_ok(&["sender", "keygen", "--out", key_file.to_str().unwrap()]);
-    let public = text
-        .lines()
-        .find_map(|l| l.strip_prefix("public key: "))
-        .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
-        .trim()
-        .to_string();
-    let out = server.cli_ok(&[
-        "sender",
-        "add",
-        "card",
-        "--display-name",
-        DISPLAY_NAME,
-        "--key",
-        &public,
-    ]);
-    let token = out
-        .split_whitespace()
-        .find(|w| w.starts_with("hrlds_"))
-        .unwrap_or_else(|| panic!("no sender token in {out}"))
-        .to_string();
+    let (key_file, token) = server.add_sender("card", false);
     Sender { key_file, token }
 }
 

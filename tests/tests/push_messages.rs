@@ -26,32 +26,7 @@ struct Sender {
 
 /// `sender keygen` + `sender add NAME`.
 fn add_sender(server: &TestServer, name: &str, advertising: bool) -> Sender {
-    let key_file = server.dir.path().join(format!("{name}.sender.key"));
-    let text = server.cli_ok(&["sender", "keygen", "--out", key_file.to_str().unwrap()]);
-    let public = text
-        .lines()
-        .find_map(|l| l.strip_prefix("public key: "))
-        .unwrap_or_else(|| panic!("unexpected keygen output: {text}"))
-        .trim()
-        .to_string();
-    let mut args = vec![
-        "sender",
-        "add",
-        name,
-        "--display-name",
-        "Card Company",
-        "--key",
-        &public,
-    ];
-    if advertising {
-        args.push("--advertising");
-    }
-    let out = server.cli_ok(&args);
-    let token = out
-        .split_whitespace()
-        .find(|w| w.starts_with("hrlds_"))
-        .unwrap_or_else(|| panic!("no sender token in {out}"))
-        .to_string();
+    let (key_file, token) = server.add_sender(name, advertising);
     let key = OperatorKey::from_hex(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     Sender {
         key_file,

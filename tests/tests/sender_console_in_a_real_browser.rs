@@ -37,7 +37,7 @@ fn a_sender_composes_signs_in_the_browser_and_watches_the_campaign() {
         gateway.url("/sms")
     );
     let server = TestServer::start_with_config("sender-console", &config);
-    let (key_file, _) = server.add_sender("card");
+    let (key_file, _) = server.add_sender("card", false);
     let Some(b) = Browser::for_server(&server, "sender-console") else {
         return;
     };
