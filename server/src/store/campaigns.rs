@@ -1047,6 +1047,40 @@ fn linked_contacts(conn: &Connection) -> Result<HashSet<String>> {
     Ok(out)
 }
 
+/// A campaign's rows (`?1`) with what their targets' jobs and receipts say at `?2`.
+/// A row's jobs are looked up through its own targets (`campaign_targets` by campaign
+/// and line, then `jobs_by_order` by order and agent): written as a join, the planner
+/// walked every job of the campaign for every row, which made `message status` on a
+/// 100,000-row list with 10,000 devices take many minutes.
+const ROW_FACTS: &str = "
+    SELECT r.line, r.phone, r.email, r.login, r.agent, r.devices, r.send_at, r.fallback_at,
+        r.fb_state, r.fb_kind, r.fb_detail,
+        (SELECT MIN(mr.received_at) FROM campaign_targets t JOIN message_receipts mr
+            ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'stored'),
+        EXISTS (SELECT 1 FROM campaign_targets t JOIN message_receipts mr
+            ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'displayed'),
+        EXISTS (SELECT 1 FROM campaign_targets t JOIN message_receipts mr
+            ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'read'),
+        EXISTS (SELECT 1 FROM campaign_targets t
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line
+              AND EXISTS (SELECT 1 FROM jobs j
+                  WHERE j.order_id = t.campaign_id AND j.agent_id = t.agent_id
+                    AND j.delivered_at IS NOT NULL)),
+        EXISTS (SELECT 1 FROM campaign_targets t
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line
+              AND EXISTS (SELECT 1 FROM jobs j
+                  WHERE j.order_id = t.campaign_id AND j.agent_id = t.agent_id
+                    AND j.state = 'refused')),
+        EXISTS (SELECT 1 FROM campaign_targets t
+            WHERE t.campaign_id = r.campaign_id AND t.line = r.line
+              AND EXISTS (SELECT 1 FROM jobs j
+                  WHERE j.order_id = t.campaign_id AND j.agent_id = t.agent_id
+                    AND j.state IN ('queued', 'delivered', 'running') AND j.expires_at > ?2))
+    FROM campaign_rows r WHERE r.campaign_id = ?1 ORDER BY r.line";
+
 /// Calls `each` with every row of a campaign, in list order.
 fn scan_rows(
     conn: &Connection,
@@ -1054,32 +1088,7 @@ fn scan_rows(
     now: Millis,
     mut each: impl FnMut(RowFacts) -> Result<()>,
 ) -> Result<()> {
-    let mut stmt = conn.prepare(
-        "SELECT r.line, r.phone, r.email, r.login, r.agent, r.devices, r.send_at, r.fallback_at,
-                r.fb_state, r.fb_kind, r.fb_detail,
-                (SELECT MIN(mr.received_at) FROM campaign_targets t JOIN message_receipts mr
-                    ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'stored'),
-                EXISTS (SELECT 1 FROM campaign_targets t JOIN message_receipts mr
-                    ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'displayed'),
-                EXISTS (SELECT 1 FROM campaign_targets t JOIN message_receipts mr
-                    ON mr.message_id = t.campaign_id AND mr.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line AND mr.state = 'read'),
-                EXISTS (SELECT 1 FROM campaign_targets t JOIN jobs j
-                    ON j.order_id = t.campaign_id AND j.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line
-                      AND j.delivered_at IS NOT NULL),
-                EXISTS (SELECT 1 FROM campaign_targets t JOIN jobs j
-                    ON j.order_id = t.campaign_id AND j.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line
-                      AND j.state = 'refused'),
-                EXISTS (SELECT 1 FROM campaign_targets t JOIN jobs j
-                    ON j.order_id = t.campaign_id AND j.agent_id = t.agent_id
-                    WHERE t.campaign_id = r.campaign_id AND t.line = r.line
-                      AND j.state IN ('queued', 'delivered', 'running') AND j.expires_at > ?2)
-         FROM campaign_rows r WHERE r.campaign_id = ?1 ORDER BY r.line",
-    )?;
+    let mut stmt = conn.prepare(ROW_FACTS)?;
     let mut rows = stmt.query(params![id, now])?;
     while let Some(r) = rows.next()? {
         each(RowFacts {
@@ -1330,5 +1339,27 @@ mod tests {
         assert!(store.claim_fallbacks(NOW + 1, 10).unwrap().is_empty());
         let s = store.campaign_status(&c.id, NOW).unwrap();
         assert_eq!((s.fallback_failed, s.fallback_skipped_cap), (2, 1));
+    }
+
+    #[test]
+    fn the_row_scan_finds_each_rows_jobs_by_order_and_agent() {
+        // Not by order alone: that walks every job of the campaign for every row.
+        let store = store();
+        let conn = store.conn();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {ROW_FACTS}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(params!["c", NOW], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let jobs: Vec<&String> = plan.iter().filter(|d| d.contains(" j ")).collect();
+        assert_eq!(jobs.len(), 3, "{plan:#?}");
+        assert!(
+            jobs.iter()
+                .all(|d| d.contains("jobs_by_order (order_id=? AND agent_id=?)")),
+            "{plan:#?}"
+        );
     }
 }
