@@ -13,9 +13,11 @@ use anyhow::{bail, Context};
 use base64::Engine;
 
 use herald_server::cli::client::Client;
+use herald_server::config::ServerConfig;
 use herald_server::config::{self, AdminConfig};
 use herald_server::model::{
-    CreateJobs, CreateSender, Created, MessageCreated, MessageDetail, MessageInfo, SendMessage,
+    CampaignCreated, CampaignStatus, CreateCampaign, CreateJobs, CreateSender, Created,
+    ListUploaded, MessageCreated, MessageDetail, MessageInfo, SendMessage,
 };
 use herald_shared::codec;
 use herald_shared::envelope::{
@@ -37,6 +39,30 @@ pub struct Sender {
     pub name: String,
     key: VendorKey,
     grant: Envelope,
+}
+
+impl Sender {
+    /// A message to `audience` signed with the sender's key, as `herald-server message
+    /// send` makes it: base64 of the encoded envelope, as the API takes it.
+    pub fn signed_message(&self, audience: Audience) -> anyhow::Result<String> {
+        let now = herald_server::now_ms();
+        let message = Message {
+            id: herald_server::random_bytes(),
+            sender: self.name.clone(),
+            audience,
+            title: "Benchmark".into(),
+            body: "A push message from herald-bench.".into(),
+            priority: Priority::Normal,
+            issued_at: now,
+            expires_at: now + DEFAULT_TTL_MS,
+            collapse: None,
+            advertising: false,
+            link: None,
+            grant: self.grant.clone(),
+        };
+        let envelope = self.key.sign(&Statement::Message(message))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(codec::to_bytes(&envelope)?))
+    }
 }
 
 /// The server process and what the benchmark needs to drive it.
@@ -88,6 +114,15 @@ impl Cluster {
 
     fn data_dir(&self) -> PathBuf {
         self.dir.join("server")
+    }
+
+    /// Edits `herald.toml` (before the server starts, or before a restart).
+    pub fn configure(&self, edit: impl FnOnce(&mut ServerConfig)) -> anyhow::Result<()> {
+        let path = self.data_dir().join(config::SERVER_CONFIG);
+        let mut server: ServerConfig = config::load_toml(&path)?;
+        edit(&mut server);
+        config::save_toml(&path, &server)?;
+        Ok(())
     }
 
     /// Enrolls identities by writing them into the database (server not running).
@@ -240,34 +275,50 @@ impl Cluster {
         sender: &Sender,
         audience: Audience,
     ) -> anyhow::Result<MessageCreated> {
-        let now = herald_server::now_ms();
-        let message = Message {
-            id: herald_server::random_bytes(),
-            sender: sender.name.clone(),
-            audience,
-            title: "Benchmark".into(),
-            body: "A push message from herald-bench.".into(),
-            priority: Priority::Normal,
-            issued_at: now,
-            expires_at: now + DEFAULT_TTL_MS,
-            collapse: None,
-            advertising: false,
-            link: None,
-            grant: sender.grant.clone(),
-        };
-        let envelope = sender.key.sign(&Statement::Message(message))?;
         let created: MessageCreated = self
             .client
             .post(
                 "/api/v1/messages",
                 &SendMessage {
-                    envelope: base64::engine::general_purpose::STANDARD
-                        .encode(codec::to_bytes(&envelope)?),
+                    envelope: sender.signed_message(audience)?,
                     deliver_at: None,
                 },
             )
             .await?;
         Ok(created)
+    }
+
+    /// Uploads a recipient list (`POST /api/v1/lists`, the CSV as the body), as
+    /// `herald-server message send --list` does.
+    pub async fn upload_list(&self, csv: Vec<u8>) -> anyhow::Result<ListUploaded> {
+        let length = csv.len() as u64;
+        Ok(self
+            .client
+            .upload(
+                reqwest::Method::POST,
+                "/api/v1/lists",
+                reqwest::Body::from(csv),
+                length,
+                "text/csv",
+            )
+            .await?)
+    }
+
+    /// Creates a campaign from an uploaded list (`POST /api/v1/campaigns`).
+    pub async fn create_campaign(
+        &self,
+        campaign: &CreateCampaign,
+    ) -> anyhow::Result<CampaignCreated> {
+        Ok(self.client.post("/api/v1/campaigns", campaign).await?)
+    }
+
+    /// A campaign's figures (`GET /api/v1/messages/{id}/status`; the server reads every
+    /// row of the campaign for it).
+    pub async fn campaign_status(&self, id: &str) -> anyhow::Result<CampaignStatus> {
+        Ok(self
+            .client
+            .get(&format!("/api/v1/messages/{id}/status"))
+            .await?)
     }
 
     /// The newest message of `sender` with its counts (`GET /api/v1/messages?sender=S&limit=1`:

@@ -1,11 +1,14 @@
 //! Herald's benchmark harness: a swarm of simulated agents speaking the real protocol
 //! over real QUIC/mTLS against a real `herald-server` process, and the same fan-out
-//! against Mosquitto for comparison.
+//! against Mosquitto for comparison; and a campaign to a recipient list whose SMS
+//! fallbacks go to a stand-in gateway.
 
 #![forbid(unsafe_code)]
 
+pub mod campaign;
 pub mod cluster;
 pub mod floor;
+pub mod gateway;
 pub mod messages;
 pub mod mosquitto;
 pub mod scenarios;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use herald_bench::campaign::CampaignPlan;
 use herald_bench::scenarios::{self, Figures, Plan, Selection};
 
 /// Herald's benchmarks: a swarm of simulated agents against a real server, and the same
@@ -44,6 +45,28 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// A campaign to a recipient list (issue 14): --agents rows name simulated agents,
+    /// the rest phone numbers whose SMS fallback goes at once to a stand-in gateway in
+    /// this process; ingest time, time until every agent's `stored` receipt is in,
+    /// fallback SMS per second at the gateway.
+    Campaign {
+        /// Rows in the list [default: 100000; 2000 with --quick].
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Rows naming a simulated agent (one agent each) [default: 10000; 200 with
+        /// --quick].
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Campaigns sent, one after another.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A small list (2,000 rows, 200 agents): a smoke test.
+        #[arg(long)]
+        quick: bool,
+        /// `[forwarding] fallback_concurrency` for the server [default: the server's].
+        #[arg(long)]
+        fallback_concurrency: Option<usize>,
+    },
 }
 
 #[tokio::main]
@@ -64,6 +87,30 @@ async fn main() -> ExitCode {
         } => (Selection::All, quick, agents, runs, idle_seconds),
         // One second of idle measurement: hold only connects the swarm here.
         Command::Messages { agents, runs } => (Selection::Messages, false, agents, runs, 1),
+        Command::Campaign {
+            rows,
+            agents,
+            runs,
+            quick,
+            fallback_concurrency,
+        } => {
+            let plan = CampaignPlan {
+                rows: rows.unwrap_or(if quick {
+                    CampaignPlan::QUICK_ROWS
+                } else {
+                    CampaignPlan::ROWS
+                }),
+                agents: agents.unwrap_or(if quick {
+                    CampaignPlan::QUICK_AGENTS
+                } else {
+                    CampaignPlan::AGENTS
+                }),
+                runs: runs.max(1),
+                fallback_concurrency,
+                deadline: Duration::from_secs(if quick { 60 } else { 600 }),
+            };
+            return finish(run_campaign(plan).await);
+        }
     };
     let plans: Vec<Plan> = if quick {
         vec![Plan::quick()]
@@ -84,7 +131,11 @@ async fn main() -> ExitCode {
             })
             .collect()
     };
-    match run(plans, selection, quick, idle_seconds).await {
+    finish(run(plans, selection, quick, idle_seconds).await)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald-bench: {e:#}");
@@ -93,12 +144,8 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    plans: Vec<Plan>,
-    selection: Selection,
-    quick: bool,
-    idle_seconds: u64,
-) -> anyhow::Result<()> {
+/// The binaries' directory and a scratch directory; prints the header line.
+fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
     raise_fd_limit();
     let bin_dir = std::env::current_exe()?
         .parent()
@@ -117,6 +164,23 @@ async fn run(
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    Ok((bin_dir, root))
+}
+
+async fn run_campaign(plan: CampaignPlan) -> anyhow::Result<()> {
+    let (bin_dir, root) = prepare()?;
+    let result = herald_bench::campaign::campaign(&root.join("campaign"), &bin_dir, &plan).await;
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+async fn run(
+    plans: Vec<Plan>,
+    selection: Selection,
+    quick: bool,
+    idle_seconds: u64,
+) -> anyhow::Result<()> {
+    let (bin_dir, root) = prepare()?;
     let result = async {
         for (i, plan) in plans.iter().enumerate() {
             let mut figures = Figures::default();

@@ -23,7 +23,7 @@ use herald_shared::envelope::Audience;
 
 use crate::cluster::{udp_receive_drops, Cluster};
 use crate::scenarios::{print_drops, Figures, Plan};
-use crate::stats::{median, ms, percentile};
+use crate::stats::{median, median_f64, ms, percentile};
 use crate::swarm::Swarm;
 
 /// How often the benchmark asks the API for the message's counts.
@@ -31,7 +31,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How often a slow run says how far it got.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// The benchmark's sender name.
-const SENDER: &str = "bench";
+pub(crate) const SENDER: &str = "bench";
 
 /// One run's figures.
 struct Run {
@@ -185,14 +185,4 @@ pub async fn messages(
     );
     print_drops("messages", drops);
     Ok(())
-}
-
-/// Median of rates, nearest-rank as [`median`] is for durations; zero for no samples.
-fn median_f64(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted
-        .get(sorted.len().saturating_sub(1) / 2)
-        .copied()
-        .unwrap_or(0.0)
 }

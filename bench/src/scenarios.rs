@@ -1,5 +1,6 @@
 //! The scenarios: hold, broadcast, unicast, push messages (`crate::messages`),
-//! reconnect storm, agent idle, and the Mosquitto peer. Each prints its figures; medians over repeated runs, p50/p99 where it
+//! reconnect storm, agent idle, and the Mosquitto peer (campaigns are their own swarm:
+//! `crate::campaign`). Each prints its figures; medians over repeated runs, p50/p99 where it
 //! measures latency.
 
 use std::path::Path;
@@ -74,16 +75,7 @@ pub async fn swarm_scenarios(
 ) -> anyhow::Result<()> {
     let n = plan.agents;
     println!("\n## swarm of {n} agents");
-    let mut cluster = Cluster::init(dir, bin_dir).await?;
-    let started = Instant::now();
-    let agents = (0..n)
-        .map(|_| SimAgent::generate(cluster.fingerprint, herald_agent::tls::KEEP_ALIVE))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    cluster.enroll(&agents)?;
-    println!(
-        "setup: {n} identities made and enrolled in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let (mut cluster, agents) = enrolled_cluster(dir, bin_dir, n).await?;
     cluster.start().await?;
     let pid = cluster.pid().context("server pid")?;
     let rss_before = rss(pid)?;
@@ -282,6 +274,26 @@ pub async fn swarm_scenarios(
     swarm.stop().await;
     cluster.stop(false);
     Ok(())
+}
+
+/// A server initialised in `dir` (not started) with `n` simulated agents, named
+/// `sim-0` to `sim-{n-1}`, enrolled in its database; the agents are not connected yet.
+pub async fn enrolled_cluster(
+    dir: &Path,
+    bin_dir: &Path,
+    n: usize,
+) -> anyhow::Result<(Cluster, Vec<SimAgent>)> {
+    let cluster = Cluster::init(dir, bin_dir).await?;
+    let started = Instant::now();
+    let agents = (0..n)
+        .map(|_| SimAgent::generate(cluster.fingerprint, herald_agent::tls::KEEP_ALIVE))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    cluster.enroll(&agents)?;
+    println!(
+        "setup: {n} identities made and enrolled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((cluster, agents))
 }
 
 /// How many UDP datagrams the kernel dropped (full receive buffers) since `before`.

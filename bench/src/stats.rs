@@ -18,6 +18,16 @@ pub fn median(samples: &[Duration]) -> Duration {
     percentile(samples, 50.0)
 }
 
+/// Median of rates, nearest-rank as [`median`] is for durations; zero for no samples.
+pub fn median_f64(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// Milliseconds with three decimals, for tables.
 pub fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
