@@ -106,6 +106,17 @@ enum Command {
         /// Sender name.
         sender: String,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: herald_io::cli::Shell,
+    },
+    /// Write man pages, one per command and subcommand, into DIR.
+    Man {
+        /// Directory to write `herald-agent*.1` into.
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
     /// Watches a self-update on trial and puts the previous binary back if the new one
     /// fails (started by the agent itself).
     #[command(hide = true, name = "update-watchdog")]
@@ -118,10 +129,27 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli: Cli = herald_io::cli::parse();
     init_logging();
-    let cli = Cli::parse();
     let dir = state::state_dir(cli.state_dir.as_deref());
     match cli.command {
+        Command::Completions { shell } => {
+            herald_io::cli::completions::<Cli>(shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => match herald_io::cli::man_pages::<Cli>(&out) {
+            Ok(pages) => {
+                println!("{} man pages written to {}", pages.len(), out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "herald-agent: cannot write man pages to {}: {e}",
+                    out.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Enroll { token, name } => {
             match herald_agent::enroll(&dir, &token, name.as_deref()).await {
                 Ok(id) => {
@@ -379,8 +407,16 @@ fn init_logging() {
         },
         Err(_) => (DEFAULT.parse().expect("valid default"), None),
     };
+    let text = (!herald_io::cli::log_json())
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = herald_io::cli::log_json().then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(text)
+        .with(json)
         .with(filter)
         .init();
     if let Some((value, e)) = bad {

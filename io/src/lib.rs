@@ -4,11 +4,14 @@
 //! - [`wire`]: frames (`herald_shared::codec`) read from and written to QUIC streams;
 //! - [`files`]: atomic writes and private (0600) files and directories;
 //! - [`tls`]: the handshake checks both ends' certificate verifiers share;
+//! - [`cli`]: what both command lines share: usage errors exit 64, shell completions,
+//!   man pages, JSON logs;
 //! - [`now_ms`] and [`random_bytes`]: the one clock and the one random source of the
 //!   workspace.
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod files;
 pub mod tls;
 pub mod wire;

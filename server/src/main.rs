@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// Threads for blocking work: the store's (each store call leaves its worker thread
 /// through `block_in_place`, see `Store::blocking`), password hashing, file I/O. Store
 /// calls queue on one connection anyway, so more threads would only wait there; tokio's
@@ -26,14 +24,18 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // `herald_agent`: the demo's in-process agent.
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,herald_server=info,herald_agent=info")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    herald_server::cli::run(herald_server::cli::Cli::parse()).await
+    let cli: herald_server::cli::Cli = herald_io::cli::parse();
+    // `herald_agent`: the demo's in-process agent.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,herald_server=info,herald_agent=info")
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if herald_io::cli::log_json() {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    herald_server::cli::run(cli).await
 }

@@ -121,6 +121,17 @@ pub enum Command {
     /// Web console accounts (works on the data directory, like `init`).
     #[command(subcommand)]
     Users(crate::cli::users::UsersCommand),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: herald_io::cli::Shell,
+    },
+    /// Write man pages, one per command and subcommand, into DIR.
+    Man {
+        /// Directory to write `herald-server*.1` into.
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
 }
 
 /// `init`.
@@ -411,6 +422,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Message(command) => admin()?.message(command).await,
         Command::Open(args) => admin()?.open(args).await,
         Command::Catalog(command) => admin()?.catalog(command).await,
+        Command::Completions { shell } => {
+            herald_io::cli::completions::<Cli>(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            let pages = herald_io::cli::man_pages::<Cli>(&out).map_err(|e| {
+                CliError::Other(format!("cannot write man pages to {}: {e}", out.display()))
+            })?;
+            println!("{} man pages written to {}", pages.len(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Users(command) => {
             crate::cli::users::run(&data_dir, command, &mut std::io::stdin().lock()).map_err(|e| {
                 match e {
