@@ -148,6 +148,8 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         }
     };
     let forward_settings = crate::forward::Settings::from_config(&config);
+    // Bound above; false again if the relay stops serving it.
+    let quic_serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let state = ApiState {
         store: store.clone(),
         relay: relay.clone(),
@@ -159,6 +161,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         public_url: config.public_url(http_addr.port()),
         fallbacks: forward_settings.fallbacks.clone(),
         sms_report_secret: config.sms.as_ref().and_then(|s| s.report_secret.clone()),
+        quic_serving: quic_serving.clone(),
         fallback_media: [
             (config.sms.is_some(), crate::model::Fallback::Sms),
             (config.smtp.is_some(), crate::model::Fallback::Email),
@@ -168,7 +171,15 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         .collect(),
     };
     let tasks = vec![
-        tokio::spawn(relay.clone().serve(endpoint, until_stopped())),
+        tokio::spawn({
+            let relay = relay.clone();
+            let serving = quic_serving.clone();
+            let stopped = until_stopped();
+            async move {
+                relay.serve(endpoint, stopped).await;
+                serving.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }),
         tokio::spawn(crate::packages::rollout::run(
             store.clone(),
             relay.clone(),

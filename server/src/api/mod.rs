@@ -74,6 +74,8 @@ pub struct ApiState {
     pub sms_report_secret: Option<String>,
     /// Fallback media this server is set up for (`[sms]`, `[smtp]`).
     pub fallback_media: Vec<crate::model::Fallback>,
+    /// The QUIC endpoint is bound and the relay serves it (`/readyz`).
+    pub quic_serving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Who made an API request.
@@ -127,6 +129,11 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/health",
             get(|| async { Json(serde_json::json!({"ok": true})) }),
         )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/readyz", get(readyz))
         .route("/api/v1/tokens", post(create_token))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{agent}", get(show_agent))
@@ -232,6 +239,35 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// How long `/readyz` waits for the database's write lock.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// `GET /readyz`: 200 when the database takes a write (within [`READY_WAIT`]) and the
+/// QUIC endpoint is served; 503 with the reasons otherwise. No token: for load
+/// balancers and orchestrators.
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let database = match state.store.check_writable(READY_WAIT, crate::now_ms()) {
+        Ok(()) => "writable".to_string(),
+        Err(e) => format!("not writable: {e}"),
+    };
+    let quic = if state.quic_serving.load(std::sync::atomic::Ordering::SeqCst) {
+        "serving"
+    } else {
+        "not serving"
+    };
+    let ready = database == "writable" && quic == "serving";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"ready": ready, "database": database, "quic": quic})),
+    )
+        .into_response()
+}
+
 /// The largest request body the API reads (artifact uploads aside).
 pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
 /// How much of an oversized body is read and dropped so that the client, still sending,
@@ -289,6 +325,8 @@ async fn authenticate(
     // metadata; see releases_api).
     // The SMS gateway's delivery reports carry the gateway's own secret.
     if path == "/api/v1/health"
+        || path == "/healthz"
+        || path == "/readyz"
         || path.starts_with("/api/v1/artifacts/")
         || path == "/api/v1/sms/reports"
     {

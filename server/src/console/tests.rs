@@ -82,6 +82,7 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
         fallbacks: Arc::new(Notify::new()),
         sms_report_secret: None,
         fallback_media: Vec::new(),
+        quic_serving: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let clock = Arc::new(AtomicI64::new(START));
     let read = clock.clone();

@@ -393,6 +393,13 @@ CREATE TABLE fallback_days (
 );
 ALTER TABLE users ADD COLUMN sender TEXT;
 "#,
+    // Readiness: `/readyz` commits a write here to prove the database takes writes.
+    r#"
+CREATE TABLE health (
+    id INTEGER PRIMARY KEY,
+    checked_at BIGINT NOT NULL
+);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -66,6 +66,9 @@ use base64::Engine;
 
 use crate::model::{AddressEvent, AgentDetail, AgentInfo, JobInfo, JobState, ScheduleInfo};
 
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "herald.db";
 
@@ -229,6 +232,23 @@ impl Store {
         self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Commits a small write, waiting at most `wait` for the write lock: whether the
+    /// database takes writes now (`/readyz`).
+    pub fn check_writable(&self, wait: std::time::Duration, now: Millis) -> Result<()> {
+        self.blocking(|| {
+            let conn = self.conn();
+            conn.busy_timeout(wait)?;
+            let written = conn.execute(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                params![now],
+            );
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            written?;
+            Ok(())
+        })
+    }
+
     /// The name `sql` (one `?1` parameter) finds, if any: a vendor or sender by its
     /// token hash.
     fn name_where(&self, sql: &str, key: &str) -> Result<Option<String>> {
@@ -266,7 +286,6 @@ fn connect(path: &Path, synchronous: &str) -> Result<Connection> {
         .map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(open_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
     Ok(conn)
 }
