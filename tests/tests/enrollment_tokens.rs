@@ -358,3 +358,46 @@ fn enrolled_agent_refuses_to_enroll_again() {
         ["db"]
     );
 }
+
+/// `token list` shows the tokens that can still enroll (with uses left and groups, never
+/// the secret), and `token revoke ID` stops one: the agent is refused as for a used-up
+/// token, and the other token still works.
+#[test]
+fn a_listed_token_can_be_revoked_and_then_enrolls_no_one() {
+    let server = TestServer::start("token-revoke");
+    let kept = server.token(&["--uses", "2", "--group", "lab"]);
+    let revoked = server.token(&["--uses", "3"]);
+    let listed = server.json(&["token", "list"]);
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let shown = format!("{listed:?}");
+    assert!(
+        !shown.contains(&revoked) && !shown.contains(&kept),
+        "no secret is listed"
+    );
+    let three = listed
+        .iter()
+        .find(|t| t["uses_left"] == 3)
+        .expect("the three-use token");
+    let id = three["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 12);
+    let lab = listed.iter().find(|t| t["uses_left"] == 2).unwrap();
+    assert_eq!(lab["groups"], serde_json::json!(["lab"]));
+
+    let out = server.cli_ok(&["token", "revoke", &id]);
+    assert!(out.contains("revoked"), "{out}");
+    enroll_refused(&agent_dir(&server, "late"), &revoked, "late");
+    enroll_ok(&server, &agent_dir(&server, "labby"), &kept, "labby");
+    let listed = server.json(&["token", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    // A malformed or unknown id is refused with a message.
+    let bad = server.cli(&["token", "revoke", "xyz"]);
+    assert_eq!(bad.status.code(), Some(EXIT_CONFIG));
+    let unknown = server.cli(&["token", "revoke", "000000000000"]);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("no enrollment token"),
+        "{unknown:?}"
+    );
+}

@@ -134,7 +134,8 @@ pub fn router(state: ApiState) -> Router {
             get(|| async { Json(serde_json::json!({"ok": true})) }),
         )
         .route("/readyz", get(readyz))
-        .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{agent}", get(show_agent))
         .route("/api/v1/agents/{agent}/revoke", post(revoke_agent))
@@ -446,6 +447,20 @@ async fn create_token(
         body.expires_at,
         now,
     )?;
+    Ok(Json(Created { ids: vec![] }))
+}
+
+/// `GET /api/v1/tokens`: enrollment tokens that can still enroll.
+async fn list_tokens(State(state): State<ApiState>) -> ApiResult<Vec<crate::model::TokenInfo>> {
+    Ok(Json(state.store.tokens(now_ms())?))
+}
+
+/// `DELETE /api/v1/tokens/{id}`: the token enrolls no one from now on.
+async fn revoke_token(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Created> {
+    state.store.revoke_token(&id)?;
     Ok(Json(Created { ids: vec![] }))
 }
 

@@ -185,6 +185,17 @@ pub enum TokenCommand {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// List the enrollment tokens that can still enroll (never their secrets).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrollment token by the id `token list` prints.
+    Revoke {
+        /// Token id (12 or more hex digits).
+        id: String,
+    },
 }
 
 /// `agents ...`.
@@ -404,6 +415,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Demo(args) => crate::cli::demo::run(args).await.map_err(CliError::Other),
         Command::Token(TokenCommand::Create { groups, uses, ttl }) => {
             admin()?.token_create(groups, uses, &ttl).await
+        }
+        Command::Token(TokenCommand::List { json }) => {
+            let tokens: Vec<crate::model::TokenInfo> =
+                admin()?.client.get("/api/v1/tokens").await?;
+            if json {
+                print_json(&tokens);
+            } else if tokens.is_empty() {
+                println!("no enrollment tokens can enroll");
+            } else {
+                println!(
+                    "{:<12} {:>4} {:<23} {:<12} GROUPS",
+                    "ID", "USES", "EXPIRES", "OWNER"
+                );
+                for t in tokens {
+                    println!(
+                        "{:<12} {:>4} {:<23} {:<12} {}",
+                        t.id,
+                        t.uses_left,
+                        crate::console::when(t.expires_at),
+                        t.owner.as_deref().unwrap_or("-"),
+                        t.groups.join(",")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(usage(format!(
+                    "{id:?} is not a token id: 12 or more hex digits, as `token list` prints"
+                )));
+            }
+            let _: Created = admin()?
+                .client
+                .delete(&format!("/api/v1/tokens/{id}"))
+                .await?;
+            println!("enrollment token {id} revoked: it enrolls no one from now on");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Agents(command) => admin()?.agents(command).await,
         Command::Groups(command) => admin()?.groups(command).await,

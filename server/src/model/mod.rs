@@ -197,6 +197,24 @@ pub struct CreateToken {
     pub expires_at: Millis,
 }
 
+/// An enrollment token as listed (`token list`): never its secret, only the start of
+/// the secret's hash, which names it for `token revoke`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The first 12 hex digits of the secret's SHA-256.
+    pub id: String,
+    /// Groups an agent enrolled with it joins.
+    pub groups: Vec<String>,
+    /// Enrollments left.
+    pub uses_left: u32,
+    /// When it stops working.
+    pub expires_at: Millis,
+    /// When it was made.
+    pub created_at: Millis,
+    /// The console user whose devices it links (a personal token), if any.
+    pub owner: Option<String>,
+}
+
 /// Request body: set an agent's groups with a signed membership.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SetMembership {

@@ -55,6 +55,67 @@ impl Store {
         })
     }
 
+    /// Enrollment tokens that can still enroll (uses left, not expired), newest first.
+    pub fn tokens(&self, now: Millis) -> Result<Vec<crate::model::TokenInfo>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(
+                "SELECT t.secret_hash, t.groups, t.uses_left, t.expires_at, t.created_at, u.login
+                 FROM tokens t LEFT JOIN users u ON u.id = t.owner_user_id
+                 WHERE t.uses_left > 0 AND t.expires_at > ?1
+                 ORDER BY t.created_at DESC, t.secret_hash",
+            )?;
+            let rows = stmt.query_map(params![now], |r| {
+                let hash: String = r.get(0)?;
+                let groups: String = r.get(1)?;
+                Ok((hash, groups, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            rows.map(|row| {
+                let (hash, groups, uses_left, expires_at, created_at, owner) = row?;
+                Ok(crate::model::TokenInfo {
+                    id: hash.chars().take(TOKEN_ID_LEN).collect(),
+                    groups: serde_json::from_str(&groups)
+                        .map_err(|e| StoreError::Corrupt(format!("token groups: {e}")))?,
+                    uses_left,
+                    expires_at,
+                    created_at,
+                    owner,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Revokes the enrollment token whose secret's hash starts with `id` (at least
+    /// [`TOKEN_ID_LEN`] hex digits, naming one token): it enrolls no one from now on.
+    pub fn revoke_token(&self, id: &str) -> Result<()> {
+        if id.len() < TOKEN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::Invalid(format!(
+                "{id:?} is not a token id: {TOKEN_ID_LEN} or more hex digits, as `token list` prints"
+            )));
+        }
+        self.blocking(|| {
+            let conn = self.conn();
+            let pattern = format!("{}%", id.to_ascii_lowercase());
+            let matching: Vec<String> = {
+                let mut stmt = conn
+                    .prepare("SELECT secret_hash FROM tokens WHERE secret_hash LIKE ?1 LIMIT 2")?;
+                let rows = stmt.query_map(params![pattern], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            match matching.as_slice() {
+                [] => Err(StoreError::NotFound(format!("no enrollment token {id}"))),
+                [hash] => {
+                    conn.execute("DELETE FROM tokens WHERE secret_hash = ?1", params![hash])?;
+                    Ok(())
+                }
+                _ => Err(StoreError::Conflict(format!(
+                    "{id} names more than one token: give more digits"
+                ))),
+            }
+        })
+    }
+
     /// Registers a personal enrollment token: agents enrolled with it belong to the
     /// user (the web console's "link a device").
     pub fn add_user_token(
@@ -537,3 +598,6 @@ pub(crate) fn agent_row(r: &Row<'_>, online: &dyn Fn(&str) -> bool) -> rusqlite:
         facts: serde_json::from_str(&facts).unwrap_or(serde_json::Value::Null),
     })
 }
+
+/// Hex digits of a token's hash that name it in `token list` and `token revoke`.
+pub(crate) const TOKEN_ID_LEN: usize = 12;
