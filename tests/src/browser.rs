@@ -567,6 +567,24 @@ impl Browser {
         }
     }
 
+    /// Registers `login` (with `password` and `LOGIN@example.test`) through
+    /// `/register`, which logs the new account in and goes to `/devices`.
+    pub fn register(&self, login: &str, password: &str) {
+        self.goto("/register");
+        self.wait_page("page-register");
+        self.fill("login", login);
+        self.fill("password", password);
+        self.fill("password2", password);
+        self.fill("email", &format!("{login}@example.test"));
+        self.submit("main form");
+        assert_eq!(
+            self.page_id(),
+            "page-devices",
+            "registering {login}: {}",
+            self.body_text()
+        );
+    }
+
     /// Chooses a local file in the file input matching `css`.
     pub fn attach(&self, css: &str, path: &Path) {
         let field = self.find(css);

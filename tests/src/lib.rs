@@ -173,6 +173,24 @@ fn nanos() -> u128 {
         .unwrap_or(0)
 }
 
+/// An HTTPS client for the test server that accepts its self-signed certificate and
+/// follows no redirects (tests look at the redirect itself).
+pub fn https_client() -> reqwest::Client {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
 /// A free loopback port for UDP and TCP (probed, then released).
 pub fn free_port() -> u16 {
     loop {

@@ -8,12 +8,11 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use herald_tests::browser::{self, Browser};
 use herald_tests::session_helper::{recording_browser, SessionHelper};
-use herald_tests::{bin, wait_until, AcceptAnyServerCert, TestAgent, TestServer};
+use herald_tests::{bin, wait_until, TestAgent, TestServer};
 
 /// A password the console accepts (at least 10 characters).
 const PASSWORD: &str = "correct horse battery";
@@ -43,19 +42,7 @@ impl Console {
 /// Registers `login` through `/register`, which logs the new account in and goes to
 /// `/devices`.
 fn register(b: &Browser, login: &str) {
-    b.goto("/register");
-    b.wait_page("page-register");
-    b.fill("login", login);
-    b.fill("password", PASSWORD);
-    b.fill("password2", PASSWORD);
-    b.fill("email", &format!("{login}@example.test"));
-    b.submit("main form");
-    assert_eq!(
-        b.page_id(),
-        "page-devices",
-        "registering {login}: {}",
-        b.body_text()
-    );
+    b.register(login, PASSWORD);
     b.find("form[action=\"/logout\"]");
 }
 
@@ -491,23 +478,6 @@ fn every_page_works_on_a_phone_screen() {
 
 // === security, from a real browser and real HTTP ===
 
-/// A plain HTTPS client for the console (no redirects followed, any certificate: the
-/// test server's CA is its own).
-fn http_client() -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("HTTP client")
-}
-
 /// POSTs a form with the browser's session cookie; returns the status and body.
 fn post_form(base: &str, path: &str, session: &str, form: &[(&str, &str)]) -> (u16, String) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -515,7 +485,7 @@ fn post_form(base: &str, path: &str, session: &str, form: &[(&str, &str)]) -> (u
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let response = http_client()
+        let response = herald_tests::https_client()
             .post(format!("{base}{path}"))
             .header("Cookie", format!("__Host-herald_session={session}"))
             .form(form)

@@ -3,26 +3,8 @@
 //! database and checks the QUIC endpoint, and answers 503 with the reason while the
 //! database takes no writes.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use herald_tests::{wait_until, AcceptAnyServerCert, TestServer, DEADLINE};
+use herald_tests::{wait_until, TestServer, DEADLINE};
 use rusqlite::Connection;
-
-fn client() -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("HTTP client")
-}
 
 /// GET `path` without a token: status and JSON body.
 fn get(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
@@ -31,7 +13,7 @@ fn get(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let response = client()
+        let response = herald_tests::https_client()
             .get(format!("{}{path}", server.https_url()))
             .send()
             .await

@@ -14,17 +14,6 @@ use herald_tests::{wait_until, TestServer};
 
 const PASSWORD: &str = "correct horse battery";
 
-fn register(b: &Browser, login: &str) {
-    b.goto("/register");
-    b.wait_page("page-register");
-    b.fill("login", login);
-    b.fill("password", PASSWORD);
-    b.fill("password2", PASSWORD);
-    b.fill("email", &format!("{login}@example.test"));
-    b.submit("main form");
-    assert_eq!(b.page_id(), "page-devices", "registering {login}");
-}
-
 #[test]
 fn a_sender_composes_signs_in_the_browser_and_watches_the_campaign() {
     if !browser::installed() {
@@ -41,7 +30,7 @@ fn a_sender_composes_signs_in_the_browser_and_watches_the_campaign() {
     let Some(b) = Browser::for_server(&server, "sender-console") else {
         return;
     };
-    register(&b, "carla");
+    b.register("carla", PASSWORD);
 
     // Not linked yet: the sender pages are refused.
     let (status, _) = b.fetch("GET", "/sender");
