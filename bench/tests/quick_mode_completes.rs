@@ -1,39 +1,65 @@
-//! `herald-bench all --quick` (the CI smoke test of the harness) completes every
-//! scenario and prints its figures. No timing thresholds: these machines are shared.
+//! The CI smoke tests of the harness: `herald-bench all --quick` completes every
+//! scenario and `herald-bench campaign --quick` the campaign one (the list ingested,
+//! every agent's receipt and every fallback SMS in), each printing its figures. No
+//! timing thresholds: these machines are shared.
 
 use std::process::Command;
 
-#[test]
-fn quick_mode_completes() {
+/// Runs `herald-bench ARGS`, checks it succeeded and printed every one of `figures`;
+/// returns its output.
+fn run_quick(args: &[&str], figures: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
-        .args(["all", "--quick"])
+        .args(args)
         .env("HERALD_LOG", "error")
         .output()
         .expect("run herald-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "herald-bench failed: {}\n{stdout}",
+        "herald-bench {args:?} failed: {}\n{stdout}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for figure in [
-        "hold: 200 agents connected in",
-        "KiB per connection",
-        "broadcast: 200 agents",
-        "unicast: API call",
-        "unicast: relay round trip (signal → ack, server side)",
-        "broadcast: relay round trip",
-        "broadcast: all acknowledged",
-        "unicast: bare quinn round trip",
-        "messages: 200 agents",
-        "messages: receipts committed",
-        "reconnect: server restarted with 200 agents: all back in",
-        "agent idle: RSS",
-    ] {
+    for figure in figures {
         assert!(stdout.contains(figure), "missing {figure:?} in:\n{stdout}");
     }
+    stdout
+}
+
+#[test]
+fn quick_mode_completes() {
+    let stdout = run_quick(
+        &["all", "--quick"],
+        &[
+            "hold: 200 agents connected in",
+            "KiB per connection",
+            "broadcast: 200 agents",
+            "unicast: API call",
+            "unicast: relay round trip (signal → ack, server side)",
+            "broadcast: relay round trip",
+            "broadcast: all acknowledged",
+            "unicast: bare quinn round trip",
+            "messages: 200 agents",
+            "messages: receipts committed",
+            "reconnect: server restarted with 200 agents: all back in",
+            "agent idle: RSS",
+        ],
+    );
     assert!(
         stdout.contains("mosquitto: 200 subscribers") || stdout.contains("mosquitto not installed"),
         "no peer line in:\n{stdout}"
+    );
+}
+
+#[test]
+fn campaign_quick_completes() {
+    run_quick(
+        &["campaign", "--quick", "--runs", "2"],
+        &[
+            "campaign: 200 agents connected in",
+            "campaign: 2000 rows, 2 runs: list uploaded in",
+            "campaign: all 200 `stored` receipts counted by the API",
+            "campaign: 1800 fallback SMS at the gateway",
+            "| fallback SMS/s, first → last |",
+        ],
     );
 }
