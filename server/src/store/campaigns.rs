@@ -462,6 +462,7 @@ impl Store {
             };
             let mut campaigns: HashMap<String, CampaignFacts> = HashMap::new();
             let mut days: HashMap<String, i64> = HashMap::new();
+            let mut used_by: HashMap<String, i64> = HashMap::new();
             let day = day_of(now);
             let mut set = tx.prepare(
                 "UPDATE campaign_rows SET fb_state = ?3, fb_kind = ?4, fb_target = ?5,
@@ -522,11 +523,14 @@ impl Store {
                         }),
                     )
                 } else {
-                    let used: i64 = tx.query_row(
-                        "SELECT fallbacks FROM campaigns WHERE id = ?1",
-                        params![campaign],
-                        |r| r.get(0),
-                    )?;
+                    let used = match used_by.get(campaign) {
+                        Some(n) => *n,
+                        None => tx.query_row(
+                            "SELECT fallbacks FROM campaigns WHERE id = ?1",
+                            params![campaign],
+                            |r| r.get(0),
+                        )?,
+                    };
                     let today = match days.get(sender) {
                         Some(n) => *n,
                         None => tx
@@ -549,10 +553,7 @@ impl Store {
                             Some("the sender's daily fallback cap was reached"),
                         )
                     } else {
-                        tx.execute(
-                            "UPDATE campaigns SET fallbacks = fallbacks + 1 WHERE id = ?1",
-                            params![campaign],
-                        )?;
+                        used_by.insert(campaign.clone(), used + 1);
                         days.insert(sender.clone(), today + 1);
                         (fb::PENDING, None)
                     }
@@ -567,6 +568,13 @@ impl Store {
                     pending.then_some(now),
                     detail
                 ])?;
+            }
+            // The counts were kept here for the batch: one write each.
+            for (campaign, used) in &used_by {
+                tx.execute(
+                    "UPDATE campaigns SET fallbacks = ?2 WHERE id = ?1",
+                    params![campaign, used],
+                )?;
             }
             for (sender, count) in &days {
                 tx.execute(
