@@ -88,6 +88,9 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
     let admin_token = hex::encode(random_bytes::<32>());
     store.add_admin_token(
         &herald_shared::token::secret_hash(admin_token.as_bytes()),
+        "init",
+        crate::model::Scope::Admin,
+        None,
         now_ms(),
     )?;
 

@@ -26,7 +26,7 @@ use crate::now_ms;
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     match caller {
-        Caller::Admin => Ok(()),
+        Caller::Admin(_) => Ok(()),
         _ => Err(ApiError(
             StatusCode::FORBIDDEN,
             "only the admin token manages senders".into(),

@@ -11,8 +11,11 @@
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
+mod admin;
 pub mod campaigns;
 mod catalog;
+mod openapi;
+pub mod routes;
 
 pub mod messages;
 pub mod releases;
@@ -23,7 +26,6 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Deserialize;
@@ -32,7 +34,6 @@ use tokio::sync::{broadcast, Notify};
 use herald_shared::codec;
 use herald_shared::envelope::{Audience, Envelope, Order, PublicKey, Repeat, Statement};
 use herald_shared::protocol::JobId;
-use herald_shared::token::secret_hash;
 
 use crate::model::{
     AgentDetail, AgentInfo, ApiErrorBody, CreateJobs, CreateSchedule, CreateToken, Created,
@@ -81,12 +82,23 @@ pub struct ApiState {
 /// Who made an API request.
 #[derive(Debug, Clone)]
 pub enum Caller {
-    /// The admin token.
-    Admin,
+    /// An admin token, with its scope (already checked against the route's).
+    Admin(crate::store::AdminCaller),
     /// A vendor's token (may only publish its own releases).
     Vendor(String),
     /// A message sender's token (may only send and read its own messages).
     Sender(String),
+}
+
+impl Caller {
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Admin(admin) => format!("token:{} ({})", admin.id, admin.name),
+            Caller::Vendor(name) => format!("vendor:{name}"),
+            Caller::Sender(name) => format!("sender:{name}"),
+        }
+    }
 }
 
 /// An API failure: status and one sentence.
@@ -122,122 +134,9 @@ pub(crate) fn bad(message: impl Into<String>) -> ApiError {
 
 pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// Builds the router.
+/// Builds the router from the route table ([`routes::ROUTES`]).
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route(
-            "/api/v1/health",
-            get(|| async { Json(serde_json::json!({"ok": true})) }),
-        )
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"ok": true})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route("/api/v1/tokens", post(create_token).get(list_tokens))
-        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/api/v1/agents", get(list_agents))
-        .route("/api/v1/agents/{agent}", get(show_agent))
-        .route("/api/v1/agents/{agent}/revoke", post(revoke_agent))
-        .route("/api/v1/agents/{agent}/membership", post(set_membership))
-        .route("/api/v1/jobs", get(list_jobs).post(create_jobs))
-        .route("/api/v1/jobs/{job}", get(show_job))
-        .route(
-            "/api/v1/schedules",
-            get(list_schedules).post(create_schedule),
-        )
-        .route(
-            "/api/v1/schedules/{id}",
-            axum::routing::delete(remove_schedule),
-        )
-        .route(
-            "/api/v1/vendors",
-            get(releases::list_vendors).post(releases::create_vendor),
-        )
-        .route(
-            "/api/v1/releases",
-            get(releases::list_releases).post(releases::create_release),
-        )
-        .route("/api/v1/releases/{id}", get(releases::show_release))
-        .route(
-            "/api/v1/artifacts/{sha256}",
-            get(releases::download_artifact),
-        )
-        .route(
-            "/api/v1/subscriptions",
-            get(releases::list_subscriptions).post(releases::create_subscription),
-        )
-        .route(
-            "/api/v1/subscriptions/{id}",
-            axum::routing::delete(releases::remove_subscription),
-        )
-        .route("/api/v1/installs", post(releases::create_installs))
-        .route("/api/v1/rollouts", get(releases::list_rollouts))
-        .route("/api/v1/rollouts/{id}", get(releases::show_rollout))
-        .route(
-            "/api/v1/rollouts/{id}/{verb}",
-            post(releases::control_rollout),
-        )
-        .route(
-            "/api/v1/catalog",
-            get(crate::api::catalog::list_entries).post(crate::api::catalog::create_entry),
-        )
-        .route(
-            "/api/v1/catalog/{name}",
-            axum::routing::delete(crate::api::catalog::remove_entry),
-        )
-        .route(
-            "/api/v1/senders",
-            get(messages::list_senders).post(messages::create_sender),
-        )
-        .route(
-            "/api/v1/senders/{name}",
-            axum::routing::delete(messages::remove_sender),
-        )
-        .route("/api/v1/senders/{name}/users", post(messages::link_sender))
-        .route("/api/v1/grants/{key}", get(messages::show_grant))
-        .route(
-            "/api/v1/messages",
-            get(messages::list_messages).post(messages::send_message),
-        )
-        .route("/api/v1/messages/{id}", get(messages::show_message))
-        .route(
-            "/api/v1/messages/{id}/receipts",
-            get(messages::list_receipts),
-        )
-        .route(
-            "/api/v1/messages/{id}/status",
-            get(campaigns::campaign_status),
-        )
-        .route(
-            "/api/v1/messages/{id}/recipients",
-            get(campaigns::campaign_recipients),
-        )
-        .route(
-            "/api/v1/messages/{id}/cancel",
-            post(campaigns::cancel_message),
-        )
-        .route("/api/v1/campaigns", post(campaigns::create_campaign))
-        .route("/api/v1/sms/reports", post(campaigns::sms_reports))
-        .route("/api/v1/refusals", get(messages::list_refusals))
-        .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn(refuse_oversized))
-        // Artifacts stream to disk in any size (the release declares their length).
-        .route(
-            "/api/v1/releases/{id}/artifact",
-            put(releases::upload_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        // Recipient lists stream to disk too, up to their own limit.
-        .route(
-            "/api/v1/lists",
-            post(campaigns::upload_list).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            authenticate,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+    routes::build(state)
 }
 
 /// How long `/readyz` waits for the database's write lock.
@@ -246,7 +145,7 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 /// `GET /readyz`: 200 when the database takes a write (within [`READY_WAIT`]) and the
 /// QUIC endpoint is served; 503 with the reasons otherwise. No token: for load
 /// balancers and orchestrators.
-async fn readyz(State(state): State<ApiState>) -> Response {
+pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
     let database = match state.store.check_writable(READY_WAIT, crate::now_ms()) {
         Ok(()) => "writable".to_string(),
         Err(e) => format!("not writable: {e}"),
@@ -282,7 +181,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// that answers and closes while the client is still sending makes the client's TCP
 /// stack reset the connection, and the client would see a TLS error instead of the
 /// answer. Beyond that the answer is sent with `Connection: close`, best effort.
-async fn refuse_oversized(
+pub(crate) async fn refuse_oversized(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -314,69 +213,6 @@ async fn refuse_oversized(
         axum::http::HeaderValue::from_static("close"),
     );
     response
-}
-
-async fn authenticate(
-    State(state): State<ApiState>,
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = request.uri().path();
-    // Health is public; artifacts are public by hash (agents verify them against signed
-    // metadata; see releases_api).
-    // The SMS gateway's delivery reports carry the gateway's own secret.
-    if path == "/api/v1/health"
-        || path == "/healthz"
-        || path == "/readyz"
-        || path.starts_with("/api/v1/artifacts/")
-        || path == "/api/v1/sms/reports"
-    {
-        return next.run(request).await;
-    }
-    let hash = bearer(request.headers()).map(|token| secret_hash(token.as_bytes()));
-    let caller = match &hash {
-        Some(hash) if state.store.admin_token_valid(hash).unwrap_or(false) => Some(Caller::Admin),
-        Some(hash) => match state.store.vendor_by_token(hash).ok().flatten() {
-            Some(vendor) => Some(Caller::Vendor(vendor)),
-            None => state
-                .store
-                .sender_by_token(hash)
-                .ok()
-                .flatten()
-                .map(Caller::Sender),
-        },
-        None => None,
-    };
-    let vendor_may = path == "/api/v1/releases"
-        || (path.starts_with("/api/v1/releases/") && path.ends_with("/artifact"));
-    let sender_may = path == "/api/v1/messages"
-        || path.starts_with("/api/v1/messages/")
-        || path == "/api/v1/refusals"
-        || path == "/api/v1/lists"
-        || path == "/api/v1/campaigns"
-        || path == "/api/v1/senders"
-        || path.starts_with("/api/v1/grants/");
-    match caller {
-        None => ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token (see admin.toml written by `herald-server init`)".into(),
-        )
-        .into_response(),
-        Some(Caller::Vendor(_)) if !vendor_may => ApiError(
-            StatusCode::FORBIDDEN,
-            "vendor tokens may only publish releases".into(),
-        )
-        .into_response(),
-        Some(Caller::Sender(_)) if !sender_may => ApiError(
-            StatusCode::FORBIDDEN,
-            "sender tokens may only send and read their own messages".into(),
-        )
-        .into_response(),
-        Some(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-    }
 }
 
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -682,7 +518,7 @@ async fn remove_schedule(State(state): State<ApiState>, Path(id): Path<i64>) -> 
     Ok(Json(Created { ids: vec![id] }))
 }
 
-async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
+pub(crate) async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
     let enrolled = state.store.enrolled_count()?;
     let mut text = String::new();
     text.push_str("# HELP herald_agents_connected Agents connected now.\n# TYPE herald_agents_connected gauge\n");

@@ -37,7 +37,7 @@ const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 
 fn admin_only(caller: &Caller) -> Result<(), ApiError> {
     match caller {
-        Caller::Admin => Ok(()),
+        Caller::Admin(_) => Ok(()),
         Caller::Vendor(_) | Caller::Sender(_) => Err(ApiError(
             StatusCode::FORBIDDEN,
             "vendor tokens may only publish releases".into(),

@@ -11,6 +11,7 @@
 //! - `users.rs`: `users` (local, on the data directory);
 //! - `demo.rs`: `demo` (a throwaway server with an in-process agent).
 
+pub mod admin;
 pub mod catalog;
 pub mod client;
 #[cfg(feature = "demo")]
@@ -69,6 +70,14 @@ pub struct Cli {
     /// Admin API URL (overrides the configuration).
     #[arg(long, global = true, env = "HERALD_SERVER")]
     pub server: Option<String>,
+    /// Admin API token (overrides admin.toml's; e.g. a scoped one from `admin-token create`).
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -121,6 +130,12 @@ pub enum Command {
     /// Web console accounts (works on the data directory, like `init`).
     #[command(subcommand)]
     Users(crate::cli::users::UsersCommand),
+    /// Admin API tokens with scopes (read, metrics, jobs, packages, messages, admin).
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(crate::cli::admin::AdminTokenCommand),
+    /// The audit log: who did what, from where, and whether it worked.
+    #[command(subcommand)]
+    Audit(crate::cli::admin::AuditCommand),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -397,7 +412,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             .config
             .clone()
             .unwrap_or_else(|| data_dir.join(config::ADMIN_CONFIG));
-        Context::new(AdminConfig::load(&path)?, cli.server.as_deref())
+        let mut config = AdminConfig::load(&path)?;
+        if let Some(token) = &cli.token {
+            config.admin_token = token.clone();
+        }
+        Context::new(config, cli.server.as_deref())
     };
     match cli.command {
         Command::Init(args) => init(&data_dir, args),
@@ -454,6 +473,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             println!("enrollment token {id} revoked: it enrolls no one from now on");
             Ok(ExitCode::SUCCESS)
         }
+        Command::AdminToken(command) => admin()?.admin_token(command).await,
+        Command::Audit(command) => admin()?.audit(command).await,
         Command::Agents(command) => admin()?.agents(command).await,
         Command::Groups(command) => admin()?.groups(command).await,
         Command::Run(args) => admin()?.run(args).await,

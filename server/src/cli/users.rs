@@ -85,6 +85,7 @@ pub fn run(
                 auth::hash_password(&password).map_err(|e| UsersError::Password(e.to_string()))?;
             let role = if admin { Role::Admin } else { Role::User };
             let id = store.add_user(&login, &hash, role, "", "", crate::now_ms())?;
+            audit_locally(&store, "users.add", &login, &format!("ok: {role}"))?;
             println!("added {role} {login} (id {id})");
         }
         UsersCommand::List { json } => {
@@ -103,10 +104,33 @@ pub fn run(
                 .user_by_login(&login)?
                 .ok_or_else(|| UsersError::Usage(format!("no user {login}")))?;
             store.set_role(user.id, role)?;
+            audit_locally(&store, "users.set_role", &login, &format!("ok: {role}"))?;
             println!("{login} is now {role}");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records a change made on the server's own machine, by the operating-system user
+/// who ran the command.
+fn audit_locally(
+    store: &Store,
+    action: &str,
+    target: &str,
+    outcome: &str,
+) -> Result<(), UsersError> {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    let event = crate::model::AuditEvent {
+        actor: format!("local:{user}"),
+        source: "local".into(),
+        action: action.into(),
+        target: target.into(),
+        outcome: outcome.into(),
+    };
+    store.audit(&event, crate::now_ms())?;
+    Ok(())
 }
 
 /// One line from `input`, without its line ending.

@@ -149,6 +149,18 @@ pub(super) async fn login(
     State(state): State<ConsoleState>,
     posted: PublicPosted<LoginForm>,
 ) -> ConsoleResult {
+    let tried = posted.form.login.trim().to_lowercase();
+    let actor = match auth::check_login(&tried) {
+        Ok(()) => format!("user:{tried}"),
+        Err(_) => "anonymous".into(),
+    };
+    let ip = posted.ip;
+    let result = check_login(&state, posted).await;
+    super::audit::record(&state, actor, ip, "console.login", "/login", result)
+}
+
+/// Signs in if the password is right (see [`login`]).
+async fn check_login(state: &ConsoleState, posted: PublicPosted<LoginForm>) -> ConsoleResult {
     let login = posted.form.login.trim().to_lowercase();
     let again = |status: StatusCode, error: &str| {
         render(
@@ -273,6 +285,18 @@ pub(super) async fn register(
     State(state): State<ConsoleState>,
     posted: PublicPosted<RegisterForm>,
 ) -> ConsoleResult {
+    let tried = posted.form.login.trim().to_lowercase();
+    let actor = match auth::check_login(&tried) {
+        Ok(()) => format!("user:{tried}"),
+        Err(_) => "anonymous".into(),
+    };
+    let ip = posted.ip;
+    let result = create_account(&state, posted).await;
+    super::audit::record(&state, actor, ip, "console.register", "/register", result)
+}
+
+/// Creates the account (see [`register`]).
+async fn create_account(state: &ConsoleState, posted: PublicPosted<RegisterForm>) -> ConsoleResult {
     if !state.settings.registration {
         return Ok(registration_closed());
     }

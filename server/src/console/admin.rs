@@ -335,3 +335,41 @@ pub(super) async fn set_role(
     state.store().set_role(path_id(&id)?, role)?;
     Ok(see_other("/admin/users"))
 }
+
+#[derive(Template)]
+#[template(path = "admin_audit.html")]
+struct AuditPage {
+    layout: Layout,
+    verdict: crate::model::AuditVerdict,
+    entries: Vec<crate::model::AuditEntry>,
+    actor: String,
+    limit: u32,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(super) struct AuditFilter {
+    actor: String,
+}
+
+/// `GET /admin/audit`: the newest entries, and whether the chain holds.
+pub(super) async fn audit(
+    State(state): State<ConsoleState>,
+    Admin(session): Admin,
+    axum::extract::Query(filter): axum::extract::Query<AuditFilter>,
+) -> ConsoleResult {
+    let actor = filter.actor.trim().to_string();
+    let limit = LIST_LIMIT;
+    Ok(render(
+        StatusCode::OK,
+        &AuditPage {
+            layout: Layout::of(&session),
+            verdict: state.store().audit_verify()?,
+            entries: state
+                .store()
+                .audit_recent(Some(actor.as_str()).filter(|a| !a.is_empty()), limit)?,
+            actor,
+            limit,
+        },
+    ))
+}

@@ -13,6 +13,7 @@
 
 mod account;
 mod admin;
+mod audit;
 pub(crate) mod auth;
 mod forms;
 mod forwarding;
@@ -275,6 +276,11 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/admin/schedules/{id}/delete", post(admin::delete_schedule))
         .route("/admin/users", get(admin::users))
         .route("/admin/users/{id}/role", post(admin::set_role))
+        .route("/admin/audit", get(admin::audit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::audit_posts,
+        ))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(state)

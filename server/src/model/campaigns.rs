@@ -30,7 +30,7 @@ const MAX_FIELD: usize = 320;
 pub const COLUMNS: [&str; 4] = ["phone", "email", "user", "agent"];
 
 /// Where a message goes when the program does not get it there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
     /// No fallback.
@@ -462,7 +462,7 @@ fn cut(text: &str, max: usize) -> String {
 // === API records ===
 
 /// Request body: create a campaign (`POST /api/v1/campaigns`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateCampaign {
     /// Sender-signed message (audience `all`: the list narrows it), base64 of the
     /// bincode envelope.

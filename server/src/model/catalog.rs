@@ -86,7 +86,7 @@ pub fn check_entry_order(order: &Order) -> std::result::Result<u64, String> {
 }
 
 /// Request body: publish a catalog entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateCatalogEntry {
     /// Entry name.
     pub name: String,

@@ -24,7 +24,7 @@ pub struct SenderInfo {
 }
 
 /// Request body: register a sender (`POST /api/v1/senders`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateSender {
     /// Operator-signed sender grant, base64 of the bincode envelope.
     pub envelope: String,
@@ -33,7 +33,7 @@ pub struct CreateSender {
 }
 
 /// Request body: send a message (`POST /api/v1/messages`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SendMessage {
     /// Sender-signed message, base64 of the bincode envelope.
     pub envelope: String,
@@ -236,7 +236,7 @@ pub struct UserBlock {
 }
 
 /// Request body: link a console user to a sender (`POST /api/v1/senders/{name}/users`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SenderLink {
     /// Console login.
     pub login: String,

@@ -3,6 +3,7 @@
 //! in docs/CLI.md. Pure types and rules; nothing here does I/O or imports another folder.
 //!
 //! - `mod.rs`: agents, jobs, schedules, job events, API request bodies;
+//! - `admin.rs`: admin-token scopes, the audit log's entries and hash chain;
 //! - `job.rs`: [`JobState`] and its transition table;
 //! - `accounts.rs`: console users, sessions, visits, history, deliveries;
 //! - `catalog.rs`: catalog entries and subscriptions;
@@ -11,6 +12,7 @@
 //! - `campaigns.rs`: recipient lists, fallbacks, campaign figures.
 
 mod accounts;
+mod admin;
 mod campaigns;
 mod catalog;
 mod confirm;
@@ -20,6 +22,7 @@ mod messages;
 mod releases;
 
 pub use accounts::*;
+pub use admin::*;
 pub use campaigns::*;
 pub use catalog::*;
 pub use confirm::{
@@ -161,7 +164,7 @@ pub struct ScheduleInfo {
 }
 
 /// Request body: create a one-off job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateJobs {
     /// Signed order, base64 of the bincode envelope.
     pub envelope: String,
@@ -170,13 +173,15 @@ pub struct CreateJobs {
 }
 
 /// Request body: create a schedule.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateSchedule {
     /// Signed standing order, base64 of the bincode envelope.
     pub envelope: String,
     /// When it fires.
+    #[schema(value_type = Object)]
     pub schedule: herald_shared::schedule::Schedule,
     /// `skip` or `run-once`.
+    #[schema(value_type = String)]
     pub missed: herald_shared::schedule::Missed,
     /// Splay in milliseconds.
     pub splay_ms: u64,
@@ -185,7 +190,7 @@ pub struct CreateSchedule {
 }
 
 /// Request body: register an enrollment token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateToken {
     /// SHA-256 of the secret, hex.
     pub secret_hash: String,
@@ -216,7 +221,7 @@ pub struct TokenInfo {
 }
 
 /// Request body: set an agent's groups with a signed membership.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetMembership {
     /// Signed membership, base64 of the bincode envelope.
     pub envelope: String,
@@ -237,7 +242,7 @@ pub struct ApiErrorBody {
 }
 
 /// Request body: register a vendor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateVendor {
     /// Operator-signed delegation, base64 of the bincode envelope.
     pub envelope: String,
@@ -246,14 +251,14 @@ pub struct CreateVendor {
 }
 
 /// Request body: register release metadata.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateRelease {
     /// Vendor- or operator-signed release metadata, base64 of the bincode envelope.
     pub envelope: String,
 }
 
 /// Request body: subscribe agents to a package.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateSubscription {
     /// Operator-signed standing install order, base64 of the bincode envelope.
     pub envelope: String,

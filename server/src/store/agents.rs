@@ -1,37 +1,9 @@
-//! Agents and how they get in: admin and enrollment tokens, enrollment, revocation,
+//! Agents and how they get in: enrollment tokens, enrollment, revocation,
 //! connection facts and address history, group membership, audience expansion.
 
 use super::*;
 
 impl Store {
-    // === admin tokens ===
-
-    /// Stores the hash of an admin API token.
-    pub fn add_admin_token(&self, token_hash: &str, now: Millis) -> Result<()> {
-        self.blocking(|| {
-            self.conn().execute(
-                "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?1, ?2)",
-                params![token_hash, now],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Whether an admin token hash is known.
-    pub fn admin_token_valid(&self, token_hash: &str) -> Result<bool> {
-        self.blocking(|| {
-            Ok(self
-                .conn()
-                .query_row(
-                    "SELECT 1 FROM admin_tokens WHERE token_hash = ?1",
-                    params![token_hash],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some())
-        })
-    }
-
     // === enrollment ===
 
     /// Registers an enrollment token by the hash of its secret.

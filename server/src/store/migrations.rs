@@ -400,6 +400,26 @@ CREATE TABLE health (
     checked_at BIGINT NOT NULL
 );
 "#,
+    // Scoped admin tokens, and the audit log: an append-only hash chain (seq from 1
+    // without gaps; each entry's hash covers the previous one's).
+    r#"
+ALTER TABLE admin_tokens ADD COLUMN name TEXT NOT NULL DEFAULT 'init';
+ALTER TABLE admin_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE admin_tokens ADD COLUMN expires_at BIGINT;
+ALTER TABLE admin_tokens ADD COLUMN revoked_at BIGINT;
+CREATE TABLE audit_log (
+    seq BIGINT PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX audit_log_by_at ON audit_log(at);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

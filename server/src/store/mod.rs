@@ -16,7 +16,8 @@
 //! - `mod.rs`: [`Store`] itself (open, the two connections, the boundary), errors, the
 //!   row types callers get back;
 //! - `migrations.rs`: the schema;
-//! - `agents.rs`: admin and enrollment tokens, agents, addresses, groups, audiences;
+//! - `admin.rs`: admin tokens and their scopes, the audit log;
+//! - `agents.rs`: enrollment tokens, agents, addresses, groups, audiences;
 //! - `jobs.rs`: orders and jobs, results, expiry, and the text form of `JobState`;
 //! - `schedules.rs`: schedules and their firing;
 //! - `accounts.rs`: console users, sessions, visits, a user's devices and history;
@@ -28,6 +29,7 @@
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
+mod admin;
 mod agents;
 mod campaigns;
 mod catalog;
@@ -40,6 +42,7 @@ mod schedules;
 #[cfg(test)]
 mod testing;
 
+pub use admin::{AdminCaller, MAX_AUDIT_LIST};
 pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
 pub use campaigns::{CampaignPlan, CampaignStarted, FallbackOutcome};
 pub use forwarding::RuleError;
