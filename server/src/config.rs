@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// Web console settings.
     #[serde(default)]
     pub console: ConsoleSettings,
+    /// `[https]`: the console's certificate, trusted reverse proxies and the plain-HTTP
+    /// loopback listener.
+    #[serde(default, skip_serializing_if = "HttpsSettings::is_default")]
+    pub https: HttpsSettings,
 }
 
 // === forwarding sections ===
@@ -265,6 +269,13 @@ impl ServerConfig {
                 reason: format!("operator key {key:?} is not a valid Ed25519 public key"),
             })?;
         }
+        config
+            .https
+            .check(data_dir)
+            .map_err(|reason| ConfigError::Invalid {
+                path: data_dir.join(SERVER_CONFIG),
+                reason,
+            })?;
         if let Some(smtp) = &mut config.smtp {
             if let Some(ca_file) = &mut smtp.ca_file {
                 *ca_file = data_dir.join(&*ca_file);
@@ -356,5 +367,112 @@ pub struct ConsoleSettings {
 impl Default for ConsoleSettings {
     fn default() -> Self {
         ConsoleSettings { registration: true }
+    }
+}
+
+// === [https] ===
+
+/// The `[https]` section of `herald.toml`.
+///
+/// Agents pin Herald's own CA, for QUIC and for their downloads; browsers want a
+/// certificate from a public CA. With `cert_file` and `key_file` the HTTPS listener
+/// presents that certificate to clients asking (by SNI) for a name it covers, and
+/// Herald's `server.pem` to everyone else (see `crate::https::Certificates`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpsSettings {
+    /// PEM certificate chain for the console (leaf first); relative paths are taken
+    /// from the data directory. Reloaded on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Reverse proxies whose `X-Forwarded-For` header names the client
+    /// (`"10.0.0.0/8"`, `"127.0.0.1"`); from anyone else the header is ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<Cidr>,
+    /// A loopback address to also serve the console and API on in plain HTTP, for a
+    /// reverse proxy on this machine that terminates TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plain_http_listen: Option<SocketAddr>,
+    /// HTTPS URL agents download artifacts from (default: `public_url`). Agents trust
+    /// only Herald's CA, so it must reach this server's HTTPS listener by an address
+    /// `cert_file` does not name (an IP address, say), not a proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+}
+
+impl HttpsSettings {
+    fn is_default(&self) -> bool {
+        *self == HttpsSettings::default()
+    }
+
+    /// Checks what can be checked without reading files, and makes file paths
+    /// absolute. The certificate files themselves are read when serving starts.
+    fn check(&mut self, data_dir: &Path) -> Result<(), String> {
+        match (&mut self.cert_file, &mut self.key_file) {
+            (Some(cert), Some(key)) => {
+                *cert = data_dir.join(&*cert);
+                *key = data_dir.join(&*key);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(
+                    "[https] cert_file and key_file go together: set both, or neither to \
+                     present Herald's own certificate"
+                        .into(),
+                )
+            }
+        }
+        if let Some(addr) = self.plain_http_listen {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "[https] plain_http_listen = \"{addr}\" is not a loopback address; plain \
+                     HTTP is only for a proxy on this machine (use 127.0.0.1 or [::1])"
+                ));
+            }
+        }
+        if let Some(url) = &self.agent_url {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "[https] agent_url = {url:?} must be an https:// URL of this server"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The trusted proxies' networks.
+    pub fn proxies(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies.iter().map(|c| c.0).collect()
+    }
+}
+
+/// A network in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Cidr, String> {
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+            return Ok(Cidr(ipnet::IpNet::from(ip)));
+        }
+        Err(format!(
+            "trusted proxy {text:?} is not an address or a network in CIDR notation \
+             (like \"10.0.0.0/8\" or \"::1/128\")"
+        ))
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(cidr: Cidr) -> String {
+        cidr.0.to_string()
     }
 }

@@ -129,6 +129,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             sms: None,
             forwarding: None,
             console: Default::default(),
+            https: Default::default(),
         },
     )?;
     Ok(Initialized {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::config::{ConfigError, ServerConfig};
@@ -28,6 +28,9 @@ pub enum ServeError {
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The console's configured certificate (`[https] cert_file`, `key_file`).
+    #[error("[https] certificate: {0}")]
+    Certificate(#[from] https::CertificateError),
     /// The console's ticket key cannot be read or created.
     #[error("cannot read or create {path}: {source}")]
     Key {
@@ -54,6 +57,8 @@ pub struct Running {
     pub quic_addr: SocketAddr,
     /// Bound HTTPS address.
     pub http_addr: SocketAddr,
+    /// Bound plain-HTTP loopback address (`[https] plain_http_listen`), if any.
+    pub plain_http_addr: Option<SocketAddr>,
     /// The relay (for the demo's live output).
     pub relay: Arc<Relay>,
     stop: watch::Sender<bool>,
@@ -94,6 +99,14 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         config.http_listen = addr;
     }
     let pki = pki::load(data_dir)?;
+    let certificates = Arc::new(https::Certificates::load(
+        &pki,
+        config
+            .https
+            .cert_file
+            .as_deref()
+            .zip(config.https.key_file.as_deref()),
+    )?);
     let store = Store::open(data_dir)?;
     let keyring = Arc::new(Keyring::new(store.agent_keys()?));
     let quic_config = pki::quic_server_config(&pki, keyring.clone())?;
@@ -128,6 +141,29 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         source,
     })?;
 
+    let agent_url = agent_url(&config, http_addr.port(), &certificates).map_err(|reason| {
+        ConfigError::Invalid {
+            path: data_dir.join(crate::config::SERVER_CONFIG),
+            reason,
+        }
+    })?;
+    let plain = match config.https.plain_http_listen {
+        Some(addr) => {
+            let bind_err = |source| ServeError::Bind {
+                addr,
+                what: "plain HTTP for a proxy, tcp",
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err)?;
+            let bound = listener.local_addr().map_err(bind_err)?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
+    let plain_http_addr = plain.as_ref().map(|(_, addr)| *addr);
+
     let tickets = Tickets::load_or_create(data_dir).map_err(|source| ServeError::Key {
         path: data_dir.join(crate::ticket::KEY_FILE),
         source,
@@ -135,7 +171,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
     let relay = Relay::new(
         store.clone(),
         keyring,
-        format!("{}/api/v1/artifacts", config.public_url(http_addr.port())),
+        format!("{agent_url}/api/v1/artifacts"),
         tickets.clone(),
     );
     let rollouts = Arc::new(Notify::new());
@@ -170,7 +206,19 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         .filter_map(|(set_up, medium)| set_up.then_some(medium))
         .collect(),
     };
-    let tasks = vec![
+    let site = https::Site {
+        router: api::router(state.clone()).merge(crate::console::router(
+            crate::console::ConsoleState::new(
+                state,
+                tickets,
+                config.console.clone(),
+                crate::console::Enrollment::new(&config, &pki),
+            )
+            .with_http_webhooks(config.forwarding().allow_http),
+        )),
+        trusted_proxies: Arc::new(config.https.proxies()),
+    };
+    let mut tasks = vec![
         tokio::spawn({
             let relay = relay.clone();
             let serving = quic_serving.clone();
@@ -200,27 +248,83 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         )),
         tokio::spawn(https::serve(
             listener,
-            pki::https_config(&pki)?,
-            api::router(state.clone()).merge(crate::console::router(
-                crate::console::ConsoleState::new(
-                    state,
-                    tickets,
-                    config.console.clone(),
-                    crate::console::Enrollment::new(&config, &pki),
-                )
-                .with_http_webhooks(config.forwarding().allow_http),
-            )),
+            Some(certificates.clone().tls_config()?),
+            site.clone(),
             until_stopped(),
         )),
+        tokio::spawn(reload_on_hangup(certificates, until_stopped())),
     ];
+    if let Some((listener, addr)) = plain {
+        info!(%addr, "plain HTTP for a reverse proxy on loopback");
+        tasks.push(tokio::spawn(https::serve(
+            listener,
+            None,
+            site,
+            until_stopped(),
+        )));
+    }
     info!(%quic_addr, %http_addr, "herald-server serving");
     Ok(Running {
         quic_addr,
         http_addr,
+        plain_http_addr,
         relay,
         stop,
         tasks,
     })
+}
+
+/// The base URL agents download artifacts from: `[https] agent_url`, or `public_url`.
+/// Agents trust only Herald's CA, so the listener must present Herald's certificate
+/// there: refused when the configured public certificate covers its host.
+fn agent_url(
+    config: &ServerConfig,
+    http_port: u16,
+    certificates: &https::Certificates,
+) -> Result<String, String> {
+    let (url, key) = match &config.https.agent_url {
+        Some(url) => (url.trim_end_matches('/').to_string(), "[https] agent_url"),
+        None => (config.public_url(http_port), "public_url"),
+    };
+    let parsed = reqwest::Url::parse(&url).map_err(|e| format!("{key} {url:?}: {e}"))?;
+    if let Some(host) = parsed.host_str() {
+        if certificates.covers(host) {
+            return Err(format!(
+                "agents download artifacts from {url} ({key}), but [https] cert_file covers \
+                 {host}, so they would be shown that certificate instead of Herald's, which \
+                 they pin; set [https] agent_url to a URL of this listener by an address the \
+                 certificate does not name, e.g. https://SERVER-IP:{http_port}"
+            ));
+        }
+    }
+    Ok(url)
+}
+
+/// Reads the console's certificate files again on every SIGHUP until `stopped`; a
+/// reload that fails keeps the certificate in use and says why.
+async fn reload_on_hangup(
+    certificates: Arc<https::Certificates>,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            warn!("cannot handle SIGHUP, certificates will not be reloaded: {e}");
+            return;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = &mut stopped => return,
+        }
+        match certificates.reload() {
+            Ok(true) => info!("SIGHUP: reloaded the [https] certificate"),
+            Ok(false) => info!("SIGHUP: no [https] cert_file configured, nothing to reload"),
+            Err(e) => warn!("SIGHUP: kept the [https] certificate in use: {e}"),
+        }
+    }
 }
 
 /// Socket buffer the QUIC socket asks for. A burst of handshakes (a reconnect storm
@@ -266,6 +370,9 @@ pub async fn run(data_dir: &Path, overrides: &Overrides) -> Result<(), ServeErro
         "herald-server: QUIC on udp/{}, admin API on https://{}",
         running.quic_addr, running.http_addr
     );
+    if let Some(addr) = running.plain_http_addr {
+        println!("herald-server: plain HTTP for a reverse proxy on http://{addr}");
+    }
     shutdown_signal().await;
     info!("shutting down");
     running.stop().await;

@@ -6,7 +6,10 @@
 //! The test server has its own CA, which this Chromium does not trust. For a server
 //! ([`Browser::for_server`]) Chromium accepts exactly that server's key, by the SHA-256
 //! of its SubjectPublicKeyInfo (`--ignore-certificate-errors-spki-list`): any other
-//! certificate is still refused. [`Trust::Any`] accepts every certificate
+//! certificate is still refused. [`Trust::Ca`] adds one CA as a trust anchor the way a
+//! person would on Linux: into the NSS database in `$HOME/.pki/nssdb` (a home of the
+//! test's own, made with `certutil`), so Chromium verifies the chain and the name as
+//! for any public site. [`Trust::Any`] accepts every certificate
 //! (`--ignore-certificate-errors`), for other loopback servers.
 
 use std::io::{Read, Write};
@@ -64,6 +67,9 @@ const CHROMIUM_ARGS: &[&str] = &[
 pub enum Trust<'a> {
     /// Only the key of this PEM certificate (a test server's `server.pem`).
     Key(&'a Path),
+    /// Certificates issued by this PEM CA, for the names they carry (and those of the
+    /// system's CAs).
+    Ca(&'a Path),
     /// Any certificate.
     Any,
 }
@@ -114,7 +120,14 @@ impl Browser {
         let port = free_port();
         let driver_log = dir.join(format!("chromedriver-{name}.log"));
         let log = std::fs::File::create(&driver_log).expect("create chromedriver log");
-        let driver = Command::new(CHROMEDRIVER)
+        let mut driver = Command::new(CHROMEDRIVER);
+        if let Trust::Ca(ca) = trust {
+            // Chromium reads user-added trust anchors from $HOME/.pki/nssdb.
+            let home = dir.join(format!("home-{name}"));
+            nss_db_trusting(&home, ca);
+            driver.env("HOME", &home);
+        }
+        let driver = driver
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
@@ -151,6 +164,7 @@ impl Browser {
                 spki_sha256_base64(cert)
             )),
             Trust::Any => args.push("--ignore-certificate-errors".into()),
+            Trust::Ca(_) => {}
         }
         let capabilities = json!({
             "browserName": "chrome",
@@ -654,6 +668,35 @@ fn driver_ready(port: u16) -> bool {
     serde_json::from_str::<Value>(body)
         .map(|v| v["value"]["ready"] == true)
         .unwrap_or(false)
+}
+
+/// The `certutil` binary (Debian package `libnss3-tools`).
+pub const CERTUTIL: &str = "/usr/bin/certutil";
+
+/// Creates an NSS database in `home/.pki/nssdb` with `ca` (a PEM file) trusted to
+/// issue server certificates.
+fn nss_db_trusting(home: &Path, ca: &Path) {
+    assert!(
+        Path::new(CERTUTIL).exists(),
+        "{CERTUTIL} is missing (apt-get install libnss3-tools)"
+    );
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db).expect("create the NSS database directory");
+    let db_arg = format!("sql:{}", db.display());
+    let run = |args: &[&str]| {
+        let output = Command::new(CERTUTIL)
+            .args(args)
+            .output()
+            .expect("run certutil");
+        assert!(
+            output.status.success(),
+            "certutil {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&["-N", "-d", &db_arg, "--empty-password"]);
+    let ca = ca.to_str().expect("test paths are UTF-8");
+    run(&["-A", "-d", &db_arg, "-n", "test-ca", "-t", "C,,", "-i", ca]);
 }
 
 /// The base64 SHA-256 of the SubjectPublicKeyInfo of the PEM certificate at `path`, as

@@ -346,6 +346,11 @@ impl TestServer {
         });
     }
 
+    /// The running server's process id (to send it signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server with SIGKILL (no shutdown at all).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

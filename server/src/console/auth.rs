@@ -26,6 +26,7 @@ use herald_shared::token::secret_hash;
 use herald_shared::Millis;
 
 use super::{ConsoleError, ConsoleState};
+use crate::https::ClientAddr;
 use crate::model::{LoginAttempt, User};
 
 /// Session cookie. `__Host-`: browsers accept it only with `Secure`, `Path=/` and no
@@ -211,8 +212,13 @@ pub(crate) fn session_cookie(token: Option<&str>) -> (axum::http::HeaderName, He
     (SET_COOKIE, set_cookie(SESSION_COOKIE, token, "/", "Strict"))
 }
 
-/// The client's address, when the HTTPS server recorded it.
+/// The client's address, as the HTTP server recorded it: [`ClientAddr`] (the client
+/// a trusted proxy names, else the TCP peer), or the bare peer address where a router
+/// is served without it (the console's unit tests).
 pub(crate) fn client_ip(parts: &Parts) -> Option<IpAddr> {
+    if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>() {
+        return Some(*ip);
+    }
     parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
