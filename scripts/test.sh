@@ -14,6 +14,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
     # chromium, chromium-driver: the console tests drive a real headless browser.
     { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || need+=(chromium chromium-driver)
+    # libnss3-tools (certutil): a console test makes Chromium trust a CA of its own.
+    [ -x /usr/bin/certutil ] || need+=(libnss3-tools)
     # dbus-daemon: a private session bus for the desktop-notification tests.
     [ -x /usr/bin/dbus-daemon ] || need+=(dbus-daemon)
     if [ ${#need[@]} -gt 0 ]; then
