@@ -206,6 +206,8 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         .filter_map(|(set_up, medium)| set_up.then_some(medium))
         .collect(),
     };
+    // Built before any task starts, so that an error leaves nothing running.
+    let tls = certificates.clone().tls_config()?;
     let site = https::Site {
         router: api::router(state.clone()).merge(crate::console::router(
             crate::console::ConsoleState::new(
@@ -248,7 +250,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         )),
         tokio::spawn(https::serve(
             listener,
-            Some(certificates.clone().tls_config()?),
+            Some(tls),
             site.clone(),
             until_stopped(),
         )),
