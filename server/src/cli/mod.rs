@@ -9,9 +9,11 @@
 //! - `packages.rs`: `vendor` and `package`;
 //! - `messages.rs`: `sender` and `message`;
 //! - `users.rs`: `users` (local, on the data directory);
+//! - `backup.rs`: `backup`, `backup verify` and `restore` (local, on files);
 //! - `demo.rs`: `demo` (a throwaway server with an in-process agent).
 
 pub mod admin;
+pub mod backup;
 pub mod catalog;
 pub mod client;
 #[cfg(feature = "demo")]
@@ -136,6 +138,10 @@ pub enum Command {
     /// The audit log: who did what, from where, and whether it worked.
     #[command(subcommand)]
     Audit(crate::cli::admin::AuditCommand),
+    /// Archive the data directory while the server runs, or check an archive.
+    Backup(crate::cli::backup::BackupArgs),
+    /// Restore an archive into a new data directory (--data-dir, required).
+    Restore(crate::cli::backup::RestoreArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -503,6 +509,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             println!("{} man pages written to {}", pages.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backup(args) => crate::cli::backup::backup(&data_dir, args),
+        Command::Restore(args) => crate::cli::backup::restore(cli.data_dir.as_deref(), args),
         Command::Users(command) => {
             crate::cli::users::run(&data_dir, command, &mut std::io::stdin().lock()).map_err(|e| {
                 match e {

@@ -18,6 +18,7 @@
 //! - `migrations.rs`: the schema;
 //! - `admin.rs`: admin tokens and their scopes, the audit log;
 //! - `agents.rs`: enrollment tokens, agents, addresses, groups, audiences;
+//! - `backup.rs`: online copies for `backup`, their checks, snapshots before migration;
 //! - `jobs.rs`: orders and jobs, results, expiry, and the text form of `JobState`;
 //! - `schedules.rs`: schedules and their firing;
 //! - `accounts.rs`: console users, sessions, visits, a user's devices and history;
@@ -31,6 +32,7 @@
 mod accounts;
 mod admin;
 mod agents;
+mod backup;
 mod campaigns;
 mod catalog;
 mod forwarding;
@@ -44,6 +46,10 @@ mod testing;
 
 pub use admin::{AdminCaller, MAX_AUDIT_LIST};
 pub(crate) use agents::{agent_row, expand, AGENT_SELECT};
+pub use backup::{
+    advance_job_ids, check_copy, copy_live, latest_schema_version, BackupError, CopyCheck,
+    SNAPSHOTS_KEPT, SNAPSHOT_DIR,
+};
 pub use campaigns::{CampaignPlan, CampaignStarted, FallbackOutcome};
 pub use forwarding::RuleError;
 use jobs::*;
@@ -109,6 +115,9 @@ pub enum StoreError {
     /// Input that cannot be taken (a list with bad rows under `--strict`).
     #[error("{0}")]
     Invalid(String),
+    /// The snapshot before a migration could not be taken (the migration did not run).
+    #[error("not migrating without a snapshot: {0}")]
+    Snapshot(#[from] BackupError),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -196,10 +205,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database in `data_dir`.
+    /// Opens (creating if needed) and migrates the database in `data_dir`, copying an
+    /// older one to `snapshots/` first.
     pub fn open(data_dir: &Path) -> Result<Store> {
         let path = data_dir.join(DB_FILE);
         let mut durable = connect(&path, "FULL")?;
+        backup::snapshot_before_migration(&durable, data_dir, crate::now_ms())?;
         migrate(&mut durable)?;
         let relaxed = connect(&path, "NORMAL")?;
         Ok(Store {
