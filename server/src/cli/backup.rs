@@ -458,11 +458,17 @@ fn unpack(file: &Path, staging: &Path, write_all: bool) -> Result<(Manifest, sto
         } else {
             Box::new(io::sink())
         };
+        let stored = entry.size();
         let mut reader = Hashing::new(&mut entry);
         io::copy(&mut reader, &mut sink)
             .map_err(|e| damaged(format!("member {name} cannot be read to its end: {e}")))?;
         let (count, sha256) = (reader.count, reader.hex());
         drop(sink);
+        if count < stored {
+            return Err(damaged(format!(
+                "member {name} is cut short ({count} of {stored} bytes): the archive is truncated"
+            )));
+        }
         if count != member.size {
             problems.push(format!(
                 "member {name}: {count} bytes, the manifest says {}",
@@ -523,6 +529,7 @@ fn read_manifest(file: &Path, entry: tar::Entry<'_, impl Read>) -> Result<Manife
             "the first member is {name:?}, not {MANIFEST}: not a herald-server backup"
         )));
     }
+    let stored = entry.size();
     let mut text = Vec::new();
     entry
         .take(MANIFEST_LIMIT + 1)
@@ -531,6 +538,12 @@ fn read_manifest(file: &Path, entry: tar::Entry<'_, impl Read>) -> Result<Manife
             file: file.to_path_buf(),
             reason: format!("member {MANIFEST} cannot be read to its end: {e}"),
         })?;
+    if (text.len() as u64) < stored.min(MANIFEST_LIMIT) {
+        return Err(ArchiveError::Damaged {
+            file: file.to_path_buf(),
+            reason: format!("member {MANIFEST} is cut short: the archive is truncated"),
+        });
+    }
     if text.len() as u64 > MANIFEST_LIMIT {
         return Err(invalid(format!(
             "{MANIFEST} is larger than {MANIFEST_LIMIT} bytes"
