@@ -448,22 +448,35 @@ fn unpack(file: &Path, staging: &Path, write_all: bool) -> Result<(Manifest, sto
             last = name;
             continue;
         }
-        let mut sink: Box<dyn Write> = if write_all || name == DB_FILE {
+        let mut out = if write_all || name == DB_FILE {
             let path = staging.join(&name);
             if let Some(parent) = path.parent() {
                 herald_io::files::create_private_dir(parent)
                     .map_err(|e| io_err(e.action, &e.path)(e.source))?;
             }
-            Box::new(private_file(&path)?)
+            Some((private_file(&path)?, path))
         } else {
-            Box::new(io::sink())
+            None
         };
         let stored = entry.size();
         let mut reader = Hashing::new(&mut entry);
-        io::copy(&mut reader, &mut sink)
-            .map_err(|e| damaged(format!("member {name} cannot be read to its end: {e}")))?;
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| damaged(format!("member {name} cannot be read to its end: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            if let Some((file, path)) = &mut out {
+                file.write_all(&buf[..n])
+                    .map_err(io_err("cannot write", path))?;
+            }
+        }
+        if let Some((file, path)) = out {
+            file.sync_all().map_err(io_err("cannot sync", &path))?;
+        }
         let (count, sha256) = (reader.count, reader.hex());
-        drop(sink);
         if count < stored {
             return Err(damaged(format!(
                 "member {name} is cut short ({count} of {stored} bytes): the archive is truncated"
