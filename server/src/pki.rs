@@ -237,16 +237,6 @@ pub fn quic_server_config(
     Ok(config)
 }
 
-/// TLS configuration for the HTTPS admin API.
-pub fn https_config(pki: &Pki) -> Result<rustls::ServerConfig, PkiError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(pki.chain.clone(), pki.key.clone_key())?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tls)
-}
-
 /// Extracts the raw Ed25519 public key from an agent certificate.
 pub fn agent_key(cert: &[u8]) -> Option<Vec<u8>> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;

@@ -207,8 +207,12 @@ async fn refuse_oversized(request: Request, next: Next) -> Response {
     super::refuse_oversized(request, next).await
 }
 
-/// The caller's address, for the audit log.
+/// The caller's address, for the audit log: the client's, also behind a trusted
+/// proxy ([`crate::https::ClientAddr`]).
 pub(crate) fn source_of(request: &Request) -> String {
+    if let Some(crate::https::ClientAddr(ip)) = request.extensions().get() {
+        return ip.to_string();
+    }
     request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
