@@ -76,6 +76,34 @@ pub struct ServerConfig {
     /// loopback listener.
     #[serde(default, skip_serializing_if = "HttpsSettings::is_default")]
     pub https: HttpsSettings,
+    /// `[metrics]`: a separate plain-HTTP listener for Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+// === metrics section ===
+
+/// `[metrics]`: where a separate listener serves `GET /metrics` in plain HTTP with no
+/// token, for a Prometheus on the same host or network. Without it, `/metrics` is only
+/// on the admin API (HTTPS, with a token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port, e.g. `127.0.0.1:9464` (checked at load: an IP address and a
+    /// port, no host name, so that nothing is resolved at start).
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The listen address, or why it is not one.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen.parse().map_err(|_| {
+            format!(
+                "[metrics] listen = {:?} is not an IP address and port such as \"127.0.0.1:9464\"",
+                self.listen
+            )
+        })
+    }
 }
 
 // === forwarding sections ===
@@ -276,6 +304,14 @@ impl ServerConfig {
                 path: data_dir.join(SERVER_CONFIG),
                 reason,
             })?;
+        if let Some(metrics) = &config.metrics {
+            metrics
+                .listen_addr()
+                .map_err(|reason| ConfigError::Invalid {
+                    path: data_dir.join(SERVER_CONFIG),
+                    reason,
+                })?;
+        }
         if let Some(smtp) = &mut config.smtp {
             if let Some(ca_file) = &mut smtp.ca_file {
                 *ca_file = data_dir.join(&*ca_file);

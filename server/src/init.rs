@@ -130,6 +130,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             forwarding: None,
             console: Default::default(),
             https: Default::default(),
+            metrics: None,
         },
     )?;
     Ok(Initialized {

@@ -59,6 +59,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// Bound plain-HTTP loopback address (`[https] plain_http_listen`), if any.
     pub plain_http_addr: Option<SocketAddr>,
+    /// Bound address of the `[metrics]` listener, if configured.
+    pub metrics_addr: Option<SocketAddr>,
     /// The relay (for the demo's live output).
     pub relay: Arc<Relay>,
     stop: watch::Sender<bool>,
@@ -162,7 +164,30 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         }
         None => None,
     };
+    let metrics_listener = match &config.metrics {
+        Some(metrics) => {
+            // Checked when the configuration was loaded.
+            let addr = metrics
+                .listen_addr()
+                .map_err(|reason| ConfigError::Invalid {
+                    path: data_dir.join(crate::config::SERVER_CONFIG),
+                    reason,
+                })?;
+            let bind_err = |source| ServeError::Bind {
+                addr,
+                what: "metrics, tcp",
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err)?;
+            let bound = listener.local_addr().map_err(bind_err)?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
     let plain_http_addr = plain.as_ref().map(|(_, addr)| *addr);
+    let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
 
     let tickets = Tickets::load_or_create(data_dir).map_err(|source| ServeError::Key {
         path: data_dir.join(crate::ticket::KEY_FILE),
@@ -265,11 +290,24 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             until_stopped(),
         )));
     }
-    info!(%quic_addr, %http_addr, "herald-server serving");
+    if let Some((listener, _)) = metrics_listener {
+        let stopped = until_stopped();
+        let router = metrics_router(relay.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
+                tracing::warn!("metrics listener stopped: {e}");
+            }
+        }));
+    }
+    info!(%quic_addr, %http_addr, metrics = ?metrics_addr, "herald-server serving");
     Ok(Running {
         quic_addr,
         http_addr,
         plain_http_addr,
+        metrics_addr,
         relay,
         stop,
         tasks,
@@ -329,6 +367,33 @@ async fn reload_on_hangup(
     }
 }
 
+/// The `[metrics]` listener's routes: `GET /metrics` and nothing else (404 for any
+/// other path, 405 for another method), in plain HTTP and without a token: it is meant
+/// for a Prometheus on the same host or a private network, and shows counts only.
+fn metrics_router(relay: Arc<Relay>) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            match relay.metrics_text() {
+                Ok(text) => (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response(),
+                Err(e) => {
+                    tracing::warn!("cannot read metrics: {e}");
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+                }
+            }
+        }),
+    )
+}
+
 /// Socket buffer the QUIC socket asks for. A burst of handshakes (a reconnect storm
 /// after a restart) or of acknowledgements (a broadcast's, one per agent at once)
 /// overflows the kernel's default (~200 KiB), and every dropped datagram costs its
@@ -374,6 +439,9 @@ pub async fn run(data_dir: &Path, overrides: &Overrides) -> Result<(), ServeErro
     );
     if let Some(addr) = running.plain_http_addr {
         println!("herald-server: plain HTTP for a reverse proxy on http://{addr}");
+    }
+    if let Some(addr) = running.metrics_addr {
+        println!("herald-server: metrics on http://{addr}/metrics");
     }
     shutdown_signal().await;
     info!("shutting down");

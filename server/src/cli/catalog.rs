@@ -87,6 +87,10 @@ pub struct OpenArgs {
     /// Wait until the page is completed (or the job otherwise ends) and print the outcome.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: print the outcome as one JSON document (`{"ok", "jobs"}`, each job
+    /// as `show --json` prints it, with the person's `outcome`).
+    #[arg(long, requires = "wait")]
+    pub json: bool,
     /// The page (https, or http to loopback for development).
     pub url: String,
 }
@@ -200,6 +204,9 @@ impl Context {
         let ttl = parse_duration("--ttl", &args.ttl)?;
         let action = open_action(&args.url, timeout)?;
         let created = self.queue_once(&args.to, action, timeout, ttl).await?;
+        if args.json {
+            return self.report_jobs_json(&created.ids, None).await;
+        }
         self.report_jobs(&created.ids, args.wait).await
     }
 }

@@ -280,6 +280,10 @@ pub struct RunArgs {
     /// Wait for the results and print them; exit with the program's status.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: print the results as one JSON document (`{"ok", "jobs"}`, each job
+    /// as `show --json` prints it) instead of the programs' output.
+    #[arg(long, requires = "wait")]
+    pub json: bool,
     /// Absolute path of the program, then its arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
@@ -671,6 +675,30 @@ impl Context {
         })
     }
 
+    /// `--wait --json` of `open` and `package install`/`revert`: waits for every job and
+    /// prints them as one JSON document (with the agents skipped, if any); succeeds
+    /// when every job succeeded.
+    pub(crate) async fn report_jobs_json(
+        &self,
+        ids: &[i64],
+        skipped: Option<&[String]>,
+    ) -> Result<ExitCode, CliError> {
+        let jobs = self.wait_all(ids).await?;
+        print_jobs_json(&jobs, skipped);
+        Ok(if all_succeeded(&jobs) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+
+    /// Waits for each job in turn; all of them, as they ended.
+    async fn wait_all(&self, ids: &[i64]) -> Result<Vec<JobInfo>, CliError> {
+        let mut jobs = Vec::with_capacity(ids.len());
+        self.wait_each(ids, |job| jobs.push(job.clone())).await?;
+        Ok(jobs)
+    }
+
     /// Parses a target and resolves an agent name to its id (orders name ids).
     pub(crate) async fn audience(&self, target: &str) -> Result<Audience, CliError> {
         match target.parse::<Audience>().map_err(usage)? {
@@ -806,6 +834,15 @@ impl Context {
             return Ok(ExitCode::SUCCESS);
         }
         let single = created.ids.len() == 1;
+        if args.json {
+            let jobs = self.wait_all(&created.ids).await?;
+            print_jobs_json(&jobs, None);
+            return Ok(match (single, jobs.first()) {
+                (true, Some(job)) => ExitCode::from(job.exit_code.unwrap_or(1).clamp(0, 255) as u8),
+                _ if all_succeeded(&jobs) => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            });
+        }
         let mut last_code = 0;
         let all_ok = self
             .wait_each(&created.ids, |job| {
@@ -1104,6 +1141,20 @@ fn print_queued(ids: &[i64]) {
 
 pub(crate) fn parse_duration(flag: &str, text: &str) -> Result<Duration, CliError> {
     schedule::parse_duration(text).map_err(|e| usage(format!("{flag}: {e}")))
+}
+
+fn all_succeeded(jobs: &[JobInfo]) -> bool {
+    jobs.iter().all(|job| job.state == JobState::Succeeded)
+}
+
+/// The one JSON document `--wait --json` prints: whether every job succeeded, the
+/// jobs as they ended, and the agents skipped (`package install` only).
+fn print_jobs_json(jobs: &[JobInfo], skipped: Option<&[String]>) {
+    let mut doc = serde_json::json!({ "ok": all_succeeded(jobs), "jobs": jobs });
+    if let Some(skipped) = skipped {
+        doc["skipped"] = serde_json::json!(skipped);
+    }
+    print_json(&doc);
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) {

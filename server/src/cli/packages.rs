@@ -154,6 +154,10 @@ pub struct InstallArgs {
     /// Wait for the results.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: print the results as one JSON document (`{"ok", "jobs",
+    /// "skipped"}`, each job as `show --json` prints it).
+    #[arg(long, requires = "wait")]
+    pub json: bool,
 }
 
 /// `package subscribe`.
@@ -510,6 +514,11 @@ impl Context {
                 "agent {agent}: no published release of {} {} for its platform; skipped",
                 args.name, args.version
             );
+        }
+        if args.json {
+            return self
+                .report_jobs_json(&created.ids, Some(&created.skipped))
+                .await;
         }
         self.report_jobs(&created.ids, args.wait).await
     }

@@ -12,6 +12,7 @@
 
 mod acks;
 mod link;
+mod metrics;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ use crate::store::{Pending, Store};
 use crate::ticket::Tickets;
 use acks::{AckRecord, Batches, ReportOutcome, ReportRecord, ACK_BATCH};
 use link::{version_refusal, Effect, Greeting, Link, Migrated, Stream, Transmit, Violation};
+use metrics::{Refusal, Refusals};
 
 pub use link::ADDRESS_CHECK_MS;
 
@@ -194,8 +196,10 @@ pub struct Relay {
     fan_outs: mpsc::UnboundedSender<FanOut>,
     /// Room for fan-out signals in flight ([`FAN_OUT_WINDOW`]).
     window: Arc<Semaphore>,
-    /// Connection attempts refused while too many handshakes were in progress.
-    refused: std::sync::atomic::AtomicU64,
+    /// Failed connection attempts, by reason (`/metrics`).
+    refusals: Refusals,
+    /// What earlier `/metrics` scrapes counted in the store.
+    tally: Mutex<crate::store::Tally>,
 }
 
 /// Why a connection ended abnormally.
@@ -248,7 +252,8 @@ impl Relay {
             signal_rtt: Histogram::default(),
             fan_outs,
             window: Arc::new(Semaphore::new(FAN_OUT_WINDOW)),
-            refused: Default::default(),
+            refusals: Refusals::default(),
+            tally: Mutex::default(),
         });
         // Need a runtime: the relay is built inside `serve`.
         tokio::spawn(write_reports(
@@ -273,23 +278,6 @@ impl Relay {
     /// Announces a job state change.
     pub fn job_changed(&self, job_id: JobId) {
         let _ = self.events.send(JobEvent { job_id });
-    }
-
-    /// Appends the relay's metrics in Prometheus text format.
-    pub fn render_metrics(&self, text: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(
-            text,
-            "# HELP herald_handshakes_refused_total Connection attempts refused while too many handshakes were in progress.\n\
-             # TYPE herald_handshakes_refused_total counter\n\
-             herald_handshakes_refused_total {}",
-            self.refused.load(std::sync::atomic::Ordering::Relaxed)
-        );
-        self.signal_rtt.render(
-            text,
-            "herald_signal_ack_seconds",
-            "Relay round trip: a signal handed to QUIC until the agent's acknowledgement is read.",
-        );
     }
 
     /// Whether an agent is connected.
@@ -404,8 +392,7 @@ impl Relay {
                     let Ok(slot) = handshaking.clone().try_acquire_owned() else {
                         // Shed load: the agent retries on its jittered backoff at once,
                         // instead of waiting out retransmission timeouts that double.
-                        self.refused
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.refusals.add(Refusal::Overload);
                         incoming.refuse();
                         continue;
                     };
@@ -416,7 +403,10 @@ impl Relay {
                         drop(slot);
                         match connected {
                             Ok(connection) => relay.handle(connection).await,
-                            Err(e) => debug!(%remote, "handshake failed: {e}"),
+                            Err(e) => {
+                                relay.refusals.add(Refusal::of_handshake(&e));
+                                debug!(%remote, "handshake failed: {e}");
+                            }
                         }
                     });
                 }
@@ -487,14 +477,20 @@ impl Relay {
     }
 
     async fn converse(self: Arc<Self>, connection: &Connection) -> Result<(), LinkError> {
-        let key = peer_key(connection)
-            .ok_or_else(|| LinkError::Protocol("no usable client certificate".into()))?;
+        let Some(key) = peer_key(connection) else {
+            self.refusals.add(Refusal::BadCertificate);
+            return Err(LinkError::Protocol("no usable client certificate".into()));
+        };
+        let timed_out = || {
+            self.refusals.add(Refusal::Timeout);
+            LinkError::Timeout
+        };
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
             .await
-            .map_err(|_| LinkError::Timeout)??;
+            .map_err(|_| timed_out())??;
         let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, DEFAULT_FRAME_LIMIT))
             .await
-            .map_err(|_| LinkError::Timeout)??;
+            .map_err(|_| timed_out())??;
         let Some(first) = first else {
             return Ok(());
         };
@@ -505,8 +501,15 @@ impl Relay {
                 self.session(connection, &key, link, hello, send, recv)
                     .await
             }
-            Greeting::Refuse(reason) => refuse(connection, &mut send, &reason).await,
-            Greeting::Close(violation) => Err(violation.into()),
+            Greeting::Refuse(reason) => {
+                // Only a Hello of another protocol version is refused here.
+                self.refusals.add(Refusal::Version);
+                refuse(connection, &mut send, &reason).await
+            }
+            Greeting::Close(violation) => {
+                self.refusals.add(Refusal::Protocol);
+                Err(violation.into())
+            }
         }
     }
 
@@ -519,6 +522,7 @@ impl Relay {
     ) -> Result<(), LinkError> {
         let ip = connection.remote_address().ip();
         if self.enroll_blocked(ip) {
+            self.refusals.add(Refusal::Enrollment);
             return refuse(
                 connection,
                 send,
@@ -527,9 +531,11 @@ impl Relay {
             .await;
         }
         if enroll.protocol.0 != PROTOCOL_MAJOR {
+            self.refusals.add(Refusal::Version);
             return refuse(connection, send, &version_refusal(enroll.protocol.0)).await;
         }
         if self.keyring.status(key) != KeyStatus::Unknown {
+            self.refusals.add(Refusal::Enrollment);
             return refuse(connection, send, "this agent identity is already enrolled").await;
         }
         let agent_id = herald_shared::agent_id(key);
@@ -559,6 +565,7 @@ impl Relay {
             }
             Ok(None) => {
                 self.enroll_failed(ip);
+                self.refusals.add(Refusal::Enrollment);
                 refuse(
                     connection,
                     send,
@@ -567,6 +574,7 @@ impl Relay {
                 .await
             }
             Err(crate::store::StoreError::Conflict(reason)) => {
+                self.refusals.add(Refusal::Enrollment);
                 refuse(connection, send, &reason).await
             }
             Err(e) => Err(e.into()),
@@ -604,7 +612,13 @@ impl Relay {
         mut recv: RecvStream,
     ) -> Result<(), LinkError> {
         let agent_id = herald_shared::agent_id(key);
-        if self.keyring.status(key) != KeyStatus::Enrolled || !self.store.agent_active(&agent_id)? {
+        let status = self.keyring.status(key);
+        if status != KeyStatus::Enrolled || !self.store.agent_active(&agent_id)? {
+            self.refusals.add(match status {
+                KeyStatus::Unknown => Refusal::UnknownAgent,
+                // Enrolled in the keyring but no longer active in the store: revoked.
+                KeyStatus::Enrolled | KeyStatus::Revoked => Refusal::Revoked,
+            });
             return refuse(
                 connection,
                 &mut send,

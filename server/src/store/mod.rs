@@ -27,6 +27,7 @@
 //! - `forwarding.rs`: forwarding rules, confirmation codes, the delivery queue;
 //! - `messages.rs`: push-message senders, messages, receipts and block reports;
 //! - `campaigns.rs`: recipient lists, fallbacks and their reports, campaign figures;
+//! - `metrics.rs`: counts for `/metrics`, and the timing of durable commits;
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
@@ -38,6 +39,7 @@ mod catalog;
 mod forwarding;
 mod jobs;
 mod messages;
+mod metrics;
 mod migrations;
 mod releases;
 mod schedules;
@@ -55,6 +57,7 @@ pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
 pub use messages::{ReportStored, StoredReceipt, SKIPPED_BLOCKED};
+pub use metrics::{Counts, Tally};
 use migrations::*;
 pub(crate) use schedules::{schedule_row, SCHEDULE_SELECT};
 #[cfg(test)]
@@ -202,6 +205,8 @@ pub struct DueSchedule {
 pub struct Store {
     durable: Arc<Mutex<Connection>>,
     relaxed: Arc<Mutex<Connection>>,
+    /// How long `durable`'s commits take (`/metrics`).
+    commits: Arc<crate::metrics::Histogram>,
 }
 
 impl Store {
@@ -212,10 +217,15 @@ impl Store {
         let mut durable = connect(&path, "FULL")?;
         backup::snapshot_before_migration(&durable, data_dir, crate::now_ms())?;
         migrate(&mut durable)?;
+        let commits = Arc::new(crate::metrics::Histogram::new(
+            crate::metrics::COMMIT_BOUNDS_US,
+        ));
+        metrics::time_commits(&durable, commits.clone());
         let relaxed = connect(&path, "NORMAL")?;
         Ok(Store {
             durable: Arc::new(Mutex::new(durable)),
             relaxed: Arc::new(Mutex::new(relaxed)),
+            commits,
         })
     }
 
