@@ -15,7 +15,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use herald_shared::protocol::{ALPN, SERVER_NAME};
 use herald_tests::{
@@ -402,8 +401,13 @@ fn metrics_for_alerts() {
     let usage = server.cli(&["run", "--to", "all", "--json", "--", "/bin/true"]);
     assert_eq!(
         usage.status.code(),
-        Some(2),
+        Some(64),
         "--json without --wait is a usage error"
+    );
+    assert!(
+        String::from_utf8_lossy(&usage.stderr).contains("--wait"),
+        "{}",
+        String::from_utf8_lossy(&usage.stderr)
     );
 
     // A push message, stored by the agent, which reports a receipt.
