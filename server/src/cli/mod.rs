@@ -675,7 +675,7 @@ impl Context {
         })
     }
 
-    /// `--wait --json` of `open` and `package install`/`revert`: waits for every job and
+    /// `--wait --json` of `open` and `package install`: waits for every job and
     /// prints them as one JSON document (with the agents skipped, if any); succeeds
     /// when every job succeeded.
     pub(crate) async fn report_jobs_json(
