@@ -371,26 +371,9 @@ async fn reload_on_hangup(
 /// other path, 405 for another method), in plain HTTP and without a token: it is meant
 /// for a Prometheus on the same host or a private network, and shows counts only.
 fn metrics_router(relay: Arc<Relay>) -> axum::Router {
-    use axum::http::{header, StatusCode};
-    use axum::response::IntoResponse;
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || async move {
-            match relay.metrics_text() {
-                Ok(text) => (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    text,
-                )
-                    .into_response(),
-                Err(e) => {
-                    tracing::warn!("cannot read metrics: {e}");
-                    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
-                }
-            }
-        }),
+        axum::routing::get(move || async move { api::metrics_response(&relay) }),
     )
 }
 

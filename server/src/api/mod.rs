@@ -518,16 +518,24 @@ async fn remove_schedule(State(state): State<ApiState>, Path(id): Path<i64>) -> 
     Ok(Json(Created { ids: vec![id] }))
 }
 
-pub(crate) async fn metrics(State(state): State<ApiState>) -> Result<String, ApiError> {
-    let enrolled = state.store.enrolled_count()?;
-    let mut text = String::new();
-    text.push_str("# HELP herald_agents_connected Agents connected now.\n# TYPE herald_agents_connected gauge\n");
-    text.push_str(&format!(
-        "herald_agents_connected {}\n",
-        state.relay.online_count()
-    ));
-    text.push_str("# HELP herald_agents_enrolled Agents enrolled and not revoked.\n# TYPE herald_agents_enrolled gauge\n");
-    text.push_str(&format!("herald_agents_enrolled {}\n", enrolled));
-    state.relay.render_metrics(&mut text);
-    Ok(text)
+pub(crate) async fn metrics(State(state): State<ApiState>) -> Response {
+    metrics_response(&state.relay)
+}
+
+/// The Prometheus text of every metric (admin API and the `[metrics]` listener).
+pub fn metrics_response(relay: &Relay) -> Response {
+    match relay.metrics_text() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!("cannot read metrics: {e}");
+            ApiError::from(e).into_response()
+        }
+    }
 }
