@@ -23,6 +23,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     fi
     # aiosmtpd: the SMTP receiver of the forwarding tests (for the python3 on PATH).
     python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd >/dev/null
+    # schemathesis: generates requests from the API's OpenAPI description and checks
+    # that none gets a 5xx (tests/tests/api_description_holds.rs).
+    command -v schemathesis >/dev/null 2>&1 || python3 -m pip install -q schemathesis >/dev/null
 fi
 
 set -e
