@@ -130,18 +130,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         what: "QUIC, udp",
         source,
     })?;
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.http_listen,
-            what: "admin API, tcp",
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.http_listen,
-        what: "admin API, tcp",
-        source,
-    })?;
+    let (listener, http_addr) = bind_tcp(config.http_listen, "admin API, tcp").await?;
 
     let agent_url = agent_url(&config, http_addr.port(), &certificates).map_err(|reason| {
         ConfigError::Invalid {
@@ -150,18 +139,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         }
     })?;
     let plain = match config.https.plain_http_listen {
-        Some(addr) => {
-            let bind_err = |source| ServeError::Bind {
-                addr,
-                what: "plain HTTP for a proxy, tcp",
-                source,
-            };
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(bind_err)?;
-            let bound = listener.local_addr().map_err(bind_err)?;
-            Some((listener, bound))
-        }
+        Some(addr) => Some(bind_tcp(addr, "plain HTTP for a proxy, tcp").await?),
         None => None,
     };
     let metrics_listener = match &config.metrics {
@@ -173,16 +151,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
                     path: data_dir.join(crate::config::SERVER_CONFIG),
                     reason,
                 })?;
-            let bind_err = |source| ServeError::Bind {
-                addr,
-                what: "metrics, tcp",
-                source,
-            };
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(bind_err)?;
-            let bound = listener.local_addr().map_err(bind_err)?;
-            Some((listener, bound))
+            Some(bind_tcp(addr, "metrics, tcp").await?)
         }
         None => None,
     };
@@ -365,6 +334,19 @@ async fn reload_on_hangup(
             Err(e) => warn!("SIGHUP: kept the [https] certificate in use: {e}"),
         }
     }
+}
+
+/// Binds an extra TCP listener; returns it with the address it got.
+async fn bind_tcp(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let bind_err = |source| ServeError::Bind { addr, what, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, bound))
 }
 
 /// The `[metrics]` listener's routes: `GET /metrics` and nothing else (404 for any

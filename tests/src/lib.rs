@@ -74,6 +74,32 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
     }
 }
 
+/// A QUIC client speaking Herald's ALPN with a fresh self-signed identity of
+/// `algorithm` (Ed25519 for an agent-like client that was never enrolled, another for a
+/// certificate the server cannot take), trusting any server certificate.
+pub fn raw_quic_client(algorithm: &'static rcgen::SignatureAlgorithm) -> quinn::ClientConfig {
+    let key = rcgen::KeyPair::generate_for(algorithm).expect("generate a client key");
+    let cert = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])
+        .expect("certificate params")
+        .self_signed(&key)
+        .expect("self-sign the client certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
+        .with_client_auth_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("client auth certificate");
+    tls.alpn_protocols = vec![herald_shared::protocol::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
+    quinn::ClientConfig::new(std::sync::Arc::new(crypto))
+}
+
 /// The job ids in CLI output lines that start `job N` (`run`, `package install`).
 pub fn job_ids(output: &str) -> Vec<i64> {
     output
@@ -369,6 +395,29 @@ impl TestServer {
             .stdin(Stdio::null())
             .output()
             .expect("run herald-server CLI")
+    }
+
+    /// `users add LOGIN [--admin]` with `password` on stdin, run as the operating-system
+    /// user `operator` (the audit log names local commands by it).
+    pub fn add_user(&self, login: &str, admin: bool, password: &str) -> Output {
+        let mut child = Command::new(bin("herald-server"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["users", "add", login])
+            .args(admin.then_some("--admin"))
+            .env("HERALD_LOG", "warn")
+            .env("USER", "operator")
+            .env_remove("SUDO_USER")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run herald-server users add");
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = writeln!(stdin, "{password}");
+        }
+        child.wait_with_output().expect("wait for users add")
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.

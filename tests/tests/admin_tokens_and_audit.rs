@@ -3,8 +3,7 @@
 //! token's change with 403, and every admin and console action lands in the audit log
 //! exactly once, in a hash chain that `audit verify` checks.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use herald_tests::console_client::Console;
 use herald_tests::{bin, https_client, wait_until, TestAgent, TestServer, DEADLINE};
@@ -160,30 +159,6 @@ fn read_token_cannot_change_anything() {
     );
 }
 
-/// `users add LOGIN [--admin]` with the password on stdin.
-fn add_user(server: &TestServer, login: &str, admin: bool) -> Output {
-    let mut args = vec!["users", "add", login];
-    if admin {
-        args.push("--admin");
-    }
-    let mut child = Command::new(bin("herald-server"))
-        .arg("--data-dir")
-        .arg(server.data_dir())
-        .args(&args)
-        .env("HERALD_LOG", "warn")
-        .env("USER", "operator")
-        .env_remove("SUDO_USER")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run herald-server users add");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = writeln!(stdin, "{PASSWORD}");
-    }
-    child.wait_with_output().expect("users add")
-}
-
 /// Signs in at the console; returns the final status.
 fn log_in(console: &Console, login: &str, password: &str) -> u16 {
     let form = console.get("/login");
@@ -225,7 +200,7 @@ fn audit_log_records_every_action_once_and_detects_an_edited_row() {
     server.cli_ok(&["agents", "revoke", &agent.name]);
 
     // Local account commands, and the console: a failed and a good sign-in, an admin action.
-    let added = add_user(&server, "ann", true);
+    let added = server.add_user("ann", true, PASSWORD);
     assert!(added.status.success(), "{}", text(&added.stderr));
     server.cli_ok(&["users", "set-role", "ann", "admin"]);
     let console = Console::new(&server);

@@ -47,7 +47,7 @@ fn every_described_operation_is_served() {
             for (method, operation) in item.as_object().expect("path item") {
                 operations += 1;
                 assert!(operation["summary"].is_string(), "{method} {path}");
-                let concrete = path.replace('{', "").replace('}', "");
+                let concrete = path.replace(['{', '}'], "");
                 let url = format!("{base}{concrete}");
                 let method: reqwest::Method = method.to_ascii_uppercase().parse().unwrap();
                 // Without a token: the route exists (401, or a public answer), never

@@ -6,13 +6,11 @@
 //!
 //! Tests skip (and say so) when Chromium or chromedriver is not installed.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use herald_tests::browser::{self, Browser};
 use herald_tests::session_helper::{recording_browser, SessionHelper};
-use herald_tests::{bin, wait_until, TestAgent, TestServer};
+use herald_tests::{wait_until, TestAgent, TestServer};
 
 /// A password the console accepts (at least 10 characters).
 const PASSWORD: &str = "correct horse battery";
@@ -159,20 +157,7 @@ fn publish_hello(server: &TestServer) {
 /// Makes the admin `login` with `herald-server users add LOGIN --admin` (the password
 /// on stdin) and logs the browser in as it, in a fresh browser session.
 fn log_in_as_new_admin(console: &Console, login: &str) {
-    let mut child = Command::new(bin("herald-server"))
-        .arg("--data-dir")
-        .arg(console.server.data_dir())
-        .args(["users", "add", login, "--admin"])
-        .env("HERALD_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run herald-server users add");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = writeln!(stdin, "{PASSWORD}");
-    }
-    let output = child.wait_with_output().expect("wait for users add");
+    let output = console.server.add_user(login, true, PASSWORD);
     assert!(
         output.status.success(),
         "`herald-server users add {login} --admin` failed: {}",

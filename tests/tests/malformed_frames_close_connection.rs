@@ -4,14 +4,12 @@
 //! was never enrolled is refused when it says `Hello`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT, HEADER_LEN};
-use herald_shared::protocol::{AgentMsg, Facts, Hello, ServerMsg, ALPN, SERVER_NAME};
-use herald_tests::{wait_until, AcceptAnyServerCert, TestAgent, TestServer, DEADLINE};
+use herald_shared::protocol::{AgentMsg, Facts, Hello, ServerMsg, SERVER_NAME};
+use herald_tests::{wait_until, TestAgent, TestServer, DEADLINE};
 use quinn::{Connection, ConnectionError};
-use rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// Close code for protocol violations (`relay::close::PROTOCOL`).
 const CLOSE_PROTOCOL: u32 = 1;
@@ -26,26 +24,7 @@ const TIMEOUT_CLOSE: Duration = Duration::from_secs(25);
 /// A QUIC client with a fresh, never enrolled Ed25519 identity (as a new agent would
 /// have before enrolling), speaking ALPN `herald/1`.
 fn raw_client_config() -> quinn::ClientConfig {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("generate Ed25519 key");
-    let cert = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])
-        .expect("certificate params")
-        .self_signed(&key)
-        .expect("self-sign client certificate");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(AcceptAnyServerCert::new())
-        .with_client_auth_cert(
-            vec![cert.der().clone()],
-            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )
-        .expect("client auth certificate");
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
-    quinn::ClientConfig::new(Arc::new(crypto))
+    herald_tests::raw_quic_client(&rcgen::PKCS_ED25519)
 }
 
 /// Connects a raw client to the server's QUIC port.

@@ -14,13 +14,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 
-use herald_shared::protocol::{ALPN, SERVER_NAME};
-use herald_tests::{
-    bin, free_port, wait_until, AcceptAnyServerCert, TestAgent, TestServer, DEADLINE,
-};
-use rustls::pki_types::PrivatePkcs8KeyDer;
+use herald_shared::protocol::SERVER_NAME;
+use herald_tests::{bin, free_port, wait_until, TestAgent, TestServer, DEADLINE};
 use serde_json::Value;
 
 // === a strict reader of the Prometheus text format ===
@@ -279,28 +275,11 @@ fn handshake_with_a_bad_certificate(quic: SocketAddr) {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ECDSA key");
-        let cert = rcgen::CertificateParams::new(vec!["not-an-agent".to_string()])
-            .expect("certificate params")
-            .self_signed(&key)
-            .expect("self-sign");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .dangerous()
-            .with_custom_certificate_verifier(AcceptAnyServerCert::new())
-            .with_client_auth_cert(
-                vec![cert.der().clone()],
-                PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            )
-            .expect("client certificate");
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
         let mut endpoint =
             quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        endpoint.set_default_client_config(herald_tests::raw_quic_client(
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        ));
         let connecting = endpoint.connect(quic, SERVER_NAME).expect("start connect");
         match tokio::time::timeout(DEADLINE, connecting).await {
             Ok(Ok(connection)) => {

@@ -151,11 +151,7 @@ impl Context {
                 Ok(ExitCode::SUCCESS)
             }
             AdminTokenCommand::Revoke { id } => {
-                if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(usage(format!(
-                        "{id:?} is not a token id: 12 or more hex digits, as `admin-token list` prints"
-                    )));
-                }
+                crate::cli::check_token_id(&id, "admin-token list")?;
                 let revoked: AdminTokenInfo = self
                     .client()
                     .delete(&format!("/api/v1/admin-tokens/{id}"))

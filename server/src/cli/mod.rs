@@ -400,6 +400,16 @@ impl CliError {
     }
 }
 
+/// Checks a token id as `LIST_COMMAND` prints it: 12 or more hex digits.
+pub(crate) fn check_token_id(id: &str, list_command: &str) -> Result<(), CliError> {
+    if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(usage(format!(
+            "{id:?} is not a token id: 12 or more hex digits, as `{list_command}` prints"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn usage(message: impl Into<String>) -> CliError {
     CliError::Usage(message.into())
 }
@@ -471,11 +481,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Revoke { id }) => {
-            if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(usage(format!(
-                    "{id:?} is not a token id: 12 or more hex digits, as `token list` prints"
-                )));
-            }
+            check_token_id(&id, "token list")?;
             let _: Created = admin()?
                 .client
                 .delete(&format!("/api/v1/tokens/{id}"))

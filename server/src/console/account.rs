@@ -149,11 +149,7 @@ pub(super) async fn login(
     State(state): State<ConsoleState>,
     posted: PublicPosted<LoginForm>,
 ) -> ConsoleResult {
-    let tried = posted.form.login.trim().to_lowercase();
-    let actor = match auth::check_login(&tried) {
-        Ok(()) => format!("user:{tried}"),
-        Err(_) => "anonymous".into(),
-    };
+    let actor = super::audit::login_actor(&posted.form.login);
     let ip = posted.ip;
     let result = check_login(&state, posted).await;
     super::audit::record(&state, actor, ip, "console.login", "/login", result)
@@ -224,7 +220,7 @@ async fn check_login(state: &ConsoleState, posted: PublicPosted<LoginForm>) -> C
                 return too_many();
             }
             guard.address_succeeded(posted.ip, now);
-            let cookie = start_session(&state, c.user.id).await?;
+            let cookie = start_session(state, c.user.id).await?;
             Ok(with_cookie(see_other("/devices"), Some(cookie)))
         }
         _ => Ok(wrong()),
@@ -285,11 +281,7 @@ pub(super) async fn register(
     State(state): State<ConsoleState>,
     posted: PublicPosted<RegisterForm>,
 ) -> ConsoleResult {
-    let tried = posted.form.login.trim().to_lowercase();
-    let actor = match auth::check_login(&tried) {
-        Ok(()) => format!("user:{tried}"),
-        Err(_) => "anonymous".into(),
-    };
+    let actor = super::audit::login_actor(&posted.form.login);
     let ip = posted.ip;
     let result = create_account(&state, posted).await;
     super::audit::record(&state, actor, ip, "console.register", "/register", result)
@@ -356,7 +348,7 @@ async fn create_account(state: &ConsoleState, posted: PublicPosted<RegisterForm>
         }
         Err(e) => return Err(e.into()),
     };
-    let cookie = start_session(&state, id).await?;
+    let cookie = start_session(state, id).await?;
     Ok(with_cookie(see_other("/devices"), Some(cookie)))
 }
 

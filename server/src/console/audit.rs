@@ -18,6 +18,16 @@ use crate::model::AuditEvent;
 /// service's answer to a visit carries its own ticket).
 const NOT_HERE: [&str; 3] = ["/login", "/register", "/api/v1/visits"];
 
+/// How the log names someone signing in or registering: by the login tried, when it
+/// could be one.
+pub(super) fn login_actor(login: &str) -> String {
+    let tried = login.trim().to_lowercase();
+    match super::auth::check_login(&tried) {
+        Ok(()) => format!("user:{tried}"),
+        Err(_) => "anonymous".into(),
+    }
+}
+
 /// How an answer's status reads in the log.
 pub(super) fn outcome(status: StatusCode) -> String {
     match status.as_u16() {

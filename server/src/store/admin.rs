@@ -26,6 +26,45 @@ pub const MAX_AUDIT_LIST: u32 = 10_000;
 /// Entries read per page while verifying the chain.
 const VERIFY_PAGE: i64 = 5_000;
 
+/// The columns [`token_row`] reads.
+const TOKEN_SELECT: &str =
+    "SELECT token_hash, name, scope, created_at, expires_at, revoked_at FROM admin_tokens";
+
+/// A row of `admin_tokens` as stored.
+#[derive(Debug, Clone)]
+struct TokenRow {
+    hash: String,
+    name: String,
+    scope: String,
+    created_at: Millis,
+    expires_at: Option<Millis>,
+    revoked_at: Option<Millis>,
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow {
+        hash: r.get(0)?,
+        name: r.get(1)?,
+        scope: r.get(2)?,
+        created_at: r.get(3)?,
+        expires_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+    })
+}
+
+impl TokenRow {
+    fn info(self) -> Result<AdminTokenInfo> {
+        Ok(AdminTokenInfo {
+            id: self.hash.chars().take(TOKEN_ID_LEN).collect(),
+            name: self.name,
+            scope: parse_scope(self.scope)?,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+        })
+    }
+}
+
 fn parse_scope(text: String) -> Result<Scope> {
     text.parse()
         .map_err(|e| StoreError::Corrupt(format!("admin token scope: {e}")))
@@ -98,32 +137,11 @@ impl Store {
     pub fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>> {
         self.blocking(|| {
             let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT token_hash, name, scope, created_at, expires_at, revoked_at
-                 FROM admin_tokens ORDER BY created_at DESC, token_hash",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?;
-            rows.map(|row| {
-                let (hash, name, scope, created_at, expires_at, revoked_at) = row?;
-                Ok(AdminTokenInfo {
-                    id: hash.chars().take(TOKEN_ID_LEN).collect(),
-                    name,
-                    scope: parse_scope(scope)?,
-                    created_at,
-                    expires_at,
-                    revoked_at,
-                })
-            })
-            .collect()
+            let mut stmt = conn.prepare(&format!(
+                "{TOKEN_SELECT} ORDER BY created_at DESC, token_hash"
+            ))?;
+            let rows = stmt.query_map([], token_row)?;
+            rows.map(|row| row?.info()).collect()
         })
     }
 
@@ -139,32 +157,13 @@ impl Store {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let matching: Vec<(
-                String,
-                String,
-                String,
-                Millis,
-                Option<Millis>,
-                Option<Millis>,
-            )> = {
-                let mut stmt = tx.prepare(
-                    "SELECT token_hash, name, scope, created_at, expires_at, revoked_at
-                     FROM admin_tokens WHERE token_hash LIKE ?1 LIMIT 2",
-                )?;
-                let rows = stmt.query_map(params![pattern], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })?;
+            let matching: Vec<TokenRow> = {
+                let mut stmt =
+                    tx.prepare(&format!("{TOKEN_SELECT} WHERE token_hash LIKE ?1 LIMIT 2"))?;
+                let rows = stmt.query_map(params![pattern], token_row)?;
                 rows.collect::<Result<_, _>>()?
             };
-            let (hash, name, scope, created_at, expires_at, revoked_at) = match matching.as_slice()
-            {
+            let row = match matching.as_slice() {
                 [] => return Err(StoreError::NotFound(format!("no admin token {id}"))),
                 [one] => one.clone(),
                 _ => {
@@ -173,13 +172,15 @@ impl Store {
                     )))
                 }
             };
-            if revoked_at.is_some() {
+            let hash = row.hash.clone();
+            let mut info = row.info()?;
+            if info.revoked_at.is_some() {
                 return Err(StoreError::Conflict(format!(
-                    "admin token {id} ({name}) is already revoked"
+                    "admin token {id} ({}) is already revoked",
+                    info.name
                 )));
             }
-            let scope = parse_scope(scope)?;
-            if scope == Scope::Admin {
+            if info.scope == Scope::Admin {
                 let others: i64 = tx.query_row(
                     "SELECT COUNT(*) FROM admin_tokens WHERE scope = 'admin'
                      AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1)
@@ -189,8 +190,9 @@ impl Store {
                 )?;
                 if others == 0 {
                     return Err(StoreError::Conflict(format!(
-                        "admin token {id} ({name}) is the last admin token; create another with \
-                         `admin-token create NAME --scope admin` before revoking it"
+                        "admin token {id} ({}) is the last admin token; create another with \
+                         `admin-token create NAME --scope admin` before revoking it",
+                        info.name
                     )));
                 }
             }
@@ -199,14 +201,8 @@ impl Store {
                 params![now, hash],
             )?;
             tx.commit()?;
-            Ok(AdminTokenInfo {
-                id: hash.chars().take(TOKEN_ID_LEN).collect(),
-                name,
-                scope,
-                created_at,
-                expires_at,
-                revoked_at: Some(now),
-            })
+            info.revoked_at = Some(now);
+            Ok(info)
         })
     }
 
