@@ -268,7 +268,9 @@ pub async fn swarm_scenarios(
     );
     println!(
         "reconnect: {} connection attempts refused by the server's handshake limit",
-        cluster.metric("herald_handshakes_refused_total").await?
+        cluster
+            .metric("herald_agent_handshake_failures_total{reason=\"overload\"}")
+            .await?
     );
     print_drops("reconnect", drops);
     swarm.stop().await;
