@@ -271,7 +271,7 @@ impl Store {
                 "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash
                  FROM audit_log
                  WHERE seq > ?1 AND at >= ?2
-                   AND (?3 IS NULL OR actor = ?3 OR actor LIKE ?3 || ' %')
+                   AND (?3 IS NULL OR actor = ?3 OR actor LIKE ?5 ESCAPE '\\')
                  ORDER BY seq LIMIT ?4",
             )?;
             let rows = stmt.query_map(
@@ -279,7 +279,8 @@ impl Store {
                     after_seq,
                     since.unwrap_or(0),
                     actor,
-                    limit.min(MAX_AUDIT_LIST)
+                    limit.min(MAX_AUDIT_LIST),
+                    actor.map(actor_pattern)
                 ],
                 audit_row,
             )?;
@@ -295,10 +296,13 @@ impl Store {
             let mut stmt = conn.prepare(
                 "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash
                  FROM audit_log
-                 WHERE (?1 IS NULL OR actor = ?1 OR actor LIKE ?1 || ' %')
+                 WHERE (?1 IS NULL OR actor = ?1 OR actor LIKE ?3 ESCAPE '\\')
                  ORDER BY seq DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![actor, limit.min(MAX_AUDIT_LIST)], audit_row)?;
+            let rows = stmt.query_map(
+                params![actor, limit.min(MAX_AUDIT_LIST), actor.map(actor_pattern)],
+                audit_row,
+            )?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -326,6 +330,20 @@ impl Store {
             }
         }
     }
+}
+
+/// The LIKE pattern for an actor given without its name (`token:ID` for
+/// `token:ID (NAME)`), its own `%`, `_` and `\` taken literally.
+fn actor_pattern(actor: &str) -> String {
+    let mut pattern = String::with_capacity(actor.len() + 2);
+    for c in actor.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str(" %");
+    pattern
 }
 
 fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
@@ -431,6 +449,16 @@ mod tests {
         assert_eq!(by(Some(20), None), ["b", "c"]);
         assert_eq!(by(None, Some("user:ann")), ["b"]);
         assert_eq!(by(None, Some("token:0123456789ab")), ["a", "c"]);
+        assert_eq!(
+            by(None, Some("user:a_n")),
+            Vec::<String>::new(),
+            "_ is literal"
+        );
+        assert_eq!(
+            by(None, Some("token:%")),
+            Vec::<String>::new(),
+            "% is literal"
+        );
     }
 
     #[test]
