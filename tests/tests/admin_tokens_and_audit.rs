@@ -302,3 +302,61 @@ fn audit_log_records_every_action_once_and_detects_an_edited_row() {
         "{problems}"
     );
 }
+
+#[test]
+fn admins_read_the_audit_log_in_a_real_browser() {
+    let server = TestServer::start("audit-browser");
+    let Some(browser) = herald_tests::browser::Browser::for_server(&server, "admin") else {
+        return;
+    };
+    let added = server.add_user("ann", true, PASSWORD);
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    create_token(&server, "helpdesk", "read", &[]);
+    browser.goto("/login");
+    browser.wait_page("page-login");
+    browser.fill("login", "ann");
+    browser.fill("password", PASSWORD);
+    browser.submit("main form");
+    assert_eq!(browser.page_id(), "page-devices", "{}", browser.body_text());
+
+    browser.goto("/admin/audit");
+    browser.wait_page("page-admin-audit");
+    assert!(
+        browser.text("#chain").contains("Chain intact"),
+        "{}",
+        browser.body_text()
+    );
+    let actions: Vec<String> = browser
+        .find_all("#audit tbody tr")
+        .iter()
+        .filter_map(|row| browser.attr(row, "data-action"))
+        .collect();
+    assert_eq!(
+        actions,
+        ["console.login", "admin_tokens.create", "users.add"],
+        "newest first"
+    );
+    browser.shoot("admin-audit");
+
+    // Filtered by actor.
+    browser.goto("/admin/audit?actor=local%3Aoperator");
+    browser.wait_page("page-admin-audit");
+    assert_eq!(browser.find_all("#audit tbody tr").len(), 1);
+
+    // An entry edited behind the server's back shows on the next load.
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.execute(
+        "UPDATE audit_log SET target = 'someone-else' WHERE seq = 1",
+        [],
+    )
+    .expect("edit the entry");
+    drop(db);
+    browser.goto("/admin/audit");
+    browser.wait_page("page-admin-audit");
+    let chain = browser.text("#chain");
+    assert!(chain.contains("Chain BROKEN"), "{chain}");
+    assert!(
+        chain.contains("entry 1: its contents were changed"),
+        "{chain}"
+    );
+}
