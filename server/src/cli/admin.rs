@@ -232,10 +232,13 @@ impl Context {
                     for problem in &verdict.problems {
                         println!("{problem}");
                     }
+                    let unlisted = verdict.problem_count - verdict.problems.len() as u64;
+                    if unlisted > 0 {
+                        println!("... and {unlisted} more");
+                    }
                     println!(
                         "audit log BROKEN: {} problems in {} entries",
-                        verdict.problems.len(),
-                        verdict.entries
+                        verdict.problem_count, verdict.entries
                     );
                 }
                 Ok(if verdict.problems.is_empty() {

@@ -220,9 +220,16 @@ pub struct AuditVerdict {
     pub entries: u64,
     /// The last entry's hash: write it down (or ship the log) to notice a cut tail.
     pub head: String,
-    /// Every break found: `entry N: ...`. Empty when the chain holds.
+    /// The breaks found, `entry N: ...`, the first [`MAX_LISTED_PROBLEMS`] of them.
+    /// Empty when the chain holds.
     pub problems: Vec<String>,
+    /// How many breaks were found in all.
+    pub problem_count: u64,
 }
+
+/// Most breaks a verdict lists (all are counted): a log rewritten wholesale would
+/// otherwise give one line per entry.
+pub const MAX_LISTED_PROBLEMS: usize = 1000;
 
 /// Checks a chain of entries fed in order: each hash, each link, and no gap in the
 /// sequence. A changed field breaks that entry's hash; a deleted entry breaks the next
@@ -240,6 +247,7 @@ impl Default for ChainCheck {
                 entries: 0,
                 head: AUDIT_GENESIS.to_string(),
                 problems: Vec::new(),
+                problem_count: 0,
             },
             expected_seq: 1,
         }
@@ -249,10 +257,9 @@ impl Default for ChainCheck {
 impl ChainCheck {
     /// Checks the next entry.
     pub fn push(&mut self, entry: &AuditEntry) {
-        let verdict = &mut self.verdict;
-        verdict.entries += 1;
+        self.verdict.entries += 1;
         if entry.seq != self.expected_seq {
-            verdict.problems.push(format!(
+            self.problem(format!(
                 "entry {}: expected entry {} here; entries {} to {} are missing",
                 entry.seq,
                 self.expected_seq,
@@ -260,19 +267,24 @@ impl ChainCheck {
                 entry.seq - 1
             ));
         }
-        if entry.prev_hash != verdict.head {
-            verdict.problems.push(format!(
+        if entry.prev_hash != self.verdict.head {
+            self.problem(format!(
                 "entry {}: does not link to the entry before it (deleted or edited)",
                 entry.seq
             ));
         }
         if audit_hash(&entry.prev_hash, entry.seq, entry.at, &entry.event()) != entry.hash {
-            verdict
-                .problems
-                .push(format!("entry {}: its contents were changed", entry.seq));
+            self.problem(format!("entry {}: its contents were changed", entry.seq));
         }
         self.expected_seq = entry.seq + 1;
-        verdict.head = entry.hash.clone();
+        self.verdict.head = entry.hash.clone();
+    }
+
+    fn problem(&mut self, text: String) {
+        self.verdict.problem_count += 1;
+        if self.verdict.problems.len() < MAX_LISTED_PROBLEMS {
+            self.verdict.problems.push(text);
+        }
     }
 
     /// The verdict over every entry pushed.
@@ -338,6 +350,17 @@ mod tests {
         entries[2].outcome = "denied".into();
         let verdict = verify_chain(entries);
         assert_eq!(verdict.problems, ["entry 3: its contents were changed"]);
+    }
+
+    #[test]
+    fn a_rewritten_log_lists_a_bounded_number_of_breaks() {
+        let mut entries = chain(MAX_LISTED_PROBLEMS as i64 + 10);
+        for entry in &mut entries {
+            entry.outcome = "denied".into();
+        }
+        let verdict = verify_chain(entries);
+        assert_eq!(verdict.problems.len(), MAX_LISTED_PROBLEMS);
+        assert_eq!(verdict.problem_count, MAX_LISTED_PROBLEMS as u64 + 10);
     }
 
     #[test]
