@@ -173,9 +173,13 @@ pub async fn run(
     let machine = agent.machine()?;
     info!(agent_id = %agent.id(), server = %agent.server(), "herald-agent starting");
     let backoff = (options.backoff_base, options.backoff_cap);
+    crate::systemd::ready();
     tokio::select! {
         _ = link::run_forever(agent.clone(), machine, events, client, backoff) => {}
-        _ = shutdown => info!("shutting down"),
+        _ = shutdown => {
+            info!("shutting down");
+            crate::systemd::stopping();
+        }
     }
     notices.abort();
     if let Some(helpers) = helpers {

@@ -19,7 +19,8 @@
 //! - [`protocol`]: the agent's half of the protocol, a state machine without I/O.
 //! - [`journal`] (the local store), [`session`] and [`browser`] (the user-session
 //!   helper, which shows notices through [`notify`]), [`exec`], [`download`], [`install`], [`tls`], [`state`], [`host`],
-//!   [`options`], and `sync` (locking that survives poisoning).
+//!   [`options`], [`systemd`] (readiness and watchdog notices), and `sync` (locking that
+//!   survives poisoning).
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod selfupdate;
 pub mod session;
 pub mod state;
 mod sync;
+pub mod systemd;
 pub mod tls;
 pub mod update;
 

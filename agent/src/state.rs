@@ -21,6 +21,12 @@ pub const STATUS_FILE: &str = "status.json";
 pub const WORK_DIR: &str = "work";
 /// System-wide state directory when running as root.
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/herald-agent";
+/// The machine owner's settings for the system agent (installed by the packages as a
+/// configuration file that upgrades keep): its `[policy]`, `[update]`, `[session]` and
+/// `[messages]` sections take the place of those in the state directory's `agent.toml`,
+/// which keeps the enrollment record. Read only for [`SYSTEM_STATE_DIR`], and only when
+/// present, so installs without it behave as before.
+pub const LOCAL_SETTINGS: &str = "/etc/herald/agent.toml";
 
 /// Errors reading or writing agent state.
 #[derive(Debug, thiserror::Error)]
@@ -204,10 +210,13 @@ impl AgentConfig {
                 StateError::File(e)
             }
         })?;
-        let config: AgentConfig = toml::from_str(&text).map_err(|e| StateError::Invalid {
+        let mut config: AgentConfig = toml::from_str(&text).map_err(|e| StateError::Invalid {
             path: path.clone(),
             reason: e.message().to_string(),
         })?;
+        if state_dir == Path::new(SYSTEM_STATE_DIR) {
+            config.apply_local_settings(Path::new(LOCAL_SETTINGS))?;
+        }
         config.pinned_keys().map_err(|reason| StateError::Invalid {
             path: path.clone(),
             reason,
@@ -216,6 +225,25 @@ impl AgentConfig {
             .fingerprint()
             .map_err(|reason| StateError::Invalid { path, reason })?;
         Ok(config)
+    }
+
+    /// Takes the sections present in the settings file at `path` (see
+    /// [`LOCAL_SETTINGS`]); no file, no change.
+    fn apply_local_settings(&mut self, path: &Path) -> Result<(), StateError> {
+        let text = match files::read_string(path) {
+            Ok(text) => text,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let local: LocalSettings = toml::from_str(&text).map_err(|e| StateError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.message().to_string(),
+        })?;
+        self.policy = local.policy.unwrap_or_else(|| self.policy.clone());
+        self.update = local.update.unwrap_or_else(|| self.update.clone());
+        self.session = local.session.unwrap_or_else(|| self.session.clone());
+        self.messages = local.messages.unwrap_or_else(|| self.messages.clone());
+        Ok(())
     }
 
     /// Writes `agent.toml` atomically.
@@ -244,6 +272,17 @@ impl AgentConfig {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| "ca_fingerprint is not 64 hex digits".to_string())
     }
+}
+
+/// The machine owner's settings file ([`LOCAL_SETTINGS`]): only local sections, never
+/// the enrollment record.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalSettings {
+    policy: Option<Policy>,
+    update: Option<UpdateSettings>,
+    session: Option<SessionSettings>,
+    messages: Option<MessageSettings>,
 }
 
 /// The agent's TLS identity.
@@ -356,4 +395,56 @@ pub fn state_dir(flag: Option<&Path>) -> PathBuf {
     directories::ProjectDirs::from("org", "herald", "herald-agent")
         .map(|d| d.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from(".herald-agent"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrolled() -> AgentConfig {
+        AgentConfig {
+            server: "127.0.0.1:4433".into(),
+            ca_fingerprint: "00".repeat(32),
+            operator_keys: vec![],
+            agent_id: "a".into(),
+            token_groups: vec![],
+            policy: Policy::default(),
+            update: UpdateSettings::default(),
+            session: SessionSettings::default(),
+            messages: MessageSettings::default(),
+        }
+    }
+
+    /// The settings file's sections replace the state directory's; the enrollment
+    /// record stays; a missing file changes nothing; a key it may not hold is refused.
+    #[test]
+    fn local_settings_replace_only_the_sections_they_hold() {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-local-settings-{}-{}",
+            std::process::id(),
+            hex::encode(herald_io::random_bytes::<4>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+
+        let mut config = enrolled();
+        config.apply_local_settings(&path).unwrap();
+        assert_eq!(config, enrolled(), "no file, no change");
+
+        std::fs::write(&path, "[policy]\nallow_run = false\n").unwrap();
+        let mut config = enrolled();
+        config.apply_local_settings(&path).unwrap();
+        assert!(!config.policy.allow_run);
+        assert!(config.policy.allow_install, "defaults inside the section");
+        assert_eq!(config.update, UpdateSettings::default());
+        assert_eq!(config.server, "127.0.0.1:4433");
+
+        std::fs::write(&path, "server = \"elsewhere:1\"\n").unwrap();
+        let error = enrolled().apply_local_settings(&path).unwrap_err();
+        assert!(
+            matches!(&error, StateError::Invalid { path: p, .. } if *p == path),
+            "{error:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

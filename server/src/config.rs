@@ -23,6 +23,9 @@ pub const DEFAULT_QUIC_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8443";
 /// System-wide data directory when running as root.
 pub const SYSTEM_DATA_DIR: &str = "/var/lib/herald";
+/// Where a packaged server's `herald.toml` may live instead: read before the data
+/// directory's when the data directory is [`SYSTEM_DATA_DIR`] and the file exists.
+pub const ETC_SERVER_CONFIG: &str = "/etc/herald/herald.toml";
 
 /// Errors reading configuration.
 #[derive(Debug, thiserror::Error)]
@@ -290,10 +293,11 @@ pub struct AdminConfig {
 impl ServerConfig {
     /// Reads and validates `herald.toml` from a data directory.
     pub fn load(data_dir: &Path) -> Result<ServerConfig, ConfigError> {
-        let mut config: ServerConfig = load_toml(&data_dir.join(SERVER_CONFIG))?;
+        let path = server_config_path(data_dir);
+        let mut config: ServerConfig = load_toml(&path)?;
         for key in &config.operator_keys {
             PublicKey::from_hex(key).map_err(|_| ConfigError::Invalid {
-                path: data_dir.join(SERVER_CONFIG),
+                path: path.clone(),
                 reason: format!("operator key {key:?} is not a valid Ed25519 public key"),
             })?;
         }
@@ -301,16 +305,13 @@ impl ServerConfig {
             .https
             .check(data_dir)
             .map_err(|reason| ConfigError::Invalid {
-                path: data_dir.join(SERVER_CONFIG),
+                path: path.clone(),
                 reason,
             })?;
         if let Some(metrics) = &config.metrics {
             metrics
                 .listen_addr()
-                .map_err(|reason| ConfigError::Invalid {
-                    path: data_dir.join(SERVER_CONFIG),
-                    reason,
-                })?;
+                .map_err(|reason| ConfigError::Invalid { path, reason })?;
         }
         if let Some(smtp) = &mut config.smtp {
             if let Some(ca_file) = &mut smtp.ca_file {
@@ -376,6 +377,17 @@ pub fn save_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), ConfigError
     })?;
     files::write_private(path, text.as_bytes())?;
     Ok(())
+}
+
+/// The `herald.toml` that [`ServerConfig::load`] reads: [`ETC_SERVER_CONFIG`] for the
+/// system data directory when it exists, else the data directory's. Relative paths in
+/// it are still taken relative to the data directory.
+pub fn server_config_path(data_dir: &Path) -> PathBuf {
+    let etc = Path::new(ETC_SERVER_CONFIG);
+    if data_dir == Path::new(SYSTEM_DATA_DIR) && etc.exists() {
+        return etc.to_path_buf();
+    }
+    data_dir.join(SERVER_CONFIG)
 }
 
 /// The data directory: the flag or `HERALD_DATA_DIR` if given, else `/var/lib/herald`

@@ -91,7 +91,7 @@ pub struct Overrides {
 pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, ServeError> {
     let mut config = ServerConfig::load(data_dir)?;
     crate::forward::validate_config(&config).map_err(|reason| ConfigError::Invalid {
-        path: data_dir.join(crate::config::SERVER_CONFIG),
+        path: crate::config::server_config_path(data_dir),
         reason,
     })?;
     if let Some(addr) = overrides.quic_listen {
@@ -134,7 +134,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
 
     let agent_url = agent_url(&config, http_addr.port(), &certificates).map_err(|reason| {
         ConfigError::Invalid {
-            path: data_dir.join(crate::config::SERVER_CONFIG),
+            path: crate::config::server_config_path(data_dir),
             reason,
         }
     })?;
@@ -214,6 +214,16 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         )),
         trusted_proxies: Arc::new(config.https.proxies()),
     };
+    // systemd's watchdog (WatchdogSec= in the unit) is fed only while the database
+    // takes writes and the QUIC endpoint serves: what /readyz checks.
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(feed_watchdog(
+            store.clone(),
+            quic_serving.clone(),
+            period / 3,
+            until_stopped(),
+        ))
+    });
     let mut tasks = vec![
         tokio::spawn({
             let relay = relay.clone();
@@ -271,6 +281,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             }
         }));
     }
+    tasks.extend(watchdog);
     info!(%quic_addr, %http_addr, metrics = ?metrics_addr, "herald-server serving");
     Ok(Running {
         quic_addr,
@@ -281,6 +292,31 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         stop,
         tasks,
     })
+}
+
+/// Sends systemd `WATCHDOG=1` every `every` while the server is healthy, until stopped.
+async fn feed_watchdog(
+    store: Store,
+    quic_serving: Arc<std::sync::atomic::AtomicBool>,
+    every: std::time::Duration,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    loop {
+        let writable = store.check_writable(every / 2, crate::now_ms());
+        let serving = quic_serving.load(std::sync::atomic::Ordering::SeqCst);
+        match writable {
+            Ok(()) if serving => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Ok(()) => warn!("watchdog not fed: the QUIC endpoint is not serving"),
+            Err(e) => warn!("watchdog not fed: the database does not take writes: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut stopped => return,
+        }
+    }
 }
 
 /// The base URL agents download artifacts from: `[https] agent_url`, or `public_url`.
@@ -408,8 +444,10 @@ pub async fn run(data_dir: &Path, overrides: &Overrides) -> Result<(), ServeErro
     if let Some(addr) = running.metrics_addr {
         println!("herald-server: metrics on http://{addr}/metrics");
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     shutdown_signal().await;
     info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     running.stop().await;
     Ok(())
 }

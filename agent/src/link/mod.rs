@@ -210,6 +210,10 @@ impl Driver<'_> {
         events: &mut Events,
     ) -> Result<(), LinkError> {
         let mut input = start;
+        // The watchdog is fed from this loop: if an effect or the machine hangs, the
+        // pings stop and systemd restarts the agent.
+        let mut watchdog = crate::systemd::Watchdog::from_env();
+        watchdog.ping();
         loop {
             let mut queue = VecDeque::from([input]);
             while let Some(input) = queue.pop_front() {
@@ -223,17 +227,20 @@ impl Driver<'_> {
                 .min_by_key(|(_, at)| **at)
                 .map(|(t, at)| (*t, *at));
             // Every branch is cancel-safe: the reader and the jobs queue into channels.
-            input = tokio::select! {
-                Some(frame) = frames.recv() => frame,
-                Some(event) = events.recv() => event,
-                () = sleep_until(due.map(|(_, at)| at)) => {
-                    let (timer, _) = due.expect("the sleep ends only with a deadline");
-                    self.timers.remove(&timer);
-                    Input::TimerFired(timer)
+            input = loop {
+                tokio::select! {
+                    Some(frame) = frames.recv() => break frame,
+                    Some(event) = events.recv() => break event,
+                    () = sleep_until(due.map(|(_, at)| at)) => {
+                        let (timer, _) = due.expect("the sleep ends only with a deadline");
+                        self.timers.remove(&timer);
+                        break Input::TimerFired(timer);
+                    }
+                    () = watchdog.due() => watchdog.ping(),
+                    // The channels' senders outlive this loop; only an agent being dropped
+                    // closes them.
+                    else => return Ok(()),
                 }
-                // The channels' senders outlive this loop; only an agent being dropped
-                // closes them.
-                else => return Ok(()),
             };
         }
     }
@@ -407,10 +414,13 @@ pub async fn run_forever(
 ) {
     let mut attempt: u32 = 0;
     let mut endpoint: Option<Endpoint> = None;
+    // While connected, the session's driver loop feeds systemd's watchdog; while not,
+    // this loop does, through connecting (bounded by the idle timeout) and the backoff.
+    let mut watchdog = crate::systemd::Watchdog::from_env();
     loop {
         let started = tokio::time::Instant::now();
         let outcome = async {
-            let addr = resolve(agent.server()).await?;
+            let addr = watchdog.while_awaiting(resolve(agent.server())).await?;
             let ep = match &endpoint {
                 Some(ep) => ep.clone(),
                 None => {
@@ -422,7 +432,9 @@ pub async fn run_forever(
                     ep
                 }
             };
-            let connection = connect(&ep, config.clone(), agent.server()).await?;
+            let connection = watchdog
+                .while_awaiting(connect(&ep, config.clone(), agent.server()))
+                .await?;
             session(&agent, &mut machine, &mut events, &ep, connection).await
         }
         .await;
@@ -446,7 +458,7 @@ pub async fn run_forever(
         );
         warn!("{error}; reconnecting in {} ms", delay.as_millis());
         agent.set_connected(false, Some(error), &[]);
-        tokio::time::sleep(delay).await;
+        watchdog.while_awaiting(tokio::time::sleep(delay)).await;
     }
 }
 
