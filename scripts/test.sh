@@ -18,6 +18,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     [ -x /usr/bin/certutil ] || need+=(libnss3-tools)
     # dbus-daemon: a private session bus for the desktop-notification tests.
     [ -x /usr/bin/dbus-daemon ] || need+=(dbus-daemon)
+    # debootstrap, rpm: the package tests install the .deb into a minimal Debian root and
+    # inspect the .rpm; systemd: systemd-analyze verifies the units.
+    command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+    command -v rpm >/dev/null 2>&1 || need+=(rpm)
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
     fi
