@@ -571,3 +571,81 @@ fn systemd_units_pass_verification() {
         );
     }
 }
+
+/// Reads `sd_notify` datagrams until one equals `want` (each may carry several lines).
+fn await_notice(socket: &std::os::unix::net::UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < DEADLINE {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                let hit = text.lines().any(|l| l == want);
+                seen.push(text);
+                if hit {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+    panic!("no {want} within {DEADLINE:?}; got {seen:?}");
+}
+
+/// What the unit's `Type=notify` and `WatchdogSec=` rely on: started as systemd starts
+/// it (NOTIFY_SOCKET, WATCHDOG_USEC), the agent says READY=1, pings WATCHDOG=1 from its
+/// reconnect loop while the server is down and from the connection's driver loop once
+/// connected, and says STOPPING=1 on SIGTERM.
+#[test]
+fn agent_notifies_systemd_ready_watchdog_and_stopping() {
+    let mut server = TestServer::start("sd-notify");
+    let agent = herald_tests::TestAgent::enroll(&server, "notified", &[]);
+    server.kill();
+    let dir = TempDir::new("sd-notify-socket");
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let log = dir.path().join("agent.log");
+    let mut child = herald_tests::spawn_copied_binary(
+        Command::new(herald_tests::bin("herald-agent"))
+            .arg("--state-dir")
+            .arg(&agent.state_dir)
+            .arg("run")
+            .env("NOTIFY_SOCKET", &path)
+            // A ping every 0.5 s.
+            .env("WATCHDOG_USEC", "1500000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let mut seen = Vec::new();
+    await_notice(&socket, "READY=1", &mut seen);
+    // Offline: the reconnect loop pings.
+    for _ in 0..3 {
+        await_notice(&socket, "WATCHDOG=1", &mut seen);
+    }
+    assert!(
+        agent.status()["connected"] == false,
+        "no server, yet connected"
+    );
+    // Connected: the driver loop pings.
+    server.spawn();
+    agent.wait_online(&server);
+    for _ in 0..3 {
+        await_notice(&socket, "WATCHDOG=1", &mut seen);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    await_notice(&socket, "STOPPING=1", &mut seen);
+    wait_until("the agent to exit", DEADLINE, || child.try_wait().unwrap());
+}
