@@ -106,6 +106,52 @@ fn has_command(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The Debian mirror apt is configured with (deb822 `URIs:` or one-line `deb URL`),
+/// the first one whose path ends in `/debian`.
+fn apt_mirror() -> Option<String> {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            let name = path.to_string_lossy().into_owned();
+            if name.ends_with(".sources") || name.ends_with(".list") {
+                texts.push(std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    texts
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first() {
+                Some(&"URIs:") => words[1..].to_vec(),
+                Some(&"deb") => words[1..]
+                    .iter()
+                    .copied()
+                    .filter(|w| !w.starts_with('['))
+                    .take(1)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        })
+        .find(|url| url.starts_with("http") && url.trim_end_matches('/').ends_with("/debian"))
+        .map(str::to_string)
+}
+
+/// The HTTP proxy apt is configured with, if any (`Acquire::http::Proxy`).
+fn apt_proxy() -> Option<String> {
+    let output = Command::new("apt-config")
+        .args(["shell", "PROXY", "Acquire::http::Proxy"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value = text.trim().strip_prefix("PROXY=")?.trim_matches('\'');
+    (!value.is_empty()).then(|| value.to_string())
+}
+
 /// The cached minimal Debian root, made when absent (into a scratch name, renamed when
 /// complete, so an interrupted build is never taken for a root).
 fn debootstrap_root() -> PathBuf {
@@ -119,11 +165,17 @@ fn debootstrap_root() -> PathBuf {
         std::process::id()
     ));
     let started = std::time::Instant::now();
-    run_ok(
-        Command::new("debootstrap")
-            .args(["--variant=minbase", SUITE])
-            .arg(&partial),
-    );
+    let mut debootstrap = Command::new("debootstrap");
+    debootstrap.args(["--variant=minbase", SUITE]).arg(&partial);
+    // The mirror and proxy apt itself uses, so that the root comes from wherever this
+    // machine gets its packages.
+    if let Some(mirror) = apt_mirror() {
+        debootstrap.arg(mirror);
+    }
+    if let Some(proxy) = apt_proxy() {
+        debootstrap.env("http_proxy", proxy);
+    }
+    run_ok(&mut debootstrap);
     eprintln!(
         "debootstrap {SUITE}: {} s (cached in {})",
         started.elapsed().as_secs(),
