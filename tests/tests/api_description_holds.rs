@@ -96,6 +96,8 @@ fn schemathesis_finds_no_server_error() {
         .args(["--max-examples", EXAMPLES])
         .args(["--request-timeout", "20"])
         .arg("--no-color")
+        // Its cache (`.schemathesis/`) goes to the test's directory, not the source tree.
+        .current_dir(server.dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
