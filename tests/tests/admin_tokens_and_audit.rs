@@ -129,9 +129,13 @@ fn read_token_cannot_change_anything() {
     let denied = server.json(&["audit", "list", "--actor", &format!("token:{id}")]);
     let denied = denied.as_array().unwrap();
     assert_eq!(denied.len(), refused, "one entry per refusal: {denied:#?}");
-    assert!(denied
-        .iter()
-        .all(|e| e["outcome"].as_str().unwrap().starts_with("denied")));
+    assert!(
+        denied.iter().all(|e| e["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("denied: this token's scope is read")),
+        "each outcome carries the API's own sentence: {denied:#?}"
+    );
 
     // A revoked token opens nothing; an expired one neither.
     server.cli_ok(&["admin-token", "revoke", &id]);

@@ -301,23 +301,40 @@ const OUTCOME_BODY_LIMIT: usize = 16 * 1024;
 /// error. If the entry cannot be written, the answer says so instead of pretending.
 async fn audit_response(state: &ApiState, mut event: AuditEvent, response: Response) -> Response {
     let status = response.status();
+    let small_body = axum::body::HttpBody::size_hint(response.body())
+        .exact()
+        .is_some_and(|length| length <= OUTCOME_BODY_LIMIT as u64);
     let response = if status.is_success() {
         event.outcome = "ok".into();
         response
     } else {
-        let (parts, body) = response.into_parts();
-        let bytes = axum::body::to_bytes(body, OUTCOME_BODY_LIMIT)
-            .await
-            .unwrap_or_default();
-        let reason = serde_json::from_slice::<crate::model::ApiErrorBody>(&bytes)
-            .map(|b| b.error)
-            .unwrap_or_else(|_| status.canonical_reason().unwrap_or("").to_string());
+        let mut reason = status.canonical_reason().unwrap_or("").to_string();
+        // The API's own sentence, from a small JSON body; any other body is passed on
+        // untouched.
+        let response = if small_body {
+            let (parts, body) = response.into_parts();
+            match axum::body::to_bytes(body, OUTCOME_BODY_LIMIT).await {
+                Ok(bytes) => {
+                    if let Ok(body) = serde_json::from_slice::<crate::model::ApiErrorBody>(&bytes) {
+                        reason = body.error;
+                    }
+                    Response::from_parts(parts, axum::body::Body::from(bytes))
+                }
+                Err(e) => ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the answer could not be read: {e}"),
+                )
+                .into_response(),
+            }
+        } else {
+            response
+        };
         event.outcome = if status == StatusCode::FORBIDDEN {
             format!("denied: {reason}")
         } else {
             format!("failed: {} {reason}", status.as_u16())
         };
-        Response::from_parts(parts, axum::body::Body::from(bytes))
+        response
     };
     match state.store.audit(&event, now_ms()) {
         Ok(_) => response,
