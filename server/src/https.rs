@@ -77,6 +77,19 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::IpAddr);
 
+impl ClientAddr {
+    /// The client's address from a request's extensions: [`ClientAddr`], or the bare
+    /// TCP peer where a router is served without it (routers in unit tests).
+    pub fn of(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+        if let Some(ClientAddr(ip)) = extensions.get::<ClientAddr>() {
+            return Some(*ip);
+        }
+        extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|axum::extract::ConnectInfo(addr)| addr.ip())
+    }
+}
+
 /// The client behind `peer`: `peer` itself unless it is within `trusted`; from a
 /// trusted proxy, the right-most `X-Forwarded-For` entry that is not itself a trusted
 /// proxy (each proxy appends its peer, so entries left of the first untrusted one may

@@ -303,14 +303,17 @@ async fn feed_watchdog(
 ) {
     tokio::pin!(stopped);
     loop {
-        let writable = store.check_writable(every / 2, crate::now_ms());
-        let serving = quic_serving.load(std::sync::atomic::Ordering::SeqCst);
-        match writable {
-            Ok(()) if serving => {
+        match api::Readiness::check(&store, &quic_serving, every / 2) {
+            api::Readiness {
+                database: Ok(()),
+                quic_serving: true,
+            } => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
-            Ok(()) => warn!("watchdog not fed: the QUIC endpoint is not serving"),
-            Err(e) => warn!("watchdog not fed: the database does not take writes: {e}"),
+            api::Readiness {
+                database: Err(e), ..
+            } => warn!("watchdog not fed: the database does not take writes: {e}"),
+            api::Readiness { .. } => warn!("watchdog not fed: the QUIC endpoint is not serving"),
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}

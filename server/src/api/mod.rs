@@ -146,26 +146,56 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 /// QUIC endpoint is served; 503 with the reasons otherwise. No token: for load
 /// balancers and orchestrators.
 pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
-    let database = match state.store.check_writable(READY_WAIT, crate::now_ms()) {
+    let readiness = Readiness::check(&state.store, &state.quic_serving, READY_WAIT);
+    let database = match &readiness.database {
         Ok(()) => "writable".to_string(),
         Err(e) => format!("not writable: {e}"),
     };
-    let quic = if state.quic_serving.load(std::sync::atomic::Ordering::SeqCst) {
+    let quic = if readiness.quic_serving {
         "serving"
     } else {
         "not serving"
     };
-    let ready = database == "writable" && quic == "serving";
-    let status = if ready {
+    let status = if readiness.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({"ready": ready, "database": database, "quic": quic})),
+        Json(serde_json::json!({"ready": readiness.ready(), "database": database, "quic": quic})),
     )
         .into_response()
+}
+
+/// What `/readyz` and systemd's watchdog (serve.rs) check.
+#[derive(Debug)]
+pub struct Readiness {
+    /// Whether the database took a small write in time, or why not.
+    pub database: Result<(), String>,
+    /// Whether the relay serves the QUIC endpoint.
+    pub quic_serving: bool,
+}
+
+impl Readiness {
+    /// Commits a write (waiting at most `wait` for the lock) and reads the relay's flag.
+    pub fn check(
+        store: &Store,
+        quic_serving: &std::sync::atomic::AtomicBool,
+        wait: Duration,
+    ) -> Readiness {
+        Readiness {
+            database: store
+                .check_writable(wait, crate::now_ms())
+                .map_err(|e| e.to_string()),
+            quic_serving: quic_serving.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// Both hold.
+    pub fn ready(&self) -> bool {
+        self.database.is_ok() && self.quic_serving
+    }
 }
 
 /// The largest request body the API reads (artifact uploads aside).

@@ -194,14 +194,21 @@ pub(super) fn build(state: ApiState) -> Router {
 }
 
 /// The route of a request, as the router matched it.
-fn matched(request: &Request) -> Option<&'static RouteSpec> {
+/// Looked up once per request: the outer layer keeps it in the request's extensions
+/// for the inner one.
+fn matched(request: &mut Request) -> Option<&'static RouteSpec> {
+    if let Some(spec) = request.extensions().get::<&'static RouteSpec>() {
+        return Some(*spec);
+    }
     let path = request.extensions().get::<MatchedPath>()?;
-    spec_of(request.method(), path.as_str())
+    let spec = spec_of(request.method(), path.as_str())?;
+    request.extensions_mut().insert(spec);
+    Some(spec)
 }
 
 /// Answers a body declared larger than [`BODY_LIMIT`] (streaming routes aside).
-async fn refuse_oversized(request: Request, next: Next) -> Response {
-    if matched(&request).is_some_and(|r| r.streams) {
+async fn refuse_oversized(mut request: Request, next: Next) -> Response {
+    if matched(&mut request).is_some_and(|r| r.streams) {
         return next.run(request).await;
     }
     super::refuse_oversized(request, next).await
@@ -209,14 +216,9 @@ async fn refuse_oversized(request: Request, next: Next) -> Response {
 
 /// The caller's address, for the audit log: the client's, also behind a trusted
 /// proxy ([`crate::https::ClientAddr`]).
-pub(crate) fn source_of(request: &Request) -> String {
-    if let Some(crate::https::ClientAddr(ip)) = request.extensions().get() {
-        return ip.to_string();
-    }
-    request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|axum::extract::ConnectInfo(addr)| addr.ip().to_string())
+fn source_of(request: &Request) -> String {
+    crate::https::ClientAddr::of(request.extensions())
+        .map(|ip| ip.to_string())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -224,7 +226,7 @@ pub(crate) fn source_of(request: &Request) -> String {
 /// change something (or were refused for their scope).
 async fn authenticate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     // An unmatched path or method: let the router answer 404/405.
-    let Some(spec) = matched(&request) else {
+    let Some(spec) = matched(&mut request) else {
         return next.run(request).await;
     };
     let scope = match spec.access {

@@ -6,14 +6,14 @@
 //! checked against the per-browser `herald_csrf` cookie), so no handler can forget it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::{COOKIE, SET_COOKIE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
@@ -216,13 +216,7 @@ pub(crate) fn session_cookie(token: Option<&str>) -> (axum::http::HeaderName, He
 /// a trusted proxy names, else the TCP peer), or the bare peer address where a router
 /// is served without it (the console's unit tests).
 pub(crate) fn client_ip(parts: &Parts) -> Option<IpAddr> {
-    if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>() {
-        return Some(*ip);
-    }
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
+    ClientAddr::of(&parts.extensions)
 }
 
 // === throttling ===
@@ -597,17 +591,23 @@ impl FromRequestParts<ConsoleState> for Session {
         parts: &mut Parts,
         state: &ConsoleState,
     ) -> Result<Session, ConsoleError> {
+        // Looked up once per request: the audit layer resolves it before the handler.
+        if let Some(session) = parts.extensions.get::<Session>() {
+            return Ok(session.clone());
+        }
         let token = cookie(&parts.headers, SESSION_COOKIE).ok_or(ConsoleError::SignIn)?;
         let hash = token_hash(token);
         let record = state
             .store()
             .session(&hash, state.now(), SESSION_IDLE_MS, SESSION_MAX_AGE_MS)?
             .ok_or(ConsoleError::SignIn)?;
-        Ok(Session {
+        let session = Session {
             user: record.user,
             csrf: record.csrf,
             token_hash: hash,
-        })
+        };
+        parts.extensions.insert(session.clone());
+        Ok(session)
     }
 }
 

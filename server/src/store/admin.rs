@@ -267,13 +267,12 @@ impl Store {
     ) -> Result<Vec<AuditEntry>> {
         self.blocking(|| {
             let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash
-                 FROM audit_log
+            let mut stmt = conn.prepare(&format!(
+                "{AUDIT_SELECT}
                  WHERE seq > ?1 AND at >= ?2
                    AND (?3 IS NULL OR actor = ?3 OR actor LIKE ?5 ESCAPE '\\')
-                 ORDER BY seq LIMIT ?4",
-            )?;
+                 ORDER BY seq LIMIT ?4"
+            ))?;
             let rows = stmt.query_map(
                 params![
                     after_seq,
@@ -293,12 +292,11 @@ impl Store {
     pub fn audit_recent(&self, actor: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>> {
         self.blocking(|| {
             let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash
-                 FROM audit_log
+            let mut stmt = conn.prepare(&format!(
+                "{AUDIT_SELECT}
                  WHERE (?1 IS NULL OR actor = ?1 OR actor LIKE ?3 ESCAPE '\\')
-                 ORDER BY seq DESC LIMIT ?2",
-            )?;
+                 ORDER BY seq DESC LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(
                 params![actor, limit.min(MAX_AUDIT_LIST), actor.map(actor_pattern)],
                 audit_row,
@@ -314,10 +312,9 @@ impl Store {
         loop {
             let page: Vec<AuditEntry> = self.blocking(|| {
                 let conn = self.fast();
-                let mut stmt = conn.prepare_cached(
-                    "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash
-                     FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )?;
+                let mut stmt = conn.prepare_cached(&format!(
+                    "{AUDIT_SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))?;
                 let rows = stmt.query_map(params![after, VERIFY_PAGE], audit_row)?;
                 rows.collect::<Result<Vec<_>, _>>()
             })?;
@@ -331,6 +328,10 @@ impl Store {
         }
     }
 }
+
+/// The columns [`audit_row`] reads.
+const AUDIT_SELECT: &str =
+    "SELECT seq, at, actor, source, action, target, outcome, prev_hash, hash FROM audit_log";
 
 /// The LIKE pattern for an actor given without its name (`token:ID` for
 /// `token:ID (NAME)`), its own `%`, `_` and `\` taken literally.
