@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod message;
+pub mod peers;
 pub mod protocol;
 pub mod release;
 pub mod schedule;

@@ -17,7 +17,8 @@ pub const ALPN: &[u8] = b"herald/1";
 /// Protocol version: a different major is refused with a clear message.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Minor protocol version (additions only). 1: push messages (`Report`, `ReportStored`).
-pub const PROTOCOL_MINOR: u16 = 1;
+/// 2: peers (`Shares`, `Request`, and the streams of [`crate::peers`]).
+pub const PROTOCOL_MINOR: u16 = 2;
 
 /// The name the server's certificate is issued for and agents verify, whatever address
 /// they reach it at (addresses change; the pinned CA is what matters).
@@ -114,6 +115,12 @@ pub enum AgentMsg {
         /// The report, signed by the agent's identity key.
         report: crate::message::SignedReport,
     },
+    /// The agent's share table as the directory should list it (the whole table, sent
+    /// after `Welcome` and whenever it changes).
+    Shares(Vec<crate::peers::ShareInfo>),
+    /// First frame of a stream the agent opens for a request of its own (the directory,
+    /// a tunnel); on a connection's first stream it makes that a side connection.
+    Request(crate::peers::StreamRequest),
 }
 
 /// Stages of an install job, for operators watching a rollout.

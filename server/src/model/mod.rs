@@ -9,7 +9,8 @@
 //! - `catalog.rs`: catalog entries and subscriptions;
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves;
 //! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals;
-//! - `campaigns.rs`: recipient lists, fallbacks, campaign figures.
+//! - `campaigns.rs`: recipient lists, fallbacks, campaign figures;
+//! - `peers.rs`: the directory's rows and tunnel session records.
 
 mod accounts;
 mod admin;
@@ -19,6 +20,7 @@ mod confirm;
 mod forwarding;
 mod job;
 mod messages;
+mod peers;
 mod releases;
 
 pub use accounts::*;
@@ -32,6 +34,7 @@ pub use confirm::{
 pub use forwarding::*;
 pub use job::{IllegalTransition, JobState, UnknownState};
 pub use messages::*;
+pub use peers::*;
 pub use releases::*;
 
 use serde::{Deserialize, Serialize};

@@ -103,6 +103,9 @@ pub(crate) enum Violation {
     /// A message other than the greeting before the agent said `Hello`.
     #[error("{0} before Hello")]
     BeforeHello(&'static str),
+    /// A share table that breaks the rules of [`herald_shared::peers::ShareInfo::check`].
+    #[error("bad share table: {0}")]
+    Shares(String),
 }
 
 impl Violation {
@@ -157,6 +160,14 @@ pub(crate) enum Effect {
     StoreAddresses {
         /// As reported.
         addresses: Vec<IpAddr>,
+        /// When the report arrived.
+        now: Millis,
+    },
+    /// Replace the agent's shares in the directory. A table with a bad share closes the
+    /// link (a well-behaved agent checks its own table before reporting it).
+    StoreShares {
+        /// The whole table.
+        shares: Vec<herald_shared::peers::ShareInfo>,
         /// When the report arrived.
         now: Millis,
     },
@@ -394,9 +405,23 @@ fn control(msg: AgentMsg, now: Millis) -> Effect {
         AgentMsg::Progress { job_id, progress } => Effect::StoreProgress { job_id, progress },
         AgentMsg::Addresses(addresses) => Effect::StoreAddresses { addresses, now },
         AgentMsg::Report { seq, report } => Effect::StoreReport { seq, report },
-        other @ (AgentMsg::Hello(_) | AgentMsg::Enroll(_) | AgentMsg::Result(_)) => {
-            Effect::Close(Violation::OnControlStream(msg_name(&other)))
+        AgentMsg::Shares(shares) => {
+            if shares.len() > herald_shared::peers::MAX_SHARES {
+                return Effect::Close(Violation::Shares(format!(
+                    "{} shares; at most {}",
+                    shares.len(),
+                    herald_shared::peers::MAX_SHARES
+                )));
+            }
+            match shares.iter().try_for_each(|s| s.check()) {
+                Ok(()) => Effect::StoreShares { shares, now },
+                Err(reason) => Effect::Close(Violation::Shares(reason)),
+            }
         }
+        other @ (AgentMsg::Hello(_)
+        | AgentMsg::Enroll(_)
+        | AgentMsg::Result(_)
+        | AgentMsg::Request(_)) => Effect::Close(Violation::OnControlStream(msg_name(&other))),
     }
 }
 
@@ -418,6 +443,8 @@ pub(crate) fn msg_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::Result(_) => "Result",
         AgentMsg::Progress { .. } => "Progress",
         AgentMsg::Report { .. } => "Report",
+        AgentMsg::Shares(_) => "Shares",
+        AgentMsg::Request(_) => "Request",
     }
 }
 

@@ -834,6 +834,10 @@ impl Relay {
                 self.store
                     .local_addresses(agent_id, &join_addresses(&addresses), now)?;
             }
+            Effect::StoreShares { shares, now } => {
+                info!(%agent_id, shares = shares.len(), "agent reported its shares");
+                self.store.set_shares(agent_id, &shares, now)?;
+            }
             Effect::StoreResult { result, now } => {
                 let stored = self.store.store_result(agent_id, &result, now)?;
                 debug!(%agent_id, job_id = result.job_id, stored, status = result.status.as_str(), "result");

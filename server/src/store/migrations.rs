@@ -420,6 +420,79 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_by_at ON audit_log(at);
 "#,
+    // Peers: clubs (user-made groups) with members and one-time invitations, the shares
+    // agents report for the directory (and the clubs each names), users' favourites, and
+    // one record per tunnel session (who, whom, which share, when, bytes, requests) for
+    // metering.
+    r#"
+CREATE TABLE clubs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL DEFAULT '',
+    created_by BIGINT NOT NULL REFERENCES users(id),
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE club_members (
+    club_id BIGINT NOT NULL REFERENCES clubs(id),
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    role TEXT NOT NULL,
+    joined_at BIGINT NOT NULL,
+    PRIMARY KEY (club_id, user_id)
+);
+CREATE INDEX club_members_by_user ON club_members(user_id);
+CREATE TABLE club_invites (
+    code_hash TEXT PRIMARY KEY,
+    club_id BIGINT NOT NULL REFERENCES clubs(id),
+    created_by BIGINT NOT NULL REFERENCES users(id),
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_by BIGINT REFERENCES users(id),
+    used_at BIGINT
+);
+CREATE INDEX club_invites_by_club ON club_invites(club_id);
+CREATE TABLE shares (
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    name TEXT NOT NULL,
+    http INTEGER NOT NULL,
+    public INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    reported_at BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, name)
+);
+CREATE TABLE share_clubs (
+    agent_id TEXT NOT NULL,
+    share TEXT NOT NULL,
+    club TEXT NOT NULL,
+    PRIMARY KEY (agent_id, share, club)
+);
+CREATE INDEX share_clubs_by_club ON share_clubs(club);
+CREATE TABLE favourites (
+    user_id BIGINT NOT NULL REFERENCES users(id),
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    share TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (user_id, agent_id, share)
+);
+CREATE TABLE tunnel_sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider_agent_id TEXT NOT NULL,
+    share TEXT NOT NULL,
+    provider_user_id BIGINT,
+    consumer_user_id BIGINT,
+    consumer_agent_id TEXT,
+    via TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    path TEXT NOT NULL DEFAULT '',
+    started_at BIGINT NOT NULL,
+    ended_at BIGINT,
+    bytes_up BIGINT NOT NULL DEFAULT 0,
+    bytes_down BIGINT NOT NULL DEFAULT 0,
+    requests BIGINT NOT NULL DEFAULT 0,
+    outcome TEXT NOT NULL DEFAULT 'open'
+);
+CREATE INDEX tunnel_sessions_by_provider ON tunnel_sessions(provider_agent_id, started_at);
+CREATE INDEX tunnel_sessions_by_consumer ON tunnel_sessions(consumer_user_id, started_at);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -28,6 +28,7 @@
 //! - `messages.rs`: push-message senders, messages, receipts and block reports;
 //! - `campaigns.rs`: recipient lists, fallbacks and their reports, campaign figures;
 //! - `metrics.rs`: counts for `/metrics`, and the timing of durable commits;
+//! - `peers.rs`: the shares agents report, the directory, tunnel sessions;
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
@@ -41,6 +42,7 @@ mod jobs;
 mod messages;
 mod metrics;
 mod migrations;
+mod peers;
 mod releases;
 mod schedules;
 #[cfg(test)]
