@@ -71,6 +71,8 @@ struct Registered {
     connection: Connection,
     wake: Arc<Wake>,
     generation: u64,
+    /// When this connection was admitted (the directory's "online since").
+    since: crate::Millis,
 }
 
 /// What wakes a link's delivery loop, and why.
@@ -202,6 +204,26 @@ pub struct Relay {
     tally: Mutex<crate::store::Tally>,
 }
 
+/// How long a providing agent has to answer a tunnel offer.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a tunnel offer did not open a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OfferError {
+    /// The providing agent is not connected.
+    #[error("the device sharing it is offline")]
+    Offline,
+    /// It did not answer in time (an agent too old to know tunnels never answers).
+    #[error("the device sharing it did not answer")]
+    NoAnswer,
+    /// It refused, from its own share table.
+    #[error("the device sharing it refused: {0}")]
+    Refused(String),
+    /// The stream failed.
+    #[error("the tunnel failed: {0}")]
+    Failed(String),
+}
+
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -283,6 +305,41 @@ impl Relay {
     /// Whether an agent is connected.
     pub fn is_online(&self, agent_id: &str) -> bool {
         self.lock_links().contains_key(agent_id)
+    }
+
+    /// When a connected agent's connection was admitted; `None` when it is offline.
+    pub fn online_since(&self, agent_id: &str) -> Option<crate::Millis> {
+        self.lock_links().get(agent_id).map(|l| l.since)
+    }
+
+    /// Offers a tunnel to a connected providing agent: opens a stream on its link, sends
+    /// the offer and waits (at most [`OFFER_TIMEOUT`]) for its answer. On acceptance the
+    /// stream carries the share's bytes from then on. The caller records the session
+    /// (the offer carries its id) and its end.
+    pub async fn offer(
+        &self,
+        provider: &str,
+        offer: &herald_shared::peers::TunnelOffer,
+    ) -> Result<(SendStream, RecvStream), OfferError> {
+        use herald_shared::peers::OfferAnswer;
+        let connection = self
+            .lock_links()
+            .get(provider)
+            .map(|l| l.connection.clone())
+            .ok_or(OfferError::Offline)?;
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await?;
+            write_frame(&mut send, offer).await?;
+            let answer = read_frame::<OfferAnswer>(&mut recv, DEFAULT_FRAME_LIMIT).await?;
+            Ok::<_, LinkError>((send, recv, answer))
+        };
+        match tokio::time::timeout(OFFER_TIMEOUT, exchange).await {
+            Err(_) => Err(OfferError::NoAnswer),
+            Ok(Err(e)) => Err(OfferError::Failed(e.to_string())),
+            Ok(Ok((_, _, None))) => Err(OfferError::Failed("the agent closed the stream".into())),
+            Ok(Ok((_, _, Some(OfferAnswer::Refused(reason))))) => Err(OfferError::Refused(reason)),
+            Ok(Ok((send, recv, Some(OfferAnswer::Accepted)))) => Ok((send, recv)),
+        }
     }
 
     /// Number of connected agents.
@@ -653,6 +710,7 @@ impl Relay {
                 connection: connection.clone(),
                 wake: wake.clone(),
                 generation,
+                since: now,
             },
         ) {
             old.connection
