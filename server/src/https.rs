@@ -436,7 +436,12 @@ async fn connection(
     // HTTP/1.1 only: that is all the TLS configuration offers (ALPN), and the version
     // sniffing of an "auto" connection would wait for a silent client before any
     // header timeout runs.
-    if let Err(e) = http.serve_connection(TokioIo::new(io), service).await {
+    // With upgrades: a WebSocket to a shared web service (`/p/…`) is passed through.
+    if let Err(e) = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
         debug!(%remote, "HTTP connection ended: {e}");
     }
 }

@@ -6,7 +6,8 @@
 //! - `catalog.rs`: catalog entries;
 //! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
 //!   rollouts;
-//! - `messages.rs`: push-message senders, messages, receipts, refusals.
+//! - `messages.rs`: push-message senders, messages, receipts, refusals;
+//! - `clubs.rs`: clubs and members, and the directory as a user sees it.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
@@ -14,6 +15,7 @@
 mod admin;
 pub mod campaigns;
 mod catalog;
+mod clubs;
 mod openapi;
 pub mod routes;
 

@@ -156,6 +156,11 @@ api_routes! {
     GET "/api/v1/rollouts/{id}" scope(Read), "rollouts.show", "One rollout and its waves." => releases::show_rollout;
     POST "/api/v1/rollouts/{id}/{verb}" scope(Packages), "rollouts.control", "Pause, resume or abort a rollout." => releases::control_rollout;
 
+    GET "/api/v1/clubs" scope(Read), "clubs.list", "Clubs users made, with their member counts." => super::clubs::list_clubs;
+    GET "/api/v1/clubs/{name}" scope(Read), "clubs.show", "One club and its members." => super::clubs::show_club;
+    DELETE "/api/v1/clubs/{name}/members/{login}" scope(Admin), "clubs.remove_member", "Remove a member from a club (not its last owner while others remain)." => super::clubs::remove_member;
+    GET "/api/v1/directory" scope(Read), "directory.list", "The online devices and shares a user (?user=LOGIN, or nobody) may reach, filtered by ?q=." => super::clubs::directory;
+
     GET "/api/v1/senders" ScopeOrSender(Read), "senders.list", "Message senders." => messages::list_senders;
     POST "/api/v1/senders" scope(Messages), "senders.create", "Register a sender with an operator-signed grant." [crate::model::CreateSender] => messages::create_sender;
     DELETE "/api/v1/senders/{name}" scope(Messages), "senders.remove", "Remove a sender." => messages::remove_sender;

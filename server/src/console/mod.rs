@@ -9,16 +9,20 @@
 //! This module holds the router, the shared state, the error type and the response
 //! headers every page carries; `auth` the mechanisms (passwords, sessions, CSRF,
 //! throttling); `account`, `pages`, `messages`, `admin` and `visit` the handlers; `forms` the pure
-//! parsing of form input.
+//! parsing of form input; `clubs` and `peers` the clubs and the directory; `proxy` the
+//! browser path to shared web services (`/p/OWNER/SERVICE/`).
 
 mod account;
 mod admin;
 mod audit;
 pub(crate) mod auth;
+mod clubs;
 mod forms;
 mod forwarding;
 mod messages;
 mod pages;
+mod peers;
+mod proxy;
 mod sender;
 #[cfg(test)]
 mod tests;
@@ -202,7 +206,7 @@ impl Flash {
 /// Builds the console's router. It is not behind the admin API's bearer-token check:
 /// merge it next to `api::router`.
 pub fn router(state: ConsoleState) -> Router {
-    Router::new()
+    let pages = Router::new()
         .route("/", get(account::home))
         .route(STYLESHEET_PATH, get(stylesheet))
         .route(
@@ -243,6 +247,18 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/sender/campaigns/{id}/cancel", post(sender::cancel))
         .route("/messages", get(messages::show))
         .route("/messages/block", post(messages::block))
+        .route("/clubs", get(clubs::list).post(clubs::create))
+        .route("/clubs/join", post(clubs::join))
+        .route("/clubs/join/{code}", get(clubs::join_link))
+        .route("/clubs/{name}", get(clubs::show))
+        .route("/clubs/{name}/invite", post(clubs::invite))
+        .route("/clubs/{name}/leave", post(clubs::leave))
+        .route("/clubs/{name}/members/{user}/remove", post(clubs::remove))
+        .route("/clubs/{name}/members/{user}/promote", post(clubs::promote))
+        .route("/peers", get(peers::page))
+        .route("/peers.json", get(peers::json))
+        .route("/peers/favourite", post(peers::favourite))
+        .route(peers::SCRIPT_PATH, get(peers::script))
         .route("/history", get(pages::history))
         .route("/history/{job}", get(pages::job))
         .route(
@@ -283,7 +299,10 @@ pub fn router(state: ConsoleState) -> Router {
         ))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
-        .with_state(state)
+        .with_state(state.clone());
+    // Outside the pages' layers: services keep their own headers and stream bodies. The
+    // pages go second so that their (layered) fallback answers unknown paths.
+    proxy::router(state).merge(pages)
 }
 
 async fn stylesheet() -> Response {

@@ -10,12 +10,14 @@
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves;
 //! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals;
 //! - `campaigns.rs`: recipient lists, fallbacks, campaign figures;
-//! - `peers.rs`: the directory's rows and tunnel session records.
+//! - `peers.rs`: the directory's rows and tunnel session records;
+//! - `clubs.rs`: clubs, members, their rules, and the directory as a viewer sees it.
 
 mod accounts;
 mod admin;
 mod campaigns;
 mod catalog;
+mod clubs;
 mod confirm;
 mod forwarding;
 mod job;
@@ -27,6 +29,7 @@ pub use accounts::*;
 pub use admin::*;
 pub use campaigns::*;
 pub use catalog::*;
+pub use clubs::*;
 pub use confirm::{
     check_code, code_expiry, hash_code, new_code, PendingCode, Verdict, CODE_DIGITS, CODE_TTL,
     CODE_WINDOW, MAX_CODES_PER_WINDOW, MAX_WRONG_TRIES,

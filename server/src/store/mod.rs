@@ -37,6 +37,7 @@ mod agents;
 mod backup;
 mod campaigns;
 mod catalog;
+mod clubs;
 mod forwarding;
 mod jobs;
 mod messages;
