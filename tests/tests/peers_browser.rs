@@ -432,3 +432,448 @@ fn directory_shows_only_what_my_clubs_share() {
     assert_eq!(status, 401);
     drop(cat_nas);
 }
+
+#[test]
+fn browser_reaches_a_shared_page_without_the_agent() {
+    let Some(console) = Console::start("peers-web") else {
+        return;
+    };
+    let (b, server) = (&console.browser, &console.server);
+    let service = WebService::start();
+    // ann shares the service with "chess" (ben is in it, cat is not) and publicly.
+    b.register("ann", PASSWORD);
+    let ann_pc = link_device(server, b, "ann-pc");
+    assert_eq!(create_club(b, "chess", ""), "page-club");
+    let chess = invite(b, "chess");
+    let to = service.address.to_string();
+    ann_pc.cli_ok(&[
+        "share",
+        "add",
+        "web",
+        "--to",
+        &to,
+        "--http",
+        "--club",
+        "chess",
+        "--description",
+        "체스 기록 — Partien",
+    ]);
+    ann_pc.cli_ok(&["share", "add", "open", "--to", &to, "--http", "--public"]);
+    log_out(b);
+    b.register("cat", PASSWORD);
+    log_out(b);
+    b.register("ben", PASSWORD);
+    assert_eq!(accept(b, &chess), "page-club");
+    wait_until("ann's shares in ben's directory", LIVE_DEADLINE, || {
+        b.goto("/peers");
+        let all = services(b);
+        (all.contains(&"web".to_string()) && all.contains(&"open".to_string())).then_some(())
+    });
+
+    // From the directory's link to the page, with its relative link and its WebSocket.
+    b.click("tr[data-service=\"web\"] a.open");
+    assert_eq!(b.path(), "/p/ann/web/");
+    assert_eq!(b.text("#shared"), "A shared page");
+    assert_eq!(b.text("#path"), "/", "the prefix is stripped");
+    let seen: serde_json::Value =
+        serde_json::from_str(&b.text("#headers")).expect("the headers the service saw");
+    assert_eq!(seen["x-forwarded-prefix"], "/p/ann/web");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert!(
+        seen["x-forwarded-host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("127.0.0.1:")),
+        "{seen}"
+    );
+    wait_until("the WebSocket echo", LIVE_DEADLINE, || {
+        (b.text("#ws-echo") == "echo: hello 체스").then_some(())
+    });
+    b.shoot("shared-page");
+    // The service's own cookie comes back (under the prefix); the console's never goes.
+    let (status, body) = b.fetch("GET", "/p/ann/web/headers?x=1");
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_str(&body).expect("headers JSON");
+    assert_eq!(seen["path"], "/headers?x=1");
+    assert_eq!(seen["headers"]["cookie"], "app=1", "{seen}");
+    assert!(b
+        .cookie("__Host-herald_session")
+        .is_some_and(|c| c != "forged"));
+    b.click("#next");
+    assert_eq!(b.path(), "/p/ann/web/next.html");
+    b.find("#next-page");
+    b.goto("/p/ann/web/redirect");
+    assert_eq!(
+        b.path(),
+        "/p/ann/web/next.html",
+        "Location moved under the prefix"
+    );
+    // A large body streams through whole.
+    b.execute(
+        "window.__big = null;\
+         fetch('/p/ann/web/big').then(r => r.arrayBuffer()).then(buf => {\
+           const a = new Uint8Array(buf); let sum = 0;\
+           for (let i = 0; i < a.length; i++) { sum = (sum * 31 + a[i]) % 1000000007; }\
+           window.__big = [a.length, sum]; }).catch(e => { window.__big = [0, String(e)]; });",
+    );
+    let answer = wait_until("the big body", LIVE_DEADLINE, || {
+        let value = b.execute("return window.__big;");
+        (!value.is_null()).then_some(value)
+    });
+    let expected = (0..BIG).fold(0u64, |sum, i| {
+        (sum * 31 + u64::from(big_byte(i))) % 1_000_000_007
+    });
+    assert_eq!(answer, serde_json::json!([BIG, expected]), "the big body");
+    // Sessions are recorded per request, with their bytes, and closed.
+    wait_until("the sessions to close", LIVE_DEADLINE, || {
+        let sessions = browser_sessions(server);
+        let big = sessions.iter().find(|s| s.path == "/big")?;
+        (big.ended && big.bytes_down >= BIG as i64 && sessions.iter().all(|s| s.ended))
+            .then_some(())
+    });
+    let sessions = browser_sessions(server);
+    assert!(sessions
+        .iter()
+        .all(|s| s.share == "web" || s.share == "open"));
+    assert!(
+        sessions.iter().any(|s| s.path == "/ws"),
+        "the WebSocket's session"
+    );
+
+    // Signed out: the club share asks to sign in; the public one opens.
+    log_out(b);
+    b.goto("/p/ann/web/");
+    assert_eq!(b.page_id(), "page-share-refused");
+    assert!(
+        b.text("#error").contains("not shared publicly"),
+        "{}",
+        b.body_text()
+    );
+    b.find("#login-link");
+    b.shoot("shared-sign-in");
+    b.goto("/p/ann/open/");
+    assert_eq!(b.text("#shared"), "A shared page");
+    // A user outside the club is refused.
+    log_in(b, "cat");
+    b.goto("/p/ann/web/");
+    assert_eq!(b.page_id(), "page-share-refused");
+    assert!(
+        b.text("#error").contains("not shared with you") || b.text("#error").contains("No service"),
+        "{}",
+        b.body_text()
+    );
+    let (status, _) = b.fetch("GET", "/p/ann/web/headers");
+    assert_eq!(status, 404);
+
+    // Whatever was asked, the service never saw a console cookie or credentials.
+    let seen = service.seen();
+    assert!(!seen.is_empty());
+    for request in &seen {
+        assert!(
+            !request.path.starts_with("/p/"),
+            "prefix not stripped: {request:?}"
+        );
+        for (name, value) in &request.headers {
+            assert_ne!(name, "authorization", "{request:?}");
+            if name == "cookie" {
+                assert!(
+                    !value.to_ascii_lowercase().contains("herald"),
+                    "{request:?}"
+                );
+            }
+        }
+    }
+}
+
+/// A browser session as the server recorded it.
+#[derive(Debug)]
+struct BrowserSession {
+    share: String,
+    path: String,
+    ended: bool,
+    bytes_down: i64,
+}
+
+fn browser_sessions(server: &TestServer) -> Vec<BrowserSession> {
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the server's database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let mut stmt = db
+        .prepare(
+            "SELECT share, path, ended_at IS NOT NULL, bytes_down FROM tunnel_sessions
+             WHERE via = 'browser' ORDER BY id",
+        )
+        .expect("sessions query");
+    stmt.query_map([], |r| {
+        Ok(BrowserSession {
+            share: r.get(0)?,
+            path: r.get(1)?,
+            ended: r.get(2)?,
+            bytes_down: r.get(3)?,
+        })
+    })
+    .expect("sessions")
+    .collect::<Result<_, _>>()
+    .expect("session rows")
+}
+
+// === a shared web service ===
+
+/// Bytes of `/big`, streamed in [`CHUNK`]-byte pieces.
+const BIG: usize = 8 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+/// The byte at `offset` of `/big` (the test recomputes its checksum).
+fn big_byte(offset: usize) -> u8 {
+    (offset.wrapping_mul(31) % 251) as u8
+}
+
+/// What one request looked like when it reached the service.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+/// A small HTTP/1.1 service on loopback: `/` a page with a relative link, a script that
+/// talks to `ws` (a WebSocket echo), and the headers it got; `/headers` the same as
+/// JSON; `/big` a streamed body; `/redirect` a redirect to `/next.html`. Every request's
+/// headers are kept for the test to inspect.
+struct WebService {
+    address: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl WebService {
+    fn start() -> WebService {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the service");
+        let address = listener.local_addr().expect("service address");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        runtime.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let record = record.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(request, &record)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        WebService {
+            address,
+            seen,
+            _runtime: runtime,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+}
+
+/// A response body: whole, or `/big`'s bytes made as they are read.
+enum Reply {
+    Whole(Option<hyper::body::Bytes>),
+    Big { sent: usize },
+}
+
+impl hyper::body::Body for Reply {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match &mut *self {
+            Reply::Whole(bytes) => bytes.take(),
+            Reply::Big { sent } if *sent < BIG => {
+                let end = (*sent + CHUNK).min(BIG);
+                let chunk: Vec<u8> = (*sent..end).map(big_byte).collect();
+                *sent = end;
+                Some(hyper::body::Bytes::from(chunk))
+            }
+            Reply::Big { .. } => None,
+        };
+        std::task::Poll::Ready(frame.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const APP_JS: &str = r#"
+const out = document.getElementById('ws-echo');
+const url = location.href.replace(/^http/, 'ws').replace(/[^/]*$/, '') + 'ws';
+const ws = new WebSocket(url);
+ws.onopen = () => ws.send('hello 체스');
+ws.onmessage = (e) => { out.textContent = e.data; };
+ws.onerror = () => { out.textContent = 'error'; };
+"#;
+
+fn answer(
+    mut request: hyper::Request<hyper::body::Incoming>,
+    record: &std::sync::Mutex<Vec<Seen>>,
+) -> hyper::Response<Reply> {
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+        .collect();
+    let path = request.uri().to_string();
+    record.lock().expect("seen lock").push(Seen {
+        path: path.clone(),
+        headers: headers.clone(),
+    });
+    let json: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let whole = |status: u16, kind: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", kind)
+            .body(Reply::Whole(Some(body.into())))
+            .expect("response")
+    };
+    match request.uri().path() {
+        "/" => {
+            let mut response = whole(
+                200,
+                "text/html; charset=utf-8",
+                format!(
+                    "<!doctype html><html><head><meta charset=\"utf-8\">\
+                     <meta name=\"viewport\" content=\"width=device-width\"><title>shared</title></head>\
+                     <body><h1 id=\"shared\">A shared page</h1><p id=\"path\">{}</p>\
+                     <p><a id=\"next\" href=\"next.html\">next</a></p>\
+                     <p id=\"ws-echo\">waiting</p><pre id=\"headers\">{}</pre>\
+                     <script src=\"app.js\"></script></body></html>",
+                    html_escape(&path),
+                    html_escape(&serde_json::Value::Object(json).to_string())
+                ),
+            );
+            response.headers_mut().insert(
+                "set-cookie",
+                hyper::header::HeaderValue::from_static("app=1; Path=/; HttpOnly"),
+            );
+            response.headers_mut().append(
+                "set-cookie",
+                hyper::header::HeaderValue::from_static(
+                    "__Host-herald_session=forged; Path=/; Secure",
+                ),
+            );
+            response
+        }
+        "/next.html" => whole(
+            200,
+            "text/html; charset=utf-8",
+            "<!doctype html><title>next</title><h1 id=\"next-page\">Next</h1>".into(),
+        ),
+        "/app.js" => whole(200, "text/javascript", APP_JS.into()),
+        "/headers" => whole(
+            200,
+            "application/json",
+            serde_json::json!({"path": path, "headers": json}).to_string(),
+        ),
+        "/redirect" => hyper::Response::builder()
+            .status(302)
+            .header("location", "/next.html")
+            .body(Reply::Whole(None))
+            .expect("response"),
+        "/big" => hyper::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(Reply::Big { sent: 0 })
+            .expect("response"),
+        "/ws" => {
+            let key = request
+                .headers()
+                .get("sec-websocket-key")
+                .and_then(|k| k.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let accept = {
+                use base64::Engine;
+                let digest = ring::digest::digest(
+                    &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                    format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+                );
+                base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+            };
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let _ = websocket_echo(hyper_util::rt::TokioIo::new(upgraded)).await;
+                }
+            });
+            hyper::Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(Reply::Whole(None))
+                .expect("response")
+        }
+        _ => whole(404, "text/plain", "no such page".into()),
+    }
+}
+
+/// Answers each text frame with `echo: TEXT` until the browser closes.
+async fn websocket_echo(
+    mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut head = [0u8; 2];
+        io.read_exact(&mut head).await?;
+        let opcode = head[0] & 0x0f;
+        let mut len = u64::from(head[1] & 0x7f);
+        if len == 126 {
+            len = u64::from(io.read_u16().await?);
+        } else if len == 127 {
+            len = io.read_u64().await?;
+        }
+        let mut mask = [0u8; 4];
+        if head[1] & 0x80 != 0 {
+            io.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; len.min(1 << 20) as usize];
+        io.read_exact(&mut payload).await?;
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        match opcode {
+            0x8 => {
+                io.write_all(&[0x88, 0]).await?;
+                return Ok(());
+            }
+            0x1 => {
+                let mut reply = b"echo: ".to_vec();
+                reply.extend_from_slice(&payload);
+                let mut frame = vec![0x81];
+                if reply.len() < 126 {
+                    frame.push(reply.len() as u8);
+                } else {
+                    frame.push(126);
+                    frame.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+                }
+                frame.extend_from_slice(&reply);
+                io.write_all(&frame).await?;
+            }
+            _ => {}
+        }
+    }
+}
