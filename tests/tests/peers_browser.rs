@@ -760,7 +760,7 @@ fn answer(
                      <meta name=\"viewport\" content=\"width=device-width\"><title>shared</title></head>\
                      <body><h1 id=\"shared\">A shared page</h1><p id=\"path\">{}</p>\
                      <p><a id=\"next\" href=\"next.html\">next</a></p>\
-                     <p id=\"ws-echo\">waiting</p><pre id=\"headers\">{}</pre>\
+                     <p id=\"ws-echo\">waiting</p><pre id=\"headers\" style=\"white-space: pre-wrap; word-break: break-all\">{}</pre>\
                      <script src=\"app.js\"></script></body></html>",
                     html_escape(&path),
                     html_escape(&serde_json::Value::Object(json).to_string())
