@@ -524,12 +524,30 @@ fn browser_reaches_a_shared_page_without_the_agent() {
         (sum * 31 + u64::from(big_byte(i))) % 1_000_000_007
     });
     assert_eq!(answer, serde_json::json!([BIG, expected]), "the big body");
+    // And a large upload streams to the service whole.
+    b.execute(
+        "window.__up = null; const a = new Uint8Array(8388608);\
+         for (let i = 0; i < a.length; i++) { a[i] = (i * 7) % 253; }\
+         fetch('/p/ann/web/upload', {method: 'POST', body: a}).then(r => r.json())\
+           .then(v => { window.__up = v; }).catch(e => { window.__up = [0, String(e)]; });",
+    );
+    let answer = wait_until("the upload", LIVE_DEADLINE, || {
+        let value = b.execute("return window.__up;");
+        (!value.is_null()).then_some(value)
+    });
+    let expected = (0..BIG).fold(0u64, |sum, i| {
+        (sum * 31 + ((i * 7) % 253) as u64) % 1_000_000_007
+    });
+    assert_eq!(answer, serde_json::json!([BIG, expected]), "the upload");
     // Sessions are recorded per request, with their bytes, and closed.
     wait_until("the sessions to close", LIVE_DEADLINE, || {
         let sessions = browser_sessions(server);
         let big = sessions.iter().find(|s| s.path == "/big")?;
-        (big.ended && big.bytes_down >= BIG as i64 && sessions.iter().all(|s| s.ended))
-            .then_some(())
+        let upload = sessions.iter().find(|s| s.path == "/upload")?;
+        (big.bytes_down >= BIG as i64
+            && upload.bytes_up >= BIG as i64
+            && sessions.iter().all(|s| s.ended))
+        .then_some(())
     });
     let sessions = browser_sessions(server);
     assert!(sessions
@@ -591,6 +609,7 @@ struct BrowserSession {
     share: String,
     path: String,
     ended: bool,
+    bytes_up: i64,
     bytes_down: i64,
 }
 
@@ -600,7 +619,7 @@ fn browser_sessions(server: &TestServer) -> Vec<BrowserSession> {
         .expect("busy timeout");
     let mut stmt = db
         .prepare(
-            "SELECT share, path, ended_at IS NOT NULL, bytes_down FROM tunnel_sessions
+            "SELECT share, path, ended_at IS NOT NULL, bytes_up, bytes_down FROM tunnel_sessions
              WHERE via = 'browser' ORDER BY id",
         )
         .expect("sessions query");
@@ -609,7 +628,8 @@ fn browser_sessions(server: &TestServer) -> Vec<BrowserSession> {
             share: r.get(0)?,
             path: r.get(1)?,
             ended: r.get(2)?,
-            bytes_down: r.get(3)?,
+            bytes_up: r.get(3)?,
+            bytes_down: r.get(4)?,
         })
     })
     .expect("sessions")
@@ -660,7 +680,13 @@ impl WebService {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let record = record.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(request, &record)) }
+                        async move {
+                            let response = match request.uri().path() {
+                                "/upload" => count_upload(request).await,
+                                _ => answer(request, &record),
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
@@ -829,6 +855,30 @@ fn answer(
         }
         _ => whole(404, "text/plain", "no such page".into()),
     }
+}
+
+/// `POST /upload`: reads the body as it comes and answers its length and checksum.
+async fn count_upload(request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Reply> {
+    use hyper::body::Body;
+    let mut body = request.into_body();
+    let (mut len, mut sum) = (0usize, 0u64);
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let Ok(frame) = frame else { break };
+        if let Some(data) = frame.data_ref() {
+            for b in data.iter() {
+                sum = (sum * 31 + u64::from(*b)) % 1_000_000_007;
+            }
+            len += data.len();
+        }
+    }
+    hyper::Response::builder()
+        .header("content-type", "application/json")
+        .body(Reply::Whole(Some(
+            serde_json::json!([len, sum]).to_string().into(),
+        )))
+        .expect("response")
 }
 
 /// Answers each text frame with `echo: TEXT` until the browser closes.
