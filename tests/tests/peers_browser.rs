@@ -442,7 +442,7 @@ fn browser_reaches_a_shared_page_without_the_agent() {
     let service = WebService::start();
     // ann shares the service with "chess" (ben is in it, cat is not) and publicly.
     b.register("ann", PASSWORD);
-    let ann_pc = link_device(server, b, "ann-pc");
+    let mut ann_pc = link_device(server, b, "ann-pc");
     assert_eq!(create_club(b, "chess", ""), "page-club");
     let chess = invite(b, "chess");
     let to = service.address.to_string();
@@ -582,6 +582,14 @@ fn browser_reaches_a_shared_page_without_the_agent() {
     );
     let (status, _) = b.fetch("GET", "/p/ann/web/headers");
     assert_eq!(status, 404);
+
+    // With ann's device gone, a member is told it is offline.
+    log_out(b);
+    log_in(b, "ben");
+    stop(&mut ann_pc);
+    let (status, body) = b.fetch("GET", "/p/ann/web/");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("offline"), "{body}");
 
     // Whatever was asked, the service never saw a console cookie or credentials.
     let seen = service.seen();
