@@ -499,6 +499,34 @@ fn browser_reaches_a_shared_page_without_the_agent() {
     assert!(b
         .cookie("__Host-herald_session")
         .is_some_and(|c| c != "forged"));
+    // The page shares the console's origin, yet its scripts cannot read console pages:
+    // not by fetching them (its policy confines it to its prefix) nor through a window
+    // it opens (console pages are in their own browsing context group).
+    b.execute(
+        "window.__steal = 'pending';\
+         fetch('/account').then(r => r.text()).then(t => { window.__steal = 'read ' + t.length; })\
+           .catch(() => { window.__steal = 'blocked'; });",
+    );
+    let fetched = wait_until("the fetch of a console page", LIVE_DEADLINE, || {
+        let v = b.execute("return window.__steal;");
+        (v != "pending").then_some(v)
+    });
+    assert_eq!(fetched, "blocked");
+    b.execute(
+        "window.__open = 'pending'; const w = window.open('/account', 'steal'); const t0 = Date.now();\
+         const tick = () => { let v = null;\
+           try { v = (!w || w.closed) ? 'no handle' : (w.location.pathname === '/account'\
+                 && w.document.readyState === 'complete' ? 'read ' + w.document.body.innerHTML.length : null); }\
+           catch (e) { v = 'blocked'; }\
+           if (v) { window.__open = v; } else if (Date.now() - t0 < 20000) { setTimeout(tick, 100); }\
+           else { window.__open = 'timeout'; } };\
+         tick();",
+    );
+    let opened = wait_until("the window on a console page", LIVE_DEADLINE, || {
+        let v = b.execute("return window.__open;");
+        (v != "pending").then_some(v)
+    });
+    assert!(opened == "no handle" || opened == "blocked", "{opened}");
     b.click("#next");
     assert_eq!(b.path(), "/p/ann/web/next.html");
     b.find("#next-page");

@@ -334,6 +334,12 @@ async fn security_headers(mut response: Response) -> Response {
         header::STRICT_TRANSPORT_SECURITY,
         HeaderValue::from_static(HSTS),
     );
+    // Its own browsing context group: a shared web service's page (same origin, under
+    // `/p/`) that opens a console page gets no handle on it.
+    headers.insert(
+        axum::http::HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
     // Pages show personal data and one-time secrets: never from a cache.
     headers
         .entry(header::CACHE_CONTROL)

@@ -269,6 +269,30 @@ pub(crate) fn rewrite_set_cookie(value: &str, prefix: &str) -> Option<String> {
     Some(out.join("; "))
 }
 
+/// Response headers a service may not send: they would reach beyond its prefix (wipe the
+/// console's cookies and storage, widen a service worker's scope, or keep a window it
+/// opens on a console page within its reach).
+const WITHHELD: &[&str] = &[
+    "clear-site-data",
+    "service-worker-allowed",
+    "cross-origin-opener-policy",
+    "cross-origin-opener-policy-report-only",
+];
+
+/// The Content-Security-Policy added to every service response, on top of the
+/// service's own: its page shares the console's origin, so its scripts may connect,
+/// post forms, frame and run workers only under its own prefix. (Console pages forbid
+/// framing and open in their own browsing context group, `Cross-Origin-Opener-Policy:
+/// same-origin`, so a service's page cannot read them through a window either.)
+pub(crate) fn share_policy(host: &str, prefix: &str) -> String {
+    let here = format!("https://{host}{prefix}/");
+    let ws = format!("wss://{host}{prefix}/");
+    format!(
+        "connect-src {here} {ws}; form-action {here}; frame-src {here}; child-src {here}; \
+         worker-src {here}; object-src 'none'; base-uri {here}"
+    )
+}
+
 /// The response headers the browser gets.
 pub(crate) fn downstream_headers(
     headers: &HeaderMap,
@@ -277,6 +301,19 @@ pub(crate) fn downstream_headers(
     host: Option<&str>,
 ) -> HeaderMap {
     let mut out = strip_hop_by_hop(headers, switching);
+    for name in WITHHELD {
+        out.remove(*name);
+    }
+    // Without a host the policy cannot name this server: allow nothing to connect.
+    let policy = match host {
+        Some(host) => share_policy(host, prefix),
+        None => "connect-src 'none'; form-action 'none'; frame-src 'none'; child-src 'none'; \
+                 worker-src 'none'; object-src 'none'; base-uri 'none'"
+            .to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&policy) {
+        out.append(header::CONTENT_SECURITY_POLICY, value);
+    }
     if let Some(location) = out.get(header::LOCATION).and_then(|l| l.to_str().ok()) {
         if let Ok(value) = HeaderValue::from_str(&rewrite_location(location, prefix, host)) {
             out.insert(header::LOCATION, value);
@@ -364,7 +401,12 @@ fn page(
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    // The console's own page: its security headers (the proxy's routes sit outside the
+    // layer that adds them). `security_headers` never waits.
+    use futures_util::FutureExt;
+    super::security_headers(response)
+        .now_or_never()
+        .unwrap_or_else(|| (StatusCode::INTERNAL_SERVER_ERROR, "security headers").into_response())
 }
 
 /// Which shares the request may reach: the online `http` one it names, or a page why not.
@@ -803,5 +845,34 @@ mod tests {
         assert_eq!(h["location"], "/p/alice/web/done");
         assert!(h.get("transfer-encoding").is_none());
         assert_eq!(h["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn service_pages_are_confined_to_their_prefix() {
+        let h = downstream_headers(
+            &map(&[
+                ("content-security-policy", "default-src 'self'"),
+                ("clear-site-data", "\"cookies\""),
+                ("service-worker-allowed", "/"),
+                ("cross-origin-opener-policy", "same-origin"),
+            ]),
+            false,
+            "/p/alice/web",
+            Some("h.example:8443"),
+        );
+        let policies: Vec<_> = h.get_all("content-security-policy").iter().collect();
+        assert_eq!(policies.len(), 2, "the service's own policy stays");
+        let ours = policies[1].to_str().unwrap();
+        assert!(ours.contains(
+            "connect-src https://h.example:8443/p/alice/web/ wss://h.example:8443/p/alice/web/;"
+        ));
+        assert!(ours.contains("form-action https://h.example:8443/p/alice/web/;"));
+        for gone in [
+            "clear-site-data",
+            "service-worker-allowed",
+            "cross-origin-opener-policy",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone}");
+        }
     }
 }
