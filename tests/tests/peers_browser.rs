@@ -145,33 +145,6 @@ fn remove_action(b: &Browser, login: &str) -> String {
     b.attr(&form, "action").expect("remove form action")
 }
 
-/// Writes an agent's reported shares into the server's database, as the agent's report
-/// would (`Store::set_shares`): (name, http, public, clubs, description).
-fn set_shares(server: &TestServer, agent: &str, shares: &[(&str, bool, bool, &[&str], &str)]) {
-    let db = rusqlite::Connection::open(server.db_path()).expect("open the server's database");
-    db.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    db.execute("DELETE FROM shares WHERE agent_id = ?1", [agent])
-        .expect("clear shares");
-    db.execute("DELETE FROM share_clubs WHERE agent_id = ?1", [agent])
-        .expect("clear share clubs");
-    for (name, http, public, clubs, description) in shares {
-        db.execute(
-            "INSERT INTO shares (agent_id, name, http, public, description, reported_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-            rusqlite::params![agent, name, http, public, description],
-        )
-        .expect("insert share");
-        for club in *clubs {
-            db.execute(
-                "INSERT INTO share_clubs (agent_id, share, club) VALUES (?1, ?2, ?3)",
-                rusqlite::params![agent, name, club],
-            )
-            .expect("insert share club");
-        }
-    }
-}
-
 /// The directory page's devices and their services, as shown now.
 fn directory(b: &Browser) -> Vec<(String, Vec<String>)> {
     let rows = b.execute(
@@ -325,29 +298,52 @@ fn directory_shows_only_what_my_clubs_share() {
     log_out(b);
     b.register("ben", PASSWORD);
     assert_eq!(accept(b, &chess), "page-club");
-    set_shares(
-        server,
-        &ann_pc.id,
-        &[(
-            "board",
-            true,
-            false,
-            &["chess"],
-            "체스 게임판 — ein Schachbrett",
-        )],
-    );
-    set_shares(
-        server,
-        &cat_nas.id,
-        &[
-            ("news", true, true, &[], "Nachrichten aus dem Garten"),
-            ("seeds", false, false, &["garden"], "Saatgut-Tausch 씨앗"),
-        ],
-    );
-
+    // Shares are decided on the machines; nothing listens at the address, which the
+    // directory does not need.
+    let nowhere = "127.0.0.1:9";
+    ann_pc.cli_ok(&[
+        "share",
+        "add",
+        "board",
+        "--to",
+        nowhere,
+        "--http",
+        "--club",
+        "chess",
+        "--description",
+        "체스 게임판 — ein Schachbrett",
+    ]);
+    cat_nas.cli_ok(&[
+        "share",
+        "add",
+        "news",
+        "--to",
+        nowhere,
+        "--http",
+        "--public",
+        "--description",
+        "Nachrichten aus dem Garten",
+    ]);
+    cat_nas.cli_ok(&[
+        "share",
+        "add",
+        "seeds",
+        "--to",
+        nowhere,
+        "--club",
+        "garden",
+        "--description",
+        "Saatgut-Tausch 씨앗",
+    ]);
     // ben sees chess's board and the public news, not the garden's seeds.
-    b.goto("/peers");
-    b.wait_page("page-peers");
+    wait_until(
+        "the devices' shares in the directory",
+        LIVE_DEADLINE,
+        || {
+            b.goto("/peers");
+            (services(b).len() == 2).then_some(())
+        },
+    );
     assert_eq!(
         directory(b),
         [
