@@ -360,6 +360,24 @@ fn directory_shows_only_what_my_clubs_share() {
     let board = b.find("tr[data-service=\"board\"] a.open");
     assert_eq!(b.attr(&board, "href").as_deref(), Some("/p/ann/board/"));
     b.shoot("directory");
+    // Admins see the same view through the API, and the clubs with their members.
+    let api = herald_tests::console_client::Console::new(server);
+    let view = api.admin_get(server, "/api/v1/directory?user=ben&q=%EC%B2%B4%EC%8A%A4");
+    assert_eq!(view.status, 200, "{}", view.body);
+    let view: serde_json::Value = serde_json::from_str(&view.body).expect("directory JSON");
+    assert_eq!(view[0]["owner"], "ann", "{view}");
+    assert_eq!(view[0]["services"][0]["name"], "board", "{view}");
+    assert_eq!(view.as_array().map(Vec::len), Some(1), "{view}");
+    let club = api.admin_get(server, "/api/v1/clubs/chess");
+    let club: serde_json::Value = serde_json::from_str(&club.body).expect("club JSON");
+    assert_eq!(club["members"].as_array().map(Vec::len), Some(2), "{club}");
+    let nobody = api.admin_get(server, "/api/v1/directory");
+    let nobody: serde_json::Value = serde_json::from_str(&nobody.body).expect("directory JSON");
+    assert_eq!(
+        nobody[0]["services"][0]["name"], "news",
+        "signed out: public only"
+    );
+    assert_eq!(nobody.as_array().map(Vec::len), Some(1), "{nobody}");
     // Search in Korean and German, from the form.
     b.fill_in("#search-form", "q", "체스");
     b.submit("#search-form");
