@@ -7,6 +7,7 @@
 pub mod browser;
 pub mod console_client;
 pub mod dbus;
+pub mod netns;
 pub mod receivers;
 pub mod session_helper;
 
