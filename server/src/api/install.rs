@@ -75,7 +75,9 @@ impl Installer {
             )));
         };
         let Ok(length) = length.parse() else {
-            return Some(Err(format!("list line {line:?}: length {length:?} is not a number")));
+            return Some(Err(format!(
+                "list line {line:?}: length {length:?} is not a number"
+            )));
         };
         Some(Ok(Installer {
             format: format.into(),
@@ -339,7 +341,12 @@ mod tests {
             ("tar".to_string(), "c".repeat(64)),
             ("deb".to_string(), "a".repeat(64)),
         ];
-        let line = one_liner("https://10.0.0.5:8443/", "sha256//K+y/=", "hrld_abc-_", &hashes);
+        let line = one_liner(
+            "https://10.0.0.5:8443/",
+            "sha256//K+y/=",
+            "hrld_abc-_",
+            &hashes,
+        );
         assert_eq!(
             line,
             format!(
@@ -362,7 +369,10 @@ mod tests {
         };
         assert_eq!(host("10.0.0.5:8443").as_deref(), Some("10.0.0.5:8443"));
         assert_eq!(host("[::1]:8443").as_deref(), Some("[::1]:8443"));
-        assert_eq!(host("herald.example:8443").as_deref(), Some("herald.example:8443"));
+        assert_eq!(
+            host("herald.example:8443").as_deref(),
+            Some("herald.example:8443")
+        );
         for bad in ["a'b", "a b", "$(reboot)", "a;b", "a/b"] {
             assert_eq!(host(bad), None, "{bad}");
         }

@@ -117,9 +117,12 @@ impl Client {
             .ok_or_else(|| ClientError::Decode("the server presented no certificate".into()))?;
         let body = response.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            return Err(ClientError::Api(format!("{path}: server answered {status}")));
+            return Err(ClientError::Api(format!(
+                "{path}: server answered {status}"
+            )));
         }
-        let text = String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok((text, certificate))
     }
 

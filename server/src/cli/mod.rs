@@ -16,9 +16,9 @@ pub mod admin;
 pub mod backup;
 pub mod catalog;
 pub mod client;
-mod install;
 #[cfg(feature = "demo")]
 pub mod demo;
+mod install;
 pub mod messages;
 pub mod packages;
 pub mod users;
