@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use herald_tests::chroot::{has_command, packages, run_ok, Chroot, MINBASE};
-use herald_tests::{is_root, wait_until, TestServer, DEADLINE};
+use herald_tests::{is_root, wait_until, TempDir, TestServer, DEADLINE};
 
 #[test]
 fn deb_installs_enrolls_and_runs_a_job() {
