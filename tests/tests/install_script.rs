@@ -2,8 +2,9 @@
 //! packages as operator-signed `herald-agent` releases (platforms `...-deb`, `-rpm`,
 //! `-tar`), `token create --install-command` prints the command, and that exact command,
 //! run in a Debian root with curl and sudo against a server on this host's loopback,
-//! installs the .deb, enrolls and leaves an agent that runs a job. A package whose bytes
-//! changed on the server, or a wrong pin, installs nothing. `/install.sh` and the
+//! installs the .deb, enrolls and leaves an agent that runs a job; without dpkg it puts
+//! the tarball under /usr/local instead. A package whose bytes changed on the server, a
+//! wrong pin, or a token the server refuses leaves nothing installed. `/install.sh` and the
 //! package list need no token, and the console's "Link a device" page shows the same
 //! kind of command.
 //!
@@ -51,13 +52,13 @@ fn publish(server: &TestServer, format: &str, file: &Path) -> String {
         .to_string()
 }
 
-/// Publishes the .deb, .rpm and tarball; returns the .deb's SHA-256.
-fn publish_packages(server: &TestServer) -> String {
+/// Publishes the .deb, .rpm and tarball; returns the .deb's and the tarball's SHA-256.
+fn publish_packages(server: &TestServer) -> (String, String) {
     let packages = packages();
     let deb = publish(server, "deb", &packages.agent_deb);
     publish(server, "rpm", &packages.agent_rpm);
-    publish(server, "tar", &packages.agent_tar);
-    deb
+    let tar = publish(server, "tar", &packages.agent_tar);
+    (deb, tar)
 }
 
 /// `token create --install-command`: the token and the command, as printed.
@@ -118,7 +119,7 @@ fn install_script_installs_enrolls_and_runs_a_job() {
         return;
     }
     let server = TestServer::start("install-script");
-    let deb = publish_packages(&server);
+    let deb = publish_packages(&server).0;
     let (token, command) = install_command(&server);
     let pin = format!(
         "sha256//{}",
@@ -170,7 +171,7 @@ fn install_script_refuses_a_tampered_package() {
         return;
     }
     let server = TestServer::start("install-tampered");
-    let deb = publish_packages(&server);
+    let deb = publish_packages(&server).0;
     let (_, command) = install_command(&server);
     // The server's copy changes after the operator vouched for it (same length).
     let artifact = server.data_dir().join("artifacts").join(&deb);
@@ -231,6 +232,81 @@ fn install_script_refuses_a_wrong_pin() {
         "the script ran:\n{said}"
     );
     assert_nothing_installed(&chroot, &said);
+}
+
+#[test]
+fn install_script_installs_the_tarball_where_there_is_no_dpkg_or_rpm() {
+    if !chroot_tests_run() {
+        return;
+    }
+    let server = TestServer::start("install-tarball");
+    let tar = publish_packages(&server).1;
+    let (_, command) = install_command(&server);
+    let mut chroot = Chroot::new("install-tarball", WITH_CURL);
+    // A machine without dpkg (and, like this root, without rpm).
+    std::fs::rename(
+        chroot.path("/usr/bin/dpkg"),
+        chroot.path("/usr/bin/dpkg.hidden"),
+    )
+    .unwrap();
+    let marker = hex::encode(herald_io::random_bytes::<8>());
+    std::fs::write(chroot.path("/etc/herald-test-marker"), &marker).unwrap();
+
+    let run = run_in(&chroot, &command);
+    let said = format!("{}\n{}", text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "the one-liner failed:\n{said}");
+    assert!(
+        said.contains("this machine takes the tar package")
+            && said.contains(&format!("SHA-256 {tar} as expected")),
+        "{said}"
+    );
+    assert!(chroot.path("/usr/local/bin/herald-agent").exists());
+    assert!(chroot.path("/etc/herald/agent.toml").exists());
+    let exec = chroot.start_unit("/etc/systemd/system/herald-agent.service");
+    assert_eq!(
+        exec,
+        ["/usr/local/bin/herald-agent", "run"],
+        "the unit runs /usr/local"
+    );
+    let agent_id = chroot.agent_id();
+    wait_until("the installed agent to come online", DEADLINE, || {
+        server.agent_online(&agent_id).then_some(())
+    });
+    let ids = server.run_job("all", &[], &["/bin/cat", "/etc/herald-test-marker"]);
+    let job = server.wait_job_state(ids[0], "succeeded", DEADLINE);
+    assert_eq!(
+        job["stdout"],
+        marker.as_str(),
+        "the job ran inside the root"
+    );
+}
+
+#[test]
+fn install_script_undoes_the_install_when_the_token_is_refused() {
+    if !chroot_tests_run() {
+        return;
+    }
+    let server = TestServer::start("install-refused");
+    publish_packages(&server);
+    let (_, command) = install_command(&server);
+    let tokens = server.json(&["token", "list"]);
+    let id = tokens[0]["id"].as_str().expect("the token is listed");
+    server.cli_ok(&["token", "revoke", id]);
+
+    let chroot = Chroot::new("install-refused", WITH_CURL);
+    let run = run_in(&chroot, &command);
+    let said = format!("{}\n{}", text(&run.stdout), text(&run.stderr));
+    assert!(!run.status.success(), "a revoked token installed:\n{said}");
+    assert!(
+        text(&run.stderr).contains("herald-install: dpkg -i failed")
+            && said.contains("removed the deb package this run had installed"),
+        "no clear sentence, or nothing undone:\n{said}"
+    );
+    assert_nothing_installed(&chroot, &said);
+    assert!(
+        !chroot.path("/var/lib/herald-agent").exists(),
+        "the state directory is left:\n{said}"
+    );
 }
 
 #[test]
