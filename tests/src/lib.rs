@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod chroot;
 pub mod console_client;
 pub mod dbus;
 pub mod netns;

@@ -7,6 +7,7 @@
 //! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
 //!   rollouts;
 //! - `messages.rs`: push-message senders, messages, receipts, refusals.
+//! - `install.rs`: `/install.sh` and the list of installer packages it reads.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
@@ -14,6 +15,7 @@
 mod admin;
 pub mod campaigns;
 mod catalog;
+pub mod install;
 mod openapi;
 pub mod routes;
 
