@@ -28,6 +28,7 @@ pub mod agent;
 pub mod backoff;
 pub mod browser;
 pub mod daemon;
+pub mod direct;
 pub mod download;
 pub mod exec;
 pub mod host;

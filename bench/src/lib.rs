@@ -1,7 +1,8 @@
 //! Herald's benchmark harness: a swarm of simulated agents speaking the real protocol
 //! over real QUIC/mTLS against a real `herald-server` process, and the same fan-out
 //! against Mosquitto for comparison; and a campaign to a recipient list whose SMS
-//! fallbacks go to a stand-in gateway.
+//! fallbacks go to a stand-in gateway; and shared services reached through Herald's relay
+//! next to rathole and a direct connection.
 
 #![forbid(unsafe_code)]
 
@@ -14,3 +15,4 @@ pub mod mosquitto;
 pub mod scenarios;
 pub mod stats;
 pub mod swarm;
+pub mod tunnel;

@@ -67,6 +67,22 @@ enum Command {
         #[arg(long)]
         fallback_concurrency: Option<usize>,
     },
+    /// A shared service reached directly, through rathole and through Herald's relay:
+    /// one bulk transfer and HTTP latency at fixed request rates (issue 15).
+    Tunnel {
+        /// Bulk transfer size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        bulk_mib: u64,
+        /// Request rates (repeatable).
+        #[arg(long = "rate", default_values_t = [1, 100, 1000])]
+        rates: Vec<u32>,
+        /// Seconds per rate (at most 10,000 requests per rate).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Leave Herald out (measure only the floor and rathole).
+        #[arg(long)]
+        no_herald: bool,
+    },
 }
 
 #[tokio::main]
@@ -111,6 +127,12 @@ async fn main() -> ExitCode {
             };
             return finish(run_campaign(plan).await);
         }
+        Command::Tunnel {
+            bulk_mib,
+            rates,
+            seconds,
+            no_herald,
+        } => return finish(run_tunnel(bulk_mib << 20, &rates, seconds, !no_herald).await),
     };
     let plans: Vec<Plan> = if quick {
         vec![Plan::quick()]
@@ -132,6 +154,37 @@ async fn main() -> ExitCode {
             .collect()
     };
     finish(run(plans, selection, quick, idle_seconds).await)
+}
+
+async fn run_tunnel(bulk: u64, rates: &[u32], seconds: u64, herald: bool) -> anyhow::Result<()> {
+    use herald_bench::tunnel;
+    const MAX_REQUESTS: usize = 10_000;
+    let (bin_dir, root) = prepare()?;
+    let dir = root.join("tunnel");
+    let service = tunnel::service().await?;
+    let mut figures =
+        vec![tunnel::measure("direct", service, bulk, rates, seconds, MAX_REQUESTS).await?];
+    let rathole = tunnel::Rathole::start(&dir, service).await?;
+    figures
+        .push(tunnel::measure("rathole", rathole.addr, bulk, rates, seconds, MAX_REQUESTS).await?);
+    drop(rathole);
+    if herald {
+        let relay = tunnel::HeraldPath::start(&dir.join("herald"), &bin_dir, service).await?;
+        figures.push(
+            tunnel::measure(
+                "herald relay",
+                relay.addr,
+                bulk,
+                rates,
+                seconds,
+                MAX_REQUESTS,
+            )
+            .await?,
+        );
+    }
+    tunnel::report(&figures);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
 }
 
 fn finish(result: anyhow::Result<()>) -> ExitCode {

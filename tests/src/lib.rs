@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod chroot;
 pub mod console_client;
 pub mod dbus;
+pub mod netns;
 pub mod receivers;
 pub mod session_helper;
 

@@ -6,10 +6,11 @@
 //! namespaces. Needs root for `ip netns`.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Output};
 use std::time::Duration;
 
+use herald_tests::netns::{in_ns, ip, log_to, tail, Namespaces};
 use herald_tests::{bin, is_root, wait_until, TempDir, DEADLINE};
 use serde_json::Value;
 
@@ -24,60 +25,12 @@ const HTTP_PORT: u16 = 8443;
 const SERVER_VETH: &str = "hv0";
 const AGENT_VETH: &str = "hv1";
 
-/// Runs `ip ARGS`, which must succeed.
-fn ip(args: &[&str]) {
-    let output = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A command that runs `program` inside network namespace `ns`.
-fn in_ns(ns: &str, program: &Path) -> Command {
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", ns])
-        .arg(program)
-        .stdin(Stdio::null());
-    command
-}
-
-/// Writes `value` to a `/proc/sys/net` file as seen from namespace `ns` (best effort:
-/// the file may not exist, e.g. without IPv6).
-fn ns_sysctl(ns: &str, path: &str, value: &str) {
-    let _ = in_ns(ns, Path::new("/bin/sh"))
-        .args(["-c", "[ -e \"$0\" ] && echo \"$1\" > \"$0\"", path, value])
-        .status();
-}
-
-fn log_to(path: &Path) -> Stdio {
-    File::options()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map(Stdio::from)
-        .expect("open log file")
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Two namespaces with a server and an agent; removes everything on drop, also when an
 /// assertion failed.
 struct Lab {
     server_ns: String,
     agent_ns: String,
-    namespaces: Vec<String>,
+    namespaces: Namespaces,
     server: Option<Child>,
     agent: Option<Child>,
     dir: TempDir,
@@ -85,11 +38,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let pid = std::process::id();
         Lab {
-            server_ns: format!("herald-srv-{pid}"),
-            agent_ns: format!("herald-agt-{pid}"),
-            namespaces: Vec::new(),
+            server_ns: String::new(),
+            agent_ns: String::new(),
+            namespaces: Namespaces::default(),
             server: None,
             agent: None,
             dir: TempDir::new("ip-change"),
@@ -114,64 +66,20 @@ impl Lab {
 
     /// Creates both namespaces and the veth pair between them.
     fn network(&mut self) {
-        for ns in [self.server_ns.clone(), self.agent_ns.clone()] {
-            ip(&["netns", "add", &ns]);
-            self.namespaces.push(ns.clone());
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        let (s, a) = (self.server_ns.as_str(), self.agent_ns.as_str());
-        ip(&[
-            "-n",
-            s,
-            "link",
-            "add",
-            SERVER_VETH,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            AGENT_VETH,
-            "netns",
-            a,
-        ]);
-        // IPv4 only on the link (no IPv6 link-local traffic or addresses).
-        ns_sysctl(
-            s,
-            &format!("/proc/sys/net/ipv6/conf/{SERVER_VETH}/disable_ipv6"),
-            "1",
+        self.server_ns = self.namespaces.add("herald-srv");
+        self.agent_ns = self.namespaces.add("herald-agt");
+        self.namespaces.veth(
+            (
+                &self.server_ns,
+                SERVER_VETH,
+                Some(&format!("{SERVER_IP}{PREFIX}")),
+            ),
+            (
+                &self.agent_ns,
+                AGENT_VETH,
+                Some(&format!("{AGENT_IP}{PREFIX}")),
+            ),
         );
-        ns_sysctl(
-            a,
-            &format!("/proc/sys/net/ipv6/conf/{AGENT_VETH}/disable_ipv6"),
-            "1",
-        );
-        // Deleting the primary address must keep the second one of the same subnet
-        // (otherwise the kernel deletes all secondaries with it).
-        ns_sysctl(
-            a,
-            &format!("/proc/sys/net/ipv4/conf/{AGENT_VETH}/promote_secondaries"),
-            "1",
-        );
-        ip(&[
-            "-n",
-            s,
-            "addr",
-            "add",
-            &format!("{SERVER_IP}{PREFIX}"),
-            "dev",
-            SERVER_VETH,
-        ]);
-        ip(&[
-            "-n",
-            a,
-            "addr",
-            "add",
-            &format!("{AGENT_IP}{PREFIX}"),
-            "dev",
-            AGENT_VETH,
-        ]);
-        ip(&["-n", s, "link", "set", SERVER_VETH, "up"]);
-        ip(&["-n", a, "link", "set", AGENT_VETH, "up"]);
     }
 
     /// Runs a `herald-server` CLI command inside the server namespace.
@@ -311,16 +219,7 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Deleting a namespace also removes the veth end inside it (and so the pair).
-        for ns in self.namespaces.drain(..) {
-            let status = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stdin(Stdio::null())
-                .status();
-            if !status.is_ok_and(|s| s.success()) {
-                eprintln!("could not delete network namespace {ns}");
-            }
-        }
+        // The namespaces go when `self.namespaces` is dropped, after the processes.
     }
 }
 
@@ -456,9 +355,4 @@ fn ip_change_migrates_connection() {
     );
     assert!(status.success(), "run --wait failed ({status}): {stderr}");
     assert_eq!(stdout, "still here\n");
-    eprintln!(
-        "TMP{}\n{}",
-        tail(&lab.agent_log(), 30),
-        tail(&lab.server_log(), 30)
-    );
 }

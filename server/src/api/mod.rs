@@ -7,6 +7,7 @@
 //! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
 //!   rollouts;
 //! - `messages.rs`: push-message senders, messages, receipts, refusals;
+//! - `install.rs`: `/install.sh` and the list of installer packages it reads;
 //! - `clubs.rs`: clubs and members, and the directory as a user sees it.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
@@ -16,6 +17,7 @@ mod admin;
 pub mod campaigns;
 mod catalog;
 mod clubs;
+pub mod install;
 mod openapi;
 pub mod routes;
 

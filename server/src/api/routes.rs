@@ -147,6 +147,8 @@ api_routes! {
     POST "/api/v1/releases" ScopeOrVendor(Packages), "releases.publish", "Publish signed release metadata." [crate::model::CreateRelease] => releases::create_release;
     GET "/api/v1/releases/{id}" scope(Read), "releases.show", "One release." => releases::show_release;
     PUT "/api/v1/releases/{id}/artifact" ScopeOrVendor(Packages), "releases.upload", "Upload a release's artifact (streamed, checked against its metadata).", streams => releases::upload_artifact;
+    GET "/install.sh" Public, "install.script", "The agent's one-line installer (text/x-shellscript), with this server's URL and certificate pin filled in." => install::script;
+    GET "/api/v1/install/agent" Public, "install.list", "The newest operator-signed herald-agent package per format and platform, one text line each." => install::list;
     GET "/api/v1/artifacts/{sha256}" Public, "artifacts.download", "Download an artifact by its SHA-256 (agents check it against signed metadata)." => releases::download_artifact;
     GET "/api/v1/subscriptions" scope(Read), "subscriptions.list", "Package subscriptions." => releases::list_subscriptions;
     POST "/api/v1/subscriptions" scope(Packages), "subscriptions.create", "Subscribe an audience to a package." [crate::model::CreateSubscription] => releases::create_subscription;

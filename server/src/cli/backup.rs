@@ -235,7 +235,7 @@ pub fn backup(data_dir: &Path, args: BackupArgs) -> Result<ExitCode, CliError> {
 
 /// Writes the archive of `data_dir` to `out` (through `out.tmp`); returns its manifest.
 fn write_backup(data_dir: &Path, out: &Path, with_artifacts: bool) -> Result<Manifest> {
-    if !data_dir.join(config::SERVER_CONFIG).exists() {
+    if !config::server_config_path(data_dir).exists() {
         return Err(ArchiveError::Usage(format!(
             "no server in {} (run `herald-server init` first, or pass --data-dir)",
             data_dir.display()
@@ -323,7 +323,10 @@ fn header(size: u64, mtime: u64) -> tar::Header {
     header
 }
 
-/// The configuration and key files of `data_dir` that go into the archive, by name.
+/// The configuration and key files of `data_dir` that go into the archive, by name. A
+/// packaged server's `/etc/herald/herald.toml`, when it is the one in use, goes in as
+/// `herald.toml` (a restore puts it in the data directory, where it is read unless
+/// `/etc/herald/herald.toml` exists).
 fn data_files(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut names: Vec<String> = Vec::new();
     for entry in fs::read_dir(data_dir).map_err(io_err("cannot list", data_dir))? {
@@ -338,11 +341,21 @@ fn data_files(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             names.push(name);
         }
     }
+    let in_use = config::server_config_path(data_dir);
+    if in_use != data_dir.join(config::SERVER_CONFIG)
+        && !names.iter().any(|n| n == config::SERVER_CONFIG)
+    {
+        names.push(config::SERVER_CONFIG.to_string());
+    }
     names.sort();
     Ok(names
         .into_iter()
         .map(|name| {
-            let path = data_dir.join(&name);
+            let path = if name == config::SERVER_CONFIG {
+                in_use.clone()
+            } else {
+                data_dir.join(&name)
+            };
             (name, path)
         })
         .collect())

@@ -70,6 +70,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(POOL_IDLE)
             .no_proxy()
+            // The one-line install pins the certificate the server presents.
+            .tls_info(true)
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         Ok(Client {
@@ -91,6 +93,42 @@ impl Client {
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let body = self.send_raw(self.http.get(self.url(path))).await?;
         String::from_utf8(body.as_ref().to_vec()).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// GET a text resource without a token, with the DER of the certificate the server
+    /// presented for it (already verified against Herald's CA).
+    pub async fn get_public_text(&self, path: &str) -> Result<(String, Vec<u8>), ClientError> {
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        };
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        let certificate = response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate())
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| ClientError::Decode("the server presented no certificate".into()))?;
+        let body = response.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(ClientError::Api(format!(
+                "{path}: server answered {status}"
+            )));
+        }
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((text, certificate))
+    }
+
+    /// The server's base URL this client talks to.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// POST a JSON body.

@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod client;
 #[cfg(feature = "demo")]
 pub mod demo;
+mod install;
 pub mod messages;
 pub mod packages;
 pub mod users;
@@ -205,6 +206,18 @@ pub enum TokenCommand {
         /// How long it stays valid.
         #[arg(long, default_value = "24h")]
         ttl: String,
+        /// Also print the one-line install command for this token: it pins the server's
+        /// key and carries the SHA-256 of each operator-signed agent package, checked here.
+        #[arg(long)]
+        install_command: bool,
+        /// With --install-command: the URL devices reach the server at (default: the one
+        /// this CLI uses).
+        #[arg(long, requires = "install_command")]
+        install_url: Option<String>,
+        /// With --install-command: the platform of the packages (their releases' platform
+        /// is PLATFORM-deb, PLATFORM-rpm and PLATFORM-tar).
+        #[arg(long, default_value_t = herald_shared::release::this_platform())]
+        install_platform: String,
     },
     /// List the enrollment tokens that can still enroll (never their secrets).
     List {
@@ -452,8 +465,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::cli::demo::run(args).await.map_err(CliError::Other),
-        Command::Token(TokenCommand::Create { groups, uses, ttl }) => {
-            admin()?.token_create(groups, uses, &ttl).await
+        Command::Token(TokenCommand::Create {
+            groups,
+            uses,
+            ttl,
+            install_command,
+            install_url,
+            install_platform,
+        }) => {
+            let install = install_command.then_some((install_url, install_platform));
+            admin()?.token_create(groups, uses, &ttl, install).await
         }
         Command::Token(TokenCommand::List { json }) => {
             let tokens: Vec<crate::model::TokenInfo> =
@@ -717,13 +738,26 @@ impl Context {
         }
     }
 
+    /// `token create`; with `install` (URL, platform), the one-line install command too.
     async fn token_create(
         &self,
         groups: Vec<String>,
         uses: u32,
         ttl: &str,
+        install: Option<(Option<String>, String)>,
     ) -> Result<ExitCode, CliError> {
-        println!("{}", self.create_token(groups, uses, ttl).await?);
+        // Checked before the token exists, so a refusal leaves no token behind.
+        let checked = match &install {
+            Some((url, platform)) => {
+                Some(install::check_packages(self, url.as_deref(), platform).await?)
+            }
+            None => None,
+        };
+        let token = self.create_token(groups, uses, ttl).await?;
+        println!("{token}");
+        if let Some(checked) = checked {
+            println!("{}", checked.command(&token));
+        }
         Ok(ExitCode::SUCCESS)
     }
 

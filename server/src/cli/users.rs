@@ -69,7 +69,7 @@ pub fn run(
     command: UsersCommand,
     input: &mut dyn BufRead,
 ) -> Result<ExitCode, UsersError> {
-    if !data_dir.join(crate::config::SERVER_CONFIG).exists() {
+    if !crate::config::server_config_path(data_dir).exists() {
         return Err(UsersError::Usage(format!(
             "no server in {} (run `herald-server init` first, or pass --data-dir)",
             data_dir.display()

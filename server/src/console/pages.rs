@@ -61,6 +61,8 @@ struct LinkPage {
     layout: Layout,
     token: String,
     valid_for: String,
+    /// The one-line install command, when agent packages are published for it.
+    install_command: Option<String>,
 }
 
 #[derive(Template)]
@@ -157,11 +159,13 @@ pub(super) async fn link_device(
             now,
         )?;
     }
+    let token = token.encode();
     Ok(render(
         StatusCode::OK,
         &LinkPage {
             layout: Layout::of(&session),
-            token: token.encode(),
+            install_command: crate::api::install::console_command(&state.api, &token),
+            token,
             valid_for: format_duration(LINK_TOKEN_TTL),
         },
     ))

@@ -194,6 +194,43 @@ impl Store {
         })
     }
 
+    /// The newest published operator-signed release of `package` for each platform,
+    /// with its signed metadata as stored (what `/install.sh`'s list offers). Releases
+    /// whose artifact lives at an external URL are left out: the installer downloads
+    /// from this server only.
+    pub fn latest_operator_releases(&self, package: &str) -> Result<Vec<(ReleaseInfo, Vec<u8>)>> {
+        self.blocking(|| {
+            let conn = self.fast();
+            let mut stmt = conn.prepare(&format!(
+                "{RELEASE_SELECT} WHERE package = ?1 AND vendor IS NULL AND state = 'published'
+                 AND url IS NULL ORDER BY platform, id"
+            ))?;
+            let rows = stmt.query_map(params![package], release_row)?;
+            let mut latest: Vec<ReleaseInfo> = Vec::new();
+            for row in rows {
+                let row = row?;
+                match latest.last_mut() {
+                    Some(last) if last.platform == row.platform => {
+                        if version_of(&row.version) > version_of(&last.version) {
+                            *last = row;
+                        }
+                    }
+                    _ => latest.push(row),
+                }
+            }
+            let mut out = Vec::with_capacity(latest.len());
+            for release in latest {
+                let metadata: Vec<u8> = conn.query_row(
+                    "SELECT metadata FROM releases WHERE id = ?1",
+                    params![release.id],
+                    |r| r.get(0),
+                )?;
+                out.push((release, metadata));
+            }
+            Ok(out)
+        })
+    }
+
     /// The published release of one exact version for a platform.
     pub fn release_for(
         &self,
