@@ -56,6 +56,9 @@ pub enum LoadError {
     /// The inbox cannot be opened (or the identity key cannot sign).
     #[error(transparent)]
     Inbox(#[from] InboxError),
+    /// The share table cannot be opened.
+    #[error(transparent)]
+    Shares(#[from] crate::shares::ShareError),
 }
 
 /// What the agent's jobs tell the link (results ready, progress reports): inputs for
@@ -77,6 +80,10 @@ pub struct Agent {
     kill_grace: Duration,
     high_water: Mutex<Millis>,
     sessions: Arc<Sessions>,
+    shares: crate::shares::Shares,
+    loads: crate::tunnel::Loads,
+    /// The live link, for a clean close when the agent stops.
+    link: Mutex<Option<(quinn::Endpoint, quinn::Connection)>>,
 }
 
 impl Agent {
@@ -94,6 +101,7 @@ impl Agent {
         })?;
         let journal = Journal::open(state_dir)?;
         let inbox = Inbox::new(journal.clone(), &identity)?;
+        let shares = crate::shares::Shares::new(journal.clone())?;
         let high_water = journal
             .value(CLOCK_KEY)?
             .and_then(|v| v.try_into().ok())
@@ -116,6 +124,9 @@ impl Agent {
             kill_grace: options.kill_grace,
             high_water: Mutex::new(high_water),
             sessions,
+            shares,
+            loads: Default::default(),
+            link: Mutex::new(None),
         });
         Ok((agent, identity, receiver))
     }
@@ -142,6 +153,72 @@ impl Agent {
             self.clone(),
         )
         .with_reports(self.inbox.report_seqs()?))
+    }
+
+    /// Remembers the live link (`None` once it ended).
+    pub(crate) fn hold_link(&self, link: Option<(quinn::Endpoint, quinn::Connection)>) {
+        *lock(&self.link) = link;
+    }
+
+    /// Closes the live link, if any, and waits (briefly) until the server has been told:
+    /// it then drops this device from the directory at once instead of at its idle
+    /// timeout.
+    pub async fn close_link(&self) {
+        let link = lock(&self.link).take();
+        if let Some((endpoint, connection)) = link {
+            connection.close(
+                herald_shared::protocol::close::DONE.into(),
+                b"agent stopping",
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
+
+    /// The share table.
+    pub fn shares(&self) -> &crate::shares::Shares {
+        &self.shares
+    }
+
+    /// Serves a tunnel offer the server opened a stream for ([`crate::tunnel`]).
+    pub async fn provide(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let provider = crate::tunnel::Provider {
+            shares: &self.shares,
+            loads: &self.loads,
+            idle: Duration::from_secs(self.config.peers.idle_timeout_secs.max(1)),
+        };
+        crate::tunnel::provide(provider, send, recv).await;
+    }
+
+    /// Reports the share table to the server whenever it changes (the CLI edits it
+    /// beside the daemon); the link sends it after every `Welcome` besides.
+    pub async fn report_shares(self: Arc<Self>) {
+        let mut reported = self.shares.version().unwrap_or(0);
+        let mut tick = tokio::time::interval(crate::shares::SHARE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let version = match self.shares.version() {
+                Ok(version) => version,
+                Err(e) => {
+                    warn!("cannot read the share table: {e}");
+                    continue;
+                }
+            };
+            if version == reported {
+                continue;
+            }
+            match self.shares.infos() {
+                Ok(infos) => {
+                    info!(
+                        shares = infos.len(),
+                        "share table changed; telling the server"
+                    );
+                    reported = version;
+                    self.tell_server(AgentMsg::Shares(infos));
+                }
+                Err(e) => warn!("cannot read the share table: {e}"),
+            }
+        }
     }
 
     /// This agent's id.
@@ -716,6 +793,7 @@ mod tests {
             update: Default::default(),
             session: Default::default(),
             messages: Default::default(),
+            peers: Default::default(),
         };
         config.messages.read_receipts = read_receipts;
         config.save(&dir).unwrap();

@@ -34,6 +34,9 @@ pub enum AgentError {
     /// The inbox cannot be opened.
     #[error(transparent)]
     Inbox(#[from] crate::inbox::InboxError),
+    /// The share table cannot be opened.
+    #[error(transparent)]
+    Shares(#[from] crate::shares::ShareError),
     /// TLS setup.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -59,6 +62,7 @@ impl From<LoadError> for AgentError {
             LoadError::State(e) => AgentError::State(e),
             LoadError::Journal(e) => AgentError::Journal(e),
             LoadError::Inbox(e) => AgentError::Inbox(e),
+            LoadError::Shares(e) => AgentError::Shares(e),
         }
     }
 }
@@ -123,6 +127,7 @@ pub async fn enroll(
                 update: Default::default(),
                 session: Default::default(),
                 messages: Default::default(),
+                peers: Default::default(),
             }
             .save(state_dir)?;
             Ok(agent_id)
@@ -169,6 +174,7 @@ pub async fn run(
     };
     agent.recover()?;
     let notices = tokio::spawn(agent.clone().notices());
+    let shares = tokio::spawn(agent.clone().report_shares());
     // After recovery, so the interrupted jobs' results are in the machine's outbox.
     let machine = agent.machine()?;
     info!(agent_id = %agent.id(), server = %agent.server(), "herald-agent starting");
@@ -179,9 +185,11 @@ pub async fn run(
         _ = shutdown => {
             info!("shutting down");
             crate::systemd::stopping();
+            agent.close_link().await;
         }
     }
     notices.abort();
+    shares.abort();
     if let Some(helpers) = helpers {
         helpers.abort();
         let _ = std::fs::remove_file(&socket);

@@ -449,6 +449,15 @@ impl Journal {
         Ok(value)
     }
 
+    /// Runs `f` on the agent database outside a transaction (for reads of other stores
+    /// in the same file, such as the share table).
+    pub(crate) fn read<T, E: From<JournalError>>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        f(&self.conn())
+    }
+
     /// Reads a stored value.
     pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self

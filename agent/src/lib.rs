@@ -13,6 +13,9 @@
 //! - [`agent`]: persists and runs the jobs the machine accepts, keeps their results;
 //!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
 //!   through a trait the agent implements.
+//! - [`peers`]: the consumer's end of shared services (`peers`, `connect`) on a side
+//!   connection; [`tunnel`]: the providing end and the byte pump; [`shares`]: the share
+//!   table every tunnel is checked against, and the session records.
 //! - [`inbox`]: keeps the push messages the machine accepts (with the senders seen, the
 //!   block list and the outbox of signed reports), in the same database and
 //!   transactions as the journal.
@@ -38,13 +41,16 @@ pub mod journal;
 pub mod link;
 pub mod notify;
 pub mod options;
+pub mod peers;
 pub mod protocol;
 pub mod selfupdate;
 pub mod session;
+pub mod shares;
 pub mod state;
 mod sync;
 pub mod systemd;
 pub mod tls;
+pub mod tunnel;
 pub mod update;
 
 pub use agent::Agent;

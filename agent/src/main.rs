@@ -36,6 +36,59 @@ enum InboxAction {
     },
 }
 
+/// What `herald-agent share` does.
+#[derive(Debug, Subcommand)]
+enum ShareAction {
+    /// Share a local service with clubs (or everyone): the server lists it in the
+    /// directory and brokers tunnels; this agent checks every tunnel against this table.
+    Add {
+        /// Service name (letters, digits, '.', '_', '-'; unique on this machine).
+        name: String,
+        /// The local service's IP:PORT, the only address tunnels connect to (no host
+        /// names: the agent resolves nothing).
+        #[arg(long)]
+        to: String,
+        /// An HTTP service (browsers may reach it under /p/OWNER/SERVICE/).
+        #[arg(long)]
+        http: bool,
+        /// A club whose members may reach it (repeat or list several).
+        #[arg(long = "club", value_name = "CLUB", num_args = 1.., required_unless_present = "public", conflicts_with = "public")]
+        clubs: Vec<String>,
+        /// Everyone may reach it.
+        #[arg(long)]
+        public: bool,
+        /// What it is, in your words (any language; the directory is searched by it).
+        #[arg(long)]
+        description: Option<String>,
+        /// Tunnels open at once, at most (default 16).
+        #[arg(long, value_name = "N")]
+        max_connections: Option<u32>,
+        /// Bytes a second in each direction over all its tunnels (default: unlimited).
+        #[arg(long, value_name = "BYTES_PER_SECOND")]
+        rate_limit: Option<u64>,
+    },
+    /// List the shares (`--json`: an array of objects with name, to, http, public,
+    /// clubs, description, max_connections, rate_limit).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sharing a service (open tunnels run on; new ones are refused).
+    Rm {
+        /// Service name.
+        name: String,
+    },
+    /// The recent tunnel sessions of this machine, newest first (`--json`: an array of
+    /// objects with id, role (provided or used), session, share, peer, started_at,
+    /// ended_at, bytes_up, bytes_down, outcome; times in unix ms).
+    Sessions {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Herald's resident agent.
 #[derive(Debug, Parser)]
 #[command(name = "herald-agent", version, about)]
@@ -105,6 +158,34 @@ enum Command {
     Unblock {
         /// Sender name.
         sender: String,
+    },
+    /// Share local services with clubs, list and remove shares, list tunnel sessions.
+    Share {
+        #[command(subcommand)]
+        action: ShareAction,
+    },
+    /// The directory: online devices of people who share a club with you (and public
+    /// shares), with the services you may reach (`--json`: an array of objects with
+    /// owner, device, agent_id, online_since (unix ms), reported, observed, services
+    /// (name, http, public, clubs, description)).
+    Peers {
+        /// Only entries whose owner, device, service or description contains this.
+        query: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reach a shared service: listen on a local port and carry each connection to
+    /// PEER/SERVICE (or PEER@DEVICE/SERVICE) through the server until interrupted.
+    Connect {
+        /// OWNER/SERVICE or OWNER@DEVICE/SERVICE, as `herald-agent peers` lists them.
+        target: String,
+        /// Local port to listen on.
+        #[arg(long)]
+        local_port: u16,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -204,6 +285,28 @@ async fn main() -> ExitCode {
             println!("unblocked {sender}; the server is told when the agent is connected");
             Ok(())
         }),
+        Command::Share { action } => share(&dir, action),
+        Command::Peers { query, json } => peers(&dir, query, json).await,
+        Command::Connect {
+            target,
+            local_port,
+            bind,
+        } => {
+            let target = match herald_shared::peers::TunnelOpen::parse(&target) {
+                Ok(target) => target,
+                Err(e) => {
+                    eprintln!("herald-agent: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let ready = |line: String| {
+                use std::io::Write;
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+            };
+            let bind = std::net::SocketAddr::new(bind, local_port);
+            peer_result(herald_agent::peers::connect(&dir, target, bind, ready, shutdown()).await)
+        }
         Command::UpdateWatchdog { pid } => {
             let options = herald_agent::selfupdate::WatchdogOptions {
                 exec_after_revert: true,
@@ -301,6 +404,188 @@ fn with_inbox(
         Err(e) => {
             eprintln!("herald-agent: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `herald-agent peers`: the directory, through a side connection.
+async fn peers(dir: &std::path::Path, query: Option<String>, json: bool) -> ExitCode {
+    let run = async {
+        let side = herald_agent::peers::Side::new(dir).await?;
+        let devices = side.directory(query).await;
+        side.close().await;
+        devices
+    };
+    let devices = match run.await {
+        Ok(devices) => devices,
+        Err(e) => return peer_result(Err(e)),
+    };
+    if json {
+        print_json(&devices);
+        return ExitCode::SUCCESS;
+    }
+    if devices.is_empty() {
+        println!("no one shares anything with you right now");
+    }
+    for d in devices {
+        let owner = if d.owner.is_empty() {
+            "(nobody)"
+        } else {
+            d.owner.as_str()
+        };
+        let reported: Vec<String> = d.reported.iter().map(|a| a.to_string()).collect();
+        println!(
+            "{owner}@{}  online since {}  reported {}  observed {}",
+            d.device,
+            local_time(d.online_since),
+            if reported.is_empty() {
+                "-".to_string()
+            } else {
+                reported.join(",")
+            },
+            d.observed.map_or("-".to_string(), |a| a.to_string())
+        );
+        for s in d.services {
+            let with = if s.public {
+                "public".to_string()
+            } else {
+                s.clubs.join(",")
+            };
+            println!(
+                "    {owner}/{:<20} {:<5} {:<20} {}",
+                s.name,
+                if s.http { "http" } else { "tcp" },
+                with,
+                s.description
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn peer_result(result: Result<(), herald_agent::peers::PeerError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-agent: {e}");
+            if e.is_usage() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `herald-agent share …`: edits the table directly; the running daemon notices within
+/// about a second and tells the server.
+fn share(dir: &std::path::Path, action: ShareAction) -> ExitCode {
+    use herald_agent::shares::{Share, ShareError, Shares};
+    let run = || -> Result<(), ShareError> {
+        // Only an enrolled agent's state directory holds a share table.
+        AgentConfig::load(dir)
+            .map_err(|e| ShareError::Invalid(format!("{e} (state directory {})", dir.display())))?;
+        let shares = Shares::open(dir)?;
+        match action {
+            ShareAction::Add {
+                name,
+                to,
+                http,
+                clubs,
+                public,
+                description,
+                max_connections,
+                rate_limit,
+            } => {
+                let share = Share::new(
+                    &name,
+                    &to,
+                    http,
+                    public,
+                    clubs,
+                    description,
+                    max_connections,
+                    rate_limit,
+                )?;
+                shares.add(&share, herald_io::now_ms())?;
+                let with = if share.public {
+                    "everyone".to_string()
+                } else {
+                    format!("club(s) {}", share.clubs.join(", "))
+                };
+                println!("sharing {name} ({}) with {with}; the server is told when the agent is connected", share.to);
+            }
+            ShareAction::List { json } => {
+                let list = shares.list()?;
+                if json {
+                    print_json(&list);
+                } else if list.is_empty() {
+                    println!("no shares");
+                } else {
+                    for s in list {
+                        let with = if s.public {
+                            "public".to_string()
+                        } else {
+                            s.clubs.join(",")
+                        };
+                        let rate = s
+                            .rate_limit
+                            .map_or("unlimited".to_string(), |r| format!("{r} B/s"));
+                        println!(
+                            "{:<20} {:<22} {:<5} {:<24} max {:>4}  {rate}  {}",
+                            s.name,
+                            s.to,
+                            if s.http { "http" } else { "tcp" },
+                            with,
+                            s.max_connections,
+                            s.description
+                        );
+                    }
+                }
+            }
+            ShareAction::Rm { name } => {
+                shares.remove(&name)?;
+                println!(
+                    "no longer sharing {name}; the server is told when the agent is connected"
+                );
+            }
+            ShareAction::Sessions { json } => {
+                let list = shares.sessions(herald_agent::shares::SESSIONS_LISTED)?;
+                if json {
+                    print_json(&list);
+                } else if list.is_empty() {
+                    println!("no tunnel sessions");
+                } else {
+                    for s in list {
+                        println!(
+                            "{}  {:<8} {:<20} {:<32} up {:>10} down {:>10}  {}",
+                            local_time(s.started_at),
+                            if s.role == herald_agent::shares::Role::Provided {
+                                "provided"
+                            } else {
+                                "used"
+                            },
+                            s.share,
+                            s.peer,
+                            s.bytes_up,
+                            s.bytes_down,
+                            s.outcome
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald-agent: {e}");
+            if e.is_usage() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -76,6 +76,30 @@ pub struct AgentConfig {
     /// Push messages: receipts, retention, quiet hours.
     #[serde(default)]
     pub messages: MessageSettings,
+    /// Shared services and tunnels.
+    #[serde(default)]
+    pub peers: PeerSettings,
+}
+
+/// Tunnels to and from this machine (`[peers]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSettings {
+    /// A tunnel that carries no byte either way for this long is closed.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_idle_secs() -> u64 {
+    600
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        PeerSettings {
+            idle_timeout_secs: default_idle_secs(),
+        }
+    }
 }
 
 /// How the agent keeps and shows push messages (`[messages]`).
@@ -243,6 +267,7 @@ impl AgentConfig {
         self.update = local.update.unwrap_or_else(|| self.update.clone());
         self.session = local.session.unwrap_or_else(|| self.session.clone());
         self.messages = local.messages.unwrap_or_else(|| self.messages.clone());
+        self.peers = local.peers.unwrap_or_else(|| self.peers.clone());
         Ok(())
     }
 
@@ -283,6 +308,7 @@ struct LocalSettings {
     update: Option<UpdateSettings>,
     session: Option<SessionSettings>,
     messages: Option<MessageSettings>,
+    peers: Option<PeerSettings>,
 }
 
 /// The agent's TLS identity.
@@ -412,6 +438,7 @@ mod tests {
             update: UpdateSettings::default(),
             session: SessionSettings::default(),
             messages: MessageSettings::default(),
+            peers: PeerSettings::default(),
         }
     }
 

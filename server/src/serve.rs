@@ -192,6 +192,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         fallbacks: forward_settings.fallbacks.clone(),
         sms_report_secret: config.sms.as_ref().and_then(|s| s.report_secret.clone()),
         quic_serving: quic_serving.clone(),
+        install_site: Arc::new(crate::api::install::InstallSite::load(data_dir, &agent_url)),
         fallback_media: [
             (config.sms.is_some(), crate::model::Fallback::Sms),
             (config.smtp.is_some(), crate::model::Fallback::Email),

@@ -70,6 +70,15 @@ impl Console {
         phone: &str,
         device: &str,
     ) -> crate::TestAgent {
+        self.register(login, email, phone);
+        let link = self.submit("/devices", "/devices/link", &[]);
+        let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>")
+            .unwrap_or_else(|| panic!("no enrollment token on the link page:\n{}", link.body));
+        crate::TestAgent::enroll_with_token(server, device, token.trim())
+    }
+
+    /// Registers `login`, who is logged in afterwards, on the devices page.
+    pub fn register(&self, login: &str, email: &str, phone: &str) {
         const PASSWORD: &str = "a good long password";
         let register = self.get("/register");
         let registered = self.post(
@@ -89,10 +98,6 @@ impl Console {
             "registration lands on the devices page: {:?}",
             registered.error()
         );
-        let link = self.submit("/devices", "/devices/link", &[]);
-        let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>")
-            .unwrap_or_else(|| panic!("no enrollment token on the link page:\n{}", link.body));
-        crate::TestAgent::enroll_with_token(server, device, token.trim())
     }
 
     /// GET an admin API resource with the admin token from the server's `admin.toml`.

@@ -77,6 +77,17 @@ fn run_in(chroot: &Chroot, command: &str) -> Output {
         .expect("run sh in the root")
 }
 
+/// The one-liner on the console's "Link a device" page, as the browser shows it.
+fn console_command(page: &str) -> String {
+    between(page, r#"<pre id="install-command">"#, "</pre>")
+        .unwrap_or_else(|| panic!("no install command on the link page:\n{page}"))
+        .replace("&#x27;", "'")
+        .replace("&#39;", "'")
+        .replace("&#x2f;", "/")
+        .replace("&#x3d;", "=")
+        .replace("&#x2b;", "+")
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -234,6 +245,8 @@ fn install_script_refuses_a_wrong_pin() {
     assert_nothing_installed(&chroot, &said);
 }
 
+/// Also the path of the console's one-liner: the command a signed-in user copies from
+/// "Link a device" is the one run here, and the device ends up theirs.
 #[test]
 fn install_script_installs_the_tarball_where_there_is_no_dpkg_or_rpm() {
     if !chroot_tests_run() {
@@ -241,7 +254,9 @@ fn install_script_installs_the_tarball_where_there_is_no_dpkg_or_rpm() {
     }
     let server = TestServer::start("install-tarball");
     let tar = publish_packages(&server).1;
-    let (_, command) = install_command(&server);
+    let console = Console::new(&server);
+    console.register("tess", "tess@example.org", "+821012345679");
+    let command = console_command(&console.submit("/devices", "/devices/link", &[]).body);
     let mut chroot = Chroot::new("install-tarball", WITH_CURL);
     // A machine without dpkg (and, like this root, without rpm).
     std::fs::rename(
@@ -278,6 +293,13 @@ fn install_script_installs_the_tarball_where_there_is_no_dpkg_or_rpm() {
         job["stdout"],
         marker.as_str(),
         "the job ran inside the root"
+    );
+    let detail = server.json(&["agents", "show", &agent_id]);
+    let name = detail["name"].as_str().expect("the agent's name");
+    let devices = console.get("/devices").body;
+    assert!(
+        devices.contains(name),
+        "{name} is listed among tess's devices:\n{devices}"
     );
 }
 
@@ -396,13 +418,7 @@ fn install_list_and_script_need_no_token_and_the_console_shows_the_command() {
     );
     let link = console.submit("/devices", "/devices/link", &[]);
     let token = between(&link.body, r#"<code id="enroll-token">"#, "</code>").unwrap();
-    let shown = between(&link.body, r#"<pre id="install-command">"#, "</pre>")
-        .unwrap_or_else(|| panic!("no install command on the link page:\n{}", link.body))
-        .replace("&#x27;", "'")
-        .replace("&#39;", "'")
-        .replace("&#x2f;", "/")
-        .replace("&#x3d;", "=")
-        .replace("&#x2b;", "+");
+    let shown = console_command(&link.body);
     assert_eq!(
         shown,
         format!(

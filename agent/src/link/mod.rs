@@ -145,7 +145,9 @@ pub async fn session(
     endpoint: &Endpoint,
     connection: Connection,
 ) -> Result<(), LinkError> {
+    agent.hold_link(Some((endpoint.clone(), connection.clone())));
     let result = converse(agent, machine, events, endpoint, &connection).await;
+    agent.hold_link(None);
     machine.handle(Input::Disconnected, now(agent));
     match (result, connection.close_reason()) {
         // A stream error says only "connection lost"; the close says why (revoked,
@@ -185,7 +187,18 @@ async fn converse(
         r = writer(send, outgoing) => r,
         r = reader(recv, frames_in) => r,
         r = send_results(agent.journal(), connection, results) => r,
+        r = accept_offers(agent, connection) => r,
         r = driver.run(machine, start, frames, events) => r,
+    }
+}
+
+/// Serves the streams the server opens: each is a tunnel offer ([`crate::tunnel`]).
+/// Tunnels run in tasks of their own and end with the connection's streams.
+async fn accept_offers(agent: &Arc<Agent>, connection: &Connection) -> Result<(), LinkError> {
+    loop {
+        let (send, recv) = connection.accept_bi().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.provide(send, recv).await });
     }
 }
 
@@ -310,6 +323,14 @@ impl Driver<'_> {
                 info!(server = %self.connection.remote_address(), "connected");
                 self.agent.set_connected(true, None, &addresses);
                 self.agent.connected();
+                // The directory lists what this machine shares: the whole table after
+                // every Welcome (changes in between come from `Agent::report_shares`).
+                match self.agent.shares().infos() {
+                    Ok(infos) => {
+                        let _ = self.to_server.send(AgentMsg::Shares(infos));
+                    }
+                    Err(e) => warn!("cannot read the share table: {e}"),
+                }
             }
             Effect::AddressesChanged { addresses } => {
                 self.agent.set_connected(true, None, &addresses)

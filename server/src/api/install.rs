@@ -130,31 +130,34 @@ pub fn spki_pin(der: &[u8]) -> Result<String, String> {
     ))
 }
 
-/// The pin of the certificate this server presents to clients by IP address:
-/// `server.pem` in its data directory (the parent of the artifact directory).
-pub fn server_pin(state: &ApiState) -> Result<String, String> {
-    let data_dir = state
-        .artifacts
-        .parent()
-        .ok_or("the artifact directory has no data directory above it")?;
-    let path = data_dir.join(crate::pki::SERVER_CERT);
-    let cert = crate::pki::load_cert(&path).map_err(|e| e.to_string())?;
-    spki_pin(&cert)
+/// What the one-line install needs of this server, read once when it starts: the URL
+/// devices reach it at with Herald's own certificate (`[https] agent_url`, else the
+/// public URL) and that certificate's pin (`server.pem` is not reloaded; the public
+/// certificate that SIGHUP reloads is never the one pinned).
+#[derive(Debug, Clone)]
+pub struct InstallSite {
+    /// `https://host:port` of Herald's own certificate.
+    pub url: String,
+    /// `sha256//BASE64` of `server.pem`'s key, or why it could not be read.
+    pub pin: Result<String, String>,
 }
 
-/// The URL devices reach this server at with Herald's own certificate: `[https]
-/// agent_url` when set (the server refuses to start if the public certificate covers
-/// it), else the public URL.
-pub fn install_url(state: &ApiState) -> String {
-    let configured = state.artifacts.parent().and_then(|data_dir| {
-        crate::config::ServerConfig::load(data_dir)
-            .ok()?
-            .https
-            .agent_url
-    });
-    configured
-        .map(|url| url.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| state.public_url.clone())
+impl InstallSite {
+    /// Reads the pin from `data_dir`'s `server.pem`.
+    pub fn load(data_dir: &std::path::Path, url: &str) -> InstallSite {
+        let path = data_dir.join(crate::pki::SERVER_CERT);
+        let pin = crate::pki::load_cert(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|cert| spki_pin(&cert));
+        InstallSite {
+            url: url.trim_end_matches('/').to_string(),
+            pin,
+        }
+    }
+}
+
+fn server_pin(state: &ApiState) -> Result<String, String> {
+    state.install_site.pin.clone()
 }
 
 /// The console's one-liner for `token`: the packages of this server's own platform if
@@ -187,7 +190,7 @@ pub fn console_command(state: &ApiState, token: &str) -> Option<String> {
         .filter(|i| i.platform == platform)
         .map(|i| (i.format, i.sha256))
         .collect();
-    Some(one_liner(&install_url(state), &pin, token, &hashes))
+    Some(one_liner(&state.install_site.url, &pin, token, &hashes))
 }
 
 /// Quotes a word for `sh` when it needs it (single quotes; none inside ours).

@@ -81,6 +81,8 @@ pub struct ApiState {
     pub fallback_media: Vec<crate::model::Fallback>,
     /// The QUIC endpoint is bound and the relay serves it (`/readyz`).
     pub quic_serving: Arc<std::sync::atomic::AtomicBool>,
+    /// The URL and certificate pin of the one-line install.
+    pub install_site: Arc<install::InstallSite>,
 }
 
 /// Who made an API request.

@@ -83,6 +83,10 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
         sms_report_secret: None,
         fallback_media: Vec::new(),
         quic_serving: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        install_site: Arc::new(crate::api::install::InstallSite::load(
+            &dir,
+            "https://herald.example.org:8443",
+        )),
     };
     let clock = Arc::new(AtomicI64::new(START));
     let read = clock.clone();

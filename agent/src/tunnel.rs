@@ -1,0 +1,469 @@
+//! Tunnels: the providing end (a stream the server opens on the link, checked against
+//! the share table, spliced to the share's local address) and the byte pump both ends
+//! use.
+//!
+//! # What a provider does with a stream the server opens
+//!
+//! 1. Reads one [`TunnelOffer`] (at most [`DEFAULT_FRAME_LIMIT`] bytes, within
+//!    [`OFFER_READ_TIMEOUT`]); anything else ends the stream.
+//! 2. Looks the share up in the table *as it is now* and checks the offer
+//!    ([`crate::shares::check_offer`]: the share exists, the consumer is vouched for one
+//!    of its clubs or it is public, its connection cap is not reached).
+//! 3. Connects to the share's address from the table — the offer carries none — within
+//!    [`CONNECT_TIMEOUT`].
+//! 4. Answers [`OfferAnswer::Accepted`] or [`OfferAnswer::Refused`] with the reason (and
+//!    logs a refusal), records the session, and for an accepted one moves bytes both ways
+//!    until both sides finish, either fails, or nothing moves for the idle timeout.
+//!
+//! # Limits
+//!
+//! A share's `--rate-limit` is a token bucket per direction shared by all its tunnels
+//! ([`Bucket`], a quarter of a second's worth of burst); its `--max-connections` is
+//! counted here ([`Loads`]), so it holds across reconnections of the link.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use herald_io::wire;
+use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::peers::{OfferAnswer, TunnelOffer};
+
+use crate::shares::{self, Role, Share, Shares};
+use crate::sync::lock;
+
+/// How long the server has to send its offer once it opened a stream.
+pub const OFFER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the local service has to accept the connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes moved per read.
+pub const CHUNK: usize = 64 * 1024;
+
+// === Bucket ===
+
+/// A token bucket: `rate` bytes a second with a burst of a quarter second. Time is
+/// passed in. A take larger than what is left goes into debt, which the caller waits
+/// off, so a chunk is never split and the average rate still holds.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: u64,
+    capacity: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(rate: u64, now: Instant) -> Bucket {
+        let capacity = (rate as f64 / 4.0).max(1.0);
+        Bucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            at: now,
+        }
+    }
+
+    /// The rate it was made with.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Takes `n` bytes' worth; returns how long to wait before moving them.
+    pub fn take(&mut self, n: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.capacity);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate as f64)
+        }
+    }
+}
+
+/// One direction's limiter, shared by a share's tunnels.
+pub type Limiter = Arc<Mutex<Bucket>>;
+
+async fn throttle(limiter: Option<&Limiter>, n: usize) {
+    if let Some(limiter) = limiter {
+        let wait = lock(limiter).take(n, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+// === Loads ===
+
+/// Open tunnels and rate limiters per share.
+#[derive(Default)]
+pub struct Loads {
+    shares: Mutex<HashMap<String, Load>>,
+}
+
+struct Load {
+    active: u32,
+    /// Consumer → provider, provider → consumer.
+    limiters: Option<(Limiter, Limiter)>,
+}
+
+/// An admitted tunnel: holds its place under the share's cap until dropped.
+pub struct Permit<'a> {
+    loads: &'a Loads,
+    share: String,
+    /// The share's limiters (up, down), if it has a rate limit.
+    pub limiters: Option<(Limiter, Limiter)>,
+}
+
+impl Loads {
+    /// Checks `offer` against `share` (the table's row now) and the open tunnels; on
+    /// success takes a place under the cap and returns it with the address to connect to.
+    pub fn admit(
+        &self,
+        share: Option<&Share>,
+        offer: &TunnelOffer,
+    ) -> Result<(Permit<'_>, SocketAddr), String> {
+        let mut loads = lock(&self.shares);
+        let active = loads.get(&offer.share).map_or(0, |l| l.active);
+        let to = shares::check_offer(share, offer, active)?;
+        let share = share.expect("check_offer refuses a missing share");
+        let load = loads.entry(share.name.clone()).or_insert(Load {
+            active: 0,
+            limiters: None,
+        });
+        // A share removed and added again with another rate gets fresh buckets.
+        let current = load.limiters.as_ref().map(|(up, _)| lock(up).rate());
+        if current != share.rate_limit {
+            let now = Instant::now();
+            load.limiters = share.rate_limit.map(|rate| {
+                (
+                    Arc::new(Mutex::new(Bucket::new(rate, now))),
+                    Arc::new(Mutex::new(Bucket::new(rate, now))),
+                )
+            });
+        }
+        load.active += 1;
+        Ok((
+            Permit {
+                loads: self,
+                share: share.name.clone(),
+                limiters: load.limiters.clone(),
+            },
+            to,
+        ))
+    }
+
+    /// Tunnels open for a share.
+    pub fn active(&self, share: &str) -> u32 {
+        lock(&self.shares).get(share).map_or(0, |l| l.active)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut loads = lock(&self.loads.shares);
+        if let Some(load) = loads.get_mut(&self.share) {
+            load.active = load.active.saturating_sub(1);
+            if load.active == 0 {
+                loads.remove(&self.share);
+            }
+        }
+    }
+}
+
+// === splice ===
+
+/// What a splice moved and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes read from the QUIC stream and written to the TCP connection.
+    pub from_stream: u64,
+    /// Bytes read from the TCP connection and written to the QUIC stream.
+    pub to_stream: u64,
+    /// `closed`, `idle` or `failed: …`.
+    pub outcome: String,
+}
+
+/// Limits on a splice.
+#[derive(Default, Clone)]
+pub struct Limits {
+    /// On bytes from the stream to TCP.
+    pub from_stream: Option<Limiter>,
+    /// On bytes from TCP to the stream.
+    pub to_stream: Option<Limiter>,
+    /// Close when nothing moves either way for this long.
+    pub idle: Option<Duration>,
+}
+
+/// Moves bytes between a TCP connection and a QUIC stream pair until both directions
+/// have finished (each end's finish is passed on), one fails (the other is reset), or
+/// nothing moves for `limits.idle`.
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    limits: Limits,
+) -> Spliced {
+    let _ = tcp.set_nodelay(true);
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let from_stream = AtomicU64::new(0);
+    let to_stream = AtomicU64::new(0);
+    let inbound = async {
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    throttle(limits.from_stream.as_ref(), chunk.bytes.len()).await;
+                    tcp_write
+                        .write_all(&chunk.bytes)
+                        .await
+                        .map_err(|e| format!("local write: {e}"))?;
+                    from_stream.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    touch();
+                }
+                Ok(None) => {
+                    let _ = tcp_write.shutdown().await;
+                    return Ok::<(), String>(());
+                }
+                Err(e) => return Err(format!("tunnel read: {e}")),
+            }
+        }
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = tcp_read
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("local read: {e}"))?;
+            if n == 0 {
+                let _ = send.finish();
+                return Ok::<(), String>(());
+            }
+            throttle(limits.to_stream.as_ref(), n).await;
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("tunnel write: {e}"))?;
+            to_stream.fetch_add(n as u64, Ordering::Relaxed);
+            touch();
+        }
+    };
+    let idle = async {
+        let Some(idle) = limits.idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let quiet_since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let due = quiet_since + idle;
+            let now = started.elapsed();
+            if now >= due {
+                return;
+            }
+            tokio::time::sleep(due - now).await;
+        }
+    };
+    let outcome = tokio::select! {
+        r = async { tokio::try_join!(inbound, outbound) } => match r {
+            Ok(_) => "closed".to_string(),
+            Err(e) => format!("failed: {e}"),
+        },
+        () = idle => "idle".to_string(),
+    };
+    if outcome != "closed" {
+        let _ = send.reset(0u32.into());
+        let _ = recv.stop(0u32.into());
+    } else {
+        // Let the last bytes reach the peer before the stream is dropped.
+        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    }
+    Spliced {
+        from_stream: from_stream.into_inner(),
+        to_stream: to_stream.into_inner(),
+        outcome,
+    }
+}
+
+// === provider ===
+
+/// What the providing end needs from the agent.
+pub struct Provider<'a> {
+    /// The share table.
+    pub shares: &'a Shares,
+    /// Open tunnels per share.
+    pub loads: &'a Loads,
+    /// Idle timeout.
+    pub idle: Duration,
+}
+
+/// Serves one stream the server opened on the link: reads the offer, checks it against
+/// the share table, connects and splices (see the module docs).
+pub async fn provide(provider: Provider<'_>, mut send: SendStream, mut recv: RecvStream) {
+    let offer = match tokio::time::timeout(
+        OFFER_READ_TIMEOUT,
+        wire::read_frame::<TunnelOffer>(&mut recv, DEFAULT_FRAME_LIMIT),
+    )
+    .await
+    {
+        Ok(Ok(Some(offer))) => offer,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            warn!("a stream from the server carried no valid tunnel offer: {e}");
+            let _ = recv.stop(0u32.into());
+            return;
+        }
+        Err(_) => {
+            warn!(
+                "a stream from the server carried no tunnel offer within {} s",
+                OFFER_READ_TIMEOUT.as_secs()
+            );
+            let _ = recv.stop(0u32.into());
+            return;
+        }
+    };
+    let consumer = shares::describe(&offer.consumer);
+    let now = herald_io::now_ms();
+    let record = provider
+        .shares
+        .open_session(Role::Provided, offer.session, &offer.share, &consumer, now)
+        .map_err(|e| warn!("cannot record tunnel session {}: {e}", offer.session))
+        .ok();
+    let close = |up: u64, down: u64, outcome: &str| {
+        if let Some(id) = record {
+            if let Err(e) =
+                provider
+                    .shares
+                    .close_session(id, up, down, outcome, herald_io::now_ms())
+            {
+                warn!(
+                    "cannot record the end of tunnel session {}: {e}",
+                    offer.session
+                );
+            }
+        }
+    };
+    let admitted = async {
+        let share = provider.shares.get(&offer.share).map_err(|e| {
+            warn!("cannot read the share table: {e}");
+            "the device cannot read its share table".to_string()
+        })?;
+        let (permit, to) = provider.loads.admit(share.as_ref(), &offer)?;
+        let not_answering = || format!("the local service at {to} is not answering");
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await {
+            Ok(Ok(tcp)) => Ok((permit, tcp)),
+            Ok(Err(e)) => {
+                debug!(%to, "local service: {e}");
+                Err(not_answering())
+            }
+            Err(_) => Err(not_answering()),
+        }
+    };
+    let (permit, tcp) = match admitted.await {
+        Ok(admitted) => admitted,
+        Err(reason) => {
+            warn!(session = offer.session, share = %offer.share, %consumer, "tunnel refused: {reason}");
+            close(0, 0, &format!("refused: {reason}"));
+            let answer = OfferAnswer::Refused(reason);
+            let _ = wire::write_frame(&mut send, &answer, DEFAULT_FRAME_LIMIT).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            return;
+        }
+    };
+    if let Err(e) = wire::write_frame(&mut send, &OfferAnswer::Accepted, DEFAULT_FRAME_LIMIT).await
+    {
+        close(0, 0, &format!("failed: {e}"));
+        return;
+    }
+    info!(session = offer.session, share = %offer.share, %consumer, "tunnel open");
+    let limits = Limits {
+        from_stream: permit.limiters.as_ref().map(|(up, _)| up.clone()),
+        to_stream: permit.limiters.as_ref().map(|(_, down)| down.clone()),
+        idle: Some(provider.idle),
+    };
+    let spliced = splice(tcp, send, recv, limits).await;
+    drop(permit);
+    info!(
+        session = offer.session,
+        share = %offer.share,
+        up = spliced.from_stream,
+        down = spliced.to_stream,
+        outcome = %spliced.outcome,
+        "tunnel closed"
+    );
+    close(spliced.from_stream, spliced.to_stream, &spliced.outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::peers::Consumer;
+
+    #[test]
+    fn the_bucket_holds_the_rate_after_its_burst() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(1000, t0);
+        // The burst (a quarter second) passes at once.
+        assert_eq!(bucket.take(250, t0), Duration::ZERO);
+        // Then each byte costs a millisecond.
+        assert_eq!(bucket.take(500, t0), Duration::from_millis(500));
+        // Time paid the debt; the next take waits only for itself.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(bucket.take(100, t1), Duration::from_millis(100));
+        // A long pause refills no more than the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(bucket.take(250, t2), Duration::ZERO);
+        assert!(bucket.take(1, t2) > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_cap_counts_open_tunnels_and_frees_them_on_drop() {
+        let share = Share::new(
+            "web",
+            "127.0.0.1:8080",
+            false,
+            true,
+            vec![],
+            None,
+            Some(2),
+            Some(4096),
+        )
+        .unwrap();
+        let offer = TunnelOffer {
+            session: 1,
+            share: "web".into(),
+            consumer: Consumer::Agent {
+                agent_id: "a".into(),
+                user: None,
+            },
+            clubs: vec![],
+        };
+        let loads = Loads::default();
+        let (first, to) = loads.admit(Some(&share), &offer).unwrap();
+        assert_eq!(to, share.to);
+        let (second, _) = loads.admit(Some(&share), &offer).unwrap();
+        // Both tunnels share the share's buckets.
+        let (a, b) = (
+            first.limiters.clone().unwrap(),
+            second.limiters.clone().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        let refused = loads.admit(Some(&share), &offer).err().unwrap();
+        assert!(refused.contains("already carries 2"), "{refused}");
+        drop(first);
+        assert_eq!(loads.active("web"), 1);
+        assert!(loads.admit(Some(&share), &offer).is_ok());
+        drop(second);
+        assert_eq!(loads.active("web"), 0);
+    }
+}
