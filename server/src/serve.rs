@@ -246,6 +246,11 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             forward_settings,
             until_stopped(),
         )),
+        // The meter step: usage events from stored rows, every billing::METER_EVERY.
+        tokio::spawn(crate::billing::meter_periodically(
+            store.clone(),
+            until_stopped(),
+        )),
         tokio::spawn(scheduler::run(
             store,
             relay.clone(),

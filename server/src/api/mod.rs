@@ -6,12 +6,14 @@
 //! - `catalog.rs`: catalog entries;
 //! - `releases.rs`: vendors, releases and artifacts, package subscriptions, installs,
 //!   rollouts;
-//! - `messages.rs`: push-message senders, messages, receipts, refusals.
+//! - `messages.rs`: push-message senders, messages, receipts, refusals;
+//! - `billing.rs`: usage ingestion, plans, prices, runs, invoices, exports, statistics.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
 mod admin;
+pub mod billing;
 pub mod campaigns;
 mod catalog;
 mod openapi;

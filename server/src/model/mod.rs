@@ -10,10 +10,12 @@
 //! - `releases.rs`: vendors, releases, package subscriptions, rollouts and their waves;
 //! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals;
 //! - `campaigns.rs`: recipient lists, fallbacks, campaign figures;
-//! - `peers.rs`: the directory's rows and tunnel session records.
+//! - `peers.rs`: the directory's rows and tunnel session records;
+//! - `billing.rs`: usage events, price plans, rating, the rule for signed counters.
 
 mod accounts;
 mod admin;
+pub mod billing;
 mod campaigns;
 mod catalog;
 mod confirm;
