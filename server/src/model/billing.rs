@@ -106,11 +106,35 @@ impl std::fmt::Display for Meter {
 /// within that source. The same use reported twice (a resend after a crash) has the
 /// same key and is stored once.
 pub fn usage_key(source: &str, seq: &str) -> String {
+    hex::encode(usage_key_bytes(source, seq))
+}
+
+/// [`usage_key`] as the 32 bytes it is stored as (half the index of its hex form).
+pub fn usage_key_bytes(source: &str, seq: &str) -> [u8; 32] {
     let mut hash = Sha256::new();
     hash.update(source.as_bytes());
     hash.update([0u8]);
     hash.update(seq.as_bytes());
-    hex::encode(hash.finalize())
+    hash.finalize().into()
+}
+
+/// The first millisecond of `time`'s month and of the month after it (UTC).
+pub fn month_bounds(time: Millis) -> (Millis, Millis) {
+    use chrono::Datelike;
+    let date = chrono::DateTime::from_timestamp_millis(time)
+        .unwrap_or_default()
+        .date_naive();
+    let first = date.with_day(1).unwrap_or(date);
+    let next = first
+        .checked_add_months(chrono::Months::new(1))
+        .unwrap_or(first);
+    let ms = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .expect("midnight exists")
+            .and_utc()
+            .timestamp_millis()
+    };
+    (ms(first), ms(next))
 }
 
 /// The month (`YYYY-MM`, UTC) a time falls in.
@@ -1378,6 +1402,13 @@ price = "1.5"
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(usage_key("ab", "c"), usage_key("a", "bc"));
         assert_eq!(usage_key("a", "b").len(), 64);
+        assert_eq!(usage_key("a", "b"), hex::encode(usage_key_bytes("a", "b")));
+        let (start, end) = month_bounds(1_794_700_800_000);
+        assert_eq!(
+            (month_of(start), month_of(end)),
+            ("2026-11".into(), "2026-12".into())
+        );
+        assert_eq!(month_of(end - 1), "2026-11");
     }
 
     const FAIR: Counters = Counters {

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::*;
 use crate::model::billing::{
-    booking_month, month_of, usage_key, IngestReport, Invoice, LateNote, Meter, NewUsage, Price,
-    ProviderPrice, StatPoint, StatsBy, UsageEvent, UsageTotal,
+    booking_month, month_bounds, month_of, usage_key_bytes, IngestReport, Invoice, LateNote, Meter,
+    NewUsage, Price, ProviderPrice, StatPoint, StatsBy, UsageEvent, UsageTotal,
 };
 
 /// Milliseconds in a day (statistics are per UTC day).
@@ -27,6 +27,15 @@ pub const SOURCE_MESSAGES: &str = "herald/messages";
 pub const SOURCE_FALLBACKS: &str = "herald/fallbacks";
 /// Jobs that finished on a user's devices.
 pub const SOURCE_JOBS: &str = "herald/jobs";
+
+/// The page cache (KiB, as SQLite's negative `cache_size`) of the durable connection
+/// once usage is ingested: the key index takes random inserts, and with SQLite's 2 MiB
+/// default nearly every insert reads and writes back a page of it.
+const INGEST_CACHE_KIB: i64 = -131_072;
+/// WAL pages between automatic checkpoints while usage is ingested (about 40 MiB).
+const INGEST_CHECKPOINT_PAGES: i64 = 10_000;
+/// SQLite's default, restored after an ingest.
+const DEFAULT_CHECKPOINT_PAGES: i64 = 1_000;
 
 /// What the rating of a month reads.
 #[derive(Debug, Clone, Default)]
@@ -51,10 +60,15 @@ impl Store {
     pub fn ingest_usage(&self, events: &[NewUsage], now: Millis) -> Result<IngestReport> {
         self.blocking(|| {
             let mut conn = self.conn();
+            conn.pragma_update(None, "cache_size", INGEST_CACHE_KIB)?;
+            // Checkpoint less often while a batch commits: the index pages it dirtied
+            // are written back once rather than at every 1000 pages of WAL.
+            conn.pragma_update(None, "wal_autocheckpoint", INGEST_CHECKPOINT_PAGES)?;
             let tx = conn.transaction()?;
-            let report = insert_events(&tx, events, now)?;
-            tx.commit()?;
-            Ok(report)
+            let report = insert_events(&tx, events, now);
+            let committed = report.and_then(|report| Ok(tx.commit().map(|()| report)?));
+            conn.pragma_update(None, "wal_autocheckpoint", DEFAULT_CHECKPOINT_PAGES)?;
+            committed
         })
     }
 
@@ -172,7 +186,7 @@ impl Store {
             while let Some(r) = rows.next()? {
                 let meter: String = r.get(4)?;
                 each(UsageEvent {
-                    key: r.get(0)?,
+                    key: hex::encode(r.get::<_, Vec<u8>>(0)?),
                     source: r.get(1)?,
                     account: r.get(2)?,
                     provider: r.get(3)?,
@@ -436,12 +450,24 @@ fn insert_events(tx: &Connection, events: &[NewUsage], now: Millis) -> Result<In
         .collect::<rusqlite::Result<_>>()?;
     let mut stmt = tx.prepare_cached(INSERT_EVENT)?;
     let mut report = IngestReport::default();
+    // Events of a batch mostly share a month: its bounds and booking are worked out
+    // once.
+    let mut current: Option<(Millis, Millis, String, Option<String>)> = None;
     for event in events {
-        let own = month_of(event.time);
-        let month = booking_month(event.time, &closed);
-        let late_from = (month != own).then_some(own);
+        let (_, _, month, late_from) = match &current {
+            Some((start, end, ..)) if (*start..*end).contains(&event.time) => {
+                current.as_ref().expect("just matched")
+            }
+            _ => {
+                let (start, end) = month_bounds(event.time);
+                let own = month_of(event.time);
+                let month = booking_month(event.time, &closed);
+                let late_from = (month != own).then_some(own);
+                current.insert((start, end, month, late_from))
+            }
+        };
         let inserted = stmt.execute(params![
-            usage_key(&event.source, &event.seq),
+            usage_key_bytes(&event.source, &event.seq),
             event.source,
             event.seq,
             event.account,

@@ -501,7 +501,7 @@ CREATE INDEX tunnel_sessions_by_consumer ON tunnel_sessions(consumer_user_id, st
     r#"
 CREATE TABLE usage_events (
     id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
+    key BLOB NOT NULL UNIQUE,
     source TEXT NOT NULL,
     seq TEXT NOT NULL,
     account TEXT NOT NULL,
