@@ -700,3 +700,88 @@ fn bad_usage_and_bad_plans_get_clear_errors() {
     let out = server.cli(&["billing", "run", "--month", "2026-13"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// A password the console accepts.
+const PASSWORD: &str = "correct horse battery";
+
+#[test]
+fn usage_and_billing_pages_in_a_real_browser() {
+    use herald_tests::browser::{self, Browser};
+    if !browser::installed() {
+        eprintln!("skipped: no Chromium/chromedriver");
+        return;
+    }
+    let server = TestServer::start("billing-console");
+    set_plans(&server);
+    let Some(b) = Browser::for_server(&server, "billing-console") else {
+        return;
+    };
+    b.register("carol", PASSWORD);
+    let carol = user_id(&server, "carol");
+    let account = format!("user:{carol}");
+    let now = now_ms();
+    let month = month_of(now);
+    let day = 86_400_000;
+    let mut events = Vec::new();
+    for d in 0..10 {
+        events.push(event(
+            &format!("j{d}"),
+            &account,
+            "jobs_run",
+            3 + d,
+            now - d * day,
+        ));
+        events.push(event(
+            &format!("b{d}"),
+            &account,
+            "tunnel_bytes",
+            400_000 * (d + 1),
+            now - d * day,
+        ));
+    }
+    events.push(event("other", "sender:acme", "messages_sent", 40, now));
+    ingest(&server, &events);
+    server.json(&["billing", "run", "--month", &month]);
+
+    b.goto("/account/usage");
+    b.wait_page("page-usage");
+    assert_eq!(b.text("#account"), account);
+    let charts = b.find_all("figure.chart-box svg.chart");
+    assert_eq!(
+        charts.len(),
+        2,
+        "one chart per meter used: {}",
+        b.body_text()
+    );
+    assert!(
+        b.find_all("figure[data-metric=\"jobs_run\"] rect").len() >= 30,
+        "a bar per day"
+    );
+    let invoice = format!("section.invoice[data-month=\"{month}\"]");
+    b.find(&invoice);
+    assert!(b.text(&invoice).contains("draft"), "{}", b.text(&invoice));
+    assert!(
+        !b.body_text().contains("sender:acme"),
+        "only the user's own account"
+    );
+    b.shoot("billing-account-usage");
+
+    assert!(server.add_user("root", true, PASSWORD).status.success());
+    b.clear_cookies();
+    b.goto("/login");
+    b.wait_page("page-login");
+    b.fill("login", "root");
+    b.fill("password", PASSWORD);
+    b.submit("main form");
+    b.goto("/admin/billing");
+    b.wait_page("page-admin-billing");
+    b.find(&format!("#months tr[data-month=\"{month}\"]"));
+    assert!(
+        b.body_text().contains("sender:acme"),
+        "every account: {}",
+        b.body_text()
+    );
+    assert!(!b.find_all("figure.chart-box svg.chart").is_empty());
+    b.shoot("billing-admin-overview");
+    println!("screenshots in {}", b.screenshot_dir().display());
+}
