@@ -7,8 +7,9 @@
 //! - `mod.rs`: [`run_month`], [`close_month`], [`plans`], [`meter_periodically`];
 //! - `export.rs`: invoices as CSV or JSON, raw usage as CloudEvents JSON lines.
 //!
-//! The meter step runs at the start of every `billing run` and `billing close`, and
-//! every [`METER_EVERY`] inside `serve`.
+//! The meter step runs over every row at the start of every `billing run` and `billing
+//! close`, and every [`METER_EVERY`] inside `serve` over the rows of the last
+//! [`METER_WINDOW`].
 
 mod export;
 
@@ -23,6 +24,10 @@ use herald_shared::Millis;
 /// How often `serve` derives usage events from stored sessions, messages, fallbacks
 /// and jobs.
 pub const METER_EVERY: Duration = Duration::from_secs(60);
+/// How far back the periodic step looks (rows that ended, went out or finished since):
+/// it stays cheap on large tables, and anything older is caught by `billing run`,
+/// which looks at every row.
+pub const METER_WINDOW: Duration = Duration::from_secs(2 * 24 * 3600);
 
 /// Errors of a billing run.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +58,7 @@ pub fn plans(store: &Store) -> Result<Plans, BillingError> {
 pub fn run_month(store: &Store, month: &str, now: Millis) -> Result<RunReport, BillingError> {
     parse_month(month).map_err(BillingError::Month)?;
     let plans = plans(store)?;
-    let metered = store.meter_usage(now)?;
+    let metered = store.meter_usage(now, None)?;
     let prices = store.provider_prices()?;
     let (invoices, changed) = store.rate_month(month, now, |usage| {
         Ok(rate_month(
@@ -73,7 +78,7 @@ pub fn run_month(store: &Store, month: &str, now: Millis) -> Result<RunReport, B
 pub fn close_month(store: &Store, month: &str, now: Millis) -> Result<RunReport, BillingError> {
     parse_month(month).map_err(BillingError::Month)?;
     let plans = plans(store)?;
-    let metered = store.meter_usage(now)?;
+    let metered = store.meter_usage(now, None)?;
     let prices = store.provider_prices()?;
     store.close_month(month, now, |usage| {
         Ok(rate_month(
@@ -119,7 +124,9 @@ pub async fn meter_periodically(store: Store, stopped: impl std::future::Future<
         tokio::select! {
             _ = &mut stopped => return,
             _ = tick.tick() => {
-                match store.meter_usage(crate::now_ms()) {
+                let now = crate::now_ms();
+                let window = METER_WINDOW.as_millis() as Millis;
+                match store.meter_usage(now, Some(now - window)) {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(events = n, "metered usage"),
                     Err(e) => tracing::warn!("meter step failed: {e}"),

@@ -74,16 +74,18 @@ impl Store {
 
     /// The meter step: derives usage events from closed tunnel sessions, message
     /// deliveries, fallbacks that went out and finished jobs, each once (a row already
-    /// metered is skipped by its source and sequence). Returns how many were new.
-    pub fn meter_usage(&self, now: Millis) -> Result<u64> {
+    /// metered is skipped by its source and sequence). With `since`, only rows that
+    /// ended, were created, went out or finished since then are looked at (the periodic
+    /// step); without, every row (`billing run`). Returns how many were new.
+    pub fn meter_usage(&self, now: Millis, since: Option<Millis>) -> Result<u64> {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
             let mut events = Vec::new();
-            derive_sessions(&tx, &mut events)?;
-            derive_messages(&tx, &mut events)?;
-            derive_fallbacks(&tx, &mut events)?;
-            derive_jobs(&tx, &mut events)?;
+            derive_sessions(&tx, since, &mut events)?;
+            derive_messages(&tx, since, &mut events)?;
+            derive_fallbacks(&tx, since, &mut events)?;
+            derive_jobs(&tx, since, &mut events)?;
             let report = insert_events(&tx, &events, now)?;
             tx.commit()?;
             Ok(report.accepted)
@@ -588,18 +590,18 @@ fn write_invoices(tx: &Connection, month: &str, invoices: &[Invoice], now: Milli
 
 // === The meter step ===
 
-fn derive_sessions(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
+fn derive_sessions(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT s.id, s.provider_agent_id, s.provider_user_id, s.consumer_user_id,
             s.consumer_agent_id, s.via, s.started_at, s.ended_at, s.bytes_up, s.bytes_down,
             s.requests
          FROM tunnel_sessions s
-         WHERE s.ended_at IS NOT NULL AND NOT EXISTS (
+         WHERE s.ended_at IS NOT NULL AND (?2 IS NULL OR s.ended_at >= ?2) AND NOT EXISTS (
             SELECT 1 FROM usage_events e
             WHERE e.source = ?1 AND e.seq = s.id || ':tunnel_bytes')
          ORDER BY s.id",
     )?;
-    let mut rows = stmt.query(params![SOURCE_SESSIONS])?;
+    let mut rows = stmt.query(params![SOURCE_SESSIONS, since])?;
     while let Some(r) = rows.next()? {
         let id: i64 = r.get(0)?;
         let provider_agent: String = r.get(1)?;
@@ -659,14 +661,14 @@ fn derive_sessions(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
     Ok(())
 }
 
-fn derive_messages(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
+fn derive_messages(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT j.id, m.sender, j.created_at FROM jobs j JOIN messages m ON m.id = j.order_id
-         WHERE NOT EXISTS (
+         WHERE (?2 IS NULL OR j.created_at >= ?2) AND NOT EXISTS (
             SELECT 1 FROM usage_events e WHERE e.source = ?1 AND e.seq = CAST(j.id AS TEXT))
          ORDER BY j.id",
     )?;
-    let rows = stmt.query_map(params![SOURCE_MESSAGES], |r| {
+    let rows = stmt.query_map(params![SOURCE_MESSAGES, since], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -689,15 +691,15 @@ fn derive_messages(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
     Ok(())
 }
 
-fn derive_fallbacks(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
+fn derive_fallbacks(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT r.campaign_id, r.line, c.sender, r.fb_kind, r.fb_sent_at
          FROM campaign_rows r JOIN campaigns c ON c.id = r.campaign_id
-         WHERE r.fb_sent_at IS NOT NULL AND NOT EXISTS (
+         WHERE r.fb_sent_at IS NOT NULL AND (?2 IS NULL OR r.fb_sent_at >= ?2) AND NOT EXISTS (
             SELECT 1 FROM usage_events e
             WHERE e.source = ?1 AND e.seq = r.campaign_id || ':' || r.line)",
     )?;
-    let rows = stmt.query_map(params![SOURCE_FALLBACKS], |r| {
+    let rows = stmt.query_map(params![SOURCE_FALLBACKS, since], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, i64>(1)?,
@@ -730,16 +732,17 @@ fn derive_fallbacks(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
     Ok(())
 }
 
-fn derive_jobs(tx: &Connection, out: &mut Vec<NewUsage>) -> Result<()> {
+fn derive_jobs(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT j.id, a.owner_user_id, j.finished_at FROM jobs j
          JOIN agents a ON a.id = j.agent_id JOIN orders o ON o.id = j.order_id
-         WHERE j.finished_at IS NOT NULL AND a.owner_user_id IS NOT NULL
+         WHERE j.finished_at IS NOT NULL AND (?2 IS NULL OR j.finished_at >= ?2)
+           AND a.owner_user_id IS NOT NULL
            AND o.kind <> 'message' AND NOT EXISTS (
             SELECT 1 FROM usage_events e WHERE e.source = ?1 AND e.seq = CAST(j.id AS TEXT))
          ORDER BY j.id",
     )?;
-    let rows = stmt.query_map(params![SOURCE_JOBS], |r| {
+    let rows = stmt.query_map(params![SOURCE_JOBS, since], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, i64>(1)?,

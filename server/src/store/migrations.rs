@@ -562,6 +562,7 @@ CREATE TABLE usage_signatures (
     received_at BIGINT NOT NULL,
     PRIMARY KEY (session_id, side, seq)
 );
+CREATE INDEX jobs_by_finished ON jobs(finished_at);
 "#,
 ];
 
