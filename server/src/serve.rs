@@ -110,6 +110,14 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             .zip(config.https.key_file.as_deref()),
     )?);
     let store = Store::open(data_dir)?;
+    if let Some(billing) = &config.billing {
+        crate::billing::set_plans_file(&store, &billing.plans_file, crate::now_ms()).map_err(
+            |reason| ConfigError::Invalid {
+                path: billing.plans_file.clone(),
+                reason,
+            },
+        )?;
+    }
     let keyring = Arc::new(Keyring::new(store.agent_keys()?));
     let quic_config = pki::quic_server_config(&pki, keyring.clone())?;
     let bind_err = |source| ServeError::Bind {

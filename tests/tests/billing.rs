@@ -785,3 +785,48 @@ fn usage_and_billing_pages_in_a_real_browser() {
     b.shoot("billing-admin-overview");
     println!("screenshots in {}", b.screenshot_dir().display());
 }
+
+#[test]
+fn the_configured_plans_file_is_set_at_start_and_a_bad_one_stops_it() {
+    let plans =
+        std::env::temp_dir().join(format!("herald-billing-plans-{}.toml", std::process::id()));
+    std::fs::write(&plans, PLANS).expect("write plans");
+    let mut server = TestServer::start_with_config(
+        "billing-plans-file",
+        &format!(
+            "[billing]\nplans_file = {:?}\n",
+            plans.to_str().expect("path")
+        ),
+    );
+    let shown = server.json(&["billing", "plan", "show", "standard"]);
+    assert_eq!(shown["currency"], "EUR");
+    assert_eq!(shown["flat_fee"], "2");
+
+    // A float price in the file: the next start stops and names the file.
+    server.kill();
+    std::fs::write(
+        &plans,
+        PLANS.replace("flat_fee = \"2.00\"", "flat_fee = 2.0"),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new(herald_tests::bin("herald-server"))
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let status = herald_tests::wait_until("serve to refuse the plans file", DEADLINE, || {
+        child.try_wait().expect("wait for serve")
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    let _ = std::fs::remove_file(&plans);
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(plans.to_str().expect("path")) && stderr.contains("float"),
+        "{stderr}"
+    );
+}

@@ -52,6 +52,19 @@ pub fn plans(store: &Store) -> Result<Plans, BillingError> {
     Plans::parse(&text).map_err(BillingError::Plans)
 }
 
+/// Reads, checks and sets a plans file (`[billing] plans_file`), unless the plans in
+/// force are that text already. The error says what is wrong with the file.
+pub fn set_plans_file(store: &Store, path: &std::path::Path, now: Millis) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    Plans::parse(&text)?;
+    let current = store.plans_text().map_err(|e| e.to_string())?;
+    if current.is_none_or(|(stored, _)| stored != text) {
+        store.set_plans(&text, now).map_err(|e| e.to_string())?;
+        tracing::info!(path = %path.display(), "price plans set from [billing] plans_file");
+    }
+    Ok(())
+}
+
 /// Meters, then rates `month` and stores its invoices (drafts replaced where they
 /// changed). Running it twice changes nothing the second time; a closed month is not
 /// rated again.
