@@ -824,7 +824,7 @@ fn the_configured_plans_file_is_set_at_start_and_a_bad_one_stops_it() {
     std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr)
         .expect("stderr");
     let _ = std::fs::remove_file(&plans);
-    assert!(!status.success(), "{stderr}");
+    assert_eq!(status.code(), Some(64), "a configuration error: {stderr}");
     assert!(
         stderr.contains(plans.to_str().expect("path")) && stderr.contains("float"),
         "{stderr}"
