@@ -67,6 +67,23 @@ enum Command {
         #[arg(long)]
         fallback_concurrency: Option<usize>,
     },
+    /// Usage events ingested per second through the store's batch path, and `billing
+    /// run` time for one month (issue 16), in process on a fresh SQLite database.
+    Billing {
+        /// Events in the month.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Accounts the events are spread over.
+        #[arg(long, default_value_t = 100_000)]
+        accounts: usize,
+        /// Events per ingest call (one transaction each).
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        /// Scratch directory for the database [default: a new one under the system's
+        /// temporary directory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// A shared service reached directly, through rathole and through Herald's relay:
     /// one bulk transfer and HTTP latency at fixed request rates (issue 15).
     Tunnel {
@@ -126,6 +143,26 @@ async fn main() -> ExitCode {
                 deadline: Duration::from_secs(if quick { 60 } else { 600 }),
             };
             return finish(run_campaign(plan).await);
+        }
+        Command::Billing {
+            events,
+            accounts,
+            batch,
+            dir,
+        } => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("herald-bench-billing-{}", std::process::id()))
+            });
+            let plan = herald_bench::billing::BillingPlan {
+                events,
+                accounts: accounts.max(1),
+                batch: batch.max(1),
+            };
+            return finish(
+                tokio::task::spawn_blocking(move || herald_bench::billing::run(plan, &dir))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark panicked: {e}"))),
+            );
         }
         Command::Tunnel {
             bulk_mib,

@@ -82,6 +82,21 @@ pub struct ServerConfig {
     /// `[metrics]`: a separate plain-HTTP listener for Prometheus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// `[billing]`: the price plans file set at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing: Option<BillingConfig>,
+}
+
+// === billing section ===
+
+/// `[billing]`: a price plans file (docs/BILLING.md) that `serve` checks and sets at
+/// every start, as `herald-server billing plan set FILE` does; a bad file stops the
+/// start with the file's error. Without it, plans are whatever was last set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// The plans file.
+    pub plans_file: PathBuf,
 }
 
 // === metrics section ===

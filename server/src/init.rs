@@ -131,6 +131,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             console: Default::default(),
             https: Default::default(),
             metrics: None,
+            billing: None,
         },
     )?;
     Ok(Initialized {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod console;

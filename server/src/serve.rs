@@ -110,6 +110,14 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             .zip(config.https.key_file.as_deref()),
     )?);
     let store = Store::open(data_dir)?;
+    if let Some(billing) = &config.billing {
+        crate::billing::set_plans_file(&store, &billing.plans_file, crate::now_ms()).map_err(
+            |reason| ConfigError::Invalid {
+                path: billing.plans_file.clone(),
+                reason,
+            },
+        )?;
+    }
     let keyring = Arc::new(Keyring::new(store.agent_keys()?));
     let quic_config = pki::quic_server_config(&pki, keyring.clone())?;
     let bind_err = |source| ServeError::Bind {
@@ -245,6 +253,11 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             store.clone(),
             relay.subscribe(),
             forward_settings,
+            until_stopped(),
+        )),
+        // The meter step: usage events from stored rows, every billing::METER_EVERY.
+        tokio::spawn(crate::billing::meter_periodically(
+            store.clone(),
             until_stopped(),
         )),
         tokio::spawn(scheduler::run(

@@ -8,12 +8,14 @@
 //!   rollouts;
 //! - `messages.rs`: push-message senders, messages, receipts, refusals;
 //! - `install.rs`: `/install.sh` and the list of installer packages it reads;
-//! - `clubs.rs`: clubs and members, and the directory as a user sees it.
+//! - `clubs.rs`: clubs and members, and the directory as a user sees it;
+//! - `billing.rs`: usage ingestion, plans, prices, runs, invoices, exports, statistics.
 //!
 //! Orders arrive already signed by the operator key; the server checks them against the
 //! operator keys in its configuration only to refuse junk early. Agents check again.
 
 mod admin;
+pub mod billing;
 pub mod campaigns;
 mod catalog;
 mod clubs;

@@ -9,11 +9,13 @@
 //! - `packages.rs`: `vendor` and `package`;
 //! - `messages.rs`: `sender` and `message`;
 //! - `users.rs`: `users` (local, on the data directory);
+//! - `billing.rs`: `billing` (plans, prices, runs, invoices, exports) and `stats`;
 //! - `backup.rs`: `backup`, `backup verify` and `restore` (local, on files);
 //! - `demo.rs`: `demo` (a throwaway server with an in-process agent).
 
 pub mod admin;
 pub mod backup;
+pub mod billing;
 pub mod catalog;
 pub mod client;
 #[cfg(feature = "demo")]
@@ -139,6 +141,11 @@ pub enum Command {
     /// The audit log: who did what, from where, and whether it worked.
     #[command(subcommand)]
     Audit(crate::cli::admin::AuditCommand),
+    /// Metering and billing: price plans, monthly runs, invoices, exports.
+    #[command(subcommand)]
+    Billing(crate::cli::billing::BillingCommand),
+    /// Daily usage and communication statistics.
+    Stats(crate::cli::billing::StatsArgs),
     /// Archive the data directory while the server runs, or check an archive.
     Backup(crate::cli::backup::BackupArgs),
     /// Restore an archive into a new data directory (--data-dir, required).
@@ -529,6 +536,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Message(command) => admin()?.message(command).await,
         Command::Open(args) => admin()?.open(args).await,
         Command::Catalog(command) => admin()?.catalog(command).await,
+        Command::Billing(command) => admin()?.billing(command).await,
+        Command::Stats(args) => admin()?.stats(args).await,
         Command::Completions { shell } => {
             herald_io::cli::completions::<Cli>(shell, &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

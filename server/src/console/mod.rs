@@ -8,14 +8,16 @@
 //!
 //! This module holds the router, the shared state, the error type and the response
 //! headers every page carries; `auth` the mechanisms (passwords, sessions, CSRF,
-//! throttling); `account`, `pages`, `messages`, `admin` and `visit` the handlers; `forms` the pure
-//! parsing of form input; `clubs` and `peers` the clubs and the directory; `proxy` the
-//! browser path to shared web services (`/p/OWNER/SERVICE/`).
+//! throttling); `account`, `pages`, `messages`, `admin`, `billing` (usage, invoices,
+//! charts) and `visit` the handlers; `forms` the pure parsing of form input; `clubs` and
+//! `peers` the clubs and the directory; `proxy` the browser path to shared web services
+//! (`/p/OWNER/SERVICE/`).
 
 mod account;
 mod admin;
 mod audit;
 pub(crate) mod auth;
+mod billing;
 mod clubs;
 mod forms;
 mod forwarding;
@@ -293,6 +295,8 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/admin/users", get(admin::users))
         .route("/admin/users/{id}/role", post(admin::set_role))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/billing", get(billing::admin))
+        .route("/account/usage", get(billing::usage))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             audit::audit_posts,

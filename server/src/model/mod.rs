@@ -11,10 +11,12 @@
 //! - `messages.rs`: push-message senders, messages, recipients, receipts, refusals;
 //! - `campaigns.rs`: recipient lists, fallbacks, campaign figures;
 //! - `peers.rs`: the directory's rows and tunnel session records;
-//! - `clubs.rs`: clubs, members, their rules, and the directory as a viewer sees it.
+//! - `clubs.rs`: clubs, members, their rules, and the directory as a viewer sees it;
+//! - `billing.rs`: usage events, price plans, rating, the rule for signed counters.
 
 mod accounts;
 mod admin;
+pub mod billing;
 mod campaigns;
 mod catalog;
 mod clubs;

@@ -493,6 +493,77 @@ CREATE TABLE tunnel_sessions (
 CREATE INDEX tunnel_sessions_by_provider ON tunnel_sessions(provider_agent_id, started_at);
 CREATE INDEX tunnel_sessions_by_consumer ON tunnel_sessions(consumer_user_id, started_at);
 "#,
+    // Metering and billing (issue 16): usage events (one row per billable use, unique by
+    // its idempotency key; `month` is the month it is billed in, later than its own when
+    // that was closed), closed months, price plans as set (latest wins), providers'
+    // prices, invoices (one per account and month, the body as JSON), and the cumulative
+    // counters each end of a tunnel session signs (the lower of both is billed).
+    r#"
+CREATE TABLE usage_events (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    seq TEXT NOT NULL,
+    account TEXT NOT NULL,
+    provider TEXT,
+    meter TEXT NOT NULL,
+    quantity BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    month TEXT NOT NULL,
+    late_from TEXT,
+    note TEXT NOT NULL DEFAULT '',
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX usage_events_by_month ON usage_events(month, account, provider, meter, quantity);
+CREATE INDEX usage_events_late ON usage_events(month, account, late_from) WHERE late_from IS NOT NULL;
+CREATE INDEX usage_events_noted ON usage_events(month, account, note) WHERE note <> '';
+CREATE INDEX usage_events_by_source ON usage_events(source, seq);
+CREATE TABLE billing_months (
+    month TEXT PRIMARY KEY,
+    closed_at BIGINT NOT NULL
+);
+CREATE TABLE billing_plans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    plans TEXT NOT NULL,
+    set_at BIGINT NOT NULL
+);
+CREATE TABLE provider_prices (
+    provider TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    price TEXT NOT NULL,
+    per BIGINT NOT NULL,
+    currency TEXT NOT NULL,
+    set_at BIGINT NOT NULL,
+    PRIMARY KEY (provider, meter)
+);
+CREATE TABLE invoices (
+    month TEXT NOT NULL,
+    account TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    total BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    written_at BIGINT NOT NULL,
+    PRIMARY KEY (month, account)
+);
+CREATE INDEX invoices_by_account ON invoices(account, month);
+CREATE TABLE usage_signatures (
+    session_id BIGINT NOT NULL REFERENCES tunnel_sessions(id),
+    side TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    bytes_up BIGINT NOT NULL,
+    bytes_down BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    seconds BIGINT NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0,
+    signature BLOB NOT NULL,
+    signed_at BIGINT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (session_id, side, seq)
+);
+CREATE INDEX jobs_by_finished ON jobs(finished_at);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {

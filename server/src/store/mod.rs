@@ -29,12 +29,15 @@
 //! - `campaigns.rs`: recipient lists, fallbacks and their reports, campaign figures;
 //! - `metrics.rs`: counts for `/metrics`, and the timing of durable commits;
 //! - `peers.rs`: the shares agents report, the directory, tunnel sessions;
+//! - `billing.rs`: usage events and the meter step, plans, prices, invoices, closed
+//!   months, signed session counters, daily statistics;
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
 mod admin;
 mod agents;
 mod backup;
+mod billing;
 mod campaigns;
 mod catalog;
 mod clubs;
@@ -55,6 +58,7 @@ pub use backup::{
     advance_job_ids, check_copy, copy_live, latest_schema_version, BackupError, CopyCheck,
     SNAPSHOTS_KEPT, SNAPSHOT_DIR,
 };
+pub use billing::{MonthUsage, SOURCE_FALLBACKS, SOURCE_JOBS, SOURCE_MESSAGES, SOURCE_SESSIONS};
 pub use campaigns::{CampaignPlan, CampaignStarted, FallbackOutcome};
 pub use forwarding::RuleError;
 use jobs::*;
