@@ -54,7 +54,7 @@ impl ShareInfo {
                 self.name
             ));
         }
-        if self.public == !self.clubs.is_empty() {
+        if self.public != self.clubs.is_empty() {
             return Err(format!(
                 "share {} must name at least one club or be public, not both",
                 self.name
