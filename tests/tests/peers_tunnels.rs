@@ -679,3 +679,58 @@ fn directory_shows_only_what_my_clubs_share() {
         stopped.elapsed()
     );
 }
+
+#[test]
+fn idle_tunnels_are_closed() {
+    let server = TestServer::start("tunnel-idle");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    // `[peers] idle_timeout_secs` in the providing agent's agent.toml.
+    let config = alice.state_dir.join("agent.toml");
+    let text = std::fs::read_to_string(&config).expect("read agent.toml");
+    assert!(text.contains("idle_timeout_secs = 600"), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("idle_timeout_secs = 600", "idle_timeout_secs = 2"),
+    )
+    .expect("write agent.toml");
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+    let mut stream = connect.dial();
+    stream.write_all(b"eping").unwrap();
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back).unwrap();
+    // Then nothing either way: the provider closes the tunnel after two seconds.
+    let quiet = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        stream.read(&mut buf).unwrap_or(0),
+        0,
+        "the idle tunnel is closed"
+    );
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed after only {waited:?}"
+    );
+    let provided = wait_until("alice to record the idle end", DEADLINE, || {
+        let s = alice.json(&["share", "sessions"]);
+        let first = s.as_array()?.first()?.clone();
+        (first["outcome"] == "idle").then_some(first)
+    });
+    assert_eq!(provided["bytes_up"], 5);
+    assert_eq!(provided["bytes_down"], 4);
+}
