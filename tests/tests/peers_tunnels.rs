@@ -733,4 +733,13 @@ fn idle_tunnels_are_closed() {
     });
     assert_eq!(provided["bytes_up"], 5);
     assert_eq!(provided["bytes_down"], 4);
+    // The server and the consumer record it as idle too, not as a failure.
+    wait_until("the server to record the idle end", DEADLINE, || {
+        let s = server_sessions(&server);
+        (s.len() == 1 && s[0]["outcome"] == "idle").then_some(())
+    });
+    wait_until("bob to record the idle end", DEADLINE, || {
+        let s = bob.json(&["share", "sessions"]);
+        (s.as_array()?.first()?["outcome"] == "idle").then_some(())
+    });
 }

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
 use herald_shared::peers::{
-    Consumer, PeerDevice, StreamAnswer, StreamRequest, TunnelOffer, TunnelOpen,
+    Consumer, PeerDevice, StreamAnswer, StreamRequest, TunnelOffer, TunnelOpen, IDLE_RESET,
 };
 use herald_shared::protocol::AgentMsg;
 
@@ -410,7 +410,13 @@ async fn splice(
     );
     let outcome = match result {
         Ok(_) => "closed".to_string(),
-        Err(e) => {
+        Err(Ended::Idle) => {
+            // The provider closed an idle tunnel: pass that on as it is.
+            let _ = to_consumer.reset(IDLE_RESET.into());
+            let _ = from_consumer.stop(IDLE_RESET.into());
+            "idle".to_string()
+        }
+        Err(Ended::Failed(e)) => {
             // Neither side may take a cut-off stream for a finished one.
             let _ = to_consumer.reset(0u32.into());
             let _ = to_provider.reset(0u32.into());
@@ -422,22 +428,43 @@ async fn splice(
     (up.into_inner(), down.into_inner(), outcome)
 }
 
+/// Why a direction of a splice ended early.
+#[derive(Debug)]
+enum Ended {
+    /// The provider reset its stream for idleness.
+    Idle,
+    /// A stream failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Idle => f.write_str("idle"),
+            Ended::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
 /// One direction: chunks from `from` handed to `to` as they are, then `to` finished.
-async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &AtomicU64) -> Result<(), String> {
+async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &AtomicU64) -> Result<(), Ended> {
     loop {
         match from.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
                 let n = chunk.bytes.len() as u64;
                 to.write_chunk(chunk.bytes)
                     .await
-                    .map_err(|e| format!("write: {e}"))?;
+                    .map_err(|e| Ended::Failed(format!("write: {e}")))?;
                 count.fetch_add(n, Ordering::Relaxed);
             }
             Ok(None) => {
                 let _ = to.finish();
                 return Ok(());
             }
-            Err(e) => return Err(format!("read: {e}")),
+            Err(quinn::ReadError::Reset(code)) if code == IDLE_RESET.into() => {
+                return Err(Ended::Idle)
+            }
+            Err(e) => return Err(Ended::Failed(format!("read: {e}"))),
         }
     }
 }
