@@ -758,3 +758,44 @@ fn idle_tunnels_are_closed() {
         (s.as_array()?.first()?["outcome"] == "idle").then_some(())
     });
 }
+
+#[test]
+fn connect_carries_on_after_the_server_restarts() {
+    let mut server = TestServer::start("tunnel-restart");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+    let round_trip = |connect: &Connect| {
+        let mut stream = connect.dial();
+        stream.write_all(b"eping").ok()?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).ok()?;
+        (&back == b"ping").then_some(())
+    };
+    round_trip(&connect).expect("a tunnel before the restart");
+
+    // The server dies without a word and comes back: the side connection is dead, and
+    // `connect` finds that out and opens a new one for the next local connection.
+    server.kill();
+    server.spawn();
+    alice.wait_online(&server);
+    wait_until(
+        "a tunnel after the restart",
+        Duration::from_secs(90),
+        || round_trip(&connect),
+    );
+}
