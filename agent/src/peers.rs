@@ -163,6 +163,14 @@ impl Side {
         loop {
             let connection = self.connection().await?;
             match tokio::time::timeout(ANSWER_TIMEOUT, exchange(&connection, request)).await {
+                // A server that restarted does not know the connection and cannot say so
+                // (its reset key is new): give up on it rather than wait for the idle
+                // timeout, and try once on a new one.
+                Err(_) if !retried => {
+                    warn!("no answer on the side connection; reconnecting");
+                    self.forget(&connection).await;
+                    retried = true;
+                }
                 Err(_) => return Err(PeerError::Timeout),
                 Ok(Ok(answered)) => return Ok(answered),
                 Ok(Err(e)) if !retried && connection.close_reason().is_some() => {
@@ -171,6 +179,18 @@ impl Side {
                 }
                 Ok(Err(e)) => return Err(e),
             }
+        }
+    }
+
+    /// Drops `connection` if it is still the one held, so the next request reconnects.
+    async fn forget(&self, connection: &Connection) {
+        let mut held = self.connection.lock().await;
+        if held
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == connection.stable_id())
+        {
+            connection.close(herald_shared::protocol::close::DONE.into(), b"no answer");
+            *held = None;
         }
     }
 

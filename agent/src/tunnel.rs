@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
-use herald_shared::peers::{OfferAnswer, TunnelOffer};
+use herald_shared::peers::{OfferAnswer, TunnelOffer, IDLE_RESET};
 
 use crate::shares::{self, Role, Share, Shares};
 use crate::sync::lock;
@@ -45,6 +45,9 @@ pub const OFFER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes moved per read.
 pub const CHUNK: usize = 64 * 1024;
+/// The outcome of a tunnel closed for idleness (here or, by [`IDLE_RESET`], by the
+/// providing end).
+const IDLE: &str = "idle";
 
 // === Bucket ===
 
@@ -236,6 +239,9 @@ pub async fn splice(
                     let _ = tcp_write.shutdown().await;
                     return Ok::<(), String>(());
                 }
+                Err(quinn::ReadError::Reset(code)) if code == IDLE_RESET.into() => {
+                    return Err(IDLE.to_string())
+                }
                 Err(e) => return Err(format!("tunnel read: {e}")),
             }
         }
@@ -276,13 +282,15 @@ pub async fn splice(
     let outcome = tokio::select! {
         r = async { tokio::try_join!(inbound, outbound) } => match r {
             Ok(_) => "closed".to_string(),
+            Err(e) if e == IDLE => e,
             Err(e) => format!("failed: {e}"),
         },
-        () = idle => "idle".to_string(),
+        () = idle => IDLE.to_string(),
     };
     if outcome != "closed" {
-        let _ = send.reset(0u32.into());
-        let _ = recv.stop(0u32.into());
+        let code = if outcome == IDLE { IDLE_RESET } else { 0 };
+        let _ = send.reset(code.into());
+        let _ = recv.stop(code.into());
     } else {
         // Let the last bytes reach the peer before the stream is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;

@@ -228,9 +228,11 @@ pub fn quic_server_config(
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("60 s fits a QUIC varint"),
     ));
-    // Agents open one control stream and one uni stream per result; keep the window of
-    // concurrent streams small to bound per-connection memory.
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // Agents open one control stream and one uni stream per result, and one bidirectional
+    // stream per tunnel or directory request (`connect` carries every local connection
+    // on one side connection, and browsers open six at a time). Streams cost memory only
+    // while open; the window bounds how many a connection may hold at once.
+    transport.max_concurrent_bidi_streams(64u32.into());
     transport.max_concurrent_uni_streams(16u32.into());
     config.transport_config(Arc::new(transport));
     config.migration(true);

@@ -28,6 +28,9 @@ pub const MAX_DESCRIPTION: usize = 500;
 pub const MAX_SHARE_CLUBS: usize = 32;
 /// Most shares one agent reports.
 pub const MAX_SHARES: usize = 256;
+/// The stream reset code a providing agent closes an idle tunnel with, so the server and
+/// the consumer record it as `idle` rather than as a failure.
+pub const IDLE_RESET: u32 = 1;
 
 /// A service an agent shares, as it reports it for the directory. The local address,
 /// limits and everything else the agent enforces stay on the agent.

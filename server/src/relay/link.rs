@@ -12,9 +12,12 @@
 //!   refused with a message saying so. Anything else first, a second `Hello`, or a
 //!   message the server never accepts on that stream closes the connection with
 //!   [`close::PROTOCOL`] ([`Violation`]). Input from the network never panics.
-//! - **Streams.** The control stream carries acknowledgements, `Started`, progress and
-//!   address reports; each result comes on a unidirectional stream of its own, which
-//!   carries nothing else.
+//! - **Streams.** The control stream carries acknowledgements, `Started`, progress,
+//!   address and share reports; each result comes on a unidirectional stream of its
+//!   own, which carries nothing else. A connection whose first message is a `Request`
+//!   is a side connection ([`Greeting::Side`]): its streams are the relay's requests
+//!   (`tunnel.rs`), as are the bidirectional streams an agent opens besides its control
+//!   stream.
 //! - **Membership before the jobs it admits.** When the store is read
 //!   ([`Link::handle_snapshot`]), a changed membership goes out before any signal: a
 //!   group job sent before the membership that admits the agent to the group would be
@@ -125,6 +128,9 @@ pub(crate) enum Greeting {
     /// Admit the agent if it is enrolled (refuse it otherwise), record the connection
     /// and its addresses, then answer with [`Link::handle_admitted`].
     Admit(Hello),
+    /// A side connection: answer this request (and every stream the agent opens after
+    /// it) if the agent is enrolled; it is not the agent's link.
+    Side(herald_shared::peers::StreamRequest),
     /// Close the connection with [`Violation::code`] and the violation as the reason.
     Close(Violation),
 }
@@ -276,6 +282,11 @@ impl Link {
             AgentMsg::Enroll(enroll) => {
                 self.phase = Phase::Enrolling;
                 Greeting::Enroll(enroll)
+            }
+            AgentMsg::Request(request) => {
+                // Its exchanges are the relay's (`tunnel.rs`); nothing more comes here.
+                self.phase = Phase::Enrolling;
+                Greeting::Side(request)
             }
             other => Greeting::Close(Violation::NotGreeting(msg_name(&other))),
         }
@@ -912,6 +923,30 @@ mod tests {
         let violation =
             closed_for(link.handle_message(Stream::Control, hello(PROTOCOL_MAJOR), NOW));
         assert_eq!(violation.code(), close::PROTOCOL);
+    }
+
+    #[test]
+    fn a_request_first_makes_a_side_connection_and_never_a_link() {
+        use herald_shared::peers::StreamRequest;
+        let request = StreamRequest::Peers { query: None };
+        let mut link = Link::new();
+        assert_eq!(
+            link.handle_greeting(AgentMsg::Request(request.clone())),
+            Greeting::Side(request.clone())
+        );
+        // Nothing of a link's conversation follows on it.
+        let violation =
+            closed_for(link.handle_message(Stream::Control, hello(PROTOCOL_MAJOR), NOW));
+        assert_eq!(violation.code(), close::PROTOCOL);
+        // And a request on an open link's control stream is a violation: requests go on
+        // streams of their own.
+        let mut open = open(None);
+        let violation =
+            closed_for(open.handle_message(Stream::Control, AgentMsg::Request(request), NOW));
+        assert_eq!(
+            violation.to_string(),
+            "unexpected Request on the control stream"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod acks;
 mod link;
 mod metrics;
+mod tunnel;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -558,6 +559,7 @@ impl Relay {
                 self.session(connection, &key, link, hello, send, recv)
                     .await
             }
+            Greeting::Side(request) => self.side(connection, &key, request, send, recv).await,
             Greeting::Refuse(reason) => {
                 // Only a Hello of another protocol version is refused here.
                 self.refusals.add(Refusal::Version);
@@ -734,6 +736,7 @@ impl Relay {
             r = self.read_control(&conn, &mut recv) => r,
             r = self.read_results(&conn) => r,
             r = self.watch_path(&conn) => r,
+            r = self.clone().accept_requests(connection, &agent_id) => r,
         };
         drop(conn);
         {

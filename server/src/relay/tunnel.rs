@@ -1,0 +1,559 @@
+//! Requests on streams agents open: the directory (`herald-agent peers`) and tunnels
+//! through the relay (`herald-agent connect`).
+//!
+//! An agent opens them on a *side connection* (a connection whose first stream starts
+//! with `AgentMsg::Request`; it is admitted like a link, enrolled and active agents only,
+//! but not registered as the agent's link) or on its link. Each stream carries one
+//! request and its [`StreamAnswer`]; a tunnel's stream then carries the service's bytes.
+//!
+//! # Who reaches what
+//!
+//! The consumer is the agent's owner (the user it is linked to; an agent linked to nobody
+//! sees public shares only). The directory is the store's
+//! ([`crate::store::Store::directory`]) narrowed to devices online now. A tunnel resolves
+//! `OWNER[@DEVICE]/SERVICE` among those entries ([`resolve`]), records a session
+//! ([`Via::Relay`]), and offers it to the provider with the clubs the consumer and the
+//! share have in common; the provider decides from its own table
+//! ([`Relay::offer`]). Every refusal is answered with its reason and logged; those
+//! that got as far as a provider are recorded as sessions too.
+//!
+//! # Bytes
+//!
+//! The two streams are spliced chunk by chunk (`read_chunk`/`write_chunk`: the bytes
+//! quinn received are handed on without a copy), each direction finishing the other
+//! side when it ends; a failure on either resets both.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use quinn::{Connection, RecvStream, SendStream};
+use tracing::{debug, info, warn};
+
+use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::peers::{
+    Consumer, PeerDevice, StreamAnswer, StreamRequest, TunnelOffer, TunnelOpen, IDLE_RESET,
+};
+use herald_shared::protocol::AgentMsg;
+
+use super::{read_frame, write_frame, LinkError, Relay, HELLO_TIMEOUT};
+use crate::model::{DirectoryEntry, NewSession, SessionEnd, Via};
+use crate::now_ms;
+use crate::pki::KeyStatus;
+
+/// Most bytes handed on per chunk.
+const CHUNK: usize = 64 * 1024;
+
+/// The agent asking, as the server knows it.
+#[derive(Debug, Clone)]
+struct Asker {
+    agent_id: String,
+    /// The user it is linked to: (id, login).
+    owner: Option<(i64, String)>,
+    /// Where its connection comes from.
+    source: SocketAddr,
+}
+
+impl Relay {
+    /// A side connection: admitted like a link (an enrolled, active agent), then every
+    /// stream it opens carries one request, starting with `first` on `send`/`recv`.
+    pub(super) async fn side(
+        self: Arc<Self>,
+        connection: &Connection,
+        key: &[u8],
+        first: StreamRequest,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Result<(), LinkError> {
+        let agent_id = herald_shared::agent_id(key);
+        if self.keyring.status(key) != KeyStatus::Enrolled || !self.store.agent_active(&agent_id)? {
+            debug!(%agent_id, "side connection of an agent that is not enrolled refused");
+            let answer = StreamAnswer::Refused(
+                "this agent is not enrolled; run `herald-agent enroll TOKEN`".into(),
+            );
+            let _ = write_frame(&mut send, &answer).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(HELLO_TIMEOUT, send.stopped()).await;
+            connection.close(super::close::REFUSED.into(), b"not enrolled");
+            return Ok(());
+        }
+        debug!(%agent_id, remote = %connection.remote_address(), "side connection");
+        let relay = self.clone();
+        let source = connection.remote_address();
+        let requester = agent_id.clone();
+        tokio::spawn(async move {
+            relay.request(&requester, source, first, send, recv).await;
+        });
+        self.accept_requests(connection, &agent_id).await
+    }
+
+    /// Serves the streams an agent opens on `connection` (a side connection, or its
+    /// link besides the control stream): each is one request, in a task of its own.
+    pub(super) async fn accept_requests(
+        self: Arc<Self>,
+        connection: &Connection,
+        agent_id: &str,
+    ) -> Result<(), LinkError> {
+        loop {
+            let (send, mut recv) = connection.accept_bi().await?;
+            let relay = self.clone();
+            let agent_id = agent_id.to_string();
+            let source = connection.remote_address();
+            tokio::spawn(async move {
+                let first = tokio::time::timeout(
+                    HELLO_TIMEOUT,
+                    read_frame::<AgentMsg>(&mut recv, DEFAULT_FRAME_LIMIT),
+                )
+                .await;
+                match first {
+                    Ok(Ok(Some(AgentMsg::Request(request)))) => {
+                        relay.request(&agent_id, source, request, send, recv).await
+                    }
+                    Ok(Ok(None)) => {}
+                    other => {
+                        warn!(%agent_id, "a stream the agent opened carried no request: {other:?}");
+                        let _ = recv.stop(0u32.into());
+                    }
+                }
+            });
+        }
+    }
+
+    /// Answers one request.
+    async fn request(
+        &self,
+        agent_id: &str,
+        source: SocketAddr,
+        request: StreamRequest,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) {
+        let owner = match self.store.agent_owner_login(agent_id) {
+            Ok(owner) => owner,
+            Err(e) => {
+                warn!(%agent_id, "cannot read the agent's owner: {e}");
+                return answer(
+                    send,
+                    StreamAnswer::Refused("the server cannot read its store".into()),
+                )
+                .await;
+            }
+        };
+        let asker = Asker {
+            agent_id: agent_id.to_string(),
+            owner,
+            source,
+        };
+        match request {
+            StreamRequest::Peers { query } => {
+                let reply = match self.peers_for(&asker, query.as_deref()) {
+                    Ok(devices) => StreamAnswer::Peers(devices),
+                    Err(e) => {
+                        warn!(%agent_id, "cannot read the directory: {e}");
+                        StreamAnswer::Refused("the server cannot read the directory".into())
+                    }
+                };
+                answer(send, reply).await;
+            }
+            StreamRequest::Tunnel(open) => match self.open_tunnel(&asker, &open).await {
+                Ok(Opened {
+                    session,
+                    provider,
+                    streams,
+                }) => {
+                    let relayed = StreamAnswer::Relayed {
+                        session,
+                        provider: provider.clone(),
+                    };
+                    if let Err(e) = write_frame(&mut send, &relayed).await {
+                        self.end_session(session, 0, 0, &format!("failed: {e}"));
+                        return;
+                    }
+                    info!(session, consumer = %agent_id, %provider, target = %open, "tunnel open");
+                    let (up, down, outcome) = splice((send, recv), streams).await;
+                    info!(session, up, down, %outcome, "tunnel closed");
+                    self.end_session(session, up, down, &outcome);
+                }
+                Err(reason) => {
+                    warn!(consumer = %agent_id, user = ?asker.owner.as_ref().map(|o| &o.1), target = %open, "tunnel refused: {reason}");
+                    let _ = recv;
+                    answer(send, StreamAnswer::Refused(reason)).await;
+                }
+            },
+        }
+    }
+
+    /// The directory as `asker`'s owner sees it, online devices only.
+    fn peers_for(
+        &self,
+        asker: &Asker,
+        query: Option<&str>,
+    ) -> Result<Vec<PeerDevice>, crate::store::StoreError> {
+        let entries = self.store.directory(asker.owner.as_ref().map(|o| o.0))?;
+        let entries = entries
+            .into_iter()
+            .filter(|e| query.is_none_or(|q| e.matches(q)));
+        Ok(devices(entries, |agent_id| self.online_since(agent_id)))
+    }
+
+    /// Resolves a tunnel request, records its session and has the provider accept it.
+    async fn open_tunnel(&self, asker: &Asker, open: &TunnelOpen) -> Result<Opened, String> {
+        let internal = |e: crate::store::StoreError| {
+            warn!("tunnel: {e}");
+            "the server cannot read its store".to_string()
+        };
+        let viewer = asker.owner.as_ref().map(|o| o.0);
+        let entries = self.store.directory(viewer).map_err(internal)?;
+        let entry = match resolve(&entries, open, |id| self.online_since(id).is_some()) {
+            Ok(entry) => entry,
+            Err(Unresolved::NoOwner) => {
+                let exists = self
+                    .store
+                    .user_by_login(&open.owner)
+                    .map_err(internal)?
+                    .is_some();
+                return Err(if exists {
+                    format!("{} shares nothing with you", open.owner)
+                } else {
+                    format!("there is no user named {}", open.owner)
+                });
+            }
+            Err(Unresolved::Refused(reason)) => return Err(reason),
+            Err(Unresolved::Offline(entry)) => {
+                let reason = format!(
+                    "{}'s device {} sharing {} is offline",
+                    entry.owner, entry.device, entry.service.name
+                );
+                if let Ok(session) = self.start_session(asker, entry) {
+                    self.end_session(session, 0, 0, &format!("refused: {reason}"));
+                }
+                return Err(reason);
+            }
+        };
+        let session = self.start_session(asker, entry).map_err(internal)?;
+        let offer = TunnelOffer {
+            session,
+            share: entry.service.name.clone(),
+            consumer: Consumer::Agent {
+                agent_id: asker.agent_id.clone(),
+                user: asker.owner.as_ref().map(|o| o.1.clone()),
+            },
+            clubs: entry.service.clubs.clone(),
+        };
+        match self.offer(&entry.agent_id, &offer).await {
+            Ok(streams) => Ok(Opened {
+                session,
+                provider: entry.agent_id.clone(),
+                streams,
+            }),
+            Err(e) => {
+                let outcome = match &e {
+                    super::OfferError::Failed(_) => format!("failed: {e}"),
+                    _ => format!("refused: {e}"),
+                };
+                self.end_session(session, 0, 0, &outcome);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn start_session(
+        &self,
+        asker: &Asker,
+        entry: &DirectoryEntry,
+    ) -> Result<i64, crate::store::StoreError> {
+        self.store.open_session(&NewSession {
+            provider_agent_id: entry.agent_id.clone(),
+            share: entry.service.name.clone(),
+            provider_user_id: entry.owner_user_id,
+            consumer_user_id: asker.owner.as_ref().map(|o| o.0),
+            consumer_agent_id: Some(asker.agent_id.clone()),
+            via: Via::Relay,
+            source: asker.source.to_string(),
+            path: String::new(),
+            started_at: now_ms(),
+        })
+    }
+
+    fn end_session(&self, session: i64, up: u64, down: u64, outcome: &str) {
+        let end = SessionEnd {
+            bytes_up: up,
+            bytes_down: down,
+            requests: 0,
+            outcome: outcome.to_string(),
+            ended_at: now_ms(),
+        };
+        if let Err(e) = self.store.close_session(session, &end) {
+            warn!(session, "cannot record the end of a tunnel session: {e}");
+        }
+    }
+}
+
+/// A tunnel the provider accepted.
+struct Opened {
+    session: i64,
+    provider: String,
+    streams: (SendStream, RecvStream),
+}
+
+async fn answer(mut send: SendStream, answer: StreamAnswer) {
+    if write_frame(&mut send, &answer).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(HELLO_TIMEOUT, send.stopped()).await;
+    }
+}
+
+/// Why a tunnel request resolves to no online share.
+#[derive(Debug, PartialEq)]
+enum Unresolved<'a> {
+    /// Nothing of that owner is visible to the consumer.
+    NoOwner,
+    /// The share exists for the consumer but its device is offline.
+    Offline(&'a DirectoryEntry),
+    /// Another reason, for people.
+    Refused(String),
+}
+
+/// Finds the entry a tunnel request names among those the consumer may reach.
+fn resolve<'a>(
+    entries: &'a [DirectoryEntry],
+    open: &TunnelOpen,
+    online: impl Fn(&str) -> bool,
+) -> Result<&'a DirectoryEntry, Unresolved<'a>> {
+    let owners: Vec<&DirectoryEntry> = entries.iter().filter(|e| e.owner == open.owner).collect();
+    if owners.is_empty() {
+        return Err(Unresolved::NoOwner);
+    }
+    let named: Vec<&DirectoryEntry> = owners
+        .into_iter()
+        .filter(|e| e.service.name == open.service)
+        .filter(|e| open.device.as_ref().is_none_or(|d| &e.device == d))
+        .collect();
+    let Some(first) = named.first() else {
+        let from = open
+            .device
+            .as_ref()
+            .map(|d| format!(" from {d}"))
+            .unwrap_or_default();
+        return Err(Unresolved::Refused(format!(
+            "{} shares no service {}{from} with you",
+            open.owner, open.service
+        )));
+    };
+    let up: Vec<&DirectoryEntry> = named
+        .iter()
+        .copied()
+        .filter(|e| online(&e.agent_id))
+        .collect();
+    match up.as_slice() {
+        [] => Err(Unresolved::Offline(first)),
+        [one] => Ok(one),
+        several => Err(Unresolved::Refused(format!(
+            "{} shares {} from several devices ({}); ask for {}@DEVICE/{}",
+            open.owner,
+            open.service,
+            several
+                .iter()
+                .map(|e| e.device.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            open.owner,
+            open.service
+        ))),
+    }
+}
+
+/// Groups directory entries (ordered by owner, device, share) into the online devices.
+fn devices(
+    entries: impl Iterator<Item = DirectoryEntry>,
+    online_since: impl Fn(&str) -> Option<crate::Millis>,
+) -> Vec<PeerDevice> {
+    let mut devices: Vec<PeerDevice> = Vec::new();
+    for entry in entries {
+        let Some(since) = online_since(&entry.agent_id) else {
+            continue;
+        };
+        match devices.last_mut() {
+            Some(device) if device.agent_id == entry.agent_id => {
+                device.services.push(entry.service)
+            }
+            _ => devices.push(PeerDevice {
+                owner: entry.owner,
+                device: entry.device,
+                agent_id: entry.agent_id,
+                online_since: since,
+                reported: entry
+                    .reported
+                    .split([',', ' '])
+                    .filter_map(|a| a.trim().parse().ok())
+                    .collect(),
+                observed: entry.observed.and_then(|a| a.parse().ok()),
+                services: vec![entry.service],
+            }),
+        }
+    }
+    devices
+}
+
+/// Moves bytes between the consumer's streams and the provider's until both directions
+/// have finished or one fails; returns (bytes up, bytes down, outcome).
+async fn splice(
+    consumer: (SendStream, RecvStream),
+    provider: (SendStream, RecvStream),
+) -> (u64, u64, String) {
+    let (mut to_consumer, mut from_consumer) = consumer;
+    let (mut to_provider, mut from_provider) = provider;
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::try_join!(
+        pump(&mut from_consumer, &mut to_provider, &up),
+        pump(&mut from_provider, &mut to_consumer, &down),
+    );
+    let outcome = match result {
+        Ok(_) => "closed".to_string(),
+        Err(Ended::Idle) => {
+            // The provider closed an idle tunnel: pass that on as it is.
+            let _ = to_consumer.reset(IDLE_RESET.into());
+            let _ = from_consumer.stop(IDLE_RESET.into());
+            "idle".to_string()
+        }
+        Err(Ended::Failed(e)) => {
+            // Neither side may take a cut-off stream for a finished one.
+            let _ = to_consumer.reset(0u32.into());
+            let _ = to_provider.reset(0u32.into());
+            let _ = from_consumer.stop(0u32.into());
+            let _ = from_provider.stop(0u32.into());
+            format!("failed: {e}")
+        }
+    };
+    (up.into_inner(), down.into_inner(), outcome)
+}
+
+/// Why a direction of a splice ended early.
+#[derive(Debug)]
+enum Ended {
+    /// The provider reset its stream for idleness.
+    Idle,
+    /// A stream failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Idle => f.write_str("idle"),
+            Ended::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One direction: chunks from `from` handed to `to` as they are, then `to` finished.
+async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &AtomicU64) -> Result<(), Ended> {
+    loop {
+        match from.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                let n = chunk.bytes.len() as u64;
+                to.write_chunk(chunk.bytes)
+                    .await
+                    .map_err(|e| Ended::Failed(format!("write: {e}")))?;
+                count.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return Ok(());
+            }
+            Err(quinn::ReadError::Reset(code)) if code == IDLE_RESET.into() => {
+                return Err(Ended::Idle)
+            }
+            Err(e) => return Err(Ended::Failed(format!("read: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::peers::PeerService;
+
+    fn entry(owner: &str, device: &str, service: &str) -> DirectoryEntry {
+        DirectoryEntry {
+            agent_id: format!("id-{device}"),
+            device: device.into(),
+            owner: owner.into(),
+            owner_user_id: Some(1),
+            reported: "192.0.2.1,2001:db8::1".into(),
+            observed: Some("198.51.100.7:4000".into()),
+            service: PeerService {
+                name: service.into(),
+                http: false,
+                public: false,
+                clubs: vec!["chess".into()],
+                description: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn requests_resolve_to_one_online_device_or_say_why_not() {
+        let entries = [
+            entry("alice", "laptop", "web"),
+            entry("alice", "nas", "files"),
+            entry("alice", "nas", "web"),
+        ];
+        let all = |_: &str| true;
+        let open = |t: &str| TunnelOpen::parse(t).unwrap();
+        assert_eq!(
+            resolve(&entries, &open("alice/files"), all).unwrap().device,
+            "nas"
+        );
+        assert_eq!(
+            resolve(&entries, &open("alice@laptop/web"), all)
+                .unwrap()
+                .device,
+            "laptop"
+        );
+        assert_eq!(
+            resolve(&entries, &open("bob/web"), all),
+            Err(Unresolved::NoOwner)
+        );
+        let refused = |r| match r {
+            Err(Unresolved::Refused(reason)) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(resolve(&entries, &open("alice/web"), all)).contains("(laptop, nas)"));
+        assert!(refused(resolve(&entries, &open("alice/cam"), all)).contains("no service cam"));
+        // Only the laptop is online: no ambiguity left.
+        let laptop = |id: &str| id == "id-laptop";
+        assert_eq!(
+            resolve(&entries, &open("alice/web"), laptop)
+                .unwrap()
+                .device,
+            "laptop"
+        );
+        assert!(matches!(
+            resolve(&entries, &open("alice/files"), laptop),
+            Err(Unresolved::Offline(e)) if e.device == "nas"
+        ));
+    }
+
+    #[test]
+    fn the_directory_groups_online_devices_with_their_addresses() {
+        let entries = vec![
+            entry("alice", "laptop", "web"),
+            entry("alice", "nas", "files"),
+            entry("alice", "nas", "web"),
+        ];
+        let devices = devices(entries.into_iter(), |id| (id == "id-nas").then_some(42));
+        assert_eq!(devices.len(), 1);
+        let nas = &devices[0];
+        assert_eq!((nas.device.as_str(), nas.online_since), ("nas", 42));
+        assert_eq!(
+            nas.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["files", "web"]
+        );
+        assert_eq!(nas.reported.len(), 2);
+        assert_eq!(nas.observed, Some("198.51.100.7:4000".parse().unwrap()));
+    }
+}

@@ -1,0 +1,801 @@
+//! Shared services through the relay, with real processes: a server, providing agents
+//! that share local TCP services (`herald-agent share add`), and consumers that reach
+//! them with `herald-agent connect` and list the directory with `herald-agent peers`.
+//!
+//! Users register in the console and link their devices with their personal tokens;
+//! clubs are written into the server's database (there is no clubs API on this branch),
+//! as `clubs` and `club_members` rows.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use herald_tests::console_client::Console;
+use herald_tests::{bin, free_port, wait_until, TestAgent, TestServer, DEADLINE};
+
+/// Bytes of the large transfer.
+const LARGE: usize = 64 * 1024 * 1024;
+
+// === fixtures ===
+
+/// Registers `login` in the console and links a device named `device` to them
+/// (enrolled, not started).
+fn user_with_device(server: &TestServer, login: &str, device: &str) -> TestAgent {
+    Console::new(server).register_with_device(
+        server,
+        login,
+        &format!("{login}@example.org"),
+        "",
+        device,
+    )
+}
+
+/// Creates club `name` with `members` (logins), straight in the server's database.
+fn club(server: &TestServer, name: &str, members: &[&str]) {
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    db.execute(
+        "INSERT INTO clubs (name, created_by, created_at)
+         SELECT ?1, id, 0 FROM users WHERE login = ?2",
+        rusqlite::params![name, members[0]],
+    )
+    .expect("insert club");
+    for (i, member) in members.iter().enumerate() {
+        let added = db
+            .execute(
+                "INSERT INTO club_members (club_id, user_id, role, joined_at)
+                 SELECT c.id, u.id, ?3, 0 FROM clubs c, users u
+                 WHERE c.name = ?1 AND u.login = ?2",
+                rusqlite::params![name, member, if i == 0 { "owner" } else { "member" }],
+            )
+            .expect("insert club member");
+        assert_eq!(added, 1, "user {member} exists");
+    }
+}
+
+/// Removes `login` from club `name`.
+fn leave_club(server: &TestServer, name: &str, login: &str) {
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    db.execute(
+        "DELETE FROM club_members WHERE club_id = (SELECT id FROM clubs WHERE name = ?1)
+         AND user_id = (SELECT id FROM users WHERE login = ?2)",
+        rusqlite::params![name, login],
+    )
+    .expect("delete club member");
+}
+
+/// The server's tunnel sessions, oldest first, as JSON objects.
+fn server_sessions(server: &TestServer) -> Vec<Value> {
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let mut stmt = db
+        .prepare(
+            "SELECT id, provider_agent_id, share, consumer_agent_id, via, bytes_up,
+                    bytes_down, outcome, ended_at FROM tunnel_sessions ORDER BY id",
+        )
+        .expect("prepare");
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(serde_json::json!({
+                "id": r.get::<_, i64>(0)?,
+                "provider": r.get::<_, String>(1)?,
+                "share": r.get::<_, String>(2)?,
+                "consumer": r.get::<_, Option<String>>(3)?,
+                "via": r.get::<_, String>(4)?,
+                "bytes_up": r.get::<_, i64>(5)?,
+                "bytes_down": r.get::<_, i64>(6)?,
+                "outcome": r.get::<_, String>(7)?,
+                "ended": r.get::<_, Option<i64>>(8)?.is_some(),
+            }))
+        })
+        .expect("query");
+    rows.map(|r| r.expect("row")).collect()
+}
+
+/// A local TCP service for the tests. Each connection's first byte says what it does:
+/// `e` echoes everything back until the client finishes; `s` then a decimal count and
+/// a newline sends that many bytes and closes.
+struct Service {
+    port: u16,
+}
+
+impl Service {
+    fn start() -> Service {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind service");
+        let port = listener.local_addr().expect("service address").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                std::thread::spawn(move || serve(stream));
+            }
+        });
+        Service { port }
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn serve(mut stream: TcpStream) {
+    let mut mode = [0u8; 1];
+    if stream.read_exact(&mut mode).is_err() {
+        return;
+    }
+    match mode[0] {
+        b'e' => {
+            let mut reader = stream.try_clone().expect("clone stream");
+            let _ = std::io::copy(&mut reader, &mut stream);
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        b's' => {
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            let count: usize = line.trim().parse().unwrap_or(0);
+            let chunk = vec![b'x'; 16 * 1024];
+            let mut left = count;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if stream.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        _ => {}
+    }
+}
+
+/// A running `herald-agent connect`, with its output read in threads.
+struct Connect {
+    child: Child,
+    port: u16,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Connect {
+    /// Starts `connect TARGET` for `agent` and waits for its "listening" line.
+    fn start(agent: &TestAgent, target: &str) -> Connect {
+        let (child, stdout, stderr, port) = spawn_connect(agent, target);
+        let connect = Connect {
+            child,
+            port,
+            stdout,
+            stderr,
+        };
+        let line = connect
+            .stdout
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("connect printed nothing: {}", connect.stderr_text()));
+        assert!(
+            line.starts_with(&format!("{target}: relay through 127.0.0.1:"))
+                && line.ends_with(&format!("listening on 127.0.0.1:{port}")),
+            "{line}"
+        );
+        connect
+    }
+
+    /// Connects to the local port.
+    fn dial(&self) -> TcpStream {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("dial connect's port");
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        stream
+    }
+
+    /// Waits for a line on stderr containing `text`.
+    fn wait_stderr(&self, text: &str) -> String {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        while start.elapsed() < DEADLINE {
+            match self.stderr.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => {}
+            }
+        }
+        panic!("connect never said {text:?}; it said: {seen:?}");
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_connect(
+    agent: &TestAgent,
+    target: &str,
+) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>, u16) {
+    let port = free_port();
+    let mut child = Command::new(bin("herald-agent"))
+        .arg("--state-dir")
+        .arg(&agent.state_dir)
+        .args(["connect", target, "--local-port", &port.to_string()])
+        .env("HERALD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald-agent connect");
+    let lines = |pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
+    (child, stdout, stderr, port)
+}
+
+/// Echoes `data` through `stream` (in `e` mode): writes it from a thread while reading
+/// the echo; returns the SHA-256 of what came back and its length.
+fn echo_through(stream: TcpStream, data: Vec<u8>) -> ([u8; 32], usize) {
+    let mut writer = stream.try_clone().expect("clone stream");
+    let sending = std::thread::spawn(move || {
+        writer.write_all(b"e").expect("mode");
+        for chunk in data.chunks(256 * 1024) {
+            writer.write_all(chunk).expect("send through the tunnel");
+        }
+        writer.shutdown(Shutdown::Write).expect("finish sending");
+    });
+    let mut reader = stream;
+    let mut hasher = Sha256::new();
+    let mut total = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf).expect("read the echo");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+    }
+    sending.join().expect("sender thread");
+    (hasher.finalize().into(), total)
+}
+
+/// Pseudo-random bytes (xorshift), so a reordered or repeated chunk changes the digest.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `peers --json` for `agent`.
+fn peers(agent: &TestAgent, query: Option<&str>) -> Vec<Value> {
+    let mut args = vec!["peers"];
+    args.extend(query);
+    agent.json(&args).as_array().expect("an array").clone()
+}
+
+/// The services `agent` sees, as `OWNER@DEVICE/SERVICE`.
+fn reachable(agent: &TestAgent, query: Option<&str>) -> Vec<String> {
+    let mut all: Vec<String> = peers(agent, query)
+        .iter()
+        .flat_map(|d| {
+            let owner = d["owner"].as_str().unwrap_or_default().to_string();
+            let device = d["device"].as_str().unwrap_or_default().to_string();
+            d["services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |s| {
+                    format!(
+                        "{owner}@{device}/{}",
+                        s["name"].as_str().unwrap_or_default()
+                    )
+                })
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn wait_reachable(agent: &TestAgent, query: Option<&str>, expected: &[&str]) {
+    wait_until(
+        &format!("{} to see {expected:?}", agent.name),
+        DEADLINE,
+        || (reachable(agent, query) == expected).then_some(()),
+    );
+}
+
+// === tests ===
+
+#[test]
+fn club_member_reaches_a_shared_service_through_the_relay() {
+    let server = TestServer::start("tunnel-relay");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+        "--description",
+        "an echo",
+    ]);
+    // The consumer's daemon need not run: `connect` uses a side connection.
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+
+    // Bytes both ways, then a large transfer whose digest must match.
+    let mut small = connect.dial();
+    small.write_all(b"ehello").unwrap();
+    let mut back = [0u8; 5];
+    small.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    drop(small);
+    // Several tunnels at once on `connect`'s one side connection, as a browser opens them.
+    let many: Vec<TcpStream> = (0..8u8)
+        .map(|i| {
+            let mut stream = connect.dial();
+            stream.write_all(&[b'e', b'0' + i]).unwrap();
+            stream
+        })
+        .collect();
+    // All answer while all are open.
+    for (i, mut stream) in many.iter().enumerate() {
+        let mut back = [0u8; 1];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back[0], b'0' + i as u8);
+    }
+    drop(many);
+    let data = noise(LARGE);
+    let sent: [u8; 32] = Sha256::digest(&data).into();
+    let started = Instant::now();
+    let (received, len) = echo_through(connect.dial(), data);
+    eprintln!("64 MiB echoed through the relay in {:?}", started.elapsed());
+    assert_eq!(len, LARGE);
+    assert_eq!(received, sent, "the echo's digest matches what was sent");
+
+    // Recorded by the server (consumer → provider counts the mode byte too)...
+    let sessions = wait_until(
+        "the server to record every session as ended",
+        DEADLINE,
+        || {
+            let s = server_sessions(&server);
+            (s.len() == 10 && s.iter().all(|s| s["ended"] == true)).then_some(s)
+        },
+    );
+    let large = &sessions[9];
+    assert_eq!(large["via"], "relay");
+    assert_eq!(large["share"], "echo");
+    assert_eq!(large["provider"], alice.id.as_str());
+    assert_eq!(large["consumer"], bob.id.as_str());
+    assert_eq!(large["outcome"], "closed");
+    assert_eq!(large["bytes_up"], (LARGE + 1) as i64);
+    assert_eq!(large["bytes_down"], LARGE as i64);
+    assert_eq!(sessions[0]["bytes_up"], 6);
+    // ...by the provider...
+    let provided = wait_until("alice to record the session", DEADLINE, || {
+        let s = alice.json(&["share", "sessions"]);
+        let first = s.as_array()?.first()?.clone();
+        (first["outcome"] == "closed" && first["session"] == large["id"]).then_some(first)
+    });
+    assert_eq!(provided["role"], "provided");
+    assert_eq!(provided["share"], "echo");
+    assert_eq!(provided["bytes_up"], (LARGE + 1) as i64);
+    assert_eq!(provided["bytes_down"], LARGE as i64);
+    assert!(
+        provided["peer"].as_str().unwrap().contains("bob"),
+        "{provided}"
+    );
+    // ...and by the consumer.
+    let used = wait_until("bob to record the session", DEADLINE, || {
+        let s = bob.json(&["share", "sessions"]);
+        let first = s.as_array()?.first()?.clone();
+        (first["outcome"] == "closed" && first["session"] == large["id"]).then_some(first)
+    });
+    assert_eq!(used["role"], "used");
+    assert_eq!(used["share"], "alice/echo");
+    assert_eq!(used["bytes_up"], (LARGE + 1) as i64);
+    assert_eq!(used["bytes_down"], LARGE as i64);
+}
+
+#[test]
+fn non_member_and_unshared_port_are_refused() {
+    let server = TestServer::start("tunnel-refused");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    let carol = user_with_device(&server, "carol", "carol-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    // A port nothing listens on, shared all the same.
+    let dead = format!("127.0.0.1:{}", free_port());
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    alice.cli_ok(&["share", "add", "dead", "--to", &dead, "--club", "chess"]);
+    wait_reachable(&bob, None, &["alice@alice-pc/dead", "alice@alice-pc/echo"]);
+
+    // Carol is in no club: alice's services are not hers to reach.
+    assert!(reachable(&carol, None).is_empty());
+    let refused = carol.cli(&[
+        "connect",
+        "alice/echo",
+        "--local-port",
+        &free_port().to_string(),
+    ]);
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("alice/echo is not in your directory: no online device of alice shares anything with you"),
+        "{stderr}"
+    );
+
+    // The providing agent refuses what it cannot serve, and says why.
+    let connect = Connect::start(&bob, "alice/dead");
+    let mut stream = connect.dial();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        stream.read(&mut buf).unwrap_or(0),
+        0,
+        "the refused connection is closed"
+    );
+    let line = connect.wait_stderr("refused");
+    assert!(
+        line.contains(&format!(
+            "the device sharing it refused: the local service at {dead} is not answering"
+        )),
+        "{line}"
+    );
+    drop(connect);
+
+    // Bob leaves the club while connected: the next connection is refused by the
+    // server, with the reason, and nothing reaches the service.
+    let connect = Connect::start(&bob, "alice/echo");
+    leave_club(&server, "chess", "bob");
+    let mut stream = connect.dial();
+    stream.write_all(b"e").ok();
+    assert_eq!(
+        stream.read(&mut buf).unwrap_or(0),
+        0,
+        "the refused connection is closed"
+    );
+    let line = connect.wait_stderr("refused");
+    assert!(line.contains("alice shares nothing with you"), "{line}");
+
+    // The refusals are on record: at the server (what reached a provider) and at alice.
+    let sessions = server_sessions(&server);
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["share"] == "dead"
+                && s["outcome"].as_str().unwrap().contains("is not answering")),
+        "{sessions:?}"
+    );
+    let local = alice.json(&["share", "sessions"]);
+    assert!(
+        local
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["share"] == "dead"
+                && s["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("refused: the local service")),
+        "{local}"
+    );
+    let log = alice.log();
+    assert!(
+        log.contains("tunnel refused"),
+        "the provider logs its refusal"
+    );
+    let server_log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    assert!(
+        server_log.contains("tunnel refused"),
+        "the server logs refusals"
+    );
+}
+
+#[test]
+fn rate_limit_and_connection_cap_hold() {
+    const RATE: u64 = 200_000;
+    const BYTES: u64 = 600_000;
+    let server = TestServer::start("tunnel-limits");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "svc",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+        "--max-connections",
+        "2",
+        "--rate-limit",
+        &RATE.to_string(),
+    ]);
+    wait_reachable(&bob, None, &["alice@alice-pc/svc"]);
+    let connect = Connect::start(&bob, "alice/svc");
+
+    // Two tunnels open (each proven by an echo), the third is refused with the reason.
+    let open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = connect.dial();
+            stream.write_all(b"eping").unwrap();
+            let mut back = [0u8; 4];
+            stream.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"ping");
+            stream
+        })
+        .collect();
+    let mut third = connect.dial();
+    third.write_all(b"e").ok();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        third.read(&mut buf).unwrap_or(0),
+        0,
+        "the third connection is closed"
+    );
+    let line = connect.wait_stderr("refused");
+    assert!(
+        line.contains("svc already carries 2 connections, its limit"),
+        "{line}"
+    );
+    drop(open);
+
+    // Rate: BYTES at RATE bytes a second take at least (BYTES - burst) / RATE, the burst
+    // being a quarter second's worth.
+    let mut stream = wait_until("a place under the cap again", DEADLINE, || {
+        let mut stream = connect.dial();
+        stream.write_all(format!("s{BYTES}\n").as_bytes()).ok()?;
+        let mut first = [0u8; 1];
+        (stream.read(&mut first).ok()? == 1).then_some(stream)
+    });
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    let took = started.elapsed();
+    assert_eq!(rest.len() as u64 + 1, BYTES);
+    let floor = Duration::from_secs_f64((BYTES - RATE / 4 - 64 * 1024) as f64 / RATE as f64);
+    assert!(
+        took >= floor,
+        "{BYTES} bytes at {RATE} B/s took only {took:?} (floor {floor:?})"
+    );
+    eprintln!("{BYTES} bytes at {RATE} B/s took {took:?} (floor {floor:?})");
+}
+
+#[test]
+fn directory_shows_only_what_my_clubs_share() {
+    let server = TestServer::start("tunnel-directory");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    let carol = user_with_device(&server, "carol", "carol-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    club(&server, "family", &["alice"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    let to = service.address();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "board",
+        "--to",
+        &to,
+        "--club",
+        "chess",
+        "--description",
+        "Schachbrett 체스판",
+    ]);
+    alice.cli_ok(&["share", "add", "photos", "--to", &to, "--club", "family"]);
+    alice.cli_ok(&["share", "add", "blog", "--to", &to, "--public", "--http"]);
+
+    // Bob (chess) sees the chess share and the public one, not the family's.
+    wait_reachable(&bob, None, &["alice@alice-pc/blog", "alice@alice-pc/board"]);
+    let listed = peers(&bob, None);
+    assert_eq!(listed.len(), 1);
+    let device = &listed[0];
+    assert_eq!(device["agent_id"], alice.id.as_str());
+    assert!(device["online_since"].as_i64().unwrap() > 0);
+    assert!(
+        device["observed"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{device}"
+    );
+    let board = device["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "board")
+        .unwrap();
+    assert_eq!(board["clubs"], serde_json::json!(["chess"]));
+    assert_eq!(board["description"], "Schachbrett 체스판");
+    // Carol (no club) sees only the public share.
+    assert_eq!(reachable(&carol, None), ["alice@alice-pc/blog"]);
+    // Keywords in any language, over owners, services and descriptions.
+    assert_eq!(reachable(&bob, Some("체스")), ["alice@alice-pc/board"]);
+    assert_eq!(reachable(&bob, Some("SCHACH")), ["alice@alice-pc/board"]);
+    assert_eq!(reachable(&bob, Some("alice")).len(), 2);
+    assert!(reachable(&bob, Some("nothing-like-this")).is_empty());
+
+    // A share removed on the machine leaves the directory within seconds.
+    alice.cli_ok(&["share", "rm", "board"]);
+    wait_reachable(&bob, None, &["alice@alice-pc/blog"]);
+
+    // So does a device that stops.
+    let pid = alice.pid().expect("alice runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let stopped = Instant::now();
+    wait_until("alice's agent to exit", DEADLINE, || alice.try_wait());
+    wait_until(
+        "alice's device to leave bob's directory",
+        Duration::from_secs(10),
+        || reachable(&bob, None).is_empty().then_some(()),
+    );
+    eprintln!(
+        "the directory dropped a stopped device after {:?}",
+        stopped.elapsed()
+    );
+}
+
+#[test]
+fn idle_tunnels_are_closed() {
+    let server = TestServer::start("tunnel-idle");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    // `[peers] idle_timeout_secs` in the providing agent's agent.toml.
+    let config = alice.state_dir.join("agent.toml");
+    let text = std::fs::read_to_string(&config).expect("read agent.toml");
+    assert!(text.contains("idle_timeout_secs = 600"), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("idle_timeout_secs = 600", "idle_timeout_secs = 2"),
+    )
+    .expect("write agent.toml");
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+    let mut stream = connect.dial();
+    stream.write_all(b"eping").unwrap();
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back).unwrap();
+    // Then nothing either way: the provider closes the tunnel after two seconds.
+    let quiet = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        stream.read(&mut buf).unwrap_or(0),
+        0,
+        "the idle tunnel is closed"
+    );
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed after only {waited:?}"
+    );
+    let provided = wait_until("alice to record the idle end", DEADLINE, || {
+        let s = alice.json(&["share", "sessions"]);
+        let first = s.as_array()?.first()?.clone();
+        (first["outcome"] == "idle").then_some(first)
+    });
+    assert_eq!(provided["bytes_up"], 5);
+    assert_eq!(provided["bytes_down"], 4);
+    // The server and the consumer record it as idle too, not as a failure.
+    wait_until("the server to record the idle end", DEADLINE, || {
+        let s = server_sessions(&server);
+        (s.len() == 1 && s[0]["outcome"] == "idle").then_some(())
+    });
+    wait_until("bob to record the idle end", DEADLINE, || {
+        let s = bob.json(&["share", "sessions"]);
+        (s.as_array()?.first()?["outcome"] == "idle").then_some(())
+    });
+}
+
+#[test]
+fn connect_carries_on_after_the_server_restarts() {
+    let mut server = TestServer::start("tunnel-restart");
+    let mut alice = user_with_device(&server, "alice", "alice-pc");
+    let bob = user_with_device(&server, "bob", "bob-pc");
+    club(&server, "chess", &["alice", "bob"]);
+    alice.spawn();
+    alice.wait_online(&server);
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+    let round_trip = |connect: &Connect| {
+        let mut stream = connect.dial();
+        stream.write_all(b"eping").ok()?;
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).ok()?;
+        (&back == b"ping").then_some(())
+    };
+    round_trip(&connect).expect("a tunnel before the restart");
+
+    // The server dies without a word and comes back: the side connection is dead, and
+    // `connect` finds that out and opens a new one for the next local connection.
+    server.kill();
+    server.spawn();
+    alice.wait_online(&server);
+    wait_until(
+        "a tunnel after the restart",
+        Duration::from_secs(90),
+        || round_trip(&connect),
+    );
+}
