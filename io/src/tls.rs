@@ -27,3 +27,36 @@ pub fn verify_tls13(
         &provider.signature_verification_algorithms,
     )
 }
+
+/// The three signature methods every Herald certificate verifier shares, for the body of
+/// a `ServerCertVerifier` or `ClientCertVerifier` impl on a type with a `provider:
+/// Arc<CryptoProvider>` field: TLS 1.2 refused ([`refuse_tls12`]), TLS 1.3 checked with
+/// the provider's algorithms ([`verify_tls13`]), and the schemes those algorithms take.
+#[macro_export]
+macro_rules! tls13_signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &::rustls::pki_types::CertificateDer<'_>,
+            _dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            $crate::tls::refuse_tls12()
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            $crate::tls::verify_tls13(message, cert, dss, &self.provider)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<::rustls::SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
