@@ -203,6 +203,8 @@ pub struct Relay {
     refusals: Refusals,
     /// What earlier `/metrics` scrapes counted in the store.
     tally: Mutex<crate::store::Tally>,
+    /// Side connections open per agent (`peers`, `connect`).
+    sides: tunnel::Sides,
 }
 
 /// How long a providing agent has to answer a tunnel offer.
@@ -277,6 +279,7 @@ impl Relay {
             window: Arc::new(Semaphore::new(FAN_OUT_WINDOW)),
             refusals: Refusals::default(),
             tally: Mutex::default(),
+            sides: tunnel::Sides::default(),
         });
         // Need a runtime: the relay is built inside `serve`.
         tokio::spawn(write_reports(

@@ -23,9 +23,10 @@
 //! quinn received are handed on without a copy), each direction finishing the other
 //! side when it ends; a failure on either resets both.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tracing::{debug, info, warn};
@@ -43,6 +44,48 @@ use crate::pki::KeyStatus;
 
 /// Most bytes handed on per chunk.
 const CHUNK: usize = 64 * 1024;
+
+/// Most side connections one agent may have open at once (each `peers` or `connect`
+/// holds one); more are refused, so one agent cannot tie up the relay with idle ones.
+pub(super) const MAX_SIDE_CONNECTIONS: u32 = 16;
+
+/// Side connections open per agent.
+#[derive(Default)]
+pub(super) struct Sides(Arc<Mutex<HashMap<String, u32>>>);
+
+/// One open side connection's place under [`MAX_SIDE_CONNECTIONS`], freed on drop.
+pub(super) struct SidePlace {
+    sides: Arc<Mutex<HashMap<String, u32>>>,
+    agent_id: String,
+}
+
+impl Sides {
+    /// A place for another side connection of `agent_id`, unless it has the most.
+    pub(super) fn enter(&self, agent_id: &str) -> Option<SidePlace> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(agent_id.to_string()).or_default();
+        if *count >= MAX_SIDE_CONNECTIONS {
+            return None;
+        }
+        *count += 1;
+        Some(SidePlace {
+            sides: self.0.clone(),
+            agent_id: agent_id.to_string(),
+        })
+    }
+}
+
+impl Drop for SidePlace {
+    fn drop(&mut self) {
+        let mut open = self.sides.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.agent_id) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.agent_id);
+            }
+        }
+    }
+}
 
 /// The agent asking, as the server knows it.
 #[derive(Debug, Clone)]
@@ -77,6 +120,17 @@ impl Relay {
             connection.close(super::close::REFUSED.into(), b"not enrolled");
             return Ok(());
         }
+        let Some(_place) = self.sides.enter(&agent_id) else {
+            warn!(%agent_id, "side connection refused: {MAX_SIDE_CONNECTIONS} already open");
+            let answer = StreamAnswer::Refused(format!(
+                "this agent already has {MAX_SIDE_CONNECTIONS} `peers` or `connect` connections open; end one first"
+            ));
+            let _ = write_frame(&mut send, &answer).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(HELLO_TIMEOUT, send.stopped()).await;
+            connection.close(super::close::REFUSED.into(), b"too many side connections");
+            return Ok(());
+        };
         debug!(%agent_id, remote = %connection.remote_address(), "side connection");
         let relay = self.clone();
         let source = connection.remote_address();
@@ -555,5 +609,23 @@ mod tests {
         );
         assert_eq!(nas.reported.len(), 2);
         assert_eq!(nas.observed, Some("198.51.100.7:4000".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_agent_s_side_connections_are_capped_and_freed() {
+        let sides = Sides::default();
+        let places: Vec<SidePlace> = (0..MAX_SIDE_CONNECTIONS)
+            .map(|_| sides.enter("a").expect("under the cap"))
+            .collect();
+        assert!(sides.enter("a").is_none(), "one more than the cap");
+        assert!(sides.enter("b").is_some(), "another agent has its own");
+        drop(places);
+        let again = sides.enter("a");
+        assert!(again.is_some(), "freed on drop");
+        drop(again);
+        assert!(
+            !sides.0.lock().unwrap().contains_key("a"),
+            "an agent with none open leaves no entry"
+        );
     }
 }
