@@ -79,7 +79,7 @@ pub(crate) async fn directory(
         Some(user) => state.store.favourites(user)?,
         None => Default::default(),
     };
-    let entries = state.store.directory(viewer)?;
+    let entries = state.store.directory(viewer, None)?;
     Ok(Json(directory_view(
         entries,
         |agent| state.relay.online_since(agent),

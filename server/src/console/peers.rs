@@ -77,7 +77,7 @@ struct PeersJson {
 fn list(state: &ConsoleState, session: &Session, q: &str) -> ConsoleResult<PeersList> {
     let user = session.user.id;
     let favourites = state.store().favourites(user)?;
-    let entries = state.store().directory(Some(user))?;
+    let entries = state.store().directory(Some(user), None)?;
     let relay = &state.api.relay;
     let devices = directory_view(entries, |agent| relay.online_since(agent), q, &favourites);
     Ok(PeersList {
@@ -155,7 +155,7 @@ pub(super) async fn favourite(
 ) -> ConsoleResult {
     let visible = state
         .store()
-        .directory(Some(session.user.id))?
+        .directory(Some(session.user.id), None)?
         .iter()
         .any(|e| e.agent_id == form.agent && e.service.name == form.share);
     if !visible {

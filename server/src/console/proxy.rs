@@ -419,14 +419,17 @@ fn choose(
 ) -> Result<DirectoryEntry, Response> {
     let target = &path.target;
     let named = format!("{}/{}", target.owner, target.service);
-    let entries = state.store().directory(viewer).map_err(|e| {
-        tracing::error!("directory: {e}");
-        refused(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Server error",
-            "Something went wrong on the server; try again later.".into(),
-        )
-    })?;
+    let entries = state
+        .store()
+        .directory(viewer, Some(&target.owner))
+        .map_err(|e| {
+            tracing::error!("directory: {e}");
+            refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Server error",
+                "Something went wrong on the server; try again later.".into(),
+            )
+        })?;
     let mut found: Vec<DirectoryEntry> = entries
         .into_iter()
         .filter(|e| e.owner == target.owner && e.service.name == target.service)

@@ -243,7 +243,9 @@ impl Relay {
         asker: &Asker,
         query: Option<&str>,
     ) -> Result<Vec<PeerDevice>, crate::store::StoreError> {
-        let entries = self.store.directory(asker.owner.as_ref().map(|o| o.0))?;
+        let entries = self
+            .store
+            .directory(asker.owner.as_ref().map(|o| o.0), None)?;
         let entries = entries
             .into_iter()
             .filter(|e| query.is_none_or(|q| e.matches(q)));
@@ -257,7 +259,10 @@ impl Relay {
             "the server cannot read its store".to_string()
         };
         let viewer = asker.owner.as_ref().map(|o| o.0);
-        let entries = self.store.directory(viewer).map_err(internal)?;
+        let entries = self
+            .store
+            .directory(viewer, Some(&open.owner))
+            .map_err(internal)?;
         let entry = match resolve(&entries, open, |id| self.online_since(id).is_some()) {
             Ok(entry) => entry,
             Err(Unresolved::NoOwner) => {

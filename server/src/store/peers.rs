@@ -55,8 +55,13 @@ impl Store {
 
     /// Every share of an active agent that `viewer` (a console user; `None` for nobody
     /// signed in, or an agent linked to nobody) may reach, online or not, ordered by
-    /// owner, device and share.
-    pub fn directory(&self, viewer: Option<i64>) -> Result<Vec<DirectoryEntry>> {
+    /// owner, device and share; only `owner`'s (a login) when given, as for one tunnel
+    /// or one browser request, which need not read everyone's shares.
+    pub fn directory(
+        &self,
+        viewer: Option<i64>,
+        owner: Option<&str>,
+    ) -> Result<Vec<DirectoryEntry>> {
         self.blocking(|| {
             let conn = self.conn();
             let viewer_clubs: HashSet<String> = match viewer {
@@ -77,9 +82,11 @@ impl Store {
                      JOIN agents a ON a.id = sc.agent_id
                      JOIN clubs c ON c.name = sc.club
                      JOIN club_members m ON m.club_id = c.id AND m.user_id = a.owner_user_id
+                     WHERE ?1 IS NULL
+                        OR a.owner_user_id = (SELECT id FROM users WHERE login = ?1)
                      ORDER BY sc.club",
                 )?;
-                let rows = stmt.query_map([], |r| {
+                let rows = stmt.query_map(params![owner], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
                 })?;
                 for row in rows {
@@ -95,10 +102,10 @@ impl Store {
                         s.description
                  FROM shares s JOIN agents a ON a.id = s.agent_id
                  LEFT JOIN users u ON u.id = a.owner_user_id
-                 WHERE a.revoked_at IS NULL
+                 WHERE a.revoked_at IS NULL AND (?1 IS NULL OR u.login = ?1)
                  ORDER BY 3, a.name, s.name",
             )?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map(params![owner], |r| {
                 Ok(DirectoryEntry {
                     agent_id: r.get(0)?,
                     device: r.get(1)?,
@@ -227,4 +234,100 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<TunnelSession> {
         requests: r.get::<_, i64>(13)? as u64,
         outcome: r.get(14)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Role;
+
+    fn share(name: &str, clubs: &[&str]) -> ShareInfo {
+        ShareInfo {
+            name: name.into(),
+            http: false,
+            public: clubs.is_empty(),
+            clubs: clubs.iter().map(|c| c.to_string()).collect(),
+            description: String::new(),
+        }
+    }
+
+    /// (owner, share) pairs, in the directory's order.
+    fn seen(store: &Store, viewer: Option<i64>, owner: Option<&str>) -> Vec<(String, String)> {
+        store
+            .directory(viewer, owner)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.owner, e.service.name))
+            .collect()
+    }
+
+    #[test]
+    fn the_directory_shows_club_shares_to_fellow_members_and_filters_by_owner() {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-peers-{}",
+            hex::encode(crate::random_bytes::<6>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir).unwrap();
+        let user = |login| store.add_user(login, "x", Role::User, "", "", 1).unwrap();
+        let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+        let chess = store.create_club("chess", "", alice, 1).unwrap();
+        store.add_invite(chess, "code", alice, 1, 100).unwrap();
+        store.accept_invite("code", bob, 2).unwrap();
+        store.create_club("other", "", carol, 1).unwrap();
+        for (id, owner, key) in [("a1", alice, 1u8), ("b1", bob, 2u8)] {
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO agents (id, name, public_key, enrolled_at, owner_user_id)
+                     VALUES (?1, ?1, ?2, 0, ?3)",
+                    params![id, vec![key], owner],
+                )
+                .unwrap();
+        }
+        // alice names a club she is not in: it exposes nothing to that club.
+        store
+            .set_shares(
+                "a1",
+                &[
+                    share("web", &["chess"]),
+                    share("pub", &[]),
+                    share("sneaky", &["other"]),
+                ],
+                3,
+            )
+            .unwrap();
+        store
+            .set_shares("b1", &[share("cam", &["chess"])], 3)
+            .unwrap();
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(o, s)| (o.to_string(), s.to_string()))
+                .collect()
+        };
+
+        assert_eq!(
+            seen(&store, Some(bob), None),
+            pairs(&[("alice", "pub"), ("alice", "web"), ("bob", "cam")])
+        );
+        assert_eq!(seen(&store, Some(carol), None), pairs(&[("alice", "pub")]));
+        assert_eq!(seen(&store, None, None), pairs(&[("alice", "pub")]));
+        // One owner's shares only, as a tunnel or a browser request reads them.
+        assert_eq!(
+            seen(&store, Some(bob), Some("alice")),
+            pairs(&[("alice", "pub"), ("alice", "web")])
+        );
+        assert_eq!(
+            seen(&store, Some(alice), Some("bob")),
+            pairs(&[("bob", "cam")])
+        );
+        assert!(seen(&store, Some(bob), Some("nobody")).is_empty());
+        let web = store.directory(Some(bob), Some("alice")).unwrap();
+        assert_eq!(
+            web[1].service.clubs,
+            ["chess"],
+            "the clubs bob shares with alice"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
