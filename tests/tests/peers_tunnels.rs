@@ -338,28 +338,43 @@ fn wait_reachable(agent: &TestAgent, query: Option<&str>, expected: &[&str]) {
 
 // === tests ===
 
-#[test]
-fn club_member_reaches_a_shared_service_through_the_relay() {
-    let server = TestServer::start("tunnel-relay");
+/// alice (running) and bob (enrolled, not running), both in club chess; alice shares an
+/// echo service as `share` with the club (plus `extra` arguments to `share add`), and
+/// bob's directory lists it.
+fn alice_shares_echo(
+    name: &str,
+    share: &str,
+    extra: &[&str],
+) -> (TestServer, TestAgent, TestAgent, Service) {
+    let server = TestServer::start(name);
     let mut alice = user_with_device(&server, "alice", "alice-pc");
     let bob = user_with_device(&server, "bob", "bob-pc");
     club(&server, "chess", &["alice", "bob"]);
     alice.spawn();
     alice.wait_online(&server);
     let service = Service::start();
-    alice.cli_ok(&[
-        "share",
-        "add",
-        "echo",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-        "--description",
-        "an echo",
-    ]);
+    let address = service.address();
+    let mut args = vec!["share", "add", share, "--to", &address, "--club", "chess"];
+    args.extend_from_slice(extra);
+    alice.cli_ok(&args);
+    wait_reachable(&bob, None, &[&format!("alice@alice-pc/{share}")]);
+    (server, alice, bob, service)
+}
+
+/// The newest session `agent` recorded, once `done` holds for it.
+fn newest_session(agent: &TestAgent, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    wait_until(what, DEADLINE, || {
+        let s = agent.json(&["share", "sessions"]);
+        let first = s.as_array()?.first()?.clone();
+        done(&first).then_some(first)
+    })
+}
+
+#[test]
+fn club_member_reaches_a_shared_service_through_the_relay() {
     // The consumer's daemon need not run: `connect` uses a side connection.
-    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let (server, alice, bob, _service) =
+        alice_shares_echo("tunnel-relay", "echo", &["--description", "an echo"]);
     let connect = Connect::start(&bob, "alice/echo");
 
     // Bytes both ways, then a large transfer whose digest must match.
@@ -411,10 +426,8 @@ fn club_member_reaches_a_shared_service_through_the_relay() {
     assert_eq!(large["bytes_down"], LARGE as i64);
     assert_eq!(sessions[0]["bytes_up"], 6);
     // ...by the provider...
-    let provided = wait_until("alice to record the session", DEADLINE, || {
-        let s = alice.json(&["share", "sessions"]);
-        let first = s.as_array()?.first()?.clone();
-        (first["outcome"] == "closed" && first["session"] == large["id"]).then_some(first)
+    let provided = newest_session(&alice, "alice to record the session", |s| {
+        s["outcome"] == "closed" && s["session"] == large["id"]
     });
     assert_eq!(provided["role"], "provided");
     assert_eq!(provided["share"], "echo");
@@ -425,10 +438,8 @@ fn club_member_reaches_a_shared_service_through_the_relay() {
         "{provided}"
     );
     // ...and by the consumer.
-    let used = wait_until("bob to record the session", DEADLINE, || {
-        let s = bob.json(&["share", "sessions"]);
-        let first = s.as_array()?.first()?.clone();
-        (first["outcome"] == "closed" && first["session"] == large["id"]).then_some(first)
+    let used = newest_session(&bob, "bob to record the session", |s| {
+        s["outcome"] == "closed" && s["session"] == large["id"]
     });
     assert_eq!(used["role"], "used");
     assert_eq!(used["share"], "alice/echo");
@@ -545,27 +556,12 @@ fn non_member_and_unshared_port_are_refused() {
 fn rate_limit_and_connection_cap_hold() {
     const RATE: u64 = 200_000;
     const BYTES: u64 = 600_000;
-    let server = TestServer::start("tunnel-limits");
-    let mut alice = user_with_device(&server, "alice", "alice-pc");
-    let bob = user_with_device(&server, "bob", "bob-pc");
-    club(&server, "chess", &["alice", "bob"]);
-    alice.spawn();
-    alice.wait_online(&server);
-    let service = Service::start();
-    alice.cli_ok(&[
-        "share",
-        "add",
+    let rate = RATE.to_string();
+    let (_server, _alice, bob, _service) = alice_shares_echo(
+        "tunnel-limits",
         "svc",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-        "--max-connections",
-        "2",
-        "--rate-limit",
-        &RATE.to_string(),
-    ]);
-    wait_reachable(&bob, None, &["alice@alice-pc/svc"]);
+        &["--max-connections", "2", "--rate-limit", &rate],
+    );
     let connect = Connect::start(&bob, "alice/svc");
 
     // Two tunnels open (each proven by an echo), the third is refused with the reason.
@@ -741,10 +737,8 @@ fn idle_tunnels_are_closed() {
         waited >= Duration::from_millis(1500),
         "closed after only {waited:?}"
     );
-    let provided = wait_until("alice to record the idle end", DEADLINE, || {
-        let s = alice.json(&["share", "sessions"]);
-        let first = s.as_array()?.first()?.clone();
-        (first["outcome"] == "idle").then_some(first)
+    let provided = newest_session(&alice, "alice to record the idle end", |s| {
+        s["outcome"] == "idle"
     });
     assert_eq!(provided["bytes_up"], 5);
     assert_eq!(provided["bytes_down"], 4);
@@ -753,31 +747,14 @@ fn idle_tunnels_are_closed() {
         let s = server_sessions(&server);
         (s.len() == 1 && s[0]["outcome"] == "idle").then_some(())
     });
-    wait_until("bob to record the idle end", DEADLINE, || {
-        let s = bob.json(&["share", "sessions"]);
-        (s.as_array()?.first()?["outcome"] == "idle").then_some(())
+    newest_session(&bob, "bob to record the idle end", |s| {
+        s["outcome"] == "idle"
     });
 }
 
 #[test]
 fn connect_carries_on_after_the_server_restarts() {
-    let mut server = TestServer::start("tunnel-restart");
-    let mut alice = user_with_device(&server, "alice", "alice-pc");
-    let bob = user_with_device(&server, "bob", "bob-pc");
-    club(&server, "chess", &["alice", "bob"]);
-    alice.spawn();
-    alice.wait_online(&server);
-    let service = Service::start();
-    alice.cli_ok(&[
-        "share",
-        "add",
-        "echo",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-    ]);
-    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let (mut server, alice, bob, _service) = alice_shares_echo("tunnel-restart", "echo", &[]);
     let connect = Connect::start(&bob, "alice/echo");
     let round_trip = |connect: &Connect| {
         let mut stream = connect.dial();
