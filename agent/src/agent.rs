@@ -181,10 +181,16 @@ impl Agent {
 
     /// Serves a tunnel offer the server opened a stream for ([`crate::tunnel`]).
     pub async fn provide(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let queued = |seq| {
+            let _ = self.events.send(Input::ReportsReady(vec![seq]));
+        };
         let provider = crate::tunnel::Provider {
             shares: &self.shares,
             loads: &self.loads,
             idle: Duration::from_secs(self.config.peers.idle_timeout_secs.max(1)),
+            inbox: &self.inbox,
+            usage_interval: self.config.peers.usage_interval(),
+            queued: &queued,
         };
         crate::tunnel::provide(provider, send, recv).await;
     }

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use herald_shared::codec;
 use herald_shared::message::{BlockChange, Receipt, ReceiptState, Report, SignedReport};
+use herald_shared::peers::SessionUsage;
 use herald_shared::Millis;
 
 use crate::journal::{self, JobState, Journal, JournalError};
@@ -543,6 +544,14 @@ impl Inbox {
             let report = self.block_change(sender, now_blocked, &by, at);
             Ok((push_report(tx, &report)?, applied))
         })
+    }
+
+    /// Signs one end's counters of a tunnel session and puts them in the outbox; returns
+    /// their seq. The agent id signed is this agent's, whatever `usage` says.
+    pub fn queue_usage(&self, mut usage: SessionUsage) -> Result<u64> {
+        usage.agent_id = self.agent_id.clone();
+        let report = self.sign(Report::Usage(usage));
+        self.journal.transaction(|tx| push_report(tx, &report))
     }
 
     /// The seqs of the reports waiting for the server, oldest first.

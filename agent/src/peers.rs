@@ -34,9 +34,10 @@ use tracing::{info, warn};
 
 use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
-use herald_shared::peers::{PeerDevice, StreamAnswer, StreamRequest, TunnelOpen};
+use herald_shared::peers::{End, PeerDevice, StreamAnswer, StreamRequest, TunnelOpen};
 use herald_shared::protocol::AgentMsg;
 
+use crate::inbox::Inbox;
 use crate::link::{self, LinkError};
 use crate::shares::{Role, Shares};
 use crate::state::{AgentConfig, Identity, StateError};
@@ -85,6 +86,9 @@ pub enum PeerError {
     /// The local session records.
     #[error(transparent)]
     Shares(#[from] crate::shares::ShareError),
+    /// The report outbox, where tunnel counters are signed for billing.
+    #[error(transparent)]
+    Inbox(#[from] crate::inbox::InboxError),
 }
 
 impl PeerError {
@@ -288,6 +292,11 @@ pub async fn connect(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), PeerError> {
     let shares = Shares::open(state_dir)?;
+    let (inbox, config) = Inbox::open(state_dir)?;
+    let usage = Arc::new(Usage {
+        inbox,
+        interval: config.peers.usage_interval(),
+    });
     let side = Arc::new(Side::new(state_dir).await?);
     let devices = side.directory(None).await?;
     find(&devices, &target)?;
@@ -315,18 +324,26 @@ pub async fn connect(
         let side = side.clone();
         let shares = shares.clone();
         let target = target.clone();
+        let usage = usage.clone();
         tokio::spawn(async move {
-            tunnel_one(&side, &shares, &target, tcp, from).await;
+            tunnel_one(&side, &shares, &usage, &target, tcp, from).await;
         });
     }
     side.close().await;
     Ok(())
 }
 
+/// Where the consumer's end signs its counters of each session, and how often.
+struct Usage {
+    inbox: Inbox,
+    interval: Duration,
+}
+
 /// One local connection's tunnel.
 async fn tunnel_one(
     side: &Side,
     shares: &Shares,
+    usage: &Usage,
     target: &TunnelOpen,
     tcp: tokio::net::TcpStream,
     from: SocketAddr,
@@ -352,7 +369,15 @@ async fn tunnel_one(
                 )
                 .map_err(|e| warn!("cannot record tunnel session {session}: {e}"))
                 .ok();
-            let spliced = tunnel::splice(tcp, send, recv, Limits::default()).await;
+            let meter = tunnel::Meter {
+                inbox: &usage.inbox,
+                session,
+                end: End::Consumer,
+                interval: usage.interval,
+                // The daemon sends what is queued in the outbox within seconds.
+                queued: &|_| {},
+            };
+            let spliced = tunnel::splice_metered(tcp, send, recv, Limits::default(), &meter).await;
             info!(session, up = spliced.to_stream, down = spliced.from_stream, outcome = %spliced.outcome, "tunnel closed");
             if let Some(id) = record {
                 let end = shares.close_session(

@@ -88,17 +88,33 @@ pub struct PeerSettings {
     /// A tunnel that carries no byte either way for this long is closed.
     #[serde(default = "default_idle_secs")]
     pub idle_timeout_secs: u64,
+    /// While a tunnel is open, its counters are signed for billing this often (and once
+    /// more when it closes).
+    #[serde(default = "default_usage_interval_secs")]
+    pub usage_interval_secs: u64,
 }
 
 fn default_idle_secs() -> u64 {
     600
 }
 
+fn default_usage_interval_secs() -> u64 {
+    60
+}
+
 impl Default for PeerSettings {
     fn default() -> Self {
         PeerSettings {
             idle_timeout_secs: default_idle_secs(),
+            usage_interval_secs: default_usage_interval_secs(),
         }
+    }
+}
+
+impl PeerSettings {
+    /// [`PeerSettings::usage_interval_secs`], at least a second.
+    pub fn usage_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.usage_interval_secs.max(1))
     }
 }
 

@@ -20,6 +20,14 @@
 //! A share's `--rate-limit` is a token bucket per direction shared by all its tunnels
 //! ([`Bucket`], a quarter of a second's worth of burst); its `--max-connections` is
 //! counted here ([`Loads`]), so it holds across reconnections of the link.
+//!
+//! # Signed counters
+//!
+//! Both ends of a session sign what they counted ([`splice_metered`]): every
+//! `[peers] usage_interval_secs` while it is open and once when it closes, each a
+//! [`SessionUsage`] with the whole count so far, put in the agent's report outbox (sent
+//! until the server stores it, across restarts). The server bills the lower of both
+//! ends' counts, so neither it nor a peer can bill more than this agent counted.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,8 +42,9 @@ use tracing::{debug, info, warn};
 
 use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
-use herald_shared::peers::{OfferAnswer, TunnelOffer, IDLE_RESET};
+use herald_shared::peers::{End, OfferAnswer, SessionUsage, TunnelOffer, IDLE_RESET};
 
+use crate::inbox::Inbox;
 use crate::shares::{self, Role, Share, Shares};
 use crate::sync::lock;
 
@@ -196,9 +205,20 @@ pub struct Spliced {
     pub outcome: String,
 }
 
-/// Limits on a splice.
+/// Bytes a splice has moved so far, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// Read from the QUIC stream and written to the TCP connection.
+    pub from_stream: AtomicU64,
+    /// Read from the TCP connection and written to the QUIC stream.
+    pub to_stream: AtomicU64,
+}
+
+/// Limits on a splice, and where it counts what it moved.
 #[derive(Default, Clone)]
 pub struct Limits {
+    /// Counted as bytes move (the totals are also in [`Spliced`]).
+    pub moved: Arc<Moved>,
     /// On bytes from the stream to TCP.
     pub from_stream: Option<Limiter>,
     /// On bytes from TCP to the stream.
@@ -221,8 +241,8 @@ pub async fn splice(
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let touch = || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let from_stream = AtomicU64::new(0);
-    let to_stream = AtomicU64::new(0);
+    let from_stream = &limits.moved.from_stream;
+    let to_stream = &limits.moved.to_stream;
     let inbound = async {
         loop {
             match recv.read_chunk(CHUNK, true).await {
@@ -296,10 +316,87 @@ pub async fn splice(
         let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
     }
     Spliced {
-        from_stream: from_stream.into_inner(),
-        to_stream: to_stream.into_inner(),
+        from_stream: from_stream.load(Ordering::Relaxed),
+        to_stream: to_stream.load(Ordering::Relaxed),
         outcome,
     }
+}
+
+// === Signed counters ===
+
+/// Signs one end's counters of a session into the agent's report outbox.
+pub struct Meter<'a> {
+    /// The outbox (and the identity key that signs).
+    pub inbox: &'a Inbox,
+    /// The server's session id.
+    pub session: i64,
+    /// Which end this agent is.
+    pub end: End,
+    /// How often to sign while the session is open.
+    pub interval: Duration,
+    /// Told the outbox seq of each count signed: the daemon sends it at once; the CLI
+    /// leaves it to the daemon, which reads the outbox every few seconds.
+    pub queued: &'a (dyn Fn(u64) + Send + Sync),
+}
+
+impl Meter<'_> {
+    fn sign(&self, seq: u32, from_stream: u64, to_stream: u64, opened: Instant, last: bool) {
+        let (bytes_up, bytes_down) = match self.end {
+            End::Provider => (from_stream, to_stream),
+            End::Consumer => (to_stream, from_stream),
+        };
+        let usage = SessionUsage {
+            agent_id: String::new(),
+            session: self.session,
+            end: self.end,
+            seq,
+            bytes_up,
+            bytes_down,
+            requests: 1,
+            seconds: opened.elapsed().as_millis().div_ceil(1000) as u64,
+            last,
+            at: herald_io::now_ms(),
+        };
+        match self.inbox.queue_usage(usage) {
+            Ok(seq) => (self.queued)(seq),
+            Err(e) => warn!(
+                session = self.session,
+                "cannot sign the counters of a tunnel session: {e}"
+            ),
+        }
+    }
+}
+
+/// [`splice`], signing its counters with `meter` every interval while it runs and once
+/// when it ends (see the module docs).
+pub async fn splice_metered(
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    limits: Limits,
+    meter: &Meter<'_>,
+) -> Spliced {
+    let opened = Instant::now();
+    let moved = limits.moved.clone();
+    let splice = splice(tcp, send, recv, limits);
+    tokio::pin!(splice);
+    let start = tokio::time::Instant::now() + meter.interval;
+    let mut tick = tokio::time::interval_at(start, meter.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0;
+    let spliced = loop {
+        tokio::select! {
+            spliced = &mut splice => break spliced,
+            _ = tick.tick() => {
+                let from = moved.from_stream.load(Ordering::Relaxed);
+                let to = moved.to_stream.load(Ordering::Relaxed);
+                meter.sign(seq, from, to, opened, false);
+                seq += 1;
+            }
+        }
+    };
+    meter.sign(seq, spliced.from_stream, spliced.to_stream, opened, true);
+    spliced
 }
 
 // === provider ===
@@ -312,6 +409,12 @@ pub struct Provider<'a> {
     pub loads: &'a Loads,
     /// Idle timeout.
     pub idle: Duration,
+    /// Signs the counters of each session (the provider's end).
+    pub inbox: &'a Inbox,
+    /// How often while a session is open.
+    pub usage_interval: Duration,
+    /// Told the outbox seq of each count signed.
+    pub queued: &'a (dyn Fn(u64) + Send + Sync),
 }
 
 /// Serves one stream the server opened on the link: reads the offer, checks it against
@@ -398,8 +501,16 @@ pub async fn provide(provider: Provider<'_>, mut send: SendStream, mut recv: Rec
         from_stream: permit.limiters.as_ref().map(|(up, _)| up.clone()),
         to_stream: permit.limiters.as_ref().map(|(_, down)| down.clone()),
         idle: Some(provider.idle),
+        ..Limits::default()
     };
-    let spliced = splice(tcp, send, recv, limits).await;
+    let meter = Meter {
+        inbox: provider.inbox,
+        session: offer.session,
+        end: End::Provider,
+        interval: provider.usage_interval,
+        queued: provider.queued,
+    };
+    let spliced = splice_metered(tcp, send, recv, limits, &meter).await;
     drop(permit);
     info!(
         session = offer.session,

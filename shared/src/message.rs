@@ -378,6 +378,8 @@ pub enum Report {
     Receipt(Receipt),
     /// A change of the block list.
     Block(BlockChange),
+    /// One end's signed counters of a tunnel session (for billing).
+    Usage(crate::peers::SessionUsage),
 }
 
 impl Report {
@@ -386,6 +388,7 @@ impl Report {
         match self {
             Report::Receipt(r) => &r.agent_id,
             Report::Block(b) => &b.agent_id,
+            Report::Usage(u) => &u.agent_id,
         }
     }
 }

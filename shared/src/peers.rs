@@ -232,6 +232,54 @@ pub enum OfferAnswer {
     Refused(String),
 }
 
+/// Which end of a tunnel session signed a [`SessionUsage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum End {
+    /// The agent whose share was reached.
+    Provider,
+    /// The agent that reached it (`herald-agent connect`).
+    Consumer,
+}
+
+impl End {
+    /// `provider` or `consumer`, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Provider => "provider",
+            End::Consumer => "consumer",
+        }
+    }
+}
+
+/// One end's cumulative counters of a tunnel session, signed by that end's agent and
+/// sent as [`crate::message::Report::Usage`] through its report outbox: at intervals
+/// while the session is open and once more when it closes (`last`). Each is the whole
+/// count so far, so a lost one costs nothing but its interval. The server bills the
+/// lower of both ends' counts (a browser session has only the provider's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionUsage {
+    /// The signing agent (derived from the key; checked by verifiers).
+    pub agent_id: String,
+    /// The server's session id.
+    pub session: i64,
+    /// Which end signs.
+    pub end: End,
+    /// 0, 1, 2… per session and end; the highest is the latest count.
+    pub seq: u32,
+    /// Bytes from the consumer to the provider, as this end counted them.
+    pub bytes_up: u64,
+    /// Bytes from the provider to the consumer.
+    pub bytes_down: u64,
+    /// Requests (connections) carried: 1 for a tunnel.
+    pub requests: u64,
+    /// Seconds open so far, rounded up.
+    pub seconds: u64,
+    /// The session has closed at this end: no later count follows.
+    pub last: bool,
+    /// When, by the agent's guarded clock.
+    pub at: Millis,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

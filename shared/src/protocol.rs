@@ -17,8 +17,9 @@ pub const ALPN: &[u8] = b"herald/1";
 /// Protocol version: a different major is refused with a clear message.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Minor protocol version (additions only). 1: push messages (`Report`, `ReportStored`).
-/// 2: peers (`Shares`, `Request`, and the streams of [`crate::peers`]).
-pub const PROTOCOL_MINOR: u16 = 2;
+/// 2: peers (`Shares`, `Request`, and the streams of [`crate::peers`]). 3: tunnel
+/// sessions' signed counters (`Report` carrying [`crate::message::Report::Usage`]).
+pub const PROTOCOL_MINOR: u16 = 3;
 
 /// The name the server's certificate is issued for and agents verify, whatever address
 /// they reach it at (addresses change; the pinned CA is what matters).

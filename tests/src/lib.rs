@@ -763,6 +763,33 @@ impl TestAgent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// A report signed with this agent's identity key, as its outbox stores it and the
+    /// server keeps it (the codec bytes of a `SignedReport`): what a modified agent on
+    /// this machine could sign and send.
+    pub fn sign_report(&self, report: &herald_shared::message::Report) -> Vec<u8> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let pem = std::fs::read_to_string(self.state_dir.join("identity.key"))
+            .expect("the agent's identity key");
+        let pair = rcgen::KeyPair::from_pem(&pem).expect("a PEM key");
+        let key = ed25519_dalek::SigningKey::from_pkcs8_der(&pair.serialize_der())
+            .expect("an Ed25519 key");
+        let signed = herald_shared::message::SignedReport::sign(&key, report);
+        herald_shared::codec::to_bytes(&signed).expect("a report encodes")
+    }
+
+    /// Puts a signed report in this agent's own outbox (its journal), as if the agent
+    /// had written it; a running agent sends it within seconds.
+    pub fn queue_report(&self, report: &herald_shared::message::Report) {
+        let db = rusqlite::Connection::open(self.state_dir.join("agent.db")).expect("agent.db");
+        db.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        db.execute(
+            "INSERT INTO reports (report) VALUES (?1)",
+            rusqlite::params![self.sign_report(report)],
+        )
+        .expect("queue a report");
+    }
 }
 
 impl Drop for TestAgent {

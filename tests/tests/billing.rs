@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use herald_shared::message::Report;
+use herald_shared::peers::{End, SessionUsage};
 use herald_tests::{now_ms, TestAgent, TestServer, DEADLINE};
 use serde_json::{json, Value};
 
@@ -158,38 +160,75 @@ fn user_id(server: &TestServer, login: &str) -> i64 {
         .expect("user id")
 }
 
-/// A closed tunnel session, as the relay records one (store/peers.rs's columns).
+/// A closed tunnel session, as the relay records one (store/peers.rs's columns), with
+/// the last counts its ends signed (the consumer's only when it has an agent), as the
+/// agents' outboxes deliver them: what the bill is made of.
 #[allow(clippy::too_many_arguments)]
 fn record_session(
     server: &TestServer,
-    provider_agent: &str,
+    provider: &TestAgent,
     provider_user: i64,
-    consumer_user: Option<i64>,
+    consumer: Option<(&TestAgent, i64)>,
     via: &str,
     started: i64,
     seconds: i64,
     bytes: (i64, i64),
     requests: i64,
 ) {
-    db(server)
-        .execute(
-            "INSERT INTO tunnel_sessions (provider_agent_id, share, provider_user_id,
-                consumer_user_id, consumer_agent_id, via, started_at, ended_at, bytes_up,
-                bytes_down, requests, outcome)
-             VALUES (?1, 'shop', ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, 'closed')",
+    let db = db(server);
+    db.execute(
+        "INSERT INTO tunnel_sessions (provider_agent_id, share, provider_user_id,
+            consumer_user_id, consumer_agent_id, via, started_at, ended_at, bytes_up,
+            bytes_down, requests, outcome)
+         VALUES (?1, 'shop', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'closed')",
+        rusqlite::params![
+            provider.id,
+            provider_user,
+            consumer.map(|(_, user)| user),
+            consumer.map(|(agent, _)| agent.id.clone()),
+            via,
+            started,
+            started + seconds * 1000,
+            bytes.0,
+            bytes.1,
+            requests
+        ],
+    )
+    .expect("record a session");
+    let session = db.last_insert_rowid();
+    let ends = std::iter::once((provider, End::Provider))
+        .chain(consumer.map(|(agent, _)| (agent, End::Consumer)));
+    for (agent, end) in ends {
+        let usage = SessionUsage {
+            agent_id: agent.id.clone(),
+            session,
+            end,
+            seq: 0,
+            bytes_up: bytes.0 as u64,
+            bytes_down: bytes.1 as u64,
+            requests: requests as u64,
+            seconds: seconds as u64,
+            last: true,
+            at: started + seconds * 1000,
+        };
+        db.execute(
+            "INSERT INTO usage_signatures (session_id, side, agent_id, seq, bytes_up,
+                bytes_down, requests, seconds, final, signature, signed_at, received_at)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?9)",
             rusqlite::params![
-                provider_agent,
-                provider_user,
-                consumer_user,
-                via,
-                started,
-                started + seconds * 1000,
+                session,
+                end.as_str(),
+                agent.id,
                 bytes.0,
                 bytes.1,
-                requests
+                requests,
+                seconds,
+                agent.sign_report(&Report::Usage(usage.clone())),
+                usage.at
             ],
         )
-        .expect("record a session");
+        .expect("store a signed count");
+    }
 }
 
 #[test]
@@ -233,11 +272,12 @@ fn billing_run_is_idempotent_and_closed_months_do_not_change() {
     let month = month_of(now);
     // bob used alice's share for 100 s and 3.5 MB; a browser without a signed-in user
     // used it for 10 s (billed to alice's own account, and said so).
+    let bob_box = TestAgent::enroll(&server, "bob-box", &[]);
     record_session(
         &server,
-        &agent.id,
+        &agent,
         alice,
-        Some(bob),
+        Some((&bob_box, bob)),
         "relay",
         now - 200_000,
         100,
@@ -246,7 +286,7 @@ fn billing_run_is_idempotent_and_closed_months_do_not_change() {
     );
     record_session(
         &server,
-        &agent.id,
+        &agent,
         alice,
         None,
         "browser",

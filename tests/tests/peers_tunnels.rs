@@ -776,3 +776,165 @@ fn connect_carries_on_after_the_server_restarts() {
         || round_trip(&connect),
     );
 }
+
+// === signed counters (billing) ===
+
+/// The counters one end signed for `session`, newest first, as the server stored them:
+/// (seq, bytes_up, bytes_down, final).
+fn usage_rows(server: &TestServer, session: i64, side: &str) -> Vec<(i64, i64, i64, bool)> {
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let mut stmt = db
+        .prepare(
+            "SELECT seq, bytes_up, bytes_down, final FROM usage_signatures
+             WHERE session_id = ?1 AND side = ?2 ORDER BY seq DESC",
+        )
+        .expect("prepare");
+    let rows = stmt
+        .query_map(rusqlite::params![session, side], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .expect("query");
+    rows.map(|r| r.expect("row")).collect()
+}
+
+/// A plan that prices tunnel bytes, so the consumer's invoice has a line for them.
+const BYTES_PLAN: &str = r#"
+[[plan]]
+name = "standard"
+currency = "EUR"
+default = true
+
+[plan.meters.tunnel_bytes]
+per = 1000
+price = "0.01"
+
+[plan.meters.tunnel_seconds]
+price = "0.001"
+"#;
+
+#[test]
+fn usage_is_billed_at_the_lower_of_both_signatures() {
+    let (server, alice, mut bob, _service) = alice_shares_echo("usage-signed", "echo", &[]);
+    // bob's daemon sends what his `connect` signs (from the shared outbox).
+    bob.spawn();
+    bob.wait_online(&server);
+    let connect = Connect::start(&bob, "alice/echo");
+    let data = noise(100_000);
+    let (_, len) = echo_through(connect.dial(), data);
+    assert_eq!(len, 100_000);
+    let session = wait_until(
+        "the server to record the session as ended",
+        DEADLINE,
+        || {
+            let s = server_sessions(&server);
+            (s.len() == 1 && s[0]["ended"] == true).then(|| s[0]["id"].as_i64().expect("id"))
+        },
+    );
+    // Both ends signed their last count, and both counted the same: the mode byte and
+    // the data up, the echo down.
+    let (up, down) = (100_001, 100_000);
+    for side in ["provider", "consumer"] {
+        let rows = wait_until(
+            &format!("the {side}'s last signed count to be stored"),
+            DEADLINE,
+            || {
+                let rows = usage_rows(&server, session, side);
+                rows.first().is_some_and(|r| r.3).then_some(rows)
+            },
+        );
+        assert_eq!((rows[0].1, rows[0].2), (up, down), "{side}: {rows:?}");
+    }
+
+    // alice's machine over-reports: a later "last" count, ten times higher, signed with
+    // her agent's own key and sent from her agent's outbox.
+    let inflated = herald_shared::message::Report::Usage(herald_shared::peers::SessionUsage {
+        agent_id: alice.id.clone(),
+        session,
+        end: herald_shared::peers::End::Provider,
+        seq: 1000,
+        bytes_up: up as u64 * 10,
+        bytes_down: down as u64 * 10,
+        requests: 1,
+        seconds: 3600,
+        last: true,
+        at: herald_io::now_ms(),
+    });
+    alice.queue_report(&inflated);
+    wait_until("alice's inflated count to be stored", DEADLINE, || {
+        (usage_rows(&server, session, "provider")[0].0 == 1000).then_some(())
+    });
+    // A count signed by the wrong end (bob claiming to be the provider) is refused.
+    let mut forged = inflated.clone();
+    if let herald_shared::message::Report::Usage(u) = &mut forged {
+        u.agent_id = bob.id.clone();
+        u.seq = 2000;
+    }
+    bob.queue_report(&forged);
+    // And someone with the server's database raises bob's stored count in place.
+    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    db.execute(
+        "UPDATE usage_signatures SET bytes_up = bytes_up * 100, bytes_down = bytes_down * 100
+         WHERE session_id = ?1 AND side = 'consumer'",
+        [session],
+    )
+    .expect("edit the consumer's row");
+    // bob's outbox empties once the server answered (stored or dropped) his forgery.
+    wait_until("bob's outbox to empty", DEADLINE, || {
+        let journal =
+            rusqlite::Connection::open(bob.state_dir.join("agent.db")).expect("bob's journal");
+        let waiting: i64 = journal
+            .query_row("SELECT COUNT(*) FROM reports", [], |r| r.get(0))
+            .expect("count reports");
+        (waiting == 0).then_some(())
+    });
+    assert!(
+        usage_rows(&server, session, "provider")
+            .iter()
+            .all(|r| r.0 != 2000),
+        "a count from the consumer's agent for the provider's end is not stored"
+    );
+
+    let plans = server.dir.path().join("plans.toml");
+    std::fs::write(&plans, BYTES_PLAN).expect("write plans");
+    server.cli_ok(&["billing", "plan", "set", plans.to_str().expect("path")]);
+    let month: String = db
+        .query_row(
+            "SELECT strftime('%Y-%m', ended_at / 1000, 'unixepoch') FROM tunnel_sessions
+             WHERE id = ?1",
+            [session],
+            |r| r.get(0),
+        )
+        .expect("the session's month");
+    server.cli_ok(&["billing", "run", "--month", &month]);
+    let invoices = server.json(&["billing", "invoices", "--month", &month]);
+    let bob_user: i64 = db
+        .query_row("SELECT id FROM users WHERE login = 'bob'", [], |r| r.get(0))
+        .expect("bob's id");
+    let bob_invoice = invoices
+        .as_array()
+        .expect("invoices")
+        .iter()
+        .find(|i| i["account"] == format!("user:{bob_user}"))
+        .unwrap_or_else(|| panic!("no invoice for bob: {invoices:#}"));
+    let bytes = bob_invoice["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .find(|l| l["meter"] == "tunnel_bytes")
+        .unwrap_or_else(|| panic!("no bytes line: {bob_invoice:#}"));
+    // Billed at what bob's agent signed: not alice's inflated count, not the edited row.
+    assert_eq!(bytes["quantity"], up + down, "{bob_invoice:#}");
+    let notes = bob_invoice["notes"].to_string();
+    assert!(
+        notes.contains("differ by more than") && notes.contains("the lower was billed"),
+        "the disagreement is flagged: {notes}"
+    );
+    assert!(
+        notes.contains("consumer's stored counters differ from what it signed"),
+        "the edited row is caught by its signature: {notes}"
+    );
+}

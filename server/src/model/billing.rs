@@ -959,6 +959,15 @@ pub fn rate_month(
 
 // === Signed counters ===
 
+/// How long after a tunnel session ended the meter step waits for both ends' last
+/// signed counts before it bills with what arrived (an end that was offline sends its
+/// count from its outbox when it reconnects; one that arrives later than this is kept
+/// but no longer changes the bill).
+pub const SIGNATURE_GRACE: Millis = 10 * 60 * 1000;
+/// How far apart (basis points of the larger count) both ends' counts may be before the
+/// session is flagged: bytes still in flight when one end counted explain a little.
+pub const SIGNATURE_TOLERANCE_BP: u32 = 100;
+
 /// Cumulative counters one end of a tunnel session signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counters {

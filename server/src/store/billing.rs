@@ -11,10 +11,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::*;
+use herald_shared::codec;
+use herald_shared::message::{Report, SignedReport, MAX_REPORT};
+use herald_shared::peers::{End, SessionUsage};
+
 use crate::model::billing::{
-    booking_month, month_bounds, month_of, usage_key_bytes, IngestReport, Invoice, LateNote, Meter,
-    NewUsage, Price, ProviderPrice, StatPoint, StatsBy, UsageEvent, UsageTotal,
+    billable_counters, booking_month, month_bounds, month_of, usage_key_bytes, Counters,
+    IngestReport, Invoice, LateNote, Meter, NewUsage, Price, ProviderPrice, StatPoint, StatsBy,
+    UsageEvent, UsageTotal, SIGNATURE_GRACE, SIGNATURE_TOLERANCE_BP,
 };
+use crate::model::Via;
 
 /// Milliseconds in a day (statistics are per UTC day).
 const DAY_MS: i64 = 86_400_000;
@@ -82,7 +88,7 @@ impl Store {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
             let mut events = Vec::new();
-            derive_sessions(&tx, since, &mut events)?;
+            derive_sessions(&tx, now, since, &mut events)?;
             derive_messages(&tx, since, &mut events)?;
             derive_fallbacks(&tx, since, &mut events)?;
             derive_jobs(&tx, since, &mut events)?;
@@ -292,46 +298,6 @@ impl Store {
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
-        })
-    }
-
-    /// Stores one end's signed cumulative counters of a tunnel session (a resend of the
-    /// same interval changes nothing). The caller has verified the signature.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_usage_signature(
-        &self,
-        session_id: i64,
-        side: &str,
-        agent_id: &str,
-        seq: i64,
-        counters: &crate::model::billing::Counters,
-        last: bool,
-        signature: &[u8],
-        signed_at: Millis,
-        now: Millis,
-    ) -> Result<()> {
-        self.blocking(|| {
-            self.conn().execute(
-                "INSERT INTO usage_signatures (session_id, side, agent_id, seq, bytes_up,
-                    bytes_down, requests, seconds, final, signature, signed_at, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT DO NOTHING",
-                params![
-                    session_id,
-                    side,
-                    agent_id,
-                    seq,
-                    counters.bytes_up as i64,
-                    counters.bytes_down as i64,
-                    counters.requests as i64,
-                    counters.seconds as i64,
-                    last,
-                    signature,
-                    signed_at,
-                    now
-                ],
-            )?;
-            Ok(())
         })
     }
 
@@ -588,13 +554,157 @@ fn write_invoices(tx: &Connection, month: &str, invoices: &[Invoice], now: Milli
     Ok(changed)
 }
 
+// === Signed session counters ===
+
+/// Stores one end's signed counters of a tunnel session (verified by the caller against
+/// the key its connection authenticated with). Only the session's own provider or
+/// consumer agent may sign for it; a resend of the same count changes nothing. The
+/// whole signed report is kept, so the meter step verifies it again and a row edited
+/// afterwards is caught.
+pub(super) fn store_usage(
+    tx: &Connection,
+    agent_id: &str,
+    usage: &SessionUsage,
+    signed: &[u8],
+    now: Millis,
+) -> Result<()> {
+    let ends: Option<(String, Option<String>)> = tx
+        .query_row(
+            "SELECT provider_agent_id, consumer_agent_id FROM tunnel_sessions WHERE id = ?1",
+            params![usage.session],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((provider, consumer)) = ends else {
+        return Err(StoreError::Invalid(format!(
+            "counters for an unknown tunnel session {}",
+            usage.session
+        )));
+    };
+    let signer = match usage.end {
+        End::Provider => Some(provider),
+        End::Consumer => consumer,
+    };
+    if signer.as_deref() != Some(agent_id) {
+        return Err(StoreError::Invalid(format!(
+            "agent {agent_id} is not the {} of tunnel session {}",
+            usage.end.as_str(),
+            usage.session
+        )));
+    }
+    tx.execute(
+        "INSERT INTO usage_signatures (session_id, side, agent_id, seq, bytes_up,
+            bytes_down, requests, seconds, final, signature, signed_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT DO NOTHING",
+        params![
+            usage.session,
+            usage.end.as_str(),
+            agent_id,
+            usage.seq,
+            usage.bytes_up as i64,
+            usage.bytes_down as i64,
+            usage.requests as i64,
+            usage.seconds as i64,
+            usage.last,
+            signed,
+            usage.at,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+/// One end's latest count of a session that still verifies, and what was wrong with
+/// the rows that did not (for the invoice's notes and the log).
+#[derive(Default)]
+struct EndCount {
+    counters: Option<Counters>,
+    last: bool,
+    problems: Vec<String>,
+}
+
+/// Reads back the counters both ends signed for `session`, verifying each stored
+/// report again against the signer's enrolled key: a row whose report does not verify,
+/// or whose columns differ from what was signed, is set aside and said so.
+fn signed_counts(tx: &Connection, session: i64) -> Result<(EndCount, EndCount)> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT u.side, u.agent_id, u.bytes_up, u.bytes_down, u.requests, u.seconds, u.final,
+            u.signature, a.public_key
+         FROM usage_signatures u LEFT JOIN agents a ON a.id = u.agent_id
+         WHERE u.session_id = ?1 ORDER BY u.seq DESC",
+    )?;
+    let mut rows = stmt.query(params![session])?;
+    let (mut provider, mut consumer) = (EndCount::default(), EndCount::default());
+    while let Some(r) = rows.next()? {
+        let side: String = r.get(0)?;
+        let agent_id: String = r.get(1)?;
+        let stored = Counters {
+            bytes_up: r.get::<_, i64>(2)? as u64,
+            bytes_down: r.get::<_, i64>(3)? as u64,
+            requests: r.get::<_, i64>(4)? as u64,
+            seconds: r.get::<_, i64>(5)? as u64,
+        };
+        let last: bool = r.get(6)?;
+        let blob: Vec<u8> = r.get(7)?;
+        let key: Option<Vec<u8>> = r.get(8)?;
+        let count = match side.as_str() {
+            "provider" => &mut provider,
+            "consumer" => &mut consumer,
+            _ => continue,
+        };
+        if count.counters.is_some() {
+            continue;
+        }
+        let verified = codec::from_bytes::<SignedReport>(&blob, 2 * MAX_REPORT)
+            .map_err(|e| e.to_string())
+            .and_then(|signed| {
+                let key = key.ok_or_else(|| format!("agent {agent_id} is not enrolled"))?;
+                signed.verify(&key).map_err(|e| e.to_string())
+            });
+        match verified {
+            Ok(Report::Usage(u)) if u.session == session && u.end.as_str() == side => {
+                let signed = Counters {
+                    bytes_up: u.bytes_up,
+                    bytes_down: u.bytes_down,
+                    requests: u.requests,
+                    seconds: u.seconds,
+                };
+                if signed != stored || u.last != last {
+                    count.problems.push(format!(
+                        "the {side}'s stored counters differ from what it signed; the signed ones count"
+                    ));
+                }
+                count.counters = Some(signed);
+                count.last = u.last;
+            }
+            Ok(_) => count.problems.push(format!(
+                "a stored {side} report is not this session's counters"
+            )),
+            Err(e) => count
+                .problems
+                .push(format!("a stored {side} signature does not verify ({e})")),
+        }
+    }
+    Ok((provider, consumer))
+}
+
 // === The meter step ===
 
-fn derive_sessions(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
+/// Bills closed tunnel sessions from the counters their ends signed, never from the
+/// server's own count ([`billable_counters`]: the lower of both ends). A session waits
+/// for both ends' last counts until [`SIGNATURE_GRACE`] after it ended, then is billed
+/// with what arrived; one that cannot be billed (no consumer signature) gets a zero
+/// event with the reason, so it is decided once.
+fn derive_sessions(
+    tx: &Connection,
+    now: Millis,
+    since: Option<Millis>,
+    out: &mut Vec<NewUsage>,
+) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT s.id, s.provider_agent_id, s.provider_user_id, s.consumer_user_id,
-            s.consumer_agent_id, s.via, s.started_at, s.ended_at, s.bytes_up, s.bytes_down,
-            s.requests
+            s.consumer_agent_id, s.via, s.ended_at, s.outcome
          FROM tunnel_sessions s
          WHERE s.ended_at IS NOT NULL AND (?2 IS NULL OR s.ended_at >= ?2) AND NOT EXISTS (
             SELECT 1 FROM usage_events e
@@ -608,54 +718,96 @@ fn derive_sessions(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsag
         let provider_user: Option<i64> = r.get(2)?;
         let consumer_user: Option<i64> = r.get(3)?;
         let consumer_agent: Option<String> = r.get(4)?;
-        let via: String = r.get(5)?;
-        let started: i64 = r.get(6)?;
-        let ended: i64 = r.get(7)?;
-        let bytes: i64 = r.get::<_, i64>(8)? + r.get::<_, i64>(9)?;
-        let requests: i64 = r.get(10)?;
+        let via_text: String = r.get(5)?;
+        let ended: i64 = r.get(6)?;
+        let outcome: String = r.get(7)?;
+        let Some(via) = Via::parse(&via_text) else {
+            tracing::warn!(
+                session = id,
+                "tunnel session of unknown kind {via_text:?} not metered"
+            );
+            continue;
+        };
+        let (provider, consumer) = signed_counts(tx, id)?;
+        let complete = provider.last && (via == Via::Browser || consumer.last);
+        if !complete && now < ended.saturating_add(SIGNATURE_GRACE) {
+            continue;
+        }
         let provider_account = match provider_user {
             Some(user) => format!("user:{user}"),
             None => format!("agent:{provider_agent}"),
         };
-        let (account, provider, note) = match (consumer_user, consumer_agent) {
-            (Some(user), _) => (
-                format!("user:{user}"),
-                Some(provider_account),
-                String::new(),
-            ),
-            (None, Some(agent)) => (
-                format!("agent:{agent}"),
-                Some(provider_account),
-                String::new(),
-            ),
+        let (account, earner, mut notes) = match (consumer_user, &consumer_agent) {
+            (Some(user), _) => (format!("user:{user}"), Some(provider_account), Vec::new()),
+            (None, Some(agent)) => (format!("agent:{agent}"), Some(provider_account), Vec::new()),
             (None, None) => (
                 provider_account,
                 None,
-                format!(
-                    "{via} session without a signed-in user: billed to the provider's own account"
-                ),
+                vec![format!(
+                    "{via_text} session without a signed-in user: billed to the provider's own account"
+                )],
             ),
         };
-        let seconds = ((ended - started).max(0) + 999) / 1000;
+        for problem in provider.problems.iter().chain(&consumer.problems) {
+            tracing::warn!(session = id, "{problem}");
+            notes.push(format!("tunnel session {id}: {problem}"));
+        }
+        let mut push = |meter: Meter, quantity: i64, notes: &[String]| {
+            out.push(NewUsage {
+                source: SOURCE_SESSIONS.into(),
+                seq: format!("{id}:{meter}"),
+                account: account.clone(),
+                provider: earner.clone(),
+                meter,
+                quantity,
+                time: ended,
+                note: notes.join("; "),
+            })
+        };
+        if outcome.starts_with("refused") {
+            // Nothing was carried and nobody signs a refusal: marked as metered, silently.
+            push(Meter::TunnelBytes, 0, &[]);
+            continue;
+        }
+        let billable = match billable_counters(
+            via,
+            provider.counters,
+            consumer.counters,
+            SIGNATURE_TOLERANCE_BP,
+        ) {
+            Ok(billable) => billable,
+            Err(why) => {
+                tracing::warn!(session = id, "tunnel session not billed: {why}");
+                notes.push(format!("tunnel session {id} not billed: {why}"));
+                // The bytes event marks the session as metered, so it is kept at 0.
+                push(Meter::TunnelBytes, 0, &notes);
+                continue;
+            }
+        };
+        if billable.provider_only {
+            notes.push("browser sessions are billed at the provider's signed counts alone".into());
+        }
+        if billable.disagreement {
+            tracing::warn!(
+                session = id,
+                "the ends of a tunnel session disagree beyond the tolerance"
+            );
+            notes.push(format!(
+                "tunnel session {id}: the two ends' counts differ by more than \
+                 {SIGNATURE_TOLERANCE_BP} basis points; the lower was billed"
+            ));
+        }
+        let counters = billable.counters;
         for (meter, quantity) in [
-            (Meter::TunnelBytes, bytes),
-            (Meter::TunnelSeconds, seconds),
-            (Meter::TunnelRequests, requests),
+            (Meter::TunnelBytes, counters.bytes_up + counters.bytes_down),
+            (Meter::TunnelSeconds, counters.seconds),
+            (Meter::TunnelRequests, counters.requests),
         ] {
             // The bytes event marks the session as metered, so it is kept even at 0.
             if quantity == 0 && meter != Meter::TunnelBytes {
                 continue;
             }
-            out.push(NewUsage {
-                source: SOURCE_SESSIONS.into(),
-                seq: format!("{id}:{meter}"),
-                account: account.clone(),
-                provider: provider.clone(),
-                meter,
-                quantity,
-                time: ended,
-                note: note.clone(),
-            });
+            push(meter, quantity.min(i64::MAX as u64) as i64, &notes);
         }
     }
     Ok(())

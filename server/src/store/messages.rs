@@ -40,6 +40,8 @@ pub enum ReportStored {
     },
     /// A block-list change.
     Block,
+    /// One end's signed counters of a tunnel session.
+    Usage,
 }
 
 const MESSAGE_SELECT: &str = "SELECT m.id, m.sender, m.title, m.priority, m.advertising, m.audience,
@@ -571,6 +573,10 @@ fn store_one(
         herald_shared::message::Report::Block(change) => {
             store_block(tx, change, &blob, now)?;
             Ok(ReportStored::Block)
+        }
+        herald_shared::message::Report::Usage(usage) => {
+            super::billing::store_usage(tx, agent_id, usage, &blob, now)?;
+            Ok(ReportStored::Usage)
         }
     }
 }
