@@ -817,10 +817,41 @@ price = "0.001"
 #[test]
 fn usage_is_billed_at_the_lower_of_both_signatures() {
     let (server, alice, mut bob, _service) = alice_shares_echo("usage-signed", "echo", &[]);
+    // bob's agent signs every second while a tunnel is open.
+    let config_path = bob.state_dir.join("agent.toml");
+    let config = std::fs::read_to_string(&config_path).expect("bob's agent.toml");
+    assert!(config.contains("usage_interval_secs = 60"), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace("usage_interval_secs = 60", "usage_interval_secs = 1"),
+    )
+    .expect("write bob's agent.toml");
     // bob's daemon sends what his `connect` signs (from the shared outbox).
     bob.spawn();
     bob.wait_online(&server);
     let connect = Connect::start(&bob, "alice/echo");
+
+    // While a tunnel is open, bob's counts arrive at intervals, not only at its close.
+    let mut open = connect.dial();
+    open.write_all(b"eopen").unwrap();
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back).unwrap();
+    let first = wait_until("the server to record the open session", DEADLINE, || {
+        server_sessions(&server)
+            .first()
+            .and_then(|s| s["id"].as_i64())
+    });
+    wait_until(
+        "an interval count while the tunnel is open",
+        DEADLINE,
+        || {
+            usage_rows(&server, first, "consumer")
+                .iter()
+                .any(|r| !r.3 && r.1 == 5 && r.2 == 4)
+                .then_some(())
+        },
+    );
+    drop(open);
     let data = noise(100_000);
     let (_, len) = echo_through(connect.dial(), data);
     assert_eq!(len, 100_000);
@@ -829,22 +860,24 @@ fn usage_is_billed_at_the_lower_of_both_signatures() {
         DEADLINE,
         || {
             let s = server_sessions(&server);
-            (s.len() == 1 && s[0]["ended"] == true).then(|| s[0]["id"].as_i64().expect("id"))
+            (s.len() == 2 && s[1]["ended"] == true).then(|| s[1]["id"].as_i64().expect("id"))
         },
     );
     // Both ends signed their last count, and both counted the same: the mode byte and
     // the data up, the echo down.
     let (up, down) = (100_001, 100_000);
-    for side in ["provider", "consumer"] {
-        let rows = wait_until(
-            &format!("the {side}'s last signed count to be stored"),
-            DEADLINE,
-            || {
-                let rows = usage_rows(&server, session, side);
-                rows.first().is_some_and(|r| r.3).then_some(rows)
-            },
-        );
-        assert_eq!((rows[0].1, rows[0].2), (up, down), "{side}: {rows:?}");
+    for (id, counted) in [(first, (5, 4)), (session, (up, down))] {
+        for side in ["provider", "consumer"] {
+            let rows = wait_until(
+                &format!("the {side}'s last signed count of session {id} to be stored"),
+                DEADLINE,
+                || {
+                    let rows = usage_rows(&server, id, side);
+                    rows.first().is_some_and(|r| r.3).then_some(rows)
+                },
+            );
+            assert_eq!((rows[0].1, rows[0].2), counted, "{side}: {rows:?}");
+        }
     }
 
     // alice's machine over-reports: a later "last" count, ten times higher, signed with
@@ -927,7 +960,8 @@ fn usage_is_billed_at_the_lower_of_both_signatures() {
         .find(|l| l["meter"] == "tunnel_bytes")
         .unwrap_or_else(|| panic!("no bytes line: {bob_invoice:#}"));
     // Billed at what bob's agent signed: not alice's inflated count, not the edited row.
-    assert_eq!(bytes["quantity"], up + down, "{bob_invoice:#}");
+    // (Plus the 5 + 4 bytes of the first, held-open tunnel, which both ends agree on.)
+    assert_eq!(bytes["quantity"], up + down + 9, "{bob_invoice:#}");
     let notes = bob_invoice["notes"].to_string();
     assert!(
         notes.contains("differ by more than") && notes.contains("the lower was billed"),
