@@ -528,6 +528,37 @@ fn duplicate_events_are_counted_once() {
         3 + 2000 + 500 + 8000,
         "each event once"
     );
+    // Prometheus counts each stored event once too.
+    let stored: i64 = db(&server)
+        .query_row(
+            "SELECT COUNT(*) FROM usage_events WHERE meter = 'jobs_run'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count events");
+    let metrics = get_metrics(&server);
+    assert!(
+        metrics.contains(&format!(
+            "herald_usage_events_total{{meter=\"jobs_run\"}} {stored}\n"
+        )),
+        "{stored} events: {metrics}"
+    );
+}
+
+/// `GET /metrics` with the admin token.
+fn get_metrics(server: &TestServer) -> String {
+    let url = format!("{}/metrics", server.https_url());
+    let token = admin_token(server);
+    runtime().block_on(async {
+        let response = herald_tests::https_client()
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status().as_u16(), 200);
+        response.text().await.expect("metrics text")
+    })
 }
 
 fn csv_rows(text: &str) -> Vec<BTreeMap<String, String>> {

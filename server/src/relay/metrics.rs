@@ -236,6 +236,21 @@ fn render_counts(text: &mut String, counts: &Counts) {
         "state",
         &counts.rollouts,
     );
+    let meters: Vec<[(&str, &str); 1]> = counts
+        .usage
+        .iter()
+        .map(|(meter, _)| [("meter", meter.as_str())])
+        .collect();
+    metrics::family(
+        text,
+        "herald_usage_events_total",
+        Kind::Counter,
+        "Usage events stored for billing, by meter (each counted once, however often it was sent).",
+        meters
+            .iter()
+            .zip(&counts.usage)
+            .map(|(l, (_, n))| (&l[..], *n)),
+    );
 }
 
 fn one_label(text: &mut String, name: &str, help: &str, label: &str, rows: &[(String, u64)]) {

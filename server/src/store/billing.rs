@@ -289,18 +289,6 @@ impl Store {
         })
     }
 
-    /// Usage events stored, by meter (`/metrics`).
-    pub fn usage_events_by_meter(&self) -> Result<Vec<(String, i64)>> {
-        self.blocking(|| {
-            let conn = self.fast();
-            let mut stmt = conn.prepare(
-                "SELECT meter, COUNT(*) FROM usage_events GROUP BY meter ORDER BY meter",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        })
-    }
-
     /// Daily series since `since` (Unix ms), grouped as asked; see [`StatPoint`].
     pub fn stats(&self, by: StatsBy, since: Millis) -> Result<Vec<StatPoint>> {
         self.blocking(|| {

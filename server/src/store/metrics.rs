@@ -2,8 +2,8 @@
 //!
 //! Counts: the two tables that grow without bound are counted incrementally (a
 //! [`Tally`] keeps what earlier scrapes counted): jobs below the oldest open job are
-//! settled and counted once, by id range; receipts are insert-only and counted by
-//! rowid. So a scrape reads the open and expired jobs (through the state indexes), the
+//! settled and counted once, by id range; receipts and usage events are insert-only and
+//! counted by rowid. So a scrape reads the open and expired jobs (through the state indexes), the
 //! jobs since the oldest open one, and the new receipts; the first scrape after a start
 //! counts everything once. Forwards and their attempts are pruned by age, messages,
 //! rollouts and campaign fallbacks are few or bounded by what senders send: those are
@@ -51,6 +51,8 @@ pub struct Counts {
     pub fallbacks: Vec<(String, String, u64)>,
     /// Package rollouts by state.
     pub rollouts: Vec<(String, u64)>,
+    /// Usage events stored, by meter (only ever grows).
+    pub usage: Vec<(String, u64)>,
 }
 
 /// What earlier counts saw of the two tables that only grow, so that the next count
@@ -67,6 +69,10 @@ pub struct Tally {
     receipts_upto: i64,
     /// Their counts by state.
     receipts: BTreeMap<String, u64>,
+    /// Usage events with an id up to here are counted (insert-only).
+    usage_upto: i64,
+    /// Their counts by meter.
+    usage: BTreeMap<String, u64>,
 }
 
 /// States a job leaves again: the open ones (an expired job's late result is caught by
@@ -89,7 +95,18 @@ impl Store {
             conn.busy_timeout(super::BUSY_TIMEOUT)?;
             let tx = conn.transaction()?;
             let newest = count_jobs(&tx, tally)?;
-            count_receipts(&tx, tally)?;
+            count_appended(
+                &tx,
+                ("message_receipts", "rowid", "state"),
+                &mut tally.receipts_upto,
+                &mut tally.receipts,
+            )?;
+            count_appended(
+                &tx,
+                ("usage_events", "id", "meter"),
+                &mut tally.usage_upto,
+                &mut tally.usage,
+            )?;
             let counts = Counts {
                 jobs: tally_plus(
                     &tally.jobs,
@@ -112,6 +129,7 @@ impl Store {
                     .iter()
                     .map(|(s, n)| (s.clone(), *n))
                     .collect(),
+                usage: tally.usage.iter().map(|(m, n)| (m.clone(), *n)).collect(),
                 forwards: by_two(
                     &tx,
                     "SELECT kind, state, COUNT(*) FROM deliveries GROUP BY kind, state",
@@ -204,26 +222,32 @@ fn count_jobs(tx: &Transaction<'_>, tally: &mut Tally) -> Result<i64> {
     Ok(newest)
 }
 
-/// Counts the receipts added since the last count.
-fn count_receipts(tx: &Transaction<'_>, tally: &mut Tally) -> Result<()> {
-    let upto: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(rowid), 0) FROM message_receipts",
+/// Counts the rows appended to an insert-only `table` since the last count, by
+/// `label`, into `counts`; `upto` is the highest `key` counted.
+fn count_appended(
+    tx: &Transaction<'_>,
+    (table, key, label): (&str, &str, &str),
+    upto: &mut i64,
+    counts: &mut BTreeMap<String, u64>,
+) -> Result<()> {
+    let newest: i64 = tx.query_row(
+        &format!("SELECT COALESCE(MAX({key}), 0) FROM {table}"),
         [],
         |r| r.get(0),
     )?;
-    if upto > tally.receipts_upto {
-        let mut stmt = tx.prepare(
-            "SELECT state, COUNT(*) FROM message_receipts
-             WHERE rowid > ?1 AND rowid <= ?2 GROUP BY state",
-        )?;
-        let rows = stmt.query_map(params![tally.receipts_upto, upto], |r| {
+    if newest > *upto {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT {label}, COUNT(*) FROM {table}
+             WHERE {key} > ?1 AND {key} <= ?2 GROUP BY {label}"
+        ))?;
+        let rows = stmt.query_map(params![*upto, newest], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
         })?;
         for row in rows {
-            let (state, n) = row?;
-            *tally.receipts.entry(state).or_default() += n as u64;
+            let (value, n) = row?;
+            *counts.entry(value).or_default() += n as u64;
         }
-        tally.receipts_upto = upto;
+        *upto = newest;
     }
     Ok(())
 }
