@@ -108,6 +108,24 @@ fn read_token_cannot_change_anything() {
     }
     assert!(changes >= 25, "only {changes} changing routes were tried");
 
+    // A billing token (a metering gateway) may do exactly the billing changes besides
+    // reading: no jobs, packages, messages or tokens.
+    let billing = create_token(&server, "gateway", "billing", &[]);
+    let mut billing_routes = 0;
+    for (method, path, scope) in &operations {
+        if method == "GET" || matches!(scope.as_str(), "public" | "gateway") {
+            continue;
+        }
+        let (status, body) = call(&server, method, path, &billing);
+        if scope == "billing" {
+            assert_ne!(status, 403, "a billing token may {method} {path}: {body}");
+            billing_routes += 1;
+        } else {
+            assert_eq!(status, 403, "a billing token may not {method} {path}: {body}");
+        }
+    }
+    assert!(billing_routes >= 5, "{billing_routes} billing routes");
+
     // The metrics token reads metrics and nothing else.
     assert_eq!(call(&server, "GET", "/metrics", &metrics).0, 200);
     assert_eq!(call(&server, "GET", "/api/v1/agents", &metrics).0, 403);

@@ -814,7 +814,9 @@ fn usage_and_billing_pages_in_a_real_browser() {
     ingest(&server, &events);
     server.json(&["billing", "run", "--month", &month]);
 
-    b.goto("/account/usage");
+    // Reached from the navigation, on every page.
+    b.goto("/devices");
+    b.click("#nav-usage");
     b.wait_page("page-usage");
     assert_eq!(b.text("#account"), account);
     let charts = b.find_all("figure.chart-box svg.chart");

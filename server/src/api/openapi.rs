@@ -76,7 +76,7 @@ fn build() -> OpenApi {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "An admin token (scopes: read, metrics, jobs, packages, messages, admin), \
+                        "An admin token (scopes: read, metrics, jobs, packages, messages, billing, admin), \
                          a vendor's token or a sender's token.",
                     ))
                     .build(),

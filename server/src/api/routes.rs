@@ -103,7 +103,7 @@ macro_rules! api_routes {
 }
 
 use Access::{Gateway, Public, ScopeOrSender, ScopeOrVendor};
-use Scope::{Admin, Jobs, Messages, Metrics, Packages, Read};
+use Scope::{Admin, Billing, Jobs, Messages, Metrics, Packages, Read};
 
 const fn scope(s: Scope) -> Access {
     Access::Scope(s)
@@ -180,13 +180,13 @@ api_routes! {
     GET "/api/v1/refusals" ScopeOrSender(Read), "refusals.list", "Signed refusals and blocks of a sender." => messages::list_refusals;
     POST "/api/v1/sms/reports" Gateway, "sms.reports", "Delivery reports from the SMS gateway (its own secret)." => campaigns::sms_reports;
 
-    POST "/api/v1/usage" scope(Admin), "usage.ingest", "Store usage events (a JSON array or JSON lines), each once by its idempotency key." => super::billing::ingest;
+    POST "/api/v1/usage" scope(Billing), "usage.ingest", "Store usage events (a JSON array or JSON lines), each once by its idempotency key." => super::billing::ingest;
     GET "/api/v1/billing/plans" scope(Read), "billing.plans.show", "The price plans in force." => super::billing::show_plans;
-    PUT "/api/v1/billing/plans" scope(Admin), "billing.plans.set", "Set the price plans (a TOML plans file)." [crate::model::billing::PlansText] => super::billing::set_plans;
+    PUT "/api/v1/billing/plans" scope(Billing), "billing.plans.set", "Set the price plans (a TOML plans file)." [crate::model::billing::PlansText] => super::billing::set_plans;
     GET "/api/v1/billing/prices" scope(Read), "billing.prices.list", "Providers' prices for their paid shares." => super::billing::list_prices;
-    POST "/api/v1/billing/prices" scope(Admin), "billing.prices.set", "Set a provider's price for a meter." [crate::model::billing::ProviderPrice] => super::billing::set_price;
-    POST "/api/v1/billing/runs" scope(Admin), "billing.run", "Meter and rate a month into draft invoices (idempotent)." [crate::model::billing::BillingMonth] => super::billing::run;
-    POST "/api/v1/billing/close" scope(Admin), "billing.close", "Rate a month a last time and close it." [crate::model::billing::BillingMonth] => super::billing::close;
+    POST "/api/v1/billing/prices" scope(Billing), "billing.prices.set", "Set a provider's price for a meter." [crate::model::billing::ProviderPrice] => super::billing::set_price;
+    POST "/api/v1/billing/runs" scope(Billing), "billing.run", "Meter and rate a month into draft invoices (idempotent)." [crate::model::billing::BillingMonth] => super::billing::run;
+    POST "/api/v1/billing/close" scope(Billing), "billing.close", "Rate a month a last time and close it." [crate::model::billing::BillingMonth] => super::billing::close;
     GET "/api/v1/billing/invoices" scope(Read), "billing.invoices", "Invoices, by account and month." => super::billing::invoices;
     GET "/api/v1/billing/export" scope(Read), "billing.export", "A month's invoices as CSV or JSON, or its usage as CloudEvents JSON lines." => super::billing::export;
     GET "/api/v1/stats" scope(Read), "stats.list", "Daily series by account, club, service or sender." => super::billing::stats;

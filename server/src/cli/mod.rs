@@ -135,7 +135,7 @@ pub enum Command {
     /// Web console accounts (works on the data directory, like `init`).
     #[command(subcommand)]
     Users(crate::cli::users::UsersCommand),
-    /// Admin API tokens with scopes (read, metrics, jobs, packages, messages, admin).
+    /// Admin API tokens with scopes (read, metrics, jobs, packages, messages, billing, admin).
     #[command(subcommand, name = "admin-token")]
     AdminToken(crate::cli::admin::AdminTokenCommand),
     /// The audit log: who did what, from where, and whether it worked.

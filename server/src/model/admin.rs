@@ -21,18 +21,22 @@ pub enum Scope {
     Packages,
     /// Read, plus senders, messages and campaigns.
     Messages,
+    /// Read, plus usage ingestion, price plans, providers' prices, and rating and
+    /// closing months (a metering gateway, a billing clerk).
+    Billing,
     /// Everything, including tokens, agents, groups and admin tokens. The token `init`
     /// writes to admin.toml has this scope.
     Admin,
 }
 
 /// Every scope, in the order help texts list them.
-pub const SCOPES: [Scope; 6] = [
+pub const SCOPES: [Scope; 7] = [
     Scope::Read,
     Scope::Metrics,
     Scope::Jobs,
     Scope::Packages,
     Scope::Messages,
+    Scope::Billing,
     Scope::Admin,
 ];
 
@@ -45,6 +49,7 @@ impl Scope {
             Scope::Jobs => "jobs",
             Scope::Packages => "packages",
             Scope::Messages => "messages",
+            Scope::Billing => "billing",
             Scope::Admin => "admin",
         }
     }
@@ -77,7 +82,7 @@ impl std::str::FromStr for Scope {
             .find(|s| s.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown scope {text:?}: one of read, metrics, jobs, packages, messages, admin"
+                    "unknown scope {text:?}: one of read, metrics, jobs, packages, messages, billing, admin"
                 )
             })
     }
