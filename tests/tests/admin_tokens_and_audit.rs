@@ -121,7 +121,10 @@ fn read_token_cannot_change_anything() {
             assert_ne!(status, 403, "a billing token may {method} {path}: {body}");
             billing_routes += 1;
         } else {
-            assert_eq!(status, 403, "a billing token may not {method} {path}: {body}");
+            assert_eq!(
+                status, 403,
+                "a billing token may not {method} {path}: {body}"
+            );
         }
     }
     assert!(billing_routes >= 5, "{billing_routes} billing routes");

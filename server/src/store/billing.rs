@@ -683,7 +683,8 @@ fn signed_counts(tx: &Connection, session: i64) -> Result<(EndCount, EndCount)> 
 /// server's own count ([`billable_counters`]: the lower of both ends). A session waits
 /// for both ends' last counts until [`SIGNATURE_GRACE`] after it ended, then is billed
 /// with what arrived; one that cannot be billed (no consumer signature) gets a zero
-/// event with the reason, so it is decided once.
+/// event with the reason, so it is decided once. Refused sessions carried nothing and
+/// are not metered.
 fn derive_sessions(
     tx: &Connection,
     now: Millis,
@@ -692,9 +693,10 @@ fn derive_sessions(
 ) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT s.id, s.provider_agent_id, s.provider_user_id, s.consumer_user_id,
-            s.consumer_agent_id, s.via, s.ended_at, s.outcome
+            s.consumer_agent_id, s.via, s.ended_at
          FROM tunnel_sessions s
-         WHERE s.ended_at IS NOT NULL AND (?2 IS NULL OR s.ended_at >= ?2) AND NOT EXISTS (
+         WHERE s.ended_at IS NOT NULL AND (?2 IS NULL OR s.ended_at >= ?2)
+           AND s.outcome NOT LIKE 'refused%' AND NOT EXISTS (
             SELECT 1 FROM usage_events e
             WHERE e.source = ?1 AND e.seq = s.id || ':tunnel_bytes')
          ORDER BY s.id",
@@ -708,7 +710,6 @@ fn derive_sessions(
         let consumer_agent: Option<String> = r.get(4)?;
         let via_text: String = r.get(5)?;
         let ended: i64 = r.get(6)?;
-        let outcome: String = r.get(7)?;
         let Some(via) = Via::parse(&via_text) else {
             tracing::warn!(
                 session = id,
@@ -752,11 +753,6 @@ fn derive_sessions(
                 note: notes.join("; "),
             })
         };
-        if outcome.starts_with("refused") {
-            // Nothing was carried and nobody signs a refusal: marked as metered, silently.
-            push(Meter::TunnelBytes, 0, &[]);
-            continue;
-        }
         let billable = match billable_counters(
             via,
             provider.counters,
@@ -903,4 +899,187 @@ fn derive_jobs(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NewSession, SessionEnd};
+    use crate::store::messages::tests::{agent, report, store, NOW};
+
+    /// A session from `consumer` (an agent) or a browser to `provider`'s share, closed
+    /// at `NOW` after 10 s with `outcome`.
+    fn session(store: &Store, provider: &str, consumer: Option<&str>, outcome: &str) -> i64 {
+        let id = store
+            .open_session(&NewSession {
+                provider_agent_id: provider.into(),
+                share: "shop".into(),
+                provider_user_id: None,
+                consumer_user_id: None,
+                consumer_agent_id: consumer.map(str::to_string),
+                via: if consumer.is_some() {
+                    Via::Relay
+                } else {
+                    Via::Browser
+                },
+                source: "127.0.0.1:1".into(),
+                path: String::new(),
+                started_at: NOW - 10_000,
+            })
+            .unwrap();
+        let end = SessionEnd {
+            bytes_up: 999_999,
+            bytes_down: 999_999,
+            requests: 1,
+            outcome: outcome.into(),
+            ended_at: NOW,
+        };
+        store.close_session(id, &end).unwrap();
+        id
+    }
+
+    fn usage(agent_id: &str, session: i64, end: End, seq: u32, bytes: u64) -> Report {
+        Report::Usage(SessionUsage {
+            agent_id: agent_id.into(),
+            session,
+            end,
+            seq,
+            bytes_up: bytes,
+            bytes_down: bytes,
+            requests: 1,
+            seconds: 10,
+            last: true,
+            at: NOW,
+        })
+    }
+
+    /// The session's bytes event, if metered: (account, quantity, note).
+    fn billed(store: &Store, session: i64) -> Option<(String, i64, String)> {
+        store
+            .conn()
+            .query_row(
+                "SELECT account, quantity, note FROM usage_events WHERE source = ?1 AND seq = ?2",
+                params![SOURCE_SESSIONS, format!("{session}:tunnel_bytes")],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    #[test]
+    fn sessions_bill_the_lower_signed_count_and_only_their_own_ends_may_sign() {
+        let store = store();
+        let (provider, provider_key) = agent(&store, 1, "shop-box");
+        let (consumer, consumer_key) = agent(&store, 2, "laptop");
+        let (stranger, stranger_key) = agent(&store, 3, "other");
+        let send = |agent_id: &str, key, r: Report| {
+            let (signed, r) = report(key, r);
+            store.store_report(agent_id, &signed, &r, NOW)
+        };
+
+        // Both ends signed; the provider over-reports: the consumer's count is billed and
+        // the gap flagged. (The server's own count, 999,999 each way, plays no part.)
+        let both = session(&store, &provider, Some(&consumer), "closed");
+        let fair = usage(&consumer, both, End::Consumer, 0, 1_000);
+        send(&consumer, &consumer_key, fair).unwrap();
+        let inflated = usage(&provider, both, End::Provider, 0, 50_000);
+        send(&provider, &provider_key, inflated).unwrap();
+        // Only the session's own ends may sign for it, and only for a session that exists.
+        let intruder = usage(&stranger, both, End::Consumer, 1, 1);
+        assert!(send(&stranger, &stranger_key, intruder).is_err());
+        let posing = usage(&consumer, both, End::Provider, 1, 1);
+        assert!(send(&consumer, &consumer_key, posing).is_err());
+        let nowhere = usage(&consumer, 9_999, End::Consumer, 0, 1);
+        assert!(send(&consumer, &consumer_key, nowhere).is_err());
+
+        // A browser session: the provider's count alone, marked so.
+        let browser = session(&store, &provider, None, "closed");
+        let counted = usage(&provider, browser, End::Provider, 0, 700);
+        send(&provider, &provider_key, counted).unwrap();
+
+        // The consumer never signed: not billed, once the grace is over, and said so.
+        let unsigned = session(&store, &provider, Some(&consumer), "closed");
+        let alone = usage(&provider, unsigned, End::Provider, 0, 5_000);
+        send(&provider, &provider_key, alone).unwrap();
+        // A refused session carried nothing: no event, for anyone.
+        let refused = session(&store, &provider, Some(&consumer), "refused: no such share");
+
+        // Within the grace, a session missing an end's last count waits.
+        assert_eq!(store.meter_usage(NOW + 1_000, None).unwrap(), 3 + 3);
+        assert_eq!(
+            billed(&store, unsigned),
+            None,
+            "waits for the consumer's count"
+        );
+        let (account, quantity, note) = billed(&store, both).unwrap();
+        assert_eq!(account, format!("agent:{consumer}"));
+        assert_eq!(
+            quantity, 2_000,
+            "the lower of both ends, never the server's count"
+        );
+        assert!(note.contains("differ by more than"), "{note}");
+        let (account, quantity, note) = billed(&store, browser).unwrap();
+        assert_eq!(account, format!("agent:{provider}"));
+        assert_eq!(quantity, 1_400);
+        assert!(note.contains("provider's signed counts alone"), "{note}");
+        assert_eq!(billed(&store, refused), None);
+
+        store.meter_usage(NOW + SIGNATURE_GRACE, None).unwrap();
+        let (_, quantity, note) = billed(&store, unsigned).unwrap();
+        assert_eq!(quantity, 0);
+        assert!(
+            note.contains("not billed: no counters signed by the consumer"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn an_edited_or_forged_stored_count_is_set_aside() {
+        let store = store();
+        let (provider, provider_key) = agent(&store, 1, "shop-box");
+        let (consumer, consumer_key) = agent(&store, 2, "laptop");
+        let id = session(&store, &provider, Some(&consumer), "closed");
+        for (agent_id, key, end, bytes) in [
+            (&provider, &provider_key, End::Provider, 1_000),
+            (&consumer, &consumer_key, End::Consumer, 1_000),
+        ] {
+            let (signed, r) = report(key, usage(agent_id, id, end, 0, bytes));
+            store.store_report(agent_id, &signed, &r, NOW).unwrap();
+        }
+        // Someone with the database raises the consumer's columns and swaps the
+        // provider's report for one signed by another key.
+        let other_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let (forged, _) = report(&other_key, usage(&provider, id, End::Provider, 0, 90_000));
+        store
+            .conn()
+            .execute_batch(&format!(
+                "UPDATE usage_signatures SET bytes_up = 50000, bytes_down = 50000
+                 WHERE session_id = {id} AND side = 'consumer'"
+            ))
+            .unwrap();
+        store
+            .conn()
+            .execute(
+                "UPDATE usage_signatures SET bytes_up = 90000, bytes_down = 90000,
+                    signature = ?2 WHERE session_id = ?1 AND side = 'provider'",
+                params![id, codec::to_bytes(&forged).unwrap()],
+            )
+            .unwrap();
+        // The provider's last count no longer verifies: the session waits for it...
+        store.meter_usage(NOW + 1_000, None).unwrap();
+        assert_eq!(billed(&store, id), None);
+        // ...until the grace is over.
+        store.meter_usage(NOW + SIGNATURE_GRACE, None).unwrap();
+        let (_, quantity, note) = billed(&store, id).unwrap();
+        // The consumer's signed count stands; the provider's forged one is ignored.
+        assert_eq!(quantity, 2_000, "{note}");
+        assert!(
+            note.contains("consumer's stored counters differ from what it signed"),
+            "{note}"
+        );
+        assert!(
+            note.contains("provider signature does not verify"),
+            "{note}"
+        );
+    }
 }
