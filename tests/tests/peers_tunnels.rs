@@ -880,6 +880,22 @@ fn usage_is_billed_at_the_lower_of_both_signatures() {
         }
     }
 
+    // The operator sees both sessions, newest first.
+    let listed = server.json(&["sessions", "--agent", &alice.id]);
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["id"], session);
+    assert_eq!(listed[0]["via"], "relay");
+    assert_eq!(listed[0]["consumer_agent_id"], bob.id.as_str());
+    assert_eq!(listed[0]["bytes_up"], up);
+    let text = server.cli_ok(&["sessions"]);
+    assert!(text.contains("relay") && text.contains("closed"), "{text}");
+    let bad = server.cli(&["sessions", "--limit", "0"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("limit must be 1 to 10000"),
+        "{bad:?}"
+    );
+
     // alice's machine over-reports: a later "last" count, ten times higher, signed with
     // her agent's own key and sent from her agent's outbox.
     let inflated = herald_shared::message::Report::Usage(herald_shared::peers::SessionUsage {

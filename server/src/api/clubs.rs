@@ -1,6 +1,7 @@
-//! `/api/v1/clubs` and `/api/v1/directory`: admins read every club and its members,
-//! remove a member, and see the directory as any user sees it. Users manage their own
-//! clubs in the console (`console::clubs`).
+//! `/api/v1/clubs`, `/api/v1/directory` and `/api/v1/sessions`: admins read every club
+//! and its members, remove a member, see the directory as any user sees it, and read
+//! the tunnel sessions the relay recorded. Users manage their own clubs in the console
+//! (`console::clubs`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -10,7 +11,7 @@ use serde::Deserialize;
 use herald_shared::peers::PeerDevice;
 
 use crate::api::{ApiError, ApiResult, ApiState};
-use crate::model::{directory_view, Club, ClubDetail, Created};
+use crate::model::{directory_view, Club, ClubDetail, Created, TunnelSession};
 
 fn club_named(state: &ApiState, name: &str) -> Result<Club, ApiError> {
     state
@@ -86,4 +87,32 @@ pub(crate) async fn directory(
         &query.q,
         &favourites,
     )))
+}
+
+/// Most sessions `GET /api/v1/sessions` answers with.
+const MAX_SESSIONS: u32 = 10_000;
+
+/// Query of `GET /api/v1/sessions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SessionsQuery {
+    /// Only sessions to this providing agent.
+    agent: Option<String>,
+    /// Newest first, at most this many (default 100).
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/sessions?agent=ID&limit=N`: tunnel sessions as the relay recorded them,
+/// newest first.
+pub(crate) async fn sessions(
+    State(state): State<ApiState>,
+    Query(query): Query<SessionsQuery>,
+) -> ApiResult<Vec<TunnelSession>> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_SESSIONS).contains(&limit) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1 to {MAX_SESSIONS}, got {limit}"),
+        ));
+    }
+    Ok(Json(state.store.sessions(query.agent.as_deref(), limit)?))
 }

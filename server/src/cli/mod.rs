@@ -146,6 +146,8 @@ pub enum Command {
     Billing(crate::cli::billing::BillingCommand),
     /// Daily usage and communication statistics.
     Stats(crate::cli::billing::StatsArgs),
+    /// Tunnel sessions the relay recorded (shared services), newest first.
+    Sessions(SessionsArgs),
     /// Archive the data directory while the server runs, or check an archive.
     Backup(crate::cli::backup::BackupArgs),
     /// Restore an archive into a new data directory (--data-dir, required).
@@ -538,6 +540,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Catalog(command) => admin()?.catalog(command).await,
         Command::Billing(command) => admin()?.billing(command).await,
         Command::Stats(args) => admin()?.stats(args).await,
+        Command::Sessions(args) => admin()?.sessions(args).await,
         Command::Completions { shell } => {
             herald_io::cli::completions::<Cli>(shell, &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -1219,6 +1222,67 @@ fn display_list(items: &[String]) -> String {
         "-".into()
     } else {
         items.join(",")
+    }
+}
+
+/// `sessions`.
+#[derive(Debug, clap::Args)]
+pub struct SessionsArgs {
+    /// Only sessions to this providing agent (its id).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// At most this many, newest first (1 to 10,000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Context {
+    /// `sessions`.
+    pub(crate) async fn sessions(&self, args: SessionsArgs) -> Result<ExitCode, CliError> {
+        let mut path = format!("/api/v1/sessions?limit={}", args.limit);
+        if let Some(agent) = &args.agent {
+            // An agent id is 20 hex digits (`herald_shared::agent_id`).
+            if agent.len() != 20 || !agent.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(usage(format!("--agent {agent:?} is not an agent id")));
+            }
+            path.push_str(&format!("&agent={agent}"));
+        }
+        let sessions: Vec<crate::model::TunnelSession> = self.client().get(&path).await?;
+        if args.json {
+            print_json(&sessions);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if sessions.is_empty() {
+            println!("no tunnel sessions");
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:>6}  {:<24} {:<7} {:<20} {:<20} {:<20} {:>12} {:>12}  OUTCOME",
+            "ID", "STARTED", "VIA", "SHARE", "PROVIDER", "CONSUMER", "UP", "DOWN"
+        );
+        for s in &sessions {
+            let consumer = match (&s.consumer_agent_id, s.consumer_user_id) {
+                (Some(agent), _) => agent.clone(),
+                (None, Some(user)) => format!("user:{user}"),
+                (None, None) => s.source.clone(),
+            };
+            println!(
+                "{:>6}  {:<24} {:<7} {:<20} {:<20} {:<20} {:>12} {:>12}  {}",
+                s.id,
+                schedule::format_time(s.started_at),
+                s.via.as_str(),
+                s.share,
+                s.provider_agent_id,
+                consumer,
+                s.bytes_up,
+                s.bytes_down,
+                s.outcome
+            );
+        }
+        Ok(ExitCode::SUCCESS)
     }
 }
 
