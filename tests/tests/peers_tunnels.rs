@@ -297,6 +297,14 @@ fn noise(len: usize) -> Vec<u8> {
     out
 }
 
+/// Replaces the line `from` (which must be there) with `to` in `agent`'s agent.toml.
+fn set_in_config(agent: &TestAgent, from: &str, to: &str) {
+    let path = agent.state_dir.join("agent.toml");
+    let text = std::fs::read_to_string(&path).expect("read agent.toml");
+    assert!(text.contains(from), "{text}");
+    std::fs::write(&path, text.replace(from, to)).expect("write agent.toml");
+}
+
 /// `peers --json` for `agent`.
 fn peers(agent: &TestAgent, query: Option<&str>) -> Vec<Value> {
     let mut args = vec!["peers"];
@@ -698,14 +706,7 @@ fn idle_tunnels_are_closed() {
     let bob = user_with_device(&server, "bob", "bob-pc");
     club(&server, "chess", &["alice", "bob"]);
     // `[peers] idle_timeout_secs` in the providing agent's agent.toml.
-    let config = alice.state_dir.join("agent.toml");
-    let text = std::fs::read_to_string(&config).expect("read agent.toml");
-    assert!(text.contains("idle_timeout_secs = 600"), "{text}");
-    std::fs::write(
-        &config,
-        text.replace("idle_timeout_secs = 600", "idle_timeout_secs = 2"),
-    )
-    .expect("write agent.toml");
+    set_in_config(&alice, "idle_timeout_secs = 600", "idle_timeout_secs = 2");
     alice.spawn();
     alice.wait_online(&server);
     let service = Service::start();
@@ -818,14 +819,7 @@ price = "0.001"
 fn usage_is_billed_at_the_lower_of_both_signatures() {
     let (server, alice, mut bob, _service) = alice_shares_echo("usage-signed", "echo", &[]);
     // bob's agent signs every second while a tunnel is open.
-    let config_path = bob.state_dir.join("agent.toml");
-    let config = std::fs::read_to_string(&config_path).expect("bob's agent.toml");
-    assert!(config.contains("usage_interval_secs = 60"), "{config}");
-    std::fs::write(
-        &config_path,
-        config.replace("usage_interval_secs = 60", "usage_interval_secs = 1"),
-    )
-    .expect("write bob's agent.toml");
+    set_in_config(&bob, "usage_interval_secs = 60", "usage_interval_secs = 1");
     // bob's daemon sends what his `connect` signs (from the shared outbox).
     bob.spawn();
     bob.wait_online(&server);
