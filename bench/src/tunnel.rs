@@ -455,6 +455,7 @@ impl HeraldPath {
                     "alice/bench",
                     "--local-port",
                     &port,
+                    "--relay-only",
                 ]);
                 path.children.push(quiet(connect)?);
             }
