@@ -11,7 +11,13 @@
 //! - **Server → provider**, on the provider's link: the first frame is a [`TunnelOffer`];
 //!   the provider answers one [`OfferAnswer`] after checking the offer against its own
 //!   share table, and for an accepted offer the stream then carries the bytes to and from
-//!   the share's configured local address.
+//!   the share's configured local address. A [`DirectOffer`] on such a stream asks the
+//!   provider to *expect* a consumer agent on a direct connection instead; it answers
+//!   [`OfferAnswer::Expecting`] with its endpoint's port.
+//! - **Consumer → provider**, on a direct QUIC connection between the agents (after
+//!   [`StreamRequest::Direct`] was answered [`StreamAnswer::Direct`]): the first frame is
+//!   [`DirectOpen`]; the provider answers one [`OfferAnswer`], then the stream carries
+//!   the service's bytes.
 //!
 //! The server vouches for who the consumer is and which of the share's clubs they belong
 //! to; the provider decides, from its own table, whether that opens the share.
