@@ -82,6 +82,10 @@ pub struct Agent {
     sessions: Arc<Sessions>,
     shares: crate::shares::Shares,
     loads: crate::tunnel::Loads,
+    /// Direct consumers expected ([`crate::direct`]).
+    expectations: crate::direct::Expectations,
+    /// The link endpoint's configuration for direct connections (`None`: it takes none).
+    direct: Option<quinn::ServerConfig>,
     /// The live link, for a clean close when the agent stops.
     link: Mutex<Option<(quinn::Endpoint, quinn::Connection)>>,
 }
@@ -126,6 +130,10 @@ impl Agent {
             sessions,
             shares,
             loads: Default::default(),
+            expectations: Default::default(),
+            direct: crate::direct::server_config(&identity)
+                .map_err(|e| warn!("direct connections are off: {e}"))
+                .ok(),
             link: Mutex::new(None),
         });
         Ok((agent, identity, receiver))
@@ -181,18 +189,93 @@ impl Agent {
 
     /// Serves a tunnel offer the server opened a stream for ([`crate::tunnel`]).
     pub async fn provide(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
-        let queued = |seq| {
-            let _ = self.events.send(Input::ReportsReady(vec![seq]));
-        };
-        let provider = crate::tunnel::Provider {
+        let queued = |seq| self.report_queued(seq);
+        crate::tunnel::provide(self.provider(&queued), send, recv).await;
+    }
+
+    /// Tells the link that a report was put in the outbox (it sends it at once).
+    fn report_queued(&self, seq: u64) {
+        let _ = self.events.send(Input::ReportsReady(vec![seq]));
+    }
+
+    /// What the providing end of a tunnel needs; `queued` hears of each count signed.
+    fn provider<'a>(
+        &'a self,
+        queued: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> crate::tunnel::Provider<'a> {
+        // The link endpoint is the direct endpoint: its port, while there is a link.
+        let port = self.direct.as_ref().and_then(|_| {
+            let link = lock(&self.link);
+            link.as_ref()
+                .and_then(|(endpoint, _)| endpoint.local_addr().ok())
+                .map(|addr| addr.port())
+        });
+        crate::tunnel::Provider {
             shares: &self.shares,
             loads: &self.loads,
             idle: Duration::from_secs(self.config.peers.idle_timeout_secs.max(1)),
             inbox: &self.inbox,
             usage_interval: self.config.peers.usage_interval(),
-            queued: &queued,
+            queued,
+            direct: port.map(|port| (&self.expectations, port)),
+        }
+    }
+
+    /// The link endpoint's configuration for direct connections, if it takes them.
+    pub fn direct_config(&self) -> Option<quinn::ServerConfig> {
+        self.direct.clone()
+    }
+
+    /// Serves a stream of a direct connection from the agent `consumer` (the id of the
+    /// key its handshake proved): admitted only for a session expected from that agent,
+    /// then checked and spliced as a relayed offer is ([`crate::direct`]).
+    pub async fn serve_direct(
+        &self,
+        consumer: &str,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let open = match crate::direct::read_open(&mut recv).await {
+            Ok(Some(open)) => open,
+            Ok(None) => return,
+            Err(reason) => {
+                warn!(%consumer, "direct stream refused: {reason}");
+                return crate::direct::refuse(&mut send, &reason).await;
+            }
         };
-        crate::tunnel::provide(provider, send, recv).await;
+        let offer = match self
+            .expectations
+            .admit(open.session, consumer, std::time::Instant::now())
+        {
+            Ok(offer) => offer,
+            Err(reason) => {
+                warn!(%consumer, session = open.session, "direct stream refused: {reason}");
+                let now = herald_io::now_ms();
+                let recorded = self
+                    .shares
+                    .open_session(
+                        crate::shares::Role::Provided,
+                        open.session,
+                        "",
+                        &format!("agent {consumer} (direct)"),
+                        now,
+                    )
+                    .and_then(|id| {
+                        self.shares
+                            .close_session(id, 0, 0, &format!("refused: {reason}"), now)
+                    });
+                if let Err(e) = recorded {
+                    warn!("cannot record a refused direct stream: {e}");
+                }
+                return crate::direct::refuse(&mut send, &reason).await;
+            }
+        };
+        self.expectations
+            .extend(open.session, std::time::Instant::now());
+        let queued = |seq| self.report_queued(seq);
+        crate::tunnel::serve(self.provider(&queued), offer, send, recv).await;
+        self.expectations
+            .extend(open.session, std::time::Instant::now());
     }
 
     /// Reports the share table to the server whenever it changes (the CLI edits it

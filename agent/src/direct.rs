@@ -17,6 +17,36 @@
 //! The agent's link endpoint doubles as the direct endpoint (it carries a server
 //! configuration), so the port the provider announces is the one its link already
 //! keeps open through NATs that allow it.
+//!
+//! # The flow
+//!
+//! 1. The consumer asks the server for `StreamRequest::Direct(OWNER/SERVICE)` on its side
+//!    connection. The server checks it as for a relayed tunnel, records a session (`via
+//!    direct`) and sends the provider a [`DirectOffer`] on its link.
+//! 2. The provider checks the offer against its share table as it is then (the share
+//!    exists, the consumer is vouched for one of its clubs or it is public, the cap is
+//!    not reached), [`Expectations::expect`]s the consumer for that session and answers
+//!    `Expecting { port }`, its link endpoint's port.
+//! 3. The server answers the consumer `Direct { session, provider_key, candidates }`.
+//!    The consumer [`dial`]s every candidate at once within [`DIAL_TIMEOUT`], or reuses
+//!    the direct connection it already has to that provider, and opens a stream whose
+//!    first frame is [`DirectOpen`].
+//! 4. The provider admits the stream only if that session is expected *from the agent
+//!    whose key the connection proved* and has not run out ([`Expectations::admit`]),
+//!    checks the share table again as it is now, connects to the share's address and
+//!    splices, exactly as for a relayed tunnel (`crate::tunnel::serve`). A refusal is
+//!    answered `Refused(reason)` on the stream and recorded.
+//!
+//! The server never sees a direct tunnel's bytes: its session record keeps 0 bytes, and
+//! ends when the consumer finishes the request stream it held open for the tunnel.
+//!
+//! # Address changes
+//!
+//! The consumer is the QUIC client of a direct connection, so a change of *its* address
+//! migrates the connection. The provider is the server side, which QUIC cannot move: a
+//! change of the provider's address ends the direct connection and its tunnels (their
+//! TCP connections are closed); the consumer's next local connection dials again, and
+//! uses the relay for good if that fails.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +60,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::DistinguishedName;
 
+use herald_io::wire;
+use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::peers::{Consumer, DirectOffer, DirectOpen, OfferAnswer, TunnelOffer};
+
+use crate::shares::Share;
 use crate::state::Identity;
 use crate::tls::TlsError;
 
@@ -41,6 +76,8 @@ pub const PEER_NAME: &str = "herald-agent";
 pub const EXPECT_FOR: Duration = Duration::from_secs(30);
 /// How long a consumer tries the provider's addresses before it falls back to the relay.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a consumer has to send a direct stream's [`DirectOpen`].
+pub const OPEN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
@@ -168,11 +205,11 @@ pub async fn dial(
     Err(failures.join("; "))
 }
 
-/// What a provider was told to expect: a consumer agent, for a share, until a deadline.
+/// What a provider was told to expect: a consumer agent, for an offer, until a deadline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Expected {
     consumer: String,
-    share: String,
+    offer: TunnelOffer,
     until: Instant,
 }
 
@@ -183,24 +220,24 @@ pub struct Expectations {
 }
 
 impl Expectations {
-    /// Expects `consumer` (an agent id) for `share` in `session`, for [`EXPECT_FOR`].
-    pub fn expect(&self, session: i64, consumer: &str, share: &str, now: Instant) {
+    /// Expects `consumer` (an agent id) for `offer`'s session, for [`EXPECT_FOR`].
+    pub fn expect(&self, offer: &TunnelOffer, consumer: &str, now: Instant) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         sessions.retain(|_, e| e.until > now);
         sessions.insert(
-            session,
+            offer.session,
             Expected {
                 consumer: consumer.to_string(),
-                share: share.to_string(),
+                offer: offer.clone(),
                 until: now + EXPECT_FOR,
             },
         );
     }
 
-    /// The share a stream of a direct connection from `consumer` may open for `session`;
-    /// otherwise why not. The expectation stays for further streams of the same session
-    /// (one per TCP connection) until it runs out.
-    pub fn admit(&self, session: i64, consumer: &str, now: Instant) -> Result<String, String> {
+    /// The offer a stream of a direct connection from `consumer` may open for
+    /// `session`; otherwise why not. The expectation stays for further streams of the
+    /// same session until it runs out.
+    pub fn admit(&self, session: i64, consumer: &str, now: Instant) -> Result<TunnelOffer, String> {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         match sessions.get(&session) {
             None => Err(format!("no direct session {session} is expected")),
@@ -208,7 +245,7 @@ impl Expectations {
             Some(e) if e.consumer != consumer => Err(format!(
                 "direct session {session} is for another agent, not {consumer}"
             )),
-            Some(e) => Ok(e.share.clone()),
+            Some(e) => Ok(e.offer.clone()),
         }
     }
 
@@ -224,6 +261,49 @@ impl Expectations {
             e.until = e.until.max(now + EXPECT_FOR);
         }
     }
+}
+
+/// Checks a [`DirectOffer`] against the share table's row `share` (with `active`
+/// tunnels open to it) and, if it passes, expects its consumer. The stream itself is
+/// checked again when it arrives.
+pub fn expect(
+    expectations: &Expectations,
+    share: Option<&Share>,
+    active: u32,
+    direct: &DirectOffer,
+    now: Instant,
+) -> Result<(), String> {
+    let Consumer::Agent { agent_id, .. } = &direct.offer.consumer else {
+        return Err("only an agent can connect directly".into());
+    };
+    crate::shares::check_offer(share, &direct.offer, active)?;
+    expectations.expect(&direct.offer, agent_id, now);
+    Ok(())
+}
+
+/// Reads a direct stream's first frame.
+pub async fn read_open(recv: &mut quinn::RecvStream) -> Result<Option<DirectOpen>, String> {
+    match tokio::time::timeout(
+        OPEN_READ_TIMEOUT,
+        wire::read_frame::<DirectOpen>(recv, DEFAULT_FRAME_LIMIT),
+    )
+    .await
+    {
+        Ok(Ok(open)) => Ok(open),
+        Ok(Err(e)) => Err(format!("no valid direct opening: {e}")),
+        Err(_) => Err(format!(
+            "no direct opening within {} s",
+            OPEN_READ_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Answers a refused stream with its reason and finishes it.
+pub async fn refuse(send: &mut quinn::SendStream, reason: &str) {
+    let answer = OfferAnswer::Refused(reason.to_string());
+    let _ = wire::write_frame(send, &answer, DEFAULT_FRAME_LIMIT).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Accepts any agent certificate in the handshake (the handshake signature proves the
@@ -352,12 +432,24 @@ mod tests {
         assert_eq!(who, Some(key(&consumer)));
     }
 
+    fn offer(session: i64) -> TunnelOffer {
+        TunnelOffer {
+            session,
+            share: "web".into(),
+            consumer: Consumer::Agent {
+                agent_id: "consumer".into(),
+                user: None,
+            },
+            clubs: vec![],
+        }
+    }
+
     #[test]
     fn expectations_admit_only_the_expected_agent_until_they_expire() {
         let expected = Expectations::default();
         let now = Instant::now();
-        expected.expect(7, "consumer", "web", now);
-        assert_eq!(expected.admit(7, "consumer", now), Ok("web".to_string()));
+        expected.expect(&offer(7), "consumer", now);
+        assert_eq!(expected.admit(7, "consumer", now), Ok(offer(7)));
         assert!(expected.admit(7, "intruder", now).is_err());
         assert!(expected.admit(8, "consumer", now).is_err());
         let later = now + EXPECT_FOR + Duration::from_secs(1);

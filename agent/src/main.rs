@@ -176,7 +176,8 @@ enum Command {
         json: bool,
     },
     /// Reach a shared service: listen on a local port and carry each connection to
-    /// PEER/SERVICE (or PEER@DEVICE/SERVICE) through the server until interrupted.
+    /// PEER/SERVICE (or PEER@DEVICE/SERVICE) until interrupted, on a direct connection
+    /// to the providing agent when it is reachable, else through the server's relay.
     Connect {
         /// OWNER/SERVICE or OWNER@DEVICE/SERVICE, as `herald-agent peers` lists them.
         target: String,
@@ -186,6 +187,10 @@ enum Command {
         /// Local address to listen on.
         #[arg(long, default_value = "127.0.0.1")]
         bind: std::net::IpAddr,
+        /// Always go through the server's relay; never try a direct connection to the
+        /// providing agent.
+        #[arg(long)]
+        relay_only: bool,
     },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -291,6 +296,7 @@ async fn main() -> ExitCode {
             target,
             local_port,
             bind,
+            relay_only,
         } => {
             let target = match herald_shared::peers::TunnelOpen::parse(&target) {
                 Ok(target) => target,
@@ -305,7 +311,10 @@ async fn main() -> ExitCode {
                 let _ = std::io::stdout().flush();
             };
             let bind = std::net::SocketAddr::new(bind, local_port);
-            peer_result(herald_agent::peers::connect(&dir, target, bind, ready, shutdown()).await)
+            peer_result(
+                herald_agent::peers::connect(&dir, target, bind, relay_only, ready, shutdown())
+                    .await,
+            )
         }
         Command::UpdateWatchdog { pid } => {
             let options = herald_agent::selfupdate::WatchdogOptions {

@@ -11,9 +11,15 @@
 //!
 //! # Paths
 //!
-//! Tunnels go through the server (`relay`), which splices this stream to one it opens
-//! to the providing agent. `connect` says which path it uses; a direct agent-to-agent
-//! path would be tried first once there is one.
+//! `connect` tries a *direct* path first ([`crate::direct`]): for its first local
+//! connection it asks the server for a direct session and dials the providing agent's
+//! addresses for [`crate::direct::DIAL_TIMEOUT`]. If the dial succeeds, every local
+//! connection becomes one stream of that direct connection (each with a fresh session
+//! from the server, which the provider expects); if it fails, or the server or the
+//! provider refuses a direct session, `connect` uses the relay for good: the server
+//! splices this stream to one it opens to the providing agent. `--relay-only` skips the
+//! direct path. `connect` prints the path it takes (`path: direct (ADDR)` or `path:
+//! relay (direct failed: WHY)`).
 //!
 //! # Address changes
 //!
@@ -34,7 +40,10 @@ use tracing::{info, warn};
 
 use herald_io::wire;
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
-use herald_shared::peers::{End, PeerDevice, StreamAnswer, StreamRequest, TunnelOpen};
+use herald_shared::peers::{
+    DirectOpen, End, OfferAnswer, PeerDevice, StreamAnswer, StreamRequest, TunnelOpen,
+    DIRECT_FAILED, DIRECT_REFUSED,
+};
 use herald_shared::protocol::AgentMsg;
 
 use crate::inbox::Inbox;
@@ -107,6 +116,8 @@ pub struct Side {
     config: quinn::ClientConfig,
     server: String,
     connection: tokio::sync::Mutex<Option<Connection>>,
+    /// The agent's identity, for direct connections.
+    identity: Identity,
 }
 
 // === impl Side ===
@@ -132,6 +143,7 @@ impl Side {
             config: client,
             server: config.server,
             connection: tokio::sync::Mutex::new(None),
+            identity,
         })
     }
 
@@ -288,6 +300,7 @@ pub async fn connect(
     state_dir: &Path,
     target: TunnelOpen,
     bind: SocketAddr,
+    relay_only: bool,
     ready: impl FnOnce(String),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), PeerError> {
@@ -305,10 +318,22 @@ pub async fn connect(
         reason: e.to_string(),
     })?;
     let local = listener.local_addr().unwrap_or(bind);
-    ready(format!(
-        "{target}: relay through {}; listening on {local}",
-        side.server()
-    ));
+    if relay_only {
+        ready(format!(
+            "{target}: relay through {}; listening on {local}",
+            side.server()
+        ));
+    } else {
+        ready(format!(
+            "{target}: direct if reachable, else relay through {}; listening on {local}",
+            side.server()
+        ));
+    }
+    let path = Arc::new(tokio::sync::Mutex::new(if relay_only {
+        Route::Relay
+    } else {
+        Route::Untried
+    }));
     tokio::pin!(shutdown);
     loop {
         let (tcp, from) = tokio::select! {
@@ -325,8 +350,11 @@ pub async fn connect(
         let shares = shares.clone();
         let target = target.clone();
         let usage = usage.clone();
+        let path = path.clone();
         tokio::spawn(async move {
-            tunnel_one(&side, &shares, &usage, &target, tcp, from).await;
+            if let Some(tcp) = direct_one(&side, &shares, &usage, &target, &path, tcp, from).await {
+                tunnel_one(&side, &shares, &usage, &target, tcp, from).await;
+            }
         });
     }
     side.close().await;
@@ -337,6 +365,209 @@ pub async fn connect(
 struct Usage {
     inbox: Inbox,
     interval: Duration,
+}
+
+/// Splices an accepted tunnel, the consumer's end: signs its counts as it goes and
+/// records the session locally (`share sessions`).
+#[allow(clippy::too_many_arguments)]
+async fn use_session(
+    shares: &Shares,
+    usage: &Usage,
+    session: i64,
+    name: &str,
+    peer: &str,
+    tcp: tokio::net::TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+) -> tunnel::Spliced {
+    let record = shares
+        .open_session(Role::Used, session, name, peer, herald_io::now_ms())
+        .map_err(|e| warn!("cannot record tunnel session {session}: {e}"))
+        .ok();
+    let meter = tunnel::Meter {
+        inbox: &usage.inbox,
+        session,
+        end: End::Consumer,
+        interval: usage.interval,
+        // The daemon sends what is queued in the outbox within seconds.
+        queued: &|_| {},
+    };
+    let spliced = tunnel::splice_metered(tcp, send, recv, Limits::default(), &meter).await;
+    info!(session, %peer, up = spliced.to_stream, down = spliced.from_stream, outcome = %spliced.outcome, "tunnel closed");
+    if let Some(id) = record {
+        let end = shares.close_session(
+            id,
+            spliced.to_stream,
+            spliced.from_stream,
+            &spliced.outcome,
+            herald_io::now_ms(),
+        );
+        if let Err(e) = end {
+            warn!("cannot record the end of tunnel session {session}: {e}");
+        }
+    }
+    spliced
+}
+
+/// How `connect` reaches the provider.
+enum Route {
+    /// The direct path was not tried yet.
+    Untried,
+    /// A direct connection to the provider holding `key`, at `addr`.
+    Direct {
+        connection: Connection,
+        key: [u8; 32],
+        addr: SocketAddr,
+    },
+    /// Through the relay, for good.
+    Relay,
+}
+
+/// Prints the path `connect` takes.
+fn announce(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+/// One local connection's tunnel on the direct path, if that is the path; gives the TCP
+/// connection back when it should go through the relay instead.
+#[allow(clippy::too_many_arguments)]
+async fn direct_one(
+    side: &Side,
+    shares: &Shares,
+    usage: &Usage,
+    target: &TunnelOpen,
+    path: &tokio::sync::Mutex<Route>,
+    tcp: tokio::net::TcpStream,
+    from: SocketAddr,
+) -> Option<tokio::net::TcpStream> {
+    let name = target.to_string();
+    // Held while the path is decided, so the connections after the first wait for it.
+    let mut held = path.lock().await;
+    if matches!(*held, Route::Relay) {
+        return Some(tcp);
+    }
+    let (mut request, _answers, answer) =
+        match side.request(&StreamRequest::Direct(target.clone())).await {
+            Ok(answered) => answered,
+            Err(e) => {
+                eprintln!("{name}: cannot open a tunnel for {from}: {e}");
+                return None;
+            }
+        };
+    let (session, provider_key, candidates) = match answer {
+        StreamAnswer::Direct {
+            session,
+            provider_key,
+            candidates,
+        } => (session, provider_key, candidates),
+        StreamAnswer::Refused(reason) => {
+            // Whatever refused the direct session, the relay says whether a tunnel may
+            // open at all (and why not).
+            *held = Route::Relay;
+            announce(&format!("path: relay (direct failed: refused: {reason})"));
+            return Some(tcp);
+        }
+        other => {
+            eprintln!("{name}: unexpected answer to a direct tunnel request: {other:?}");
+            return None;
+        }
+    };
+    let live = match &*held {
+        Route::Direct {
+            connection,
+            key,
+            addr,
+        } if *key == provider_key && connection.close_reason().is_none() => {
+            Some((connection.clone(), *addr))
+        }
+        _ => None,
+    };
+    let (connection, addr) = match live {
+        Some(live) => live,
+        None => {
+            let dialed = match crate::direct::client_config(&side.identity, provider_key) {
+                Ok(config) => {
+                    crate::direct::dial(
+                        &side.endpoint,
+                        config,
+                        &candidates,
+                        crate::direct::DIAL_TIMEOUT,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match dialed {
+                Ok((connection, addr)) => {
+                    announce(&format!("path: direct ({addr})"));
+                    *held = Route::Direct {
+                        connection: connection.clone(),
+                        key: provider_key,
+                        addr,
+                    };
+                    (connection, addr)
+                }
+                Err(why) => {
+                    let _ = request.reset(DIRECT_FAILED.into());
+                    *held = Route::Relay;
+                    announce(&format!("path: relay (direct failed: {why})"));
+                    return Some(tcp);
+                }
+            }
+        }
+    };
+    drop(held);
+    let opened = async {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        wire::write_frame(&mut send, &DirectOpen { session }, DEFAULT_FRAME_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = wire::read_frame::<OfferAnswer>(&mut recv, DEFAULT_FRAME_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the device closed the stream without an answer")?;
+        Ok::<_, String>((send, recv, answer))
+    };
+    let now = herald_io::now_ms();
+    let (send, recv) = match tokio::time::timeout(ANSWER_TIMEOUT, opened).await {
+        Ok(Ok((send, recv, OfferAnswer::Accepted))) => (send, recv),
+        Ok(Ok((_, _, OfferAnswer::Refused(reason)))) => {
+            eprintln!("{name}: refused: {reason}");
+            let _ = request.reset(DIRECT_REFUSED.into());
+            let recorded = shares
+                .open_session(Role::Used, session, &name, "", now)
+                .and_then(|id| shares.close_session(id, 0, 0, &format!("refused: {reason}"), now));
+            if let Err(e) = recorded {
+                warn!("cannot record a refused tunnel: {e}");
+            }
+            return None;
+        }
+        Ok(Ok((_, _, other))) => {
+            eprintln!("{name}: unexpected answer on the direct path: {other:?}");
+            let _ = request.reset(DIRECT_FAILED.into());
+            return None;
+        }
+        Ok(Err(e)) => {
+            // The direct connection broke: the next local connection dials again.
+            warn!(%addr, "direct stream failed ({e}); this connection goes through the relay");
+            let _ = request.reset(DIRECT_FAILED.into());
+            *path.lock().await = Route::Untried;
+            return Some(tcp);
+        }
+        Err(_) => {
+            warn!(%addr, "no answer on the direct path in {} s", ANSWER_TIMEOUT.as_secs());
+            let _ = request.reset(DIRECT_FAILED.into());
+            return Some(tcp);
+        }
+    };
+    let peer = format!("direct {addr}");
+    use_session(shares, usage, session, &name, &peer, tcp, send, recv).await;
+    // The server records the session's end.
+    let _ = request.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), request.stopped()).await;
+    None
 }
 
 /// One local connection's tunnel.
@@ -359,38 +590,8 @@ async fn tunnel_one(
     };
     match answer {
         StreamAnswer::Relayed { session, provider } => {
-            let record = shares
-                .open_session(
-                    Role::Used,
-                    session,
-                    &name,
-                    &format!("agent {provider}"),
-                    now,
-                )
-                .map_err(|e| warn!("cannot record tunnel session {session}: {e}"))
-                .ok();
-            let meter = tunnel::Meter {
-                inbox: &usage.inbox,
-                session,
-                end: End::Consumer,
-                interval: usage.interval,
-                // The daemon sends what is queued in the outbox within seconds.
-                queued: &|_| {},
-            };
-            let spliced = tunnel::splice_metered(tcp, send, recv, Limits::default(), &meter).await;
-            info!(session, up = spliced.to_stream, down = spliced.from_stream, outcome = %spliced.outcome, "tunnel closed");
-            if let Some(id) = record {
-                let end = shares.close_session(
-                    id,
-                    spliced.to_stream,
-                    spliced.from_stream,
-                    &spliced.outcome,
-                    herald_io::now_ms(),
-                );
-                if let Err(e) = end {
-                    warn!("cannot record the end of tunnel session {session}: {e}");
-                }
-            }
+            let peer = format!("agent {provider}");
+            use_session(shares, usage, session, &name, &peer, tcp, send, recv).await;
         }
         StreamAnswer::Refused(reason) => {
             eprintln!("{name}: refused: {reason}");
@@ -402,8 +603,8 @@ async fn tunnel_one(
             }
             // Dropping the TCP connection closes it.
         }
-        StreamAnswer::Peers(_) => {
-            eprintln!("{name}: the server answered a tunnel request with a directory");
+        StreamAnswer::Peers(_) | StreamAnswer::Direct { .. } => {
+            eprintln!("{name}: the server answered a tunnel request with something else");
         }
     }
 }

@@ -41,8 +41,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use herald_io::wire;
-use herald_shared::codec::DEFAULT_FRAME_LIMIT;
-use herald_shared::peers::{End, OfferAnswer, SessionUsage, TunnelOffer, IDLE_RESET};
+use herald_shared::codec::{self, DEFAULT_FRAME_LIMIT};
+use herald_shared::peers::{
+    DirectOffer, End, Offer, OfferAnswer, SessionUsage, TunnelOffer, IDLE_RESET,
+};
 
 use crate::inbox::Inbox;
 use crate::shares::{self, Role, Share, Shares};
@@ -415,23 +417,46 @@ pub struct Provider<'a> {
     pub usage_interval: Duration,
     /// Told the outbox seq of each count signed.
     pub queued: &'a (dyn Fn(u64) + Send + Sync),
+    /// Direct connections: who is expected, and the port the endpoint listens on
+    /// (`None` while the agent takes no direct connections).
+    pub direct: Option<(&'a crate::direct::Expectations, u16)>,
 }
 
-/// Serves one stream the server opened on the link: reads the offer, checks it against
-/// the share table, connects and splices (see the module docs).
-pub async fn provide(provider: Provider<'_>, mut send: SendStream, mut recv: RecvStream) {
-    let offer = match tokio::time::timeout(
-        OFFER_READ_TIMEOUT,
-        wire::read_frame::<TunnelOffer>(&mut recv, DEFAULT_FRAME_LIMIT),
-    )
-    .await
-    {
-        Ok(Ok(Some(offer))) => offer,
-        Ok(Ok(None)) => return,
+/// Serves one stream the server opened on the link: reads the offer; a relayed one is
+/// checked against the share table, connected and spliced (see the module docs), a
+/// direct one checked and expected ([`crate::direct`]).
+pub async fn provide(provider: Provider<'_>, send: SendStream, mut recv: RecvStream) {
+    match read_offer(&mut recv).await {
+        Some(Offer::Tunnel(offer)) => serve(provider, offer, send, recv).await,
+        Some(Offer::Direct(direct)) => expect_direct(provider, direct, send).await,
+        None => {}
+    }
+}
+
+/// Reads the first frame of a stream the server opened (either kind of offer).
+async fn read_offer(recv: &mut RecvStream) -> Option<Offer> {
+    let read = async {
+        let mut header = [0u8; codec::HEADER_LEN];
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        }
+        let len = codec::frame_len(header, DEFAULT_FRAME_LIMIT).map_err(|e| e.to_string())?;
+        let mut payload = vec![0u8; len];
+        recv.read_exact(&mut payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        Offer::decode(&payload, DEFAULT_FRAME_LIMIT)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(OFFER_READ_TIMEOUT, read).await {
+        Ok(Ok(offer)) => offer,
         Ok(Err(e)) => {
             warn!("a stream from the server carried no valid tunnel offer: {e}");
             let _ = recv.stop(0u32.into());
-            return;
+            None
         }
         Err(_) => {
             warn!(
@@ -439,9 +464,71 @@ pub async fn provide(provider: Provider<'_>, mut send: SendStream, mut recv: Rec
                 OFFER_READ_TIMEOUT.as_secs()
             );
             let _ = recv.stop(0u32.into());
-            return;
+            None
+        }
+    }
+}
+
+/// Checks a direct offer and expects its consumer; answers `Expecting` or `Refused`.
+async fn expect_direct(provider: Provider<'_>, direct: DirectOffer, mut send: SendStream) {
+    let offer = &direct.offer;
+    let consumer = shares::describe(&offer.consumer);
+    let expected = match provider.direct {
+        None => Err("this device takes no direct connections now".to_string()),
+        Some((expectations, port)) => match provider.shares.get(&offer.share) {
+            Err(e) => {
+                warn!("cannot read the share table: {e}");
+                Err("the device cannot read its share table".to_string())
+            }
+            Ok(share) => {
+                let active = provider.loads.active(&offer.share);
+                crate::direct::expect(
+                    expectations,
+                    share.as_ref(),
+                    active,
+                    &direct,
+                    Instant::now(),
+                )
+                .map(|()| port)
+            }
+        },
+    };
+    let answer = match expected {
+        Ok(port) => {
+            info!(session = offer.session, share = %offer.share, %consumer, from = %direct.consumer_address, port, "expecting a direct tunnel");
+            OfferAnswer::Expecting { port }
+        }
+        Err(reason) => {
+            warn!(session = offer.session, share = %offer.share, %consumer, "direct tunnel refused: {reason}");
+            let now = herald_io::now_ms();
+            let recorded = provider
+                .shares
+                .open_session(Role::Provided, offer.session, &offer.share, &consumer, now)
+                .and_then(|id| {
+                    provider
+                        .shares
+                        .close_session(id, 0, 0, &format!("refused: {reason}"), now)
+                });
+            if let Err(e) = recorded {
+                warn!("cannot record a refused direct tunnel: {e}");
+            }
+            OfferAnswer::Refused(reason)
         }
     };
+    let _ = wire::write_frame(&mut send, &answer, DEFAULT_FRAME_LIMIT).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+/// Serves one offer on `send`/`recv`: checks it against the share table as it
+/// is now, connects, answers, and splices (steps 2-4 of the module docs). A relayed
+/// offer's stream comes from the server; a direct one's from the consumer agent.
+pub async fn serve(
+    provider: Provider<'_>,
+    offer: TunnelOffer,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
     let consumer = shares::describe(&offer.consumer);
     let now = herald_io::now_ms();
     let record = provider

@@ -84,8 +84,9 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// A shared service reached directly, through rathole and through Herald's relay:
-    /// one bulk transfer and HTTP latency at fixed request rates (issue 15).
+    /// A shared service reached directly, through rathole, through Herald's relay and on
+    /// Herald's direct path: one bulk transfer and HTTP latency at fixed request rates
+    /// (issue 15).
     Tunnel {
         /// Bulk transfer size in MiB.
         #[arg(long, default_value_t = 1024)]
@@ -206,18 +207,17 @@ async fn run_tunnel(bulk: u64, rates: &[u32], seconds: u64, herald: bool) -> any
         .push(tunnel::measure("rathole", rathole.addr, bulk, rates, seconds, MAX_REQUESTS).await?);
     drop(rathole);
     if herald {
-        let relay = tunnel::HeraldPath::start(&dir.join("herald"), &bin_dir, service).await?;
-        figures.push(
-            tunnel::measure(
-                "herald relay",
-                relay.addr,
-                bulk,
-                rates,
-                seconds,
-                MAX_REQUESTS,
+        for (name, relay_only) in [("herald relay", true), ("herald direct", false)] {
+            let path = tunnel::HeraldPath::start(
+                &dir.join(name.replace(' ', "-")),
+                &bin_dir,
+                service,
+                relay_only,
             )
-            .await?,
-        );
+            .await?;
+            figures
+                .push(tunnel::measure(name, path.addr, bulk, rates, seconds, MAX_REQUESTS).await?);
+        }
     }
     tunnel::report(&figures);
     let _ = std::fs::remove_dir_all(&root);

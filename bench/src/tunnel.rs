@@ -1,6 +1,8 @@
-//! Tunnels (issue 15): a service on loopback reached three ways in one run: directly (the
-//! floor), through rathole (its server and client on loopback), and through Herald's relay
-//! (a consumer agent's `connect` listener, the server, the providing agent). Each path is
+//! Tunnels (issue 15): a service on loopback reached four ways in one run: directly (the
+//! floor), through rathole (its server and client on loopback), through Herald's relay
+//! (a consumer agent's `connect --relay-only` listener, the server, the providing agent)
+//! and on Herald's direct path (`connect` dialing the providing agent itself; the server
+//! only brokers each tunnel's session). Each path is
 //! measured the same way: one bulk transfer (throughput) and HTTP/1.1 request latency at
 //! fixed open-loop rates over a pool of keep-alive connections.
 //!
@@ -339,9 +341,10 @@ impl Drop for Rathole {
     }
 }
 
-/// Herald's relay path: a server, a providing agent sharing the service with a club, and
-/// a consumer agent (another user in that club) whose `herald-agent connect` listens on
-/// the port clients connect to.
+/// Herald's paths: a server, a providing agent sharing the service with a club, and a
+/// consumer agent (another user in that club) whose `herald-agent connect` listens on
+/// the port clients connect to, through the relay or (on loopback, always reachable)
+/// directly to the providing agent.
 pub struct HeraldPath {
     cluster: crate::cluster::Cluster,
     children: Vec<Child>,
@@ -355,6 +358,7 @@ impl HeraldPath {
         dir: &Path,
         bin_dir: &Path,
         service: SocketAddr,
+        relay_only: bool,
     ) -> anyhow::Result<HeraldPath> {
         let mut cluster = crate::cluster::Cluster::init(dir, bin_dir).await?;
         cluster.start().await?;
@@ -456,6 +460,9 @@ impl HeraldPath {
                     "--local-port",
                     &port,
                 ]);
+                if relay_only {
+                    connect.arg("--relay-only");
+                }
                 path.children.push(quiet(connect)?);
             }
             if let Ok(Ok(_)) =

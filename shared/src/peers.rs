@@ -11,7 +11,13 @@
 //! - **Server → provider**, on the provider's link: the first frame is a [`TunnelOffer`];
 //!   the provider answers one [`OfferAnswer`] after checking the offer against its own
 //!   share table, and for an accepted offer the stream then carries the bytes to and from
-//!   the share's configured local address.
+//!   the share's configured local address. A [`DirectOffer`] on such a stream asks the
+//!   provider to *expect* a consumer agent on a direct connection instead; it answers
+//!   [`OfferAnswer::Expecting`] with its endpoint's port.
+//! - **Consumer → provider**, on a direct QUIC connection between the agents (after
+//!   [`StreamRequest::Direct`] was answered [`StreamAnswer::Direct`]): the first frame is
+//!   [`DirectOpen`]; the provider answers one [`OfferAnswer`], then the stream carries
+//!   the service's bytes.
 //!
 //! The server vouches for who the consumer is and which of the share's clubs they belong
 //! to; the provider decides, from its own table, whether that opens the share.
@@ -93,6 +99,13 @@ pub enum StreamRequest {
     },
     /// A tunnel to a share.
     Tunnel(TunnelOpen),
+    /// A tunnel to a share on a direct connection to the providing agent: the server
+    /// checks it as for [`StreamRequest::Tunnel`], tells the provider to expect this
+    /// agent, and answers [`StreamAnswer::Direct`]. The stream then stays open, carrying
+    /// nothing, while the tunnel lasts: the consumer finishes it when the tunnel ends
+    /// (the server records the session's end), or resets it with [`DIRECT_FAILED`]
+    /// when the provider could not be reached.
+    Direct(TunnelOpen),
 }
 
 /// A consumer's request for a tunnel: `OWNER/SERVICE` or `OWNER@DEVICE/SERVICE`.
@@ -154,7 +167,26 @@ pub enum StreamAnswer {
     },
     /// Refused; the reason is for people.
     Refused(String),
+    /// The provider expects this agent on a direct connection for `session`: connect to
+    /// one of `candidates` (authenticating the provider by `provider_key`), then open a
+    /// stream whose first frame is [`DirectOpen`].
+    Direct {
+        /// The server's session id, which the provider was told to expect.
+        session: i64,
+        /// The providing agent's Ed25519 key, the only one its certificate may carry.
+        provider_key: [u8; 32],
+        /// Addresses its endpoint may be reached at: those it reports and the one the
+        /// server sees, with the port it listens on.
+        candidates: Vec<SocketAddr>,
+    },
 }
+
+/// The stream reset code a consumer gives up a direct session with, when no candidate
+/// address answered (it then uses the relay).
+pub const DIRECT_FAILED: u32 = 2;
+/// The stream reset code a consumer ends a direct session with when the provider
+/// refused the direct stream.
+pub const DIRECT_REFUSED: u32 = 3;
 
 /// An online device in the directory, with the services its owner shares with the viewer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +262,55 @@ pub enum OfferAnswer {
     Accepted,
     /// Refused; the reason is for people (and for the server's session record).
     Refused(String),
+    /// The answer to a [`DirectOffer`]: the consumer is expected on a direct connection
+    /// to the endpoint listening on `port`.
+    Expecting {
+        /// The UDP port of the provider's endpoint (its link's).
+        port: u16,
+    },
+}
+
+/// First frame of a stream the server opens to a providing agent to have it *expect* a
+/// consumer agent on a direct connection, for [`DirectOffer::offer`]'s session.
+///
+/// It encodes as the [`TunnelOffer`] followed by the consumer's address, so an agent
+/// that predates direct paths reads trailing bytes and refuses it (the consumer then
+/// uses the relay), and a relayed offer never decodes as one ([`Offer::decode`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectOffer {
+    /// The session, share, consumer (always an agent) and vouched clubs, as relayed.
+    pub offer: TunnelOffer,
+    /// The consumer's address as the server sees it (for the provider's log).
+    pub consumer_address: SocketAddr,
+}
+
+/// What a stream the server opens to a providing agent starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// A tunnel through the relay, on this stream.
+    Tunnel(TunnelOffer),
+    /// A consumer to expect on a direct connection.
+    Direct(DirectOffer),
+}
+
+impl Offer {
+    /// Decodes a frame's payload as either kind: a [`DirectOffer`] when the whole
+    /// payload is one, otherwise a [`TunnelOffer`].
+    pub fn decode(payload: &[u8], limit: usize) -> Result<Offer, crate::codec::CodecError> {
+        match crate::codec::from_bytes::<DirectOffer>(payload, limit) {
+            Ok(direct) => Ok(Offer::Direct(direct)),
+            Err(_) => crate::codec::from_bytes::<TunnelOffer>(payload, limit).map(Offer::Tunnel),
+        }
+    }
+}
+
+/// First frame of a stream a consumer opens on a direct connection to a provider; the
+/// provider answers one [`OfferAnswer`] (`Accepted` or `Refused`), then the stream
+/// carries the service's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectOpen {
+    /// The session the server told the provider to expect from this agent.
+    pub session: i64,
 }
 
 /// Which end of a tunnel session signed a [`SessionUsage`].
@@ -304,6 +385,37 @@ mod tests {
         ] {
             assert!(TunnelOpen::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn offers_decode_as_the_kind_they_were_sent_as() {
+        let offer = TunnelOffer {
+            session: 7,
+            share: "web".into(),
+            consumer: Consumer::Agent {
+                agent_id: "bob-agent".into(),
+                user: Some("bob".into()),
+            },
+            clubs: vec!["chess".into()],
+        };
+        let direct = DirectOffer {
+            offer: offer.clone(),
+            consumer_address: "198.51.100.7:4000".parse().unwrap(),
+        };
+        let limit = crate::codec::DEFAULT_FRAME_LIMIT;
+        let relayed = crate::codec::to_bytes(&offer).unwrap();
+        let expected = crate::codec::to_bytes(&direct).unwrap();
+        assert_eq!(
+            Offer::decode(&relayed, limit).unwrap(),
+            Offer::Tunnel(offer)
+        );
+        assert_eq!(
+            Offer::decode(&expected, limit).unwrap(),
+            Offer::Direct(direct)
+        );
+        // An agent that knows only relayed offers refuses a direct one.
+        assert!(crate::codec::from_bytes::<TunnelOffer>(&expected, limit).is_err());
+        assert!(Offer::decode(b"\xff", limit).is_err());
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub const ALPN: &[u8] = b"herald/1";
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Minor protocol version (additions only). 1: push messages (`Report`, `ReportStored`).
 /// 2: peers (`Shares`, `Request`, and the streams of [`crate::peers`]). 3: tunnel
-/// sessions' signed counters (`Report` carrying [`crate::message::Report::Usage`]).
+/// sessions' signed counters (`Report` carrying [`crate::message::Report::Usage`]), and
+/// the direct path (`StreamRequest::Direct`, `StreamAnswer::Direct`, direct offers).
 pub const PROTOCOL_MINOR: u16 = 3;
 
 /// The name the server's certificate is issued for and agents verify, whatever address

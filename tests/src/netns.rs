@@ -70,10 +70,13 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    /// Creates namespace `name` (unique per test process: the pid is appended) with its
-    /// loopback up; returns its full name.
+    /// Creates namespace `name` (made unique: the pid and a count of the namespaces this
+    /// process made are appended, so tests running in parallel threads never share one)
+    /// with its loopback up; returns its full name.
     pub fn add(&mut self, name: &str) -> String {
-        let ns = format!("{name}-{}", std::process::id());
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("{name}-{}-{n}", std::process::id());
         ip(&["netns", "add", &ns]);
         self.names.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"]);

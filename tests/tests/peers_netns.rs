@@ -1,9 +1,12 @@
 //! Tunnels across real network paths: the providing agent's address changes under an
-//! open tunnel and the tunnel carries on.
+//! open tunnel and the tunnel carries on; a consumer that can reach the providing agent
+//! connects to it directly, one that cannot uses the relay.
 //!
 //! The server and the consumer (`herald-agent connect`) run in one network namespace, the
 //! providing agent and its service in another, joined by a veth pair addressed from
-//! 198.18.0.0/15. Needs root for `ip netns`.
+//! 198.18.0.0/15. For the direct path the consumer runs in a third namespace, routed to
+//! the others through the server's, which forwards packets or not. Needs root for
+//! `ip netns`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,13 +14,19 @@ use std::path::PathBuf;
 use std::process::{Child, Output};
 use std::time::Duration;
 
-use herald_tests::netns::{enter, in_ns, ip, log_to, tail, Namespaces};
+use herald_io::wire;
+use herald_shared::codec::DEFAULT_FRAME_LIMIT;
+use herald_shared::peers::{DirectOpen, OfferAnswer};
+use herald_tests::netns::{enter, in_ns, ip, log_to, ns_sysctl, tail, Namespaces};
 use herald_tests::{bin, is_root, wait_until, TempDir, DEADLINE};
 use serde_json::Value;
 
 const SERVER_IP: &str = "198.18.0.1";
 const PROVIDER_IP: &str = "198.18.0.2";
 const PROVIDER_NEW_IP: &str = "198.18.0.3";
+/// The server's namespace on the consumer's link, and the consumer's address.
+const ROUTER_IP: &str = "198.18.1.1";
+const CONSUMER_IP: &str = "198.18.1.2";
 const PREFIX: &str = "/24";
 const QUIC_PORT: u16 = 4433;
 const HTTP_PORT: u16 = 8443;
@@ -31,6 +40,8 @@ const SERVICE_PORT: u16 = 7000;
 struct Lab {
     server_ns: String,
     provider_ns: String,
+    /// Where the consumer runs: the server's namespace, or one of its own.
+    consumer_ns: String,
     children: Vec<Child>,
     dir: TempDir,
     /// Deleted on drop, after the processes above.
@@ -47,10 +58,62 @@ impl Lab {
             (&provider_ns, "hp1", Some(&format!("{PROVIDER_IP}{PREFIX}"))),
         );
         Lab {
+            consumer_ns: server_ns.clone(),
             server_ns,
             provider_ns,
             children: Vec::new(),
             dir: TempDir::new("peers-netns"),
+            _namespaces: namespaces,
+        }
+    }
+
+    /// A lab whose consumer runs in a namespace of its own, linked to the server's
+    /// (198.18.1.0/24); the server's namespace routes between the consumer's and the
+    /// provider's networks when `forwarding`, so the consumer reaches the provider
+    /// directly, and drops what the consumer sends the provider when not. The server is
+    /// reachable from both either way (it is the router).
+    fn routed(forwarding: bool) -> Lab {
+        let mut namespaces = Namespaces::default();
+        let server_ns = namespaces.add("herald-psrv");
+        let provider_ns = namespaces.add("herald-pprov");
+        let consumer_ns = namespaces.add("herald-pcons");
+        namespaces.veth(
+            (&server_ns, "hp0", Some(&format!("{SERVER_IP}{PREFIX}"))),
+            (&provider_ns, "hp1", Some(&format!("{PROVIDER_IP}{PREFIX}"))),
+        );
+        namespaces.veth(
+            (&server_ns, "hc0", Some(&format!("{ROUTER_IP}{PREFIX}"))),
+            (&consumer_ns, "hc1", Some(&format!("{CONSUMER_IP}{PREFIX}"))),
+        );
+        ip(&[
+            "-n",
+            &consumer_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTER_IP,
+        ]);
+        ip(&[
+            "-n",
+            &provider_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            SERVER_IP,
+        ]);
+        ns_sysctl(
+            &server_ns,
+            "/proc/sys/net/ipv4/ip_forward",
+            if forwarding { "1" } else { "0" },
+        );
+        Lab {
+            server_ns,
+            provider_ns,
+            consumer_ns,
+            children: Vec::new(),
+            dir: TempDir::new("peers-direct"),
             _namespaces: namespaces,
         }
     }
@@ -187,6 +250,195 @@ impl Drop for Lab {
     }
 }
 
+/// A lab with alice's providing agent running and sharing an echo service with club
+/// `friends`, and bob's `herald-agent connect alice/echo` (with `extra` arguments)
+/// listening on [`CONNECT_PORT`] in the consumer's namespace; returns the provider's id.
+fn shared_echo(lab: &mut Lab, extra: &[&str]) -> String {
+    lab.start_server();
+    let (provider_ns, consumer_ns) = (lab.provider_ns.clone(), lab.consumer_ns.clone());
+    let provider = lab.enroll(&provider_ns, "provider");
+    lab.enroll(&consumer_ns, "consumer");
+    lab.club();
+    echo_service(provider_ns.clone());
+    let service = format!("127.0.0.1:{SERVICE_PORT}");
+    lab.agent(
+        &provider_ns,
+        "provider",
+        &[
+            "share", "add", "echo", "--to", &service, "--club", "friends",
+        ],
+    );
+    let state = lab.path("provider");
+    lab.spawn(
+        &provider_ns,
+        "herald-agent",
+        &["--state-dir", state.to_str().expect("UTF-8"), "run"],
+        "provider.log",
+    );
+    wait_until("the provider online", DEADLINE, || {
+        (lab.agent_detail(&provider)["online"] == true).then_some(())
+    });
+    // `connect` checks the directory first: start it once the share is listed.
+    let consumer_state = lab.path("consumer");
+    let consumer_state = consumer_state.to_str().expect("UTF-8").to_string();
+    wait_until("alice/echo in bob's directory", DEADLINE, || {
+        let out = lab.output(
+            &consumer_ns,
+            "herald-agent",
+            &["--state-dir", &consumer_state, "peers", "--json"],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .contains("\"echo\"")
+            .then_some(())
+    });
+    let port = CONNECT_PORT.to_string();
+    let mut args = vec![
+        "--state-dir",
+        &consumer_state,
+        "connect",
+        "alice/echo",
+        "--local-port",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    lab.spawn(&consumer_ns, "herald-agent", &args, "connect.log");
+    provider
+}
+
+/// Echoes `rounds` blocks through `connect`'s port from a thread inside `ns`, on one TCP
+/// connection; returns once it is closed again.
+fn echo_through_connect(ns: &str, seed: u8, rounds: usize) {
+    let ns = ns.to_string();
+    let client = std::thread::spawn(move || {
+        enter(&ns);
+        let addr: SocketAddr = ([127, 0, 0, 1], CONNECT_PORT).into();
+        let mut stream = wait_until("the connect listener", DEADLINE, || {
+            TcpStream::connect(addr).ok()
+        });
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        stream.set_write_timeout(Some(DEADLINE)).expect("timeout");
+        echo_rounds(&mut stream, seed, rounds);
+    });
+    client.join().expect("the echo went through");
+}
+
+/// The server's tunnel sessions, oldest first: (id, via, bytes up, bytes down, outcome,
+/// ended).
+fn server_sessions(lab: &Lab) -> Vec<(i64, String, i64, i64, String, bool)> {
+    let db = rusqlite::Connection::open(lab.path("server").join("herald.db")).expect("open db");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let mut stmt = db
+        .prepare(
+            "SELECT id, via, bytes_up, bytes_down, outcome, ended_at IS NOT NULL
+             FROM tunnel_sessions ORDER BY id",
+        )
+        .expect("prepare");
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .expect("query");
+    rows.map(|r| r.expect("row")).collect()
+}
+
+/// The providing agent's own session records, newest first.
+fn provider_sessions(lab: &Lab) -> Vec<Value> {
+    let out = lab.agent(
+        &lab.provider_ns,
+        "provider",
+        &["share", "sessions", "--json"],
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON: {e}\n{out}"))
+}
+
+/// Waits for `connect`'s log to hold a line starting with `prefix`; returns it.
+fn connect_line(lab: &Lab, prefix: &str) -> String {
+    let log = lab.path("connect.log");
+    wait_until(&format!("connect to print {prefix:?}"), DEADLINE, || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+    })
+}
+
+/// A QUIC client for the agents' direct ALPN with a fresh Ed25519 identity (an agent
+/// key no session was brokered for), trusting any certificate.
+fn stranger_client() -> quinn::ClientConfig {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("generate a key");
+    let cert = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])
+        .expect("certificate params")
+        .self_signed(&key)
+        .expect("self-sign");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(herald_tests::AcceptAnyServerCert::new())
+        .with_client_auth_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("client auth certificate");
+    tls.alpn_protocols = vec![b"herald-peer/1".to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
+    quinn::ClientConfig::new(std::sync::Arc::new(crypto))
+}
+
+/// From namespace `ns`, connects to the provider's direct endpoint at `addr` as a
+/// stranger and opens a stream for each of `sessions`; returns the provider's answers.
+fn stranger_opens(ns: &str, addr: SocketAddr, sessions: Vec<i64>) -> Vec<OfferAnswer> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let endpoint =
+                quinn::Endpoint::client("0.0.0.0:0".parse().expect("address")).expect("endpoint");
+            let connecting = endpoint
+                .connect_with(stranger_client(), addr, "herald-agent")
+                .expect("connect");
+            let connection = tokio::time::timeout(DEADLINE, connecting)
+                .await
+                .expect("the handshake in time")
+                .expect("the provider takes any agent's handshake");
+            let mut answers = Vec::new();
+            for session in sessions {
+                let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+                wire::write_frame(&mut send, &DirectOpen { session }, DEFAULT_FRAME_LIMIT)
+                    .await
+                    .expect("send the opening");
+                let answer = tokio::time::timeout(
+                    DEADLINE,
+                    wire::read_frame::<OfferAnswer>(&mut recv, DEFAULT_FRAME_LIMIT),
+                )
+                .await
+                .expect("an answer in time")
+                .expect("a readable answer")
+                .expect("an answer before the end of the stream");
+                answers.push(answer);
+            }
+            answers
+        })
+    })
+    .join()
+    .expect("the stranger's thread")
+}
+
 /// An echo service inside namespace `ns`, on a thread of its own.
 fn echo_service(ns: String) {
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -280,6 +532,9 @@ fn tunnel_survives_an_address_change() {
             "alice/echo",
             "--local-port",
             &port,
+            // The provider is the server side of a direct connection, which QUIC cannot
+            // migrate: this test is about the relay's tunnels.
+            "--relay-only",
         ],
         "connect.log",
     );
@@ -352,5 +607,154 @@ fn tunnel_survives_an_address_change() {
         log.matches("agent connected").count(),
         1,
         "the provider reconnected instead of migrating"
+    );
+}
+
+#[test]
+fn direct_path_is_used_when_reachable() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut lab = Lab::routed(true);
+    let provider = shared_echo(&mut lab, &[]);
+    let consumer_ns = lab.consumer_ns.clone();
+
+    // Bytes flow end to end, on the direct path.
+    echo_through_connect(&consumer_ns, 1, 8);
+    let path = connect_line(&lab, "path: ");
+    assert!(
+        path.starts_with(&format!("path: direct ({PROVIDER_IP}:")),
+        "connect took another path: {path}"
+    );
+
+    // The server brokered the session and recorded it as direct, but moved none of its
+    // bytes: it ends with the consumer's TCP connection, at 0 bytes.
+    let sessions = wait_until("the direct session's end at the server", DEADLINE, || {
+        let sessions = server_sessions(&lab);
+        sessions.iter().all(|s| s.5).then_some(sessions)
+    });
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let (session, via, up, down, outcome, _) = &sessions[0];
+    assert_eq!(
+        (via.as_str(), *up, *down, outcome.as_str()),
+        ("direct", 0, 0, "closed"),
+        "the server's record"
+    );
+    // The provider moved them, for that session.
+    let moved = wait_until("the provider's record of the session", DEADLINE, || {
+        provider_sessions(&lab)
+            .into_iter()
+            .find(|r| r["session"] == *session && r["outcome"] == "closed")
+    });
+    let expected = 8 * 256 * 1024;
+    assert_eq!(
+        (moved["bytes_up"].as_i64(), moved["bytes_down"].as_i64()),
+        (Some(expected), Some(expected)),
+        "{moved}"
+    );
+    // The server saw none of them, but the provider's signed count of the session
+    // (what billing uses) reaches it through the provider's report outbox.
+    let signed = wait_until(
+        "the provider's signed count of the session",
+        DEADLINE,
+        || {
+            let db = rusqlite::Connection::open(lab.path("server").join("herald.db")).ok()?;
+            db.busy_timeout(Duration::from_secs(10)).ok()?;
+            db.query_row(
+                "SELECT bytes_up, bytes_down FROM usage_signatures
+             WHERE session_id = ?1 AND side = 'provider' AND final = 1",
+                [*session],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .ok()
+        },
+    );
+    assert_eq!(signed, (expected, expected));
+
+    // A second connection reuses the direct connection, with a session of its own.
+    echo_through_connect(&consumer_ns, 2, 2);
+    let log = std::fs::read_to_string(lab.path("connect.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("path: ").count(),
+        1,
+        "the path was decided once:\n{log}"
+    );
+    let sessions = server_sessions(&lab);
+    assert!(
+        sessions.len() == 2 && sessions.iter().all(|s| s.1 == "direct" && s.2 == 0),
+        "{sessions:?}"
+    );
+
+    // Someone else at the provider's direct endpoint (any agent key passes the
+    // handshake) is refused, for a session brokered for bob and for one never brokered.
+    let observed = lab.agent_detail(&provider)["observed_address"]
+        .as_str()
+        .expect("the provider's observed address")
+        .parse::<SocketAddr>()
+        .expect("an address");
+    let answers = stranger_opens(&consumer_ns, observed, vec![*session, 999_999]);
+    match &answers[..] {
+        [OfferAnswer::Refused(theirs), OfferAnswer::Refused(unknown)] => {
+            assert!(theirs.contains("is for another agent"), "{theirs}");
+            assert!(
+                unknown.contains("no direct session 999999 is expected"),
+                "{unknown}"
+            );
+        }
+        other => panic!("a stranger was not refused: {other:?}"),
+    }
+    let refused = provider_sessions(&lab)
+        .into_iter()
+        .filter(|r| {
+            r["outcome"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("refused: "))
+        })
+        .count();
+    assert_eq!(refused, 2, "the provider records both refusals");
+}
+
+#[test]
+fn an_unreachable_provider_is_reached_through_the_relay() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // The server's namespace does not forward: the consumer reaches the server but not
+    // the provider's addresses.
+    let mut lab = Lab::routed(false);
+    shared_echo(&mut lab, &[]);
+    let consumer_ns = lab.consumer_ns.clone();
+    echo_through_connect(&consumer_ns, 3, 8);
+    let path = connect_line(&lab, "path: ");
+    assert!(
+        path.starts_with("path: relay (direct failed: ") && path.contains(PROVIDER_IP),
+        "{path}"
+    );
+    let sessions = wait_until("both sessions' ends at the server", DEADLINE, || {
+        let sessions = server_sessions(&lab);
+        (sessions.len() == 2 && sessions.iter().all(|s| s.5)).then_some(sessions)
+    });
+    let (_, via, _, _, outcome, _) = &sessions[0];
+    assert_eq!(via, "direct");
+    assert!(
+        outcome.starts_with("failed: the consumer could not reach the device directly"),
+        "{outcome}"
+    );
+    let expected = 8 * 256 * 1024;
+    let (_, via, up, down, outcome, _) = &sessions[1];
+    assert_eq!(
+        (via.as_str(), *up, *down, outcome.as_str()),
+        ("relay", expected, expected, "closed"),
+        "the relay carried the bytes"
+    );
+
+    // The relay stays the path: the next connection does not try again.
+    echo_through_connect(&consumer_ns, 4, 1);
+    let sessions = server_sessions(&lab);
+    assert!(
+        sessions.len() == 3 && sessions[2].1 == "relay",
+        "{sessions:?}"
     );
 }

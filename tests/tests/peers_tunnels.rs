@@ -233,6 +233,8 @@ fn spawn_connect(
         .arg("--state-dir")
         .arg(&agent.state_dir)
         .args(["connect", target, "--local-port", &port.to_string()])
+        // These tests are about the relay; peers_netns.rs tests the direct path.
+        .arg("--relay-only")
         .env("HERALD_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

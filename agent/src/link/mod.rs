@@ -202,6 +202,38 @@ async fn accept_offers(agent: &Arc<Agent>, connection: &Connection) -> Result<()
     }
 }
 
+/// Accepts direct connections from consumer agents on the link's endpoint
+/// ([`crate::direct`]): each connection's streams are served as the agent whose key
+/// its handshake proved, each stream in a task of its own.
+async fn accept_direct(agent: Arc<Agent>, endpoint: Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let from = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    debug!(%from, "direct connection failed: {e}");
+                    return;
+                }
+            };
+            let Some(key) = crate::direct::peer_key(&connection) else {
+                // The handshake's verifier admits only agent certificates.
+                connection.close(0u32.into(), b"no agent key");
+                return;
+            };
+            let consumer = herald_shared::agent_id(&key);
+            info!(%from, %consumer, "direct connection");
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                let agent = agent.clone();
+                let consumer = consumer.clone();
+                tokio::spawn(async move { agent.serve_direct(&consumer, send, recv).await });
+            }
+            debug!(%from, %consumer, "direct connection ended");
+        });
+    }
+}
+
 /// Carries out the machine's effects for one connection.
 struct Driver<'a> {
     agent: &'a Arc<Agent>,
@@ -435,6 +467,8 @@ pub async fn run_forever(
 ) {
     let mut attempt: u32 = 0;
     let mut endpoint: Option<Endpoint> = None;
+    // The endpoint's accept loop for direct connections, ended with the endpoint.
+    let mut direct: Option<tokio::task::AbortHandle> = None;
     // While connected, the session's driver loop feeds systemd's watchdog; while not,
     // this loop does, through connecting (bounded by the idle timeout) and the backoff.
     let mut watchdog = crate::systemd::Watchdog::from_env();
@@ -449,6 +483,13 @@ pub async fn run_forever(
                         server: agent.server().to_string(),
                         reason: e.to_string(),
                     })?;
+                    if let Some(config) = agent.direct_config() {
+                        ep.set_server_config(Some(config));
+                        let accepting = tokio::spawn(accept_direct(agent.clone(), ep.clone()));
+                        if let Some(old) = direct.replace(accepting.abort_handle()) {
+                            old.abort();
+                        }
+                    }
                     endpoint = Some(ep.clone());
                     ep
                 }

@@ -343,6 +343,9 @@ impl Relay {
             Ok(Ok((_, _, None))) => Err(OfferError::Failed("the agent closed the stream".into())),
             Ok(Ok((_, _, Some(OfferAnswer::Refused(reason))))) => Err(OfferError::Refused(reason)),
             Ok(Ok((send, recv, Some(OfferAnswer::Accepted)))) => Ok((send, recv)),
+            Ok(Ok((_, _, Some(OfferAnswer::Expecting { .. })))) => Err(OfferError::Failed(
+                "the device answered a relayed offer as a direct one".into(),
+            )),
         }
     }
 

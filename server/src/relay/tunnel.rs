@@ -17,6 +17,13 @@
 //! ([`Relay::offer`]). Every refusal is answered with its reason and logged; those
 //! that got as far as a provider are recorded as sessions too.
 //!
+//! A *direct* tunnel (`StreamRequest::Direct`) is resolved and checked the same way and
+//! recorded with [`Via::Direct`]; the provider is told to expect the consumer agent for
+//! that session ([`herald_shared::peers::DirectOffer`], answered with its endpoint's
+//! port), and the consumer gets the provider's key and the addresses to try. The bytes
+//! then go between the agents: the server holds the request stream until the consumer
+//! ends it, and records the session's end with no bytes (it saw none).
+//!
 //! # Bytes
 //!
 //! The two streams are spliced chunk by chunk (`read_chunk`/`write_chunk`: the bytes
@@ -33,11 +40,12 @@ use tracing::{debug, info, warn};
 
 use herald_shared::codec::DEFAULT_FRAME_LIMIT;
 use herald_shared::peers::{
-    Consumer, PeerDevice, StreamAnswer, StreamRequest, TunnelOffer, TunnelOpen, IDLE_RESET,
+    Consumer, DirectOffer, OfferAnswer, PeerDevice, StreamAnswer, StreamRequest, TunnelOffer,
+    TunnelOpen, DIRECT_FAILED, DIRECT_REFUSED, IDLE_RESET,
 };
 use herald_shared::protocol::AgentMsg;
 
-use super::{read_frame, write_frame, LinkError, Relay, HELLO_TIMEOUT};
+use super::{read_frame, write_frame, LinkError, OfferError, Relay, HELLO_TIMEOUT, OFFER_TIMEOUT};
 use crate::model::{DirectoryEntry, NewSession, SessionEnd, Via};
 use crate::now_ms;
 use crate::pki::KeyStatus;
@@ -234,6 +242,107 @@ impl Relay {
                     answer(send, StreamAnswer::Refused(reason)).await;
                 }
             },
+            StreamRequest::Direct(open) => self.direct(&asker, &open, send, recv).await,
+        }
+    }
+
+    /// A direct tunnel: checked and recorded as a relayed one would be, expected by the
+    /// provider, answered with where to reach it; then the stream is held until the
+    /// consumer finishes it (the session's end) or gives up on the direct path.
+    async fn direct(
+        &self,
+        asker: &Asker,
+        open: &TunnelOpen,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) {
+        let brokered = match self.broker_direct(asker, open).await {
+            Ok(brokered) => brokered,
+            Err(reason) => {
+                warn!(consumer = %asker.agent_id, target = %open, "direct tunnel refused: {reason}");
+                return answer(send, StreamAnswer::Refused(reason)).await;
+            }
+        };
+        let session = brokered.session;
+        if let Err(e) = write_frame(&mut send, &brokered.answer).await {
+            self.end_session(session, 0, 0, &format!("failed: {e}"));
+            return;
+        }
+        info!(session, consumer = %asker.agent_id, provider = %brokered.provider, target = %open, "direct tunnel brokered");
+        let outcome = direct_end(&mut recv).await;
+        info!(session, %outcome, "direct tunnel ended");
+        // The bytes went between the agents: the server saw none of them.
+        self.end_session(session, 0, 0, &outcome);
+        let _ = send.finish();
+    }
+
+    /// Resolves a direct tunnel request, records its session ([`Via::Direct`]) and has
+    /// the provider expect the consumer.
+    async fn broker_direct(&self, asker: &Asker, open: &TunnelOpen) -> Result<Brokered, String> {
+        let entry = self.reachable(asker, open)?;
+        let session = self
+            .start_session(asker, &entry, Via::Direct)
+            .map_err(internal)?;
+        let offer = DirectOffer {
+            offer: tunnel_offer(session, asker, &entry),
+            consumer_address: asker.source,
+        };
+        match self.expect(&entry.agent_id, &offer).await {
+            Ok(Expecting {
+                port,
+                provider_key,
+                observed,
+            }) => Ok(Brokered {
+                session,
+                provider: entry.agent_id.clone(),
+                answer: StreamAnswer::Direct {
+                    session,
+                    provider_key,
+                    candidates: candidates(&entry.reported, observed, port),
+                },
+            }),
+            Err(e) => {
+                let outcome = match &e {
+                    OfferError::Failed(_) => format!("failed: {e}"),
+                    _ => format!("refused: {e}"),
+                };
+                self.end_session(session, 0, 0, &outcome);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Tells a connected provider to expect a direct consumer: opens a stream on its
+    /// link, sends `offer` and waits (at most [`OFFER_TIMEOUT`]) for its answer.
+    async fn expect(&self, provider: &str, offer: &DirectOffer) -> Result<Expecting, OfferError> {
+        let connection = self
+            .lock_links()
+            .get(provider)
+            .map(|l| l.connection.clone())
+            .ok_or(OfferError::Offline)?;
+        let provider_key = super::peer_key(&connection)
+            .and_then(|key| <[u8; 32]>::try_from(key.as_slice()).ok())
+            .ok_or_else(|| OfferError::Failed("the device's link carries no agent key".into()))?;
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await?;
+            write_frame(&mut send, offer).await?;
+            let answer = read_frame::<OfferAnswer>(&mut recv, DEFAULT_FRAME_LIMIT).await?;
+            let _ = send.finish();
+            Ok::<_, LinkError>(answer)
+        };
+        match tokio::time::timeout(OFFER_TIMEOUT, exchange).await {
+            Err(_) => Err(OfferError::NoAnswer),
+            Ok(Err(e)) => Err(OfferError::Failed(e.to_string())),
+            Ok(Ok(None)) => Err(OfferError::Failed("the agent closed the stream".into())),
+            Ok(Ok(Some(OfferAnswer::Refused(reason)))) => Err(OfferError::Refused(reason)),
+            Ok(Ok(Some(OfferAnswer::Accepted))) => Err(OfferError::Failed(
+                "the device took a direct offer for a relayed one".into(),
+            )),
+            Ok(Ok(Some(OfferAnswer::Expecting { port }))) => Ok(Expecting {
+                port,
+                provider_key,
+                observed: connection.remote_address(),
+            }),
         }
     }
 
@@ -254,10 +363,32 @@ impl Relay {
 
     /// Resolves a tunnel request, records its session and has the provider accept it.
     async fn open_tunnel(&self, asker: &Asker, open: &TunnelOpen) -> Result<Opened, String> {
-        let internal = |e: crate::store::StoreError| {
-            warn!("tunnel: {e}");
-            "the server cannot read its store".to_string()
-        };
+        let entry = self.reachable(asker, open)?;
+        let session = self
+            .start_session(asker, &entry, Via::Relay)
+            .map_err(internal)?;
+        let offer = tunnel_offer(session, asker, &entry);
+        match self.offer(&entry.agent_id, &offer).await {
+            Ok(streams) => Ok(Opened {
+                session,
+                provider: entry.agent_id.clone(),
+                streams,
+            }),
+            Err(e) => {
+                let outcome = match &e {
+                    super::OfferError::Failed(_) => format!("failed: {e}"),
+                    _ => format!("refused: {e}"),
+                };
+                self.end_session(session, 0, 0, &outcome);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The online share a tunnel request names, if the asker may reach it (the same
+    /// rules for relayed and direct tunnels); a share whose device is offline is
+    /// recorded as a refused session.
+    fn reachable(&self, asker: &Asker, open: &TunnelOpen) -> Result<DirectoryEntry, String> {
         let viewer = asker.owner.as_ref().map(|o| o.0);
         let entries = self
             .store
@@ -283,43 +414,20 @@ impl Relay {
                     "{}'s device {} sharing {} is offline",
                     entry.owner, entry.device, entry.service.name
                 );
-                if let Ok(session) = self.start_session(asker, entry) {
+                if let Ok(session) = self.start_session(asker, entry, Via::Relay) {
                     self.end_session(session, 0, 0, &format!("refused: {reason}"));
                 }
                 return Err(reason);
             }
         };
-        let session = self.start_session(asker, entry).map_err(internal)?;
-        let offer = TunnelOffer {
-            session,
-            share: entry.service.name.clone(),
-            consumer: Consumer::Agent {
-                agent_id: asker.agent_id.clone(),
-                user: asker.owner.as_ref().map(|o| o.1.clone()),
-            },
-            clubs: entry.service.clubs.clone(),
-        };
-        match self.offer(&entry.agent_id, &offer).await {
-            Ok(streams) => Ok(Opened {
-                session,
-                provider: entry.agent_id.clone(),
-                streams,
-            }),
-            Err(e) => {
-                let outcome = match &e {
-                    super::OfferError::Failed(_) => format!("failed: {e}"),
-                    _ => format!("refused: {e}"),
-                };
-                self.end_session(session, 0, 0, &outcome);
-                Err(e.to_string())
-            }
-        }
+        Ok(entry.clone())
     }
 
     fn start_session(
         &self,
         asker: &Asker,
         entry: &DirectoryEntry,
+        via: Via,
     ) -> Result<i64, crate::store::StoreError> {
         self.store.open_session(&NewSession {
             provider_agent_id: entry.agent_id.clone(),
@@ -327,7 +435,7 @@ impl Relay {
             provider_user_id: entry.owner_user_id,
             consumer_user_id: asker.owner.as_ref().map(|o| o.0),
             consumer_agent_id: Some(asker.agent_id.clone()),
-            via: Via::Relay,
+            via,
             source: asker.source.to_string(),
             path: String::new(),
             started_at: now_ms(),
@@ -345,6 +453,80 @@ impl Relay {
         if let Err(e) = self.store.close_session(session, &end) {
             warn!(session, "cannot record the end of a tunnel session: {e}");
         }
+    }
+}
+
+fn internal(e: crate::store::StoreError) -> String {
+    warn!("tunnel: {e}");
+    "the server cannot read its store".to_string()
+}
+
+/// The offer for `entry`'s share to `asker`, with the clubs they have in common.
+fn tunnel_offer(session: i64, asker: &Asker, entry: &DirectoryEntry) -> TunnelOffer {
+    TunnelOffer {
+        session,
+        share: entry.service.name.clone(),
+        consumer: Consumer::Agent {
+            agent_id: asker.agent_id.clone(),
+            user: asker.owner.as_ref().map(|o| o.1.clone()),
+        },
+        clubs: entry.service.clubs.clone(),
+    }
+}
+
+/// A provider's yes to a direct offer.
+struct Expecting {
+    /// Its endpoint's port.
+    port: u16,
+    /// Its key, from its link's handshake.
+    provider_key: [u8; 32],
+    /// Where its link comes from now.
+    observed: SocketAddr,
+}
+
+/// A direct tunnel the provider expects.
+struct Brokered {
+    session: i64,
+    provider: String,
+    answer: StreamAnswer,
+}
+
+/// The addresses a consumer tries for a provider whose endpoint listens on `port`:
+/// every address it reports and the one its link comes from, with that port, and the
+/// observed address as it is (a NAT that maps the endpoint to one outside port for every
+/// destination forwards it there). Unspecified addresses are skipped; no duplicates.
+fn candidates(reported: &str, observed: SocketAddr, port: u16) -> Vec<SocketAddr> {
+    let reported = reported
+        .split([',', ' '])
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok());
+    let mut all: Vec<SocketAddr> = Vec::new();
+    let with_port = std::iter::once(observed.ip())
+        .chain(reported)
+        .map(|ip| SocketAddr::new(ip, port));
+    for addr in with_port.chain(std::iter::once(observed)) {
+        if !addr.ip().is_unspecified() && addr.port() != 0 && !all.contains(&addr) {
+            all.push(addr);
+        }
+    }
+    all
+}
+
+/// Waits for the consumer to end a direct session's stream; returns the outcome.
+async fn direct_end(recv: &mut RecvStream) -> String {
+    match recv.read_chunk(CHUNK, true).await {
+        Ok(None) => "closed".to_string(),
+        Ok(Some(_)) => {
+            let _ = recv.stop(0u32.into());
+            "failed: the consumer sent bytes on a direct session's request stream".to_string()
+        }
+        Err(quinn::ReadError::Reset(code)) if code == DIRECT_FAILED.into() => {
+            "failed: the consumer could not reach the device directly (it used the relay)"
+                .to_string()
+        }
+        Err(quinn::ReadError::Reset(code)) if code == DIRECT_REFUSED.into() => {
+            "refused: the device refused the direct stream".to_string()
+        }
+        Err(e) => format!("failed: {e}"),
     }
 }
 
@@ -614,6 +796,29 @@ mod tests {
         );
         assert_eq!(nas.reported.len(), 2);
         assert_eq!(nas.observed, Some("198.51.100.7:4000".parse().unwrap()));
+    }
+
+    #[test]
+    fn direct_candidates_are_the_device_s_addresses_with_its_endpoint_s_port() {
+        let observed: SocketAddr = "203.0.113.9:61000".parse().unwrap();
+        let found = candidates("192.0.2.1,2001:db8::1, 0.0.0.0,nonsense", observed, 5000);
+        let expected: Vec<SocketAddr> = [
+            "203.0.113.9:5000",
+            "192.0.2.1:5000",
+            "[2001:db8::1]:5000",
+            "203.0.113.9:61000",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        assert_eq!(found, expected);
+        // Not behind a NAT: the observed address is the endpoint itself, once.
+        let direct: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        assert_eq!(
+            candidates("192.0.2.1", direct, 5000),
+            vec![direct],
+            "no duplicates"
+        );
     }
 
     #[test]
