@@ -14,8 +14,10 @@
 //!   [`update`] installs packages (and hands the agent's own binary to [`selfupdate`]),
 //!   through a trait the agent implements.
 //! - [`peers`]: the consumer's end of shared services (`peers`, `connect`) on a side
-//!   connection; [`tunnel`]: the providing end and the byte pump; [`shares`]: the share
-//!   table every tunnel is checked against, and the session records.
+//!   connection; [`tunnel`]: the providing end, the byte pump and the signed counts of
+//!   each session; [`shares`]: the share table every tunnel is checked against, and the
+//!   session records; [`direct`]: direct connections between agents (the provider's
+//!   expectations, the consumer's dial).
 //! - [`inbox`]: keeps the push messages the machine accepts (with the senders seen, the
 //!   block list and the outbox of signed reports), in the same database and
 //!   transactions as the journal.
