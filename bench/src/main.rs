@@ -202,10 +202,12 @@ async fn run_tunnel(bulk: u64, rates: &[u32], seconds: u64, herald: bool) -> any
     let service = tunnel::service().await?;
     let mut figures =
         vec![tunnel::measure("direct", service, bulk, rates, seconds, MAX_REQUESTS).await?];
-    let rathole = tunnel::Rathole::start(&dir, service).await?;
-    figures
-        .push(tunnel::measure("rathole", rathole.addr, bulk, rates, seconds, MAX_REQUESTS).await?);
-    drop(rathole);
+    for (name, noise) in [("rathole", false), ("rathole noise", true)] {
+        let rathole =
+            tunnel::Rathole::start(&dir.join(name.replace(' ', "-")), service, noise).await?;
+        figures
+            .push(tunnel::measure(name, rathole.addr, bulk, rates, seconds, MAX_REQUESTS).await?);
+    }
     if herald {
         for (name, relay_only) in [("herald relay", true), ("herald direct", false)] {
             let path = tunnel::HeraldPath::start(

@@ -224,7 +224,8 @@ pub async fn measure(
     })
 }
 
-/// Prints the figures as a Markdown table, with Herald's ratios against rathole.
+/// Prints the figures as a Markdown table, with Herald's ratios against rathole (plain
+/// and Noise).
 pub fn report(figures: &[PathFigures]) {
     println!("| path | bulk MB/s | {} |", rates_header(figures));
     println!(
@@ -240,9 +241,17 @@ pub fn report(figures: &[PathFigures]) {
         println!("| {} | {:.0} | {} |", f.name, f.mb_per_s, cells.join(" | "));
     }
     let find = |name| figures.iter().find(|f| f.name == name);
-    if let (Some(herald), Some(rathole)) = (find("herald relay"), find("rathole")) {
+    for (ours, theirs) in [
+        ("herald relay", "rathole"),
+        ("herald direct", "rathole"),
+        ("herald relay", "rathole noise"),
+        ("herald direct", "rathole noise"),
+    ] {
+        let (Some(herald), Some(rathole)) = (find(ours), find(theirs)) else {
+            continue;
+        };
         println!(
-            "\nHerald / rathole: throughput {:.2}×; p50 latency {}",
+            "\n{ours} / {theirs}: throughput {:.2}×; p50 latency {}",
             herald.mb_per_s / rathole.mb_per_s,
             herald
                 .latency
@@ -279,9 +288,11 @@ pub struct Rathole {
 }
 
 impl Rathole {
-    /// Starts both halves with the `rathole` binary (`cargo install rathole`), plain TCP
-    /// transport (its default), and waits until the forwarded port answers.
-    pub async fn start(dir: &Path, service: SocketAddr) -> anyhow::Result<Rathole> {
+    /// Starts both halves with the `rathole` binary (`cargo install rathole`) and waits
+    /// until the forwarded port answers. Plain TCP transport (its default), or with
+    /// `noise` its encrypted transport (Noise_NK_25519_ChaChaPoly_BLAKE2s, a key pair
+    /// from `rathole --genkey`): the like-for-like peer of an encrypted relay.
+    pub async fn start(dir: &Path, service: SocketAddr, noise: bool) -> anyhow::Result<Rathole> {
         let binary = which("rathole").context(
             "rathole is not installed (`cargo install rathole`); it is the peer this benchmark compares with",
         )?;
@@ -290,17 +301,32 @@ impl Rathole {
         std::fs::create_dir_all(dir)?;
         let server = dir.join("rathole-server.toml");
         let client = dir.join("rathole-client.toml");
+        let (server_transport, client_transport) = if noise {
+            let (private, public) = rathole_keys(&binary)?;
+            (
+                format!(
+                    "[server.transport]\ntype = \"noise\"\n\
+                     [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+                ),
+                format!(
+                    "[client.transport]\ntype = \"noise\"\n\
+                     [client.transport.noise]\nremote_public_key = \"{public}\"\n"
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         std::fs::write(
             &server,
             format!(
-                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\
+                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_transport}\
                  [server.services.bench]\ntoken = \"herald-bench\"\nbind_addr = \"127.0.0.1:{public}\"\n"
             ),
         )?;
         std::fs::write(
             &client,
             format!(
-                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\
+                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_transport}\
                  [client.services.bench]\ntoken = \"herald-bench\"\nlocal_addr = \"{service}\"\n"
             ),
         )?;
@@ -330,6 +356,26 @@ impl Rathole {
             }
         }
     }
+}
+
+/// A Noise key pair from `rathole --genkey`: (private, public), base64.
+fn rathole_keys(binary: &Path) -> anyhow::Result<(String, String)> {
+    let output = std::process::Command::new(binary)
+        .arg("--genkey")
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut after = |label: &str| -> anyhow::Result<String> {
+        lines
+            .by_ref()
+            .skip_while(|l| !l.starts_with(label))
+            .nth(1)
+            .map(str::to_string)
+            .with_context(|| format!("`rathole --genkey` printed no {label}: {text}"))
+    };
+    let private = after("Private Key")?;
+    let public = after("Public Key")?;
+    Ok((private, public))
 }
 
 impl Drop for Rathole {
