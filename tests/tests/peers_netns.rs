@@ -484,60 +484,10 @@ fn tunnel_survives_an_address_change() {
         return;
     }
     let mut lab = Lab::new();
-    lab.start_server();
+    // The provider is the server side of a direct connection, which QUIC cannot migrate:
+    // this test is about the relay's tunnels.
+    let provider = shared_echo(&mut lab, &["--relay-only"]);
     let (server_ns, provider_ns) = (lab.server_ns.clone(), lab.provider_ns.clone());
-    let provider = lab.enroll(&provider_ns, "provider");
-    lab.enroll(&server_ns, "consumer");
-    lab.club();
-    echo_service(provider_ns.clone());
-    let service = format!("127.0.0.1:{SERVICE_PORT}");
-    lab.agent(
-        &provider_ns,
-        "provider",
-        &[
-            "share", "add", "echo", "--to", &service, "--club", "friends",
-        ],
-    );
-    let state = lab.path("provider");
-    lab.spawn(
-        &provider_ns,
-        "herald-agent",
-        &["--state-dir", state.to_str().expect("UTF-8"), "run"],
-        "provider.log",
-    );
-    wait_until("the provider online", DEADLINE, || {
-        (lab.agent_detail(&provider)["online"] == true).then_some(())
-    });
-    // `connect` checks the directory first: start it once the share is listed.
-    let consumer_state = lab.path("consumer");
-    let consumer_state = consumer_state.to_str().expect("UTF-8").to_string();
-    wait_until("alice/echo in bob's directory", DEADLINE, || {
-        let out = lab.output(
-            &server_ns,
-            "herald-agent",
-            &["--state-dir", &consumer_state, "peers", "--json"],
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .contains("\"echo\"")
-            .then_some(())
-    });
-    let port = CONNECT_PORT.to_string();
-    lab.spawn(
-        &server_ns,
-        "herald-agent",
-        &[
-            "--state-dir",
-            &consumer_state,
-            "connect",
-            "alice/echo",
-            "--local-port",
-            &port,
-            // The provider is the server side of a direct connection, which QUIC cannot
-            // migrate: this test is about the relay's tunnels.
-            "--relay-only",
-        ],
-        "connect.log",
-    );
 
     // One TCP connection through the tunnel, from a thread inside the server's namespace.
     let (to_client, orders) = std::sync::mpsc::channel::<usize>();
