@@ -301,14 +301,7 @@ impl Relay {
                     candidates: candidates(&entry.reported, observed, port),
                 },
             }),
-            Err(e) => {
-                let outcome = match &e {
-                    OfferError::Failed(_) => format!("failed: {e}"),
-                    _ => format!("refused: {e}"),
-                };
-                self.end_session(session, 0, 0, &outcome);
-                Err(e.to_string())
-            }
+            Err(e) => Err(self.offer_failed(session, e)),
         }
     }
 
@@ -374,14 +367,7 @@ impl Relay {
                 provider: entry.agent_id.clone(),
                 streams,
             }),
-            Err(e) => {
-                let outcome = match &e {
-                    super::OfferError::Failed(_) => format!("failed: {e}"),
-                    _ => format!("refused: {e}"),
-                };
-                self.end_session(session, 0, 0, &outcome);
-                Err(e.to_string())
-            }
+            Err(e) => Err(self.offer_failed(session, e)),
         }
     }
 
@@ -453,6 +439,19 @@ impl Relay {
         if let Err(e) = self.store.close_session(session, &end) {
             warn!(session, "cannot record the end of a tunnel session: {e}");
         }
+    }
+}
+
+impl Relay {
+    /// Ends a session whose offer the provider did not take (`failed: …` when it could
+    /// not answer, `refused: …` otherwise); returns the reason for the consumer.
+    fn offer_failed(&self, session: i64, e: OfferError) -> String {
+        let outcome = match &e {
+            OfferError::Failed(_) => format!("failed: {e}"),
+            _ => format!("refused: {e}"),
+        };
+        self.end_session(session, 0, 0, &outcome);
+        e.to_string()
     }
 }
 
