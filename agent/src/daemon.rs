@@ -88,8 +88,10 @@ pub async fn enroll(
         server: token.server.clone(),
         reason: e.to_string(),
     })?;
+    // Each further address of a cluster may cost its attempt's timeout first.
+    let extra = link::ATTEMPT_TIMEOUT * token.server.matches(',').count() as u32;
     let connection = tokio::time::timeout(
-        ENROLL_TIMEOUT,
+        ENROLL_TIMEOUT + extra,
         link::connect(&endpoint, client, &token.server),
     )
     .await

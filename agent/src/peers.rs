@@ -158,8 +158,10 @@ impl Side {
         if let Some(connection) = held.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(connection.clone());
         }
+        // Each further address of a cluster may cost its attempt's timeout first.
+        let extra = link::ATTEMPT_TIMEOUT * self.server.matches(',').count() as u32;
         let connection = tokio::time::timeout(
-            ANSWER_TIMEOUT,
+            ANSWER_TIMEOUT + extra,
             link::connect(&self.endpoint, self.config.clone(), &self.server),
         )
         .await

@@ -54,7 +54,9 @@ pub struct ServerConfig {
     pub quic_listen: SocketAddr,
     /// TCP address for the HTTPS admin API.
     pub http_listen: SocketAddr,
-    /// Address agents use to reach the server (`host:port`), written into tokens.
+    /// Address agents use to reach the server (`host:port`), written into tokens; or
+    /// several separated by commas (nodes of a cluster), which agents try in a random
+    /// order, sticking to the one that answers.
     pub public_addr: String,
     /// Operator public keys (hex). The server refuses envelopes from other keys early,
     /// though agents check signatures themselves.
@@ -346,9 +348,16 @@ impl ServerConfig {
         if let Some(url) = &self.public_url {
             return url.trim_end_matches('/').to_string();
         }
-        let host = match self.public_addr.rsplit_once(':') {
+        // The first node's host, when `public_addr` lists several.
+        let first = self
+            .public_addr
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim();
+        let host = match first.rsplit_once(':') {
             Some((host, port)) if port.parse::<u16>().is_ok() => host,
-            _ => self.public_addr.as_str(),
+            _ => first,
         };
         format!("https://{host}:{http_port}")
     }

@@ -31,7 +31,7 @@ pub enum InitError {
     #[error("{0} already contains a Herald server (herald.toml exists); choose another --data-dir or remove it")]
     Exists(PathBuf),
     /// The public address is not `host:port`.
-    #[error("invalid --public-addr {0:?}: expected HOST:PORT")]
+    #[error("invalid --public-addr {0:?}: expected HOST:PORT, or several separated by commas")]
     PublicAddr(String),
     /// Something failed while creating files.
     #[error(transparent)]
@@ -66,19 +66,25 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
     if dir.join(config::SERVER_CONFIG).exists() {
         return Err(InitError::Exists(dir.clone()));
     }
-    let (host, port) = options
-        .public_addr
-        .rsplit_once(':')
-        .ok_or_else(|| InitError::PublicAddr(options.public_addr.clone()))?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(InitError::PublicAddr(options.public_addr.clone()));
+    // One `host:port`, or several separated by commas (the nodes agents may reach).
+    let mut hosts = Vec::new();
+    for addr in options.public_addr.split(',').map(str::trim) {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| InitError::PublicAddr(options.public_addr.clone()))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(InitError::PublicAddr(options.public_addr.clone()));
+        }
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
     }
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
     files::create_private_dir(dir)?;
-    let fingerprint = pki::create(dir, &[host])?;
+    let fingerprint = pki::create(dir, &hosts)?;
 
     let operator = OperatorKey::from_seed(random_bytes());
     let key_path = dir.join(config::OPERATOR_KEY);

@@ -95,17 +95,66 @@ impl LinkError {
     }
 }
 
-/// Resolves the server address.
+/// How long one of several server addresses has to answer before the next is tried
+/// (a single address is given the whole handshake timeout).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Resolves the first address of `server`: one `host:port`, or several separated by
+/// commas (the nodes of a cluster); for the endpoint's address family.
 pub async fn resolve(server: &str) -> Result<SocketAddr, LinkError> {
     let connect_err = |reason: String| LinkError::Connect {
         server: server.to_string(),
         reason,
     };
-    tokio::net::lookup_host(server)
+    let first = server.split(',').map(str::trim).next().unwrap_or_default();
+    tokio::net::lookup_host(first)
         .await
         .map_err(|e| connect_err(e.to_string()))?
         .next()
         .ok_or_else(|| connect_err("no address found".into()))
+}
+
+/// Every address `server` names (each `host:port` of a comma-separated list, every
+/// record of each name), without repeats, in a random order, `prefer` first when it is
+/// among them (the node that answered last: an agent sticks to it).
+pub async fn candidates(
+    server: &str,
+    prefer: Option<SocketAddr>,
+) -> Result<Vec<SocketAddr>, LinkError> {
+    let mut all: Vec<SocketAddr> = Vec::new();
+    let mut errors = Vec::new();
+    for name in server.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match tokio::net::lookup_host(name).await {
+            Ok(addrs) => {
+                for addr in addrs {
+                    if !all.contains(&addr) {
+                        all.push(addr);
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    if all.is_empty() {
+        return Err(LinkError::Connect {
+            server: server.to_string(),
+            reason: if errors.is_empty() {
+                "no address found".into()
+            } else {
+                errors.join("; ")
+            },
+        });
+    }
+    // Fisher-Yates, so that agents spread over the nodes.
+    for i in (1..all.len()).rev() {
+        let j = (random_u64() % (i as u64 + 1)) as usize;
+        all.swap(i, j);
+    }
+    if let Some(position) = prefer.and_then(|p| all.iter().position(|a| *a == p)) {
+        let preferred = all.remove(position);
+        all.insert(0, preferred);
+    }
+    Ok(all)
 }
 
 /// Creates a client endpoint suited to reach `server`.
@@ -121,20 +170,63 @@ fn unspecified_for(server: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Connects and completes the QUIC/TLS handshake.
+/// Connects and completes the QUIC/TLS handshake with the first of `server`'s
+/// addresses that answers ([`candidates`]; `prefer` is tried first).
 pub async fn connect(
     endpoint: &Endpoint,
     config: quinn::ClientConfig,
     server: &str,
 ) -> Result<Connection, LinkError> {
-    let addr = resolve(server).await?;
-    let connecting = endpoint
-        .connect_with(config, addr, SERVER_NAME)
-        .map_err(|e| LinkError::Connect {
-            server: server.to_string(),
-            reason: e.to_string(),
-        })?;
-    Ok(connecting.await?)
+    connect_preferring(endpoint, config, server, None).await
+}
+
+/// [`connect`], trying `prefer` first if `server` names it.
+pub async fn connect_preferring(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    server: &str,
+    prefer: Option<SocketAddr>,
+) -> Result<Connection, LinkError> {
+    let addrs = candidates(server, prefer).await?;
+    let last = addrs.len() - 1;
+    let mut failures = Vec::new();
+    for (i, addr) in addrs.into_iter().enumerate() {
+        debug!(%addr, "connecting");
+        let attempt = async {
+            let connecting = endpoint
+                .connect_with(config.clone(), addr, SERVER_NAME)
+                .map_err(|e| LinkError::Connect {
+                    server: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            Ok::<_, LinkError>(connecting.await?)
+        };
+        let outcome = if i == last {
+            attempt.await
+        } else {
+            tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LinkError::Connect {
+                        server: addr.to_string(),
+                        reason: format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()),
+                    })
+                })
+        };
+        match outcome {
+            Ok(connection) => return Ok(connection),
+            // The last address's error is the one to report, with the others'.
+            Err(e) if i == last && failures.is_empty() => return Err(e),
+            Err(e) => {
+                warn!(%addr, "server address did not answer: {e}");
+                failures.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    Err(LinkError::Connect {
+        server: server.to_string(),
+        reason: failures.join("; "),
+    })
 }
 
 /// Runs one session on an established connection until it ends.
@@ -467,6 +559,8 @@ pub async fn run_forever(
 ) {
     let mut attempt: u32 = 0;
     let mut endpoint: Option<Endpoint> = None;
+    // The address that answered last: tried first next time (the agent sticks to it).
+    let mut answered: Option<SocketAddr> = None;
     // The endpoint's accept loop for direct connections, ended with the endpoint.
     let mut direct: Option<tokio::task::AbortHandle> = None;
     // While connected, the session's driver loop feeds systemd's watchdog; while not,
@@ -495,8 +589,17 @@ pub async fn run_forever(
                 }
             };
             let connection = watchdog
-                .while_awaiting(connect(&ep, config.clone(), agent.server()))
+                .while_awaiting(connect_preferring(
+                    &ep,
+                    config.clone(),
+                    agent.server(),
+                    answered,
+                ))
                 .await?;
+            if answered != Some(connection.remote_address()) {
+                info!(server = %connection.remote_address(), "connected to the server at this address");
+            }
+            answered = Some(connection.remote_address());
             session(&agent, &mut machine, &mut events, &ep, connection).await
         }
         .await;
@@ -531,6 +634,27 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn candidates_are_every_address_once_in_a_random_order_the_preferred_first() {
+        let list = "127.0.0.1:1, 127.0.0.1:2,127.0.0.1:3,127.0.0.1:1";
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let all = candidates(list, None).await.unwrap();
+            let mut sorted = all.clone();
+            sorted.sort();
+            assert_eq!(sorted, [addr(1), addr(2), addr(3)]);
+            firsts.insert(all[0]);
+        }
+        assert_eq!(firsts.len(), 3, "every node comes first sometimes");
+        for _ in 0..20 {
+            assert_eq!(candidates(list, Some(addr(2))).await.unwrap()[0], addr(2));
+        }
+        // A preferred address no longer listed is ignored.
+        assert_eq!(candidates(list, Some(addr(9))).await.unwrap().len(), 3);
+        assert!(candidates(" , ", None).await.is_err());
+    }
 
     #[test]
     fn a_stopping_server_s_close_gives_the_reconnect_window() {
