@@ -305,19 +305,25 @@ fn shared_echo(lab: &mut Lab, extra: &[&str]) -> String {
     provider
 }
 
+/// A TCP connection to `connect`'s port, from a thread that entered the consumer's
+/// namespace, once it listens; reads and writes time out after [`DEADLINE`].
+fn dial_connect() -> TcpStream {
+    let addr: SocketAddr = ([127, 0, 0, 1], CONNECT_PORT).into();
+    let stream = wait_until("the connect listener", DEADLINE, || {
+        TcpStream::connect(addr).ok()
+    });
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.set_write_timeout(Some(DEADLINE)).expect("timeout");
+    stream
+}
+
 /// Echoes `rounds` blocks through `connect`'s port from a thread inside `ns`, on one TCP
 /// connection; returns once it is closed again.
 fn echo_through_connect(ns: &str, seed: u8, rounds: usize) {
     let ns = ns.to_string();
     let client = std::thread::spawn(move || {
         enter(&ns);
-        let addr: SocketAddr = ([127, 0, 0, 1], CONNECT_PORT).into();
-        let mut stream = wait_until("the connect listener", DEADLINE, || {
-            TcpStream::connect(addr).ok()
-        });
-        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        stream.set_write_timeout(Some(DEADLINE)).expect("timeout");
-        echo_rounds(&mut stream, seed, rounds);
+        echo_rounds(&mut dial_connect(), seed, rounds);
     });
     client.join().expect("the echo went through");
 }
@@ -495,12 +501,7 @@ fn tunnel_survives_an_address_change() {
     let client_ns = server_ns.clone();
     let client = std::thread::spawn(move || {
         enter(&client_ns);
-        let addr: SocketAddr = ([127, 0, 0, 1], CONNECT_PORT).into();
-        let mut stream = wait_until("the connect listener", DEADLINE, || {
-            TcpStream::connect(addr).ok()
-        });
-        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        stream.set_write_timeout(Some(DEADLINE)).expect("timeout");
+        let mut stream = dial_connect();
         for (seed, rounds) in orders.iter().enumerate() {
             echo_rounds(&mut stream, seed as u8, rounds);
             to_test.send(()).expect("report");
