@@ -79,27 +79,7 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a consumer has to send a direct stream's [`DirectOpen`].
 pub const OPEN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
-/// The Ed25519 key of an agent certificate, read from its parsed SubjectPublicKeyInfo
-/// (never by searching the certificate's bytes, where other fields could hold a
-/// look-alike).
-pub fn cert_key(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
-    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
-    let spki = parsed.subject_public_key_info();
-    let key = spki.as_ref().strip_prefix(&ED25519_SPKI_PREFIX[..])?;
-    key.try_into().ok()
-}
-
-/// The agent key a connection's peer proved in the handshake.
-pub fn peer_key(connection: &Connection) -> Option<[u8; 32]> {
-    let identity = connection.peer_identity()?;
-    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    cert_key(certs.first()?)
-}
+pub use herald_io::tls::{agent_cert_key as cert_key, peer_agent_key as peer_key};
 
 fn tls_error(e: impl std::fmt::Display) -> TlsError {
     TlsError::from_reason(e.to_string())

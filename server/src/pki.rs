@@ -239,18 +239,6 @@ pub fn quic_server_config(
     Ok(config)
 }
 
-/// Extracts the raw Ed25519 public key from an agent certificate.
-pub fn agent_key(cert: &[u8]) -> Option<Vec<u8>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let spki = cert.public_key();
-    // 1.3.101.112 is Ed25519.
-    if spki.algorithm.algorithm.to_id_string() != "1.3.101.112" {
-        return None;
-    }
-    let key = spki.subject_public_key.data.to_vec();
-    (key.len() == 32).then_some(key)
-}
-
 // === impl Keyring ===
 
 /// What the server knows of agent keys, consulted during every handshake.
@@ -330,9 +318,11 @@ impl ClientCertVerifier for AgentCertVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         // Possession of the key is proven by the handshake signature (checked in
         // verify_tls13_signature); here we only decide whether the key may connect.
-        let key = agent_key(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::BadEncoding,
-        ))?;
+        let key = herald_io::tls::agent_cert_key(end_entity)
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding,
+            ))?
+            .to_vec();
         match self.keyring.status(&key) {
             KeyStatus::Revoked => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Revoked,

@@ -32,7 +32,7 @@ use herald_shared::token::secret_hash;
 
 use crate::metrics::Histogram;
 use crate::now_ms;
-use crate::pki::{self, KeyStatus, Keyring};
+use crate::pki::{KeyStatus, Keyring};
 use crate::store::{Pending, Store};
 use crate::ticket::Tickets;
 use acks::{AckRecord, Batches, ReportOutcome, ReportRecord, ACK_BATCH};
@@ -1162,11 +1162,7 @@ async fn refuse(
 }
 
 fn peer_key(connection: &Connection) -> Option<Vec<u8>> {
-    let identity = connection.peer_identity()?;
-    let certs = identity
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    pki::agent_key(certs.first()?)
+    herald_io::tls::peer_agent_key(connection).map(|key| key.to_vec())
 }
 
 fn join_addresses(addresses: &[IpAddr]) -> String {

@@ -313,8 +313,7 @@ impl Relay {
             .get(provider)
             .map(|l| l.connection.clone())
             .ok_or(OfferError::Offline)?;
-        let provider_key = super::peer_key(&connection)
-            .and_then(|key| <[u8; 32]>::try_from(key.as_slice()).ok())
+        let provider_key = herald_io::tls::peer_agent_key(&connection)
             .ok_or_else(|| OfferError::Failed("the device's link carries no agent key".into()))?;
         let exchange = async {
             let (mut send, mut recv) = connection.open_bi().await?;
