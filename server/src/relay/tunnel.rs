@@ -46,7 +46,7 @@ use herald_shared::peers::{
 use herald_shared::protocol::AgentMsg;
 
 use super::{read_frame, write_frame, LinkError, OfferError, Relay, HELLO_TIMEOUT, OFFER_TIMEOUT};
-use crate::model::{DirectoryEntry, NewSession, SessionEnd, Via};
+use crate::model::{directory_view, DirectoryEntry, NewSession, SessionEnd, Via};
 use crate::now_ms;
 use crate::pki::KeyStatus;
 
@@ -347,10 +347,13 @@ impl Relay {
         let entries = self
             .store
             .directory(asker.owner.as_ref().map(|o| o.0), None)?;
-        let entries = entries
-            .into_iter()
-            .filter(|e| query.is_none_or(|q| e.matches(q)));
-        Ok(devices(entries, |agent_id| self.online_since(agent_id)))
+        // The console's view of the same directory, without favourites (`peers` has none).
+        Ok(directory_view(
+            entries,
+            |agent_id| self.online_since(agent_id),
+            query.unwrap_or_default(),
+            &Default::default(),
+        ))
     }
 
     /// Resolves a tunnel request, records its session and has the provider accept it.
@@ -602,38 +605,6 @@ fn resolve<'a>(
     }
 }
 
-/// Groups directory entries (ordered by owner, device, share) into the online devices.
-fn devices(
-    entries: impl Iterator<Item = DirectoryEntry>,
-    online_since: impl Fn(&str) -> Option<crate::Millis>,
-) -> Vec<PeerDevice> {
-    let mut devices: Vec<PeerDevice> = Vec::new();
-    for entry in entries {
-        let Some(since) = online_since(&entry.agent_id) else {
-            continue;
-        };
-        match devices.last_mut() {
-            Some(device) if device.agent_id == entry.agent_id => {
-                device.services.push(entry.service)
-            }
-            _ => devices.push(PeerDevice {
-                owner: entry.owner,
-                device: entry.device,
-                agent_id: entry.agent_id,
-                online_since: since,
-                reported: entry
-                    .reported
-                    .split([',', ' '])
-                    .filter_map(|a| a.trim().parse().ok())
-                    .collect(),
-                observed: entry.observed.and_then(|a| a.parse().ok()),
-                services: vec![entry.service],
-            }),
-        }
-    }
-    devices
-}
-
 /// Moves bytes between the consumer's streams and the provider's until both directions
 /// have finished or one fails; returns (bytes up, bytes down, outcome).
 async fn splice(
@@ -781,7 +752,12 @@ mod tests {
             entry("alice", "nas", "files"),
             entry("alice", "nas", "web"),
         ];
-        let devices = devices(entries.into_iter(), |id| (id == "id-nas").then_some(42));
+        let devices = directory_view(
+            entries,
+            |id| (id == "id-nas").then_some(42),
+            "",
+            &Default::default(),
+        );
         assert_eq!(devices.len(), 1);
         let nas = &devices[0];
         assert_eq!((nas.device.as_str(), nas.online_since), ("nas", 42));
