@@ -844,24 +844,9 @@ pub fn rate_month(
     for &account in &accounts {
         let plan = plans.plan_of(account);
         let scale = 10i128.pow(plan.minor_digits);
-        let flat_fee = round_half_even(plan.flat_fee.0 * scale, PRICE_SCALE) as i64;
-        let mut invoice = Invoice {
-            month: month.to_string(),
-            account: account.to_string(),
-            plan: plan.name.clone(),
-            currency: plan.currency.clone(),
-            minor_digits: plan.minor_digits,
-            flat_fee,
-            lines: Vec::new(),
-            provider_charges: Vec::new(),
-            total: 0,
-            earnings: Vec::new(),
-            earnings_net: 0,
-            operator_fees: 0,
-            late: late.get(account).cloned().unwrap_or_default(),
-            notes: notes.get(account).cloned().unwrap_or_default(),
-            status: "draft".into(),
-        };
+        let mut invoice = draft(month, account, plan);
+        invoice.late = late.get(account).cloned().unwrap_or_default();
+        invoice.notes = notes.get(account).cloned().unwrap_or_default();
         for (&meter, &quantity) in own.get(account).into_iter().flatten() {
             if let Some(price) = plan.meters.get(&meter) {
                 invoice
@@ -927,34 +912,38 @@ pub fn rate_month(
         invoices.insert(account, invoice);
     }
     for (provider, _, earning) in earnings {
-        let invoice = invoices.entry(provider).or_insert_with(|| {
-            let plan = plans.plan_of(provider);
-            let flat_fee =
-                round_half_even(plan.flat_fee.0 * 10i128.pow(plan.minor_digits), PRICE_SCALE)
-                    as i64;
-            Invoice {
-                month: month.to_string(),
-                account: provider.to_string(),
-                plan: plan.name.clone(),
-                currency: plan.currency.clone(),
-                minor_digits: plan.minor_digits,
-                flat_fee,
-                lines: Vec::new(),
-                provider_charges: Vec::new(),
-                total: flat_fee,
-                earnings: Vec::new(),
-                earnings_net: 0,
-                operator_fees: 0,
-                late: Vec::new(),
-                notes: Vec::new(),
-                status: "draft".into(),
-            }
-        });
+        let invoice = invoices
+            .entry(provider)
+            .or_insert_with(|| draft(month, provider, plans.plan_of(provider)));
         invoice.earnings_net += earning.net;
         invoice.operator_fees += earning.operator_fee;
         invoice.earnings.push(earning);
     }
     invoices.into_values().collect()
+}
+
+/// An account's draft invoice for `month` under `plan`: the flat fee and nothing else
+/// yet (its total is the fee until lines are added).
+fn draft(month: &str, account: &str, plan: &Plan) -> Invoice {
+    let scale = 10i128.pow(plan.minor_digits);
+    let flat_fee = round_half_even(plan.flat_fee.0 * scale, PRICE_SCALE) as i64;
+    Invoice {
+        month: month.to_string(),
+        account: account.to_string(),
+        plan: plan.name.clone(),
+        currency: plan.currency.clone(),
+        minor_digits: plan.minor_digits,
+        flat_fee,
+        lines: Vec::new(),
+        provider_charges: Vec::new(),
+        total: flat_fee,
+        earnings: Vec::new(),
+        earnings_net: 0,
+        operator_fees: 0,
+        late: Vec::new(),
+        notes: Vec::new(),
+        status: "draft".into(),
+    }
 }
 
 // === Signed counters ===
