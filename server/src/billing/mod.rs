@@ -17,8 +17,8 @@ pub use export::{export, ExportFormat};
 
 use std::time::Duration;
 
-use crate::model::billing::{parse_month, rate_month, Plans, RunReport};
-use crate::store::{Store, StoreError};
+use crate::model::billing::{parse_month, rate_month, Invoice, Plans, ProviderPrice, RunReport};
+use crate::store::{MonthUsage, Store, StoreError};
 use herald_shared::Millis;
 
 /// How often `serve` derives usage events from stored sessions, messages, fallbacks
@@ -69,42 +69,59 @@ pub fn set_plans_file(store: &Store, path: &std::path::Path, now: Millis) -> Res
 /// changed). Running it twice changes nothing the second time; a closed month is not
 /// rated again.
 pub fn run_month(store: &Store, month: &str, now: Millis) -> Result<RunReport, BillingError> {
-    parse_month(month).map_err(BillingError::Month)?;
-    let plans = plans(store)?;
-    let metered = store.meter_usage(now, None)?;
-    let prices = store.provider_prices()?;
-    let (invoices, changed) = store.rate_month(month, now, |usage| {
-        Ok(rate_month(
-            month,
-            &plans,
-            &prices,
-            &usage.totals,
-            &usage.late,
-            &usage.notes,
-        ))
-    })?;
+    let (metered, rating) = prepare(store, month, now)?;
+    let (invoices, changed) = store.rate_month(month, now, |usage| rating.rate(usage))?;
     report(store, month, metered, &invoices, changed)
 }
 
 /// Meters, rates `month` a last time and closes it: its invoices become final and
 /// events that arrive later for it are booked into the next open month.
 pub fn close_month(store: &Store, month: &str, now: Millis) -> Result<RunReport, BillingError> {
-    parse_month(month).map_err(BillingError::Month)?;
-    let plans = plans(store)?;
-    let metered = store.meter_usage(now, None)?;
-    let prices = store.provider_prices()?;
-    store.close_month(month, now, |usage| {
+    let (metered, rating) = prepare(store, month, now)?;
+    store.close_month(month, now, |usage| rating.rate(usage))?;
+    let invoices = store.invoices(None, Some(month))?;
+    report(store, month, metered, &invoices, 0)
+}
+
+/// A month's rating with the plans and providers' prices in force.
+struct Rating<'a> {
+    month: &'a str,
+    plans: Plans,
+    prices: Vec<ProviderPrice>,
+}
+
+impl Rating<'_> {
+    fn rate(&self, usage: &MonthUsage) -> Result<Vec<Invoice>, String> {
         Ok(rate_month(
-            month,
-            &plans,
-            &prices,
+            self.month,
+            &self.plans,
+            &self.prices,
             &usage.totals,
             &usage.late,
             &usage.notes,
         ))
-    })?;
-    let invoices = store.invoices(None, Some(month))?;
-    report(store, month, metered, &invoices, 0)
+    }
+}
+
+/// What a run and a close share: checks the month, reads the plans, meters (returns how
+/// many events were new) and reads the providers' prices.
+fn prepare<'a>(
+    store: &Store,
+    month: &'a str,
+    now: Millis,
+) -> Result<(u64, Rating<'a>), BillingError> {
+    parse_month(month).map_err(BillingError::Month)?;
+    let plans = plans(store)?;
+    let metered = store.meter_usage(now, None)?;
+    let prices = store.provider_prices()?;
+    Ok((
+        metered,
+        Rating {
+            month,
+            plans,
+            prices,
+        },
+    ))
 }
 
 fn report(
