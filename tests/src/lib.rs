@@ -80,6 +80,15 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
 /// `algorithm` (Ed25519 for an agent-like client that was never enrolled, another for a
 /// certificate the server cannot take), trusting any server certificate.
 pub fn raw_quic_client(algorithm: &'static rcgen::SignatureAlgorithm) -> quinn::ClientConfig {
+    raw_quic_client_for(algorithm, herald_shared::protocol::ALPN)
+}
+
+/// [`raw_quic_client`] speaking `alpn` (the agents' direct ALPN, for a stranger at a
+/// providing agent's endpoint).
+pub fn raw_quic_client_for(
+    algorithm: &'static rcgen::SignatureAlgorithm,
+    alpn: &[u8],
+) -> quinn::ClientConfig {
     let key = rcgen::KeyPair::generate_for(algorithm).expect("generate a client key");
     let cert = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])
         .expect("certificate params")
@@ -96,7 +105,7 @@ pub fn raw_quic_client(algorithm: &'static rcgen::SignatureAlgorithm) -> quinn::
             rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
         )
         .expect("client auth certificate");
-    tls.alpn_protocols = vec![herald_shared::protocol::ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
     quinn::ClientConfig::new(std::sync::Arc::new(crypto))

@@ -380,26 +380,7 @@ fn connect_line(lab: &Lab, prefix: &str) -> String {
 /// A QUIC client for the agents' direct ALPN with a fresh Ed25519 identity (an agent
 /// key no session was brokered for), trusting any certificate.
 fn stranger_client() -> quinn::ClientConfig {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("generate a key");
-    let cert = rcgen::CertificateParams::new(vec!["herald-agent".to_string()])
-        .expect("certificate params")
-        .self_signed(&key)
-        .expect("self-sign");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(herald_tests::AcceptAnyServerCert::new())
-        .with_client_auth_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )
-        .expect("client auth certificate");
-    tls.alpn_protocols = vec![b"herald-peer/1".to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client config");
-    quinn::ClientConfig::new(std::sync::Arc::new(crypto))
+    herald_tests::raw_quic_client_for(&rcgen::PKCS_ED25519, b"herald-peer/1")
 }
 
 /// From namespace `ns`, connects to the provider's direct endpoint at `addr` as a
