@@ -87,6 +87,68 @@ pub struct ServerConfig {
     /// `[billing]`: the price plans file set at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billing: Option<BillingConfig>,
+    /// `[database]`: PostgreSQL instead of the embedded SQLite file (docs/SCALE-OUT.md).
+    #[serde(default, skip_serializing_if = "DatabaseConfig::is_default")]
+    pub database: DatabaseConfig,
+}
+
+// === database section ===
+
+/// `[database]`: where the store is. Without `url`, SQLite's `herald.db` in the data
+/// directory (one server); with `url = "postgres://USER@HOST:PORT/DB"`, that PostgreSQL
+/// database, which several nodes may share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The PostgreSQL connection URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl DatabaseConfig {
+    fn is_default(&self) -> bool {
+        self == &DatabaseConfig::default()
+    }
+
+    /// Reads only the `[database]` section of the server's configuration in `data_dir`
+    /// (what the local commands that open the store need, without the rest checked).
+    pub fn of(data_dir: &Path) -> Result<DatabaseConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default)]
+            database: DatabaseConfig,
+        }
+        let path = server_config_path(data_dir);
+        let only: Only =
+            toml::from_str(
+                &std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?,
+            )
+            .map_err(|e| ConfigError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        only.database
+            .check()
+            .map_err(|reason| ConfigError::Invalid { path, reason })?;
+        Ok(only.database)
+    }
+
+    /// Checks the URL's form (a `postgres://` or `postgresql://` URL).
+    pub fn check(&self) -> Result<(), String> {
+        match &self.url {
+            None => Ok(()),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(())
+            }
+            Some(url) => Err(format!(
+                "[database] url {:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)",
+                crate::store::redact_url(url)
+            )),
+        }
+    }
 }
 
 // === billing section ===

@@ -22,6 +22,8 @@ pub struct InitOptions {
     pub quic_listen: SocketAddr,
     /// HTTPS listen address.
     pub http_listen: SocketAddr,
+    /// The PostgreSQL database to keep the store in (SQLite's file when absent).
+    pub database_url: Option<String>,
 }
 
 /// Errors from `init`.
@@ -33,6 +35,9 @@ pub enum InitError {
     /// The public address is not `host:port`.
     #[error("invalid --public-addr {0:?}: expected HOST:PORT, or several separated by commas")]
     PublicAddr(String),
+    /// `--database-url` is not a PostgreSQL URL.
+    #[error("invalid --database-url: {0}")]
+    Database(String),
     /// Something failed while creating files.
     #[error(transparent)]
     File(#[from] files::FileError),
@@ -83,6 +88,10 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             hosts.push(host);
         }
     }
+    let database = crate::config::DatabaseConfig {
+        url: options.database_url.clone(),
+    };
+    database.check().map_err(InitError::Database)?;
     files::create_private_dir(dir)?;
     let fingerprint = pki::create(dir, &hosts)?;
 
@@ -90,7 +99,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
     let key_path = dir.join(config::OPERATOR_KEY);
     files::write_private(&key_path, operator.to_hex().as_bytes())?;
 
-    let store = Store::open(dir)?;
+    let store = Store::open_database(dir, database.url.as_deref())?;
     let admin_token = hex::encode(random_bytes::<32>());
     store.add_admin_token(
         &herald_shared::token::secret_hash(admin_token.as_bytes()),
@@ -138,6 +147,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             https: Default::default(),
             metrics: None,
             billing: None,
+            database,
         },
     )?;
     Ok(Initialized {

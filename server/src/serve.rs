@@ -109,7 +109,14 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             .as_deref()
             .zip(config.https.key_file.as_deref()),
     )?);
-    let store = Store::open(data_dir)?;
+    config
+        .database
+        .check()
+        .map_err(|reason| ConfigError::Invalid {
+            path: crate::config::server_config_path(data_dir),
+            reason,
+        })?;
+    let store = Store::open_database(data_dir, config.database.url.as_deref())?;
     if let Some(billing) = &config.billing {
         crate::billing::set_plans_file(&store, &billing.plans_file, crate::now_ms()).map_err(
             |reason| ConfigError::Invalid {
@@ -477,4 +484,22 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// The store of the server initialised in `data_dir`: the database its `herald.toml`
+/// names, else SQLite's file there.
+pub fn open_store(data_dir: &Path) -> Result<Store, OpenStoreError> {
+    let database = crate::config::DatabaseConfig::of(data_dir)?;
+    Ok(Store::open_database(data_dir, database.url.as_deref())?)
+}
+
+/// Why [`open_store`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }

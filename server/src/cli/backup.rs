@@ -241,6 +241,14 @@ fn write_backup(data_dir: &Path, out: &Path, with_artifacts: bool) -> Result<Man
             data_dir.display()
         )));
     }
+    let database =
+        config::DatabaseConfig::of(data_dir).map_err(|e| ArchiveError::Usage(e.to_string()))?;
+    if let Some(url) = &database.url {
+        return Err(ArchiveError::Usage(format!(
+            "the store is in PostgreSQL ({}): back it up with pg_dump; `backup` copies SQLite's file",
+            store::redact_url(url)
+        )));
+    }
     let staging = Staging::new(&with_suffix(out, ".db.tmp"))?;
     let db_copy = staging.path().join(DB_FILE);
     let schema_version = store::copy_live(data_dir, &db_copy)?;

@@ -38,6 +38,7 @@ async fn demo(dir: &std::path::Path, args: &DemoArgs) -> Result<(), String> {
         public_addr: "127.0.0.1:4433".into(),
         quic_listen: loopback,
         http_listen: loopback,
+        database_url: None,
     })
     .map_err(|e| e.to_string())?;
     let running = serve::start(&data_dir, &Overrides::default())

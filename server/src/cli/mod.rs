@@ -177,6 +177,11 @@ pub struct InitArgs {
     /// HTTPS admin API listen address.
     #[arg(long, default_value = config::DEFAULT_HTTP_LISTEN)]
     pub http_listen: SocketAddr,
+    /// Keep the store in this PostgreSQL database instead of SQLite's file
+    /// (`postgres://USER@HOST:PORT/DATABASE`; written as `[database] url`). Every node of a
+    /// cluster names the same one.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 /// `serve`.
@@ -571,6 +576,7 @@ fn init(data_dir: &Path, args: InitArgs) -> Result<ExitCode, CliError> {
         public_addr: args.public_addr,
         quic_listen: args.quic_listen,
         http_listen: args.http_listen,
+        database_url: args.database_url,
     })
     .map_err(|e| usage(e.to_string()))?;
     println!("Initialised Herald server in {}", done.data_dir.display());

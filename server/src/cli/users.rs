@@ -75,7 +75,7 @@ pub fn run(
             data_dir.display()
         )));
     }
-    let store = Store::open(data_dir)?;
+    let store = crate::serve::open_store(data_dir).map_err(|e| UsersError::Usage(e.to_string()))?;
     match command {
         UsersCommand::Add { login, admin } => {
             auth::check_login(&login).map_err(UsersError::Usage)?;

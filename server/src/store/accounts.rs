@@ -5,13 +5,13 @@
 //! Ownership is decided here, in SQL, so a page can never show another user's rows by
 //! forgetting a check: every user-scoped query takes the user id.
 
+use super::sql::{params, OptionalExtension, Row};
 use crate::model::Subscription;
 use crate::model::*;
 use crate::model::{AgentInfo, ScheduleInfo};
 use crate::store::{agent_row, schedule_row, Store, StoreError, AGENT_SELECT, SCHEDULE_SELECT};
 use herald_shared::protocol::JobId;
 use herald_shared::Millis;
-use rusqlite::{params, OptionalExtension, Row};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -651,7 +651,7 @@ impl Store {
                 let mut stmt = conn.prepare(
                     "SELECT id FROM schedules
                      WHERE catalog_name IS NOT NULL
-                       AND (?1 IS NULL OR owner_user_id = ?1) AND (?2 IS NULL OR target = ?2)
+                       AND (owner_user_id = ?1 OR ?1 IS NULL) AND (target = ?2 OR ?2 IS NULL)
                      ORDER BY id DESC LIMIT ?3",
                 )?;
                 let rows = stmt.query_map(params![owner, target, limit], |r| r.get(0))?;
@@ -764,7 +764,7 @@ impl Store {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
                 "{HISTORY_SELECT}
-                 WHERE (?1 IS NULL OR a.owner_user_id = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+                 WHERE (a.owner_user_id = ?1 OR ?1 IS NULL) AND (j.agent_id = ?2 OR ?2 IS NULL)
                    AND o.kind <> 'message'
                  ORDER BY j.id DESC LIMIT ?3"
             ))?;

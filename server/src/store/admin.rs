@@ -270,7 +270,7 @@ impl Store {
             let mut stmt = conn.prepare(&format!(
                 "{AUDIT_SELECT}
                  WHERE seq > ?1 AND at >= ?2
-                   AND (?3 IS NULL OR actor = ?3 OR actor LIKE ?5 ESCAPE '\\')
+                   AND (actor = ?3 OR actor LIKE ?5 ESCAPE '\\' OR ?3 IS NULL)
                  ORDER BY seq LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
@@ -294,7 +294,7 @@ impl Store {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
                 "{AUDIT_SELECT}
-                 WHERE (?1 IS NULL OR actor = ?1 OR actor LIKE ?3 ESCAPE '\\')
+                 WHERE (actor = ?1 OR actor LIKE ?3 ESCAPE '\\' OR ?1 IS NULL)
                  ORDER BY seq DESC LIMIT ?2"
             ))?;
             let rows = stmt.query_map(

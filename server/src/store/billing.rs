@@ -166,7 +166,7 @@ impl Store {
             let conn = self.fast();
             let mut stmt = conn.prepare(
                 "SELECT body FROM invoices
-                 WHERE (?1 IS NULL OR account = ?1) AND (?2 IS NULL OR month = ?2)
+                 WHERE (account = ?1 OR ?1 IS NULL) AND (month = ?2 OR ?2 IS NULL)
                  ORDER BY month, account",
             )?;
             let rows = stmt.query_map(params![account, month], |r| r.get::<_, String>(0))?;
@@ -695,7 +695,7 @@ fn derive_sessions(
         "SELECT s.id, s.provider_agent_id, s.provider_user_id, s.consumer_user_id,
             s.consumer_agent_id, s.via, s.ended_at
          FROM tunnel_sessions s
-         WHERE s.ended_at IS NOT NULL AND (?2 IS NULL OR s.ended_at >= ?2)
+         WHERE s.ended_at IS NOT NULL AND (s.ended_at >= ?2 OR ?2 IS NULL)
            AND s.outcome NOT LIKE 'refused%' AND NOT EXISTS (
             SELECT 1 FROM usage_events e
             WHERE e.source = ?1 AND e.seq = s.id || ':tunnel_bytes')
@@ -800,7 +800,7 @@ fn derive_sessions(
 fn derive_messages(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) -> Result<()> {
     let mut stmt = tx.prepare(
         "SELECT j.id, m.sender, j.created_at FROM jobs j JOIN messages m ON m.id = j.order_id
-         WHERE (?2 IS NULL OR j.created_at >= ?2) AND NOT EXISTS (
+         WHERE (j.created_at >= ?2 OR ?2 IS NULL) AND NOT EXISTS (
             SELECT 1 FROM usage_events e WHERE e.source = ?1 AND e.seq = CAST(j.id AS TEXT))
          ORDER BY j.id",
     )?;
@@ -831,7 +831,7 @@ fn derive_fallbacks(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsa
     let mut stmt = tx.prepare(
         "SELECT r.campaign_id, r.line, c.sender, r.fb_kind, r.fb_sent_at
          FROM campaign_rows r JOIN campaigns c ON c.id = r.campaign_id
-         WHERE r.fb_sent_at IS NOT NULL AND (?2 IS NULL OR r.fb_sent_at >= ?2) AND NOT EXISTS (
+         WHERE r.fb_sent_at IS NOT NULL AND (r.fb_sent_at >= ?2 OR ?2 IS NULL) AND NOT EXISTS (
             SELECT 1 FROM usage_events e
             WHERE e.source = ?1 AND e.seq = r.campaign_id || ':' || r.line)",
     )?;
@@ -872,7 +872,7 @@ fn derive_jobs(tx: &Connection, since: Option<Millis>, out: &mut Vec<NewUsage>) 
     let mut stmt = tx.prepare(
         "SELECT j.id, a.owner_user_id, j.finished_at FROM jobs j
          JOIN agents a ON a.id = j.agent_id JOIN orders o ON o.id = j.order_id
-         WHERE j.finished_at IS NOT NULL AND (?2 IS NULL OR j.finished_at >= ?2)
+         WHERE j.finished_at IS NOT NULL AND (j.finished_at >= ?2 OR ?2 IS NULL)
            AND a.owner_user_id IS NOT NULL
            AND o.kind <> 'message' AND NOT EXISTS (
             SELECT 1 FROM usage_events e WHERE e.source = ?1 AND e.seq = CAST(j.id AS TEXT))

@@ -1,12 +1,12 @@
 //! The service catalog's rows: entries (each pointing at its signed standing order) and
 //! users' subscriptions (schedules that point at an entry's order).
 
+use super::sql::{params, OptionalExtension, Row};
 use crate::model::*;
 use crate::store::{insert_order, Store, StoreError};
 use herald_shared::envelope::{Audience, Envelope, Order};
 use herald_shared::schedule::{Missed, Schedule};
 use herald_shared::Millis;
-use rusqlite::{params, OptionalExtension, Row};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -221,7 +221,7 @@ impl Store {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
-                "{SUBSCRIPTION_SELECT} WHERE (?1 IS NULL OR s.owner_user_id = ?1) ORDER BY s.id"
+                "{SUBSCRIPTION_SELECT} WHERE (s.owner_user_id = ?1 OR ?1 IS NULL) ORDER BY s.id"
             ))?;
             let rows = stmt.query_map(params![user_id], subscription_row)?;
             Ok(rows.collect::<std::result::Result<_, _>>()?)

@@ -12,7 +12,7 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::sql::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use herald_shared::Millis;
 
@@ -574,7 +574,7 @@ impl Store {
                 "SELECT id, user_id, kind, target FROM (
                      SELECT id, user_id, kind, target, next_attempt_at,
                             ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY next_attempt_at, id) AS turn
-                     FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1)
+                     FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?1) AS due
                  WHERE turn <= ?2
                  ORDER BY turn, next_attempt_at, id LIMIT ?3",
             )?;

@@ -300,7 +300,7 @@ impl Store {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
-                "{JOB_SELECT} WHERE (?1 IS NULL OR j.agent_id = ?1) AND (?2 IS NULL OR j.id < ?2)
+                "{JOB_SELECT} WHERE (j.agent_id = ?1 OR ?1 IS NULL) AND (j.id < ?2 OR ?2 IS NULL)
                    AND o.kind <> 'message'
                  ORDER BY j.id DESC LIMIT ?3"
             ))?;

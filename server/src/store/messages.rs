@@ -249,7 +249,7 @@ impl Store {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
-                "{MESSAGE_SELECT} WHERE (?1 IS NULL OR m.sender = ?1)
+                "{MESSAGE_SELECT} WHERE (m.sender = ?1 OR ?1 IS NULL)
                  ORDER BY m.created_at DESC, m.id LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![sender, limit], message_row)?;
@@ -366,7 +366,7 @@ impl Store {
                 "SELECT b.agent_id, a.name, NULLIF(u.phone, ''), b.sender, b.by, b.at
                  FROM sender_blocks b JOIN agents a ON a.id = b.agent_id
                  LEFT JOIN users u ON u.id = a.owner_user_id
-                 WHERE b.blocked = 1 AND (?1 IS NULL OR b.sender = ?1)
+                 WHERE b.blocked = 1 AND (b.sender = ?1 OR ?1 IS NULL)
                  ORDER BY b.at DESC, b.agent_id",
             )?;
             let rows = stmt.query_map(params![sender], |r| {
@@ -626,7 +626,7 @@ pub(super) fn blocked_agents(
 
 /// Inserts a message's delivery jobs, one per agent.
 pub(super) struct MessageJobs<'t> {
-    insert: rusqlite::Statement<'t>,
+    insert: super::sql::Statement<'t>,
     id: String,
     expires_at: Millis,
     now: Millis,

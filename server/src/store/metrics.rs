@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rusqlite::{params, Connection, OpenFlags, Transaction};
+use rusqlite::OpenFlags;
+
+use super::sql::{params, Connection, Transaction};
 
 use herald_shared::Millis;
 
@@ -84,13 +86,18 @@ impl Store {
     /// connection of their own so that no other reader or writer waits for them.
     pub fn counts(&self, tally: &mut Tally, now: Millis) -> Result<Counts> {
         self.blocking(|| {
-            let path = self.fast().path().map(PathBuf::from);
-            let mut conn = match path {
-                Some(path) => Connection::open_with_flags(
+            let path = self
+                .fast()
+                .sqlite()
+                .and_then(|c| c.path())
+                .map(PathBuf::from);
+            let mut conn = match (self.postgres_url(), path) {
+                (Some(url), _) => Connection::postgres(url)?,
+                (None, Some(path)) => Connection::Sqlite(rusqlite::Connection::open_with_flags(
                     path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?,
-                None => return Err(StoreError::Corrupt("the database has no file".into())),
+                )?),
+                (None, None) => return Err(StoreError::Corrupt("the database has no file".into())),
             };
             conn.busy_timeout(super::BUSY_TIMEOUT)?;
             let tx = conn.transaction()?;
@@ -264,7 +271,7 @@ fn tally_plus(tally: &BTreeMap<String, u64>, more: Vec<(String, u64)>) -> Vec<(S
 fn by_one(
     tx: &Transaction<'_>,
     sql: &str,
-    params: impl rusqlite::Params,
+    params: impl super::sql::Params,
 ) -> Result<Vec<(String, u64)>> {
     let mut stmt = tx.prepare(sql)?;
     let rows = stmt.query_map(params, |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
@@ -291,7 +298,7 @@ thread_local! {
 }
 
 /// Records how long each commit on `conn` takes into `commits`.
-pub(super) fn time_commits(conn: &Connection, commits: Arc<Histogram>) {
+pub(super) fn time_commits(conn: &rusqlite::Connection, commits: Arc<Histogram>) {
     conn.commit_hook(Some(move || {
         COMMITTING.with(|c| *c.borrow_mut() = Some((Instant::now(), commits.clone())));
         // false: go on with the commit.

@@ -567,6 +567,18 @@ CREATE INDEX jobs_by_finished ON jobs(finished_at);
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    if conn.is_postgres() {
+        // Nodes starting together migrate one at a time; the lock ends with the session
+        // if this one dies.
+        conn.execute_batch("SELECT pg_advisory_lock(7252306)")?;
+        let migrated = migrate_locked(conn);
+        conn.execute_batch("SELECT pg_advisory_unlock(7252306)")?;
+        return migrated;
+    }
+    migrate_locked(conn)
+}
+
+fn migrate_locked(conn: &mut Connection) -> Result<()> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let version: Option<i64> =
         conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
@@ -577,14 +589,48 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
             known: MIGRATIONS.len(),
         });
     }
+    let postgres = conn.is_postgres();
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        if postgres {
+            tx.execute_batch(&super::sql::translate_schema(sql))?;
+        } else {
+            tx.execute_batch(sql)?;
+        }
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
             params![(index + 1) as i64],
         )?;
         tx.commit()?;
     }
+    if postgres {
+        tx_free_postgres_extras(conn)?;
+    }
     Ok(())
 }
+
+/// What only the cluster needs (PostgreSQL only): the nodes and which agents each holds.
+fn tx_free_postgres_extras(conn: &Connection) -> Result<()> {
+    conn.execute_batch(CLUSTER_SCHEMA)?;
+    Ok(())
+}
+
+/// The cluster's tables (PostgreSQL only; a lone SQLite server is its own node): each
+/// node's heartbeat and addresses, and the agents it holds, with a lease a dead node
+/// lets expire.
+const CLUSTER_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    quic_addr TEXT NOT NULL,
+    http_addr TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    roles TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS agent_nodes (
+    agent_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    since BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS agent_nodes_by_node ON agent_nodes(node_id);
+"#;

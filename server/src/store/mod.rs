@@ -49,6 +49,7 @@ mod migrations;
 mod peers;
 mod releases;
 mod schedules;
+pub(crate) mod sql;
 #[cfg(test)]
 mod testing;
 
@@ -73,7 +74,7 @@ pub(crate) use testing::TestJob;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use sql::{params, Connection, OptionalExtension, Row};
 
 use herald_shared::codec;
 use herald_shared::envelope::{Audience, Envelope};
@@ -212,6 +213,8 @@ pub struct DueSchedule {
 pub struct Store {
     durable: Arc<Mutex<Connection>>,
     relaxed: Arc<Mutex<Connection>>,
+    /// The PostgreSQL database's URL, when the store is there (`[database] url`).
+    postgres: Option<Arc<str>>,
     /// How long `durable`'s commits take (`/metrics`).
     commits: Arc<crate::metrics::Histogram>,
 }
@@ -220,20 +223,47 @@ impl Store {
     /// Opens (creating if needed) and migrates the database in `data_dir`, copying an
     /// older one to `snapshots/` first.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        let path = data_dir.join(DB_FILE);
-        let mut durable = connect(&path, "FULL")?;
-        backup::snapshot_before_migration(&durable, data_dir, crate::now_ms())?;
-        migrate(&mut durable)?;
+        Store::open_database(data_dir, None)
+    }
+
+    /// Opens and migrates the store: the PostgreSQL database at `url` when there is one
+    /// (`[database] url`), else SQLite's file in `data_dir` (see [`Store::open`]).
+    pub fn open_database(data_dir: &Path, url: Option<&str>) -> Result<Store> {
         let commits = Arc::new(crate::metrics::Histogram::new(
             crate::metrics::COMMIT_BOUNDS_US,
         ));
-        metrics::time_commits(&durable, commits.clone());
-        let relaxed = connect(&path, "NORMAL")?;
+        let (mut durable, relaxed) = match url {
+            Some(url) => {
+                let open = |url| {
+                    Connection::postgres(url).map_err(|source| StoreError::Open {
+                        path: PathBuf::from(redact_url(url)),
+                        source,
+                    })
+                };
+                (open(url)?, open(url)?)
+            }
+            None => {
+                let path = data_dir.join(DB_FILE);
+                let durable = connect(&path, "FULL")?;
+                if let Some(sqlite) = durable.sqlite() {
+                    backup::snapshot_before_migration(sqlite, data_dir, crate::now_ms())?;
+                }
+                (durable, connect(&path, "NORMAL")?)
+            }
+        };
+        migrate(&mut durable)?;
+        durable.time_commits(commits.clone());
         Ok(Store {
             durable: Arc::new(Mutex::new(durable)),
             relaxed: Arc::new(Mutex::new(relaxed)),
+            postgres: url.map(Arc::from),
             commits,
         })
+    }
+
+    /// The PostgreSQL database's URL, when the store is there.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres.as_deref()
     }
 
     /// The database boundary: every public store method runs its body through here, so
@@ -310,7 +340,7 @@ fn connect(path: &Path, synchronous: &str) -> Result<Connection> {
         path: path.to_path_buf(),
         source,
     };
-    let conn = Connection::open(path).map_err(open_err)?;
+    let conn = rusqlite::Connection::open(path).map_err(open_err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(open_err)?;
     conn.pragma_update(None, "synchronous", synchronous)
@@ -318,5 +348,19 @@ fn connect(path: &Path, synchronous: &str) -> Result<Connection> {
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    Ok(conn)
+    Ok(Connection::Sqlite(conn))
+}
+
+/// `url` without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }

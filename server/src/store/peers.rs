@@ -82,8 +82,8 @@ impl Store {
                      JOIN agents a ON a.id = sc.agent_id
                      JOIN clubs c ON c.name = sc.club
                      JOIN club_members m ON m.club_id = c.id AND m.user_id = a.owner_user_id
-                     WHERE ?1 IS NULL
-                        OR a.owner_user_id = (SELECT id FROM users WHERE login = ?1)
+                     WHERE a.owner_user_id = (SELECT id FROM users WHERE login = ?1)
+                        OR ?1 IS NULL
                      ORDER BY sc.club",
                 )?;
                 let rows = stmt.query_map(params![owner], |r| {
@@ -102,7 +102,7 @@ impl Store {
                         s.description
                  FROM shares s JOIN agents a ON a.id = s.agent_id
                  LEFT JOIN users u ON u.id = a.owner_user_id
-                 WHERE a.revoked_at IS NULL AND (?1 IS NULL OR u.login = ?1)
+                 WHERE a.revoked_at IS NULL AND (u.login = ?1 OR ?1 IS NULL)
                  ORDER BY 3, a.name, s.name",
             )?;
             let rows = stmt.query_map(params![owner], |r| {
@@ -200,7 +200,7 @@ impl Store {
         self.blocking(|| {
             let conn = self.conn();
             let mut stmt = conn.prepare(&format!(
-                "{SESSION_SELECT} WHERE (?1 IS NULL OR provider_agent_id = ?1)
+                "{SESSION_SELECT} WHERE (provider_agent_id = ?1 OR ?1 IS NULL)
                  ORDER BY id DESC LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![provider, limit], session_row)?;

@@ -1,13 +1,13 @@
 //! Vendors, releases, package subscriptions and rollouts: their rows, and the install
 //! jobs a rollout wave queues.
 
+use super::sql::{params, Connection, OptionalExtension};
 use crate::model::*;
 use crate::store::{expand, insert_order, Store, StoreError};
 use herald_shared::codec;
 use herald_shared::envelope::{Audience, Envelope};
 use herald_shared::protocol::JobId;
 use herald_shared::Millis;
-use rusqlite::{params, Connection, OptionalExtension};
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -164,7 +164,7 @@ impl Store {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(&format!(
-                "{RELEASE_SELECT} WHERE (?1 IS NULL OR package = ?1) ORDER BY id DESC"
+                "{RELEASE_SELECT} WHERE (package = ?1 OR ?1 IS NULL) ORDER BY id DESC"
             ))?;
             let rows = stmt.query_map(params![package], release_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -353,7 +353,7 @@ impl Store {
             let conn = self.fast();
             let mut stmt = conn.prepare(
                 "SELECT id, package, target, waves, max_failures, ttl_ms, created_at
-                 FROM package_subscriptions WHERE (?1 IS NULL OR package = ?1) ORDER BY id",
+                 FROM package_subscriptions WHERE (package = ?1 OR ?1 IS NULL) ORDER BY id",
             )?;
             let rows = stmt.query_map(params![package], |r| {
                 Ok(SubscriptionInfo {
@@ -472,7 +472,7 @@ impl Store {
                 let conn = self.fast();
                 let mut stmt = conn.prepare(
                     "SELECT o.id FROM rollouts o JOIN releases r ON r.id = o.release_id
-                     WHERE (?1 IS NULL OR r.package = ?1) ORDER BY o.id DESC",
+                     WHERE (r.package = ?1 OR ?1 IS NULL) ORDER BY o.id DESC",
                 )?;
                 let rows = stmt.query_map(params![package], |r| r.get(0))?;
                 rows.collect::<Result<_, _>>()?
@@ -768,7 +768,7 @@ fn encode(envelope: &Envelope) -> Result<Vec<u8>> {
 const RELEASE_SELECT: &str = "SELECT id, package, version, platform, vendor, sha256, length, url, \
      expires_at, state, created_at, published_at FROM releases";
 
-fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReleaseInfo> {
+fn release_row(r: &super::sql::Row<'_>) -> rusqlite::Result<ReleaseInfo> {
     Ok(ReleaseInfo {
         id: r.get(0)?,
         package: r.get(1)?,

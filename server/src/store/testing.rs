@@ -3,7 +3,7 @@
 //! job) are not what those tests are about, and reads of state no store method shows.
 //! Test builds only; a helper panics when the database refuses, as the test would.
 
-use rusqlite::params;
+use super::sql::params;
 
 use herald_shared::Millis;
 
