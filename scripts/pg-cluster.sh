@@ -50,9 +50,15 @@ running_dir() {
     [ -f "$state" ] || return 1
     local dir
     dir=$(cat "$state")
-    [ -d "$dir/data" ] && [ -f "$dir/port" ] || return 1
-    as_owner "$(bin_dir)/pg_ctl" status -D "$dir/data" >/dev/null 2>&1 || return 1
+    [ -d "$dir/data" ] && [ -f "$dir/port" ] && accepts "$dir" || return 1
     echo "$dir"
+}
+
+# Whether the cluster in $1 accepts connections. Asked over TCP rather than with
+# `pg_ctl status`, which takes a killed server that nobody reaped (a zombie, in a
+# container whose first process reaps nothing) for a running one.
+accepts() {
+    [ -f "$1/port" ] && "$(bin_dir)/pg_isready" -q -h 127.0.0.1 -p "$(cat "$1/port")" -t 5
 }
 
 url_of() {
@@ -77,10 +83,8 @@ stop() {
     esac
     if [ -d "$dir/data" ]; then
         # Fast: open connections (a test server left running) are ended, not waited for.
-        local bin
-        bin=$(bin_dir)
-        if ! as_owner "$bin/pg_ctl" stop -D "$dir/data" -m fast -w >/dev/null 2>&1 &&
-            as_owner "$bin/pg_ctl" status -D "$dir/data" >/dev/null 2>&1; then
+        if ! as_owner "$(bin_dir)/pg_ctl" stop -D "$dir/data" -m fast -w -t 30 >/dev/null 2>&1 &&
+            accepts "$dir"; then
             die "could not stop the cluster in $dir (log: $dir/log)"
         fi
     fi

@@ -61,12 +61,23 @@ if compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || [ -n "${PG_BIN:
     echo "postgres run: the end-to-end suite with HERALD_TEST_DATABASE_URL"
     trap 'bash scripts/pg-cluster.sh stop' EXIT
     if pg_url=$(bash scripts/pg-cluster.sh); then
-        HERALD_TEST_DATABASE_URL=$pg_url cargo test -p herald-tests --no-fail-fast 2>&1 | tee "$log"
+        # Tests that edit herald.db directly return at once there and say so in this
+        # file (herald_tests::sqlite_only): they count as skipped, not passed.
+        skips=$(mktemp)
+        HERALD_TEST_DATABASE_URL=$pg_url HERALD_TEST_SKIP_LOG=$skips \
+            cargo test -p herald-tests --no-fail-fast 2>&1 | tee "$log"
         pg_status=${PIPESTATUS[0]}
-        pg_passed=$(count passed "$log")
+        pg_skipped=$(wc -l <"$skips")
+        pg_passed=$(($(count passed "$log") - pg_skipped))
         pg_failed=$(count failed "$log")
-        pg_ignored=$(count ignored "$log")
+        pg_ignored=$(($(count ignored "$log") + pg_skipped))
+        if [ "$pg_skipped" -gt 0 ]; then
+            echo "skipped on PostgreSQL (they open herald.db):"
+            sort "$skips" | sed 's/^/  /'
+        fi
+        rm -f "$skips"
     else
+        # Counted as one failure, so the summary does not read as all green.
         echo "postgres run failed: the cluster did not start"
         pg_status=1 pg_passed=0 pg_failed=1 pg_ignored=0
     fi

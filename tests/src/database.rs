@@ -11,6 +11,10 @@
 /// create databases).
 pub const DATABASE_URL_VAR: &str = "HERALD_TEST_DATABASE_URL";
 
+/// A file to which [`sqlite_only`] appends one line per test it skips, so that
+/// scripts/test.sh can count them as skipped (libtest only knows they passed).
+pub const SKIP_LOG_VAR: &str = "HERALD_TEST_SKIP_LOG";
+
 /// Prefix of the databases the harness makes (one per test server).
 const NAME_PREFIX: &str = "herald_t_";
 
@@ -20,12 +24,29 @@ pub fn on_postgres() -> bool {
 }
 
 /// For a test that only works on SQLite (it opens the server's database file): on
-/// PostgreSQL prints "skipped on PostgreSQL: `why`" and returns true, and the test
-/// returns at once.
+/// PostgreSQL prints "skipped on PostgreSQL: `why`" (and records it in
+/// `HERALD_TEST_SKIP_LOG` when set) and returns true, and the test returns at once.
 pub fn sqlite_only(why: &str) -> bool {
     let skip = on_postgres();
     if skip {
         println!("skipped on PostgreSQL: {why}");
+        if let Some(path) = std::env::var_os(SKIP_LOG_VAR) {
+            // libtest names each test's thread after the test.
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            let line = format!("{test}: {why}\n");
+            // One short append per line, so parallel tests do not interleave.
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, line.as_bytes()));
+            if let Err(e) = written {
+                panic!("{SKIP_LOG_VAR}={}: {e}", path.to_string_lossy());
+            }
+        }
     }
     skip
 }
