@@ -57,9 +57,10 @@ fn admin_url() -> Option<String> {
         .filter(|url| !url.trim().is_empty())
 }
 
-/// One test server's PostgreSQL database, dropped with this value.
+/// One test server's PostgreSQL database, dropped with this value (tests that run
+/// `init` themselves pass [`TestDatabase::url`] to `--database-url`).
 #[derive(Debug)]
-pub(crate) struct TestDatabase {
+pub struct TestDatabase {
     /// Where to create and drop databases (the variable's URL).
     admin: String,
     name: String,
@@ -68,7 +69,7 @@ pub(crate) struct TestDatabase {
 
 impl TestDatabase {
     /// A new empty database when `HERALD_TEST_DATABASE_URL` is set, `None` otherwise.
-    pub(crate) fn create() -> Option<TestDatabase> {
+    pub fn create() -> Option<TestDatabase> {
         let admin = admin_url()?;
         let name = format!("{NAME_PREFIX}{}", hex::encode(crate::random_bytes::<8>()));
         let url =
@@ -82,7 +83,7 @@ impl TestDatabase {
     }
 
     /// The URL of this database, for `herald-server init --database-url`.
-    pub(crate) fn url(&self) -> &str {
+    pub fn url(&self) -> &str {
         &self.url
     }
 }

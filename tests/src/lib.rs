@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use database::{on_postgres, sqlite_only, DATABASE_URL_VAR, SKIP_LOG_VAR};
+pub use database::{on_postgres, sqlite_only, TestDatabase, DATABASE_URL_VAR, SKIP_LOG_VAR};
 
 /// Accepts the server's certificate without checking its chain, for loopback test
 /// clients whose subject is not the certificate (the handshake signature is still
