@@ -7,6 +7,7 @@
 pub mod browser;
 pub mod chroot;
 pub mod console_client;
+mod database;
 pub mod dbus;
 pub mod netns;
 pub mod receivers;
@@ -18,6 +19,8 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub use database::{on_postgres, sqlite_only, TestDatabase, DATABASE_URL_VAR, SKIP_LOG_VAR};
 
 /// Accepts the server's certificate without checking its chain, for loopback test
 /// clients whose subject is not the certificate (the handshake signature is still
@@ -296,6 +299,9 @@ pub struct TestServer {
     /// HTTPS port.
     pub http_port: u16,
     child: Option<Child>,
+    /// Its PostgreSQL database when the suite runs on PostgreSQL; dropped after `child`
+    /// was killed (`Drop` kills it before the fields go).
+    database: Option<database::TestDatabase>,
 }
 
 impl TestServer {
@@ -315,17 +321,23 @@ impl TestServer {
             quic_port,
             http_port,
             child: None,
+            database: database::TestDatabase::create(),
         };
         let quic = format!("127.0.0.1:{quic_port}");
-        server.cli_ok(&[
+        let http = format!("127.0.0.1:{http_port}");
+        let mut init = vec![
             "init",
             "--public-addr",
             &quic,
             "--quic-listen",
             &quic,
             "--http-listen",
-            &format!("127.0.0.1:{http_port}"),
-        ]);
+            &http,
+        ];
+        if let Some(database) = &server.database {
+            init.extend(["--database-url", database.url()]);
+        }
+        server.cli_ok(&init);
         if !extra.is_empty() {
             let config = server.data_dir().join("herald.toml");
             let mut text = std::fs::read_to_string(&config).expect("read herald.toml");
@@ -347,9 +359,20 @@ impl TestServer {
         self.dir.path().join("server")
     }
 
-    /// The server's database file.
+    /// The server's database file (SQLite only: see [`sqlite_only`]).
     pub fn db_path(&self) -> PathBuf {
+        assert!(
+            self.database.is_none(),
+            "this server keeps its data in PostgreSQL, not in a file: \
+             start the test with `if herald_tests::sqlite_only(\"why\") {{ return; }}`"
+        );
         self.data_dir().join("herald.db")
+    }
+
+    /// The URL of the server's own PostgreSQL database, when the suite runs on
+    /// PostgreSQL ([`on_postgres`]).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(|d| d.url())
     }
 
     /// The server log.

@@ -201,6 +201,9 @@ fn log_in(console: &Console, login: &str, password: &str) -> u16 {
 
 #[test]
 fn audit_log_records_every_action_once_and_detects_an_edited_row() {
+    if herald_tests::sqlite_only("edits and deletes audit_log rows in herald.db") {
+        return;
+    }
     let mut server = TestServer::start("audit");
     let agent = TestAgent::start(&server, "alpha");
 
@@ -330,6 +333,9 @@ fn audit_log_records_every_action_once_and_detects_an_edited_row() {
 
 #[test]
 fn admins_read_the_audit_log_in_a_real_browser() {
+    if herald_tests::sqlite_only("edits an audit_log row in herald.db") {
+        return;
+    }
     let server = TestServer::start("audit-browser");
     let Some(browser) = herald_tests::browser::Browser::for_server(&server, "admin") else {
         return;

@@ -14,6 +14,9 @@ fn ids(list: &Value) -> Vec<i64> {
 
 #[test]
 fn jobs_list_pages_past_the_api_limit() {
+    if herald_tests::sqlite_only("copies job rows straight into herald.db") {
+        return;
+    }
     let server = TestServer::start("jobs-paging");
     let _agent = TestAgent::enroll(&server, "box", &[]);
     let first = server.run_job("agent:box", &[], &["/bin/true"])[0];

@@ -248,6 +248,9 @@ fn message_reaches_the_inbox_and_comes_back_signed() {
 
 #[test]
 fn blocked_sender_is_not_shown_even_if_the_server_forgets() {
+    if herald_tests::sqlite_only("deletes sender_blocks rows from herald.db") {
+        return;
+    }
     let server = TestServer::start("msg-block");
     let a1 = TestAgent::start(&server, "a1");
     let card = add_sender(&server, "card", false);
@@ -293,6 +296,9 @@ fn blocked_sender_is_not_shown_even_if_the_server_forgets() {
 
 #[test]
 fn forged_or_foreign_sender_is_refused() {
+    if herald_tests::sqlite_only("plays a hostile server by writing rows into herald.db") {
+        return;
+    }
     let server = TestServer::start("msg-forged");
     let a1 = TestAgent::start(&server, "a1");
     let card = add_sender(&server, "card", false);
@@ -334,6 +340,9 @@ impl PeekGrant for Envelope {
 
 #[test]
 fn advertising_needs_permission() {
+    if herald_tests::sqlite_only("plays a hostile server by writing rows into herald.db") {
+        return;
+    }
     let server = TestServer::start("msg-ads");
     let a1 = TestAgent::start(&server, "a1");
     let card = add_sender(&server, "card", false);
@@ -381,6 +390,9 @@ fn advertising_needs_permission() {
 
 #[test]
 fn expired_message_is_dropped() {
+    if herald_tests::sqlite_only("plays a hostile server by writing rows into herald.db") {
+        return;
+    }
     let server = TestServer::start("msg-expired");
     let a1 = TestAgent::start(&server, "a1");
     let card = add_sender(&server, "card", false);
@@ -398,6 +410,9 @@ fn expired_message_is_dropped() {
 
 #[test]
 fn replayed_message_is_ignored() {
+    if herald_tests::sqlite_only("plays a hostile server by writing rows into herald.db") {
+        return;
+    }
     let server = TestServer::start("msg-replay");
     let a1 = TestAgent::start(&server, "a1");
     let card = add_sender(&server, "card", false);
