@@ -284,7 +284,12 @@ impl Keyring {
             .insert(key, false);
     }
 
-    /// Records a revoked key.
+    /// Replaces every key with those stored (another node enrolled or revoked some).
+    pub fn replace(&self, keys: impl IntoIterator<Item = (Vec<u8>, bool)>) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.into_iter().collect();
+    }
+
+    /// Marks a key revoked.
     pub fn revoked(&self, key: Vec<u8>) {
         self.keys
             .write()

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
@@ -183,8 +183,22 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         format!("{agent_url}/api/v1/artifacts"),
         tickets.clone(),
     );
-    let rollouts = Arc::new(Notify::new());
-    let changed = Arc::new(Notify::new());
+    // What the leaders' loops wait on, and what this node's API pokes: the same on
+    // SQLite; in a cluster the API's pokes go round through the database to whichever
+    // node leads (crate::cluster).
+    let wakes = crate::cluster::Wakes::default();
+    let local = if store.postgres_url().is_some() {
+        crate::cluster::Wakes::default()
+    } else {
+        wakes.clone()
+    };
+    let node = crate::cluster::Node::new(
+        store.clone(),
+        relay.clone(),
+        node_id(&quic_addr),
+        quic_addr.to_string(),
+        http_addr.to_string(),
+    );
     let (stop, stopped) = watch::channel(false);
     let until_stopped = move || {
         let mut stopped = stopped.clone();
@@ -192,22 +206,24 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             let _ = stopped.wait_for(|s| *s).await;
         }
     };
-    let forward_settings = crate::forward::Settings::from_config(&config);
+    let mut forward_settings = crate::forward::Settings::from_config(&config);
+    forward_settings.fallbacks = wakes.fallbacks.clone();
     // Bound above; false again if the relay stops serving it.
     let quic_serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let state = ApiState {
         store: store.clone(),
         relay: relay.clone(),
-        scheduler: changed.clone(),
+        scheduler: local.scheduler.clone(),
         operator_keys: Arc::new(config.operator_keys()),
         artifacts: data_dir.join(crate::api::releases::ARTIFACT_DIR),
-        rollouts: rollouts.clone(),
+        rollouts: local.rollouts.clone(),
         lists: data_dir.join(crate::api::campaigns::LIST_DIR),
         public_url: config.public_url(http_addr.port()),
-        fallbacks: forward_settings.fallbacks.clone(),
+        fallbacks: local.fallbacks.clone(),
         sms_report_secret: config.sms.as_ref().and_then(|s| s.report_secret.clone()),
         quic_serving: quic_serving.clone(),
         install_site: Arc::new(crate::api::install::InstallSite::load(data_dir, &agent_url)),
+        node: node.clone(),
         fallback_media: [
             (config.sms.is_some(), crate::model::Fallback::Sms),
             (config.smtp.is_some(), crate::model::Fallback::Email),
@@ -240,6 +256,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
             until_stopped(),
         ))
     });
+    node.start(local, wakes.clone(), until_stopped())?;
     let mut tasks = vec![
         tokio::spawn({
             let relay = relay.clone();
@@ -250,29 +267,63 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
                 serving.store(false, std::sync::atomic::Ordering::SeqCst);
             }
         }),
-        tokio::spawn(crate::packages::rollout::run(
-            store.clone(),
-            relay.clone(),
-            rollouts,
+        node.lead(
+            "rollouts",
+            {
+                let (store, relay, wake, until) = (
+                    store.clone(),
+                    relay.clone(),
+                    wakes.rollouts.clone(),
+                    until_stopped.clone(),
+                );
+                move || {
+                    crate::packages::rollout::run(
+                        store.clone(),
+                        relay.clone(),
+                        wake.clone(),
+                        until(),
+                    )
+                }
+            },
             until_stopped(),
-        )),
-        tokio::spawn(crate::forward::run(
-            store.clone(),
-            relay.subscribe(),
-            forward_settings,
+        ),
+        node.lead(
+            "forwarding",
+            {
+                let (store, relay, settings, until) = (
+                    store.clone(),
+                    relay.clone(),
+                    forward_settings.clone(),
+                    until_stopped.clone(),
+                );
+                move || {
+                    crate::forward::run(store.clone(), relay.subscribe(), settings.clone(), until())
+                }
+            },
             until_stopped(),
-        )),
+        ),
         // The meter step: usage events from stored rows, every billing::METER_EVERY.
-        tokio::spawn(crate::billing::meter_periodically(
-            store.clone(),
+        node.lead(
+            "meter",
+            {
+                let (store, until) = (store.clone(), until_stopped.clone());
+                move || crate::billing::meter_periodically(store.clone(), until())
+            },
             until_stopped(),
-        )),
-        tokio::spawn(scheduler::run(
-            store,
-            relay.clone(),
-            changed,
+        ),
+        node.lead(
+            "scheduler",
+            {
+                let (store, relay, wake, until) = (
+                    store.clone(),
+                    relay.clone(),
+                    wakes.scheduler.clone(),
+                    until_stopped.clone(),
+                );
+                move || scheduler::run(store.clone(), relay.clone(), wake.clone(), until())
+            },
             until_stopped(),
-        )),
+        ),
         tokio::spawn(https::serve(
             listener,
             Some(tls),
@@ -502,4 +553,15 @@ pub enum OpenStoreError {
     /// The database.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// This node's id in a cluster: the host's name and the QUIC address it serves, stable
+/// across restarts and distinct for nodes sharing a host.
+fn node_id(quic_addr: &SocketAddr) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    format!("{host}/{quic_addr}")
 }

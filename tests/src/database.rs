@@ -29,7 +29,15 @@ pub fn on_postgres() -> bool {
 pub fn sqlite_only(why: &str) -> bool {
     let skip = on_postgres();
     if skip {
-        println!("skipped on PostgreSQL: {why}");
+        record_skip(&format!("on PostgreSQL: {why}"));
+    }
+    skip
+}
+
+/// Prints "skipped WHY" and appends it to `HERALD_TEST_SKIP_LOG` when that is set.
+fn record_skip(why: &str) {
+    println!("skipped {why}");
+    {
         if let Some(path) = std::env::var_os(SKIP_LOG_VAR) {
             // libtest names each test's thread after the test.
             let test = std::thread::current()
@@ -47,6 +55,17 @@ pub fn sqlite_only(why: &str) -> bool {
                 panic!("{SKIP_LOG_VAR}={}: {e}", path.to_string_lossy());
             }
         }
+    }
+}
+
+/// For a test that needs PostgreSQL (several nodes): elsewhere prints "skipped: needs
+/// PostgreSQL" (recorded like [`sqlite_only`]'s) and returns true.
+pub fn postgres_only(why: &str) -> bool {
+    let skip = !on_postgres();
+    if skip {
+        record_skip(&format!(
+            "needs PostgreSQL ({why}; set {DATABASE_URL_VAR}, e.g. to what scripts/pg-cluster.sh prints)"
+        ));
     }
     skip
 }

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use database::{on_postgres, sqlite_only, TestDatabase, DATABASE_URL_VAR, SKIP_LOG_VAR};
+pub use database::{
+    on_postgres, postgres_only, sqlite_only, TestDatabase, DATABASE_URL_VAR, SKIP_LOG_VAR,
+};
 
 /// Accepts the server's certificate without checking its chain, for loopback test
 /// clients whose subject is not the certificate (the handshake signature is still
@@ -313,31 +315,24 @@ impl TestServer {
     /// Like [`TestServer::start`], with `extra` TOML appended to the server's
     /// `herald.toml` before it starts (e.g. `[forwarding]` settings).
     pub fn start_with_config(name: &str, extra: &str) -> TestServer {
-        let dir = TempDir::new(name);
-        let quic_port = free_port();
-        let http_port = free_port();
+        Self::start_on(name, extra, database::TestDatabase::create())
+    }
+
+    /// Like [`TestServer::start`], on SQLite whatever the run's backend (what `init`
+    /// does without `--database-url`).
+    pub fn start_on_sqlite(name: &str) -> TestServer {
+        Self::start_on(name, "", None)
+    }
+
+    fn start_on(name: &str, extra: &str, database: Option<database::TestDatabase>) -> TestServer {
         let mut server = TestServer {
-            dir,
-            quic_port,
-            http_port,
+            dir: TempDir::new(name),
+            quic_port: free_port(),
+            http_port: free_port(),
             child: None,
-            database: database::TestDatabase::create(),
+            database,
         };
-        let quic = format!("127.0.0.1:{quic_port}");
-        let http = format!("127.0.0.1:{http_port}");
-        let mut init = vec![
-            "init",
-            "--public-addr",
-            &quic,
-            "--quic-listen",
-            &quic,
-            "--http-listen",
-            &http,
-        ];
-        if let Some(database) = &server.database {
-            init.extend(["--database-url", database.url()]);
-        }
-        server.cli_ok(&init);
+        server.init(&format!("127.0.0.1:{}", server.quic_port));
         if !extra.is_empty() {
             let config = server.data_dir().join("herald.toml");
             let mut text = std::fs::read_to_string(&config).expect("read herald.toml");
@@ -347,6 +342,85 @@ impl TestServer {
         }
         server.spawn();
         server
+    }
+
+    /// `init` on this server's ports and database; agents are told `public_addr`.
+    fn init(&self, public_addr: &str) {
+        let quic = format!("127.0.0.1:{}", self.quic_port);
+        let http = format!("127.0.0.1:{}", self.http_port);
+        let mut init = vec![
+            "init",
+            "--public-addr",
+            public_addr,
+            "--quic-listen",
+            &quic,
+            "--http-listen",
+            &http,
+        ];
+        if let Some(database) = &self.database {
+            init.extend(["--database-url", database.url()]);
+        }
+        self.cli_ok(&init);
+    }
+
+    /// `nodes` servers sharing one PostgreSQL database, each with its own listeners, as
+    /// an operator sets them up (docs/SCALE-OUT.md): the first is initialised with every
+    /// node's address as the public address, the others are copies of its data
+    /// directory with their own listen addresses. `None`, after saying why, when the run
+    /// is not on PostgreSQL.
+    pub fn start_cluster(name: &str, nodes: usize) -> Option<Vec<TestServer>> {
+        if database::postgres_only("several nodes share a PostgreSQL database") {
+            return None;
+        }
+        let mut servers: Vec<TestServer> = (0..nodes)
+            .map(|i| TestServer {
+                dir: TempDir::new(&format!("{name}-{}", i + 1)),
+                quic_port: free_port(),
+                http_port: free_port(),
+                child: None,
+                database: if i == 0 {
+                    database::TestDatabase::create()
+                } else {
+                    None
+                },
+            })
+            .collect();
+        let public: Vec<String> = servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.quic_port))
+            .collect();
+        servers[0].init(&public.join(","));
+        let (first, others) = servers.split_first().expect("one node at least");
+        for node in others {
+            copy_dir(&first.data_dir(), &node.data_dir());
+            for (file, from, to) in [
+                (
+                    "herald.toml",
+                    format!("127.0.0.1:{}\"", first.quic_port),
+                    format!("127.0.0.1:{}\"", node.quic_port),
+                ),
+                (
+                    "herald.toml",
+                    format!("127.0.0.1:{}\"", first.http_port),
+                    format!("127.0.0.1:{}\"", node.http_port),
+                ),
+                (
+                    "admin.toml",
+                    format!("https://127.0.0.1:{}", first.http_port),
+                    format!("https://127.0.0.1:{}", node.http_port),
+                ),
+            ] {
+                let path = node.data_dir().join(file);
+                let text = std::fs::read_to_string(&path).expect("read the node's configuration");
+                assert!(text.contains(&from), "{file} has no {from}: {text}");
+                std::fs::write(&path, text.replacen(&from, &to, 1))
+                    .expect("write the configuration");
+            }
+        }
+        for server in &mut servers {
+            server.spawn();
+        }
+        Some(servers)
     }
 
     /// The HTTPS base URL (admin API and web console).
@@ -892,4 +966,18 @@ pub fn now_ms() -> i64 {
 /// Whether this process runs as root (network-namespace tests need it).
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
+}
+
+/// Copies directory `from` into `to` (created), recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("read a directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
 }

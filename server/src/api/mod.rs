@@ -85,6 +85,13 @@ pub struct ApiState {
     pub quic_serving: Arc<std::sync::atomic::AtomicBool>,
     /// The URL and certificate pin of the one-line install.
     pub install_site: Arc<install::InstallSite>,
+    /// This node of the cluster (the only one on SQLite).
+    pub node: crate::cluster::Node,
+}
+
+/// `GET /api/v1/nodes`.
+pub(crate) async fn nodes(State(state): State<ApiState>) -> ApiResult<Vec<crate::store::NodeRow>> {
+    Ok(Json(state.node.list(crate::now_ms())?))
 }
 
 /// Who made an API request.

@@ -162,6 +162,7 @@ api_routes! {
     GET "/api/v1/clubs/{name}" scope(Read), "clubs.show", "One club and its members." => super::clubs::show_club;
     DELETE "/api/v1/clubs/{name}/members/{login}" scope(Admin), "clubs.remove_member", "Remove a member from a club (not its last owner while others remain)." => super::clubs::remove_member;
     GET "/api/v1/directory" scope(Read), "directory.list", "The online devices and shares a user (?user=LOGIN, or nobody) may reach, filtered by ?q=." => super::clubs::directory;
+    GET "/api/v1/nodes" scope(Read), "nodes.list", "The live nodes of this server's cluster (one on SQLite): addresses, heartbeat, leader roles and agents held." => super::nodes;
     GET "/api/v1/sessions" scope(Read), "sessions.list", "Tunnel sessions the relay recorded, newest first (?agent=ID for one providing agent, ?limit=N up to 10,000)." => super::clubs::sessions;
 
     GET "/api/v1/senders" ScopeOrSender(Read), "senders.list", "Message senders." => messages::list_senders;

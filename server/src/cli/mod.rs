@@ -148,6 +148,9 @@ pub enum Command {
     Stats(crate::cli::billing::StatsArgs),
     /// Tunnel sessions the relay recorded (shared services), newest first.
     Sessions(SessionsArgs),
+    /// The nodes of this server's cluster (several on PostgreSQL; one on SQLite).
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Archive the data directory while the server runs, or check an archive.
     Backup(crate::cli::backup::BackupArgs),
     /// Restore an archive into a new data directory (--data-dir, required).
@@ -546,6 +549,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Billing(command) => admin()?.billing(command).await,
         Command::Stats(args) => admin()?.stats(args).await,
         Command::Sessions(args) => admin()?.sessions(args).await,
+        Command::Nodes(NodesCommand::List { json }) => admin()?.nodes(json).await,
         Command::Completions { shell } => {
             herald_io::cli::completions::<Cli>(shell, &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -1231,6 +1235,17 @@ fn display_list(items: &[String]) -> String {
     }
 }
 
+/// `nodes`.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodesCommand {
+    /// The live nodes: addresses, last heartbeat, leader roles, agents each holds.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `sessions`.
 #[derive(Debug, clap::Args)]
 pub struct SessionsArgs {
@@ -1246,6 +1261,31 @@ pub struct SessionsArgs {
 }
 
 impl Context {
+    /// `nodes list`.
+    pub(crate) async fn nodes(&self, json: bool) -> Result<ExitCode, CliError> {
+        let nodes: Vec<crate::store::NodeRow> = self.client().get("/api/v1/nodes").await?;
+        if json {
+            print_json(&nodes);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:<28} {:<22} {:<22} {:>7}  {:<24} ROLES",
+            "NODE", "QUIC", "HTTPS", "AGENTS", "HEARTBEAT"
+        );
+        for n in &nodes {
+            println!(
+                "{:<28} {:<22} {:<22} {:>7}  {:<24} {}",
+                n.id,
+                n.quic_addr,
+                n.http_addr,
+                n.agents,
+                schedule::format_time(n.heartbeat_at),
+                display_list(&n.roles)
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// `sessions`.
     pub(crate) async fn sessions(&self, args: SessionsArgs) -> Result<ExitCode, CliError> {
         let mut path = format!("/api/v1/sessions?limit={}", args.limit);

@@ -70,9 +70,17 @@ fn harness_with(settings: ConsoleSettings) -> Harness {
         tickets.clone(),
     );
     let scheduler = Arc::new(Notify::new());
+    let node = crate::cluster::Node::new(
+        store.clone(),
+        relay.clone(),
+        "test".into(),
+        "127.0.0.1:1".into(),
+        "127.0.0.1:2".into(),
+    );
     let api = ApiState {
         store: store.clone(),
         relay,
+        node,
         scheduler: scheduler.clone(),
         operator_keys: Arc::new(vec![key.public()]),
         artifacts: dir.join("artifacts"),

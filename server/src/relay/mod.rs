@@ -205,6 +205,25 @@ pub struct Relay {
     tally: Mutex<crate::store::Tally>,
     /// Side connections open per agent (`peers`, `connect`).
     sides: tunnel::Sides,
+    /// What other nodes of a cluster must hear (set by [`Relay::join_cluster`]).
+    cluster: std::sync::OnceLock<mpsc::UnboundedSender<ClusterNote>>,
+    /// Agents connected to the cluster's other nodes (refreshed with each heartbeat).
+    elsewhere: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+/// What this node tells the other nodes of its cluster (`crate::cluster` sends it on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterNote {
+    /// An agent that is not connected here has work.
+    Work(String),
+    /// A job's state changed here.
+    Event(JobId),
+    /// An agent key was enrolled or revoked here.
+    Keys,
+    /// An agent connected here, at this time.
+    Online(String, crate::Millis),
+    /// An agent left this node.
+    Offline(String),
 }
 
 /// How long a providing agent has to answer a tunnel offer.
@@ -280,6 +299,8 @@ impl Relay {
             refusals: Refusals::default(),
             tally: Mutex::default(),
             sides: tunnel::Sides::default(),
+            cluster: std::sync::OnceLock::new(),
+            elsewhere: Default::default(),
         });
         // Need a runtime: the relay is built inside `serve`.
         tokio::spawn(write_reports(
@@ -301,14 +322,50 @@ impl Relay {
         self.events.subscribe()
     }
 
-    /// Announces a job state change.
+    /// Announces a job state change (to the other nodes too).
     pub fn job_changed(&self, job_id: JobId) {
+        self.job_changed_here(job_id);
+        self.tell_cluster(ClusterNote::Event(job_id));
+    }
+
+    /// Announces a job state change another node reported.
+    pub fn job_changed_here(&self, job_id: JobId) {
         let _ = self.events.send(JobEvent { job_id });
+    }
+
+    /// Makes this relay one node of a cluster: what the others must hear comes out of
+    /// the returned channel. Once.
+    pub fn join_cluster(&self) -> Option<mpsc::UnboundedReceiver<ClusterNote>> {
+        let (notes, received) = mpsc::unbounded_channel();
+        self.cluster.set(notes).ok()?;
+        Some(received)
+    }
+
+    fn tell_cluster(&self, note: ClusterNote) {
+        if let Some(cluster) = self.cluster.get() {
+            let _ = cluster.send(note);
+        }
+    }
+
+    /// Records which agents the cluster's other nodes hold.
+    pub fn connected_elsewhere(&self, agents: std::collections::HashSet<String>) {
+        *self.elsewhere.write().unwrap_or_else(|e| e.into_inner()) = agents;
+    }
+
+    /// Replaces the keyring's keys (a cluster node hears of another's enrollments).
+    pub fn reload_keys(&self) -> Result<(), crate::store::StoreError> {
+        self.keyring.replace(self.store.agent_keys()?);
+        Ok(())
     }
 
     /// Whether an agent is connected.
     pub fn is_online(&self, agent_id: &str) -> bool {
         self.lock_links().contains_key(agent_id)
+            || self
+                .elsewhere
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(agent_id)
     }
 
     /// When a connected agent's connection was admitted; `None` when it is offline.
@@ -354,13 +411,33 @@ impl Relay {
         self.lock_links().len()
     }
 
-    /// Tells an agent's link to look for pending jobs.
+    /// Tells an agent's link to look for pending jobs: here, or at the node that
+    /// holds it.
     pub fn poke(&self, agent_id: &str) {
-        if let Some(link) = self.lock_links().get(agent_id) {
-            link.wake
-                .query
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            link.wake.notify.notify_one();
+        if !self.poke_here(agent_id) {
+            self.tell_cluster(ClusterNote::Work(agent_id.to_string()));
+        }
+    }
+
+    /// Tells an agent's link to look for pending jobs if it is connected here.
+    pub fn poke_here(&self, agent_id: &str) -> bool {
+        match self.lock_links().get(agent_id) {
+            Some(link) => {
+                link.wake
+                    .query
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                link.wake.notify.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tells every link here to look for pending jobs (notices may have been missed).
+    pub fn poke_all_here(&self) {
+        let agents: Vec<String> = self.lock_links().keys().cloned().collect();
+        for agent in agents {
+            self.poke_here(&agent);
         }
     }
 
@@ -393,6 +470,8 @@ impl Relay {
         let links = self.lock_links();
         for (agent_id, job_id) in jobs {
             let Some(link) = links.get(agent_id) else {
+                // Perhaps connected to another node, which reads it from the store.
+                self.tell_cluster(ClusterNote::Work(agent_id.clone()));
                 continue;
             };
             let signal = herald_shared::protocol::Signal {
@@ -423,7 +502,9 @@ impl Relay {
     /// Revokes: closes the live connection; the keyring refuses the next handshake.
     pub fn revoke(&self, agent_id: &str, key: Vec<u8>) {
         self.keyring.revoked(key);
+        self.tell_cluster(ClusterNote::Keys);
         if let Some(link) = self.lock_links().remove(agent_id) {
+            self.tell_cluster(ClusterNote::Offline(agent_id.to_string()));
             link.connection
                 .close(close::REVOKED.into(), b"agent revoked");
         }
@@ -621,6 +702,7 @@ impl Relay {
         match granted {
             Ok(Some(grant)) => {
                 self.keyring.enrolled(key.to_vec());
+                self.tell_cluster(ClusterNote::Keys);
                 info!(%agent_id, %name, groups = ?grant.groups, "agent enrolled");
                 write_frame(send, &ServerMsg::Enrolled { agent_id }).await?;
                 let _ = send.finish();
@@ -724,6 +806,7 @@ impl Relay {
             old.connection
                 .close(close::REPLACED.into(), b"replaced by a newer connection");
         }
+        self.tell_cluster(ClusterNote::Online(agent_id.clone(), now));
         info!(%agent_id, %observed, version = %hello.agent_version, "agent connected");
 
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_DEPTH);
@@ -752,6 +835,7 @@ impl Relay {
                 .is_some_and(|l| l.generation == generation)
             {
                 links.remove(&agent_id);
+                self.tell_cluster(ClusterNote::Offline(agent_id.clone()));
             }
         }
         let _ = self.store.touch(&agent_id, now_ms());

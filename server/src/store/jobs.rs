@@ -368,20 +368,23 @@ pub(super) fn insert_jobs(
 ) -> Result<Vec<JobId>> {
     let mut stmt = tx.prepare(
         "INSERT INTO jobs (agent_id, order_id, schedule_id, state, created_at, deliver_after, expires_at)
-         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6) RETURNING id",
     )?;
     let mut ids = Vec::with_capacity(agents.len());
     for (agent_id, deliver_after) in agents {
         let expires_at = deliver_after.saturating_add(ttl_ms as i64);
-        stmt.execute(params![
-            agent_id,
-            order_id,
-            schedule_id,
-            now,
-            deliver_after,
-            expires_at
-        ])?;
-        ids.push(tx.last_insert_rowid());
+        // RETURNING: one round trip on PostgreSQL, where ids are not the connection's.
+        ids.push(stmt.query_row(
+            params![
+                agent_id,
+                order_id,
+                schedule_id,
+                now,
+                deliver_after,
+                expires_at
+            ],
+            |r| r.get(0),
+        )?);
     }
     Ok(ids)
 }

@@ -564,6 +564,25 @@ CREATE TABLE usage_signatures (
 );
 CREATE INDEX jobs_by_finished ON jobs(finished_at);
 "#,
+    // Nodes of a cluster (issue 19; a lone server is one node): each node's addresses
+    // and heartbeat, the leader roles it holds, and the agents connected to it (valid
+    // while the node's heartbeat is fresh: a dead node's lease runs out).
+    r#"
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    quic_addr TEXT NOT NULL,
+    http_addr TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    roles TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE agent_nodes (
+    agent_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    since BIGINT NOT NULL
+);
+CREATE INDEX agent_nodes_by_node ON agent_nodes(node_id);
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
@@ -603,34 +622,5 @@ fn migrate_locked(conn: &mut Connection) -> Result<()> {
         )?;
         tx.commit()?;
     }
-    if postgres {
-        tx_free_postgres_extras(conn)?;
-    }
     Ok(())
 }
-
-/// What only the cluster needs (PostgreSQL only): the nodes and which agents each holds.
-fn tx_free_postgres_extras(conn: &Connection) -> Result<()> {
-    conn.execute_batch(CLUSTER_SCHEMA)?;
-    Ok(())
-}
-
-/// The cluster's tables (PostgreSQL only; a lone SQLite server is its own node): each
-/// node's heartbeat and addresses, and the agents it holds, with a lease a dead node
-/// lets expire.
-const CLUSTER_SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS nodes (
-    id TEXT PRIMARY KEY,
-    quic_addr TEXT NOT NULL,
-    http_addr TEXT NOT NULL,
-    started_at BIGINT NOT NULL,
-    heartbeat_at BIGINT NOT NULL,
-    roles TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS agent_nodes (
-    agent_id TEXT PRIMARY KEY,
-    node_id TEXT NOT NULL,
-    since BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS agent_nodes_by_node ON agent_nodes(node_id);
-"#;

@@ -31,6 +31,8 @@
 //! - `peers.rs`: the shares agents report, the directory, tunnel sessions;
 //! - `billing.rs`: usage events and the meter step, plans, prices, invoices, closed
 //!   months, signed session counters, daily statistics;
+//! - `cluster.rs`: nodes, the agents each holds, notices between nodes, leader locks;
+//! - `sql.rs`: the two databases behind one interface (SQLite, PostgreSQL);
 //! - `testing.rs` (tests only): set-up and inspection helpers for other folders' tests.
 
 mod accounts;
@@ -41,6 +43,7 @@ mod billing;
 mod campaigns;
 mod catalog;
 mod clubs;
+mod cluster;
 mod forwarding;
 mod jobs;
 mod messages;
@@ -61,6 +64,7 @@ pub use backup::{
 };
 pub use billing::{MonthUsage, SOURCE_FALLBACKS, SOURCE_JOBS, SOURCE_MESSAGES, SOURCE_SESSIONS};
 pub use campaigns::{CampaignPlan, CampaignStarted, FallbackOutcome};
+pub use cluster::{LeaderLocks, NodeRow, WORK_CHANNEL};
 pub use forwarding::RuleError;
 use jobs::*;
 pub(crate) use jobs::{decode_envelope, insert_order};
@@ -68,6 +72,7 @@ pub use messages::{ReportStored, StoredReceipt, SKIPPED_BLOCKED};
 pub use metrics::{Counts, Tally};
 use migrations::*;
 pub(crate) use schedules::{schedule_row, SCHEDULE_SELECT};
+pub(crate) use sql::RESYNC;
 #[cfg(test)]
 pub(crate) use testing::TestJob;
 

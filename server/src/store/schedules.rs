@@ -168,10 +168,12 @@ impl Store {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            // Move the schedule first: if it was removed since it was read, fire nothing.
+            // Move the schedule first, from the fire time it was read with: if it was
+            // removed or fired since (by another node's scheduler that still thought
+            // itself the leader), fire nothing.
             let moved = tx.execute(
-                "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1",
-                params![schedule.id, next_fire_at],
+                "UPDATE schedules SET next_fire_at = ?2 WHERE id = ?1 AND next_fire_at = ?3",
+                params![schedule.id, next_fire_at, schedule.next_fire_at],
             )?;
             if moved == 0 {
                 return Ok(Vec::new());

@@ -142,6 +142,15 @@ impl Pg {
         })
     }
 
+    /// The one boolean `sql` (one integer parameter) gives.
+    pub(crate) fn query_bool(&self, sql: &str, arg: i64) -> rusqlite::Result<bool> {
+        let rows = self.query(sql, &[Value::Integer(arg)])?;
+        Ok(matches!(
+            rows.first().and_then(|r| r.first()),
+            Some(Value::Integer(1))
+        ))
+    }
+
     fn batch(&self, sql: &str) -> rusqlite::Result<()> {
         let sql = sql.to_string();
         self.call(move |client| {
@@ -151,6 +160,67 @@ impl Pg {
         })
     }
 }
+
+/// Listens on PostgreSQL's `channel` on a connection and thread of its own, handing
+/// each notice's payload to `notices`. When the connection fails it connects again
+/// (every second) and hands over [`RESYNC`], since notices sent meanwhile are lost.
+/// Ends when `notices` is closed.
+pub(crate) fn listen(
+    url: &str,
+    channel: &'static str,
+    notices: tokio::sync::mpsc::UnboundedSender<String>,
+) -> std::io::Result<()> {
+    let url = url.to_string();
+    std::thread::Builder::new()
+        .name("postgres-listen".into())
+        .spawn(move || {
+            let mut first = true;
+            while !notices.is_closed() {
+                let mut client = match postgres::Client::connect(&url, postgres::NoTls) {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::warn!(error = %pg_error(e), "cluster: cannot listen; retrying");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")) {
+                    tracing::warn!(error = %pg_error(e), "cluster: LISTEN failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    continue;
+                }
+                if !first && notices.send(RESYNC.to_string()).is_err() {
+                    return;
+                }
+                first = false;
+                loop {
+                    use postgres::fallible_iterator::FallibleIterator;
+                    let mut incoming = client.notifications();
+                    let next = incoming
+                        .timeout_iter(std::time::Duration::from_secs(1))
+                        .next();
+                    match next {
+                        Ok(Some(notice)) => {
+                            if notices.send(notice.payload().to_string()).is_err() {
+                                return;
+                            }
+                        }
+                        // A quiet second: see whether anyone still wants notices.
+                        Ok(None) if notices.is_closed() => return,
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %pg_error(e), "cluster: lost the notice connection");
+                            break;
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// What [`listen`] hands over after reconnecting: notices may have been missed.
+pub(crate) const RESYNC: &str = "*";
 
 /// The database thread ended (its connection failed for good).
 fn gone() -> rusqlite::Error {
