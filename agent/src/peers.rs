@@ -114,7 +114,9 @@ impl PeerError {
 pub struct Side {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    server: String,
+    /// The server's addresses; the one node that holds a provider after an
+    /// [`StreamAnswer::Elsewhere`].
+    server: std::sync::Mutex<String>,
     connection: tokio::sync::Mutex<Option<Connection>>,
     /// The agent's identity, for direct connections.
     identity: Identity,
@@ -141,15 +143,18 @@ impl Side {
         Ok(Side {
             endpoint,
             config: client,
-            server: config.server,
+            server: std::sync::Mutex::new(config.server),
             connection: tokio::sync::Mutex::new(None),
             identity,
         })
     }
 
-    /// The server's address as configured.
-    pub fn server(&self) -> &str {
-        &self.server
+    /// The server's addresses.
+    pub fn server(&self) -> String {
+        self.server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The live connection, or a new one.
@@ -159,14 +164,15 @@ impl Side {
             return Ok(connection.clone());
         }
         // Each further address of a cluster may cost its attempt's timeout first.
-        let extra = link::ATTEMPT_TIMEOUT * self.server.matches(',').count() as u32;
+        let server = self.server();
+        let extra = link::ATTEMPT_TIMEOUT * server.matches(',').count() as u32;
         let connection = tokio::time::timeout(
             ANSWER_TIMEOUT + extra,
-            link::connect(&self.endpoint, self.config.clone(), &self.server),
+            link::connect(&self.endpoint, self.config.clone(), &server),
         )
         .await
         .map_err(|_| PeerError::Timeout)??;
-        info!(server = %self.server, "side connection open");
+        info!(%server, "side connection open");
         *held = Some(connection.clone());
         Ok(connection)
     }
@@ -178,9 +184,18 @@ impl Side {
         request: &StreamRequest,
     ) -> Result<(SendStream, RecvStream, StreamAnswer), PeerError> {
         let mut retried = false;
+        let mut redirected = false;
         loop {
             let connection = self.connection().await?;
             match tokio::time::timeout(ANSWER_TIMEOUT, exchange(&connection, request)).await {
+                // The provider is on another node of the cluster: ask that node (once;
+                // the server's certificate is checked as for any node).
+                Ok(Ok((_, _, StreamAnswer::Elsewhere { server }))) if !redirected => {
+                    info!(%server, "the provider is connected to another node; asking it");
+                    *self.server.lock().unwrap_or_else(|e| e.into_inner()) = server;
+                    self.forget(&connection).await;
+                    redirected = true;
+                }
                 // A server that restarted does not know the connection and cannot say so
                 // (its reset key is new): give up on it rather than wait for the idle
                 // timeout, and try once on a new one.
@@ -605,7 +620,7 @@ async fn tunnel_one(
             }
             // Dropping the TCP connection closes it.
         }
-        StreamAnswer::Peers(_) | StreamAnswer::Direct { .. } => {
+        StreamAnswer::Peers(_) | StreamAnswer::Direct { .. } | StreamAnswer::Elsewhere { .. } => {
             eprintln!("{name}: the server answered a tunnel request with something else");
         }
     }

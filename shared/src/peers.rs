@@ -179,6 +179,12 @@ pub enum StreamAnswer {
         /// server sees, with the port it listens on.
         candidates: Vec<SocketAddr>,
     },
+    /// The provider is connected to another node of the server's cluster: ask again
+    /// there (`host:port`), where the tunnel is spliced or brokered (protocol minor 4).
+    Elsewhere {
+        /// The node's address.
+        server: String,
+    },
 }
 
 /// The stream reset code a consumer gives up a direct session with, when no candidate

@@ -20,7 +20,8 @@ pub const PROTOCOL_MAJOR: u16 = 1;
 /// 2: peers (`Shares`, `Request`, and the streams of [`crate::peers`]). 3: tunnel
 /// sessions' signed counters (`Report` carrying [`crate::message::Report::Usage`]), and
 /// the direct path (`StreamRequest::Direct`, `StreamAnswer::Direct`, direct offers).
-pub const PROTOCOL_MINOR: u16 = 3;
+/// 4: `StreamAnswer::Elsewhere` (the provider is on another node of a cluster).
+pub const PROTOCOL_MINOR: u16 = 4;
 
 /// The name the server's certificate is issued for and agents verify, whatever address
 /// they reach it at (addresses change; the pinned CA is what matters).

@@ -666,6 +666,63 @@ impl TestServer {
         detail["online"] == true
     }
 
+    /// Runs one statement on the server's database, SQLite's file or its PostgreSQL
+    /// database (`?N` placeholders, text parameters); the rows it changed. For set-up
+    /// the API has no call for.
+    pub fn sql_execute(&self, sql: &str, params: &[&str]) -> u64 {
+        match &self.database {
+            Some(database) => {
+                let mut client = postgres::Client::connect(database.url(), postgres::NoTls)
+                    .expect("connect to the test database");
+                let mut pg = sql.to_string();
+                for n in (1..=params.len()).rev() {
+                    pg = pg.replace(&format!("?{n}"), &format!("${n}::TEXT"));
+                }
+                let values: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                    .collect();
+                client.execute(&pg, &values).expect("run the statement")
+            }
+            None => {
+                let db = rusqlite::Connection::open(self.db_path()).expect("open the database");
+                db.busy_timeout(Duration::from_secs(10))
+                    .expect("busy timeout");
+                db.execute(sql, rusqlite::params_from_iter(params.iter()))
+                    .expect("run the statement") as u64
+            }
+        }
+    }
+
+    /// Creates club `name` with `members` (logins; the first owns it), straight in the
+    /// database.
+    pub fn club(&self, name: &str, members: &[&str]) {
+        self.sql_execute(
+            "INSERT INTO clubs (name, created_by, created_at)
+             SELECT ?1, id, 0 FROM users WHERE login = ?2",
+            &[name, members[0]],
+        );
+        for (i, member) in members.iter().enumerate() {
+            let role = if i == 0 { "owner" } else { "member" };
+            let added = self.sql_execute(
+                "INSERT INTO club_members (club_id, user_id, role, joined_at)
+                 SELECT c.id, u.id, ?3, 0 FROM clubs c, users u
+                 WHERE c.name = ?1 AND u.login = ?2",
+                &[name, member, role],
+            );
+            assert_eq!(added, 1, "user {member} exists");
+        }
+    }
+
+    /// Removes `login` from club `name`, straight in the database.
+    pub fn leave_club(&self, name: &str, login: &str) {
+        self.sql_execute(
+            "DELETE FROM club_members WHERE club_id = (SELECT id FROM clubs WHERE name = ?1)
+             AND user_id = (SELECT id FROM users WHERE login = ?2)",
+            &[name, login],
+        );
+    }
+
     /// Prints the tail of the server log (for failing tests).
     pub fn log_tail(&self) -> String {
         tail(&self.log_path(), 40)

@@ -53,6 +53,9 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[test]
 fn backup_taken_under_load_restores_every_acknowledged_job() {
+    if herald_tests::sqlite_only("backup copies SQLite's file (PostgreSQL: pg_dump)") {
+        return;
+    }
     let mut server = TestServer::start("backup-load");
     let agent = TestAgent::start(&server, "worker");
     let archive = server.dir.path().join("herald-backup.tar");
@@ -151,6 +154,9 @@ fn backup_taken_under_load_restores_every_acknowledged_job() {
 
 #[test]
 fn damaged_backups_and_occupied_directories_are_refused() {
+    if herald_tests::sqlite_only("backup copies SQLite's file (PostgreSQL: pg_dump)") {
+        return;
+    }
     let server = TestServer::start("backup-refusals");
     let data_dir = server.data_dir();
     // An artifact as a published package leaves it: named by its SHA-256.

@@ -258,6 +258,9 @@ fn uses_left(server: &TestServer, token: &str) -> i64 {
 /// it contacts the server, so the use is still there for the intact copy.
 #[test]
 fn a_token_changed_in_one_character_is_refused_before_it_is_spent() {
+    if herald_tests::sqlite_only("reads the stored token rows from herald.db") {
+        return;
+    }
     let server = TestServer::start("token-one-char");
     let token = server.token(&["--uses", "1"]);
     let intact = Token::decode(&token).expect("a fresh token decodes");

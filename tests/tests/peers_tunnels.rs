@@ -37,68 +37,37 @@ fn user_with_device(server: &TestServer, login: &str, device: &str) -> TestAgent
 
 /// Creates club `name` with `members` (logins), straight in the server's database.
 fn club(server: &TestServer, name: &str, members: &[&str]) {
-    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
-    db.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    db.execute(
-        "INSERT INTO clubs (name, created_by, created_at)
-         SELECT ?1, id, 0 FROM users WHERE login = ?2",
-        rusqlite::params![name, members[0]],
-    )
-    .expect("insert club");
-    for (i, member) in members.iter().enumerate() {
-        let added = db
-            .execute(
-                "INSERT INTO club_members (club_id, user_id, role, joined_at)
-                 SELECT c.id, u.id, ?3, 0 FROM clubs c, users u
-                 WHERE c.name = ?1 AND u.login = ?2",
-                rusqlite::params![name, member, if i == 0 { "owner" } else { "member" }],
-            )
-            .expect("insert club member");
-        assert_eq!(added, 1, "user {member} exists");
-    }
+    server.club(name, members);
 }
 
 /// Removes `login` from club `name`.
 fn leave_club(server: &TestServer, name: &str, login: &str) {
-    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
-    db.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    db.execute(
-        "DELETE FROM club_members WHERE club_id = (SELECT id FROM clubs WHERE name = ?1)
-         AND user_id = (SELECT id FROM users WHERE login = ?2)",
-        rusqlite::params![name, login],
-    )
-    .expect("delete club member");
+    server.leave_club(name, login);
 }
 
-/// The server's tunnel sessions, oldest first, as JSON objects.
+/// The server's tunnel sessions, oldest first, as JSON objects (from `sessions --json`).
 fn server_sessions(server: &TestServer) -> Vec<Value> {
-    let db = rusqlite::Connection::open(server.db_path()).expect("open the database");
-    db.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    let mut stmt = db
-        .prepare(
-            "SELECT id, provider_agent_id, share, consumer_agent_id, via, bytes_up,
-                    bytes_down, outcome, ended_at FROM tunnel_sessions ORDER BY id",
-        )
-        .expect("prepare");
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(serde_json::json!({
-                "id": r.get::<_, i64>(0)?,
-                "provider": r.get::<_, String>(1)?,
-                "share": r.get::<_, String>(2)?,
-                "consumer": r.get::<_, Option<String>>(3)?,
-                "via": r.get::<_, String>(4)?,
-                "bytes_up": r.get::<_, i64>(5)?,
-                "bytes_down": r.get::<_, i64>(6)?,
-                "outcome": r.get::<_, String>(7)?,
-                "ended": r.get::<_, Option<i64>>(8)?.is_some(),
-            }))
+    let mut sessions: Vec<Value> = server
+        .json(&["sessions", "--limit", "10000"])
+        .as_array()
+        .expect("sessions is an array")
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s["id"],
+                "provider": s["provider_agent_id"],
+                "share": s["share"],
+                "consumer": s["consumer_agent_id"],
+                "via": s["via"],
+                "bytes_up": s["bytes_up"],
+                "bytes_down": s["bytes_down"],
+                "outcome": s["outcome"],
+                "ended": !s["ended_at"].is_null(),
+            })
         })
-        .expect("query");
-    rows.map(|r| r.expect("row")).collect()
+        .collect();
+    sessions.sort_by_key(|s| s["id"].as_i64());
+    sessions
 }
 
 /// A local TCP service for the tests. Each connection's first byte says what it does:
@@ -382,9 +351,6 @@ fn newest_session(agent: &TestAgent, what: &str, done: impl Fn(&Value) -> bool) 
 
 #[test]
 fn club_member_reaches_a_shared_service_through_the_relay() {
-    if herald_tests::sqlite_only("makes clubs by writing rows into herald.db") {
-        return;
-    }
     // The consumer's daemon need not run: `connect` uses a side connection.
     let (server, alice, bob, _service) =
         alice_shares_echo("tunnel-relay", "echo", &["--description", "an echo"]);
@@ -462,9 +428,6 @@ fn club_member_reaches_a_shared_service_through_the_relay() {
 
 #[test]
 fn non_member_and_unshared_port_are_refused() {
-    if herald_tests::sqlite_only("makes clubs by writing rows into herald.db") {
-        return;
-    }
     let server = TestServer::start("tunnel-refused");
     let mut alice = user_with_device(&server, "alice", "alice-pc");
     let bob = user_with_device(&server, "bob", "bob-pc");
@@ -570,9 +533,6 @@ fn non_member_and_unshared_port_are_refused() {
 
 #[test]
 fn rate_limit_and_connection_cap_hold() {
-    if herald_tests::sqlite_only("makes clubs by writing rows into herald.db") {
-        return;
-    }
     const RATE: u64 = 200_000;
     const BYTES: u64 = 600_000;
     let rate = RATE.to_string();
@@ -632,9 +592,6 @@ fn rate_limit_and_connection_cap_hold() {
 
 #[test]
 fn directory_shows_only_what_my_clubs_share() {
-    if herald_tests::sqlite_only("makes clubs by writing rows into herald.db") {
-        return;
-    }
     let server = TestServer::start("tunnel-directory");
     let mut alice = user_with_device(&server, "alice", "alice-pc");
     let bob = user_with_device(&server, "bob", "bob-pc");
@@ -715,9 +672,6 @@ fn directory_shows_only_what_my_clubs_share() {
 
 #[test]
 fn idle_tunnels_are_closed() {
-    if herald_tests::sqlite_only("makes clubs by writing rows into herald.db") {
-        return;
-    }
     let server = TestServer::start("tunnel-idle");
     let mut alice = user_with_device(&server, "alice", "alice-pc");
     let bob = user_with_device(&server, "bob", "bob-pc");
@@ -1004,4 +958,54 @@ fn usage_is_billed_at_the_lower_of_both_signatures() {
         notes.contains("consumer's stored counters differ from what it signed"),
         "the edited row is caught by its signature: {notes}"
     );
+}
+
+#[test]
+fn a_tunnel_reaches_a_provider_connected_to_another_node() {
+    let Some(mut nodes) = TestServer::start_cluster("tunnel-nodes", 2) else {
+        return;
+    };
+    let mut alice = user_with_device(&nodes[0], "alice", "alice-pc");
+    let bob = user_with_device(&nodes[0], "bob", "bob-pc");
+    nodes[0].club("chess", &["alice", "bob"]);
+    // alice's device on the second node (the first is down while it connects)...
+    nodes[0].kill();
+    alice.spawn();
+    alice.wait_online(&nodes[1]);
+    nodes[0].spawn();
+    let service = Service::start();
+    alice.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+    // ...and bob's side connections to the first node only.
+    let both = format!(
+        "127.0.0.1:{},127.0.0.1:{}",
+        nodes[0].quic_port, nodes[1].quic_port
+    );
+    set_in_config(&bob, &both, &format!("127.0.0.1:{}", nodes[0].quic_port));
+
+    // The first node lists alice's share although another node holds her device, and
+    // sends bob's tunnel to that node, which splices it.
+    wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
+    let connect = Connect::start(&bob, "alice/echo");
+    let mut stream = connect.dial();
+    stream.write_all(b"eacross").unwrap();
+    let mut back = [0u8; 6];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"across");
+    drop(stream);
+    let sessions = wait_until("the session recorded as ended", DEADLINE, || {
+        let s = server_sessions(&nodes[0]);
+        (s.len() == 1 && s[0]["ended"] == true).then_some(s)
+    });
+    assert_eq!(sessions[0]["via"], "relay");
+    assert_eq!(sessions[0]["provider"], alice.id.as_str());
+    assert_eq!(sessions[0]["consumer"], bob.id.as_str());
+    assert_eq!(sessions[0]["bytes_up"], 7);
 }

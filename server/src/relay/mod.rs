@@ -207,8 +207,9 @@ pub struct Relay {
     sides: tunnel::Sides,
     /// What other nodes of a cluster must hear (set by [`Relay::join_cluster`]).
     cluster: std::sync::OnceLock<mpsc::UnboundedSender<ClusterNote>>,
-    /// Agents connected to the cluster's other nodes (refreshed with each heartbeat).
-    elsewhere: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Agents connected to the cluster's other nodes (refreshed with each heartbeat):
+    /// since when, and the node's address.
+    elsewhere: std::sync::RwLock<HashMap<String, (crate::Millis, String)>>,
 }
 
 /// What this node tells the other nodes of its cluster (`crate::cluster` sends it on).
@@ -348,8 +349,21 @@ impl Relay {
     }
 
     /// Records which agents the cluster's other nodes hold.
-    pub fn connected_elsewhere(&self, agents: std::collections::HashSet<String>) {
+    pub fn connected_elsewhere(&self, agents: HashMap<String, (crate::Millis, String)>) {
         *self.elsewhere.write().unwrap_or_else(|e| e.into_inner()) = agents;
+    }
+
+    /// The address of the other node an agent is connected to, if it is connected
+    /// there and not here.
+    pub fn node_of(&self, agent_id: &str) -> Option<String> {
+        if self.lock_links().contains_key(agent_id) {
+            return None;
+        }
+        self.elsewhere
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent_id)
+            .map(|(_, node)| node.clone())
     }
 
     /// Replaces the keyring's keys (a cluster node hears of another's enrollments).
@@ -360,17 +374,19 @@ impl Relay {
 
     /// Whether an agent is connected.
     pub fn is_online(&self, agent_id: &str) -> bool {
-        self.lock_links().contains_key(agent_id)
-            || self
-                .elsewhere
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(agent_id)
+        self.online_since(agent_id).is_some()
     }
 
     /// When a connected agent's connection was admitted; `None` when it is offline.
     pub fn online_since(&self, agent_id: &str) -> Option<crate::Millis> {
-        self.lock_links().get(agent_id).map(|l| l.since)
+        let here = self.lock_links().get(agent_id).map(|l| l.since);
+        here.or_else(|| {
+            self.elsewhere
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(agent_id)
+                .map(|(since, _)| *since)
+        })
     }
 
     /// Offers a tunnel to a connected providing agent: opens a stream on its link, sends

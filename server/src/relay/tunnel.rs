@@ -105,6 +105,20 @@ struct Asker {
     source: SocketAddr,
 }
 
+/// Why a tunnel request is not served by this node.
+enum NotHere {
+    /// Refused, with the reason for people.
+    Refused(String),
+    /// The provider is connected to the cluster's node at this address.
+    Elsewhere(String),
+}
+
+impl From<String> for NotHere {
+    fn from(reason: String) -> NotHere {
+        NotHere::Refused(reason)
+    }
+}
+
 impl Relay {
     /// A side connection: admitted like a link (an enrolled, active agent), then every
     /// stream it opens carries one request, starting with `first` on `send`/`recv`.
@@ -236,7 +250,11 @@ impl Relay {
                     info!(session, up, down, %outcome, "tunnel closed");
                     self.end_session(session, up, down, &outcome);
                 }
-                Err(reason) => {
+                Err(NotHere::Elsewhere(server)) => {
+                    let _ = recv;
+                    answer(send, StreamAnswer::Elsewhere { server }).await;
+                }
+                Err(NotHere::Refused(reason)) => {
                     warn!(consumer = %agent_id, user = ?asker.owner.as_ref().map(|o| &o.1), target = %open, "tunnel refused: {reason}");
                     let _ = recv;
                     answer(send, StreamAnswer::Refused(reason)).await;
@@ -258,7 +276,10 @@ impl Relay {
     ) {
         let brokered = match self.broker_direct(asker, open).await {
             Ok(brokered) => brokered,
-            Err(reason) => {
+            Err(NotHere::Elsewhere(server)) => {
+                return answer(send, StreamAnswer::Elsewhere { server }).await;
+            }
+            Err(NotHere::Refused(reason)) => {
                 warn!(consumer = %asker.agent_id, target = %open, "direct tunnel refused: {reason}");
                 return answer(send, StreamAnswer::Refused(reason)).await;
             }
@@ -278,8 +299,9 @@ impl Relay {
 
     /// Resolves a direct tunnel request, records its session ([`Via::Direct`]) and has
     /// the provider expect the consumer.
-    async fn broker_direct(&self, asker: &Asker, open: &TunnelOpen) -> Result<Brokered, String> {
+    async fn broker_direct(&self, asker: &Asker, open: &TunnelOpen) -> Result<Brokered, NotHere> {
         let entry = self.reachable(asker, open)?;
+        self.held_here(&entry)?;
         let session = self
             .start_session(asker, &entry, Via::Direct)
             .map_err(internal)?;
@@ -301,7 +323,7 @@ impl Relay {
                     candidates: candidates(&entry.reported, observed, port),
                 },
             }),
-            Err(e) => Err(self.offer_failed(session, e)),
+            Err(e) => Err(NotHere::Refused(self.offer_failed(session, e))),
         }
     }
 
@@ -357,8 +379,9 @@ impl Relay {
     }
 
     /// Resolves a tunnel request, records its session and has the provider accept it.
-    async fn open_tunnel(&self, asker: &Asker, open: &TunnelOpen) -> Result<Opened, String> {
+    async fn open_tunnel(&self, asker: &Asker, open: &TunnelOpen) -> Result<Opened, NotHere> {
         let entry = self.reachable(asker, open)?;
+        self.held_here(&entry)?;
         let session = self
             .start_session(asker, &entry, Via::Relay)
             .map_err(internal)?;
@@ -369,7 +392,16 @@ impl Relay {
                 provider: entry.agent_id.clone(),
                 streams,
             }),
-            Err(e) => Err(self.offer_failed(session, e)),
+            Err(e) => Err(NotHere::Refused(self.offer_failed(session, e))),
+        }
+    }
+
+    /// Whether the entry's provider is connected to this node; else which node holds it
+    /// (the consumer asks that node: tunnels are not spliced between nodes).
+    fn held_here(&self, entry: &DirectoryEntry) -> Result<(), NotHere> {
+        match self.node_of(&entry.agent_id) {
+            Some(node) => Err(NotHere::Elsewhere(node)),
+            None => Ok(()),
         }
     }
 

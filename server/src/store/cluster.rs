@@ -123,19 +123,23 @@ impl Store {
         })
     }
 
-    /// The agents live nodes other than `node` hold.
+    /// The agents live nodes other than `node` hold: since when, and the node's QUIC
+    /// address.
     pub fn agents_elsewhere(
         &self,
         node: &str,
         alive_after: Millis,
-    ) -> Result<std::collections::HashSet<String>> {
+    ) -> Result<std::collections::HashMap<String, (Millis, String)>> {
         self.blocking(|| {
             let conn = self.fast();
             let mut stmt = conn.prepare(
-                "SELECT a.agent_id FROM agent_nodes a JOIN nodes n ON n.id = a.node_id
+                "SELECT a.agent_id, a.since, n.quic_addr FROM agent_nodes a
+                 JOIN nodes n ON n.id = a.node_id
                  WHERE n.id <> ?1 AND n.heartbeat_at > ?2",
             )?;
-            let rows = stmt.query_map(params![node, alive_after], |r| r.get(0))?;
+            let rows = stmt.query_map(params![node, alive_after], |r| {
+                Ok((r.get(0)?, (r.get(1)?, r.get(2)?)))
+            })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
