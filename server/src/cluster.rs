@@ -364,6 +364,36 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Appends this node's metrics: which node it is, and which roles it leads (each
+    /// node's `/metrics` is its own; a cluster is scraped node by node).
+    pub fn render_metrics(&self, text: &mut String) {
+        use crate::metrics::{family, Kind};
+        let row = self.lock().clone();
+        family(
+            text,
+            "herald_node_info",
+            Kind::Gauge,
+            "Always 1; the label names this node of the cluster.",
+            [(&[("node", row.id.as_str())][..], 1)],
+        );
+        let labels: Vec<[(&str, &str); 1]> = ROLES.iter().map(|role| [("role", *role)]).collect();
+        family(
+            text,
+            "herald_node_leader",
+            Kind::Gauge,
+            "1 for each role this node leads now (scheduler, rollouts, forwarding, meter).",
+            labels.iter().map(|label| {
+                let held = row.roles.iter().any(|r| r == label[0].1);
+                (&label[..], u64::from(held))
+            }),
+        );
+    }
+}
+
+/// The leader roles, one node each.
+pub const ROLES: [&str; 4] = ["forwarding", "meter", "rollouts", "scheduler"];
+
 /// `items` joined by commas into payloads that fit a notice.
 fn packed(items: impl Iterator<Item = String>) -> Vec<String> {
     let mut parts = Vec::new();

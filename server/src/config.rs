@@ -87,6 +87,12 @@ pub struct ServerConfig {
     /// `[billing]`: the price plans file set at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billing: Option<BillingConfig>,
+    /// In a cluster, the address agents reach this node at (`host:port`), which the
+    /// other nodes send a consumer to when this node holds the provider of its tunnel.
+    /// Default: `quic_listen` when it names an address, else the entry of `public_addr`
+    /// with `quic_listen`'s port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_addr: Option<String>,
     /// `[database]`: PostgreSQL instead of the embedded SQLite file (docs/SCALE-OUT.md).
     #[serde(default, skip_serializing_if = "DatabaseConfig::is_default")]
     pub database: DatabaseConfig,
@@ -103,6 +109,26 @@ pub struct DatabaseConfig {
     /// The PostgreSQL connection URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+}
+
+impl ServerConfig {
+    /// The address agents reach this node at (see `node_addr`), given the QUIC
+    /// address it is bound to.
+    pub fn node_addr(&self, bound: SocketAddr) -> String {
+        if let Some(addr) = &self.node_addr {
+            return addr.clone();
+        }
+        if !bound.ip().is_unspecified() {
+            return bound.to_string();
+        }
+        let port = format!(":{}", bound.port());
+        self.public_addr
+            .split(',')
+            .map(str::trim)
+            .find(|addr| addr.ends_with(&port))
+            .map(str::to_string)
+            .unwrap_or_else(|| bound.to_string())
+    }
 }
 
 impl DatabaseConfig {
@@ -608,5 +634,44 @@ impl TryFrom<String> for Cidr {
 impl From<Cidr> for String {
     fn from(cidr: Cidr) -> String {
         cidr.0.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(public_addr: &str, node_addr: Option<&str>) -> ServerConfig {
+        let mut text = format!(
+            "quic_listen = \"0.0.0.0:4433\"\nhttp_listen = \"0.0.0.0:8443\"\npublic_addr = \"{public_addr}\"\noperator_keys = []\n"
+        );
+        if let Some(addr) = node_addr {
+            text = format!("node_addr = \"{addr}\"\n{text}");
+        }
+        toml::from_str(&text).expect("a valid herald.toml")
+    }
+
+    #[test]
+    fn a_node_is_reached_at_its_own_address() {
+        let bound: SocketAddr = "0.0.0.0:4434".parse().unwrap();
+        // The public address with this node's port.
+        let cluster = config("a.example:4433,b.example:4434", None);
+        assert_eq!(cluster.node_addr(bound), "b.example:4434");
+        // Said outright.
+        let told = config("a.example:4433,b.example:4433", Some("b.example:4433"));
+        assert_eq!(told.node_addr(bound), "b.example:4433");
+        // A listener on one address is that address.
+        let one: SocketAddr = "10.0.0.2:4433".parse().unwrap();
+        assert_eq!(cluster.node_addr(one), "10.0.0.2:4433");
+        // The database URL must be PostgreSQL's.
+        let bad = DatabaseConfig {
+            url: Some("mysql://u:secret@db/herald".into()),
+        };
+        let reason = bad.check().unwrap_err();
+        assert!(reason.contains("not a PostgreSQL URL"), "{reason}");
+        assert!(
+            !reason.contains("secret"),
+            "the password is not shown: {reason}"
+        );
     }
 }

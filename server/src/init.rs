@@ -147,6 +147,7 @@ pub fn init(options: &InitOptions) -> Result<Initialized, InitError> {
             https: Default::default(),
             metrics: None,
             billing: None,
+            node_addr: None,
             database,
         },
     )?;

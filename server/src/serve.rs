@@ -196,7 +196,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
         store.clone(),
         relay.clone(),
         node_id(&quic_addr),
-        quic_addr.to_string(),
+        config.node_addr(quic_addr),
         http_addr.to_string(),
     );
     let (stop, stopped) = watch::channel(false);
@@ -343,7 +343,7 @@ pub async fn start(data_dir: &Path, overrides: &Overrides) -> Result<Running, Se
     }
     if let Some((listener, _)) = metrics_listener {
         let stopped = until_stopped();
-        let router = metrics_router(relay.clone());
+        let router = metrics_router(relay.clone(), node.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router)
                 .with_graceful_shutdown(stopped)
@@ -463,10 +463,10 @@ async fn bind_tcp(
 /// The `[metrics]` listener's routes: `GET /metrics` and nothing else (404 for any
 /// other path, 405 for another method), in plain HTTP and without a token: it is meant
 /// for a Prometheus on the same host or a private network, and shows counts only.
-fn metrics_router(relay: Arc<Relay>) -> axum::Router {
+fn metrics_router(relay: Arc<Relay>, node: crate::cluster::Node) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || async move { api::metrics_response(&relay) }),
+        axum::routing::get(move || async move { api::metrics_response(&relay, &node) }),
     )
 }
 

@@ -564,12 +564,15 @@ async fn remove_schedule(State(state): State<ApiState>, Path(id): Path<i64>) -> 
 }
 
 pub(crate) async fn metrics(State(state): State<ApiState>) -> Response {
-    metrics_response(&state.relay)
+    metrics_response(&state.relay, &state.node)
 }
 
 /// The Prometheus text of every metric (admin API and the `[metrics]` listener).
-pub fn metrics_response(relay: &Relay) -> Response {
-    match relay.metrics_text() {
+pub fn metrics_response(relay: &Relay, node: &crate::cluster::Node) -> Response {
+    match relay.metrics_text().map(|mut text| {
+        node.render_metrics(&mut text);
+        text
+    }) {
         Ok(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,
