@@ -76,7 +76,11 @@ pub(super) async fn run(
             sleep = sleep.min(millis_until(now, at).max(Duration::from_millis(5)));
         }
         tokio::select! {
-            _ = stop.changed() => {}
+            // The forwarder that started this loop is gone (stopped, or no longer the
+            // cluster's leader): so is this loop.
+            changed = stop.changed() => if changed.is_err() {
+                return;
+            },
             _ = wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
         }

@@ -112,12 +112,7 @@ impl Pg {
         let statement = self.statement(sql)?;
         let values = values.to_vec();
         self.call(move |client| {
-            let params: Vec<PgParam<'_>> = values.iter().map(PgParam).collect();
-            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p as &(dyn postgres::types::ToSql + Sync))
-                .collect();
-            let rows = client.query(&statement, &refs).map_err(pg_error)?;
+            let rows = with_params(&values, |refs| client.query(&statement, refs))?;
             rows.iter()
                 .map(|row| {
                     (0..row.len())
@@ -132,12 +127,7 @@ impl Pg {
         let statement = self.statement(sql)?;
         let values = values.to_vec();
         self.call(move |client| {
-            let params: Vec<PgParam<'_>> = values.iter().map(PgParam).collect();
-            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p as &(dyn postgres::types::ToSql + Sync))
-                .collect();
-            let n = client.execute(&statement, &refs).map_err(pg_error)?;
+            let n = with_params(&values, |refs| client.execute(&statement, refs))?;
             Ok(n as usize)
         })
     }
@@ -221,6 +211,19 @@ pub(crate) fn listen(
 
 /// What [`listen`] hands over after reconnecting: notices may have been missed.
 pub(crate) const RESYNC: &str = "*";
+
+/// Runs `run` with `values` bound as PostgreSQL parameters.
+fn with_params<R>(
+    values: &[Value],
+    run: impl FnOnce(&[&(dyn postgres::types::ToSql + Sync)]) -> Result<R, postgres::Error>,
+) -> rusqlite::Result<R> {
+    let params: Vec<PgParam<'_>> = values.iter().map(PgParam).collect();
+    let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+        .collect();
+    run(&refs).map_err(pg_error)
+}
 
 /// The database thread ended (its connection failed for good).
 fn gone() -> rusqlite::Error {
