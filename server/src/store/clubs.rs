@@ -36,7 +36,8 @@ fn role_of(conn: &Connection, club: i64, user: i64) -> Result<Option<ClubRole>> 
 
 fn counts(conn: &Connection, club: i64) -> Result<(usize, usize)> {
     Ok(conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(role = 'owner'), 0) FROM club_members WHERE club_id = ?1",
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN role = 'owner' THEN 1 ELSE 0 END), 0)
+         FROM club_members WHERE club_id = ?1",
         params![club],
         |r| Ok((r.get::<_, i64>(1)? as usize, r.get::<_, i64>(0)? as usize)),
     )?)
