@@ -48,20 +48,29 @@ count() {
 }
 
 log=$(mktemp)
-# Tests that need PostgreSQL (several nodes) return at once here and say so in this file
-# (herald_tests::postgres_only): they count as skipped, not passed.
-skips=$(mktemp)
-HERALD_TEST_SKIP_LOG=$skips cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-skipped=$(wc -l <"$skips")
-passed=$(($(count passed "$log") - skipped))
-failed=$(count failed "$log")
-ignored=$(($(count ignored "$log") + skipped))
-if [ "$skipped" -gt 0 ]; then
-    echo "skipped on SQLite (they need PostgreSQL):"
-    sort "$skips" | sed 's/^/  /'
-fi
-rm -f "$skips"
+# Runs a cargo test command (any variables before it with `env`), teeing to $log; sets
+# run_status, run_passed, run_failed and run_skipped. Tests that return at once and say
+# so in HERALD_TEST_SKIP_LOG (herald_tests::sqlite_only, postgres_only) count as
+# skipped, not passed, and are listed under the first argument.
+counted_run() {
+    local title=$1 skips skipped
+    shift
+    skips=$(mktemp)
+    env HERALD_TEST_SKIP_LOG="$skips" "$@" 2>&1 | tee "$log"
+    run_status=${PIPESTATUS[0]}
+    skipped=$(wc -l <"$skips")
+    run_passed=$(($(count passed "$log") - skipped))
+    run_failed=$(count failed "$log")
+    run_skipped=$(($(count ignored "$log") + skipped))
+    if [ "$skipped" -gt 0 ]; then
+        echo "$title"
+        sort "$skips" | sed 's/^/  /'
+    fi
+    rm -f "$skips"
+}
+
+counted_run "skipped on SQLite (they need PostgreSQL):" cargo test --workspace --no-fail-fast
+status=$run_status passed=$run_passed failed=$run_failed ignored=$run_skipped
 
 # The end-to-end suite again, each test server keeping its data in a PostgreSQL database
 # of its own (tests/src/database.rs) on a throwaway cluster, when a server is installed.
@@ -70,21 +79,9 @@ if compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || [ -n "${PG_BIN:
     echo "postgres run: the end-to-end suite with HERALD_TEST_DATABASE_URL"
     trap 'bash scripts/pg-cluster.sh stop' EXIT
     if pg_url=$(bash scripts/pg-cluster.sh); then
-        # Tests that edit herald.db directly return at once there and say so in this
-        # file (herald_tests::sqlite_only): they count as skipped, not passed.
-        skips=$(mktemp)
-        HERALD_TEST_DATABASE_URL=$pg_url HERALD_TEST_SKIP_LOG=$skips \
-            cargo test -p herald-tests --no-fail-fast 2>&1 | tee "$log"
-        pg_status=${PIPESTATUS[0]}
-        pg_skipped=$(wc -l <"$skips")
-        pg_passed=$(($(count passed "$log") - pg_skipped))
-        pg_failed=$(count failed "$log")
-        pg_ignored=$(($(count ignored "$log") + pg_skipped))
-        if [ "$pg_skipped" -gt 0 ]; then
-            echo "skipped on PostgreSQL (they open herald.db, or need SQLite):"
-            sort "$skips" | sed 's/^/  /'
-        fi
-        rm -f "$skips"
+        counted_run "skipped on PostgreSQL (they open herald.db, or need SQLite):" \
+            env HERALD_TEST_DATABASE_URL="$pg_url" cargo test -p herald-tests --no-fail-fast
+        pg_status=$run_status pg_passed=$run_passed pg_failed=$run_failed pg_ignored=$run_skipped
     else
         # Counted as one failure, so the summary does not read as all green.
         echo "postgres run failed: the cluster did not start"

@@ -29,6 +29,20 @@ fn nodes(server: &TestServer) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// `run --wait` of `echo TEXT` on `agent` through `server`; it prints the output.
+fn run_echo(server: &TestServer, agent: &TestAgent, text: &str) {
+    let out = server.cli_ok(&[
+        "run",
+        "--to",
+        &format!("agent:{}", agent.name),
+        "--wait",
+        "--",
+        "/bin/echo",
+        text,
+    ]);
+    assert!(out.contains(text), "{out}");
+}
+
 /// The id of the node that holds `role`, as `server` sees it, once exactly one does.
 fn leader(server: &TestServer, role: &str) -> String {
     wait_until(&format!("one node to lead {role}"), DEADLINE, || {
@@ -96,16 +110,7 @@ fn job_through_one_node_reaches_an_agent_on_another() {
     // A job made through the first node: committed there, signalled by the second
     // (nothing polls: the notice is what wakes the agent's link), and `run --wait`
     // on the first node hears of its end from the second.
-    let out = first.cli_ok(&[
-        "run",
-        "--to",
-        &format!("agent:{}", agent.name),
-        "--wait",
-        "--",
-        "/bin/echo",
-        "across nodes",
-    ]);
-    assert!(out.contains("across nodes"), "{out}");
+    run_echo(first, &agent, "across nodes");
     let jobs = all_jobs(first);
     assert_eq!(jobs.len(), 1, "{jobs:#?}");
     assert_eq!(jobs[0]["state"], "succeeded", "{jobs:#?}");
@@ -285,16 +290,7 @@ fn sqlite_stays_the_default() {
         ["forwarding", "meter", "rollouts", "scheduler"],
         "{node:#}"
     );
-    let out = server.cli_ok(&[
-        "run",
-        "--to",
-        &format!("agent:{}", agent.name),
-        "--wait",
-        "--",
-        "/bin/echo",
-        "on sqlite",
-    ]);
-    assert!(out.contains("on sqlite"), "{out}");
+    run_echo(&server, &agent, "on sqlite");
 
     // A database URL that is not PostgreSQL's is refused by `init`, which writes nothing.
     let dir = herald_tests::TempDir::new("sqlite-default-bad-url");

@@ -340,6 +340,19 @@ fn alice_shares_echo(
     (server, alice, bob, service)
 }
 
+/// `agent` shares `service` as `echo` with the club `chess`.
+fn share_echo_with_chess(agent: &TestAgent, service: &Service) {
+    agent.cli_ok(&[
+        "share",
+        "add",
+        "echo",
+        "--to",
+        &service.address(),
+        "--club",
+        "chess",
+    ]);
+}
+
 /// The newest session `agent` recorded, once `done` holds for it.
 fn newest_session(agent: &TestAgent, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     wait_until(what, DEADLINE, || {
@@ -438,15 +451,7 @@ fn non_member_and_unshared_port_are_refused() {
     let service = Service::start();
     // A port nothing listens on, shared all the same.
     let dead = format!("127.0.0.1:{}", free_port());
-    alice.cli_ok(&[
-        "share",
-        "add",
-        "echo",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-    ]);
+    share_echo_with_chess(&alice, &service);
     alice.cli_ok(&["share", "add", "dead", "--to", &dead, "--club", "chess"]);
     wait_reachable(&bob, None, &["alice@alice-pc/dead", "alice@alice-pc/echo"]);
 
@@ -681,15 +686,7 @@ fn idle_tunnels_are_closed() {
     alice.spawn();
     alice.wait_online(&server);
     let service = Service::start();
-    alice.cli_ok(&[
-        "share",
-        "add",
-        "echo",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-    ]);
+    share_echo_with_chess(&alice, &service);
     wait_reachable(&bob, None, &["alice@alice-pc/echo"]);
     let connect = Connect::start(&bob, "alice/echo");
     let mut stream = connect.dial();
@@ -974,15 +971,7 @@ fn a_tunnel_reaches_a_provider_connected_to_another_node() {
     alice.wait_online(&nodes[1]);
     nodes[0].spawn();
     let service = Service::start();
-    alice.cli_ok(&[
-        "share",
-        "add",
-        "echo",
-        "--to",
-        &service.address(),
-        "--club",
-        "chess",
-    ]);
+    share_echo_with_chess(&alice, &service);
     // ...and bob's side connections to the first node only.
     let both = format!(
         "127.0.0.1:{},127.0.0.1:{}",
