@@ -306,3 +306,48 @@ fn sqlite_stays_the_default() {
     assert!(stderr.contains("not a PostgreSQL URL"), "{stderr}");
     assert!(!data.join("herald.toml").exists());
 }
+
+#[test]
+fn a_node_carries_on_after_its_database_connections_are_cut() {
+    if herald_tests::postgres_only("cuts the server's PostgreSQL connections") {
+        return;
+    }
+    let server = TestServer::start("cluster-cut");
+    let agent = TestAgent::start(&server, "steady");
+    run_echo(&server, &agent, "before the cut");
+    // PostgreSQL ends every session of the server (as a database restart or failover
+    // would): its store, its notices and its leader locks.
+    let cut = server.sql_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    );
+    assert!(cut >= 3, "{cut} sessions cut");
+    // The store connects again at its next statement (none was in a transaction), and
+    // the node takes its leader roles back.
+    run_echo(&server, &agent, "after the cut");
+    wait_until("the node to lead the scheduler again", DEADLINE, || {
+        let listed = nodes(&server);
+        let node = listed.values().next()?;
+        let roles = node["roles"].as_array()?;
+        roles.iter().any(|r| r == "scheduler").then_some(())
+    });
+    let id = add_schedule(
+        &server,
+        &[
+            "--to",
+            &format!("agent:{}", agent.name),
+            "--every",
+            "1s",
+            "--",
+            "/bin/echo",
+            "tick",
+        ],
+    );
+    wait_until("the schedule to fire after the cut", DEADLINE, || {
+        all_jobs(&server)
+            .iter()
+            .any(|j| j["schedule_id"] == id && j["state"] == "succeeded")
+            .then_some(())
+    });
+}

@@ -179,7 +179,9 @@ impl Store {
     /// where this server leads everything.
     pub fn leader_locks(&self) -> Result<Option<LeaderLocks>> {
         match &self.postgres {
-            Some(url) => Ok(Some(LeaderLocks(std::sync::Mutex::new(Pg::connect(url)?)))),
+            Some(url) => Ok(Some(LeaderLocks(std::sync::Mutex::new(Pg::connect_once(
+                url,
+            )?)))),
             None => Ok(None),
         }
     }

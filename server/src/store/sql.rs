@@ -33,9 +33,17 @@ pub(crate) enum Connection {
 /// inside) one of tokio's, and the store is called from async code's blocking sections,
 /// from the CLI's runtime and from tests alike.
 pub(crate) struct Pg {
-    calls: std::sync::mpsc::Sender<Call>,
-    /// Prepared statements, by the store's SQLite text.
-    prepared: RefCell<HashMap<String, postgres::Statement>>,
+    calls: std::sync::mpsc::Sender<(Call, bool)>,
+    /// Prepared statements, by the store's SQLite text, and the connection (by its
+    /// count of reconnections) they were prepared on.
+    prepared: RefCell<(u64, HashMap<String, postgres::Statement>)>,
+    /// Reconnections so far: the thread connects again when it finds the connection
+    /// closed outside a transaction (inside one, the transaction fails).
+    reconnected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// A transaction is open on this connection.
+    in_transaction: std::cell::Cell<bool>,
+    /// The last call found the connection closed.
+    lost: std::cell::Cell<bool>,
     /// How long commits take (`/metrics`), as SQLite's commit hook measures them.
     commits: RefCell<Option<std::sync::Arc<crate::metrics::Histogram>>>,
 }
@@ -46,9 +54,21 @@ impl Pg {
     /// Connects to `url` (`postgres://user@host:port/db`; no TLS: a database server is
     /// reached on a network the operator trusts, or through a local socket).
     pub(crate) fn connect(url: &str) -> rusqlite::Result<Pg> {
-        let (calls, incoming) = std::sync::mpsc::channel::<Call>();
+        Pg::open(url, true)
+    }
+
+    /// Connects to `url` for session state that must not outlive the session (advisory
+    /// locks): a lost connection stays lost, and every later call fails.
+    pub(crate) fn connect_once(url: &str) -> rusqlite::Result<Pg> {
+        Pg::open(url, false)
+    }
+
+    fn open(url: &str, reconnect: bool) -> rusqlite::Result<Pg> {
+        let (calls, incoming) = std::sync::mpsc::channel::<(Call, bool)>();
         let (ready, connected) = std::sync::mpsc::channel();
         let url = url.to_string();
+        let reconnected = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = reconnected.clone();
         std::thread::Builder::new()
             .name("postgres".into())
             .spawn(
@@ -56,7 +76,19 @@ impl Pg {
                     Ok(mut client) => {
                         let _ = ready.send(Ok(()));
                         // Until the store drops its end.
-                        for call in incoming {
+                        for (call, may_reconnect) in incoming {
+                            if reconnect && may_reconnect && client.is_closed() {
+                                match postgres::Client::connect(&url, postgres::NoTls) {
+                                    Ok(again) => {
+                                        client = again;
+                                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        tracing::warn!("PostgreSQL: connected again");
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %pg_error(e), "PostgreSQL: cannot connect again");
+                                    }
+                                }
+                            }
                             call(&mut client);
                         }
                     }
@@ -73,7 +105,10 @@ impl Pg {
         connected.recv().map_err(|_| gone())??;
         Ok(Pg {
             calls,
-            prepared: RefCell::new(HashMap::new()),
+            prepared: RefCell::new((0, HashMap::new())),
+            reconnected,
+            in_transaction: std::cell::Cell::new(false),
+            lost: std::cell::Cell::new(false),
             commits: RefCell::new(None),
         })
     }
@@ -84,17 +119,44 @@ impl Pg {
         f: impl FnOnce(&mut postgres::Client) -> rusqlite::Result<R> + Send + 'static,
     ) -> rusqlite::Result<R> {
         let (answer, answered) = std::sync::mpsc::channel();
+        let may_reconnect = !self.in_transaction.get();
         self.calls
-            .send(Box::new(move |client| {
-                let _ = answer.send(f(client));
-            }))
+            .send((
+                Box::new(move |client| {
+                    let result = f(client);
+                    let _ = answer.send((result, client.is_closed()));
+                }),
+                may_reconnect,
+            ))
             .map_err(|_| gone())?;
-        answered.recv().map_err(|_| gone())?
+        let (result, closed) = answered.recv().map_err(|_| gone())?;
+        self.lost.set(closed);
+        result
+    }
+
+    /// Runs `once`, and again if it failed because the connection was lost outside a
+    /// transaction (the thread connects again first; statements are prepared anew).
+    fn again_if_lost<R>(&self, once: impl Fn() -> rusqlite::Result<R>) -> rusqlite::Result<R> {
+        match once() {
+            Err(_) if self.lost.get() && !self.in_transaction.get() => {
+                self.prepared.borrow_mut().1.clear();
+                once()
+            }
+            done => done,
+        }
     }
 
     fn statement(&self, sql: &str) -> rusqlite::Result<postgres::Statement> {
-        if let Some(statement) = self.prepared.borrow().get(sql) {
-            return Ok(statement.clone());
+        let connection = self.reconnected.load(std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut prepared = self.prepared.borrow_mut();
+            if prepared.0 != connection {
+                // Prepared on a connection that is gone.
+                *prepared = (connection, HashMap::new());
+            }
+            if let Some(statement) = prepared.1.get(sql) {
+                return Ok(statement.clone());
+            }
         }
         let translated = translate(sql);
         let statement = self.call(move |client| {
@@ -102,13 +164,18 @@ impl Pg {
                 .prepare(&translated)
                 .map_err(|e| with_sql(pg_error(e), &translated))
         })?;
-        self.prepared
-            .borrow_mut()
-            .insert(sql.to_string(), statement.clone());
+        let mut prepared = self.prepared.borrow_mut();
+        if prepared.0 == self.reconnected.load(std::sync::atomic::Ordering::SeqCst) {
+            prepared.1.insert(sql.to_string(), statement.clone());
+        }
         Ok(statement)
     }
 
     fn query(&self, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
+        self.again_if_lost(|| self.query_once(sql, values))
+    }
+
+    fn query_once(&self, sql: &str, values: &[Value]) -> rusqlite::Result<Vec<Vec<Value>>> {
         let statement = self.statement(sql)?;
         let values = values.to_vec();
         self.call(move |client| {
@@ -124,6 +191,10 @@ impl Pg {
     }
 
     fn execute(&self, sql: &str, values: &[Value]) -> rusqlite::Result<usize> {
+        self.again_if_lost(|| self.execute_once(sql, values))
+    }
+
+    fn execute_once(&self, sql: &str, values: &[Value]) -> rusqlite::Result<usize> {
         let statement = self.statement(sql)?;
         let values = values.to_vec();
         self.call(move |client| {
@@ -142,6 +213,10 @@ impl Pg {
     }
 
     fn batch(&self, sql: &str) -> rusqlite::Result<()> {
+        self.again_if_lost(|| self.batch_once(sql))
+    }
+
+    fn batch_once(&self, sql: &str) -> rusqlite::Result<()> {
         let sql = sql.to_string();
         self.call(move |client| {
             client
@@ -363,6 +438,9 @@ impl Connection {
             _ => "BEGIN DEFERRED",
         };
         self.execute_batch(begin)?;
+        if let Connection::Postgres(pg) = &*self {
+            pg.in_transaction.set(true);
+        }
         Ok(Transaction {
             conn: self,
             savepoint: None,
@@ -419,11 +497,20 @@ impl Transaction<'_> {
             Connection::Sqlite(_) => None,
         };
         let started = std::time::Instant::now();
-        self.conn.execute_batch("COMMIT")?;
+        let committed = self.conn.execute_batch("COMMIT");
+        self.ended();
+        committed?;
         if let Some(commits) = timing {
             commits.observe(started.elapsed());
         }
         Ok(())
+    }
+
+    /// The transaction is over (committed or rolled back, or its connection gone).
+    fn ended(&self) {
+        if let (None, Connection::Postgres(pg)) = (&self.savepoint, self.conn) {
+            pg.in_transaction.set(false);
+        }
     }
 
     fn undo(&self) -> String {
@@ -445,6 +532,7 @@ impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         if !self.done {
             let _ = self.conn.execute_batch(&self.undo());
+            self.ended();
         }
     }
 }
