@@ -3,6 +3,10 @@
 //! agents one handshake at a time would measure enrollment, not the relay), and an admin
 //! client that signs orders and sender grants with the operator key like the CLI does,
 //! and messages with a sender key like `herald-server message send`.
+//!
+//! Several nodes on one PostgreSQL database ([`Cluster::init_nodes`]) are made as an
+//! operator makes them (docs/SCALE-OUT.md): `init --database-url` once, the data
+//! directory copied for every other node, each given its own listeners.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,25 +86,70 @@ pub struct Cluster {
 impl Cluster {
     /// Initialises a server in `dir` on free loopback ports (not started yet).
     pub async fn init(dir: &Path, bin_dir: &Path) -> anyhow::Result<Cluster> {
-        let quic_port = free_port()?;
-        let http_port = free_port()?;
-        let data = dir.join("server");
-        let quic = format!("127.0.0.1:{quic_port}");
-        let status = Command::new(bin_dir.join("herald-server"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["init", "--public-addr", &quic, "--quic-listen", &quic])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .stdout(Stdio::null())
-            .status()
-            .context("running herald-server init (build it first: cargo build --release)")?;
-        if !status.success() {
-            bail!("herald-server init failed");
+        let quic = format!("127.0.0.1:{}", free_port()?);
+        let http = format!("127.0.0.1:{}", free_port()?);
+        init_data(&dir.join("server"), bin_dir, &quic, &quic, &http, None)?;
+        Cluster::open(dir, bin_dir, &quic, None)
+    }
+
+    /// Initialises `nodes` servers sharing the PostgreSQL database at `database_url`
+    /// (empty), each in `dir/node-I` on free loopback ports, with every node's QUIC
+    /// address in `public_addr` (not started yet).
+    pub async fn init_nodes(
+        dir: &Path,
+        bin_dir: &Path,
+        database_url: &str,
+        nodes: usize,
+    ) -> anyhow::Result<Vec<Cluster>> {
+        anyhow::ensure!(nodes > 0, "no nodes to make");
+        let listen = (0..nodes)
+            .map(|_| {
+                Ok((
+                    format!("127.0.0.1:{}", free_port()?),
+                    format!("127.0.0.1:{}", free_port()?),
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let public = listen
+            .iter()
+            .map(|(quic, _)| quic.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let first = dir.join("node-0").join("server");
+        let (quic, http) = &listen[0];
+        init_data(&first, bin_dir, &public, quic, http, Some(database_url))?;
+        let mut clusters = Vec::with_capacity(nodes);
+        for (i, (quic, http)) in listen.iter().enumerate() {
+            let node_dir = dir.join(format!("node-{i}"));
+            let url = if i == 0 {
+                None
+            } else {
+                copy_dir(&first, &node_dir.join("server"))?;
+                Some(format!("https://{http}"))
+            };
+            let node = Cluster::open(&node_dir, bin_dir, quic, url.as_deref())?;
+            node.configure(|server| {
+                server.quic_listen = quic.parse().expect("formatted from a socket address");
+                server.http_listen = http.parse().expect("formatted from a socket address");
+            })?;
+            clusters.push(node);
         }
+        Ok(clusters)
+    }
+
+    /// The cluster in `dir` after `init`: its admin client (to `api_url` rather than
+    /// admin.toml's when given) and the keys.
+    fn open(
+        dir: &Path,
+        bin_dir: &Path,
+        quic: &str,
+        api_url: Option<&str>,
+    ) -> anyhow::Result<Cluster> {
+        let data = dir.join("server");
         let admin = AdminConfig::load(&data.join(config::ADMIN_CONFIG))?;
         let operator = OperatorKey::from_hex(&std::fs::read_to_string(&admin.operator_key)?)?;
         let ca = herald_server::pki::load_cert(&admin.ca_cert)?;
-        let client = Client::new(&admin, None)?;
+        let client = Client::new(&admin, api_url)?;
         Ok(Cluster {
             dir: dir.to_path_buf(),
             quic: quic.parse()?,
@@ -125,8 +174,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// Enrolls identities by writing them into the database (server not running).
+    /// Enrolls identities by writing them into the database (server not running): the
+    /// SQLite file, or the PostgreSQL database `[database] url` names (for several
+    /// nodes, through any one of them).
     pub fn enroll(&self, agents: &[SimAgent]) -> anyhow::Result<()> {
+        if let Some(url) = config::DatabaseConfig::of(&self.data_dir())?.url {
+            return enroll_postgres(&url, agents);
+        }
         let mut db = rusqlite::Connection::open(self.data_dir().join("herald.db"))?;
         let tx = db.transaction()?;
         {
@@ -395,6 +449,80 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop(true);
     }
+}
+
+/// Runs `herald-server init` for a data directory `data`.
+fn init_data(
+    data: &Path,
+    bin_dir: &Path,
+    public: &str,
+    quic: &str,
+    http: &str,
+    database_url: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut init = Command::new(bin_dir.join("herald-server"));
+    init.arg("--data-dir")
+        .arg(data)
+        .args(["init", "--public-addr", public, "--quic-listen", quic])
+        .args(["--http-listen", http]);
+    if let Some(url) = database_url {
+        init.args(["--database-url", url]);
+    }
+    let output = init
+        .stdout(Stdio::null())
+        .output()
+        .context("running herald-server init (build it first: cargo build --release)")?;
+    if !output.status.success() {
+        bail!(
+            "herald-server init failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The SQLite path's insert on PostgreSQL, in one transaction, on a thread of its own
+/// (the `postgres` client blocks on a runtime of its own, which tokio does not allow
+/// inside its own).
+fn enroll_postgres(url: &str, agents: &[SimAgent]) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| insert_agents(url, agents))
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("enrolling on PostgreSQL panicked")))
+    })
+}
+
+fn insert_agents(url: &str, agents: &[SimAgent]) -> anyhow::Result<()> {
+    let mut db = postgres::Client::connect(url, postgres::NoTls)
+        .with_context(|| format!("connecting to {}", herald_server::store::redact_url(url)))?;
+    let mut tx = db.transaction()?;
+    let insert = tx
+        .prepare("INSERT INTO agents (id, name, public_key, enrolled_at) VALUES ($1, $2, $3, 0)")?;
+    for (i, agent) in agents.iter().enumerate() {
+        let name = format!("sim-{i}");
+        let params: [&(dyn postgres::types::ToSql + Sync); 3] =
+            [&agent.id, &name, &agent.public_key];
+        tx.execute(&insert, &params)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Copies the directory `from` to `to` (which must not exist), files and folders.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A free loopback port for both UDP and TCP.

@@ -3,7 +3,7 @@
 //! against Mosquitto for comparison; and a campaign to a recipient list whose SMS
 //! fallbacks go to a stand-in gateway; and shared services reached through Herald's relay
 //! next to rathole and a direct connection; and usage ingestion and billing runs in
-//! process on the store.
+//! process on the store; and one node against two on one PostgreSQL database.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ pub mod floor;
 pub mod gateway;
 pub mod messages;
 pub mod mosquitto;
+pub mod nodes;
 pub mod scenarios;
 pub mod stats;
 pub mod swarm;

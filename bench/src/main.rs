@@ -67,6 +67,33 @@ enum Command {
         #[arg(long)]
         fallback_concurrency: Option<usize>,
     },
+    /// One node against two on one PostgreSQL database (issue 19), with one node on
+    /// SQLite as the reference: broadcast to all, unicast to an agent on the API's node
+    /// and on the other, every agent of a SIGKILLed node back on the survivor.
+    Nodes {
+        /// Simulated agents, split evenly over the nodes [default: 10000; 200 with
+        /// --quick].
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Broadcasts per configuration [default: 3; 1 with --quick].
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Unicast round trips per target agent [default: 200; 20 with --quick].
+        #[arg(long)]
+        unicast_runs: Option<usize>,
+        /// 200 agents, one broadcast, 20 unicasts, and a 4 s QUIC idle timeout (instead
+        /// of the agent's 60 s) so that a killed node's agents notice soon: a smoke test
+        /// that finishes in under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// A PostgreSQL server on which the benchmark may create and drop databases
+        /// [default: what scripts/pg-cluster.sh prints, which starts one on loopback].
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Leave out the one-node SQLite reference.
+        #[arg(long)]
+        no_sqlite: bool,
+    },
     /// Usage events ingested per second through the store's batch path, and `billing
     /// run` time for one month (issue 16), in process on a fresh SQLite database.
     Billing {
@@ -108,7 +135,9 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // The swarm's agents connect to several nodes with the agent's own code,
+                // which warns once per agent for every node that does not answer.
+                .unwrap_or_else(|_| "warn,herald_agent::link=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -164,6 +193,28 @@ async fn main() -> ExitCode {
                     .await
                     .unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark panicked: {e}"))),
             );
+        }
+        Command::Nodes {
+            agents,
+            runs,
+            unicast_runs,
+            quick,
+            database_url,
+            no_sqlite,
+        } => {
+            let mut plan = herald_bench::nodes::NodesPlan::quick();
+            if !quick {
+                plan.agents = herald_bench::nodes::NodesPlan::AGENTS;
+                plan.broadcast_runs = 3;
+                plan.unicast_runs = 200;
+                plan.idle_timeout = None;
+                plan.deadline = Duration::from_secs(600);
+            }
+            plan.agents = agents.unwrap_or(plan.agents).max(2);
+            plan.broadcast_runs = runs.unwrap_or(plan.broadcast_runs).max(1);
+            plan.unicast_runs = unicast_runs.unwrap_or(plan.unicast_runs).max(1);
+            plan.sqlite = !no_sqlite;
+            return finish(run_nodes(plan, database_url).await);
         }
         Command::Tunnel {
             bulk_mib,
@@ -257,6 +308,17 @@ fn prepare() -> anyhow::Result<(PathBuf, PathBuf)> {
             .unwrap_or(1)
     );
     Ok((bin_dir, root))
+}
+
+async fn run_nodes(
+    plan: herald_bench::nodes::NodesPlan,
+    database_url: Option<String>,
+) -> anyhow::Result<()> {
+    let server = herald_bench::nodes::postgres_server(database_url)?;
+    let (bin_dir, root) = prepare()?;
+    let result = herald_bench::nodes::nodes(&root.join("nodes"), &bin_dir, &plan, &server).await;
+    let _ = std::fs::remove_dir_all(&root);
+    result
 }
 
 async fn run_campaign(plan: CampaignPlan) -> anyhow::Result<()> {

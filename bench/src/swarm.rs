@@ -9,6 +9,11 @@
 //! Like the real agent's report outbox, a receipt is resent on every new connection
 //! until the server answers `ReportStored` (kept in memory only).
 //! On a lost connection it reconnects with the real agent's full-jitter backoff.
+//!
+//! Each agent is given one server address, or (for several nodes) the list of every
+//! node's address with one of them preferred: it then connects as the real agent does
+//! (`herald_agent::link::connect_preferring`: the preferred address first, 4 s each but
+//! the last) and afterwards prefers the node that answered last.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,8 +67,53 @@ pub struct Observed {
     /// When each `ReportStored` came back: the server answers only after the report
     /// is committed, so these bound the commits from above.
     pub reports_stored: Mutex<Vec<Instant>>,
+    /// Every session's start and end, in order (which node each agent is on, and when
+    /// it moved).
+    pub links: Mutex<Vec<LinkEvent>>,
     /// Notified on every arrival and every new session.
     pub changed: Notify,
+}
+
+impl Observed {
+    /// Agents with a live session on `server` now.
+    pub fn connected_to(&self, server: SocketAddr) -> usize {
+        let links = self.links.lock().expect("links lock");
+        let up = links.iter().filter(|l| l.server == server && l.up).count();
+        let down = links.iter().filter(|l| l.server == server && !l.up).count();
+        up - down
+    }
+
+    fn record_link(&self, agent: usize, server: SocketAddr, up: bool) {
+        self.links.lock().expect("links lock").push(LinkEvent {
+            agent,
+            server,
+            up,
+            at: Instant::now(),
+        });
+    }
+}
+
+/// A session of one agent began (Welcome received) or ended.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkEvent {
+    /// Index of the agent in the swarm.
+    pub agent: usize,
+    /// The node's address.
+    pub server: SocketAddr,
+    /// Began (true) or ended.
+    pub up: bool,
+    /// When.
+    pub at: Instant,
+}
+
+/// Where an agent connects: one address, or every node's with one preferred.
+#[derive(Debug, Clone)]
+struct Route {
+    /// Every node's address, comma-separated, as `public_addr` lists them; `None` for
+    /// one server.
+    nodes: Option<String>,
+    /// Tried first: the one server, or the node that answered last.
+    prefer: SocketAddr,
 }
 
 /// One simulated agent's identity.
@@ -103,6 +153,22 @@ impl SimAgent {
             config,
         })
     }
+
+    /// Gives up on a silent server after `idle` (with keep-alives every `keep_alive`)
+    /// instead of the agent's `IDLE_TIMEOUT`: the only two settings of the agent's QUIC
+    /// transport (`herald_agent::tls::client_config`). For smoke tests that kill a node
+    /// and cannot wait a minute for its agents to notice.
+    pub fn with_idle_timeout(
+        mut self,
+        keep_alive: Duration,
+        idle: Duration,
+    ) -> anyhow::Result<SimAgent> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(keep_alive));
+        transport.max_idle_timeout(Some(idle.try_into().context("idle timeout")?));
+        self.config.transport_config(Arc::new(transport));
+        Ok(self)
+    }
 }
 
 /// The running swarm.
@@ -117,6 +183,33 @@ impl Swarm {
     /// Starts every agent; they connect (with bounded concurrency) and stay connected,
     /// reconnecting when their connection drops.
     pub fn start(agents: Vec<SimAgent>, server: SocketAddr) -> anyhow::Result<Swarm> {
+        Swarm::start_routed(agents, |_| Route {
+            nodes: None,
+            prefer: server,
+        })
+    }
+
+    /// [`Swarm::start`] against several nodes: every agent knows every node's address,
+    /// and agent `i` prefers `nodes[i % nodes.len()]` (so the swarm is split evenly, as
+    /// if each had last been connected there); when its node stops answering it moves
+    /// to another as the real agent does.
+    pub fn start_on_nodes(agents: Vec<SimAgent>, nodes: &[SocketAddr]) -> anyhow::Result<Swarm> {
+        anyhow::ensure!(!nodes.is_empty(), "no node to connect to");
+        let list = nodes
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        Swarm::start_routed(agents, |i| Route {
+            nodes: Some(list.clone()),
+            prefer: nodes[i % nodes.len()],
+        })
+    }
+
+    fn start_routed(
+        agents: Vec<SimAgent>,
+        route: impl Fn(usize) -> Route,
+    ) -> anyhow::Result<Swarm> {
         let observed = Arc::new(Observed::default());
         let endpoint_count = agents.len().div_ceil(AGENTS_PER_ENDPOINT).max(1);
         // Large socket buffers like the server's: a broadcast's thousands of signals
@@ -144,7 +237,14 @@ impl Swarm {
                 let endpoint = endpoints[index % endpoint_count].clone();
                 let observed = observed.clone();
                 let gate = gate.clone();
-                tokio::spawn(run_agent(index, agent, endpoint, server, observed, gate))
+                tokio::spawn(run_agent(
+                    index,
+                    agent,
+                    endpoint,
+                    route(index),
+                    observed,
+                    gate,
+                ))
             })
             .collect();
         Ok(Swarm {
@@ -274,7 +374,7 @@ async fn run_agent(
     index: usize,
     agent: SimAgent,
     endpoint: Endpoint,
-    server: SocketAddr,
+    mut route: Route,
     observed: Arc<Observed>,
     gate: Arc<tokio::sync::Semaphore>,
 ) {
@@ -292,7 +392,7 @@ async fn run_agent(
             index,
             &agent,
             &endpoint,
-            server,
+            &mut route,
             &observed,
             permit,
             &mut outbox,
@@ -322,14 +422,29 @@ async fn session(
     index: usize,
     agent: &SimAgent,
     endpoint: &Endpoint,
-    server: SocketAddr,
+    route: &mut Route,
     observed: &Observed,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     outbox: &mut Outbox,
 ) -> anyhow::Result<()> {
-    let connection = endpoint
-        .connect_with(agent.config.clone(), server, SERVER_NAME)?
-        .await?;
+    let connection = match &route.nodes {
+        None => {
+            endpoint
+                .connect_with(agent.config.clone(), route.prefer, SERVER_NAME)?
+                .await?
+        }
+        Some(nodes) => {
+            herald_agent::link::connect_preferring(
+                endpoint,
+                agent.config.clone(),
+                nodes,
+                Some(route.prefer),
+            )
+            .await?
+        }
+    };
+    let server = connection.remote_address();
+    route.prefer = server;
     let (mut send, mut recv) = connection.open_bi().await?;
     let hello = AgentMsg::Hello(Hello {
         protocol: (PROTOCOL_MAJOR, PROTOCOL_MINOR),
@@ -343,6 +458,7 @@ async fn session(
         other => anyhow::bail!("expected Welcome, got {other:?}"),
     }
     drop(permit);
+    observed.record_link(index, server, true);
     observed.connected.fetch_add(1, Ordering::SeqCst);
     observed.sessions.fetch_add(1, Ordering::SeqCst);
     observed.changed.notify_waiters();
@@ -397,6 +513,7 @@ async fn session(
         anyhow::Ok(())
     }
     .await;
+    observed.record_link(index, server, false);
     observed.connected.fetch_sub(1, Ordering::SeqCst);
     observed.changed.notify_waiters();
     // Why the connection ended, as the agent would see it (a stopping server's reason
