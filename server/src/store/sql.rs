@@ -134,11 +134,14 @@ impl Pg {
         result
     }
 
-    /// Runs `once`, and again if it failed because the connection was lost outside a
-    /// transaction (the thread connects again first; statements are prepared anew).
+    /// Runs `once`, and again if PostgreSQL ended the session instead of running it,
+    /// outside a transaction (the thread connects again first; statements are prepared
+    /// anew). A connection lost any other way fails the statement, which may or may not
+    /// have run; the next statement connects again.
     fn again_if_lost<R>(&self, once: impl Fn() -> rusqlite::Result<R>) -> rusqlite::Result<R> {
+        let not_run = |e: &rusqlite::Error| matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_ABORT);
         match once() {
-            Err(_) if self.lost.get() && !self.in_transaction.get() => {
+            Err(e) if not_run(&e) && self.lost.get() && !self.in_transaction.get() => {
                 self.prepared.borrow_mut().1.clear();
                 once()
             }
@@ -902,6 +905,15 @@ fn pg_error(e: postgres::Error) -> rusqlite::Error {
         }
         Some(c) if *c == SqlState::NOT_NULL_VIOLATION => rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL,
         Some(c) if *c == SqlState::CHECK_VIOLATION => rusqlite::ffi::SQLITE_CONSTRAINT_CHECK,
+        // The server ended the session (shut down, or an administrator's
+        // pg_terminate_backend) instead of running the statement.
+        Some(c)
+            if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW =>
+        {
+            rusqlite::ffi::SQLITE_ABORT
+        }
         Some(c)
             if *c == SqlState::T_R_SERIALIZATION_FAILURE
                 || *c == SqlState::T_R_DEADLOCK_DETECTED
