@@ -595,7 +595,7 @@ impl Store {
         self.blocking(|| {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            let claimed: Vec<FallbackSend> = {
+            let mut claimed: Vec<FallbackSend> = {
                 let mut stmt = tx.prepare(
                     "SELECT r.campaign_id, r.line, r.fb_kind, r.fb_target, r.fb_attempts,
                             m.title, m.body, m.link, m.advertising,
@@ -652,13 +652,20 @@ impl Store {
                 rows.collect::<Result<_, _>>()?
             };
             {
+                // A row another forwarder claimed since it was read (two nodes of a
+                // cluster during a failover) is left to it: a claim is the row moving
+                // from `pending`, and only one moves it.
                 let mut mark = tx.prepare(
                     "UPDATE campaign_rows SET fb_state = 'sending', fb_attempts = fb_attempts + 1
                      WHERE campaign_id = ?1 AND line = ?2 AND fb_state = 'pending'",
                 )?;
-                for send in &claimed {
-                    mark.execute(params![send.campaign, send.line as i64])?;
+                let mut mine = Vec::with_capacity(claimed.len());
+                for send in claimed {
+                    if mark.execute(params![send.campaign, send.line as i64])? == 1 {
+                        mine.push(send);
+                    }
                 }
+                claimed = mine;
             }
             tx.commit()?;
             Ok(claimed)
