@@ -591,7 +591,8 @@ impl Database {
             "herald_bench_{}",
             hex::encode(herald_server::random_bytes::<6>())
         );
-        let url = with_database(server, &name)?;
+        let url =
+            herald_io::postgres_url::with_database(server, &name).map_err(anyhow::Error::msg)?;
         // The name is ours (a prefix and hex digits): it needs no quoting.
         on_postgres(server, &format!("CREATE DATABASE {name}"))
             .with_context(|| format!("creating database {name}"))?;
@@ -628,45 +629,4 @@ fn on_postgres(url: &str, sql: &str) -> anyhow::Result<()> {
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("a PostgreSQL statement panicked")))
     })
-}
-
-/// `url` (a `postgres://` or `postgresql://` URL) naming the database `name` instead,
-/// keeping user, host, port and query parameters.
-fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
-    let rest = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-        .with_context(|| format!("{url:?} is not a postgres:// URL"))?;
-    let scheme = &url[..url.len() - rest.len()];
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    let authority = before_query
-        .split_once('/')
-        .map_or(before_query, |(authority, _)| authority);
-    anyhow::ensure!(!authority.is_empty(), "{url:?} names no host");
-    Ok(match query {
-        Some(query) => format!("{scheme}{authority}/{name}?{query}"),
-        None => format!("{scheme}{authority}/{name}"),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn a_database_url_names_the_new_database_and_keeps_the_rest() {
-        assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432/postgres", "b").unwrap(),
-            "postgres://postgres@127.0.0.1:5432/b"
-        );
-        assert_eq!(
-            with_database("postgresql://u:p@h:1?sslmode=disable", "b").unwrap(),
-            "postgresql://u:p@h:1/b?sslmode=disable"
-        );
-        assert!(with_database("mysql://h/x", "b").is_err());
-        assert!(with_database("postgres:///x", "b").is_err());
-    }
 }

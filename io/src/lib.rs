@@ -7,12 +7,15 @@
 //! - [`cli`]: what both command lines share: usage errors exit 64, shell completions,
 //!   man pages, JSON logs;
 //! - [`now_ms`] and [`random_bytes`]: the one clock and the one random source of the
-//!   workspace.
+//!   workspace;
+//! - [`postgres_url`]: a PostgreSQL URL naming another database (the test harness's and
+//!   the benchmark's database per server).
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod files;
+pub mod postgres_url;
 pub mod tls;
 pub mod wire;
 
