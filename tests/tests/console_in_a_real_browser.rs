@@ -284,6 +284,15 @@ fn browser_service_opens_with_a_one_time_ticket_and_records_the_outcome() {
             .find(|l| l.contains("/service/checkin") && l.contains("herald_ticket="))
             .map(str::to_string)
     });
+    // The helper answers the agent after the browser was started: keep it until the
+    // agent has reported the page open (the job waits for the person), or a loaded
+    // machine may see the helper gone before its answer and the job fail.
+    wait_until("the agent to report the page open", RUN_DEADLINE, || {
+        herald_tests::all_jobs(&console.server)
+            .iter()
+            .any(|j| j["state"] != "queued" && j["state"] != "delivered" && j["state"] != "running")
+            .then_some(())
+    });
     drop(helper);
 
     // A visitor with no console session: only the ticket lets them in.
