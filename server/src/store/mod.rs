@@ -118,7 +118,7 @@ pub enum StoreError {
     },
     /// A query failed.
     #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
     /// A stored value does not decode.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
@@ -134,6 +134,24 @@ pub enum StoreError {
     /// The snapshot before a migration could not be taken (the migration did not run).
     #[error("not migrating without a snapshot: {0}")]
     Snapshot(#[from] BackupError),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        match &e {
+            // Text PostgreSQL refuses (a NUL character) came with the request: say so
+            // as bad input, as SQLite would simply not have found or stored it.
+            rusqlite::Error::SqliteFailure(f, Some(message))
+                if f.extended_code == rusqlite::ffi::SQLITE_MISMATCH
+                    && message.starts_with("PostgreSQL:") =>
+            {
+                StoreError::Invalid(format!(
+                    "the request holds text the database cannot store ({message})"
+                ))
+            }
+            _ => StoreError::Sql(e),
+        }
+    }
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;

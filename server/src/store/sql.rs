@@ -905,6 +905,13 @@ fn pg_error(e: postgres::Error) -> rusqlite::Error {
         }
         Some(c) if *c == SqlState::NOT_NULL_VIOLATION => rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL,
         Some(c) if *c == SqlState::CHECK_VIOLATION => rusqlite::ffi::SQLITE_CONSTRAINT_CHECK,
+        // Text PostgreSQL cannot store (a NUL character): the request's, not the server's.
+        Some(c)
+            if *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                || *c == SqlState::UNTRANSLATABLE_CHARACTER =>
+        {
+            rusqlite::ffi::SQLITE_MISMATCH
+        }
         // The server ended the session (shut down, or an administrator's
         // pg_terminate_backend) instead of running the statement.
         Some(c)
